@@ -1,0 +1,123 @@
+"""Analytic compute of TORE and of full recomputation: the one place that counts operations.
+
+Units: a *multiply-accumulate* (MAC) is one multiply plus one add. **FLOPs = 2 x MACs** here, which is
+what ``torch.utils.flop_counter.FlopCounterMode`` reports (fvcore and the papers' "FLOPs" count one
+MAC as one "flop": divide ours by 2 to compare with them). Counted: every matrix product, i.e. the
+patch projection, qkv / output projections, both attention matmuls (Q K^T and A V), the MLPs, the
+classification head and the decoder; not counted: norms, softmax, activations, additions (a few percent
+at most, and FlopCounterMode ignores them too).
+
+Step t (1-based) of an episode with G tokens per glimpse and P prefix tokens costs
+``embed(G) + K blocks on P+G tokens + (depth-K) blocks on P+t*G tokens + head (+ decoder)``; K=0 is full
+recomputation over everything revealed so far (the patch projection of earlier glimpses is reused, as
+in AME it would be recomputed: a negligible difference). Step 0 is the empty pass that gives the first
+glimpse's entropy map and the reward baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ViTDims", "block_macs", "episode_flops", "step_flops", "step_macs"]
+
+
+@dataclass(frozen=True)
+class ViTDims:
+    """The sizes that decide a TORE ViT's compute."""
+
+    depth: int
+    dim: int
+    mlp_hidden: int
+    num_prefix: int
+    patch: int
+    in_chans: int
+    num_classes: int
+    num_patches: int
+    decoder_dim: int = 0
+    decoder_mlp_hidden: int = 0
+    decoder_depth: int = 0
+
+    @classmethod
+    def of(cls, model) -> ViTDims:
+        """Read the sizes off a :class:`avex.model.TOREViT`."""
+        blk = model.vit.blocks[0]
+        dec = model.decoder
+        return cls(
+            depth=model.depth,
+            dim=model.embed_dim,
+            mlp_hidden=blk.mlp.fc1.out_features,
+            num_prefix=model.num_prefix,
+            patch=model.patch,
+            in_chans=model.in_chans,
+            num_classes=model.num_classes,
+            num_patches=model.grid[0] * model.grid[1],
+            decoder_dim=dec.dim if dec is not None else 0,
+            decoder_mlp_hidden=dec.blocks[0].mlp[0].out_features if dec is not None else 0,
+            decoder_depth=len(dec.blocks) if dec is not None else 0,
+        )
+
+    @classmethod
+    def vit_b16_224(cls, num_classes: int = 1000, decoder: bool = True) -> ViTDims:
+        """ViT-B/16 at 224 px with TORE's 1-block, 128-wide decoder (the paper's setting)."""
+        return cls(12, 768, 3072, 1, 16, 3, num_classes, 196, *((128, 512, 1) if decoder else (0, 0, 0)))
+
+
+def block_macs(tokens: int, dim: int, mlp_hidden: int) -> int:
+    """MACs of one pre-norm transformer block on ``tokens`` tokens.
+
+    qkv 3*n*d^2 + output projection n*d^2 + Q K^T n^2*d + A V n^2*d + MLP 2*n*d*h.
+    """
+    return 4 * tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * mlp_hidden
+
+
+def decoder_macs(d: ViTDims, observed_tokens: int) -> int:
+    """MACs of the glimpse decoder over CLS + ``observed_tokens`` + one query per grid patch."""
+    if not d.decoder_depth:
+        return 0
+    seq = 1 + observed_tokens + d.num_patches
+    embed = (1 + observed_tokens) * d.dim * d.decoder_dim
+    blocks = d.decoder_depth * block_macs(seq, d.decoder_dim, d.decoder_mlp_hidden)
+    pred = d.num_patches * d.decoder_dim * d.patch * d.patch * d.in_chans
+    return embed + blocks + pred
+
+
+def step_macs(d: ViTDims, t: int, tokens_per_glimpse: int, K: int, decoder: bool = True) -> dict[str, int]:
+    """MACs of step ``t`` (t glimpses revealed after it; t=0 is the empty pass), by part.
+
+    Returns:
+        {"embed", "iterator", "aggregator", "head", "decoder", "total"}
+    """
+    if not 0 <= K <= d.depth:
+        raise ValueError(f"K must be in 0..{d.depth}, got {K}")
+    g2, p = tokens_per_glimpse, d.num_prefix
+    if t == 0:  # prefix alone through every block
+        parts = dict(embed=0, iterator=K * block_macs(p, d.dim, d.mlp_hidden), aggregator=(d.depth - K) * block_macs(p, d.dim, d.mlp_hidden))
+    else:
+        parts = dict(
+            embed=g2 * d.patch * d.patch * d.in_chans * d.dim,
+            iterator=K * block_macs(p + g2, d.dim, d.mlp_hidden),
+            aggregator=(d.depth - K) * block_macs(p + t * g2, d.dim, d.mlp_hidden),
+        )
+    parts["head"] = d.dim * d.num_classes
+    parts["decoder"] = decoder_macs(d, t * g2) if decoder else 0
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def step_flops(d: ViTDims, t: int, tokens_per_glimpse: int, K: int, decoder: bool = True) -> int:
+    """FLOPs (2 x MACs) of step ``t``; see :func:`step_macs`."""
+    return 2 * step_macs(d, t, tokens_per_glimpse, K, decoder)["total"]
+
+
+def episode_flops(d: ViTDims, glimpses: int, tokens_per_glimpse: int, K: int, decoder: bool = True, empty_pass: bool = True) -> list[int]:
+    """Cumulative FLOPs after each step: element i is steps ``0 (or 1) .. i`` summed.
+
+    Returns:
+        list of length ``glimpses + 1`` when ``empty_pass`` (index 0 = empty pass), else ``glimpses``.
+    """
+    start = 0 if empty_pass else 1
+    total, out = 0, []
+    for t in range(start, glimpses + 1):
+        total += step_flops(d, t, tokens_per_glimpse, K, decoder)
+        out.append(total)
+    return out

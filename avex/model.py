@@ -1,0 +1,539 @@
+"""TORE (Token Recycling) over any timm VisionTransformer, with AME's attention-entropy decoder.
+
+A ViT of ``depth`` blocks is split at ``K`` (0 <= K <= depth, chosen per call; one set of weights serves
+every K):
+
+* **iterator** ``blocks[:K]`` runs once per glimpse on ``[prefix, glimpse tokens]`` alone; its output
+  patch tokens are cached ("midway tokens") and its prefix outputs (CLS and registers) are averaged
+  over glimpses;
+* **aggregator** ``blocks[K:] -> norm -> head`` runs after every glimpse over
+  ``[mean prefix, all cached tokens]`` and gives the logits.
+
+K=0 is full recomputation over all revealed tokens; with every patch revealed it equals the plain
+timm forward. K=depth leaves only the final norm and head to the aggregator.
+
+Shapes use: B batch, T glimpses, g glimpse side in patches, G = g*g tokens per glimpse, s = g*patch
+sensor side in pixels, P prefix tokens (CLS + registers), D embedding width, L cached tokens, N grid
+patches, C channels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from avex._compat import ensure_timm_importable
+from avex.geometry import GlimpseGeometry
+from avex.posembed import grid_coords, lookup_pos_embed, sincos_2d
+
+ensure_timm_importable()
+import timm  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+__all__ = ["AggregatorOutput", "GlimpseDecoder", "TOREViT", "TokenCache", "create_tore"]
+
+_POOLS = ("token", "avg")
+
+
+@dataclass
+class AggregatorOutput:
+    """What the aggregator returns after a glimpse.
+
+    Attributes:
+        logits: [B, num_classes].
+        features: [B, D] pooled pre-logits embedding (the CLS token after the final norm).
+        tokens: [B, P + L, D] every token after the final norm (decoder input).
+        valid: [B, P + L] bool, False at cache slots a row has not filled yet; None when all rows are full.
+        coords: [B, L, 2] patch coordinates of the cached tokens.
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    tokens: torch.Tensor
+    valid: torch.Tensor | None
+    coords: torch.Tensor
+
+
+@dataclass
+class TokenCache:
+    """Per-row episode state, preallocated for the glimpse budget.
+
+    Attributes:
+        buf: [B, P + capacity * G, D]. ``buf[:, :P]`` holds the running mean of the glimpses' prefix
+            outputs (the empty pass's prefix while a row has no glimpse); then each glimpse's G midway
+            tokens in order. The aggregator reads a view of it: no per-step concatenation.
+        coords: float32 [B, capacity * G, 2] patch coordinates of the cached tokens (for the decoder).
+        counts: int64 [B] glimpses cached per row, kept on the host so that slicing needs no sync.
+        K: the split this cache was filled with (cached tokens are only valid for that K).
+        tokens_per_glimpse: G.
+    """
+
+    buf: torch.Tensor
+    coords: torch.Tensor
+    counts: np.ndarray
+    K: int
+    tokens_per_glimpse: int
+    num_prefix: int = field(default=1)
+
+    @property
+    def capacity(self) -> int:
+        """Glimpses each row can hold."""
+        return (self.buf.shape[1] - self.num_prefix) // self.tokens_per_glimpse
+
+    @property
+    def batch_size(self) -> int:
+        return self.buf.shape[0]
+
+
+class _DecoderBlock(nn.Module):
+    """Pre-norm transformer block whose attention probabilities are returned (AME reads them)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, S, dim]; key_valid: [B, S] bool or None. Returns (x [B, S, dim], attn [B, heads, S, S])."""
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        if key_valid is not None:
+            scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+        attn = scores.float().softmax(dim=-1).to(v.dtype)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, s, d))
+        x = x + self.mlp(self.norm2(x))
+        return x, attn
+
+
+class GlimpseDecoder(nn.Module):
+    """TORE's one-block MAE-style decoder: reconstruction of every patch and AME's entropy map.
+
+    The sequence is ``[CLS, observed tokens, one mask token per grid cell]``; observed tokens and mask
+    tokens get fixed sin-cos positions at their (possibly fractional) patch coordinates. Every grid
+    cell's mask token predicts that patch's pixels; the entropy of its attention row (over all keys but
+    CLS, summed over heads, in bits) is AME's uncertainty for that patch. Keeping observed tokens beside
+    the full grid of queries, rather than scattered into it, serves overlapping and continuous glimpses
+    with the same code.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        grid: tuple[int, int],
+        patch: int,
+        in_chans: int,
+        dim: int = 128,
+        heads: int = 4,
+        depth: int = 1,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.grid = grid
+        self.dim = dim
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(_DecoderBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, patch * patch * in_chans)
+        self.register_buffer("grid_pos", sincos_2d(grid_coords(grid), dim)[None], persistent=False)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(
+        self,
+        cls: torch.Tensor,
+        tokens: torch.Tensor,
+        coords: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruct and score the grid.
+
+        Args:
+            cls: [B, D] the aggregator's CLS output.
+            tokens: [B, L, D] the aggregator's output patch tokens.
+            coords: [B, L, 2] their patch coordinates.
+            valid: [B, L] bool, False at padding; None if all valid.
+
+        Returns:
+            recon: [B, N, patch * patch * C] predicted (normalised) pixels of every patch;
+            entropy: float32 [B, gh, gw] attention entropy per patch (AME), before masking seen patches.
+        """
+        b, n_obs = tokens.shape[:2]
+        n = self.grid_pos.shape[1]
+        obs = self.embed(tokens) + sincos_2d(coords, self.dim).to(tokens.dtype)
+        queries = (self.mask_token + self.grid_pos).to(obs.dtype).expand(b, -1, -1)
+        x = torch.cat([self.embed(cls)[:, None], obs, queries], dim=1)
+        key_valid = None
+        if valid is not None:
+            ones = valid.new_ones(b, 1)
+            key_valid = torch.cat([ones, valid, ones.expand(b, n)], dim=1)
+        attn = x.new_zeros(0)
+        for blk in self.blocks:
+            x, attn = blk(x, key_valid)
+        recon = self.pred(self.norm(x[:, 1 + n_obs :]))
+        a = attn[:, :, 1 + n_obs :, 1:].float()  # rows: grid queries; keys: all but CLS
+        entropy = -torch.special.xlogy(a, a).sum(dim=(1, 3)) / math.log(2.0)
+        return recon, entropy.view(b, *self.grid)
+
+
+class TOREViT(nn.Module):
+    """A timm VisionTransformer split into iterator and aggregator, plus a glimpse decoder.
+
+    Args:
+        vit: a timm ``VisionTransformer`` with a class token (registers and ``no_embed_class`` are fine),
+            learned or fixed absolute position embeddings and ``global_pool`` in {"token", "avg"}.
+        mean, std: per-channel pixel normalisation; default from ``vit.pretrained_cfg``.
+        decoder_dim, decoder_heads, decoder_depth: the glimpse decoder (``decoder_dim=0``: none).
+    """
+
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        *,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        decoder_dim: int = 128,
+        decoder_heads: int = 4,
+        decoder_depth: int = 1,
+    ) -> None:
+        super().__init__()
+        if not isinstance(vit, VisionTransformer):
+            raise ValueError(f"TORE wraps a timm VisionTransformer, got {type(vit).__name__}")
+        if vit.cls_token is None:
+            raise ValueError("TORE needs a ViT with a class token (class_token=True); this one has none")
+        if vit.pos_embed is None:
+            raise ValueError("TORE needs absolute position embeddings (pos_embed); this ViT has none")
+        if vit.global_pool not in _POOLS or getattr(vit, "attn_pool", None) is not None:
+            raise ValueError(f"global_pool must be one of {_POOLS}, got {vit.global_pool!r}")
+        self.vit = vit
+        self.depth = len(vit.blocks)
+        self.embed_dim = vit.embed_dim
+        self.num_prefix = vit.num_prefix_tokens
+        self.patch = int(vit.patch_embed.patch_size[0])
+        self.grid = tuple(int(v) for v in vit.patch_embed.grid_size)
+        self.img_size = (self.grid[0] * self.patch, self.grid[1] * self.patch)
+        self.in_chans = int(vit.patch_embed.proj.in_channels)
+        self.num_classes = int(vit.num_classes)
+        cfg = getattr(vit, "pretrained_cfg", None) or {}
+        mean = _per_channel(mean or cfg.get("mean") or (0.5,), self.in_chans)
+        std = _per_channel(std or cfg.get("std") or (0.5,), self.in_chans)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.decoder = (
+            GlimpseDecoder(self.embed_dim, self.grid, self.patch, self.in_chans, decoder_dim, decoder_heads, decoder_depth)
+            if decoder_dim
+            else None
+        )
+        # How to rebuild this model (set by create_tore); checkpoints record it.
+        self.build_args: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ checks
+    def check_k(self, K: int) -> int:
+        """Validate a split point. Raises ValueError naming the allowed range."""
+        if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 0 <= K <= self.depth:
+            raise ValueError(f"K must be an integer in 0..{self.depth} (the ViT has {self.depth} blocks), got {K!r}")
+        return int(K)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise ValueError unless images is [B, C, H, W] with this model's channels and size."""
+        want = (self.in_chans, *self.img_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(f"images must have shape [B, {want[0]}, {want[1]}, {want[2]}] (B, C, H, W), got {tuple(images.shape)}")
+
+    def _check_glimpses(self, pixels: torch.Tensor, coords: torch.Tensor) -> None:
+        if pixels.ndim != 4 or pixels.shape[1] != self.in_chans or pixels.shape[2] != pixels.shape[3] or pixels.shape[2] % self.patch:
+            raise ValueError(
+                f"glimpse pixels must have shape [B, {self.in_chans}, s, s] with s a multiple of the patch size "
+                f"{self.patch}, got {tuple(pixels.shape)}"
+            )
+        g = pixels.shape[2] // self.patch
+        if coords.shape != (pixels.shape[0], g * g, 2):
+            raise ValueError(f"glimpse coords must have shape [B, {g * g}, 2], got {tuple(coords.shape)}")
+        if coords.device.type == "cpu":  # a device check would sync; the geometry layer validates actions
+            gh, gw = self.grid
+            lo, hi = coords.amin(dim=(0, 1)), coords.amax(dim=(0, 1))
+            if lo.min() < 0 or hi[0] > gh - 1 or hi[1] > gw - 1:
+                raise ValueError(
+                    f"glimpse lies outside the {gh}x{gw} patch grid: token coordinates span rows "
+                    f"{lo[0].item()}..{hi[0].item()}, cols {lo[1].item()}..{hi[1].item()}; allowed 0..{gh - 1}, 0..{gw - 1}"
+                )
+
+    # ---------------------------------------------------------------- embedding
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 in [0, 255] or float in [0, 1] -> normalised float, same shape [B, C, ...]."""
+        x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def _patch_pos_table(self) -> torch.Tensor:
+        """[N, D] the position embedding of every grid patch."""
+        pe = self.vit.pos_embed[0]
+        return pe if self.vit.no_embed_class else pe[self.num_prefix :]
+
+    def _prefix(self, batch: int) -> torch.Tensor:
+        """[batch, P, D] the prefix tokens (CLS, registers) with their position embedding where the ViT has one."""
+        vit = self.vit
+        parts = [vit.cls_token] + ([vit.reg_token] if vit.reg_token is not None else [])
+        prefix = torch.cat(parts, dim=1)
+        if not vit.no_embed_class:
+            prefix = prefix + vit.pos_embed[:, : self.num_prefix]
+        return prefix.expand(batch, -1, -1)
+
+    def embed_glimpses(self, pixels: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Patch-embed glimpses, each token with the position embedding of its place on the full grid.
+
+        Args:
+            pixels: [B, C, s, s] uint8 or float in [0, 1].
+            coords: [B, G, 2] patch coordinates (int64: aligned; float: interpolated).
+
+        Returns:
+            [B, P + G, D] ``[prefix, glimpse tokens]`` ready for the iterator.
+        """
+        self._check_glimpses(pixels, coords)
+        pe = self.vit.patch_embed
+        x = pe.proj(self.normalize(pixels).to(pe.proj.weight.dtype))  # [B, D, g, g]
+        x = pe.norm(x.flatten(2).transpose(1, 2))  # [B, G, D], row-major like coords
+        x = x + lookup_pos_embed(self._patch_pos_table(), self.grid, coords).to(x.dtype)
+        x = torch.cat([self._prefix(x.shape[0]).to(x.dtype), x], dim=1)
+        return self.vit.norm_pre(self.vit.pos_drop(x))
+
+    # --------------------------------------------------------- iterator / aggregator
+    def iterate(self, x: torch.Tensor, K: int) -> torch.Tensor:
+        """blocks[:K] on [B, P + G, D] (each row one glimpse, alone)."""
+        for blk in self.vit.blocks[:K]:
+            x = blk(x)
+        return x
+
+    def empty_prefix(self, K: int) -> torch.Tensor:
+        """[1, P, D]: the iterator's prefix output with no glimpse (AME's 'empty' pass starts here)."""
+        x = self.vit.norm_pre(self.vit.pos_drop(self._prefix(1)))
+        return self.iterate(x, K)
+
+    def aggregate(self, seq: torch.Tensor, K: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """blocks[K:] -> norm -> pool -> head.
+
+        Args:
+            seq: [B, P + L, D] ``[mean prefix, cached tokens]``.
+            valid: [B, P + L] bool key mask (padding of rows with fewer glimpses); None: all valid.
+
+        Returns:
+            logits [B, classes], features [B, D], tokens [B, P + L, D] after the final norm.
+        """
+        vit = self.vit
+        mask = None if valid is None else valid[:, None, None, :]
+        x = seq
+        for blk in vit.blocks[K:]:
+            x = blk(x, attn_mask=mask) if mask is not None else blk(x)
+        x = vit.norm(x)
+        if vit.global_pool == "token":
+            pooled = x[:, 0]
+        else:  # masked mean over patch tokens
+            patches = x[:, self.num_prefix :]
+            if valid is None:
+                pooled = patches.mean(dim=1)
+            else:
+                w = valid[:, self.num_prefix :, None].to(x.dtype)
+                pooled = (patches * w).sum(1) / w.sum(1).clamp(min=1)
+        features = vit.fc_norm(pooled)
+        return vit.head(vit.head_drop(features)), features, x
+
+    def forward_glimpses(self, pixels: torch.Tensor, coords: torch.Tensor, K: int) -> AggregatorOutput:
+        """Single-shot path (training): T glimpses through the iterator at once, then the aggregator.
+
+        Args:
+            pixels: [B, T, C, s, s].
+            coords: [B, T, G, 2].
+
+        Returns:
+            The aggregator's output after all T glimpses; equals T sequential :meth:`step` calls.
+        """
+        K = self.check_k(K)
+        if pixels.ndim != 5 or coords.ndim != 4 or pixels.shape[:2] != coords.shape[:2]:
+            raise ValueError(f"expected pixels [B, T, C, s, s] and coords [B, T, G, 2], got {tuple(pixels.shape)} and {tuple(coords.shape)}")
+        b, t = pixels.shape[:2]
+        x = self.iterate(self.embed_glimpses(pixels.flatten(0, 1), coords.flatten(0, 1)), K)
+        x = x.view(b, t, *x.shape[1:])
+        prefix = x[:, :, : self.num_prefix].mean(dim=1)
+        tokens = x[:, :, self.num_prefix :].reshape(b, -1, x.shape[-1])
+        logits, features, out = self.aggregate(torch.cat([prefix, tokens], dim=1), K)
+        return AggregatorOutput(logits, features, out, None, coords.reshape(b, -1, 2).float())
+
+    def forward(self, pixels: torch.Tensor, coords: torch.Tensor, K: int) -> torch.Tensor:
+        """Logits [B, classes] of the single-shot path (see :meth:`forward_glimpses`)."""
+        return self.forward_glimpses(pixels, coords, K).logits
+
+    # ------------------------------------------------------------ sequential, cached
+    def init_cache(self, batch: int, capacity: int, K: int, tokens_per_glimpse: int, *, device=None, dtype=None) -> TokenCache:
+        """Allocate an empty cache for ``batch`` rows of at most ``capacity`` glimpses of G tokens each."""
+        K = self.check_k(K)
+        ref = self.vit.pos_embed
+        buf = torch.zeros(batch, self.num_prefix + capacity * tokens_per_glimpse, self.embed_dim,
+                          device=device or ref.device, dtype=dtype or ref.dtype)
+        coords = torch.zeros(batch, capacity * tokens_per_glimpse, 2, device=buf.device)
+        cache = TokenCache(buf, coords, np.zeros(batch, dtype=np.int64), K, tokens_per_glimpse, self.num_prefix)
+        self.reset_cache(cache)
+        return cache
+
+    @torch.no_grad()
+    def reset_cache(self, cache: TokenCache, rows: np.ndarray | None = None) -> None:
+        """Empty some rows (bool mask or indices [B]; None = all). Other rows are untouched."""
+        idx = np.arange(cache.batch_size) if rows is None else np.flatnonzero(np.asarray(rows)) if np.asarray(rows).dtype == bool else np.asarray(rows)
+        if idx.size == 0:
+            return
+        cache.counts[idx] = 0
+        t = torch.as_tensor(idx, device=cache.buf.device)
+        cache.buf[t, : self.num_prefix] = self.empty_prefix(cache.K).to(cache.buf.dtype)
+
+    def step(self, cache: TokenCache, pixels: torch.Tensor, coords: torch.Tensor) -> AggregatorOutput:
+        """One glimpse for every row: iterator pass, cache update, aggregator over everything cached.
+
+        Args:
+            cache: from :meth:`init_cache`; updated in place.
+            pixels: [B, C, s, s] this step's glimpses.
+            coords: [B, G, 2] their token coordinates.
+        """
+        g2, p = cache.tokens_per_glimpse, self.num_prefix
+        if coords.shape[1] != g2 or pixels.shape[0] != cache.batch_size:
+            raise ValueError(f"this cache holds {cache.batch_size} rows of {g2}-token glimpses, got pixels {tuple(pixels.shape)}, coords {tuple(coords.shape)}")
+        n = cache.counts
+        if (n >= cache.capacity).any():
+            raise ValueError(f"the token cache is full ({cache.capacity} glimpses per row): reset the rows before more glimpses")
+        x = self.iterate(self.embed_glimpses(pixels, coords), cache.K).to(cache.buf.dtype)
+        if (n == n[0]).all():  # rows in step: static slices (CUDA-graph friendly)
+            n0 = int(n[0])
+            cache.buf[:, p + n0 * g2 : p + (n0 + 1) * g2] = x[:, p:]
+            cache.coords[:, n0 * g2 : (n0 + 1) * g2] = coords.float()
+            cache.buf[:, :p] = cache.buf[:, :p] * (n0 / (n0 + 1)) + x[:, :p] * (1.0 / (n0 + 1))
+        else:  # rows reset at different times: scatter at per-row offsets
+            dev = cache.buf.device
+            b = torch.arange(cache.batch_size, device=dev)[:, None]
+            slots = torch.as_tensor(n[:, None] * g2 + np.arange(g2)[None], device=dev)
+            cache.buf[b, p + slots] = x[:, p:]
+            cache.coords[b, slots] = coords.float()
+            keep = torch.as_tensor(n / (n + 1), device=dev, dtype=torch.float32)[:, None, None]
+            new = torch.as_tensor(1.0 / (n + 1), device=dev, dtype=torch.float32)[:, None, None]
+            cache.buf[:, :p] = cache.buf[:, :p] * keep + x[:, :p] * new
+        cache.counts += 1
+        return self.aggregate_cache(cache)
+
+    def aggregate_cache(self, cache: TokenCache) -> AggregatorOutput:
+        """The aggregator over each row's cached tokens (rows with no glimpse give the empty pass)."""
+        g2, p = cache.tokens_per_glimpse, self.num_prefix
+        n = cache.counts
+        length = int(n.max()) * g2
+        valid = None
+        if not (n == n[0]).all():
+            lengths = torch.as_tensor(p + n * g2, device=cache.buf.device)
+            valid = torch.arange(p + length, device=cache.buf.device)[None] < lengths[:, None]
+        logits, features, tokens = self.aggregate(cache.buf[:, : p + length], cache.K, valid)
+        return AggregatorOutput(logits, features, tokens, valid, cache.coords[:, :length])
+
+    # ------------------------------------------------------------------ decoder
+    def decode(self, out: AggregatorOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the glimpse decoder on an aggregator output.
+
+        Returns:
+            recon [B, N, patch * patch * C] (normalised pixels) and entropy float32 [B, gh, gw].
+        """
+        if self.decoder is None:
+            raise ValueError("this model was built without a decoder (decoder_dim=0)")
+        valid = None if out.valid is None else out.valid[:, self.num_prefix :]
+        return self.decoder(out.tokens[:, 0], out.tokens[:, self.num_prefix :], out.coords, valid)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B, C, H, W] -> per-patch pixels [B, N, patch * patch * C] (decoder target layout)."""
+        b, c, h, w = images.shape
+        p = self.patch
+        x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    # ------------------------------------------------------------------ helpers
+    def geometry(self, glimpse: int, stride: int = 1) -> GlimpseGeometry:
+        """The glimpse geometry of this model's image size and patch."""
+        return GlimpseGeometry(self.img_size, self.patch, glimpse, stride)
+
+    def tile(self, images: torch.Tensor, glimpse: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every patch revealed: non-overlapping g x g glimpses tiling the image, row-major.
+
+        Args:
+            images: [B, C, H, W] uint8 or float in [0, 1].
+
+        Returns:
+            pixels [B, T, C, s, s] and int64 coords [B, T, G, 2], T = N / G.
+        """
+        self.check_images(images)
+        geo = self.geometry(glimpse, stride=glimpse)
+        if geo.grid[0] % glimpse or geo.grid[1] % glimpse:
+            raise ValueError(f"a {glimpse}x{glimpse} glimpse does not tile the {geo.grid} grid")
+        b, t = images.shape[0], geo.num_actions
+        rows, cols = (torch.as_tensor(v, device=images.device) for v in geo.action_to_patch(np.arange(t)))
+        canv = images.permute(0, 2, 3, 1).repeat_interleave(t, dim=0)
+        pix = geo.cut(canv, rows.repeat(b), cols.repeat(b)).view(b, t, self.in_chans, geo.sensor_pixels, geo.sensor_pixels)
+        coords = geo.glimpse_coords(rows, cols)[None].expand(b, -1, -1, -1)
+        return pix, coords
+
+
+def _per_channel(values: tuple[float, ...] | list[float], channels: int) -> tuple[float, ...]:
+    """Fit a normalisation constant to the channel count (a 3-channel default on a 1-channel model: their mean)."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    return (sum(values) / len(values),) * channels
+
+
+def create_tore(
+    model: str | VisionTransformer = "vit_tiny_patch16_224",
+    *,
+    img_size: int | tuple[int, int] | None = None,
+    patch_size: int | None = None,
+    in_chans: int | None = None,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    weights: str | None = None,
+    decoder_dim: int = 128,
+    decoder_heads: int = 4,
+    decoder_depth: int = 1,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    **timm_kwargs: Any,
+) -> TOREViT:
+    """Build a :class:`TOREViT` from a timm model name (or wrap an instance).
+
+    Args:
+        model: timm name such as ``"vit_tiny_patch16_224"`` or ``"deit3_small_patch16_224"``, or a
+            ``VisionTransformer`` instance.
+        img_size, patch_size, in_chans, num_classes: timm overrides.
+        pretrained: load timm's pretrained weights (from the hub cache; needs network the first time).
+        weights: a local timm-format weights file (.safetensors/.pth) to load instead of the hub.
+        timm_kwargs: more ``timm.create_model`` arguments (embed_dim, depth, num_heads, reg_tokens, ...).
+    """
+    tore_kwargs = dict(decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth, mean=mean, std=std)
+    if isinstance(model, nn.Module):
+        return TOREViT(model, **tore_kwargs)
+    kwargs = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes).items() if v is not None}
+    kwargs.update(timm_kwargs)
+    if isinstance(kwargs.get("img_size"), list):
+        kwargs["img_size"] = tuple(kwargs["img_size"])
+    try:
+        if weights is not None:
+            vit = timm.create_model(model, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
+        else:
+            vit = timm.create_model(model, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"unknown timm model {model!r}: see timm.list_models('vit*')") from err
+        raise
+    tore = TOREViT(vit, **tore_kwargs)
+    tore.build_args = dict(model=model, **kwargs, decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth,
+                           mean=list(tore.pixel_mean.flatten().tolist()), std=list(tore.pixel_std.flatten().tolist()))
+    return tore

@@ -1,0 +1,447 @@
+"""Tests for avex.data: Fashion-MNIST IDX loading, canvas composition, image folders.
+
+No network and no real data: tiny IDX files and images are written into tmp_path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from avex import data
+from avex.data import (
+    CanvasLayout,
+    CanvasSource,
+    FashionMNISTCanvas,
+    ImageFolderCanvas,
+    imagenet_canvas,
+    install_fashion_mnist,
+    load_fashion_mnist,
+)
+
+N_ITEMS = 6
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_items(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(1, 256, size=(n, 28, 28), dtype=np.uint8)  # no zeros: every pixel is ink
+    labels = np.arange(n) % 10
+    return images, labels
+
+
+@pytest.fixture
+def fmnist(tmp_path: Path) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """A folder with the four Fashion-MNIST files holding tiny fake splits."""
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    splits = {"train": _fake_items(N_ITEMS, 0), "test": _fake_items(3, 1)}
+    for split, (img_name, lab_name) in data.FASHION_MNIST_FILES.items():
+        images, labels = splits[split]
+        _write_idx(root / img_name, images)
+        _write_idx(root / lab_name, labels)
+    return root, splits
+
+
+@pytest.fixture
+def no_data_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point every search location at empty temp folders."""
+    monkeypatch.delenv("AVEX_FASHION_MNIST", raising=False)
+    monkeypatch.setenv("AVEX_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_SYSTEM_DIR", tmp_path / "system")
+
+
+# -- Fashion-MNIST files -------------------------------------------------------
+
+
+def test_load_shapes_values_and_cache(fmnist):
+    root, splits = fmnist
+    images, labels = load_fashion_mnist("train", root=root)
+    assert images.dtype == np.uint8 and images.shape == (N_ITEMS, 28, 28)
+    assert labels.dtype == np.int64 and labels.shape == (N_ITEMS,)
+    np.testing.assert_array_equal(images, splits["train"][0])
+    np.testing.assert_array_equal(labels, splits["train"][1])
+    test_images, _ = load_fashion_mnist("test", root=root)
+    assert test_images.shape == (3, 28, 28)
+    again, _ = load_fashion_mnist("train", root=str(root))
+    assert again is images  # cached, not re-read
+    assert not images.flags.writeable
+
+
+def test_bad_split(fmnist):
+    with pytest.raises(ValueError, match="'test'.*'train'|'train'.*'test'"):
+        load_fashion_mnist("validation", root=fmnist[0])
+
+
+def test_missing_root_message(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as info:
+        load_fashion_mnist("train", root=missing)
+    msg = str(info.value)
+    assert str(missing) in msg
+    assert "avex data fashion-mnist" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+    assert "root=" in msg
+
+
+def test_partial_folder_names_missing_files(fmnist):
+    root, _ = fmnist
+    (root / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks t10k-labels-idx1-ubyte.gz"):
+        load_fashion_mnist("train", root=root)
+
+
+def test_search_order(fmnist, no_data_anywhere, tmp_path, monkeypatch):
+    root, splits = fmnist
+    dirs = data.fashion_mnist_dirs()
+    assert dirs == [tmp_path / "cache" / "fashion-mnist", tmp_path / "system"]
+    with pytest.raises(FileNotFoundError) as info:
+        load_fashion_mnist("test")
+    assert str(tmp_path / "cache" / "fashion-mnist") in str(info.value)
+    assert str(tmp_path / "system") in str(info.value)
+
+    monkeypatch.setenv("AVEX_FASHION_MNIST", str(root))
+    assert data.fashion_mnist_dirs()[0] == root
+    np.testing.assert_array_equal(load_fashion_mnist("test")[0], splits["test"][0])
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncated", "not_gzip", "label_count"])
+def test_corrupt_idx(fmnist, damage):
+    root, splits = fmnist
+    images, labels = splits["train"]
+    img_path = root / "train-images-idx3-ubyte.gz"
+    if damage == "magic":
+        with gzip.open(img_path, "wb") as f:
+            f.write(struct.pack(">IIII", 0x0801, N_ITEMS, 28, 28) + images.tobytes())
+        bad = img_path
+    elif damage == "truncated":
+        with gzip.open(img_path, "wb") as f:
+            f.write(struct.pack(">IIII", 0x0803, N_ITEMS, 28, 28) + images.tobytes()[:-100])
+        bad = img_path
+    elif damage == "not_gzip":
+        img_path.write_bytes(b"this is not gzip data at all")
+        bad = img_path
+    else:
+        bad = root / "train-labels-idx1-ubyte.gz"
+        _write_idx(bad, labels[:-1])
+    with pytest.raises(ValueError, match="reinstall") as info:
+        load_fashion_mnist("train", root=root)
+    assert bad.name in str(info.value)
+
+
+def test_install_is_noop_when_present(fmnist, no_data_anywhere, monkeypatch):
+    root, _ = fmnist
+    monkeypatch.setenv("AVEX_FASHION_MNIST", str(root))
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("must not call apt-get when the data is present")
+
+    monkeypatch.setattr(data.subprocess, "run", no_subprocess)
+    assert install_fashion_mnist(quiet=True) == root
+
+
+def test_install_without_apt_get(no_data_anywhere, monkeypatch, tmp_path):
+    monkeypatch.setattr(data.shutil, "which", lambda tool: None)
+    with pytest.raises(RuntimeError, match="apt-get") as info:
+        install_fashion_mnist(tmp_path / "dest", quiet=True)
+    assert "AVEX_FASHION_MNIST" in str(info.value)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_install_apt_failure_says_update(no_data_anywhere, monkeypatch, tmp_path):
+    class Failed:
+        returncode = 100
+        stdout = ""
+        stderr = "E: Unable to locate package dataset-fashion-mnist"
+
+    monkeypatch.setattr(data.shutil, "which", lambda tool: "/usr/bin/" + tool)
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(RuntimeError, match="apt-get update") as info:
+        install_fashion_mnist(tmp_path / "dest", quiet=True)
+    assert "Unable to locate package" in str(info.value)
+
+
+# -- Fashion-MNIST canvases ----------------------------------------------------
+
+
+def _reference_canvas(images: np.ndarray, lay: CanvasLayout, row: int, size: int = 112, s: int = 2, f: int = 16):
+    """Plain-numpy rendering of one layout row, for comparison."""
+    canvas = np.zeros((size, size), np.uint8)
+    big = np.repeat(np.repeat(images, s, axis=1), s, axis=2)
+    S = big.shape[1]
+    y, x = lay.item_yx[row]
+    canvas[y : y + S, x : x + S] = big[lay.index[row]]
+    for k in range(lay.clutter_index.shape[1]):
+        sy, sx = lay.clutter_src_yx[row, k]
+        dy, dx = lay.clutter_dst_yx[row, k]
+        frag = big[lay.clutter_index[row, k], sy : sy + f, sx : sx + f]
+        canvas[dy : dy + f, dx : dx + f] = np.maximum(canvas[dy : dy + f, dx : dx + f], frag)
+    return canvas
+
+
+def test_canvas_properties_and_protocol(fmnist):
+    src = FashionMNISTCanvas(root=fmnist[0])
+    assert isinstance(src, CanvasSource)
+    assert len(src) == N_ITEMS
+    assert src.num_classes == 10 and src.class_names[0] == "T-shirt/top" and len(src.class_names) == 10
+    assert src.canvas_shape == (112, 112, 1)
+    assert src.images.dtype == torch.uint8 and src.images.shape == (N_ITEMS, 28, 28)
+
+
+def test_same_seed_same_layout_and_canvas(fmnist):
+    src = FashionMNISTCanvas(root=fmnist[0])
+    a = src.sample_layout(np.random.default_rng(7))
+    b = src.sample_layout(np.random.default_rng(7))
+    c = src.sample_layout(np.random.default_rng(8))
+    for name in ("index", "item_yx", "clutter_index", "clutter_src_yx", "clutter_dst_yx"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert a.clutter_index.shape == (1, 4) and a.clutter_dst_yx.shape == (1, 4, 2)
+    assert not np.array_equal(a.item_yx, c.item_yx) or not np.array_equal(a.clutter_dst_yx, c.clutter_dst_yx)
+    ca, la = src.compose(a)
+    cb, lb = src.compose(b)
+    assert torch.equal(ca, cb) and torch.equal(la, lb)
+
+
+def test_item_placed_exactly_without_clutter(fmnist):
+    root, splits = fmnist
+    images = splits["train"][0]
+    src = FashionMNISTCanvas(root=root, n_clutter=0)
+    lay = src.sample_layout(np.random.default_rng(3))
+    canvas, label = src.compose(lay)
+    assert canvas.shape == (1, 112, 112, 1) and canvas.dtype == torch.uint8
+    assert label.dtype == torch.int64 and label.item() == splits["train"][1][lay.index[0]]
+    got = canvas[0, :, :, 0].numpy()
+    y, x = lay.item_yx[0]
+    expected = np.repeat(np.repeat(images[lay.index[0]], 2, axis=0), 2, axis=1)
+    np.testing.assert_array_equal(got[y : y + 56, x : x + 56], expected)
+    got[y : y + 56, x : x + 56] = 0
+    assert got.max() == 0  # background stays black
+
+
+def test_clutter_matches_reference_and_avoids_item(fmnist):
+    root, splits = fmnist
+    src = FashionMNISTCanvas(root=root)
+    rngs = [np.random.default_rng(i) for i in range(20)]
+    lay = CanvasLayout.stack([src.sample_layout(r) for r in rngs])
+    assert (lay.clutter_index != lay.index[:, None]).all()
+    assert lay.clutter_src_yx.min() >= 8 and lay.clutter_src_yx.max() <= 56 - 8 - 16  # central 40x40
+    assert lay.clutter_dst_yx.min() >= 0 and lay.clutter_dst_yx.max() <= 112 - 16
+    canvases, _ = src.compose(lay)
+    for row in range(len(lay)):
+        np.testing.assert_array_equal(canvases[row, :, :, 0].numpy(), _reference_canvas(splits["train"][0], lay, row))
+
+
+def test_fixed_index_keeps_positions(fmnist):
+    src = FashionMNISTCanvas(root=fmnist[0])
+    free = src.sample_layout(np.random.default_rng(5))
+    fixed_index = (int(free.index[0]) + 1) % N_ITEMS
+    fixed = src.sample_layout(np.random.default_rng(5), index=fixed_index)
+    assert fixed.index[0] == fixed_index
+    np.testing.assert_array_equal(fixed.item_yx, free.item_yx)
+    np.testing.assert_array_equal(fixed.clutter_dst_yx, free.clutter_dst_yx)
+    with pytest.raises(IndexError):
+        src.sample_layout(np.random.default_rng(5), index=N_ITEMS)
+
+
+def test_compose_batched_equals_rows(fmnist):
+    src = FashionMNISTCanvas(root=fmnist[0])
+    layouts = [src.sample_layout(np.random.default_rng(i)) for i in range(5)]
+    batched, labels = src.compose(layouts)
+    assert batched.shape == (5, 112, 112, 1)
+    for i, lay in enumerate(layouts):
+        one, one_label = src.compose(lay)
+        assert torch.equal(batched[i], one[0]) and labels[i] == one_label[0]
+    stacked = CanvasLayout.stack(layouts)
+    assert torch.equal(src.compose(stacked.row(2))[0][0], batched[2])
+
+
+def test_compose_rejects_out_of_range(fmnist):
+    src = FashionMNISTCanvas(root=fmnist[0])
+    lay = src.sample_layout(np.random.default_rng(0))
+    lay.item_yx[0, 0] = 112 - 56 + 1
+    with pytest.raises(ValueError, match="item_yx"):
+        src.compose(lay)
+
+
+def test_sample_protocol(fmnist):
+    root, splits = fmnist
+    src = FashionMNISTCanvas(root=root)
+    canvases, labels, indices = src.sample([np.random.default_rng(i) for i in range(4)], [None, 2, None, 0])
+    assert canvases.shape == (4, 112, 112, 1) and canvases.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and indices.dtype == np.int64
+    assert indices[1] == 2 and indices[3] == 0
+    np.testing.assert_array_equal(labels.numpy(), splits["train"][1][indices])
+    # A single-row call with the same seed reproduces row 0 (single env == vector env).
+    single, _, single_idx = src.sample([np.random.default_rng(0)])
+    assert single_idx[0] == indices[0] and torch.equal(single[0], canvases[0])
+
+
+def test_random_batch(fmnist):
+    root, splits = fmnist
+    src = FashionMNISTCanvas(root=root, n_clutter=0)
+    canvases, labels = src.random_batch(64, torch.Generator().manual_seed(0))
+    assert canvases.shape == (64, 112, 112, 1) and canvases.dtype == torch.uint8
+    assert labels.shape == (64,) and labels.dtype == torch.int64
+    assert set(labels.tolist()) <= set(splits["train"][1].tolist())
+    # Without clutter the ink is exactly one 56x56 block (fake items have no zero pixels).
+    ink = canvases[..., 0] > 0
+    assert (ink.sum(dim=(1, 2)) == 56 * 56).all()
+    rows = ink.any(dim=2).float().argmax(dim=1)
+    cols = ink.any(dim=1).float().argmax(dim=1)
+    assert rows.max() <= 56 and cols.max() <= 56
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 32  # positions vary
+    again, _ = src.random_batch(64, torch.Generator().manual_seed(0))
+    assert torch.equal(again, canvases)
+
+
+def test_random_batch_clutter_adds_ink(fmnist):
+    src = FashionMNISTCanvas(root=fmnist[0], n_clutter=4)
+    canvases, _ = src.random_batch(32, torch.Generator().manual_seed(1))
+    ink = (canvases[..., 0] > 0).sum(dim=(1, 2))
+    assert (ink >= 56 * 56).all() and (ink > 56 * 56).any()
+    assert (ink <= 56 * 56 + 4 * 16 * 16).all()
+
+
+# -- Image folders -------------------------------------------------------------
+
+
+def _png(path: Path, size: tuple[int, int], color: tuple[int, int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+@pytest.fixture
+def image_root(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    _png(root / "dog" / "a.png", (40, 30), (0, 0, 255))
+    _png(root / "cat" / "a.PNG", (20, 50), (255, 0, 0))
+    _png(root / "cat" / "b.png", (33, 33), (255, 0, 0))
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_image_folder_classes_and_shapes(image_root):
+    src = ImageFolderCanvas(image_root, image_size=16)
+    assert isinstance(src, CanvasSource)
+    assert src.class_names == ["cat", "dog"] and src.num_classes == 2
+    assert len(src) == 3 and src.canvas_shape == (16, 16, 3)
+    canvases, labels, indices = src.sample([np.random.default_rng(0)] * 3, indices=[0, 1, 2])
+    assert canvases.shape == (3, 16, 16, 3) and canvases.dtype == torch.uint8
+    assert labels.tolist() == [0, 0, 1] and indices.tolist() == [0, 1, 2]
+    assert canvases[2, :, :, 2].min() == 255 and canvases[2, :, :, 0].max() == 0  # dog is blue
+    assert canvases[0, :, :, 0].min() == 255  # cat is red
+
+
+def test_image_folder_grayscale_and_split(tmp_path):
+    _png(tmp_path / "train" / "x" / "1.png", (10, 10), (255, 255, 255))
+    src = ImageFolderCanvas(tmp_path, image_size=(8, 12), split="train", in_chans=1)
+    canvases, labels, _ = src.sample([np.random.default_rng(0)])
+    assert canvases.shape == (1, 8, 12, 1) and canvases.min() == 255 and labels.tolist() == [0]
+
+
+def test_image_folder_center_crop(tmp_path):
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :20, 0] = 255  # left half red
+    img[:, 20:, 2] = 255  # right half blue
+    (tmp_path / "c").mkdir()
+    Image.fromarray(img).save(tmp_path / "c" / "half.png")
+    canvas = ImageFolderCanvas(tmp_path, image_size=16).load(0)
+    assert canvas.shape == (16, 16, 3)
+    # Shorter side 20 -> 16, width 40 -> 32, center crop keeps columns 8..24: red then blue.
+    assert canvas[:, :6, 0].min() > 200 and canvas[:, :6, 2].max() < 50
+    assert canvas[:, 10:, 2].min() > 200 and canvas[:, 10:, 0].max() < 50
+
+
+def test_corrupt_image_is_skipped(image_root):
+    bad = image_root / "dog" / "broken.jpg"
+    bad.write_bytes(np.random.default_rng(0).bytes(300))
+    src = ImageFolderCanvas(image_root, image_size=16)
+    bad_index = src.files.index(bad)
+    with pytest.warns(RuntimeWarning, match="broken.jpg"):
+        canvases, labels, indices = src.sample([np.random.default_rng(0)], indices=[bad_index])
+    # The redraw may hit the bad file again (1 in 4 here): each hit counts.
+    assert src.skipped >= 1 and src.bad_files == {bad}
+    assert indices[0] != bad_index and canvases.shape == (1, 16, 16, 3)
+    assert labels[0].item() == src.targets[indices[0]]
+    assert canvases.max() == 255  # a real image, not a blank
+    # Hitting it again is counted but not warned about again.
+
+    before = src.skipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        src.sample([np.random.default_rng(1)], indices=[bad_index])
+    assert src.skipped > before and src.bad_files == {bad}
+
+
+def test_all_images_corrupt_raises(tmp_path):
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "k").mkdir(exist_ok=True)
+        (tmp_path / "k" / name).write_bytes(b"garbage")
+    src = ImageFolderCanvas(tmp_path, image_size=8)
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="2 of 2 files are unreadable"):
+        src.sample([np.random.default_rng(0)])
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected layout"):
+        ImageFolderCanvas(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class folders.*expected layout"):
+        ImageFolderCanvas(tmp_path / "empty")
+    _png(tmp_path / "flat" / "x.png", (4, 4), (1, 2, 3))
+    with pytest.raises(ValueError, match="found 1 images directly"):
+        ImageFolderCanvas(tmp_path / "flat")
+    (tmp_path / "noimg" / "a").mkdir(parents=True)
+    (tmp_path / "noimg" / "a" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match="no image files"):
+        ImageFolderCanvas(tmp_path / "noimg")
+    _png(tmp_path / "extra" / "zebra" / "x.png", (4, 4), (1, 2, 3))
+    with pytest.raises(ValueError, match="zebra"):
+        ImageFolderCanvas(tmp_path / "extra", classes=["cat", "dog"])
+
+
+def test_explicit_classes_order(tmp_path):
+    _png(tmp_path / "b" / "x.png", (4, 4), (1, 2, 3))
+    src = ImageFolderCanvas(tmp_path, image_size=4, classes=["z", "b", "a"], class_names=["Z", "B", "A"])
+    assert src.num_classes == 3 and src.class_names == ["Z", "B", "A"]
+    assert src.targets.tolist() == [1]
+
+
+# -- ImageNet ----------------------------------------------------------------------
+
+
+def test_imagenet_needs_root(monkeypatch):
+    monkeypatch.delenv("AVEX_IMAGENET", raising=False)
+    with pytest.raises(ValueError, match="AVEX_IMAGENET") as info:
+        imagenet_canvas()
+    assert "root=" in str(info.value) and "n01440764" in str(info.value)
+
+
+def test_imagenet_labels_follow_timm(tmp_path, monkeypatch):
+    _png(tmp_path / "val" / "n01443537" / "g.JPEG", (8, 8), (0, 255, 0))
+    _png(tmp_path / "val" / "n01440764" / "t.JPEG", (8, 8), (255, 0, 0))
+    monkeypatch.setenv("AVEX_IMAGENET", str(tmp_path))
+    src = imagenet_canvas(image_size=8)
+    assert src.num_classes == 1000 and len(src.class_names) == 1000
+    assert src.class_names[0].startswith("tench") and src.class_names[1].startswith("goldfish")
+    _, labels, indices = src.sample([np.random.default_rng(0)] * 2, indices=[0, 1])
+    names = [src.files[i].parent.name for i in indices]
+    assert dict(zip(names, labels.tolist())) == {"n01440764": 0, "n01443537": 1}
+
+
+def test_imagenet_rejects_unknown_wnid(tmp_path):
+    _png(tmp_path / "val" / "n99999999" / "x.JPEG", (8, 8), (0, 0, 0))
+    with pytest.raises(ValueError, match="n99999999.*not ImageNet-1k"):
+        imagenet_canvas(tmp_path, split="val")

@@ -1,0 +1,220 @@
+"""The TORE model: exact token recycling, batching, cache resets, FLOP accounting, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from avex.flops import ViTDims, step_flops
+from avex.geometry import GlimpseGeometry
+from avex.model import TOREViT, create_tore
+
+IMG, PATCH, G = 64, 8, 2  # 8x8 grid, 2x2-patch glimpses, 49 positions
+
+VARIANTS = {
+    "cls": dict(model="vit_tiny_patch16_224"),
+    "no_embed_class": dict(model="deit3_small_patch16_224", embed_dim=64, num_heads=2),
+    "registers": dict(model="vit_tiny_patch16_224", reg_tokens=4, no_embed_class=True),
+}
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter random values: timm's init leaves heads, layer scales or biases near zero,
+    under which a wrong token order or position could hide."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def make(variant: str = "cls", depth: int = 4, seed: int = 0, **kw) -> TOREViT:
+    spec = dict(VARIANTS[variant])
+    model = create_tore(spec.pop("model"), img_size=IMG, patch_size=PATCH, in_chans=3, num_classes=7, depth=depth, **spec, **kw)
+    _randomize(model, seed)
+    return model.eval()
+
+
+def canvases(b: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (b, IMG, IMG, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def glimpses(model: TOREViT, canv: torch.Tensor, actions: np.ndarray, geo: GlimpseGeometry):
+    """actions [B, T] -> pixels [B, T, C, s, s], coords [B, T, G, 2]."""
+    pix, coords = [], []
+    for t in range(actions.shape[1]):
+        r, c = (torch.as_tensor(v) for v in geo.action_to_patch(actions[:, t]))
+        pix.append(geo.cut(canv, r, c))
+        coords.append(geo.glimpse_coords(r, c))
+    return torch.stack(pix, 1), torch.stack(coords, 1)
+
+
+def random_actions(b: int, t: int, geo: GlimpseGeometry, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.choice(geo.num_actions, size=t, replace=False) for _ in range(b)])
+
+
+def run_sequential(model: TOREViT, pix: torch.Tensor, coords: torch.Tensor, K: int, capacity: int = 12):
+    cache = model.init_cache(pix.shape[0], capacity, K, coords.shape[2])
+    outs = [model.step(cache, pix[:, t], coords[:, t]) for t in range(pix.shape[1])]
+    return cache, outs
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@torch.no_grad()
+def test_k0_all_patches_equals_timm_forward(variant: str) -> None:
+    model = make(variant)
+    images = torch.rand(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    reference = model.vit(model.normalize(images))
+    pix, coords = model.tile(images, G)
+    assert pix.shape[1] * G * G == (IMG // PATCH) ** 2
+    tore = model.forward_glimpses(pix, coords, K=0).logits
+    assert reference.abs().max() > 0.1  # a real signal, not a near-zero head
+    assert (tore - reference).abs().max().item() <= 1e-5
+    # The sequential cached path with every tile as a glimpse gives the same logits.
+    _, outs = run_sequential(model, pix, coords, K=0, capacity=pix.shape[1])
+    assert (outs[-1].logits - reference).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["cls", "registers"])
+@pytest.mark.parametrize("T", [1, 5, 12])
+@torch.no_grad()
+def test_sequential_equals_single_shot_for_every_k(variant: str, T: int) -> None:
+    model = make(variant)
+    geo = model.geometry(G)
+    canv = canvases(2)
+    pix, coords = glimpses(model, canv, random_actions(2, T, geo), geo)
+    for K in range(model.depth + 1):
+        _, outs = run_sequential(model, pix, coords, K)
+        single = model.forward_glimpses(pix, coords, K)
+        assert (outs[-1].logits - single.logits).abs().max().item() <= 1e-5, K
+        assert (outs[-1].features - single.features).abs().max().item() <= 1e-5, K
+
+
+@torch.no_grad()
+def test_split_points_differ() -> None:
+    """Different K are different computations (guards against K being ignored)."""
+    model = make()
+    geo = model.geometry(G)
+    pix, coords = glimpses(model, canvases(1), random_actions(1, 5, geo), geo)
+    logits = [model.forward_glimpses(pix, coords, K).logits for K in (0, 2, 4)]
+    assert (logits[0] - logits[1]).abs().max() > 1e-3 and (logits[1] - logits[2]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_batch_rows_equal_rows_alone() -> None:
+    model = make()
+    geo = model.geometry(G)
+    canv = canvases(3, seed=2)
+    actions = random_actions(3, 6, geo, seed=3)
+    pix, coords = glimpses(model, canv, actions, geo)
+    for K in (0, 2, 4):
+        _, outs = run_sequential(model, pix, coords, K)
+        for b in range(3):
+            _, alone = run_sequential(model, pix[b : b + 1], coords[b : b + 1], K)
+            for t in range(6):
+                assert (outs[t].logits[b] - alone[t].logits[0]).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_reset_some_rows_leaves_others_unchanged() -> None:
+    model = make()
+    geo = model.geometry(G)
+    canv = canvases(3, seed=4)
+    pix, coords = glimpses(model, canv, random_actions(3, 7, geo, seed=5), geo)
+    K = 2
+    cache, _ = run_sequential(model, pix[:, :3], coords[:, :3], K)
+    model.reset_cache(cache, np.array([False, True, False]))
+    assert cache.counts.tolist() == [3, 0, 3]
+    # Row 1 restarts with other glimpses while rows 0 and 2 continue: counts now differ per row.
+    restart = model.step(cache, pix[:, 3], coords[:, 3])
+    assert cache.counts.tolist() == [4, 1, 4]
+    outs = [restart] + [model.step(cache, pix[:, t], coords[:, t]) for t in range(4, 7)]
+    _, full = run_sequential(model, pix, coords, K)
+    for b in (0, 2):
+        for t, out in enumerate(outs):
+            assert (out.logits[b] - full[t + 3].logits[b]).abs().max().item() <= 1e-5
+    _, fresh = run_sequential(model, pix[1:2, 3:7], coords[1:2, 3:7], K)
+    for t, out in enumerate(outs):
+        assert (out.logits[1] - fresh[t].logits[0]).abs().max().item() <= 1e-5
+    # The decoder sees the same masked tokens as the row alone.
+    _, ent = model.decode(outs[-1])
+    _, ent_alone = model.decode(fresh[-1])
+    assert (ent[1] - ent_alone[0]).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_empty_pass_is_k_independent_and_first_glimpse_matches() -> None:
+    model = make()
+    empties = []
+    for K in (0, 2, 4):
+        cache = model.init_cache(2, 4, K, G * G)
+        empties.append(model.aggregate_cache(cache).logits)
+    assert torch.allclose(empties[0], empties[1], atol=1e-5) and torch.allclose(empties[0], empties[2], atol=1e-5)
+
+
+@torch.no_grad()
+def test_float_coords_at_integers_equal_aligned_glimpse() -> None:
+    """The continuous (interpolated) position path reduces to the exact lookup on the grid."""
+    model = make()
+    geo = model.geometry(G)
+    pix, coords = glimpses(model, canvases(2), random_actions(2, 3, geo), geo)
+    a = model.forward_glimpses(pix, coords, 2).logits
+    b = model.forward_glimpses(pix, coords.float(), 2).logits
+    assert (a - b).abs().max().item() <= 1e-5
+    # And the continuous geometry of an unscaled box reproduces the aligned glimpse exactly.
+    boxes = torch.as_tensor(geo.boxes(np.array([2, 5]), np.array([3, 0])))
+    cont = geo.cut_continuous(canvases(2), boxes)
+    r, c = torch.tensor([2, 5]), torch.tensor([3, 0])
+    assert torch.equal(cont.round().to(torch.uint8), geo.cut(canvases(2), r, c))
+    assert torch.allclose(geo.continuous_coords(boxes), geo.glimpse_coords(r, c).float())
+
+
+@pytest.mark.parametrize("K", [0, 2, 4])
+@pytest.mark.parametrize("t", [1, 6])
+@torch.no_grad()
+def test_analytic_flops_match_flop_counter(K: int, t: int) -> None:
+    model = make()
+    geo = model.geometry(G)
+    pix, coords = glimpses(model, canvases(2), random_actions(2, t, geo), geo)
+    cache, _ = run_sequential(model, pix[:, : t - 1], coords[:, : t - 1], K) if t > 1 else (model.init_cache(2, 12, K, 4), None)
+    counter = FlopCounterMode(display=False)
+    # The math SDPA backend decomposes into matmuls the counter sees (CPU's fused kernel is not counted).
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        out = model.step(cache, pix[:, t - 1], coords[:, t - 1])
+        model.decode(out)
+    measured = counter.get_total_flops() / 2  # per image
+    analytic = step_flops(ViTDims.of(model), t, G * G, K)
+    assert abs(measured - analytic) / measured <= 0.02, (measured, analytic)
+
+
+def test_bad_input_errors() -> None:
+    model = make()
+    geo = model.geometry(G)
+    with pytest.raises(ValueError, match=r"K must be an integer in 0\.\.4"):
+        model.init_cache(1, 4, 5, 4)
+    with pytest.raises(ValueError, match=r"0\.\.4"):
+        model.forward_glimpses(torch.zeros(1, 1, 3, 16, 16), torch.zeros(1, 1, 4, 2, dtype=torch.long), K=-1)
+    with pytest.raises(ValueError, match=r"action must be an integer in \[0, 48\]"):
+        geo.action_to_patch(49)
+    with pytest.raises(ValueError, match="outside the 8x8 patch grid"):
+        coords = geo.glimpse_coords(torch.tensor([7]), torch.tensor([0]))  # rows 7..8: off the grid
+        model.forward_glimpses(torch.zeros(1, 1, 3, 16, 16), coords[:, None], K=0)
+    with pytest.raises(ValueError, match=r"\[B, 3, 64, 64\]"):
+        model.tile(torch.zeros(1, 3, 32, 32), G)
+    with pytest.raises(ValueError, match=r"\[B, 3, 64, 64\]"):
+        model.tile(torch.zeros(1, 1, 64, 64), G)
+    with pytest.raises(ValueError, match=r"glimpse pixels must have shape \[B, 3, s, s\]"):
+        cache = model.init_cache(1, 4, 0, 4)
+        model.step(cache, torch.zeros(1, 1, 16, 16), geo.glimpse_coords(torch.tensor([0]), torch.tensor([0])))
+    cache = model.init_cache(1, 1, 0, 4)
+    r, c = torch.tensor([0]), torch.tensor([0])
+    model.step(cache, geo.cut(canvases(1), r, c), geo.glimpse_coords(r, c))
+    with pytest.raises(ValueError, match="cache is full"):
+        model.step(cache, geo.cut(canvases(1), r, c), geo.glimpse_coords(r, c))
+    with pytest.raises(ValueError, match="class token"):
+        import timm
+
+        TOREViT(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, class_token=False, global_pool="avg"))
