@@ -105,14 +105,14 @@ class _DecoderBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, S, dim]; key_valid: [B, S] bool or None. Returns (x [B, S, dim], attn [B, heads, S, S])."""
+        """x: [B, S, dim]; key_valid: [B, S] bool or None. Returns (x [B, S, dim], float32 attn [B, heads, S, S])."""
         b, s, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         scores = (q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1)
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-        attn = scores.float().softmax(dim=-1).to(v.dtype)
-        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, s, d))
+        attn = scores.float().softmax(dim=-1)  # float32, returned as is: the entropy needs no second upcast copy
+        x = x + self.proj((attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, s, d))
         x = x + self.mlp(self.norm2(x))
         return x, attn
 
@@ -182,8 +182,8 @@ class GlimpseDecoder(nn.Module):
         for blk in self.blocks:
             x, attn = blk(x, key_valid)
         recon = self.pred(self.norm(x[:, 1 + n_obs :]))
-        a = attn[:, :, 1 + n_obs :, 1:].float()  # rows: grid queries; keys: all but CLS
-        entropy = -torch.special.xlogy(a, a).sum(dim=(1, 3)) / math.log(2.0)
+        a = attn[:, :, 1 + n_obs :, 1:]  # float32; rows: grid queries; keys: all but CLS
+        entropy = torch.special.entr(a).sum(dim=(1, 3)) / math.log(2.0)  # entr(p) = -p ln p, 0 at p = 0
         return recon, entropy.view(b, *self.grid)
 
 
@@ -391,8 +391,12 @@ class TOREViT(nn.Module):
         if idx.size == 0:
             return
         cache.counts[idx] = 0
-        t = torch.as_tensor(idx, device=cache.buf.device)
-        cache.buf[t, : self.num_prefix] = self.empty_prefix(cache.K).to(cache.buf.dtype)
+        prefix = self.empty_prefix(cache.K).to(cache.buf.dtype)
+        if idx.size == cache.batch_size and (idx == np.arange(idx.size)).all():  # all rows: a slice, no index copy (no sync; capturable)
+            cache.buf[:, : self.num_prefix] = prefix
+        else:
+            t = torch.as_tensor(idx, device=cache.buf.device)
+            cache.buf[t, : self.num_prefix] = prefix
 
     def step(self, cache: TokenCache, pixels: torch.Tensor, coords: torch.Tensor) -> AggregatorOutput:
         """One glimpse for every row: iterator pass, cache update, aggregator over everything cached.
@@ -413,16 +417,15 @@ class TOREViT(nn.Module):
             n0 = int(n[0])
             cache.buf[:, p + n0 * g2 : p + (n0 + 1) * g2] = x[:, p:]
             cache.coords[:, n0 * g2 : (n0 + 1) * g2] = coords.float()
-            cache.buf[:, :p] = cache.buf[:, :p] * (n0 / (n0 + 1)) + x[:, :p] * (1.0 / (n0 + 1))
+            cache.buf[:, :p].lerp_(x[:, :p], 1.0 / (n0 + 1))  # running mean: one kernel, one rounding
         else:  # rows reset at different times: scatter at per-row offsets
             dev = cache.buf.device
             b = torch.arange(cache.batch_size, device=dev)[:, None]
             slots = torch.as_tensor(n[:, None] * g2 + np.arange(g2)[None], device=dev)
             cache.buf[b, p + slots] = x[:, p:]
             cache.coords[b, slots] = coords.float()
-            keep = torch.as_tensor(n / (n + 1), device=dev, dtype=torch.float32)[:, None, None]
-            new = torch.as_tensor(1.0 / (n + 1), device=dev, dtype=torch.float32)[:, None, None]
-            cache.buf[:, :p] = cache.buf[:, :p] * keep + x[:, :p] * new
+            weight = torch.as_tensor(1.0 / (n + 1), device=dev, dtype=cache.buf.dtype)[:, None, None]
+            cache.buf[:, :p].lerp_(x[:, :p], weight)
         cache.counts += 1
         return self.aggregate_cache(cache)
 
