@@ -195,8 +195,10 @@ class GlimpseGeometry:
         side = (boxes[:, 2] - boxes[:, 0])[:, None]
         cy = boxes[:, 0:1] + frac[None] * side  # [B, g]
         cx = boxes[:, 1:2] + frac[None] * side
-        r = (cy / self.patch - 0.5)[:, :, None].expand(-1, g, g)
-        c = (cx / self.patch - 0.5)[:, None, :].expand(-1, g, g)
+        gh, gw = self.grid
+        # Inside the grid by construction; the clamp only removes float rounding (-3e-8 at the border).
+        r = (cy / self.patch - 0.5).clamp(0, gh - 1)[:, :, None].expand(-1, g, g)
+        c = (cx / self.patch - 0.5).clamp(0, gw - 1)[:, None, :].expand(-1, g, g)
         return torch.stack([r, c], dim=-1).reshape(boxes.shape[0], g * g, 2)
 
     def cut_continuous(self, canvases: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

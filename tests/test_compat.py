@@ -11,6 +11,12 @@ import torch
 from avex._compat import _has_schema, ensure_timm_importable
 
 REPO = Path(__file__).resolve().parents[1]
+# Load the shim alone: `import avex._compat` would run avex/__init__, which imports timm.
+LOAD_SHIM = (
+    "import importlib.util; "
+    "spec = importlib.util.spec_from_file_location('shim', 'avex/_compat.py'); "
+    "c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)"
+)
 
 
 def _run(code: str) -> str:
@@ -69,11 +75,11 @@ def test_applied_iff_needed_in_fresh_process():
 def test_noop_when_schema_already_defined():
     # Simulates a torchvision whose native ops loaded normally.
     out = _run(
-        """
+        f"""
         import torch
         lib = torch.library.Library("torchvision", "FRAGMENT")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import avex._compat as c
+        {LOAD_SHIM}
         print(c.ensure_timm_importable(), c._LIB is None, c._has_schema("torchvision::qnms"))
         """
     )
@@ -82,10 +88,10 @@ def test_noop_when_schema_already_defined():
 
 def test_noop_when_torchvision_absent():
     out = _run(
-        """
+        f"""
         import sys
         sys.modules["torchvision"] = None  # makes find_spec report it missing
-        import avex._compat as c
+        {LOAD_SHIM}
         print(c.ensure_timm_importable(), c._has_schema("torchvision::nms"))
         """
     )

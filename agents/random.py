@@ -1,0 +1,37 @@
+"""Uniform random glimpses over the allowed positions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agents.base import GlimpseAgent
+
+__all__ = ["RandomAgent"]
+
+
+class RandomAgent(GlimpseAgent):
+    """Uniform over allowed positions (discrete) or over [0, 1]^3 (continuous, when given no mask).
+
+    Args:
+        seed: seeds the agent's own generator (independent of the environment's).
+        continuous: emit (y, x, z) actions instead of positions.
+    """
+
+    name = "random"
+
+    def __init__(self, seed: int | None = 0, continuous: bool = False) -> None:
+        self.continuous = continuous
+        self.reset(seed)
+
+    def reset(self, seed: int | None = None) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, obs: dict[str, np.ndarray], action_mask: np.ndarray) -> np.ndarray:
+        mask = np.asarray(action_mask, dtype=bool)
+        if self.continuous:
+            return self.rng.random((mask.shape[0], 3), dtype=np.float32)
+        if not mask.any(axis=1).all():
+            raise ValueError("an environment has no allowed glimpse position left (budget larger than the positions?)")
+        # Random scores, -1 where masked, argmax: one uniform draw among allowed positions per row.
+        scores = np.where(mask, self.rng.random(mask.shape), -1.0)
+        return scores.argmax(axis=1).astype(np.int64)

@@ -1,0 +1,69 @@
+"""The ``avex`` command line: ``avex data``, ``avex train classifier|ppo``, ``avex benchmark``, ``avex demo``.
+
+This package is the only part of ``avex`` that imports ``envs`` and ``agents`` (the CLI drives them);
+subcommands import their modules lazily so ``avex --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _data(args: argparse.Namespace) -> int:
+    from avex.data import install_fashion_mnist
+
+    if args.dataset != "fashion-mnist":
+        raise SystemExit(f"avex data: only 'fashion-mnist' is installable offline; got {args.dataset!r}")
+    path = install_fashion_mnist(args.dest, quiet=args.quiet)
+    print(f"Fashion-MNIST ready in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avex", description="Active Visual Exploration on a TORE-backed ViT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="install a data set (Fashion-MNIST from Debian's package) if missing")
+    p.add_argument("dataset", choices=["fashion-mnist"])
+    p.add_argument("--dest", default=None, help="folder (default: $AVEX_DATA_DIR/fashion-mnist, ~/.cache/avex)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_data)
+
+    train = sub.add_parser("train", help="train the TORE classifier or a PPO glimpse policy")
+    tsub = train.add_subparsers(dest="what", required=True)
+    from avex import train as train_mod
+
+    p = tsub.add_parser("classifier", help="TORE training policy (random K per batch, random glimpses)")
+    train_mod.add_arguments(p)
+    p.set_defaults(func=train_mod.main_from_args)
+
+    p = tsub.add_parser("ppo", help="MaskablePPO glimpse policy on the batched vector env")
+    from avex.cli import ppo as ppo_cli
+
+    ppo_cli.add_arguments(p)
+    p.set_defaults(func=ppo_cli.main_from_args)
+
+    from avex.cli import benchmark as bench_cli
+
+    p = sub.add_parser("benchmark", help="agents x K on an env: accuracy per glimpse, FLOPs, time (the main job)")
+    bench_cli.add_arguments(p)
+    p.set_defaults(func=bench_cli.main_from_args)
+
+    from avex.cli import demo as demo_cli
+
+    p = sub.add_parser("demo", help="one episode with an agent; prints each step and writes a GIF")
+    demo_cli.add_arguments(p)
+    p.set_defaults(func=demo_cli.main_from_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

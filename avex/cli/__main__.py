@@ -1,0 +1,5 @@
+import sys
+
+from avex.cli import main
+
+sys.exit(main())

@@ -1,0 +1,213 @@
+"""``avex benchmark``: glimpse policies x split points on an environment's test split.
+
+For every agent and K it plays episodes on the batched vector env and reports accuracy after each
+glimpse (with 95% Wilson intervals), analytic FLOPs per episode of TORE against full recomputation
+(K=0), and wall time per step; it prints a Markdown table and writes it, a JSON file and two PNG plots
+(accuracy vs glimpses per agent; cumulative FLOPs vs glimpses per K) to the results folder.
+Agents see the same canvases (the envs are seeded alike for every run), so differences are paired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_arguments", "main_from_args", "run_benchmark", "wilson"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", default="AVE-FashionMNIST-v0", help="environment id (default: the embedded Fashion-MNIST env)")
+    p.add_argument("--agents", nargs="+", default=["random", "entropy", "ppo"], choices=["random", "entropy", "ppo"])
+    p.add_argument("--K", type=int, nargs="+", default=None, help="split points (default: 0, depth/2, depth)")
+    p.add_argument("--episodes", type=int, default=1000, help="episodes per agent and K")
+    p.add_argument("--num-envs", type=int, default=250, help="envs stepped together (one batched TORE forward)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ppo", default="shipped:fashion-mnist", help="PPO policy (.safetensors) for the ppo agent")
+    p.add_argument("--env-kwargs", default="{}", help='extra env kwargs as JSON, e.g. \'{"root": "/data/imagenet"}\'')
+    p.add_argument("--out", default=None, help="results folder (default: results/benchmark-<env>)")
+
+
+def wilson(correct: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy and 95% Wilson interval per column of a {0,1} [episodes, steps] array."""
+    n = correct.shape[0]
+    p = correct.mean(axis=0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return p, centre - half, centre + half
+
+
+def _play(env_id: str, agent_name: str, K: int, args: argparse.Namespace, env_kwargs: dict[str, Any], bar) -> dict[str, Any]:
+    """Play ``args.episodes`` episodes of one agent at one K; return per-step correctness and timings."""
+    import gymnasium as gym
+
+    from agents import make_agent
+
+    n = min(args.num_envs, args.episodes)
+    venv = gym.make_vec(env_id, num_envs=n, split=args.split, K=K, device=args.device, **env_kwargs)
+    env = venv.unwrapped
+    agent = make_agent(agent_name, env, seed=args.seed, checkpoint=args.ppo, device=args.device)
+    budget = env.budget
+    obs, info = venv.reset(seed=args.seed)
+    rows: list[np.ndarray] = []
+    flops = None
+    step_time = agent_time = 0.0
+    steps = 0
+    current = np.zeros((n, budget), dtype=bool)
+    while len(rows) * n < args.episodes:
+        for t in range(budget):
+            t0 = time.perf_counter()
+            action = agent.act(obs, env.action_masks())
+            t1 = time.perf_counter()
+            obs, _, terminated, _, info = venv.step(action)
+            t2 = time.perf_counter()
+            agent_time += t1 - t0
+            step_time += t2 - t1
+            steps += 1
+            final = info["final_info"] if t == budget - 1 else info
+            current[:, t] = final["correct"]
+            if t == budget - 1:
+                if not terminated.all():
+                    raise RuntimeError("episodes did not end together at the budget")
+                flops = np.asarray(final["cumulative_flops"], dtype=np.float64)[0]
+        rows.append(current.copy())
+        bar.update(n)
+    venv.close()
+    correct = np.concatenate(rows)[: args.episodes]
+    return dict(correct=correct, episode_flops=float(flops), ms_per_step=1e3 * step_time / steps,
+                agent_ms_per_step=1e3 * agent_time / steps, num_envs=n, budget=budget)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every (agent, K); write and return the results."""
+    import gymnasium as gym
+    from tqdm.auto import tqdm
+
+    import avex  # noqa: F401  (registers the envs)
+    from avex.flops import ViTDims, episode_flops
+
+    env_kwargs = json.loads(args.env_kwargs)
+    probe = gym.make(args.env, split=args.split, device=args.device, **env_kwargs).unwrapped
+    depth, budget, g2 = probe.model.depth, probe.budget, probe.geometry.tokens_per_glimpse
+    dims = ViTDims.of(probe.model)
+    ks = args.K if args.K is not None else sorted({0, depth // 2, depth})
+    probe.close()
+    out = Path(args.out or f"results/benchmark-{args.env}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with tqdm(total=len(args.agents) * len(ks) * args.episodes, desc="benchmark", unit="ep", dynamic_ncols=True) as bar:
+        for agent in args.agents:
+            for K in ks:
+                bar.set_postfix(agent=agent, K=K)
+                r = _play(args.env, agent, K, args, env_kwargs, bar)
+                acc, lo, hi = wilson(r.pop("correct").astype(np.float64))
+                full = episode_flops(dims, budget, g2, 0)[-1]
+                results.append(dict(agent=agent, K=K, accuracy=acc.tolist(), ci_low=lo.tolist(), ci_high=hi.tolist(),
+                                    full_recompute_flops=full, flop_ratio=full / r["episode_flops"], **r))
+    meta = dict(command="avex benchmark " + " ".join(_argv(args)), env=args.env, split=args.split, episodes=args.episodes,
+                device=_device_name(args.device), date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                seconds=round(time.perf_counter() - started, 1), depth=depth, budget=budget, cumulative_flops={
+                    K: episode_flops(dims, budget, g2, K) for K in ks})
+    report = _markdown(results, meta)
+    (out / "benchmark.md").write_text(report)
+    (out / "benchmark.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
+    _plots(results, meta, out)
+    print(report)
+    print(f"results written to {out}/ (benchmark.md, benchmark.json, accuracy.png, flops.png)")
+    return dict(meta=meta, results=results)
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    parts = []
+    for k, v in vars(args).items():
+        if k in ("func", "command") or v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts += [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
+    return parts
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    budget = meta["budget"]
+    marks = sorted({1, min(4, budget), min(8, budget), budget})
+    lines = [f"# avex benchmark: {meta['env']} ({meta['split']} split)", "",
+             f"- command: `{meta['command']}`", f"- device: {meta['device']}", f"- date: {meta['date']}",
+             f"- {meta['episodes']} episodes per row; accuracy with 95% Wilson intervals; FLOPs = 2 x multiply-accumulates, "
+             f"analytic (avex.flops), per episode incl. the empty pass and the decoder; full recomputation = K=0.",
+             f"- total time: {meta['seconds']} s", "",
+             "| agent | K | " + " | ".join(f"acc@{t}" for t in marks) + " | GFLOPs/episode | FLOP saving vs K=0 | env ms/step | agent ms/step |",
+             "|---|---|" + "---|" * len(marks) + "---|---|---|---|"]
+    for r in results:
+        accs = " | ".join(f"{100 * r['accuracy'][t - 1]:.1f} ({100 * r['ci_low'][t - 1]:.1f}-{100 * r['ci_high'][t - 1]:.1f})" for t in marks)
+        lines.append(f"| {r['agent']} | {r['K']} | {accs} | {r['episode_flops'] / 1e9:.3f} | {r['flop_ratio']:.2f}x | "
+                     f"{r['ms_per_step']:.2f} | {r['agent_ms_per_step']:.2f} |")
+    lines += ["", "## Accuracy (%) after each glimpse", "",
+              "| agent | K | " + " | ".join(str(t) for t in range(1, budget + 1)) + " |", "|---|---|" + "---|" * budget]
+    for r in results:
+        lines.append(f"| {r['agent']} | {r['K']} | " + " | ".join(f"{100 * a:.1f}" for a in r["accuracy"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({r["K"] for r in results})
+    steps = np.arange(1, meta["budget"] + 1)
+    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), sharey=True, squeeze=False)
+    for ax, K in zip(axes[0], ks):
+        for r in (r for r in results if r["K"] == K):
+            ax.plot(steps, 100 * np.array(r["accuracy"]), marker="o", ms=3, label=r["agent"])
+            ax.fill_between(steps, 100 * np.array(r["ci_low"]), 100 * np.array(r["ci_high"]), alpha=0.2)
+        ax.set(title=f"K = {K}", xlabel="glimpses", ylabel="accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{meta['env']}: accuracy after each glimpse ({meta['episodes']} episodes, 95% CI)")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for K, cum in meta["cumulative_flops"].items():
+        ax.plot(np.arange(len(cum)), np.array(cum) / 1e9, marker="o", ms=3, label=f"K = {K}" + (" (full recomputation)" if int(K) == 0 else ""))
+    ax.set(xlabel="glimpses (0 = empty pass)", ylabel="cumulative GFLOPs", title="TORE compute per episode")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "flops.png", dpi=110)
+    plt.close(fig)
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    run_benchmark(args)
+    return 0

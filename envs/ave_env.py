@@ -1,0 +1,174 @@
+"""The single AVE environment: a Gymnasium ``Env`` over one row of :class:`envs.core.AVEBatch`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from envs.core import AVEBatch, EngineAttributes, EnvConfig, row_info
+
+__all__ = ["AVEEnv"]
+
+
+class AVEEnv(EngineAttributes, gym.Env):
+    """
+    ## Description
+
+    Active Visual Exploration: an image (the *canvas*) is hidden, and the agent uncovers it one glimpse
+    at a time. After every glimpse a TORE-backed Vision Transformer classifies the image from everything
+    revealed so far. Token recycling makes each step cheap: the first ``K`` blocks (the iterator) run once
+    per glimpse on that glimpse alone and their output tokens are cached; the remaining blocks (the
+    aggregator) run over all cached tokens. The agent's goal is to choose glimpses that make the
+    classifier right (and confident) as early as possible. On ``AVE-FashionMNIST-v0`` a small clothing
+    item sits somewhere on a 112x112 black canvas among clutter fragments, so where to look matters.
+
+    ## Action Space
+
+    ``action_mode="discrete"`` (default): ``Discrete(A)``, the top-left patch of a square glimpse of
+    ``glimpse x glimpse`` patches, row-major over the ``(gh - g + 1) x (gw - g + 1)`` positions at a stride
+    of one patch (``positions="grid"``: stride ``g``, non-overlapping tiles). A position already taken this
+    episode is masked: :meth:`action_masks` (bool ``[A]``) and ``info["action_mask"]`` (int8 ``[A]``) say
+    which are allowed; a masked action raises ``ValueError`` and changes nothing (``allow_repeats=True``
+    permits repeats). An action outside ``0..A-1`` or not an integer raises ``ValueError``.
+
+    ``action_mode="continuous"``: ``Box(0, 1, (3,), float32)``, ``(y, x, z)`` as in AdaGlimpse: the glimpse
+    side is ``s = z * (min(H, W) * max_ratio - g * patch) + g * patch`` pixels, its top-left is
+    ``(y * (H - s), x * (W - s))``, and it is resized to ``g * patch`` pixels (always ``g * g`` tokens).
+
+    ## Observation Space
+
+    A ``Dict`` with fixed shapes:
+
+    | Key       | Space                                      | Meaning                                                      |
+    |-----------|--------------------------------------------|--------------------------------------------------------------|
+    | `canvas`  | `Box(0, 255, (H, W, C), uint8)`            | revealed pixels; unseen pixels are 0                          |
+    | `visited` | `Box(0, 1, (gh, gw), uint8)`               | patches revealed so far (centre inside a glimpse)             |
+    | `step`    | `Box(0, budget, (1,), int64)`              | glimpses taken                                                |
+    | `probs`   | `Box(0, 1, (classes,), float32)`           | the classifier's class probabilities after the last glimpse   |
+    | `cls`     | `Box(-inf, inf, (D,), float32)`            | the aggregator's pooled CLS features                          |
+    | `entropy` | `Box(0, inf, (gh, gw), float32)`           | AME attention-entropy map from the decoder (raw: seen patches are not zeroed); zeros if `entropy=False` |
+
+    ## Rewards
+
+    ``reward="dense"`` (default): ``L_{t-1} - L_t``, the drop of the true class's cross-entropy caused by
+    glimpse ``t`` (``L_0`` from the empty pass at reset), so an episode's return is ``L_0 - L_T``.
+    ``reward="sparse"``: ``1.0`` at the last step if the final prediction is right, else ``0.0``.
+
+    ## Starting State
+
+    A canvas is drawn with the env's ``np_random`` (``reset(seed=...)``), or image ``i`` of the split with
+    ``reset(options={"index": i})`` (for evaluation over a whole split). Nothing is revealed; ``probs``,
+    ``cls`` and ``entropy`` come from the *empty pass* (the model on its class token alone), the same for
+    every image. Unreadable image files are skipped with a warning and counted (``info["skipped_images"]``).
+
+    ## Episode End
+
+    Termination after ``budget`` glimpses (default 12); the episode is never truncated by the env itself.
+
+    ## Info
+
+    ``prediction`` (int), ``correct`` (bool), ``label`` (int), ``index`` (int, image of the split),
+    ``step_flops`` / ``cumulative_flops`` (int, analytic FLOPs = 2 x multiply-accumulates of this step and
+    of the episode so far, decoder included iff ``entropy``; the reset info holds the empty pass's),
+    ``glimpse_box`` (float32 ``(y0, x0, y1, x1)`` pixels, NaN at reset), ``action_mask`` (int8 ``[A]``),
+    ``skipped_images`` (int).
+
+    ## Arguments
+
+    ```python
+    >>> import avex, gymnasium as gym
+    >>> env = gym.make("AVE-FashionMNIST-v0", render_mode="rgb_array")
+    >>> obs, info = env.reset(seed=0)
+    >>> obs, reward, terminated, truncated, info = env.step(env.unwrapped.action_masks().argmax())
+    >>> frame = env.render()  # uint8 [H', W', 3]: canvas, numbered glimpses, top-3 predictions
+
+    ```
+
+    | Parameter       | Type          | Default                  | Description |
+    |-----------------|---------------|--------------------------|-------------|
+    | `dataset`       | **str**       | `"fashion-mnist"`        | `"fashion-mnist"`, `"imagenet"` or `"folder"` |
+    | `split`         | **str**       | per dataset              | `"train"` (Fashion-MNIST), `"val"` (ImageNet), none (folder) |
+    | `root`          | **str**       | `None`                   | data folder (ImageNet: or `$AVEX_IMAGENET`; folder: required) |
+    | `image_size`    | **int**       | 112 / 224                | canvas side |
+    | `clutter`       | **int**       | 4                        | clutter fragments per Fashion-MNIST canvas |
+    | `model`         | **str**       | `"vit_tiny_patch16_224"` | timm ViT name |
+    | `checkpoint`    | **str**       | `None`                   | avex checkpoint, `"shipped:fashion-mnist"`, or a timm weights file |
+    | `pretrained`    | **bool**      | `False`                  | timm hub weights (local cache when offline) |
+    | `model_kwargs`  | **dict**      | `None`                   | extra `timm.create_model` args (depth, embed_dim, ...) |
+    | `device`        | **str**       | `"cpu"`                  | `"cpu"` or `"cuda"` |
+    | `patch`         | **int**       | the model's              | ViT patch side in pixels |
+    | `glimpse`       | **int**       | 2                        | glimpse side in patches |
+    | `positions`     | **str**       | `"overlapping"`          | `"overlapping"` (stride 1) or `"grid"` (stride = glimpse) |
+    | `budget`        | **int**       | 12                       | glimpses per episode |
+    | `K`             | **int**       | `depth // 2`             | TORE split, 0..depth (depth: cheapest) |
+    | `action_mode`   | **str**       | `"discrete"`             | `"discrete"` or `"continuous"` |
+    | `max_ratio`     | **float**     | 1.0                      | largest continuous glimpse, fraction of the short side |
+    | `allow_repeats` | **bool**      | `False`                  | allow a discrete position twice |
+    | `reward`        | **str**       | `"dense"`                | `"dense"` or `"sparse"` |
+    | `entropy`       | **bool**      | `True`                   | run the decoder for the entropy map |
+    | `render_mode`   | **str**       | `None`                   | `"rgb_array"` |
+
+    Bad values raise ``ValueError`` at construction, naming the allowed ones. The model is shared by all
+    environments of a process (never copied); pickling an env keeps its exact episode state but not the
+    model, which is re-acquired from the arguments on unpickling.
+
+    ## Vectorized environment
+
+    ``gym.make_vec(id, num_envs=N)`` builds :class:`envs.vector.AVEVectorEnv`: one batched model call
+    for all N environments per step, same-step autoreset.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
+
+    def __init__(self, render_mode: str | None = None, **kwargs: Any) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.render_mode = render_mode
+        self.config = EnvConfig.from_kwargs(**kwargs)
+        self.engine = AVEBatch(self.config, 1)
+        self.observation_space = self.engine.observation_space
+        self.action_space = self.engine.action_space
+
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Start an episode. ``options={"index": i}`` shows image ``i`` of the split."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - {"index"})
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; allowed: ['index']")
+        index = options.get("index")
+        if index is not None:
+            index = self.engine.check_index(index)  # before seeding: a bad option changes nothing
+        super().reset(seed=seed)
+        self.engine.reset_rows([0], [self.np_random], [index])
+        return self._obs(), row_info(self.engine.infos(), 0)
+
+    def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        """One glimpse. Returns (obs, reward: float, terminated: bool, truncated: False, info)."""
+        a = np.asarray(action)
+        if self.config.action_mode == "discrete":
+            a = a.reshape(1) if a.ndim == 0 else a
+        elif a.shape == (3,):
+            a = a[None]
+        rewards, terminated = self.engine.step(a)
+        return self._obs(), float(rewards[0]), bool(terminated[0]), False, row_info(self.engine.infos(), 0)
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.engine.observe().items()}
+
+    def action_masks(self) -> np.ndarray:
+        """bool [A]: True where a discrete action is allowed now (for sb3-contrib's MaskablePPO)."""
+        return self.engine.action_masks()[0]
+
+    def frame(self) -> np.ndarray:
+        """uint8 [H', W', 3]: the canvas (unseen parts dimmed), numbered glimpse boxes and the top-3 predictions."""
+        return self.engine.frame(0)
+
+    def render(self) -> np.ndarray | None:
+        """The :meth:`frame` when ``render_mode="rgb_array"``; None (with a warning) without a render mode."""
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render mode: make the env with render_mode='rgb_array'")
+            return None
+        return self.frame()

@@ -1,0 +1,579 @@
+"""The batched AVE engine shared by the single environment (B=1) and the vector environment (B=N).
+
+One :class:`AVEBatch` holds B independent episodes: hidden canvases, what each has revealed, the TORE
+token cache and the last model outputs. Every tensor operation is batched over the rows on the model's
+device under ``torch.inference_mode()``; the single and the vector environment are thin adapters over
+it, so they agree by construction.
+
+Shapes: B rows, H x W x C canvas, (gh, gw) patch grid, A discrete glimpse positions, D embedding width,
+classes = the data source's number of classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+
+from avex.checkpoint import shared_model
+from avex.data import CanvasSource, FashionMNISTCanvas, ImageFolderCanvas, imagenet_canvas
+from avex.flops import ViTDims, step_flops
+from avex.geometry import GlimpseGeometry
+from avex.model import TOREViT
+
+__all__ = ["ACTION_MODES", "DATASETS", "POSITIONS", "REWARDS", "AVEBatch", "EnvConfig", "row_info"]
+
+DATASETS = ("fashion-mnist", "imagenet", "folder")
+REWARDS = ("dense", "sparse")
+ACTION_MODES = ("discrete", "continuous")
+POSITIONS = ("overlapping", "grid")
+# Per-dataset defaults of the data kwargs left as None.
+_DEFAULT_SPLIT = {"fashion-mnist": "train", "imagenet": "val", "folder": None}
+_DEFAULT_SIZE = {"fashion-mnist": 112, "imagenet": 224, "folder": 224}
+_DEFAULT_CLUTTER = 4
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _int(name: str, value: Any, lo: int, hi: int | None = None, why: str = "") -> int:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok or value < lo or (hi is not None and value > hi):
+        span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {span}{why}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Every keyword argument of the AVE environments (plain data: ``gym.make`` deep-copies it).
+
+    Data:
+        dataset: "fashion-mnist" (cluttered 112x112 canvases), "imagenet" (a local ImageNet-1k folder)
+            or "folder" (any ``root/<class>/<images>`` folder).
+        split: sub-folder / split name; None: "train" for Fashion-MNIST, "val" for ImageNet, none for a folder.
+        root: data folder. ImageNet: None reads $AVEX_IMAGENET. Fashion-MNIST: None searches the default places.
+        image_size: canvas side (or (H, W) for folders); None: 112 for Fashion-MNIST, else 224.
+        clutter: clutter fragments per Fashion-MNIST canvas (None: 4). Only for Fashion-MNIST.
+
+    Model (one instance per process, shared by every env; the classes and channels come from the data):
+        model: timm ViT name (used when ``checkpoint`` is not an avex checkpoint).
+        checkpoint: avex checkpoint path, "shipped:fashion-mnist", a timm weights file, or None.
+        pretrained: timm hub weights when ``checkpoint`` is None (must be in the local hub cache offline).
+        model_kwargs: extra ``timm.create_model`` arguments (depth, embed_dim, num_heads, ...).
+        device: "cpu", "cuda" or "cuda:<i>"; canvases, glimpses and the model all live there.
+
+    Glimpses and episodes:
+        patch: ViT patch side in pixels (None: the model's own).
+        glimpse: glimpse side in patches (g; g x g patches, g*g tokens per glimpse).
+        positions: "overlapping" (top-left on every patch, stride 1, as AME/TORE) or "grid" (stride g,
+            non-overlapping tiles). Discrete mode only.
+        budget: glimpses per episode; the episode terminates after the last one.
+        K: TORE split (iterator = blocks[:K], aggregator = blocks[K:]), 0..depth. None: depth // 2.
+            K=depth is cheapest (every step is one small iterator pass); K=0 is full recomputation.
+        action_mode: "discrete" (index of a glimpse position) or "continuous" ((y, x, z) in [0, 1]^3,
+            AdaGlimpse: position and scale).
+        max_ratio: largest continuous glimpse side as a fraction of min(H, W).
+        allow_repeats: let a discrete action repeat a position already taken this episode.
+        reward: "dense" (drop in the true class's cross-entropy per glimpse) or "sparse" (1 at the end
+            if the final prediction is right).
+        entropy: run the decoder for AME's attention-entropy map (False: the "entropy" observation is zeros).
+    """
+
+    dataset: str = "fashion-mnist"
+    split: str | None = None
+    root: str | None = None
+    image_size: int | tuple[int, int] | None = None
+    clutter: int | None = None
+    model: str = "vit_tiny_patch16_224"
+    checkpoint: str | None = None
+    pretrained: bool = False
+    model_kwargs: dict[str, Any] | None = None
+    device: str = "cpu"
+    patch: int | None = None
+    glimpse: int = 2
+    positions: str = "overlapping"
+    budget: int = 12
+    K: int | None = None
+    action_mode: str = "discrete"
+    max_ratio: float = 1.0
+    allow_repeats: bool = False
+    reward: str = "dense"
+    entropy: bool = True
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EnvConfig:
+        """Build from keyword arguments; an unknown name raises ValueError listing the allowed ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(f"unknown environment argument(s) {unknown}; allowed: {names}")
+        return cls(**kwargs)
+
+    def __post_init__(self) -> None:
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("reward", self.reward, REWARDS)
+        _choice("action_mode", self.action_mode, ACTION_MODES)
+        _choice("positions", self.positions, POSITIONS)
+        _int("budget", self.budget, 1)
+        _int("glimpse", self.glimpse, 1)
+        if self.patch is not None:
+            _int("patch", self.patch, 1)
+        if self.K is not None:
+            _int("K", self.K, 0)
+        if self.clutter is not None:
+            if self.dataset != "fashion-mnist":
+                raise ValueError(f"clutter applies to dataset='fashion-mnist' only, not {self.dataset!r}: drop it")
+            _int("clutter", self.clutter, 0)
+        if self.image_size is not None:
+            sizes = (self.image_size,) if isinstance(self.image_size, (int, np.integer)) else tuple(self.image_size)
+            if len(sizes) not in (1, 2) or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in sizes):
+                raise ValueError(f"image_size must be a positive int or (H, W), got {self.image_size!r}")
+        for flag in ("pretrained", "allow_repeats", "entropy"):
+            if not isinstance(getattr(self, flag), (bool, np.bool_)):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if not isinstance(self.max_ratio, (int, float)) or not 0.0 < self.max_ratio <= 1.0:
+            raise ValueError(f"max_ratio must be a number in (0, 1], got {self.max_ratio!r}")
+        if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict of timm.create_model arguments, got {type(self.model_kwargs).__name__}")
+        if self.dataset == "folder" and self.root is None:
+            raise ValueError("dataset='folder' needs root= (a folder of class sub-folders of images)")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}") from err
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but CUDA is not available here: use device='cpu'")
+
+    @property
+    def resolved_split(self) -> str | None:
+        return self.split if self.split is not None else _DEFAULT_SPLIT[self.dataset]
+
+    @property
+    def resolved_image_size(self) -> tuple[int, int]:
+        size = self.image_size if self.image_size is not None else _DEFAULT_SIZE[self.dataset]
+        return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+
+
+def build_source(cfg: EnvConfig) -> CanvasSource:
+    """The canvas source of a config, on its device."""
+    h, w = cfg.resolved_image_size
+    if cfg.dataset == "fashion-mnist":
+        if h != w:
+            raise ValueError(f"Fashion-MNIST canvases are square, got image_size={cfg.image_size!r}")
+        clutter = _DEFAULT_CLUTTER if cfg.clutter is None else cfg.clutter
+        return FashionMNISTCanvas(cfg.resolved_split, cfg.root, canvas_size=h, n_clutter=clutter, device=cfg.device)
+    if cfg.dataset == "imagenet":
+        return imagenet_canvas(cfg.root, cfg.resolved_split, (h, w), device=cfg.device)
+    return ImageFolderCanvas(cfg.root, (h, w), split=cfg.resolved_split, device=cfg.device)
+
+
+def _is_avex_checkpoint(checkpoint: str | None) -> bool:
+    if checkpoint is None:
+        return False
+    if checkpoint.startswith("shipped:"):
+        return True
+    path = Path(checkpoint)
+    return path.with_suffix(".json").exists() or path.with_name(path.name + ".json").exists()
+
+
+def build_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
+    """The process-wide shared model for a config, checked against the data's canvas and classes."""
+    h, w, c = source.canvas_shape
+    if _is_avex_checkpoint(cfg.checkpoint):
+        if cfg.model_kwargs:
+            raise ValueError("model_kwargs apply to timm models; an avex checkpoint records its own architecture: drop model_kwargs")
+        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device)
+    else:
+        build: dict[str, Any] = dict(img_size=h if h == w else (h, w), in_chans=c, num_classes=source.num_classes)
+        if cfg.patch is not None:
+            build["patch_size"] = cfg.patch
+        build.update(cfg.model_kwargs or {})
+        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, **build)
+    # Checked on the built model rather than through shared_model(expect=...): a checkpoint config
+    # records only the arguments it was created with (a patch implied by the timm name is absent).
+    want = {"image size": ((h, w), model.img_size), "channels": (c, model.in_chans),
+            "classes": (source.num_classes, model.num_classes)}
+    if cfg.patch is not None:
+        want["patch"] = (cfg.patch, model.patch)
+    wrong = {k: v for k, v in want.items() if v[0] != v[1]}
+    if wrong:
+        what = ", ".join(f"{k} {have} (the environment needs {need})" for k, (need, have) in wrong.items())
+        raise ValueError(f"model {cfg.checkpoint or cfg.model!r} does not fit this environment: it has {what}. "
+                         f"Pass a checkpoint made for this data and geometry, or change image_size/patch")
+    return model
+
+
+def row_info(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    """Row ``i`` of a batched info dict, with Python scalars (int, bool, float) and per-row arrays."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        v = value[i]
+        out[key] = v.item() if np.ndim(v) == 0 else v.copy()
+    return out
+
+
+class AVEBatch:
+    """B independent AVE episodes over one shared model, stepped together.
+
+    Args:
+        config: the environment's arguments.
+        batch_size: number of rows B.
+
+    Attributes:
+        model, source, geometry: the shared TORE model, the canvas source, the glimpse geometry.
+        K: the split in use. observation_space / action_space: the spaces of ONE row.
+    """
+
+    def __init__(self, config: EnvConfig, batch_size: int) -> None:
+        self.config = config
+        self.batch_size = _int("num_envs", batch_size, 1)
+        self._build()
+        self._alloc()
+
+    # ----------------------------------------------------------------- set-up
+    def _build(self) -> None:
+        """Source, model, geometry, spaces and the image-independent empty pass (rebuilt on unpickling)."""
+        cfg = self.config
+        self.source = build_source(cfg)
+        self.model = build_model(cfg, self.source)
+        m = self.model
+        self.device = m.pixel_mean.device
+        self.K = m.depth // 2 if cfg.K is None else m.check_k(cfg.K)
+        if cfg.entropy and m.decoder is None:
+            raise ValueError("entropy=True needs a model with a glimpse decoder; this one has none: pass entropy=False")
+        h, w, c = self.source.canvas_shape
+        g = cfg.glimpse
+        if not 1 <= g <= min(m.grid):
+            raise ValueError(f"glimpse must be in 1..{min(m.grid)} patches for the {m.grid[0]}x{m.grid[1]} patch grid, got {g}")
+        stride = g if cfg.positions == "grid" else 1
+        self.geometry = GlimpseGeometry((h, w), m.patch, g, stride, float(cfg.max_ratio))
+        # The same centre-inside rule at pixel level: which canvas pixels a glimpse box reveals.
+        self._pixels = GlimpseGeometry((h, w), 1, 1)
+        self.num_actions = self.geometry.num_actions
+        if cfg.action_mode == "discrete" and not cfg.allow_repeats and cfg.budget > self.num_actions:
+            raise ValueError(f"budget={cfg.budget} exceeds the {self.num_actions} distinct glimpse positions "
+                             f"(positions={cfg.positions!r}): lower budget, or pass allow_repeats=True")
+        self.class_names = list(self.source.class_names)
+        G = self.geometry.tokens_per_glimpse
+        flops = [step_flops(ViTDims.of(m), t, G, self.K, decoder=cfg.entropy) for t in range(cfg.budget + 1)]
+        self.flops_per_step = np.asarray(flops, dtype=np.int64)  # [budget + 1], index t = glimpses after the step
+        self.flops_cumulative = np.cumsum(self.flops_per_step)
+        self.observation_space = self._observation_space()
+        self.action_space: spaces.Space = (
+            spaces.Discrete(self.num_actions) if cfg.action_mode == "discrete"
+            else spaces.Box(0.0, 1.0, (3,), np.float32)
+        )
+        with torch.inference_mode():
+            # The empty pass sees no pixel, so it is the same for every image: computed once.
+            empty = m.init_cache(1, 1, self.K, G, device=self.device)
+            out = m.aggregate_cache(empty)
+            self._empty_logits = out.logits.float()
+            self._empty_probs = self._empty_logits.softmax(-1)
+            self._empty_cls = out.features.float()
+            self._empty_entropy = m.decode(out)[1] if cfg.entropy else torch.zeros(1, *m.grid, device=self.device)
+            self._empty_pred = int(self._empty_logits.argmax(-1).item())
+
+    def _observation_space(self) -> spaces.Dict:
+        h, w, c = self.source.canvas_shape
+        gh, gw = self.geometry.grid
+        return spaces.Dict({
+            "canvas": spaces.Box(0, 255, (h, w, c), np.uint8),
+            "visited": spaces.Box(0, 1, (gh, gw), np.uint8),
+            "step": spaces.Box(0, self.config.budget, (1,), np.int64),
+            "probs": spaces.Box(0.0, 1.0, (self.model.num_classes,), np.float32),
+            "cls": spaces.Box(-np.inf, np.inf, (self.model.embed_dim,), np.float32),
+            "entropy": spaces.Box(0.0, self._entropy_bound(), (gh, gw), np.float32),
+        })
+
+    def _entropy_bound(self) -> float:
+        """Largest possible entropy value: per head at most log2 of the number of keys (bits)."""
+        dec = self.model.decoder
+        if dec is None:
+            return 0.0
+        keys = 1 + self.config.budget * self.geometry.tokens_per_glimpse + self.geometry.num_patches
+        return float(dec.blocks[-1].heads * math.log2(keys))
+
+    def _alloc(self) -> None:
+        """Per-row state: tensors on the model's device, bookkeeping on the host."""
+        B, cfg, dev = self.batch_size, self.config, self.device
+        h, w, c = self.source.canvas_shape
+        gh, gw = self.geometry.grid
+        with torch.inference_mode():
+            self.cache = self.model.init_cache(B, cfg.budget, self.K, self.geometry.tokens_per_glimpse, device=dev)
+            self.hidden = torch.zeros(B, h, w, c, dtype=torch.uint8, device=dev)
+            self.seen = torch.zeros(B, h, w, dtype=torch.bool, device=dev)
+            self.visited = torch.zeros(B, gh, gw, dtype=torch.bool, device=dev)
+            self.labels = torch.zeros(B, dtype=torch.int64, device=dev)
+            self.loss = torch.zeros(B, device=dev)
+            self.probs = self._empty_probs.expand(B, -1).clone()
+            self.cls = self._empty_cls.expand(B, -1).clone()
+            self.entropy = self._empty_entropy.expand(B, -1, -1).clone()
+        self.used = np.zeros((B, self.num_actions), dtype=bool)
+        self.boxes = np.full((B, cfg.budget, 4), np.nan, dtype=np.float32)
+        self.labels_np = np.zeros(B, dtype=np.int64)
+        self.index_np = np.zeros(B, dtype=np.int64)
+        self.pred_np = np.full(B, self._empty_pred, dtype=np.int64)
+        self.started = np.zeros(B, dtype=bool)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """int64 [B] glimpses taken in each row's episode (the token cache's count)."""
+        return self.cache.counts
+
+    # ---------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        # The model is shared per process and the source is rebuilt from the config: neither is pickled.
+        state = {k: v for k, v in self.__dict__.items() if k not in _REBUILT}
+        state["_source_state"] = {k: getattr(self.source, k) for k in ("skipped", "bad_files") if hasattr(self.source, k)}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        source_state = state.pop("_source_state", {})
+        self.__dict__.update(state)
+        self._build()
+        for k, v in source_state.items():
+            setattr(self.source, k, v)
+
+    # ------------------------------------------------------------------- reset
+    def check_index(self, index: Any) -> int:
+        """Validate an image index of the split. Raises ValueError naming the range."""
+        n = len(self.source)
+        return _int("options['index']", index, 0, n - 1, f" (an image of the {n} in this split)")
+
+    @torch.inference_mode()
+    def reset_rows(self, rows: Sequence[int] | np.ndarray, rngs: Sequence[np.random.Generator],
+                   indices: Sequence[int | None] | None = None) -> None:
+        """Start new episodes in some rows (others untouched).
+
+        Args:
+            rows: int [R] rows to reset.
+            rngs: one generator per reset row; row i's canvas is drawn with rngs[i] only.
+            indices: optional image index per reset row (None: drawn).
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size == 0:
+            return
+        if indices is not None:
+            indices = [None if i is None else self.check_index(i) for i in indices]
+        canvases, labels, used_idx = self.source.sample(list(rngs), indices)
+        r = torch.as_tensor(rows, device=self.device)
+        self.hidden[r] = canvases.to(self.device)
+        self.labels[r] = labels.to(self.device)
+        self.seen[r] = False
+        self.visited[r] = False
+        self.model.reset_cache(self.cache, rows)
+        n = len(rows)
+        self.probs[r] = self._empty_probs.expand(n, -1)
+        self.cls[r] = self._empty_cls.expand(n, -1)
+        self.entropy[r] = self._empty_entropy.expand(n, -1, -1)
+        self.loss[r] = F.cross_entropy(self._empty_logits.expand(n, -1), self.labels[r], reduction="none")
+        self.used[rows] = False
+        self.boxes[rows] = np.nan
+        self.labels_np[rows] = labels.cpu().numpy()
+        self.index_np[rows] = used_idx
+        self.pred_np[rows] = self._empty_pred
+        self.started[rows] = True
+
+    # -------------------------------------------------------------------- step
+    def parse_actions(self, actions: Any) -> np.ndarray:
+        """Validate a batch of actions without touching any state.
+
+        Discrete: int [B] in 0..A-1, none repeating a position already taken (unless allow_repeats).
+        Continuous: float [B, 3] (y, x, z) in [0, 1].
+
+        Returns:
+            int64 [B] or float32 [B, 3]. Raises ValueError naming the problem and the valid range.
+        """
+        B = self.batch_size
+        unready = np.flatnonzero(~self.started)
+        if unready.size:
+            raise ValueError(f"call reset() before step(){self._rows_text(unready)}")
+        over = np.flatnonzero(self.steps >= self.config.budget)
+        if over.size:
+            raise ValueError(f"the episode is over (budget of {self.config.budget} glimpses spent){self._rows_text(over)}: call reset()")
+        a = np.asarray(actions)
+        if self.config.action_mode == "discrete":
+            if a.shape != (B,):
+                raise ValueError(f"expected {B} discrete action(s) (shape ({B},)), got shape {a.shape}: {actions!r}")
+            self.geometry.action_to_patch(a)  # raises ValueError for a wrong type or range
+            a = a.astype(np.int64)
+            if not self.config.allow_repeats:
+                repeats = np.flatnonzero(self.used[np.arange(B), a])
+                if repeats.size:
+                    b = int(repeats[0])
+                    raise ValueError(
+                        f"action {int(a[b])} repeats a glimpse position already taken this episode{self._rows_text(repeats)}; "
+                        f"allowed actions are those where action_masks() is True (info['action_mask'] == 1), "
+                        f"or pass allow_repeats=True")
+            return a
+        if a.shape != (B, 3) or a.dtype.kind not in "fiu":
+            raise ValueError(f"expected {B} continuous action(s) (y, x, z) as floats of shape ({B}, 3), got {a.dtype} shape {a.shape}: {actions!r}")
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise ValueError(f"continuous actions (y, x, z) must lie in [0, 1], got {a.tolist()}")
+        return a.astype(np.float32)
+
+    def _rows_text(self, rows: np.ndarray) -> str:
+        return f" (env {', '.join(map(str, rows.tolist()))})" if self.batch_size > 1 else ""
+
+    @torch.inference_mode()
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray]:
+        """One glimpse in every row: cut, TORE step, reveal, reward.
+
+        Args:
+            actions: see :meth:`parse_actions`. A rejected batch leaves every row unchanged.
+
+        Returns:
+            rewards float32 [B] and terminated bool [B] (budget spent).
+        """
+        a = self.parse_actions(actions)
+        cfg, geo, m = self.config, self.geometry, self.model
+        B, dev = self.batch_size, self.device
+        t = self.steps.copy()  # glimpses before this one
+        if cfg.action_mode == "discrete":
+            rows_np, cols_np = geo.action_to_patch(a)
+            boxes_np = geo.boxes(rows_np, cols_np)
+            rows_t = torch.from_numpy(rows_np).to(dev)
+            cols_t = torch.from_numpy(cols_np).to(dev)
+            pixels = geo.cut(self.hidden, rows_t, cols_t)
+            coords = geo.glimpse_coords(rows_t, cols_t)
+            boxes = torch.from_numpy(boxes_np).to(dev)
+        else:
+            boxes = geo.continuous_boxes(torch.from_numpy(a).to(dev))
+            pixels = geo.cut_continuous(self.hidden, boxes) / 255.0  # the model reads floats as [0, 1]
+            coords = geo.continuous_coords(boxes)
+            boxes_np = boxes.cpu().numpy()
+        out = m.step(self.cache, pixels, coords)
+        self.seen |= self._pixels.visited_patches(boxes)
+        self.visited |= geo.visited_patches(boxes)
+        logits = out.logits.float()
+        loss = F.cross_entropy(logits, self.labels, reduction="none")
+        self.probs = logits.softmax(-1)
+        self.cls = out.features.float()
+        if cfg.entropy:
+            self.entropy = m.decode(out)[1]
+        pred = logits.argmax(-1)
+        terminated = self.steps >= cfg.budget
+        if cfg.reward == "dense":
+            rewards = self.loss - loss
+        else:
+            final = torch.from_numpy(terminated).to(dev)
+            rewards = ((pred == self.labels) & final).float()
+        self.loss = loss
+        # One host transfer for what the infos need.
+        host = torch.cat([rewards.float()[:, None], pred.float()[:, None]], dim=1).cpu().numpy()
+        self.pred_np = host[:, 1].astype(np.int64)
+        if cfg.action_mode == "discrete":
+            self.used[np.arange(B), a] = True
+        self.boxes[np.arange(B), t] = boxes_np
+        return host[:, 0].astype(np.float32), terminated
+
+    # --------------------------------------------------------------- outputs
+    def action_masks(self) -> np.ndarray:
+        """bool [B, A]: True where a discrete action is allowed (all True in continuous mode or with repeats)."""
+        if self.config.action_mode == "continuous" or self.config.allow_repeats:
+            return np.ones((self.batch_size, self.num_actions), dtype=bool)
+        return ~self.used
+
+    @torch.inference_mode()
+    def observe(self, rows: np.ndarray | None = None, as_torch: bool = False) -> dict[str, Any]:
+        """Observations of some rows (None: all), fresh copies.
+
+        Returns:
+            {"canvas": uint8 [R, H, W, C] revealed pixels (unseen = 0), "visited": uint8 [R, gh, gw],
+            "step": int64 [R, 1], "probs": float32 [R, classes], "cls": float32 [R, D],
+            "entropy": float32 [R, gh, gw]}; numpy arrays, or tensors on the model's device if ``as_torch``.
+        """
+        idx = slice(None) if rows is None else torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+        steps = self.steps if rows is None else self.steps[np.asarray(rows, dtype=np.int64)]
+        obs = {
+            "canvas": self.hidden[idx] * self.seen[idx].unsqueeze(-1),
+            "visited": self.visited[idx].to(torch.uint8),
+            "step": torch.from_numpy(steps.astype(np.int64)[:, None]).to(self.device),
+            "probs": self.probs[idx].clone(),
+            "cls": self.cls[idx].clone(),
+            "entropy": self.entropy[idx].float().clone(),
+        }
+        if as_torch:
+            return obs
+        return {k: v.cpu().numpy() for k, v in obs.items()}
+
+    def infos(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Batched info of some rows (None: all); see the environment's docstring for the keys."""
+        idx = np.arange(self.batch_size) if rows is None else np.asarray(rows, dtype=np.int64)
+        t = self.steps[idx]
+        box = self.boxes[idx, np.maximum(t - 1, 0)]
+        box[t == 0] = np.nan  # no glimpse yet
+        pred = self.pred_np[idx]
+        label = self.labels_np[idx]
+        return {
+            "prediction": pred.copy(),
+            "correct": pred == label,
+            "label": label.copy(),
+            "index": self.index_np[idx].copy(),
+            "step_flops": self.flops_per_step[t],
+            "cumulative_flops": self.flops_cumulative[t],
+            "glimpse_box": box,
+            "action_mask": self.action_masks()[idx].astype(np.int8),
+            "skipped_images": np.full(len(idx), int(getattr(self.source, "skipped", 0)), dtype=np.int64),
+        }
+
+    def frame(self, row: int = 0) -> np.ndarray:
+        """An RGB picture of one row's episode: uint8 [H', W', 3] (see :func:`envs.render.render_frame`)."""
+        from envs.render import render_frame  # drawing code only when asked for
+
+        t = int(self.steps[row])
+        return render_frame(
+            hidden=self.hidden[row].cpu().numpy(),
+            seen=self.seen[row].cpu().numpy(),
+            boxes=self.boxes[row, :t],
+            probs=self.probs[row].float().cpu().numpy(),
+            class_names=self.class_names,
+            label=int(self.labels_np[row]) if self.started[row] else None,
+        )
+
+
+_REBUILT = frozenset({
+    "source", "model", "device", "K", "geometry", "_pixels", "num_actions", "class_names", "flops_per_step",
+    "flops_cumulative", "observation_space", "action_space", "_empty_logits", "_empty_probs", "_empty_cls",
+    "_empty_entropy", "_empty_pred",
+})
+
+
+class EngineAttributes:
+    """Read-only views of an env's :class:`AVEBatch` (``self.engine``), shared by the single and vector env."""
+
+    engine: AVEBatch
+
+    @property
+    def model(self) -> TOREViT:
+        """The shared :class:`avex.model.TOREViT`."""
+        return self.engine.model
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.engine.class_names
+
+    @property
+    def geometry(self) -> GlimpseGeometry:
+        """Glimpse geometry (grid, glimpse size, position stride)."""
+        return self.engine.geometry
+
+    @property
+    def budget(self) -> int:
+        """Glimpses per episode."""
+        return self.engine.config.budget
+
+    @property
+    def K(self) -> int:
+        """The TORE split point the env runs at."""
+        return self.engine.K

@@ -1,0 +1,187 @@
+"""The native vector AVE environment: N episodes stepped by ONE batched model call.
+
+Built by ``gym.make_vec(id, num_envs=N)`` (the ids' ``vector_entry_point``). Autoreset is
+``AutoresetMode.SAME_STEP``: when an episode ends, the step that ends it returns the NEXT episode's first
+observation, with the last observation in ``infos["final_obs"]`` and the last info in
+``infos["final_info"]`` (the gymnasium 1.x convention, as ``SyncVectorEnv`` in that mode).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+
+from envs.core import AVEBatch, EngineAttributes, EnvConfig
+
+__all__ = ["AVEVectorEnv"]
+
+
+def _masked_infos(rows_info: dict[str, np.ndarray], rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Spread the infos of some rows over all n envs: each key gets an [n, ...] array and a ``_key`` mask."""
+    out: dict[str, np.ndarray] = {}
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    for key, value in rows_info.items():
+        full = np.zeros((n, *value.shape[1:]), dtype=value.dtype)
+        full[rows] = value
+        out[key] = full
+        out[f"_{key}"] = mask.copy()
+    return out
+
+
+class AVEVectorEnv(EngineAttributes, gym.vector.VectorEnv):
+    """N AVE environments in one batch: see :class:`envs.ave_env.AVEEnv` for the task, spaces and kwargs.
+
+    Env ``i`` behaves exactly like a single ``AVEEnv`` reset with seed ``seed + i`` (same canvases,
+    observations, rewards and flags up to float rounding), because both run the same
+    :class:`envs.core.AVEBatch` code and each env draws its canvases from its own generator.
+
+    Args:
+        num_envs: N.
+        render_mode: None or "rgb_array" (``render()`` then returns one frame per env).
+        max_episode_steps: truncate episodes after this many glimpses if fewer than ``budget``
+            (``gym.make_vec`` passes the spec's value); None: episodes end at ``budget``.
+        torch_obs: return observations (and ``final_obs``) as torch tensors on the model's device
+            instead of numpy arrays: not standard Gymnasium, for RL loops that stay on the GPU.
+        **kwargs: the environment arguments (:class:`envs.core.EnvConfig`).
+
+    ``reset(seed=s)`` seeds env ``i`` with ``s + i`` (or a list of N seeds); ``reset(options=...)`` takes
+    ``"reset_mask"`` (bool [N]: reset only those envs, the others keep their episodes) and ``"index"``
+    (one image index for every reset env, or a sequence of N entries, None = draw).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 2, "autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(self, num_envs: int = 1, *, render_mode: str | None = None, max_episode_steps: int | None = None,
+                 torch_obs: bool = False, **kwargs: Any) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.config = EnvConfig.from_kwargs(**kwargs)
+        if max_episode_steps is not None and (not isinstance(max_episode_steps, (int, np.integer)) or max_episode_steps < 1):
+            raise ValueError(f"max_episode_steps must be a positive integer or None, got {max_episode_steps!r}")
+        self.engine = AVEBatch(self.config, num_envs)
+        self.num_envs = self.engine.batch_size
+        self.render_mode = render_mode
+        self.max_episode_steps = max_episode_steps
+        self.torch_obs = bool(torch_obs)
+        self.single_observation_space = self.engine.observation_space
+        self.single_action_space = self.engine.action_space
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
+
+
+    @property
+    def env_rngs(self) -> list[np.random.Generator | None]:
+        """Each env's own generator (None until its first reset)."""
+        return list(self._rngs)
+
+    # ------------------------------------------------------------------ reset
+    def _reset_mask(self, options: dict[str, Any]) -> np.ndarray:
+        mask = options.get("reset_mask")
+        if mask is None:
+            return np.ones(self.num_envs, dtype=bool)
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_ or mask.shape != (self.num_envs,) or not mask.any():
+            raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},) with at least one True, "
+                             f"got {mask.dtype} {mask.shape}: {mask!r}")
+        return mask
+
+    def _indices(self, options: dict[str, Any], rows: np.ndarray) -> list[int | None] | None:
+        index = options.get("index")
+        if index is None:
+            return None
+        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+            per_env = [index] * self.num_envs
+        else:
+            per_env = list(index)
+            if len(per_env) != self.num_envs:
+                raise ValueError(f"options['index'] must be one int or a sequence of {self.num_envs} (int or None), got {index!r}")
+        return [None if per_env[i] is None else self.engine.check_index(per_env[i]) for i in rows]
+
+    def _seeds(self, seed: int | Sequence[int | None] | None) -> list[int | None]:
+        if seed is None:
+            return [None] * self.num_envs
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            return [int(seed) + i for i in range(self.num_envs)]
+        seeds = list(seed)
+        if len(seeds) != self.num_envs:
+            raise ValueError(f"seed must be None, an int or a list of {self.num_envs} seeds, got {seed!r}")
+        return seeds
+
+    def reset(self, *, seed: int | Sequence[int | None] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Reset all envs, or those in ``options["reset_mask"]``; returns every env's observation and the
+        reset envs' infos (``_key`` masks mark them)."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - {"reset_mask", "index"})
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; allowed: ['index', 'reset_mask']")
+        rows = np.flatnonzero(self._reset_mask(options))
+        indices = self._indices(options, rows)
+        seeds = self._seeds(seed)
+        # Everything validated: from here on the state changes.
+        super().reset(seed=seed if isinstance(seed, (int, np.integer)) else None)
+        for i in rows:
+            if seeds[i] is not None or self._rngs[i] is None:
+                self._rngs[i], _ = seeding.np_random(seeds[i])
+        self.engine.reset_rows(rows, [self._rngs[i] for i in rows], indices)
+        return self._observe(), _masked_infos(self.engine.infos(rows), rows, self.num_envs)
+
+    # ------------------------------------------------------------------- step
+    def step(self, actions: Any) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """One glimpse in every env (one model call). Ended episodes restart in the same step."""
+        if isinstance(actions, torch.Tensor):
+            actions = actions.detach().cpu().numpy()
+        rewards, terminated = self.engine.step(actions)
+        steps = self.engine.steps
+        truncated = (steps >= self.max_episode_steps) & ~terminated if self.max_episode_steps else np.zeros_like(terminated)
+        obs = self._observe()
+        infos = _masked_infos(self.engine.infos(), np.arange(self.num_envs), self.num_envs)
+        done = np.flatnonzero(terminated | truncated)
+        if done.size:
+            final_obs = np.full(self.num_envs, None, dtype=object)
+            for i in done:
+                final_obs[i] = {k: v[i] for k, v in obs.items()}
+            mask = np.zeros(self.num_envs, dtype=bool)
+            mask[done] = True
+            infos["final_obs"], infos["_final_obs"] = final_obs, mask
+            infos["final_info"] = _masked_infos(self.engine.infos(done), done, self.num_envs)
+            infos["_final_info"] = mask.copy()
+            self.engine.reset_rows(done, [self._rngs[i] for i in done])
+            fresh = self._observe(done)
+            for k in obs:
+                if self.torch_obs:
+                    obs[k] = obs[k].clone()
+                    obs[k][torch.as_tensor(done, device=obs[k].device)] = fresh[k]
+                else:
+                    obs[k] = obs[k].copy()
+                    obs[k][done] = fresh[k]
+            for k, v in self.engine.infos(done).items():
+                infos[k][done] = v
+        return obs, rewards.astype(np.float64), terminated, truncated, infos
+
+    def _observe(self, rows: np.ndarray | None = None) -> dict[str, Any]:
+        return self.engine.observe(rows, as_torch=self.torch_obs)
+
+    # ---------------------------------------------------------------- extras
+    def action_masks(self) -> np.ndarray:
+        """bool [N, A]: allowed discrete actions of every env (for sb3-contrib's MaskablePPO)."""
+        return self.engine.action_masks()
+
+    def frames(self) -> tuple[np.ndarray, ...]:
+        """One uint8 [H', W', 3] frame per env (see :meth:`envs.ave_env.AVEEnv.frame`)."""
+        return tuple(self.engine.frame(i) for i in range(self.num_envs))
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        """:meth:`frames` when ``render_mode="rgb_array"``, else None (with a warning)."""
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render mode: make the env with render_mode='rgb_array'")
+            return None
+        return self.frames()

@@ -1,0 +1,31 @@
+"""Shared test set-up: offline hub, one torch thread, fake data sets written by the tests."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call fails at once instead of after a long time-out
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a gzip'd IDX file (magic 0x0800 + ndim: 2051 images, 2049 labels)."""
+    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def fake_fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fake Fashion-MNIST: 40 train / 20 test random items with labels 0..9."""
+    root = tmp_path_factory.mktemp("fake-fmnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(1, 256, size=(n, 28, 28), dtype=np.uint8))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return root

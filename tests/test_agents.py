@@ -1,0 +1,96 @@
+"""Agents: AME's rule, masks respected, PPO smoke training and policy round-trip."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import avex  # noqa: F401
+from agents import EntropyAgent, RandomAgent, ame_scores, make_agent
+from agents.ppo import PPOAgent, train_ppo
+
+TINY = dict(checkpoint=None, pretrained=False, model="vit_tiny_patch16_224",
+            model_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
+
+
+@pytest.fixture(scope="module")
+def env_kwargs(fake_fmnist_root) -> dict:
+    return dict(TINY, root=str(fake_fmnist_root))
+
+
+def test_ame_scores_match_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    entropy = rng.random((2, 6, 7))
+    visited = rng.random((2, 6, 7)) < 0.3
+    for g, stride in ((2, 1), (3, 1), (2, 2)):
+        got = ame_scores(entropy, visited, g, stride)
+        e = np.where(visited, 0.0, entropy)
+        want = np.stack([[e[b, r:r + g, c:c + g].mean() for r in range(0, 6 - g + 1, stride) for c in range(0, 7 - g + 1, stride)]
+                         for b in range(2)])
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_entropy_agent_picks_masked_argmax() -> None:
+    entropy = np.zeros((1, 4, 4))
+    entropy[0, 0, 0] = 10.0  # best window: top-left
+    entropy[0, 3, 3] = 5.0  # second best: bottom-right
+    visited = np.zeros((1, 4, 4))
+    agent = EntropyAgent(glimpse=2)
+    mask = np.ones((1, 9), dtype=bool)
+    assert agent.act({"entropy": entropy, "visited": visited}, mask)[0] == 0
+    mask[0, 0] = False
+    assert agent.act({"entropy": entropy, "visited": visited}, mask)[0] == 8
+
+
+@pytest.mark.parametrize("name", ["random", "entropy"])
+def test_agents_never_take_masked_actions(name: str, env_kwargs: dict) -> None:
+    venv = gym.make_vec("AVE-FashionMNIST-v0", num_envs=4, **env_kwargs)
+    agent = make_agent(name, venv.unwrapped, seed=1)
+    obs, _ = venv.reset(seed=3)
+    budget = venv.unwrapped.budget
+    for _ in range(2 * budget):  # two episodes, across an autoreset
+        mask = venv.unwrapped.action_masks()
+        action = agent.act(obs, mask)
+        assert mask[np.arange(4), action].all()
+        obs, *_ = venv.step(action)
+    venv.close()
+
+
+def test_random_agent_is_seeded() -> None:
+    mask = np.ones((3, 20), dtype=bool)
+    a, b = RandomAgent(5), RandomAgent(5)
+    assert np.array_equal(a.act({}, mask), b.act({}, mask))
+    a.reset(6)
+    assert not all(np.array_equal(a.act({}, mask), b.act({}, mask)) for _ in range(3))
+
+
+@pytest.mark.parametrize("action_mode", ["discrete", "continuous"])
+def test_ppo_smoke_train_save_load(action_mode: str, env_kwargs: dict, tmp_path) -> None:
+    torch.manual_seed(0)
+    kwargs = dict(env_kwargs, action_mode=action_mode)
+    out = tmp_path / "policy"
+    _, summary = train_ppo("AVE-FashionMNIST-v0", num_envs=4, total_steps=384, n_steps=24, batch_size=32, n_epochs=1,
+                           eval_episodes=8, out=out, env_kwargs=kwargs)
+    assert summary["total_steps"] == 384 and 0.0 <= summary["final_test_accuracy"] <= 1.0
+    venv = gym.make_vec("AVE-FashionMNIST-v0", num_envs=3, **kwargs)
+    agent = PPOAgent.load(out.with_suffix(".safetensors"), venv)
+    obs, _ = venv.reset(seed=0)
+    mask = venv.unwrapped.action_masks()
+    actions = agent.act(obs, mask)
+    if action_mode == "discrete":
+        assert actions.shape == (3,) and mask[np.arange(3), actions].all()
+        again = PPOAgent.load(out.with_suffix(".safetensors"), venv).act(obs, mask)
+        assert np.array_equal(actions, again)  # greedy and loaded identically
+    else:
+        assert actions.shape == (3, 3) and ((actions >= 0) & (actions <= 1)).all()
+    # A policy for the other action mode is refused with a clear error.
+    other = gym.make_vec("AVE-FashionMNIST-v0", num_envs=1, **dict(kwargs, action_mode="continuous" if action_mode == "discrete" else "discrete"))
+    with pytest.raises(ValueError, match="trained for"):
+        PPOAgent.load(out.with_suffix(".safetensors"), other)
+
+
+def test_unknown_agent_name() -> None:
+    with pytest.raises(ValueError, match="unknown agent"):
+        make_agent("greedy", None)
