@@ -124,6 +124,7 @@ def _norm(v: Any) -> Any:
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SHARED: dict[tuple, TOREViT] = {}
 _LOCK = threading.Lock()
 
@@ -134,6 +135,7 @@ def shared_model(
     pretrained: bool = False,
     device: str = "cpu",
     expect: dict[str, Any] | None = None,
+    dtype: str = "float32",
     **build: Any,
 ) -> TOREViT:
     """One eval-mode model per process and argument set (environments share it, never copy it).
@@ -144,9 +146,12 @@ def shared_model(
             for a checkpoint in the package, or a timm weights file; None: ``pretrained`` decides.
         pretrained: timm hub weights (needs them in the local hub cache when offline).
         expect: build arguments an avex checkpoint must match (see :func:`load_tore`).
+        dtype: "float32" or "bfloat16" (weights and token cache; pixels are normalised in float32).
         build: create_tore arguments (img_size, patch_size, in_chans, num_classes, depth, ...).
     """
-    key = (model, checkpoint, pretrained, str(device), repr(sorted((expect or {}).items())), repr(sorted(build.items())))
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    key = (model, checkpoint, pretrained, str(device), dtype, repr(sorted((expect or {}).items())), repr(sorted(build.items())))
     with _LOCK:
         if key not in _SHARED:
             path = shipped_checkpoint(checkpoint.split(":", 1)[1]) if checkpoint and checkpoint.startswith("shipped:") else checkpoint
@@ -162,5 +167,5 @@ def shared_model(
                         f"could not load weights for {model!r} ({'file ' + str(path) if path else 'timm hub'}): {err}. "
                         f"Offline, pass checkpoint=<local timm or avex .safetensors file>, or pretrained=False for random weights"
                     ) from err
-            _SHARED[key] = tore.eval().requires_grad_(False)
+            _SHARED[key] = tore.to(dtype=DTYPES[dtype]).eval().requires_grad_(False)
         return _SHARED[key]

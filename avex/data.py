@@ -687,7 +687,11 @@ class ImageFolderCanvas:
         class_names: Sequence[str] | None = None,
         in_chans: int = 3,
         device: str | torch.device = "cpu",
+        cache_images: bool = False,
     ) -> None:
+        # Decoded images kept in host memory (uint8 [H, W, C] each): JPEG decoding, not the model,
+        # bounds a fast GPU env on a small folder; off by default (ImageNet-train would not fit).
+        self._cache: dict[int, np.ndarray] | None = {} if cache_images else None
         folder = Path(root).expanduser()
         if split is not None:
             folder = folder / split
@@ -768,7 +772,12 @@ class ImageFolderCanvas:
 
     def load(self, index: int) -> np.ndarray:
         """Image ``index`` as uint8 ``[H, W, C]``; raises whatever PIL raises on a bad file."""
-        return _load_image(self.files[index], self.image_size, "RGB" if self.in_chans == 3 else "L")
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        image = _load_image(self.files[index], self.image_size, "RGB" if self.in_chans == 3 else "L")
+        if self._cache is not None:
+            self._cache[index] = image
+        return image
 
     def _load_row(self, rng: np.random.Generator, index: int | None) -> tuple[np.ndarray, int]:
         for _ in range(_MAX_TRIES):
@@ -834,6 +843,7 @@ def imagenet_canvas(
     split: str | None = "val",
     image_size: int | tuple[int, int] = 224,
     device: str | torch.device = "cpu",
+    cache_images: bool = False,
 ) -> ImageFolderCanvas:
     """ImageNet-1k as an :class:`ImageFolderCanvas` with timm's labels (0..999).
 
@@ -869,7 +879,8 @@ def imagenet_canvas(
         )
     try:
         return ImageFolderCanvas(
-            root, image_size=image_size, split=split, classes=wnids, class_names=descriptions, device=device
+            root, image_size=image_size, split=split, classes=wnids, class_names=descriptions, device=device,
+            cache_images=cache_images
         )
     except ValueError as e:
         raise ValueError(f"{e}\nFor ImageNet the {_IMAGENET_LAYOUT}") from e

@@ -64,6 +64,7 @@ class EnvConfig:
         root: data folder. ImageNet: None reads $AVEX_IMAGENET. Fashion-MNIST: None searches the default places.
         image_size: canvas side (or (H, W) for folders); None: 112 for Fashion-MNIST, else 224.
         clutter: clutter fragments per Fashion-MNIST canvas (None: 4). Only for Fashion-MNIST.
+        cache_images: keep decoded images of a folder / ImageNet in memory (fast resets on small folders).
 
     Model (one instance per process, shared by every env; the classes and channels come from the data):
         model: timm ViT name (used when ``checkpoint`` is not an avex checkpoint).
@@ -71,6 +72,7 @@ class EnvConfig:
         pretrained: timm hub weights when ``checkpoint`` is None (must be in the local hub cache offline).
         model_kwargs: extra ``timm.create_model`` arguments (depth, embed_dim, num_heads, ...).
         device: "cpu", "cuda" or "cuda:<i>"; canvases, glimpses and the model all live there.
+        dtype: "float32" or "bfloat16" (model weights and token cache; for speed on GPUs).
 
     Glimpses and episodes:
         patch: ViT patch side in pixels (None: the model's own).
@@ -94,11 +96,13 @@ class EnvConfig:
     root: str | None = None
     image_size: int | tuple[int, int] | None = None
     clutter: int | None = None
+    cache_images: bool = False
     model: str = "vit_tiny_patch16_224"
     checkpoint: str | None = None
     pretrained: bool = False
     model_kwargs: dict[str, Any] | None = None
     device: str = "cpu"
+    dtype: str = "float32"
     patch: int | None = None
     glimpse: int = 2
     positions: str = "overlapping"
@@ -124,6 +128,7 @@ class EnvConfig:
         _choice("reward", self.reward, REWARDS)
         _choice("action_mode", self.action_mode, ACTION_MODES)
         _choice("positions", self.positions, POSITIONS)
+        _choice("dtype", self.dtype, ("float32", "bfloat16"))
         _int("budget", self.budget, 1)
         _int("glimpse", self.glimpse, 1)
         if self.patch is not None:
@@ -173,8 +178,8 @@ def build_source(cfg: EnvConfig) -> CanvasSource:
         clutter = _DEFAULT_CLUTTER if cfg.clutter is None else cfg.clutter
         return FashionMNISTCanvas(cfg.resolved_split, cfg.root, canvas_size=h, n_clutter=clutter, device=cfg.device)
     if cfg.dataset == "imagenet":
-        return imagenet_canvas(cfg.root, cfg.resolved_split, (h, w), device=cfg.device)
-    return ImageFolderCanvas(cfg.root, (h, w), split=cfg.resolved_split, device=cfg.device)
+        return imagenet_canvas(cfg.root, cfg.resolved_split, (h, w), device=cfg.device, cache_images=cfg.cache_images)
+    return ImageFolderCanvas(cfg.root, (h, w), split=cfg.resolved_split, device=cfg.device, cache_images=cfg.cache_images)
 
 
 def _is_avex_checkpoint(checkpoint: str | None) -> bool:
@@ -192,13 +197,13 @@ def build_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
     if _is_avex_checkpoint(cfg.checkpoint):
         if cfg.model_kwargs:
             raise ValueError("model_kwargs apply to timm models; an avex checkpoint records its own architecture: drop model_kwargs")
-        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device)
+        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype)
     else:
         build: dict[str, Any] = dict(img_size=h if h == w else (h, w), in_chans=c, num_classes=source.num_classes)
         if cfg.patch is not None:
             build["patch_size"] = cfg.patch
         build.update(cfg.model_kwargs or {})
-        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, **build)
+        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype, **build)
     # Checked on the built model rather than through shared_model(expect=...): a checkpoint config
     # records only the arguments it was created with (a patch implied by the timm name is absent).
     want = {"image size": ((h, w), model.img_size), "channels": (c, model.in_chans),
