@@ -21,6 +21,7 @@ import torch.nn as nn
 from gymnasium import spaces
 from safetensors.torch import load_model, save_model
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
@@ -178,9 +179,9 @@ class PPOAgent(GlimpseAgent):
 class ProgressCallback(BaseCallback):
     """tqdm progress with episode accuracy, plus a periodic greedy evaluation."""
 
-    def __init__(self, total: int, eval_fn=None, eval_every: int = 0) -> None:
+    def __init__(self, total: int, eval_fn=None, eval_every: int = 0, time_limit: float | None = None) -> None:
         super().__init__()
-        self.total, self.eval_fn, self.eval_every = total, eval_fn, eval_every
+        self.total, self.eval_fn, self.eval_every, self.time_limit = total, eval_fn, eval_every, time_limit
         self.history: list[dict[str, float]] = []
         self._next_eval = eval_every
         self._correct: list[float] = []
@@ -205,6 +206,9 @@ class ProgressCallback(BaseCallback):
             acc = self.eval_fn(self.model.policy)
             self.history.append(dict(step=self.num_timesteps, accuracy=acc))
             self.bar.write(f"[eval] step {self.num_timesteps}: final-glimpse accuracy {acc:.4f}")
+        if self.time_limit is not None and time.perf_counter() - self.t0 > self.time_limit:
+            self.bar.write(f"[ppo] time limit of {self.time_limit:.0f} s reached at step {self.num_timesteps}: stopping")
+            return False  # SB3 ends learn() cleanly; the policy is still saved
         return True
 
     def _on_training_end(self) -> None:
@@ -228,11 +232,13 @@ def train_ppo(
     eval_episodes: int = 512,
     out: str | Path | None = None,
     env_kwargs: dict[str, Any] | None = None,
+    time_limit: float | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train a glimpse policy on the batched vector env; return (the SB3 model, a summary dict).
 
     Discrete envs train MaskablePPO, continuous ones PPO. ``gamma=1``: the dense reward telescopes to
-    L_0 - L_T, so the undiscounted return is exactly the final loss drop.
+    L_0 - L_T, so the undiscounted return is exactly the final loss drop. ``time_limit`` (seconds) stops
+    training early, cleanly, with the policy still evaluated and saved.
     """
     from envs.sb3 import SB3VecEnv
 
@@ -247,6 +253,7 @@ def train_ppo(
         from sb3_contrib import MaskablePPO as Algo
     model = Algo("MultiInputPolicy", venv, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs, learning_rate=learning_rate,
                  ent_coef=ent_coef, gamma=gamma, gae_lambda=0.95, policy_kwargs=POLICY_KWARGS, seed=seed, device=device, verbose=0)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default would create a /tmp/SB3-* folder per run
 
     eval_kwargs = dict(env_kwargs, split="test")
 
@@ -255,13 +262,13 @@ def train_ppo(
         policy.train()
         return acc
 
-    callback = ProgressCallback(total_steps, evaluate if eval_every else None, eval_every)
+    callback = ProgressCallback(total_steps, evaluate if eval_every else None, eval_every, time_limit)
     t0 = time.perf_counter()
     model.learn(total_steps, callback=callback)
     seconds = time.perf_counter() - t0
     final = evaluate(model.policy)
     summary = dict(env_id=env_id, env_kwargs=env_kwargs, continuous=continuous, num_actions=int(getattr(venv.action_space, "n", 0)),
-                   total_steps=total_steps, num_envs=num_envs, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
+                   total_steps=total_steps, trained_steps=int(model.num_timesteps), num_envs=num_envs, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
                    learning_rate=learning_rate, ent_coef=ent_coef, gamma=gamma, seed=seed, device=device,
                    train_seconds=round(seconds, 1), eval_history=callback.history, final_test_accuracy=final, eval_episodes=eval_episodes)
     if out is not None:

@@ -1,0 +1,235 @@
+"""Tests for avex.train: the TORE training policy, DDP equivalence, checkpoints, image folders.
+
+CPU only, tiny models, fake Fashion-MNIST IDX files and images written into tmp folders.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from avex import data
+from avex.checkpoint import load_tore
+from avex.data import FashionMNISTCanvas
+from avex.geometry import GlimpseGeometry
+from avex.model import create_tore
+from avex.train import (
+    TOREObjective,
+    TrainConfig,
+    build_model,
+    cut_glimpses,
+    draw_k_and_t,
+    init_sincos_pos_embed,
+    resolve_config,
+    sample_glimpses,
+    step_rngs,
+    train_classifier,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(depth=2, embed_dim=32, num_heads=2, patch=8, glimpse=2, budget=4)
+TINY_FLAGS = ["--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch", "8", "--glimpse", "2", "--budget", "4"]
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fake Fashion-MNIST: items whose brightness pattern depends on the class (learnable), gzip IDX."""
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 80), ("test", 20)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, size=(n, 28, 28))
+        for i, y in enumerate(labels):
+            images[i, 2 * y : 2 * y + 8, 4:24] = 255  # a class-specific bar
+        img_name, lab_name = data.FASHION_MNIST_FILES[split]
+        _write_idx(root / img_name, images)
+        _write_idx(root / lab_name, labels)
+    return root
+
+
+def _tiny_model(img_size: int = 48, in_chans: int = 1):
+    return create_tore("vit_tiny_patch16_224", img_size=img_size, patch_size=8, in_chans=in_chans, num_classes=10,
+                       depth=2, embed_dim=32, num_heads=2, mean=(0.1,) * in_chans, std=(0.25,) * in_chans)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training policy
+# ------------------------------------------------------------------------------------------------
+
+
+def test_steps_lower_the_loss_on_a_fixed_batch(fmnist_root: Path) -> None:
+    torch.manual_seed(0)
+    model = _tiny_model()
+    geo = model.geometry(2)
+    source = FashionMNISTCanvas("train", root=fmnist_root, canvas_size=48, scale=1)
+    gen = torch.Generator().manual_seed(0)
+    canvases, labels = source.random_batch(16, gen)
+    rows, cols = sample_glimpses(geo, 16, 3, gen)  # 3 of 9 tiles: the reconstruction term is active
+    objective = TOREObjective(model, geo, recon_weight=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    history = []
+    for _ in range(15):
+        loss, ce, mse, _ = objective(canvases, labels, rows, cols, K=1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append((loss.item(), ce.item(), mse.item()))
+    assert history[0][2] > 0, "the masked reconstruction term should be active with 3 of 9 tiles seen"
+    assert history[-1][0] < 0.8 * history[0][0], history
+    assert history[-1][1] < history[0][1] and history[-1][2] < history[0][2], history
+
+
+@pytest.mark.parametrize("img_size", [48, 56])  # grid 6x6 (g divides it) and 7x7 (it does not)
+def test_glimpse_sampler_non_overlapping_in_grid_and_shifted(img_size: int) -> None:
+    geo = GlimpseGeometry((img_size, img_size), patch=8, glimpse=2)
+    g, (gh, gw) = geo.glimpse, geo.grid
+    tiles = (gh // g) * (gw // g)
+    gen = torch.Generator().manual_seed(1)
+    for T in (1, 2, 4, tiles - 1, tiles):
+        rows, cols = sample_glimpses(geo, 300, T, gen)
+        assert rows.shape == cols.shape == (300, T) and rows.dtype == torch.int64
+        assert rows.min() >= 0 and cols.min() >= 0 and (rows + g).max() <= gh and (cols + g).max() <= gw
+        # one shifted stride-g lattice per image
+        assert ((rows - rows[:, :1]) % g == 0).all() and ((cols - cols[:, :1]) % g == 0).all()
+        # no patch revealed twice
+        cover = torch.zeros(300, gh, gw)
+        for t in range(T):
+            for dy in range(g):
+                for dx in range(g):
+                    cover[torch.arange(300), rows[:, t] + dy, cols[:, t] + dx] += 1
+        assert cover.max() == 1 and (cover.sum(dim=(1, 2)) == T * g * g).all()
+        shifts = set(zip((rows[:, 0] % g).tolist(), (cols[:, 0] % g).tolist()))
+        if T <= 4:
+            assert shifts == {(a, b) for a in range(g) for b in range(g)}, f"T={T}: shifts used {shifts}"
+        if T == tiles and gh % g == 0:  # only shift 0 holds them all: every patch revealed
+            assert shifts == {(0, 0)} and (cover == 1).all()
+
+
+def test_cut_glimpses_pixels_coords_and_seen() -> None:
+    geo = GlimpseGeometry((48, 48), patch=8, glimpse=2)
+    canvases = torch.randint(0, 256, (3, 48, 48, 1), dtype=torch.uint8)
+    rows, cols = sample_glimpses(geo, 3, 5, torch.Generator().manual_seed(2))
+    pixels, coords, seen = cut_glimpses(geo, canvases, rows, cols)
+    assert pixels.shape == (3, 5, 1, 16, 16) and coords.shape == (3, 5, 4, 2) and seen.shape == (3, 36)
+    for b in range(3):
+        for t in range(5):
+            r, c = int(rows[b, t]), int(cols[b, t])
+            assert torch.equal(pixels[b, t, 0], canvases[b, 8 * r : 8 * r + 16, 8 * c : 8 * c + 16, 0])
+            assert coords[b, t].tolist() == [[r, c], [r, c + 1], [r + 1, c], [r + 1, c + 1]]
+        assert int(seen[b].sum()) == 5 * 4
+
+
+def test_k_and_t_draws_cover_their_ranges_and_repeat_by_seed() -> None:
+    draws = [draw_k_and_t(step_rngs(0, s, torch.device("cpu"))[0], depth=6, budget=12, n_tiles=49) for s in range(2000)]
+    ks, ts = zip(*draws)
+    assert set(ks) == set(range(7)) and set(ts) == set(range(1, 50))
+    small = np.mean([t < 12 for t in ts])
+    assert 0.4 < small < 0.52  # P(T < 12) = 0.5 * 11/12
+    assert draws == [draw_k_and_t(step_rngs(0, s, torch.device("cpu"))[0], 6, 12, 49) for s in range(2000)]
+    a = torch.rand(4, generator=step_rngs(3, 7, torch.device("cpu"))[1])
+    b = torch.rand(4, generator=step_rngs(3, 7, torch.device("cpu"))[1])
+    c = torch.rand(4, generator=step_rngs(3, 8, torch.device("cpu"))[1])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole runs: one process, two DDP processes, checkpoints
+# ------------------------------------------------------------------------------------------------
+
+RUN_STEPS, RUN_BATCH = 4, 8
+
+
+@pytest.fixture(scope="module")
+def single_run(fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    assert "WORLD_SIZE" not in os.environ
+    out = tmp_path_factory.mktemp("single") / "ck"
+    cfg = TrainConfig(dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=RUN_STEPS, batch_size=RUN_BATCH,
+                      lr=3e-3, eval_size=16, eval_batch_size=8, out=str(out), progress=False, seed=5,
+                      log_json=str(out.parent / "log.jsonl"), log_every=2, **TINY)
+    return train_classifier(cfg)
+
+
+def test_two_gloo_processes_train_the_same_weights_as_one(single_run: dict, fmnist_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "avex.train",
+           "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--img-size", "48", "--steps", str(RUN_STEPS),
+           "--batch-size", str(RUN_BATCH), "--lr", "3e-3", "--eval-size", "16", "--eval-batch-size", "8", "--seed", "5",
+           "--out", str(out), "--no-progress", "--device", "cpu", *TINY_FLAGS]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = load_file(single_run["checkpoint"])
+    two = load_file(str(out) + ".safetensors")
+    torch.manual_seed(5)  # the run's seed: the same initial weights as both runs
+    start = build_model(resolve_config(TrainConfig(img_size=48, **TINY)), 10)
+    init_sincos_pos_embed(start)
+    init = start.state_dict()
+    assert one.keys() == two.keys()
+    moved = [k for k in one if not torch.allclose(one[k], init[k].to(one[k].dtype))]
+    assert len(moved) > len(one) // 2, "training should have changed the weights"
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert json.loads((out.parent / "ddp.json").read_text())["meta"]["world_size"] == 2
+
+
+def test_log_json_has_one_record_per_step(single_run: dict, tmp_path: Path) -> None:
+    log = Path(single_run["checkpoint"]).parent / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(RUN_STEPS))
+    assert all(np.isfinite(r["loss"]) and 0 <= r["K"] <= 2 and 1 <= r["T"] <= 9 for r in records)
+
+
+def test_checkpoint_round_trips_and_refuses_another_architecture(single_run: dict) -> None:
+    path = single_run["checkpoint"]
+    model = single_run["model"].eval()
+    loaded = load_tore(path).eval()
+    geo = model.geometry(2)
+    canvases = torch.randint(0, 256, (4, 48, 48, 1), dtype=torch.uint8)
+    pixels, coords, _ = cut_glimpses(geo, canvases, *sample_glimpses(geo, 4, 3, torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        for K in (0, 1, 2):
+            torch.testing.assert_close(loaded(pixels, coords, K), model(pixels, coords, K), atol=1e-6, rtol=1e-6)
+    meta = loaded.meta
+    assert meta["class_names"][0] == "T-shirt/top" and meta["glimpse"] == 2 and meta["budget"] == 4
+    assert meta["eval"]["columns"] == ["1", "2", "4", "all"] and meta["eval"]["ks"] == [0, 1, 2]
+    assert Path(path).with_suffix("").with_suffix(".eval.md").read_text().startswith("Top-1")
+    with pytest.raises(ValueError, match="embed_dim"):
+        load_tore(path, expect={"embed_dim": 192})
+
+
+# ------------------------------------------------------------------------------------------------
+# Image folders
+# ------------------------------------------------------------------------------------------------
+
+
+def test_image_folder_path_trains_a_step(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    cfg = TrainConfig(dataset="folder", data_root=str(tmp_path), model="vit_tiny_patch16_224", img_size=32, steps=2,
+                      batch_size=4, workers=1, eval_size=4, eval_batch_size=4, out=str(tmp_path / "ck"), progress=False, **TINY)
+    result = train_classifier(cfg)
+    assert np.isfinite(result["final"]["loss"])
+    assert result["eval"]["n"] == 4
+    loaded = load_tore(result["checkpoint"], expect={"in_chans": 3, "num_classes": 2})
+    assert loaded.meta["class_names"] == ["cat", "dog"] and loaded.meta["dataset"] == "folder"
