@@ -71,13 +71,16 @@ def block_macs(tokens: int, dim: int, mlp_hidden: int) -> int:
 
 
 def decoder_macs(d: ViTDims, observed_tokens: int) -> int:
-    """MACs of the glimpse decoder over CLS + ``observed_tokens`` + one query per grid patch."""
+    """MACs of the glimpse decoder over CLS + ``observed_tokens`` + one mask token per grid patch (the last
+    block computes outputs for the grid rows only)."""
     if not d.decoder_depth:
         return 0
-    seq = 1 + observed_tokens + d.num_patches
-    embed = (1 + observed_tokens) * d.dim * d.decoder_dim
-    blocks = d.decoder_depth * block_macs(seq, d.decoder_dim, d.decoder_mlp_hidden)
-    pred = d.num_patches * d.decoder_dim * d.patch * d.patch * d.in_chans
+    seq, n, w = 1 + observed_tokens + d.num_patches, d.num_patches, d.decoder_dim
+    embed = (1 + observed_tokens) * d.dim * w
+    blocks = (d.decoder_depth - 1) * block_macs(seq, w, d.decoder_mlp_hidden)
+    # The last block queries only the N grid rows: keys/values for all, the rest for N rows.
+    blocks += 2 * seq * w * w + n * w * w + 2 * n * seq * w + n * w * w + 2 * n * w * d.decoder_mlp_hidden
+    pred = n * w * d.patch * d.patch * d.in_chans
     return embed + blocks + pred
 
 

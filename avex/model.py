@@ -104,17 +104,32 @@ class _DecoderBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, S, dim]; key_valid: [B, S] bool or None. Returns (x [B, S, dim], float32 attn [B, heads, S, S])."""
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None, first_query: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend from the rows ``x[:, first_query:]`` to every row.
+
+        Args:
+            x: [B, S, dim]; key_valid: [B, S] bool or None (False: padding key).
+            first_query: rows before it are keys only (the last decoder block needs only the grid's rows).
+
+        Returns:
+            x [B, S - first_query, dim] and, per query row, the entropy of its attention over all keys
+            but key 0 (CLS), summed over heads, in nats: float32 [B, S - first_query].
+        """
         b, s, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        scores = (q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        h = self.heads
+        qkv = self.qkv(self.norm1(x)).view(b, s, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0][:, :, first_query:], qkv[1], qkv[2]
+        scores = ((q * (d // h) ** -0.5) @ k.transpose(-2, -1)).float()  # [B, h, Q, S]
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-        attn = scores.float().softmax(dim=-1)  # float32, returned as is: the entropy needs no second upcast copy
-        x = x + self.proj((attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, s, d))
+        lse = scores.logsumexp(dim=-1, keepdim=True)
+        attn = (scores - lse).exp()
+        # -sum_{j>0} p_j log p_j = sum_{j>0} p_j (lse - s_j): no elementwise log over the attention map.
+        finite = scores[..., 1:] if key_valid is None else scores[..., 1:].masked_fill(~key_valid[:, None, None, 1:], 0.0)
+        entropy = (lse[..., 0] * (1 - attn[..., 0]) - (attn[..., 1:] * finite).sum(-1)).sum(dim=1)
+        x = x[:, first_query:] + self.proj((attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, s - first_query, d))
         x = x + self.mlp(self.norm2(x))
-        return x, attn
+        return x, entropy
 
 
 class GlimpseDecoder(nn.Module):
@@ -178,13 +193,12 @@ class GlimpseDecoder(nn.Module):
         if valid is not None:
             ones = valid.new_ones(b, 1)
             key_valid = torch.cat([ones, valid, ones.expand(b, n)], dim=1)
-        attn = x.new_zeros(0)
-        for blk in self.blocks:
-            x, attn = blk(x, key_valid)
-        recon = self.pred(self.norm(x[:, 1 + n_obs :]))
-        a = attn[:, :, 1 + n_obs :, 1:]  # float32; rows: grid queries; keys: all but CLS
-        entropy = torch.special.entr(a).sum(dim=(1, 3)) / math.log(2.0)  # entr(p) = -p ln p, 0 at p = 0
-        return recon, entropy.view(b, *self.grid)
+        for blk in self.blocks[:-1]:
+            x, _ = blk(x, key_valid)
+        # Only the grid's rows of the last block are read (reconstruction, entropy): query just those.
+        x, entropy = self.blocks[-1](x, key_valid, first_query=1 + n_obs)
+        recon = self.pred(self.norm(x))
+        return recon, (entropy / math.log(2.0)).view(b, *self.grid)
 
 
 class TOREViT(nn.Module):

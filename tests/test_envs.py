@@ -542,7 +542,7 @@ def test_vector_torch_obs(roots):
     for k in oa:
         assert isinstance(ob[k], torch.Tensor)
         np.testing.assert_array_equal(ob[k].cpu().numpy(), oa[k])
-        assert isinstance(ib["final_obs"][0][k], torch.Tensor)
+        assert isinstance(ib["final_obs"][k], torch.Tensor) and ib["final_obs"][k].shape[0] == 2  # batched
 
 
 def test_vector_truncation_by_max_episode_steps(roots):
@@ -666,3 +666,18 @@ def test_step_latency_report(fmnist_root):
                   f"entropy on): median {np.median(ms):.2f} ms, mean {ms.mean():.2f} ms")
     finally:
         torch.set_num_threads(before)
+
+
+def test_torch_obs_final_obs_is_batched(fmnist_root) -> None:
+    """With torch_obs the ending step's observations come back batched, rows marked by _final_obs."""
+    venv = gym.make_vec("AVE-FashionMNIST-v0", num_envs=3, torch_obs=True, budget=2, root=str(fmnist_root), **TINY)
+    ref = gym.make_vec("AVE-FashionMNIST-v0", num_envs=3, budget=2, root=str(fmnist_root), **TINY)
+    venv.reset(seed=4)
+    ref.reset(seed=4)
+    for action in ([0, 1, 2], [5, 6, 7]):
+        obs, _, term, _, info = venv.step(np.array(action))
+        robs, _, _, _, rinfo = ref.step(np.array(action))
+    assert term.all() and info["_final_obs"].all()
+    for key, value in info["final_obs"].items():
+        assert isinstance(value, torch.Tensor)
+        np.testing.assert_allclose(value.cpu().numpy(), np.stack([o[key] for o in rinfo["final_obs"]]), atol=1e-5)

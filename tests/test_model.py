@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from avex.flops import ViTDims, step_flops
 from avex.geometry import GlimpseGeometry
+from avex.posembed import sincos_2d
 from avex.model import TOREViT, create_tore
 
 IMG, PATCH, G = 64, 8, 2  # 8x8 grid, 2x2-patch glimpses, 49 positions
@@ -218,3 +219,24 @@ def test_bad_input_errors() -> None:
         import timm
 
         TOREViT(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, class_token=False, global_pool="avg"))
+
+
+@torch.no_grad()
+def test_decoder_entropy_equals_explicit_attention_entropy() -> None:
+    """AME's map: sum over heads and non-CLS keys of -p log2 p of each grid query's attention row."""
+    model = make()
+    geo = model.geometry(G)
+    pix, coords = glimpses(model, canvases(2), random_actions(2, 3, geo), geo)
+    out = model.forward_glimpses(pix, coords, 2)
+    _, entropy = model.decode(out)
+    dec = model.decoder
+    blk = dec.blocks[-1]
+    b, n_obs = 2, out.tokens.shape[1] - model.num_prefix
+    obs = dec.embed(out.tokens[:, model.num_prefix :]) + sincos_2d(out.coords, dec.dim)
+    x = torch.cat([dec.embed(out.tokens[:, 0])[:, None], obs, (dec.mask_token + dec.grid_pos).expand(b, -1, -1)], 1)
+    s, d = x.shape[1], x.shape[2]
+    q, k, _ = blk.qkv(blk.norm1(x)).view(b, s, 3, blk.heads, d // blk.heads).permute(2, 0, 3, 1, 4)
+    attn = ((q @ k.transpose(-2, -1)) * (d // blk.heads) ** -0.5).softmax(-1)[:, :, 1 + n_obs :, 1:]
+    explicit = -(attn * attn.log2()).sum(dim=(1, 3)).view(b, *model.grid)
+    assert torch.allclose(entropy, explicit, rtol=1e-4, atol=1e-4)
+    assert entropy.std() > 0.01  # a real map, not a constant
