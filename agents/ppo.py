@@ -26,6 +26,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
 from agents.base import GlimpseAgent
+from avex.checkpoint import shipped_file
 
 __all__ = ["BELIEF_KEYS", "BeliefExtractor", "BeliefKeys", "PPOAgent", "save_policy", "shipped_policy"]
 
@@ -38,11 +39,9 @@ SHIPPED = {"fashion-mnist": "fashion_mnist_ppo"}
 
 def shipped_policy(name: str) -> Path:
     """Path of a PPO policy shipped in ``avex/checkpoints``."""
-    from importlib import resources
-
     if name not in SHIPPED:
         raise ValueError(f"no shipped PPO policy named {name!r}; available: {sorted(SHIPPED)}")
-    path = Path(str(resources.files("avex") / "checkpoints" / f"{SHIPPED[name]}.safetensors"))
+    path = shipped_file(SHIPPED[name])
     if not path.exists():
         raise FileNotFoundError(f"the shipped PPO policy {path} is missing: train one with `avex train ppo` and pass its path")
     return path

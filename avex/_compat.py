@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
-import os
 import threading
 
 __all__ = ["ensure_timm_importable"]

@@ -22,18 +22,23 @@ from safetensors.torch import load_file, save_file
 
 from avex.model import TOREViT, create_tore
 
-__all__ = ["SHIPPED", "load_tore", "read_config", "save_tore", "shared_model", "shipped_checkpoint"]
+__all__ = ["SHIPPED", "load_tore", "read_config", "save_tore", "shared_model", "shipped_checkpoint", "shipped_file"]
 
 FORMAT = "avex-tore/1"
 # Checkpoints shipped inside the package, by name.
 SHIPPED = {"fashion-mnist": "fashion_mnist_tore"}
 
 
+def shipped_file(stem: str) -> Path:
+    """Path of ``avex/checkpoints/<stem>.safetensors`` (it may not exist)."""
+    return Path(str(resources.files("avex") / "checkpoints" / f"{stem}.safetensors"))
+
+
 def shipped_checkpoint(name: str) -> Path:
     """Path of a checkpoint shipped in ``avex/checkpoints``. Raises FileNotFoundError if absent."""
     if name not in SHIPPED:
         raise ValueError(f"no shipped checkpoint named {name!r}; available: {sorted(SHIPPED)}")
-    path = Path(str(resources.files("avex") / "checkpoints" / f"{SHIPPED[name]}.safetensors"))
+    path = shipped_file(SHIPPED[name])
     if not path.exists():
         raise FileNotFoundError(f"the shipped checkpoint {path} is missing: reinstall avex, or train one with "
                                 f"`avex train classifier` and pass checkpoint=<path>")

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from avex._compat import ensure_timm_importable
 from avex.geometry import GlimpseGeometry

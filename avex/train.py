@@ -34,7 +34,7 @@ import argparse
 import json
 import math
 import os
-import platform
+
 import sys
 import time
 import warnings
@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from avex.checkpoint import save_tore
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT, create_tore
+from avex.platform_info import device_name
 from avex.posembed import grid_coords, sincos_2d
 
 __all__ = [
@@ -446,12 +447,6 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill the dataset defaults (model, sizes, lr) into a copy of ``cfg``."""
     name = _DATASET_ALIASES.get(cfg.dataset, cfg.dataset)
@@ -560,7 +555,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[avex.train] {cfg.dataset}: {train_len} training images, {len(class_names)} classes; {cfg.model} depth {model.depth} "
               f"width {model.embed_dim}, {n_params / 1e6:.2f} M parameters; grid {geo.grid}, glimpse {cfg.glimpse}, budget {cfg.budget}, "
-              f"{tiles} tiles; {world} process(es) on {_device_name(device)}; global batch {cfg.batch_size}, {total_steps} steps "
+              f"{tiles} tiles; {world} process(es) on {device_name(device)}; global batch {cfg.batch_size}, {total_steps} steps "
               f"({total_steps / steps_per_epoch:.1f} epochs)", flush=True)
     log_file = None
     if main_rank and cfg.log_json:
@@ -572,7 +567,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
                     glimpse=cfg.glimpse, budget=cfg.budget, clutter=cfg.clutter if cfg.dataset == "fashion-mnist" else None,
                     train_args={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                     eval=eval_table, train_time_s=round(train_time, 1), steps=step + 1, world_size=world,
-                    device=_device_name(device), torch=torch.__version__)
+                    device=device_name(device), torch=torch.__version__)
         return save_tore(model, cfg.out, meta=meta, half=cfg.half)
 
     # --- the loop -----------------------------------------------------------------------------

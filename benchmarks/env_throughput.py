@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import gymnasium as gym  # noqa: E402
 import torch  # noqa: E402
 
 import avex  # noqa: E402,F401  (registers the envs)
+from avex.platform_info import device_name  # noqa: E402
 
 
 def fake_imagenet(per_class: int, size: int = 256) -> str:
@@ -97,15 +97,6 @@ def single_latency(env_id: str, steps: int, device: str, env_kwargs: dict) -> di
         times.append(time.perf_counter() - t0)
     times = np.array(times[env.unwrapped.budget:]) * 1e3  # first episode is warm-up
     return dict(median_ms=float(np.median(times)), p90_ms=float(np.percentile(times, 90)), steps=len(times))
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads)"
-    return "CPU"
 
 
 def main() -> None:

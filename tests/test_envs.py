@@ -18,6 +18,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import write_idx
 import torch
 from PIL import Image
 
@@ -45,12 +46,6 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="session")
 def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Fake Fashion-MNIST: the four IDX files (magic 2051 images, 2049 labels), 16 train / 8 test items."""
@@ -58,8 +53,8 @@ def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     for prefix, n in (("train", N_TRAIN), ("t10k", 8)):
         images = rng.integers(1, 256, size=(n, 28, 28), dtype=np.uint8)
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     with gzip.open(root / "train-images-idx3-ubyte.gz", "rb") as f:
         assert struct.unpack(">I", f.read(4))[0] == 2051
     with gzip.open(root / "train-labels-idx1-ubyte.gz", "rb") as f:

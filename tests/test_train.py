@@ -5,16 +5,15 @@ CPU only, tiny models, fake Fashion-MNIST IDX files and images written into tmp 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_idx
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -42,12 +41,6 @@ TINY = dict(depth=2, embed_dim=32, num_heads=2, patch=8, glimpse=2, budget=4)
 TINY_FLAGS = ["--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch", "8", "--glimpse", "2", "--budget", "4"]
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Fake Fashion-MNIST: items whose brightness pattern depends on the class (learnable), gzip IDX."""
@@ -59,8 +52,8 @@ def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for i, y in enumerate(labels):
             images[i, 2 * y : 2 * y + 8, 4:24] = 255  # a class-specific bar
         img_name, lab_name = data.FASHION_MNIST_FILES[split]
-        _write_idx(root / img_name, images)
-        _write_idx(root / lab_name, labels)
+        write_idx(root / img_name, images)
+        write_idx(root / lab_name, labels)
     return root
 
 

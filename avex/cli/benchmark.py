@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,6 +92,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     import avex  # noqa: F401  (registers the envs)
     from avex.flops import ViTDims, episode_flops
+    from avex.platform_info import device_name
 
     env_kwargs = json.loads(args.env_kwargs)
     probe = gym.make(args.env, split=args.split, device=args.device, **env_kwargs).unwrapped
@@ -119,7 +119,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                     full_recompute_flops=full, flop_ratio=full / r["episode_flops"], classifier_flops=classifier,
                                     classifier_flop_ratio=classifier_ratio, **r))
     meta = dict(command="avex benchmark " + " ".join(_argv(args)), env=args.env, split=args.split, episodes=args.episodes,
-                device=_device_name(args.device), date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                device=device_name(args.device), date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 seconds=round(time.perf_counter() - started, 1), depth=depth, budget=budget, cumulative_flops={
                     K: episode_flops(dims, budget, g2, K) for K in ks})
     report = _markdown(results, meta)
@@ -139,24 +139,6 @@ def _argv(args: argparse.Namespace) -> list[str]:
         flag = "--" + k.replace("_", "-")
         parts += [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
     return parts
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{cpu} ({len(os.sched_getaffinity(0))} cores)"
 
 
 def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
