@@ -676,3 +676,19 @@ def test_torch_obs_final_obs_is_batched(fmnist_root) -> None:
     for key, value in info["final_obs"].items():
         assert isinstance(value, torch.Tensor)
         np.testing.assert_allclose(value.cpu().numpy(), np.stack([o[key] for o in rinfo["final_obs"]]), atol=1e-5)
+
+
+def test_imagenet_offline_without_weights_says_how_to_pass_a_file(imagenet_root, tmp_path) -> None:
+    """pretrained=True with no hub access fails at once with the fix; a local timm weights file works."""
+    kw = dict(root=str(imagenet_root), model="vit_tiny_patch16_224", image_size=64, patch=16, budget=4,
+              model_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
+    with pytest.raises(RuntimeError, match=r"pass checkpoint=<local timm or avex \.safetensors file>, or pretrained=False"):
+        gym.make("AVE-ImageNet-v0", **kw)
+    import timm
+    from safetensors.torch import save_file
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, embed_dim=32, num_heads=2, num_classes=1000)
+    weights = tmp_path / "vit_tiny_local.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(weights))
+    env = gym.make("AVE-ImageNet-v0", checkpoint=str(weights), **kw).unwrapped
+    torch.testing.assert_close(env.model.vit.head.weight, vit.head.weight)  # the file's weights, not random ones
