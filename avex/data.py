@@ -244,7 +244,14 @@ def install_fashion_mnist(dest: str | Path | None = None, quiet: bool = False) -
 
     with tempfile.TemporaryDirectory(prefix="avex-fmnist-") as tmp:
         tmp_path = Path(tmp)
-        run(["apt-get", "download", _DEB_PACKAGE], tmp_path)
+        try:
+            run(["apt-get", "download", _DEB_PACKAGE], tmp_path)
+        except RuntimeError:
+            # A fresh machine often has empty package lists: refresh them once (needs root), then retry.
+            if not hasattr(os, "geteuid") or os.geteuid() != 0:
+                raise
+            run(["apt-get", "update", "-qq"], tmp_path)
+            run(["apt-get", "download", _DEB_PACKAGE], tmp_path)
         debs = sorted(tmp_path.glob("*.deb"))
         if not debs:
             raise RuntimeError(f"`apt-get download {_DEB_PACKAGE}` produced no .deb file. {manual}")

@@ -173,6 +173,28 @@ def test_install_apt_failure_says_update(no_data_anywhere, monkeypatch, tmp_path
     assert "Unable to locate package" in str(info.value)
 
 
+@pytest.mark.parametrize("root_user", [True, False])
+def test_install_refreshes_empty_package_lists_once_as_root(no_data_anywhere, monkeypatch, tmp_path, root_user):
+    """A fresh machine's first `apt-get download` fails on empty lists: as root, update once and retry."""
+    calls: list[list[str]] = []
+
+    class Result:
+        def __init__(self, code: int) -> None:
+            self.returncode, self.stdout, self.stderr = code, "", "" if code == 0 else "E: Unable to locate package"
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd[:2])
+        return Result(100 if cmd[:2] == ["apt-get", "download"] and ["apt-get", "update"] not in calls else 0)
+
+    monkeypatch.setattr(data.shutil, "which", lambda tool: "/usr/bin/" + tool)
+    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    monkeypatch.setattr(data.os, "geteuid", lambda: 0 if root_user else 1000)
+    with pytest.raises(RuntimeError):  # the fake download writes no .deb, or (non-root) the first failure stands
+        install_fashion_mnist(tmp_path / "dest", quiet=True)
+    want = [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]] if root_user else [["apt-get", "download"]]
+    assert calls == want
+
+
 # -- Fashion-MNIST canvases ----------------------------------------------------
 
 
