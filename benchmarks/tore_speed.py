@@ -73,10 +73,10 @@ def _import_avex():
         pkg.__path__ = [str(_ROOT / "avex")]
         sys.modules["avex"] = pkg
         print("note: gymnasium is not installed; loaded avex.model without avex/__init__ (no environments)", file=sys.stderr)
-    return (importlib.import_module("avex.model"), importlib.import_module("avex.flops"), importlib.import_module("avex.geometry"))
+    return tuple(importlib.import_module(f"avex.{m}") for m in ("model", "flops", "geometry", "platform_info"))
 
 
-_model_mod, _flops_mod, _geo_mod = _import_avex()
+_model_mod, _flops_mod, _geo_mod, _platform_mod = _import_avex()
 create_tore = _model_mod.create_tore
 ViTDims, episode_flops = _flops_mod.ViTDims, _flops_mod.episode_flops
 GlimpseGeometry = _geo_mod.GlimpseGeometry
@@ -224,19 +224,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def device_description(device: torch.device) -> str:
+    """avex.platform_info.device_name, plus SMs, memory and CUDA version on a GPU."""
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        return f"{torch.cuda.get_device_name(device)} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}"
+        return f"{_platform_mod.device_name(device)} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    return _platform_mod.device_name(device)
 
 
 def _loadavg() -> float | None:
