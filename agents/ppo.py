@@ -278,14 +278,9 @@ def train_ppo(
 
 def evaluate_policy_accuracy(agent: GlimpseAgent, env_id: str, episodes: int, num_envs: int, seed: int, env_kwargs: dict[str, Any]) -> float:
     """Final-glimpse accuracy of an agent over ``episodes`` episodes of the vector env."""
+    from agents.evaluate import play_episodes
+
     venv = gym.make_vec(env_id, num_envs=num_envs, **env_kwargs)
-    obs, info = venv.reset(seed=seed)
-    correct: list[bool] = []
-    while len(correct) < episodes:
-        obs, _, terminated, truncated, info = venv.step(agent.act(obs, venv.unwrapped.action_masks()))
-        done = terminated | truncated
-        if done.any():
-            final = info.get("final_info", info)
-            correct.extend(np.asarray(final["correct"])[done].tolist())
+    correct = play_episodes(venv, agent, episodes, seed).correct
     venv.close()
-    return float(np.mean(correct[:episodes]))
+    return float(correct[:, -1].mean())

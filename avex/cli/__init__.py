@@ -35,28 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the TORE classifier or a PPO glimpse policy")
     tsub = train.add_subparsers(dest="what", required=True)
     from avex import train as train_mod
-
-    p = tsub.add_parser("classifier", help="TORE training policy (random K per batch, random glimpses)")
-    train_mod.add_arguments(p)
-    p.set_defaults(func=train_mod.main_from_args)
-
-    p = tsub.add_parser("ppo", help="MaskablePPO glimpse policy on the batched vector env")
+    from avex.cli import benchmark as bench_cli
+    from avex.cli import demo as demo_cli
     from avex.cli import ppo as ppo_cli
 
-    ppo_cli.add_arguments(p)
-    p.set_defaults(func=ppo_cli.main_from_args)
-
-    from avex.cli import benchmark as bench_cli
-
-    p = sub.add_parser("benchmark", help="agents x K on an env: accuracy per glimpse, FLOPs, time (the main job)")
-    bench_cli.add_arguments(p)
-    p.set_defaults(func=bench_cli.main_from_args)
-
-    from avex.cli import demo as demo_cli
-
-    p = sub.add_parser("demo", help="one episode with an agent; prints each step and writes a GIF")
-    demo_cli.add_arguments(p)
-    p.set_defaults(func=demo_cli.main_from_args)
+    # Each subcommand module gives add_arguments(parser) and main_from_args(args).
+    for parent, name, module, text in (
+        (tsub, "classifier", train_mod, "TORE training policy (random K per batch, random glimpses)"),
+        (tsub, "ppo", ppo_cli, "MaskablePPO glimpse policy on the batched vector env"),
+        (sub, "benchmark", bench_cli, "agents x K on an env: accuracy per glimpse, FLOPs, time (the main job)"),
+        (sub, "demo", demo_cli, "one episode with an agent; prints each step and writes a GIF"),
+    ):
+        p = parent.add_parser(name, help=text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.main_from_args)
     return parser
 
 

@@ -49,40 +49,15 @@ def _play(env_id: str, agent_name: str, K: int, args: argparse.Namespace, env_kw
     import gymnasium as gym
 
     from agents import make_agent
+    from agents.evaluate import play_episodes
 
     n = min(args.num_envs, args.episodes)
     venv = gym.make_vec(env_id, num_envs=n, split=args.split, K=K, device=args.device, **env_kwargs)
-    env = venv.unwrapped
-    agent = make_agent(agent_name, env, seed=args.seed, checkpoint=args.ppo, device=args.device)
-    budget = env.budget
-    obs, info = venv.reset(seed=args.seed)
-    rows: list[np.ndarray] = []
-    flops = None
-    step_time = agent_time = 0.0
-    steps = 0
-    current = np.zeros((n, budget), dtype=bool)
-    while len(rows) * n < args.episodes:
-        for t in range(budget):
-            t0 = time.perf_counter()
-            action = agent.act(obs, env.action_masks())
-            t1 = time.perf_counter()
-            obs, _, terminated, _, info = venv.step(action)
-            t2 = time.perf_counter()
-            agent_time += t1 - t0
-            step_time += t2 - t1
-            steps += 1
-            final = info["final_info"] if t == budget - 1 else info
-            current[:, t] = final["correct"]
-            if t == budget - 1:
-                if not terminated.all():
-                    raise RuntimeError("episodes did not end together at the budget")
-                flops = np.asarray(final["cumulative_flops"], dtype=np.float64)[0]
-        rows.append(current.copy())
-        bar.update(n)
+    agent = make_agent(agent_name, venv.unwrapped, seed=args.seed, checkpoint=args.ppo, device=args.device)
+    stats = play_episodes(venv, agent, args.episodes, args.seed, on_round=bar.update)
     venv.close()
-    correct = np.concatenate(rows)[: args.episodes]
-    return dict(correct=correct, episode_flops=float(flops), ms_per_step=1e3 * step_time / steps,
-                agent_ms_per_step=1e3 * agent_time / steps, num_envs=n, budget=budget)
+    return dict(correct=stats.correct, episode_flops=stats.episode_flops, ms_per_step=stats.ms_per_step,
+                agent_ms_per_step=stats.agent_ms_per_step, num_envs=n, budget=venv.unwrapped.budget)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
