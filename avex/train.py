@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from avex.checkpoint import save_tore
+from avex.checkpoint import load_tore, save_tore
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT, create_tore
 from avex.platform_info import device_name
@@ -71,6 +71,7 @@ __all__ = [
     "main_from_args",
     "resolve_config",
     "sample_glimpses",
+    "start_from_checkpoint",
     "step_rngs",
     "train_classifier",
 ]
@@ -105,6 +106,7 @@ class TrainConfig:
     model: str | None = None  # timm name
     pretrained: bool = False  # timm hub weights (local hub cache)
     weights: str | None = None  # local timm weights file
+    init: str | None = None  # avex checkpoint to start from (same architecture): continue or fine-tune a run
     depth: int | None = None
     embed_dim: int | None = None
     num_heads: int | None = None
@@ -482,6 +484,16 @@ def init_sincos_pos_embed(model: TOREViT) -> None:
     pe[0, :off] = 0
 
 
+def start_from_checkpoint(model: TOREViT, path: str) -> None:
+    """Load an avex checkpoint's weights into ``model`` (``--init``): its build must equal the run's.
+
+    Raises:
+        ValueError: naming the first build field that differs (another architecture, image size, classes...).
+    """
+    src = load_tore(path, expect=model.build_args)
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in src.state_dict().items()})
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -523,7 +535,9 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
 
     # --- model, objective, optimiser -----------------------------------------------------------
     model = build_model(cfg, len(class_names)).to(device).train()
-    if cfg.pos_init == "sincos" and not (cfg.pretrained or cfg.weights):
+    if cfg.init:
+        start_from_checkpoint(model, cfg.init)
+    elif cfg.pos_init == "sincos" and not (cfg.pretrained or cfg.weights):
         init_sincos_pos_embed(model)
     elif cfg.pos_init not in ("sincos", "learned"):
         raise ValueError(f"--pos-init must be sincos or learned, got {cfg.pos_init!r}")
@@ -686,6 +700,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="timm model name")
     m.add_argument("--pretrained", action="store_true", help="timm hub weights (from the local cache)")
     m.add_argument("--weights", default=None, help="local timm weights file to start from")
+    m.add_argument("--init", default=None, metavar="CKPT",
+                   help="avex checkpoint (.safetensors + .json) to start from: continue or fine-tune a run of the same architecture")
     m.add_argument("--depth", type=int, default=None)
     m.add_argument("--embed-dim", type=int, default=None)
     m.add_argument("--num-heads", type=int, default=None)

@@ -32,6 +32,7 @@ from avex.train import (
     init_sincos_pos_embed,
     resolve_config,
     sample_glimpses,
+    start_from_checkpoint,
     step_rngs,
     train_classifier,
 )
@@ -226,3 +227,15 @@ def test_image_folder_path_trains_a_step(tmp_path: Path) -> None:
     assert result["eval"]["n"] == 4
     loaded = load_tore(result["checkpoint"], expect={"in_chans": 3, "num_classes": 2})
     assert loaded.meta["class_names"] == ["cat", "dog"] and loaded.meta["dataset"] == "folder"
+
+
+def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(single_run: dict, tmp_path: Path) -> None:
+    path = single_run["checkpoint"]
+    same = build_model(resolve_config(TrainConfig(img_size=48, **TINY)), 10)
+    start_from_checkpoint(same, path)
+    saved = load_file(path)
+    for k, v in same.state_dict().items():
+        assert torch.equal(v, saved[k].to(v.dtype)), k
+    other = build_model(resolve_config(TrainConfig(img_size=64, **TINY)), 10)
+    with pytest.raises(ValueError, match="img_size"):
+        start_from_checkpoint(other, path)

@@ -1,0 +1,132 @@
+"""Where the time of a step goes: torch.profiler kernel table and cProfile host table.
+
+Two targets, each one table of device time per op (self time, sorted) and one of host Python time:
+
+    python benchmarks/profile_step.py env  --device cuda --num-envs 16384     # one vector-env cycle
+    python benchmarks/profile_step.py tore --device cuda --K 12 --batch 256   # eager TORE episode, ViT-B/16
+
+``env`` profiles ``budget`` steps of the batched vector env (one full episode of every env, so exactly one
+autoreset); ``tore`` profiles one eager episode of ``TOREViT.step`` (bf16, random weights). Use it to find
+the next lever; the speed figures themselves come from ``env_throughput.py`` and ``tore_speed.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _report(title: str, run, device: str, rows: int) -> str:
+    """Run ``run()`` once under torch.profiler and once under cProfile; both tables as text."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        run()
+        _sync(device)
+    wall_prof = time.perf_counter() - t0
+    sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+    pr = cProfile.Profile()
+    _sync(device)
+    t0 = time.perf_counter()
+    pr.enable()
+    run()
+    _sync(device)
+    pr.disable()
+    wall = time.perf_counter() - t0
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(rows)
+    return (f"## {title}\n\nwall {wall * 1e3:.1f} ms (cProfile run), {wall_prof * 1e3:.1f} ms (torch.profiler run)\n\n"
+            f"### device/op table (torch.profiler, sorted by {sort})\n\n```\n{table}\n```\n\n"
+            f"### host Python (cProfile, tottime)\n\n```\n{buf.getvalue()}\n```\n")
+
+
+def profile_env(args: argparse.Namespace) -> str:
+    import gymnasium as gym
+
+    import avex  # noqa: F401  (registers the envs)
+
+    kwargs = json.loads(args.env_kwargs)
+    venv = gym.make_vec(args.env, num_envs=args.num_envs, device=args.device, torch_obs=args.device.startswith("cuda"), **kwargs)
+    env = venv.unwrapped
+    budget = env.budget
+    plan = np.argsort(np.random.default_rng(0).random((args.num_envs, env.geometry.num_actions)), axis=1)[:, :budget]
+    venv.reset(seed=0)
+    for t in range(2 * budget):  # warm-up, autoresets included
+        venv.step(plan[:, t % budget])
+
+    def cycle() -> None:
+        for t in range(budget):
+            venv.step(plan[:, t])
+
+    return _report(f"{args.env}: {budget} vector steps of {args.num_envs} envs on {args.device} ({kwargs})", cycle, args.device, args.rows)
+
+
+def profile_tore(args: argparse.Namespace) -> str:
+    from avex.model import create_tore
+
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = create_tore(args.model, img_size=224).to(dev, dtype).eval()
+    geo = model.geometry(2)
+    cache = model.init_cache(args.batch, args.glimpses, args.K, geo.tokens_per_glimpse, dtype=dtype)
+    rng = np.random.default_rng(0)
+    canv = torch.randint(0, 256, (args.batch, 224, 224, 3), dtype=torch.uint8, device=dev)
+    steps = []
+    for _ in range(args.glimpses):
+        r, c = (torch.as_tensor(v, device=dev) for v in geo.action_to_patch(rng.integers(0, geo.num_actions, size=args.batch)))
+        steps.append((geo.cut(canv, r, c), geo.glimpse_coords(r, c)))
+
+    @torch.inference_mode()
+    def episode() -> None:
+        model.reset_cache(cache)
+        for pix, coords in steps:
+            model.step(cache, pix, coords)
+
+    episode()
+    return _report(f"TORE {args.model} {args.dtype}: one eager episode of {args.glimpses} steps, K={args.K}, batch {args.batch}",
+                   episode, args.device, args.rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", choices=("env", "tore"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rows", type=int, default=25, help="rows of each table")
+    p.add_argument("--out", default=None, help="append the report to this Markdown file")
+    p.add_argument("--env", default="AVE-FashionMNIST-v0")
+    p.add_argument("--num-envs", type=int, default=1024)
+    p.add_argument("--env-kwargs", default="{}")
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--K", type=int, default=12)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--glimpses", type=int, default=12)
+    args = p.parse_args()
+    report = profile_env(args) if args.target == "env" else profile_tore(args)
+    print(report)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
