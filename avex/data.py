@@ -454,36 +454,46 @@ class FashionMNISTCanvas:
     # -- layouts -------------------------------------------------------------
 
     def sample_layout(self, rng: np.random.Generator, index: int | None = None) -> CanvasLayout:
-        """Draw the layout of one canvas from ``rng``.
+        """Draw the layout of one canvas from ``rng`` (one row of :meth:`sample_layouts`)."""
+        return self.sample_layouts([rng], [index])
 
-        Draw order (fixed, so equal seeds give equal layouts in single and vector envs):
-        item index (always drawn, then replaced by ``index`` when given, so positions do
-        not depend on whether the item was fixed), item top-left ``(y, x)``, clutter
-        item indices, fragment top-lefts inside their items, fragment top-lefts on
-        the canvas.
+    def sample_layouts(self, rngs: Sequence[np.random.Generator], indices: Sequence[int | None] | None = None) -> CanvasLayout:
+        """Draw one layout per generator: row ``i`` uses ``rngs[i]`` only (so a row does not depend on the batch).
+
+        Each row takes ONE call, ``rngs[i].random(3 + 5 * n_clutter)``, whose uniforms are mapped to integers
+        for all rows at once (``floor(u * m)``: uniform on ``0..m-1`` up to 2**-53). One call per row
+        instead of one per field is what makes autoresetting 16k envs cheap (a Python-level numpy call
+        costs microseconds). Uniforms in order: item index (always drawn, then replaced by the given index,
+        so positions do not depend on whether the item was fixed), item top-left ``(y, x)``, clutter item
+        indices, fragment top-lefts inside their items, fragment top-lefts on the canvas.
+
+        Args:
+            rngs: B numpy generators.
+            indices: optional item index per row (None entries: drawn).
 
         Returns:
-            A one-row :class:`CanvasLayout`.
+            A :class:`CanvasLayout` of B rows.
         """
-        n, N = self.n_clutter, len(self)
-        drawn = int(rng.integers(0, N))
-        if index is None:
-            index = drawn
-        elif not 0 <= index < N:
-            raise IndexError(f"index {index} out of range for {N} items")
-        item_yx = rng.integers(0, self.canvas_size - self.item_size + 1, size=2)
+        indices = _check_indices(rngs, indices)
+        n, N, B = self.n_clutter, len(self), len(rngs)
+        u = np.stack([rng.random(3 + 5 * n) for rng in rngs]) if B else np.zeros((0, 3 + 5 * n))
+
+        def ints(cols: np.ndarray, lo: int, hi_inclusive: int) -> np.ndarray:
+            return lo + np.floor(cols * (hi_inclusive - lo + 1)).astype(np.int64)
+
+        index = ints(u[:, 0], 0, N - 1)
+        for row, i in enumerate(indices):
+            if i is not None:
+                if not 0 <= i < N:
+                    raise IndexError(f"index {i} out of range for {N} items")
+                index[row] = i
+        item_yx = ints(u[:, 1:3], 0, self.canvas_size - self.item_size)
         # Uniform over the other N-1 items: draw in [0, N-1) and skip over `index`.
-        clutter = rng.integers(0, max(N - 1, 1), size=n)
-        clutter += clutter >= index
-        src = rng.integers(self._src_lo, self._src_hi + 1, size=(n, 2))
-        dst = rng.integers(0, self.canvas_size - self.fragment + 1, size=(n, 2))
-        return CanvasLayout(
-            index=np.array([index], dtype=np.int64),
-            item_yx=item_yx.astype(np.int64)[None],
-            clutter_index=clutter.astype(np.int64)[None],
-            clutter_src_yx=src.astype(np.int64)[None],
-            clutter_dst_yx=dst.astype(np.int64)[None],
-        )
+        clutter = ints(u[:, 3 : 3 + n], 0, max(N - 2, 0))
+        clutter += clutter >= index[:, None]
+        src = ints(u[:, 3 + n : 3 + 3 * n], self._src_lo, self._src_hi).reshape(B, n, 2)
+        dst = ints(u[:, 3 + 3 * n :], 0, self.canvas_size - self.fragment).reshape(B, n, 2)
+        return CanvasLayout(index=index, item_yx=item_yx, clutter_index=clutter, clutter_src_yx=src, clutter_dst_yx=dst)
 
     def _check_layout(self, lay: CanvasLayout) -> None:
         # Checked on the host: an out-of-range index on CUDA is an opaque device assert.
@@ -599,13 +609,12 @@ class FashionMNISTCanvas:
     def sample(
         self, rngs: list[np.random.Generator], indices: list[int | None] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """One canvas per row: :meth:`sample_layout` with ``rngs[i]``, then :meth:`compose`.
+        """One canvas per row: :meth:`sample_layouts` (row ``i`` with ``rngs[i]``), then :meth:`compose`.
 
         Returns:
             canvases uint8 ``[B, H, W, 1]``, labels int64 ``[B]`` (on device), indices int64 ``[B]``.
         """
-        indices = _check_indices(rngs, indices)
-        lay = CanvasLayout.stack([self.sample_layout(rng, i) for rng, i in zip(rngs, indices)])
+        lay = self.sample_layouts(rngs, indices)
         canvases, labels = self.compose(lay)
         return canvases, labels, lay.index
 

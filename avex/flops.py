@@ -70,22 +70,30 @@ def block_macs(tokens: int, dim: int, mlp_hidden: int) -> int:
     return 4 * tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * mlp_hidden
 
 
-def decoder_macs(d: ViTDims, observed_tokens: int) -> int:
-    """MACs of the glimpse decoder over CLS + ``observed_tokens`` + one mask token per grid patch (the last
-    block computes outputs for the grid rows only)."""
+def decoder_macs(d: ViTDims, observed_tokens: int, recon: bool = True) -> int:
+    """MACs of the glimpse decoder over CLS + ``observed_tokens`` + one mask token per grid patch.
+
+    Every block computes q, k, v for all rows (one fused projection). The last block computes outputs for
+    the N grid rows only, and with ``recon=False`` (the entropy map alone, as an env runs it) nothing after
+    Q K^T: no A V, output projection, MLP or pixel head.
+    """
     if not d.decoder_depth:
         return 0
     seq, n, w = 1 + observed_tokens + d.num_patches, d.num_patches, d.decoder_dim
     embed = (1 + observed_tokens) * d.dim * w
     blocks = (d.decoder_depth - 1) * block_macs(seq, w, d.decoder_mlp_hidden)
-    # The last block queries only the N grid rows: keys/values for all, the rest for N rows.
-    blocks += 2 * seq * w * w + n * w * w + 2 * n * seq * w + n * w * w + 2 * n * w * d.decoder_mlp_hidden
+    blocks += 3 * seq * w * w + n * seq * w  # last block: qkv, Q K^T for the grid rows
+    if not recon:
+        return embed + blocks
+    blocks += n * seq * w + n * w * w + 2 * n * w * d.decoder_mlp_hidden  # A V, projection, MLP
     pred = n * w * d.patch * d.patch * d.in_chans
     return embed + blocks + pred
 
 
-def step_macs(d: ViTDims, t: int, tokens_per_glimpse: int, K: int, decoder: bool = True) -> dict[str, int]:
+def step_macs(d: ViTDims, t: int, tokens_per_glimpse: int, K: int, decoder: bool = True, recon: bool = True) -> dict[str, int]:
     """MACs of step ``t`` (t glimpses revealed after it; t=0 is the empty pass), by part.
+
+    ``decoder``: count the glimpse decoder; ``recon=False``: its entropy map only (see :func:`decoder_macs`).
 
     Returns:
         {"embed", "iterator", "aggregator", "head", "decoder", "total"}
@@ -102,17 +110,18 @@ def step_macs(d: ViTDims, t: int, tokens_per_glimpse: int, K: int, decoder: bool
             aggregator=(d.depth - K) * block_macs(p + t * g2, d.dim, d.mlp_hidden),
         )
     parts["head"] = d.dim * d.num_classes
-    parts["decoder"] = decoder_macs(d, t * g2) if decoder else 0
+    parts["decoder"] = decoder_macs(d, t * g2, recon) if decoder else 0
     parts["total"] = sum(parts.values())
     return parts
 
 
-def step_flops(d: ViTDims, t: int, tokens_per_glimpse: int, K: int, decoder: bool = True) -> int:
+def step_flops(d: ViTDims, t: int, tokens_per_glimpse: int, K: int, decoder: bool = True, recon: bool = True) -> int:
     """FLOPs (2 x MACs) of step ``t``; see :func:`step_macs`."""
-    return 2 * step_macs(d, t, tokens_per_glimpse, K, decoder)["total"]
+    return 2 * step_macs(d, t, tokens_per_glimpse, K, decoder, recon)["total"]
 
 
-def episode_flops(d: ViTDims, glimpses: int, tokens_per_glimpse: int, K: int, decoder: bool = True, empty_pass: bool = True) -> list[int]:
+def episode_flops(d: ViTDims, glimpses: int, tokens_per_glimpse: int, K: int, decoder: bool = True, empty_pass: bool = True,
+                  recon: bool = True) -> list[int]:
     """Cumulative FLOPs after each step: element i is steps ``0 (or 1) .. i`` summed.
 
     Returns:
@@ -121,6 +130,6 @@ def episode_flops(d: ViTDims, glimpses: int, tokens_per_glimpse: int, K: int, de
     start = 0 if empty_pass else 1
     total, out = 0, []
     for t in range(start, glimpses + 1):
-        total += step_flops(d, t, tokens_per_glimpse, K, decoder)
+        total += step_flops(d, t, tokens_per_glimpse, K, decoder, recon)
         out.append(total)
     return out

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from avex._compat import ensure_timm_importable
 from avex.geometry import GlimpseGeometry
@@ -103,31 +104,44 @@ class _DecoderBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None, first_query: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None, first_query: int = 0,
+                output: bool = True, entropy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Attend from the rows ``x[:, first_query:]`` to every row.
 
         Args:
             x: [B, S, dim]; key_valid: [B, S] bool or None (False: padding key).
             first_query: rows before it are keys only (the last decoder block needs only the grid's rows).
+            output: compute the block's output rows (False: None; the entropy needs only q and k).
+            entropy: compute the attention entropy (False: None; the output alone then runs as one fused
+                ``scaled_dot_product_attention`` that never materialises the attention map).
 
         Returns:
-            x [B, S - first_query, dim] and, per query row, the entropy of its attention over all keys
-            but key 0 (CLS), summed over heads, in nats: float32 [B, S - first_query].
+            x [B, S - first_query, dim] or None, and per query row the entropy of its attention over all
+            keys but key 0 (CLS), summed over heads, in nats: float32 [B, S - first_query] or None.
         """
         b, s, d = x.shape
         h = self.heads
         qkv = self.qkv(self.norm1(x)).view(b, s, 3, h, d // h).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0][:, :, first_query:], qkv[1], qkv[2]
-        scores = ((q * (d // h) ** -0.5) @ k.transpose(-2, -1)).float()  # [B, h, Q, S]
-        if key_valid is not None:
-            scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-        attn = scores.softmax(dim=-1)
-        # entr(p) = -p ln p (0 at p = 0) in one pass: on an H100 the log-sum-exp identity sum p (lse - s)
-        # measured slower (more passes over the map in eager PyTorch; benchmarks/results/h100).
-        entropy = torch.special.entr(attn[..., 1:]).sum(dim=(1, 3))  # [B, Q]
-        x = x[:, first_query:] + self.proj((attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, s - first_query, d))
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        ent = attended = None
+        if entropy:
+            scores = ((q * (d // h) ** -0.5) @ k.transpose(-2, -1)).float()  # [B, h, Q, S]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            attn = scores.softmax(dim=-1)
+            # entr(p) = -p ln p (0 at p = 0) in one pass: on an H100 the log-sum-exp identity sum p (lse - s)
+            # measured slower (more passes over the map in eager PyTorch; benchmarks/results/h100).
+            ent = torch.special.entr(attn[..., 1:]).sum(dim=(1, 3))  # [B, Q]
+            if output:
+                attended = attn.to(v.dtype) @ v
+        elif output:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if not output:
+            return None, ent
+        x = x[:, first_query:] + self.proj(attended.transpose(1, 2).reshape(b, s - first_query, d))
         x = x + self.mlp(self.norm2(x))
-        return x, entropy
+        return x, ent
 
 
 class GlimpseDecoder(nn.Module):
@@ -169,7 +183,9 @@ class GlimpseDecoder(nn.Module):
         tokens: torch.Tensor,
         coords: torch.Tensor,
         valid: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        recon: bool = True,
+        entropy: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Reconstruct and score the grid.
 
         Args:
@@ -177,11 +193,16 @@ class GlimpseDecoder(nn.Module):
             tokens: [B, L, D] the aggregator's output patch tokens.
             coords: [B, L, 2] their patch coordinates.
             valid: [B, L] bool, False at padding; None if all valid.
+            recon, entropy: which outputs to compute (the other is None). Entropy alone skips the last
+                block's attention output, MLP and pixel head (an env reads only the entropy map);
+                reconstruction alone runs fused attention (training reads only the pixels).
 
         Returns:
-            recon: [B, N, patch * patch * C] predicted (normalised) pixels of every patch;
-            entropy: float32 [B, gh, gw] attention entropy per patch (AME), before masking seen patches.
+            recon: [B, N, patch * patch * C] predicted (normalised) pixels of every patch, or None;
+            entropy: float32 [B, gh, gw] attention entropy per patch (AME), before masking seen patches, or None.
         """
+        if not (recon or entropy):
+            raise ValueError("ask the decoder for recon, entropy or both")
         b, n_obs = tokens.shape[:2]
         n = self.grid_pos.shape[1]
         obs = self.embed(tokens) + sincos_2d(coords, self.dim).to(tokens.dtype)
@@ -192,11 +213,11 @@ class GlimpseDecoder(nn.Module):
             ones = valid.new_ones(b, 1)
             key_valid = torch.cat([ones, valid, ones.expand(b, n)], dim=1)
         for blk in self.blocks[:-1]:
-            x, _ = blk(x, key_valid)
+            x, _ = blk(x, key_valid, entropy=False)
         # Only the grid's rows of the last block are read (reconstruction, entropy): query just those.
-        x, entropy = self.blocks[-1](x, key_valid, first_query=1 + n_obs)
-        recon = self.pred(self.norm(x))
-        return recon, (entropy / math.log(2.0)).view(b, *self.grid)
+        x, ent = self.blocks[-1](x, key_valid, first_query=1 + n_obs, output=recon, entropy=entropy)
+        pixels = self.pred(self.norm(x)) if recon else None
+        return pixels, None if ent is None else (ent / math.log(2.0)).view(b, *self.grid)
 
 
 class TOREViT(nn.Module):
@@ -454,16 +475,19 @@ class TOREViT(nn.Module):
         return AggregatorOutput(logits, features, tokens, valid, cache.coords[:, :length])
 
     # ------------------------------------------------------------------ decoder
-    def decode(self, out: AggregatorOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, out: AggregatorOutput, recon: bool = True, entropy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Run the glimpse decoder on an aggregator output.
 
+        Args:
+            recon, entropy: which outputs to compute; skipping one saves its work (see :class:`GlimpseDecoder`).
+
         Returns:
-            recon [B, N, patch * patch * C] (normalised pixels) and entropy float32 [B, gh, gw].
+            recon [B, N, patch * patch * C] (normalised pixels) and entropy float32 [B, gh, gw] (None where not asked).
         """
         if self.decoder is None:
             raise ValueError("this model was built without a decoder (decoder_dim=0)")
         valid = None if out.valid is None else out.valid[:, self.num_prefix :]
-        return self.decoder(out.tokens[:, 0], out.tokens[:, self.num_prefix :], out.coords, valid)
+        return self.decoder(out.tokens[:, 0], out.tokens[:, self.num_prefix :], out.coords, valid, recon=recon, entropy=entropy)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images [B, C, H, W] -> per-patch pixels [B, N, patch * patch * C] (decoder target layout)."""

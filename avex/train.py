@@ -242,7 +242,7 @@ class TOREObjective(nn.Module):
         ce = F.cross_entropy(out.logits.float(), labels, label_smoothing=self.label_smoothing)
         mse = ce.new_zeros(())
         if self.recon_weight and model.decoder is not None:
-            recon, _ = model.decode(out)  # [B, N, p*p*C]
+            recon, _ = model.decode(out, entropy=False)  # [B, N, p*p*C]; fused attention, no entropy map
             target = model.patchify(model.normalize(canvases.permute(0, 3, 1, 2)))
             err = (recon.float() - target).square().mean(dim=-1)  # [B, N]
             hidden = (~seen).float()

@@ -270,7 +270,7 @@ class AVEBatch:
                              f"(positions={cfg.positions!r}): lower budget, or pass allow_repeats=True")
         self.class_names = list(self.source.class_names)
         G = self.geometry.tokens_per_glimpse
-        flops = [step_flops(ViTDims.of(m), t, G, self.K, decoder=cfg.entropy) for t in range(cfg.budget + 1)]
+        flops = [step_flops(ViTDims.of(m), t, G, self.K, decoder=cfg.entropy, recon=False) for t in range(cfg.budget + 1)]  # what step() runs
         self.flops_per_step = np.asarray(flops, dtype=np.int64)  # [budget + 1], index t = glimpses after the step
         self.flops_cumulative = np.cumsum(self.flops_per_step)
         self.observation_space = self._observation_space()
@@ -285,7 +285,7 @@ class AVEBatch:
             self._empty_logits = out.logits.float()
             self._empty_probs = self._empty_logits.softmax(-1)
             self._empty_cls = out.features.float()
-            self._empty_entropy = m.decode(out)[1] if cfg.entropy else torch.zeros(1, *m.grid, device=self.device)
+            self._empty_entropy = m.decode(out, recon=False)[1] if cfg.entropy else torch.zeros(1, *m.grid, device=self.device)
             self._empty_pred = int(self._empty_logits.argmax(-1).item())
 
     def _observation_space(self) -> spaces.Dict:
@@ -465,7 +465,7 @@ class AVEBatch:
         self.probs = logits.softmax(-1)
         self.cls = out.features.float()
         if cfg.entropy:
-            self.entropy = m.decode(out)[1]
+            self.entropy = m.decode(out, recon=False)[1]  # the env reads only the entropy map
         pred = logits.argmax(-1)
         terminated = self.steps >= cfg.budget
         if cfg.reward == "dense":

@@ -265,6 +265,20 @@ def test_clutter_matches_reference_and_avoids_item(fmnist):
         np.testing.assert_array_equal(canvases[row, :, :, 0].numpy(), _reference_canvas(splits["train"][0], lay, row))
 
 
+def test_batched_layouts_equal_rows_and_cover_every_value(fmnist):
+    src = FashionMNISTCanvas(root=fmnist[0])
+    batched = src.sample_layouts([np.random.default_rng(i) for i in range(3000)])
+    row = src.sample_layouts([np.random.default_rng(17)])
+    for name in ("index", "item_yx", "clutter_index", "clutter_src_yx", "clutter_dst_yx"):
+        np.testing.assert_array_equal(getattr(batched, name)[17:18], getattr(row, name))
+    # floor(u * m) must reach both ends of every range, and nothing beyond them.
+    assert set(np.unique(batched.item_yx)) == set(range(112 - 56 + 1))
+    assert set(np.unique(batched.clutter_dst_yx)) == set(range(112 - 16 + 1))
+    assert set(np.unique(batched.clutter_src_yx)) == set(range(8, 56 - 8 - 16 + 1))
+    assert set(np.unique(batched.index)) == set(range(N_ITEMS))
+    assert (batched.clutter_index != batched.index[:, None]).all() and batched.clutter_index.max() == N_ITEMS - 1
+
+
 def test_fixed_index_keeps_positions(fmnist):
     src = FashionMNISTCanvas(root=fmnist[0])
     free = src.sample_layout(np.random.default_rng(5))

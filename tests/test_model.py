@@ -175,8 +175,9 @@ def test_float_coords_at_integers_equal_aligned_glimpse() -> None:
 
 @pytest.mark.parametrize("K", [0, 2, 4])
 @pytest.mark.parametrize("t", [1, 6])
+@pytest.mark.parametrize("recon", [True, False])
 @torch.no_grad()
-def test_analytic_flops_match_flop_counter(K: int, t: int) -> None:
+def test_analytic_flops_match_flop_counter(K: int, t: int, recon: bool) -> None:
     model = make()
     geo = model.geometry(G)
     pix, coords = glimpses(model, canvases(2), random_actions(2, t, geo), geo)
@@ -185,9 +186,9 @@ def test_analytic_flops_match_flop_counter(K: int, t: int) -> None:
     # The math SDPA backend decomposes into matmuls the counter sees (CPU's fused kernel is not counted).
     with sdpa_kernel(SDPBackend.MATH), counter:
         out = model.step(cache, pix[:, t - 1], coords[:, t - 1])
-        model.decode(out)
+        model.decode(out, recon=recon)
     measured = counter.get_total_flops() / 2  # per image
-    analytic = step_flops(ViTDims.of(model), t, G * G, K)
+    analytic = step_flops(ViTDims.of(model), t, G * G, K, recon=recon)
     assert abs(measured - analytic) / measured <= 0.02, (measured, analytic)
 
 
@@ -240,3 +241,28 @@ def test_decoder_entropy_equals_explicit_attention_entropy() -> None:
     explicit = -(attn * attn.log2()).sum(dim=(1, 3)).view(b, *model.grid)
     assert torch.allclose(entropy, explicit, rtol=1e-4, atol=1e-4)
     assert entropy.std() > 0.01  # a real map, not a constant
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("padded", [False, True])
+def test_decoder_single_outputs_equal_both(padded: bool) -> None:
+    """recon alone (fused attention) and entropy alone (no attention output) give what both together give."""
+    model = make(decoder_depth=2)
+    geo = model.geometry(G)
+    pix, coords = glimpses(model, canvases(3, seed=2), random_actions(3, 4, geo, seed=3), geo)
+    K = 1
+    cache = model.init_cache(3, 4, K, geo.tokens_per_glimpse)
+    for t in range(3):
+        out = model.step(cache, pix[:, t], coords[:, t])
+    if padded:  # rows out of step: padding keys in the decoder
+        model.reset_cache(cache, np.array([False, True, False]))
+        out = model.step(cache, pix[:, 3], coords[:, 3])
+        assert out.valid is not None
+    recon, entropy = model.decode(out)
+    recon_only, none_e = model.decode(out, entropy=False)
+    none_r, entropy_only = model.decode(out, recon=False)
+    assert none_e is None and none_r is None
+    torch.testing.assert_close(recon_only, recon, atol=1e-5, rtol=1e-5)
+    assert torch.equal(entropy_only, entropy)
+    with pytest.raises(ValueError, match="recon, entropy or both"):
+        model.decode(out, recon=False, entropy=False)
