@@ -19,7 +19,9 @@ patches, C channels.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from avex._compat import ensure_timm_importable
 from avex.geometry import GlimpseGeometry
@@ -220,6 +223,24 @@ class GlimpseDecoder(nn.Module):
         return pixels, None if ent is None else (ent / math.log(2.0)).view(b, *self.grid)
 
 
+SHORT_SEQUENCE = 64  # tokens: at most this many, CUDA attention avoids cuDNN (see _attention_backends)
+
+
+def _attention_backends(x: torch.Tensor):
+    """SDPA backend choice for a block input x [B, S, D]: on CUDA, sequences of <= SHORT_SEQUENCE tokens
+    use flash / memory-efficient attention, never cuDNN's.
+
+    PyTorch prefers cuDNN's fused attention on Hopper; on 5-token sequences (the iterator: P + G tokens)
+    it cost 52 us per call (ViT-B, batch 256: 40% of a K=12 step) where the flash kernel took about 6 us
+    (benchmarks/profile_step.py, H100). The iterator and the aggregator both follow this rule, so K=0 (full
+    recomputation) gets the same kernels as every other K. ``AVEX_SDPA=default`` leaves PyTorch's choice
+    (for comparison).
+    """
+    if not x.is_cuda or x.shape[1] > SHORT_SEQUENCE or os.environ.get("AVEX_SDPA") == "default":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class TOREViT(nn.Module):
     """A timm VisionTransformer split into iterator and aggregator, plus a glimpse decoder.
 
@@ -343,8 +364,9 @@ class TOREViT(nn.Module):
     # --------------------------------------------------------- iterator / aggregator
     def iterate(self, x: torch.Tensor, K: int) -> torch.Tensor:
         """blocks[:K] on [B, P + G, D] (each row one glimpse, alone)."""
-        for blk in self.vit.blocks[:K]:
-            x = blk(x)
+        with _attention_backends(x):
+            for blk in self.vit.blocks[:K]:
+                x = blk(x)
         return x
 
     def empty_prefix(self, K: int) -> torch.Tensor:
@@ -365,8 +387,9 @@ class TOREViT(nn.Module):
         vit = self.vit
         mask = None if valid is None else valid[:, None, None, :]
         x = seq
-        for blk in vit.blocks[K:]:
-            x = blk(x, attn_mask=mask) if mask is not None else blk(x)
+        with _attention_backends(x):
+            for blk in vit.blocks[K:]:
+                x = blk(x, attn_mask=mask) if mask is not None else blk(x)
         x = vit.norm(x)
         if vit.global_pool == "token":
             pooled = x[:, 0]

@@ -484,14 +484,18 @@ def init_sincos_pos_embed(model: TOREViT) -> None:
     pe[0, :off] = 0
 
 
-def start_from_checkpoint(model: TOREViT, path: str) -> None:
+def start_from_checkpoint(model: TOREViT, path: str) -> dict[str, Any]:
     """Load an avex checkpoint's weights into ``model`` (``--init``): its build must equal the run's.
+
+    Returns:
+        the checkpoint's meta (recorded as ``init_from`` in the new checkpoint).
 
     Raises:
         ValueError: naming the first build field that differs (another architecture, image size, classes...).
     """
     src = load_tore(path, expect=model.build_args)
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in src.state_dict().items()})
+    return dict(src.meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,8 +539,9 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
 
     # --- model, objective, optimiser -----------------------------------------------------------
     model = build_model(cfg, len(class_names)).to(device).train()
+    init_meta = None
     if cfg.init:
-        start_from_checkpoint(model, cfg.init)
+        init_meta = start_from_checkpoint(model, cfg.init)
     elif cfg.pos_init == "sincos" and not (cfg.pretrained or cfg.weights):
         init_sincos_pos_embed(model)
     elif cfg.pos_init not in ("sincos", "learned"):
@@ -582,6 +587,9 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
                     train_args={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                     eval=eval_table, train_time_s=round(train_time, 1), steps=step + 1, world_size=world,
                     device=device_name(device), torch=torch.__version__)
+        if init_meta is not None:  # the run this one continued: its recipe, time and results (recursively)
+            meta["init_from"] = {k: init_meta[k] for k in ("train_args", "train_time_s", "steps", "device", "eval", "init_from")
+                                 if k in init_meta}
         return save_tore(model, cfg.out, meta=meta, half=cfg.half)
 
     # --- the loop -----------------------------------------------------------------------------

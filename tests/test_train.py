@@ -229,13 +229,21 @@ def test_image_folder_path_trains_a_step(tmp_path: Path) -> None:
     assert loaded.meta["class_names"] == ["cat", "dog"] and loaded.meta["dataset"] == "folder"
 
 
-def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(single_run: dict, tmp_path: Path) -> None:
+def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(single_run: dict, fmnist_root: Path, tmp_path: Path) -> None:
     path = single_run["checkpoint"]
     same = build_model(resolve_config(TrainConfig(img_size=48, **TINY)), 10)
-    start_from_checkpoint(same, path)
+    meta = start_from_checkpoint(same, path)
+    assert meta["train_args"]["seed"] == 5 and meta["steps"] == RUN_STEPS
     saved = load_file(path)
     for k, v in same.state_dict().items():
         assert torch.equal(v, saved[k].to(v.dtype)), k
     other = build_model(resolve_config(TrainConfig(img_size=64, **TINY)), 10)
     with pytest.raises(ValueError, match="img_size"):
         start_from_checkpoint(other, path)
+    # A continued run records where it started.
+    out = tmp_path / "continued"
+    cfg = TrainConfig(dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=1, batch_size=RUN_BATCH,
+                      eval_size=8, eval_batch_size=8, out=str(out), progress=False, init=path, **TINY)
+    result = train_classifier(cfg)
+    chain = load_tore(result["checkpoint"]).meta["init_from"]
+    assert chain["steps"] == RUN_STEPS and chain["train_args"]["seed"] == 5 and "eval" in chain

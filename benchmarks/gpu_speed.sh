@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device-tool call: the GPU speed benchmarks of issue 5 (TORE vs full recomputation, vector-env throughput)
+# and a profile of a vector-env cycle. Usage (device tool, carry .whl and data):  bash benchmarks/gpu_speed.sh
+# Every stage's output is packed into $OUT/results.tar.gz as soon as it exists, so a time-out keeps what finished.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AVEX_FASHION_MNIST=$PWD/data/fashion-mnist
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+R=/tmp/results; mkdir -p $R
+pack() { tar -czf $OUT/results.tar.gz -C $R . 2>/dev/null; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $R/gpu.txt
+
+# 1. TORE vs full recomputation, ViT-B/16, bf16 (attention kernels: avex's rule for short sequences).
+timeout 150 python3 benchmarks/tore_speed.py --device cuda --dtype bf16 --model vit_base_patch16_224 --K 0 4 8 12 --batch 1 256 \
+    --mode eager graph --out $R/tore_speed_h100.md --json $R/tore_speed_h100.json 2>&1 | tail -30; pack
+# 1b. The same at batch 256 with PyTorch's default attention kernels (cuDNN), for comparison.
+AVEX_SDPA=default timeout 80 python3 benchmarks/tore_speed.py --device cuda --dtype bf16 --model vit_base_patch16_224 --K 0 4 8 12 \
+    --batch 256 --mode graph --out $R/tore_speed_h100_sdpa_default.md --json $R/tore_speed_h100_sdpa_default.json 2>&1 | tail -12; pack
+
+# 2. Vector-env throughput.
+timeout 90 python3 benchmarks/env_throughput.py --device cuda --num-envs 4096 8192 16384 --steps 36 \
+    --env-kwargs '{"dtype": "bfloat16"}' --out $R/env_throughput.md 2>&1 | tail -8; pack
+timeout 90 python3 benchmarks/env_throughput.py --env AVE-ImageNet-v0 --fake-imagenet 24 --device cuda --num-envs 1024 4096 --steps 36 \
+    --env-kwargs '{"model": "vit_small_patch16_224", "pretrained": false, "cache_images": true, "dtype": "bfloat16"}' \
+    --out $R/env_throughput.md 2>&1 | tail -8; pack
+
+# 3. Where a vector-env cycle's time goes now.
+timeout 60 python3 benchmarks/profile_step.py env --device cuda --num-envs 16384 --env-kwargs '{"dtype": "bfloat16"}' \
+    --out $R/profile_env.md > /dev/null 2>$R/profile_env.err; pack
+timeout 40 python3 benchmarks/profile_step.py tore --device cuda --K 12 --batch 256 --out $R/profile_tore.md > /dev/null 2>$R/profile_tore.err; pack
+echo "job done"
