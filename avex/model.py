@@ -223,22 +223,31 @@ class GlimpseDecoder(nn.Module):
         return pixels, None if ent is None else (ent / math.log(2.0)).view(b, *self.grid)
 
 
-SHORT_SEQUENCE = 64  # tokens: at most this many, CUDA attention avoids cuDNN (see _attention_backends)
+SHORT_SEQUENCE = 64  # tokens: up to this many, CUDA attention uses SHORT_SEQUENCE_BACKENDS (see _attention_backends)
+SHORT_SEQUENCE_BACKENDS = ("flash", "efficient", "math")  # in order of preference
+_SDPA_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                  "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 def _attention_backends(x: torch.Tensor):
-    """SDPA backend choice for a block input x [B, S, D]: on CUDA, sequences of <= SHORT_SEQUENCE tokens
-    use flash / memory-efficient attention, never cuDNN's.
+    """SDPA backends for a block input x [B, S, D]: on CUDA, sequences of <= SHORT_SEQUENCE tokens use
+    SHORT_SEQUENCE_BACKENDS rather than PyTorch's own preference (cuDNN's fused kernel on Hopper).
 
-    PyTorch prefers cuDNN's fused attention on Hopper; on 5-token sequences (the iterator: P + G tokens)
-    it cost 52 us per call (ViT-B, batch 256: 40% of a K=12 step) where the flash kernel took about 6 us
-    (benchmarks/profile_step.py, H100). The iterator and the aggregator both follow this rule, so K=0 (full
-    recomputation) gets the same kernels as every other K. ``AVEX_SDPA=default`` leaves PyTorch's choice
-    (for comparison).
+    TORE's sequences are short (the iterator: P + G tokens; the aggregator: P + t*G) and many, where a
+    kernel's fixed cost per (row, head) decides: ``benchmarks/sdpa_short.py`` times every backend on
+    these shapes. The iterator and the aggregator follow the same rule, so K=0 (full recomputation) gets
+    the same kernels as every other K. The environment variable ``AVEX_SDPA`` overrides it: ``default``
+    (PyTorch's choice) or a comma-separated list of backends (math, flash, efficient, cudnn).
     """
-    if not x.is_cuda or x.shape[1] > SHORT_SEQUENCE or os.environ.get("AVEX_SDPA") == "default":
+    choice = os.environ.get("AVEX_SDPA", "auto")
+    if not x.is_cuda or x.shape[1] > SHORT_SEQUENCE or choice == "default":
         return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    names = SHORT_SEQUENCE_BACKENDS if choice == "auto" else tuple(choice.split(","))
+    unknown = [n for n in names if n not in _SDPA_BACKENDS]
+    if unknown:
+        raise ValueError(f"AVEX_SDPA={choice!r}: unknown backend(s) {unknown}; use auto, default or a comma-separated "
+                         f"list of {sorted(_SDPA_BACKENDS)}")
+    return sdpa_kernel([_SDPA_BACKENDS[n] for n in names])
 
 
 class TOREViT(nn.Module):

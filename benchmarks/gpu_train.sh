@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One device-tool call: profile a vector-env cycle and a TORE episode, then continue training the shipped
-# Fashion-MNIST classifier from its checkpoint (a warm restart: fresh warm-up, then cosine).
-# Usage (device tool, carry .whl and data):  bash benchmarks/gpu_train.sh   (EPOCHS=110, TRAIN_S=470 by default; a time-out keeps the last --save-every checkpoint)
+# One device-tool call: continue training the shipped Fashion-MNIST classifier from its checkpoint (a warm
+# restart: fresh warm-up, then cosine), retrain the PPO policy on it, then run the main job on the GPU.
+# Usage (device tool, carry .whl and data):  bash benchmarks/gpu_train.sh
+#   EPOCHS (100), SEED (2), TRAIN_S (400: a time-out keeps the last --save-every checkpoint), PPO_S (100).
+# Every stage's output is packed into $OUT as soon as it exists.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AVEX_FASHION_MNIST=$PWD/data/fashion-mnist
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -10,16 +12,21 @@ R=/tmp/results; mkdir -p $R runs
 pack() { tar -czf $OUT/results.tar.gz -C $R . 2>/dev/null; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $R/gpu.txt
 
-# 1. Profiles (where a step's time goes), short.
-timeout 60 python3 benchmarks/profile_step.py env --device cuda --num-envs 16384 --env-kwargs '{"dtype": "bfloat16"}' \
-    --out $R/profile_env.md > /dev/null 2>$R/profile_env.err; pack
-timeout 40 python3 benchmarks/profile_step.py tore --device cuda --K 12 --batch 256 --out $R/profile_tore.md > /dev/null 2>$R/profile_tore.err; pack
-
-# 2. Continue the shipped classifier.
-timeout ${TRAIN_S:-470} python3 -m avex.cli train classifier --device cuda --init avex/checkpoints/fashion_mnist_tore.safetensors \
-    --epochs ${EPOCHS:-110} --batch-size 1024 --lr 1e-3 --warmup 0.03 --label-smoothing 0.1 --seed 1 \
-    --eval-every 40 --save-every 40 --no-progress --log-every 200 \
+# 1. Continue the shipped classifier.
+timeout ${TRAIN_S:-400} python3 -m avex.cli train classifier --device cuda --init avex/checkpoints/fashion_mnist_tore.safetensors \
+    --epochs ${EPOCHS:-100} --batch-size 1024 --lr 1e-3 --warmup 0.03 --label-smoothing 0.1 --seed ${SEED:-2} \
+    --eval-every 50 --save-every 50 --no-progress --log-every 200 \
     --out runs/fashion_mnist_tore --log-json $R/train_log.jsonl 2>&1 | tee $R/train_classifier.log
 cp runs/fashion_mnist_tore.eval.* $R/ 2>/dev/null
 tar -cf $OUT/tore_checkpoint.tar -C runs fashion_mnist_tore.safetensors fashion_mnist_tore.json; pack
+cp runs/fashion_mnist_tore.safetensors runs/fashion_mnist_tore.json avex/checkpoints/ || exit 2  # the env's default model from here on
+
+# 2. PPO on the batched vector env with the new classifier.
+python3 -m avex.cli train ppo --device cuda --num-envs 256 --total-steps 3000000 --time-limit ${PPO_S:-100} --batch-size 2048 \
+    --eval-episodes 2000 --out runs/fashion_mnist_ppo 2>&1 | tr '\r' '\n' | grep -v "^ppo: " | tee $R/train_ppo.log
+cp runs/fashion_mnist_ppo.* $R/ && cp runs/fashion_mnist_ppo.* avex/checkpoints/; pack
+
+# 3. The main job on the GPU: agents x K, 2000 episodes each.
+timeout 130 python3 -m avex.cli benchmark --device cuda --episodes 2000 --num-envs 1000 --ppo runs/fashion_mnist_ppo.safetensors \
+    --out $R/benchmark 2>&1 | tr '\r' '\n' | grep -v "^benchmark: " | tail -40; pack
 echo "job done"

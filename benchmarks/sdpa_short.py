@@ -1,0 +1,83 @@
+"""Which attention kernel is fastest for TORE's short sequences? Time per call of every SDPA backend.
+
+TORE's iterator attends over P + G tokens per glimpse (5 for CLS + 2x2 patches) and the aggregator over
+P + t*G (up to 49 after 12 glimpses), for thousands of rows at once: shapes where a kernel's fixed cost
+per (row, head) block, not arithmetic, decides. Each (shape, backend) is timed as a CUDA graph of 20 calls
+(no launch overhead), median of 20 replays, CUDA events.
+
+    python benchmarks/sdpa_short.py --out results/sdpa_short.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION}
+# (label, rows, heads, head_dim): ViT-B/16 at batch 256; the Fashion-MNIST env's ViT (width 192) at 16,384 envs.
+MODELS = [("ViT-B/16, batch 256", 256, 12, 64), ("depth-6 width-192 ViT, 16,384 envs", 16384, 3, 64)]
+
+
+def time_call(fn, reps: int = 20, calls: int = 20) -> float:
+    """Median microseconds per call of ``fn`` (a CUDA graph of ``calls`` calls, ``reps`` replays)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, nargs="+", default=[5, 9, 17, 33, 49, 65, 197])
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    from avex.platform_info import device_name
+
+    lines = [f"# SDPA per call on short sequences, bf16, {device_name('cuda')}, torch {torch.__version__}", "",
+             "command: `python benchmarks/sdpa_short.py " + " ".join(sys.argv[1:]) + "`", "",
+             "microseconds per call (CUDA graph of 20 calls, median of 20 replays); '-' = backend refused the shape", ""]
+    for label, rows, heads, hd in MODELS:
+        lines += [f"## {label}: q, k, v [{rows}, {heads}, S, {hd}]", "", "| S | " + " | ".join(BACKENDS) + " | fastest |",
+                  "|---:|" + "---:|" * (len(BACKENDS) + 1)]
+        for s in args.seq:
+            q, k, v = (torch.randn(rows, heads, s, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            row = {}
+            for name, backend in BACKENDS.items():
+                try:
+                    with sdpa_kernel([backend]):
+                        row[name] = time_call(lambda: F.scaled_dot_product_attention(q, k, v))
+                except RuntimeError:
+                    row[name] = None
+            best = min((t, n) for n, t in row.items() if t is not None)[1]
+            lines.append(f"| {s} | " + " | ".join("-" if t is None else f"{t:.1f}" for t in row.values()) + f" | {best} |")
+            del q, k, v
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
