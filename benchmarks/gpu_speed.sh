@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device-tool call: the GPU speed benchmarks of issue 5 (TORE vs full recomputation, vector-env throughput)
-# and a profile of a vector-env cycle. Usage (device tool, carry .whl and data):  bash benchmarks/gpu_speed.sh
+# One device-tool call: the main job on the GPU, the GPU speed benchmarks of issue 5 (TORE vs full recomputation,
+# vector-env throughput) and profiles of a vector-env cycle and a TORE episode. Usage (device tool, carry .whl and data):  bash benchmarks/gpu_speed.sh
 # Every stage's output is packed into $OUT/results.tar.gz as soon as it exists, so a time-out keeps what finished.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AVEX_FASHION_MNIST=$PWD/data/fashion-mnist
@@ -10,11 +10,15 @@ R=/tmp/results; mkdir -p $R
 pack() { tar -czf $OUT/results.tar.gz -C $R . 2>/dev/null; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $R/gpu.txt
 
+# 0. The main job on the GPU with the shipped checkpoints: agents x K, 2000 episodes each.
+timeout 120 python3 -m avex.cli benchmark --device cuda --episodes 2000 --num-envs 1000 --out $R/benchmark 2>&1 \
+    | tr '\r' '\n' | grep -v "^benchmark: " | tail -30; pack
+
 # 1. TORE vs full recomputation, ViT-B/16, bf16 (attention kernels: avex's rule for short sequences).
 timeout 150 python3 benchmarks/tore_speed.py --device cuda --dtype bf16 --model vit_base_patch16_224 --K 0 4 8 12 --batch 1 256 \
     --mode eager graph --out $R/tore_speed_h100.md --json $R/tore_speed_h100.json 2>&1 | tail -30; pack
 # 1b. The same at batch 256 with PyTorch's default attention kernels (cuDNN), for comparison.
-AVEX_SDPA=default timeout 80 python3 benchmarks/tore_speed.py --device cuda --dtype bf16 --model vit_base_patch16_224 --K 0 4 8 12 \
+AVEX_SDPA=default timeout 60 python3 benchmarks/tore_speed.py --device cuda --dtype bf16 --model vit_base_patch16_224 --K 0 12 \
     --batch 256 --mode graph --out $R/tore_speed_h100_sdpa_default.md --json $R/tore_speed_h100_sdpa_default.json 2>&1 | tail -12; pack
 
 # 2. Vector-env throughput.
