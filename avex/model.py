@@ -241,14 +241,15 @@ def _attention_backends(x: torch.Tensor):
     (PyTorch's choice) or a comma-separated list of backends (math, flash, efficient, cudnn).
     """
     choice = os.environ.get("AVEX_SDPA", "auto")
-    if not x.is_cuda or x.shape[1] > SHORT_SEQUENCE or choice == "default":
-        return contextlib.nullcontext()
-    names = SHORT_SEQUENCE_BACKENDS if choice == "auto" else tuple(choice.split(","))
+    names = SHORT_SEQUENCE_BACKENDS if choice in ("auto", "default") else tuple(choice.split(","))
     unknown = [n for n in names if n not in _SDPA_BACKENDS]
     if unknown:
         raise ValueError(f"AVEX_SDPA={choice!r}: unknown backend(s) {unknown}; use auto, default or a comma-separated "
                          f"list of {sorted(_SDPA_BACKENDS)}")
-    return sdpa_kernel([_SDPA_BACKENDS[n] for n in names])
+    if not x.is_cuda or x.shape[1] > SHORT_SEQUENCE or choice == "default":
+        return contextlib.nullcontext()
+    # set_priority: the list's order decides; without it PyTorch's own order (flash before efficient) would.
+    return sdpa_kernel([_SDPA_BACKENDS[n] for n in names], set_priority=True)
 
 
 class TOREViT(nn.Module):

@@ -266,3 +266,14 @@ def test_decoder_single_outputs_equal_both(padded: bool) -> None:
     assert torch.equal(entropy_only, entropy)
     with pytest.raises(ValueError, match="recon, entropy or both"):
         model.decode(out, recon=False, entropy=False)
+
+
+def test_bad_attention_backend_choice_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make()
+    geo = model.geometry(G)
+    pix, coords = glimpses(model, canvases(1), random_actions(1, 1, geo), geo)
+    monkeypatch.setenv("AVEX_SDPA", "fast")
+    with pytest.raises(ValueError, match="AVEX_SDPA='fast'.*unknown backend"):
+        model.forward_glimpses(pix, coords, 2)
+    monkeypatch.setenv("AVEX_SDPA", "efficient,math")  # valid: CPU runs as before
+    model.forward_glimpses(pix, coords, 2)
