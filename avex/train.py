@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from avex.checkpoint import load_tore, save_tore
+from avex.checkpoint import load_state, load_tore, save_tore
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT, create_tore
 from avex.platform_info import device_name
@@ -494,7 +494,7 @@ def start_from_checkpoint(model: TOREViT, path: str) -> dict[str, Any]:
         ValueError: naming the first build field that differs (another architecture, image size, classes...).
     """
     src = load_tore(path, expect=model.build_args)
-    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in src.state_dict().items()})
+    load_state(model, src.state_dict(), path)
     return dict(src.meta)
 
 
