@@ -319,11 +319,9 @@ def _folder_sources(cfg: TrainConfig, img_size: int, in_chans: int):
 
 def _fashion_eval_set(source, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed test canvases: the first ``size`` items (0: all), each once, layouts from a fixed seed."""
-    from avex.data import CanvasLayout
-
     n = len(source) if size <= 0 else min(size, len(source))
     rng = np.random.default_rng(_EVAL_SEED)
-    lay = CanvasLayout.stack([source.sample_layout(rng, i) for i in range(n)])
+    lay = source.sample_layouts([rng] * n, list(range(n)))  # one generator, rows drawn in order
     canvases, labels = source.compose(lay)
     return canvases.to(device), labels.to(device)
 
