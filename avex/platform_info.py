@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["device_name"]
+__all__ = ["device_name", "synchronize"]
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
@@ -25,3 +25,9 @@ def device_name(device: str | torch.device = "cpu") -> str:
     except OSError:
         pass
     return f"{cpu} ({len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads)"
+
+
+def synchronize(device: str | torch.device = "cpu") -> None:
+    """Wait for the device's queued work (a no-op off CUDA): timers read after it measure finished work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

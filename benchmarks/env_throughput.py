@@ -31,7 +31,7 @@ import gymnasium as gym  # noqa: E402
 import torch  # noqa: E402
 
 import avex  # noqa: E402,F401  (registers the envs)
-from avex.platform_info import device_name  # noqa: E402
+from avex.platform_info import device_name, synchronize  # noqa: E402
 
 
 def fake_imagenet(per_class: int, size: int = 256) -> str:
@@ -51,11 +51,6 @@ def fake_imagenet(per_class: int, size: int = 256) -> str:
     return str(root)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def measure(env_id: str, num_envs: int, steps: int, device: str, env_kwargs: dict) -> dict:
     """env-steps/s of the native vector env with ``num_envs`` envs over ``steps`` timed steps."""
     venv = gym.make_vec(env_id, num_envs=num_envs, device=device, torch_obs=device.startswith("cuda"), **env_kwargs)
@@ -68,12 +63,12 @@ def measure(env_id: str, num_envs: int, steps: int, device: str, env_kwargs: dic
     for _ in range(2 * budget):  # warm-up: two episodes, autoresets included
         venv.step(plan[:, t % budget])
         t += 1
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         venv.step(plan[:, t % budget])
         t += 1
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     venv.close()
     return dict(num_envs=num_envs, steps=steps, seconds=seconds, env_steps_per_s=num_envs * steps / seconds,
@@ -93,7 +88,7 @@ def single_latency(env_id: str, steps: int, device: str, env_kwargs: dict) -> di
         action = int(rng.choice(np.flatnonzero(mask)))
         t0 = time.perf_counter()
         env.step(action)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     times = np.array(times[env.unwrapped.budget:]) * 1e3  # first episode is warm-up
     return dict(median_ms=float(np.median(times)), p90_ms=float(np.percentile(times, 90)), steps=len(times))

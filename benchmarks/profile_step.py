@@ -27,29 +27,26 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from avex.platform_info import synchronize  # noqa: E402
 
 
 def _report(title: str, run, device: str, rows: int) -> str:
     """Run ``run()`` once under torch.profiler and once under cProfile; both tables as text."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         run()
-        _sync(device)
+        synchronize(device)
     wall_prof = time.perf_counter() - t0
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
     pr = cProfile.Profile()
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     pr.enable()
     run()
-    _sync(device)
+    synchronize(device)
     pr.disable()
     wall = time.perf_counter() - t0
     buf = io.StringIO()

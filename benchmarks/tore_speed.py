@@ -284,11 +284,6 @@ class _Clock:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 # ------------------------------------------------------------------------------------------ benchmark
 def run_benchmark(
     model: str = "vit_base_patch16_224",
@@ -432,12 +427,12 @@ def _time_interleaved(episodes: dict, inputs, dev, T, repeats, warmup, sync_each
             for K, ep in episodes.items():
                 ep.load(timing_sets[r % len(timing_sets)])
                 ep.reset()  # outside the timed region
-                _sync(dev)
+                _platform_mod.synchronize(dev)
                 clock = _Clock(dev, T + 1)
                 clock.mark()
                 if sync_each_step:
                     def mark(clock=clock) -> None:
-                        _sync(dev)
+                        _platform_mod.synchronize(dev)
                         clock.mark()
 
                     ep.run(mark)
