@@ -2,12 +2,7 @@
 # One device-tool call (or the first part of one): attention kernels on TORE's short sequences, per call
 # (sdpa_short.py) and inside whole TORE episodes (tore_speed.py, batch 256, K=0 and 12, under AVEX_SDPA choices).
 # Usage (device tool, carry .whl):  bash benchmarks/gpu_sdpa.sh     -> $OUT/results.tar.gz
-set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-R=/tmp/results; mkdir -p $R
-pack() { tar -czf $OUT/results.tar.gz -C $R . 2>/dev/null; }
+source benchmarks/gpu_setup.sh
 timeout 90 python3 benchmarks/sdpa_short.py --out $R/sdpa_short.md; pack
 for choice in default math efficient flash; do
   AVEX_SDPA=$choice timeout 40 python3 benchmarks/tore_speed.py --device cuda --dtype bf16 --model vit_base_patch16_224 --K 0 12 \

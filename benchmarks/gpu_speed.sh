@@ -2,13 +2,8 @@
 # One device-tool call: the main job on the GPU, the GPU speed benchmarks of issue 5 (TORE vs full recomputation,
 # vector-env throughput) and profiles of a vector-env cycle and a TORE episode. Usage (device tool, carry .whl and data):  bash benchmarks/gpu_speed.sh
 # Every stage's output is packed into $OUT/results.tar.gz as soon as it exists, so a time-out keeps what finished.
-set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AVEX_FASHION_MNIST=$PWD/data/fashion-mnist
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-R=/tmp/results; mkdir -p $R
-pack() { tar -czf $OUT/results.tar.gz -C $R . 2>/dev/null; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $R/gpu.txt
+source benchmarks/gpu_setup.sh
+cat $R/gpu.txt
 
 # 0. The main job on the GPU with the shipped checkpoints: agents x K, 2000 episodes each.
 timeout 120 python3 -m avex.cli benchmark --device cuda --episodes 2000 --num-envs 1000 --out $R/benchmark 2>&1 \

@@ -4,13 +4,9 @@
 # Usage (device tool, carry .whl and data):  bash benchmarks/gpu_train.sh
 #   EPOCHS (100), SEED (2), TRAIN_S (400: a time-out keeps the last --save-every checkpoint), PPO_S (100).
 # Every stage's output is packed into $OUT as soon as it exists.
-set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AVEX_FASHION_MNIST=$PWD/data/fashion-mnist
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-R=/tmp/results; mkdir -p $R runs
-pack() { tar -czf $OUT/results.tar.gz -C $R . 2>/dev/null; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $R/gpu.txt
+source benchmarks/gpu_setup.sh
+mkdir -p runs
+cat $R/gpu.txt
 
 # 1. Continue the shipped classifier.
 timeout ${TRAIN_S:-400} python3 -m avex.cli train classifier --device cuda --init avex/checkpoints/fashion_mnist_tore.safetensors \
