@@ -19,9 +19,7 @@ patches, C channels.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from avex._compat import ensure_timm_importable
+from avex.attention import run_blocks
 from avex.geometry import GlimpseGeometry
 from avex.posembed import grid_coords, lookup_pos_embed, sincos_2d
 
@@ -224,34 +222,6 @@ class GlimpseDecoder(nn.Module):
         return pixels, None if ent is None else (ent / math.log(2.0)).view(b, *self.grid)
 
 
-SHORT_SEQUENCE = 64  # tokens: up to this many, CUDA attention uses SHORT_SEQUENCE_BACKENDS (see _attention_backends)
-SHORT_SEQUENCE_BACKENDS = ("efficient", "flash", "math")  # in order of preference (efficient: fastest at 5..49 tokens, H100)
-_SDPA_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                  "cudnn": SDPBackend.CUDNN_ATTENTION}
-
-
-def _attention_backends(x: torch.Tensor):
-    """SDPA backends for a block input x [B, S, D]: on CUDA, sequences of <= SHORT_SEQUENCE tokens use
-    SHORT_SEQUENCE_BACKENDS rather than PyTorch's own preference (cuDNN's fused kernel on Hopper).
-
-    TORE's sequences are short (the iterator: P + G tokens; the aggregator: P + t*G) and many, where a
-    kernel's fixed cost per (row, head) decides: ``benchmarks/sdpa_short.py`` times every backend on
-    these shapes. The iterator and the aggregator follow the same rule, so K=0 (full recomputation) gets
-    the same kernels as every other K. The environment variable ``AVEX_SDPA`` overrides it: ``default``
-    (PyTorch's choice) or a comma-separated list of backends (math, flash, efficient, cudnn).
-    """
-    choice = os.environ.get("AVEX_SDPA", "auto")
-    names = SHORT_SEQUENCE_BACKENDS if choice in ("auto", "default") else tuple(choice.split(","))
-    unknown = [n for n in names if n not in _SDPA_BACKENDS]
-    if unknown:
-        raise ValueError(f"AVEX_SDPA={choice!r}: unknown backend(s) {unknown}; use auto, default or a comma-separated "
-                         f"list of {sorted(_SDPA_BACKENDS)}")
-    if not x.is_cuda or x.shape[1] > SHORT_SEQUENCE or choice == "default":
-        return contextlib.nullcontext()
-    # set_priority: the list's order decides; without it PyTorch's own order (flash before efficient) would.
-    return sdpa_kernel([_SDPA_BACKENDS[n] for n in names], set_priority=True)
-
-
 class TOREViT(nn.Module):
     """A timm VisionTransformer split into iterator and aggregator, plus a glimpse decoder.
 
@@ -388,10 +358,7 @@ class TOREViT(nn.Module):
     # --------------------------------------------------------- iterator / aggregator
     def iterate(self, x: torch.Tensor, K: int) -> torch.Tensor:
         """blocks[:K] on [B, P + G, D] (each row one glimpse, alone)."""
-        with _attention_backends(x):
-            for blk in self.vit.blocks[:K]:
-                x = blk(x)
-        return x
+        return run_blocks(self.vit.blocks[:K], x)
 
     def empty_prefix(self, K: int) -> torch.Tensor:
         """[1, P, D]: the iterator's prefix output with no glimpse (AME's 'empty' pass starts here)."""
@@ -409,12 +376,7 @@ class TOREViT(nn.Module):
             logits [B, classes], features [B, D], tokens [B, P + L, D] after the final norm.
         """
         vit = self.vit
-        mask = None if valid is None else valid[:, None, None, :]
-        x = seq
-        with _attention_backends(x):
-            for blk in vit.blocks[K:]:
-                x = blk(x, attn_mask=mask) if mask is not None else blk(x)
-        x = vit.norm(x)
+        x = vit.norm(run_blocks(vit.blocks[K:], seq, valid))
         if vit.global_pool == "token":
             pooled = x[:, 0]
         else:  # masked mean over patch tokens

@@ -5,6 +5,12 @@ P + t*G (up to 49 after 12 glimpses), for thousands of rows at once: shapes wher
 per (row, head) block, not arithmetic, decides. Each (shape, backend) is timed as a CUDA graph of 20 calls
 (no launch overhead), median of 20 replays, CUDA events.
 
+The SDPA columns take q, k, v ready as [B, H, S, Dh]. A ViT block has them packed in its qkv
+projection's output [B, S, 3*H*Dh] and needs the result as [B, S, H*Dh]; the "from qkv" columns time that
+whole step: ``avex.attention.reference_attention`` (permute, SDPA with the memory-efficient kernel,
+transpose-and-copy) against ``avex.attention.short_attention`` (avex's Triton kernel, which reads and
+writes those layouts directly).
+
     python benchmarks/sdpa_short.py --out results/sdpa_short.md
 """
 
@@ -52,14 +58,16 @@ def main() -> None:
     p.add_argument("--seq", type=int, nargs="+", default=[5, 9, 17, 33, 49, 65, 197])
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    from avex.attention import reference_attention, short_attention, short_attention_available
     from avex.platform_info import device_name
 
     lines = [f"# SDPA per call on short sequences, bf16, {device_name('cuda')}, torch {torch.__version__}", "",
              "command: `python benchmarks/sdpa_short.py " + " ".join(sys.argv[1:]) + "`", "",
              "microseconds per call (CUDA graph of 20 calls, median of 20 replays); '-' = backend refused the shape", ""]
     for label, rows, heads, hd in MODELS:
-        lines += [f"## {label}: q, k, v [{rows}, {heads}, S, {hd}]", "", "| S | " + " | ".join(BACKENDS) + " | fastest |",
-                  "|---:|" + "---:|" * (len(BACKENDS) + 1)]
+        cols = [*BACKENDS, "efficient from qkv", "triton from qkv"]
+        lines += [f"## {label}: q, k, v [{rows}, {heads}, S, {hd}]", "", "| S | " + " | ".join(cols) + " | fastest |",
+                  "|---:|" + "---:|" * (len(cols) + 1)]
         for s in args.seq:
             q, k, v = (torch.randn(rows, heads, s, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             row = {}
@@ -69,9 +77,14 @@ def main() -> None:
                         row[name] = time_call(lambda: F.scaled_dot_product_attention(q, k, v))
                 except RuntimeError:
                     row[name] = None
+            qkv = torch.randn(rows, s, 3 * heads * hd, device="cuda", dtype=torch.bfloat16)
+            with sdpa_kernel([BACKENDS["efficient"]]):
+                row["efficient from qkv"] = time_call(lambda: reference_attention(qkv, heads))
+            ok = short_attention_available() and s <= 64
+            row["triton from qkv"] = time_call(lambda: short_attention(qkv, heads)) if ok else None
             best = min((t, n) for n, t in row.items() if t is not None)[1]
             lines.append(f"| {s} | " + " | ".join("-" if t is None else f"{t:.1f}" for t in row.values()) + f" | {best} |")
-            del q, k, v
+            del q, k, v, qkv
         lines.append("")
     text = "\n".join(lines)
     print(text)

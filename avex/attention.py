@@ -1,0 +1,235 @@
+"""Self-attention of the ViT blocks on TORE's short sequences: kernel choice and a kernel written for them.
+
+TORE runs thousands of short sequences at once: the iterator attends over ``P + G`` tokens per glimpse
+(5 for a CLS token and a 2x2 glimpse) and the aggregator over ``P + t*G`` (49 after 12 glimpses). On
+such shapes a kernel's fixed cost per (row, head) decides, not arithmetic (``benchmarks/sdpa_short.py``
+times every kernel on them). Two things live here:
+
+* :func:`short_attention`, a Triton kernel (CUDA, inference): one program per (row, head) keeps the whole
+  sequence (up to :data:`SHORT_SEQUENCE` tokens) in registers, reads q, k and v straight out of the qkv
+  projection's output ``[B, S, 3*H*Dh]`` and writes ``[B, S, H*Dh]``, the layout the output projection
+  reads, so the permute and reshape copies around PyTorch's attention disappear too;
+* :func:`run_blocks`, which runs timm ``Block``s over ``[B, S, D]`` with the kernel each shape should get:
+  the Triton kernel where it applies, else PyTorch's SDPA with a priority list of backends.
+
+The iterator and the aggregator both go through :func:`run_blocks`, so K=0 (full recomputation) gets the
+same kernels as every other K. ``AVEX_SDPA`` overrides the choice: ``default`` (plain timm blocks,
+PyTorch's own SDPA choice) or a comma-separated priority list of ``triton``, ``efficient``, ``flash``,
+``math`` and ``cudnn``.
+
+Shapes: B rows, S tokens, D width, H heads, Dh = D / H head width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from avex._compat import ensure_timm_importable
+
+ensure_timm_importable()
+from timm.layers import Attention  # noqa: E402
+from timm.models.vision_transformer import Block  # noqa: E402
+
+try:  # Triton ships with PyTorch's CUDA wheels; CPU-only installs simply never use the kernel.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+__all__ = ["SHORT_SEQUENCE", "SHORT_SEQUENCE_BACKENDS", "attention_choice", "block_forward", "reference_attention",
+           "run_blocks", "short_attention", "short_attention_available"]
+
+SHORT_SEQUENCE = 64  # tokens: up to this many, CUDA attention follows SHORT_SEQUENCE_BACKENDS
+# In order of preference (H100, benchmarks/results/h100/sdpa_short.md): the Triton kernel, then PyTorch's
+# memory-efficient kernel (its fastest at 5..49 tokens; cuDNN, PyTorch's own first choice on Hopper, wins >= 65).
+SHORT_SEQUENCE_BACKENDS = ("triton", "efficient", "flash", "math")
+_SDPA_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                  "cudnn": SDPBackend.CUDNN_ATTENTION}
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def short_attention_available() -> bool:
+    """Whether the Triton kernel can run here (Triton importable; on CPU only under ``TRITON_INTERPRET=1``)."""
+    return triton is not None
+
+
+def _interpreted() -> bool:
+    """Triton's interpreter (``TRITON_INTERPRET=1`` before import) runs the kernel on CPU tensors: tests use it."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------- the Triton kernel
+if triton is not None:
+
+    @triton.jit
+    def _short_attention_kernel(qkv_ptr, out_ptr, valid_ptr, seq_len, scale,
+                                stride_qkv_b, stride_qkv_s, stride_out_b, stride_out_s, stride_valid_b,
+                                HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+                                HAS_VALID: tl.constexpr, IEEE: tl.constexpr):
+        # One program = one (row b, head h): the whole sequence fits in registers.
+        pid = tl.program_id(0)
+        b = pid // HEADS
+        h = pid % HEADS
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, HEAD_DIM)
+        in_seq = s < seq_len
+        # qkv's last axis is (3, H, Dh), as timm's Attention reshapes it.
+        base = qkv_ptr + b * stride_qkv_b + s[:, None] * stride_qkv_s + h * HEAD_DIM + d[None, :]
+        q = tl.load(base, mask=in_seq[:, None], other=0.0)
+        k = tl.load(base + HEADS * HEAD_DIM, mask=in_seq[:, None], other=0.0)
+        v = tl.load(base + 2 * HEADS * HEAD_DIM, mask=in_seq[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = scores * scale
+        keep = in_seq
+        if HAS_VALID:
+            keep = keep & (tl.load(valid_ptr + b * stride_valid_b + s, mask=in_seq, other=0) != 0)
+        scores = tl.where(keep[None, :], scores, float("-inf"))
+        # Softmax in fp32; padded query rows still see the real keys, so no row is all -inf.
+        p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+        if IEEE:
+            o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            o = tl.dot(p.to(v.dtype), v)
+        out = out_ptr + b * stride_out_b + s[:, None] * stride_out_s + h * HEAD_DIM + d[None, :]
+        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=in_seq[:, None])
+
+
+def _check_qkv(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None) -> tuple[int, int, int]:
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"qkv must be [B, S, 3*H*Dh] with H={heads}, got {tuple(qkv.shape)}")
+    b, s, three_d = qkv.shape
+    if valid is not None and (valid.shape != (b, s) or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be a bool key mask [B, S] = [{b}, {s}], got {valid.dtype} {tuple(valid.shape)}")
+    return b, s, three_d // (3 * heads)
+
+
+def short_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of every (row, head) of ``qkv``, by the Triton kernel (no autograd).
+
+    Args:
+        qkv: [B, S, 3*H*Dh], last axis ordered (3, H, Dh) as timm's ``Attention.qkv`` gives it;
+            S <= :data:`SHORT_SEQUENCE`, Dh a power of two >= 16; fp16, bf16 or fp32.
+        heads: H.
+        valid: [B, S] bool, False for keys to ignore (padding); None: every key counts.
+
+    Returns:
+        [B, S, H*Dh] in qkv's dtype: heads side by side, ready for the output projection.
+    """
+    if triton is None:
+        raise RuntimeError("short_attention needs Triton (it ships with PyTorch's CUDA wheels: pip install triton)")
+    b, s, hd = _check_qkv(qkv, heads, valid)
+    if not 1 <= s <= SHORT_SEQUENCE:
+        raise ValueError(f"short_attention takes 1..{SHORT_SEQUENCE} tokens, got {s}: use reference_attention")
+    if hd < 16 or hd & (hd - 1) or qkv.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"short_attention needs a head width that is a power of two >= 16 and fp16/bf16/fp32, "
+                         f"got Dh={hd}, {qkv.dtype}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    out = torch.empty(b, s, heads * hd, device=qkv.device, dtype=qkv.dtype)
+    valid_arg = valid if valid is not None else out  # never read when HAS_VALID is False
+    _short_attention_kernel[(b * heads,)](
+        qkv, out, valid_arg, s, hd ** -0.5,
+        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), valid.stride(0) if valid is not None else 0,
+        HEADS=heads, HEAD_DIM=hd, BLOCK_S=max(16, triton.next_power_of_2(s)), HAS_VALID=valid is not None,
+        IEEE=qkv.dtype == torch.float32, num_warps=4 if s > 32 else 2)
+    return out
+
+
+def reference_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """What :func:`short_attention` computes, by PyTorch's SDPA (any device, any length, autograd).
+
+    Args and returns as :func:`short_attention`.
+    """
+    b, s, hd = _check_qkv(qkv, heads, valid)
+    q, k, v = qkv.view(b, s, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    mask = None if valid is None else valid[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, s, heads * hd)
+
+
+# ------------------------------------------------------------------------------- block forward
+def _plain_block(blk: nn.Module) -> bool:
+    """Whether ``blk`` is a timm ``Block`` whose attention :func:`block_forward` reproduces exactly."""
+    attn = getattr(blk, "attn", None)
+    return (type(blk) is Block and type(attn) is Attention and getattr(attn, "gate", None) is None
+            and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity))
+
+
+def block_forward(blk: Block, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """timm's ``Block.forward`` (pre-norm attention and MLP, layer scale, drop path) with attention by
+    :func:`short_attention` where it applies (CUDA or the Triton interpreter, no autograd, short
+    sequence), else :func:`reference_attention`.
+
+    Args:
+        blk: a plain timm ``Block`` (see :func:`run_blocks`).
+        x: [B, S, D].
+        valid: [B, S] bool key mask or None.
+
+    Returns:
+        [B, S, D].
+    """
+    attn = blk.attn
+    qkv = attn.qkv(blk.norm1(x))
+    usable = (triton is not None and not torch.is_grad_enabled() and qkv.shape[1] <= SHORT_SEQUENCE
+              and qkv.dtype in _KERNEL_DTYPES and attn.head_dim >= 16 and not attn.head_dim & (attn.head_dim - 1)
+              and (qkv.is_cuda or _interpreted()))
+    a = (short_attention if usable else reference_attention)(qkv, attn.num_heads, valid)
+    x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(a)))))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def attention_choice() -> tuple[str, ...]:
+    """The backend priority list from ``AVEX_SDPA`` (``auto``: :data:`SHORT_SEQUENCE_BACKENDS`; ``default``: ())."""
+    choice = os.environ.get("AVEX_SDPA", "auto")
+    if choice == "auto":
+        return SHORT_SEQUENCE_BACKENDS
+    if choice == "default":
+        return ()
+    names = tuple(choice.split(","))
+    unknown = [n for n in names if n != "triton" and n not in _SDPA_BACKENDS]
+    if unknown:
+        raise ValueError(f"AVEX_SDPA={choice!r}: unknown backend(s) {unknown}; use auto, default or a comma-separated "
+                         f"list of {['triton', *sorted(_SDPA_BACKENDS)]}")
+    return names
+
+
+def run_blocks(blocks: nn.Sequential | list[nn.Module], x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``blocks`` over ``x`` with the attention kernel its shape should get.
+
+    On CUDA (and under Triton's interpreter), sequences of <= :data:`SHORT_SEQUENCE` tokens follow the priority list of :func:`attention_choice`:
+    ``triton`` first means :func:`block_forward` with the Triton kernel (inference only; anything it does not
+    cover, training included, drops to the next entry), the others are SDPA backends tried in that order
+    (``set_priority``: without it PyTorch's own order, flash before efficient, would decide). Elsewhere, and
+    for longer sequences, plain timm blocks with PyTorch's own choice.
+
+    Args:
+        blocks: timm ViT blocks.
+        x: [B, S, D].
+        valid: [B, S] bool key mask (padding of rows with fewer glimpses) or None.
+
+    Returns:
+        [B, S, D].
+    """
+    names = attention_choice()
+    short = x.shape[1] <= SHORT_SEQUENCE and bool(names)
+    sdpa = [_SDPA_BACKENDS[n] for n in names if n != "triton"] if short and x.is_cuda else []
+    ctx = sdpa_kernel(sdpa, set_priority=True) if sdpa else contextlib.nullcontext()
+    kernel = (short and names[0] == "triton" and triton is not None and not torch.is_grad_enabled()
+              and (x.is_cuda or _interpreted()))
+    mask = None if valid is None else valid[:, None, None, :]
+    with ctx:
+        for blk in blocks:
+            if kernel and not blk.training and _plain_block(blk):
+                x = block_forward(blk, x, valid)
+            else:
+                x = blk(x, attn_mask=mask) if mask is not None else blk(x)
+    return x

@@ -1,0 +1,176 @@
+"""Attention on TORE's short sequences: the block forward that routes it, and the Triton kernel.
+
+The kernel runs on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, read when Triton is imported,
+hence the subprocesses); its bf16 matmul is only right on a GPU, so bf16 is checked by the CUDA test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from avex.attention import block_forward, reference_attention, run_blocks, short_attention_available
+from avex.model import create_tore
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+def _vit_blocks(model: str, **kw) -> torch.nn.Module:
+    tore = create_tore(model, img_size=32, patch_size=8, in_chans=3, num_classes=5, depth=2, **kw)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tore.parameters():  # timm's init leaves biases and layer scales near zero; randomise all
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return tore.vit.blocks.eval()
+
+
+@pytest.mark.parametrize("model,kw", [("vit_tiny_patch16_224", {}),
+                                      ("deit3_small_patch16_224", dict(embed_dim=64, num_heads=2))])  # layer scale
+def test_block_forward_equals_timm_block(model: str, kw: dict) -> None:
+    """block_forward re-implements timm's Block.forward: it must agree with it, with and without a key mask."""
+    blocks = _vit_blocks(model, **kw)
+    x = torch.randn(3, 9, blocks[0].norm1.normalized_shape[0], generator=torch.Generator().manual_seed(1))
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[1, 5:] = False
+    valid[2, 2:] = False
+    with torch.no_grad():
+        for blk in blocks:
+            torch.testing.assert_close(block_forward(blk, x), blk(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(block_forward(blk, x, valid), blk(x, attn_mask=valid[:, None, None, :]),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_reference_attention_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match=r"qkv must be \[B, S, 3\*H\*Dh\]"):
+        reference_attention(torch.zeros(2, 5, 100), heads=3)
+    with pytest.raises(ValueError, match="valid must be a bool key mask"):
+        reference_attention(torch.zeros(2, 5, 96), heads=2, valid=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_run_blocks_on_cpu_is_plain_timm() -> None:
+    """Without CUDA or the interpreter the blocks run as timm's own, bit for bit."""
+    blocks = _vit_blocks("vit_tiny_patch16_224")
+    x = torch.randn(2, 5, 192)
+    with torch.no_grad():
+        expect = blocks[1](blocks[0](x))
+        torch.testing.assert_close(run_blocks(blocks, x), expect, atol=0, rtol=0)
+
+
+def _interpreted(code: str) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@needs_triton
+def test_kernel_matches_sdpa_under_interpreter() -> None:
+    """fp32 and fp16, 1..64 tokens (one and several key blocks), with and without padding masks."""
+    out = _interpreted("""
+        import torch
+        from avex.attention import short_attention, reference_attention
+        gen = torch.Generator().manual_seed(0)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+            for s in (1, 5, 16, 17, 49, 64):
+                qkv = torch.randn(3, s, 3 * 2 * 32, generator=gen).to(dtype)
+                valid = torch.rand(3, s, generator=gen) > 0.4
+                valid[:, 0] = True
+                for v in (None, valid):
+                    got = short_attention(qkv, 2, v).float()
+                    want = reference_attention(qkv.float(), 2, v)
+                    err = (got - want).abs().max().item()
+                    assert got.shape == (3, s, 64) and err < tol, (dtype, s, v is not None, err)
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_triton
+def test_kernel_rejects_what_it_cannot_run() -> None:
+    out = _interpreted("""
+        import torch
+        from avex.attention import short_attention
+        cases = [(torch.zeros(1, 65, 96), "1..64 tokens"), (torch.zeros(1, 5, 3 * 2 * 24), "power of two"),
+                 (torch.zeros(1, 5, 96, dtype=torch.float64), "fp16/bf16/fp32")]
+        for qkv, msg in cases:
+            try:
+                short_attention(qkv, 2)
+            except ValueError as e:
+                assert msg in str(e), e
+            else:
+                raise AssertionError(f"accepted {tuple(qkv.shape)} {qkv.dtype}")
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_triton
+def test_tore_episode_with_kernel_equals_sdpa() -> None:
+    """A whole cached episode (iterator, aggregator, uneven rows with a key mask) through the kernel gives
+    the logits of PyTorch's attention, and the kernel really ran (every block of every step)."""
+    out = _interpreted("""
+        import os
+        import numpy as np
+        import torch
+        import avex.attention as att
+        from avex.model import create_tore
+        tore = create_tore("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=1, num_classes=5, depth=4).eval()
+        geo = tore.geometry(2)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in tore.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        canv = torch.randint(0, 256, (3, 32, 32, 1), generator=gen, dtype=torch.uint8)
+        calls = []
+        kernel = att.short_attention
+        att.short_attention = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+
+        def episode(choice, K=2):
+            os.environ["AVEX_SDPA"] = choice
+            cache = tore.init_cache(3, 4, K, geo.tokens_per_glimpse)
+            logits = []
+            with torch.inference_mode():
+                for t in range(4):
+                    if t == 2:
+                        tore.reset_cache(cache, np.array([1]))  # row 1 restarts: uneven rows, key mask
+                    r, c = (torch.as_tensor(v) for v in geo.action_to_patch(np.array([t, (3 * t) % 9, 8 - t])))
+                    pix = geo.cut(canv, r, c).float() / 255
+                    logits.append(tore.step(cache, pix, geo.glimpse_coords(r, c)).logits)
+            return torch.stack(logits)
+
+        want = episode("default")
+        assert not calls
+        got = episode("triton,math")
+        # 4 steps x (2 iterator + 2 aggregator blocks), and the empty pass (2 iterator blocks) at init and reset
+        assert len(calls) == 4 * 4 + 2 * 2, len(calls)
+        err = (got - want).abs().max().item()
+        assert err < 1e-4, err
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not short_attention_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_matches_sdpa_on_cuda(dtype: torch.dtype) -> None:
+    from avex.attention import short_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for s in (1, 5, 17, 49, 64):
+        qkv = torch.randn(64, s, 3 * 12 * 64, device="cuda", generator=gen).to(dtype)
+        valid = torch.rand(64, s, device="cuda", generator=gen) > 0.4
+        valid[:, 0] = True
+        for v in (None, valid):
+            got = short_attention(qkv, 12, v).float()
+            want = reference_attention(qkv.float(), 12, v)
+            tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+            assert (got - want).abs().max().item() < tol, (dtype, s, v is not None)
