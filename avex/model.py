@@ -49,16 +49,27 @@ class AggregatorOutput:
     Attributes:
         logits: [B, num_classes].
         features: [B, D] pooled pre-logits embedding (the CLS token after the final norm).
-        tokens: [B, P + L, D] every token after the final norm (decoder input).
+        hidden: [B, P + L, D] every token before the final norm.
         valid: [B, P + L] bool, False at cache slots a row has not filled yet; None when all rows are full.
         coords: [B, L, 2] patch coordinates of the cached tokens.
+        tokens: [B, P + L, D] every token after the final norm (the decoder's input): computed on first
+            access, since the logits need only the CLS token's norm and most callers (a benchmark, an env
+            without the entropy map) never read the rest.
     """
 
     logits: torch.Tensor
     features: torch.Tensor
-    tokens: torch.Tensor
+    hidden: torch.Tensor
     valid: torch.Tensor | None
     coords: torch.Tensor
+    norm: nn.Module = field(default_factory=nn.Identity, repr=False)
+    _tokens: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        if self._tokens is None:
+            self._tokens = self.norm(self.hidden)
+        return self._tokens
 
 
 @dataclass
@@ -268,6 +279,12 @@ class TOREViT(nn.Module):
         std = _per_channel(std or cfg.get("std") or (0.5,), self.in_chans)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        # normalize() as one multiply-add per channel, [C, 1, 1]: uint8 pixels x -> x * scale + shift (float
+        # input: x / std + shift), so a glimpse is normalised, cast and unfolded by one kernel (embed_glimpses).
+        std_t, mean_t = torch.tensor(std).view(-1, 1, 1), torch.tensor(mean).view(-1, 1, 1)
+        self.register_buffer("_pixel_scale_u8", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("_pixel_scale_f", 1.0 / std_t, persistent=False)
+        self.register_buffer("_pixel_shift", -mean_t / std_t, persistent=False)
         self.decoder = (
             GlimpseDecoder(self.embed_dim, self.grid, self.patch, self.in_chans, decoder_dim, decoder_heads, decoder_depth)
             if decoder_dim
@@ -321,8 +338,7 @@ class TOREViT(nn.Module):
     def _prefix(self, batch: int) -> torch.Tensor:
         """[batch, P, D] the prefix tokens (CLS, registers) with their position embedding where the ViT has one."""
         vit = self.vit
-        parts = [vit.cls_token] + ([vit.reg_token] if vit.reg_token is not None else [])
-        prefix = torch.cat(parts, dim=1)
+        prefix = vit.cls_token if vit.reg_token is None else torch.cat([vit.cls_token, vit.reg_token], dim=1)
         if not vit.no_embed_class:
             prefix = prefix + vit.pos_embed[:, : self.num_prefix]
         return prefix.expand(batch, -1, -1)
@@ -339,17 +355,23 @@ class TOREViT(nn.Module):
         """
         self._check_glimpses(pixels, coords)
         pe = self.vit.patch_embed
-        x = self.normalize(pixels).to(pe.proj.weight.dtype)
+        dtype = pe.proj.weight.dtype
         if self._patch_as_linear:
             # The stride-p, p x p convolution as one matrix product over unfolded patches: the same arithmetic,
             # but a glimpse's few patches made cuDNN's convolution the slowest kernel of a K=12 step (82 us at
-            # batch 256, H100; a GEMM of this size takes a few).
-            b, c, h, w = x.shape
-            p = self.patch
-            x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
-            x = F.linear(x, pe.proj.weight.reshape(self.embed_dim, -1), pe.proj.bias)  # [B, G, D]
+            # batch 256, H100; a GEMM of this size takes a few). Normalising, casting and unfolding are one
+            # multiply-add written straight into the unfolded layout (six kernels before, each a fixed cost per step).
+            b, c, h, w = pixels.shape
+            p, gh, gw = self.patch, h // self.patch, w // self.patch
+            unfolded = pixels.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # [B, gh, gw, C, p, p] view
+            if pixels.dtype != torch.uint8 and not pixels.is_floating_point():
+                raise ValueError(f"glimpse pixels must be uint8 in [0, 255] or float in [0, 1], got {pixels.dtype}")
+            scale = self._pixel_scale_u8 if pixels.dtype == torch.uint8 else self._pixel_scale_f
+            x = torch.empty(unfolded.shape, dtype=dtype, device=pixels.device)
+            torch.addcmul(self._pixel_shift, unfolded, scale, out=x)
+            x = F.linear(x.view(b, gh * gw, c * p * p), pe.proj.weight.reshape(self.embed_dim, -1), pe.proj.bias)  # [B, G, D]
         else:
-            x = pe.proj(x).flatten(2).transpose(1, 2)  # [B, G, D]
+            x = pe.proj(self.normalize(pixels).to(dtype)).flatten(2).transpose(1, 2)  # [B, G, D]
         x = pe.norm(x)  # row-major like coords
         x = x + lookup_pos_embed(self._patch_pos_table(), self.grid, coords).to(x.dtype)
         x = torch.cat([self._prefix(x.shape[0]).to(x.dtype), x], dim=1)
@@ -373,13 +395,15 @@ class TOREViT(nn.Module):
             valid: [B, P + L] bool key mask (padding of rows with fewer glimpses); None: all valid.
 
         Returns:
-            logits [B, classes], features [B, D], tokens [B, P + L, D] after the final norm.
+            logits [B, classes], features [B, D], hidden [B, P + L, D] before the final norm (a per-token
+            LayerNorm: with CLS pooling only the CLS token's is computed here).
         """
         vit = self.vit
-        x = vit.norm(run_blocks(vit.blocks[K:], seq, valid))
+        hidden = run_blocks(vit.blocks[K:], seq, valid)
         if vit.global_pool == "token":
-            pooled = x[:, 0]
+            pooled = vit.norm(hidden[:, 0])
         else:  # masked mean over patch tokens
+            x = vit.norm(hidden)
             patches = x[:, self.num_prefix :]
             if valid is None:
                 pooled = patches.mean(dim=1)
@@ -387,7 +411,7 @@ class TOREViT(nn.Module):
                 w = valid[:, self.num_prefix :, None].to(x.dtype)
                 pooled = (patches * w).sum(1) / w.sum(1).clamp(min=1)
         features = vit.fc_norm(pooled)
-        return vit.head(vit.head_drop(features)), features, x
+        return vit.head(vit.head_drop(features)), features, hidden
 
     def forward_glimpses(self, pixels: torch.Tensor, coords: torch.Tensor, K: int) -> AggregatorOutput:
         """Single-shot path (training): T glimpses through the iterator at once, then the aggregator.
@@ -408,7 +432,7 @@ class TOREViT(nn.Module):
         prefix = x[:, :, : self.num_prefix].mean(dim=1)
         tokens = x[:, :, self.num_prefix :].reshape(b, -1, x.shape[-1])
         logits, features, out = self.aggregate(torch.cat([prefix, tokens], dim=1), K)
-        return AggregatorOutput(logits, features, out, None, coords.reshape(b, -1, 2).float())
+        return AggregatorOutput(logits, features, out, None, coords.reshape(b, -1, 2).float(), self.vit.norm)
 
     def forward(self, pixels: torch.Tensor, coords: torch.Tensor, K: int) -> torch.Tensor:
         """Logits [B, classes] of the single-shot path (see :meth:`forward_glimpses`)."""
@@ -458,7 +482,7 @@ class TOREViT(nn.Module):
         if (n == n[0]).all():  # rows in step: static slices (CUDA-graph friendly)
             n0 = int(n[0])
             cache.buf[:, p + n0 * g2 : p + (n0 + 1) * g2] = x[:, p:]
-            cache.coords[:, n0 * g2 : (n0 + 1) * g2] = coords.float()
+            cache.coords[:, n0 * g2 : (n0 + 1) * g2] = coords  # copy_ casts to float
             cache.buf[:, :p].lerp_(x[:, :p], 1.0 / (n0 + 1))  # running mean: one kernel, one rounding
         else:  # rows reset at different times: scatter at per-row offsets
             dev = cache.buf.device
@@ -481,7 +505,7 @@ class TOREViT(nn.Module):
             lengths = torch.as_tensor(p + n * g2, device=cache.buf.device)
             valid = torch.arange(p + length, device=cache.buf.device)[None] < lengths[:, None]
         logits, features, tokens = self.aggregate(cache.buf[:, : p + length], cache.K, valid)
-        return AggregatorOutput(logits, features, tokens, valid, cache.coords[:, :length])
+        return AggregatorOutput(logits, features, tokens, valid, cache.coords[:, :length], self.vit.norm)
 
     # ------------------------------------------------------------------ decoder
     def decode(self, out: AggregatorOutput, recon: bool = True, entropy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:

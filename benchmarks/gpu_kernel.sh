@@ -7,13 +7,12 @@ source benchmarks/gpu_setup.sh
 cat $R/gpu.txt
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee $R/versions.txt
 timeout 120 python3 -m pytest -q tests/test_attention.py tests/test_model.py -p no:cacheprovider 2>&1 | tail -5 | tee $R/pytest_cuda.txt; pack
-timeout 90 python3 benchmarks/sdpa_short.py --out $R/sdpa_short.md | tail -25; pack
-for choice in auto efficient,flash,math default; do
+timeout 150 python3 benchmarks/sdpa_short.py --tune --out $R/sdpa_short.md | tail -40; pack
+for choice in auto efficient,flash,math; do
   AVEX_SDPA=$choice timeout 60 python3 benchmarks/tore_speed.py --device cuda --dtype bf16 --model vit_base_patch16_224 \
       --K 0 4 8 12 --batch 1 256 --mode graph --out $R/tore_speed_$choice.md 2>&1 | grep "graph |"; pack
 done
 timeout 40 python3 benchmarks/profile_step.py tore --device cuda --K 12 --batch 256 --out $R/profile_tore.md > /dev/null 2>$R/profile_tore.err; pack
-timeout 40 python3 benchmarks/profile_step.py tore --device cuda --K 0 --batch 256 --out $R/profile_tore_k0.md > /dev/null 2>$R/profile_tore_k0.err; pack
 timeout 90 python3 benchmarks/env_throughput.py --device cuda --num-envs 4096 16384 --steps 36 \
     --env-kwargs '{"dtype": "bfloat16"}' --out $R/env_throughput.md 2>&1 | tail -6; pack
 echo "job done"

@@ -53,10 +53,32 @@ def time_call(fn, reps: int = 20, calls: int = 20) -> float:
     return statistics.median(times)
 
 
+def tune(seqs: list[int], short_attention) -> list[str]:
+    """Microseconds per call of the Triton kernel for each launch setting; * marks its default (_launch)."""
+    from avex.attention import _launch
+
+    lines = ["## Triton kernel launch settings (block_s x num_warps), microseconds per call, * = default", ""]
+    for label, rows, heads, hd in MODELS:
+        lines += [f"### {label}", "", "| S | " + " | ".join(f"{w} warps" for w in (1, 2, 4, 8)) + " |", "|---|---:|---:|---:|---:|"]
+        for s in (s for s in seqs if s <= 64):
+            qkv = torch.randn(rows, s, 3 * heads * hd, device="cuda", dtype=torch.bfloat16)
+            blocks = ([8] if s <= 8 else []) + [max(16, 1 << (s - 1).bit_length())]
+            for bs in blocks:
+                cells = []
+                for w in (1, 2, 4, 8):
+                    t = time_call(lambda: short_attention(qkv, heads, block_s=bs, num_warps=w))
+                    cells.append(f"{t:.1f}" + ("*" if (bs, w) == _launch(s) else ""))
+                lines.append(f"| {s} (block {bs}) | " + " | ".join(cells) + " |")
+            del qkv
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, nargs="+", default=[5, 9, 17, 33, 49, 65, 197])
     p.add_argument("--out", default=None)
+    p.add_argument("--tune", action="store_true", help="also time the Triton kernel's launch settings (block_s, num_warps)")
     args = p.parse_args()
     from avex.attention import reference_attention, short_attention, short_attention_available
     from avex.platform_info import device_name
@@ -86,6 +108,8 @@ def main() -> None:
             lines.append(f"| {s} | " + " | ".join("-" if t is None else f"{t:.1f}" for t in row.values()) + f" | {best} |")
             del q, k, v, qkv
         lines.append("")
+    if args.tune and short_attention_available():
+        lines += tune(args.seq, short_attention)
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -65,7 +65,7 @@ def test_run_blocks_on_cpu_is_plain_timm() -> None:
 
 
 def _interpreted(code: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -74,7 +74,8 @@ def _interpreted(code: str) -> str:
 
 @needs_triton
 def test_kernel_matches_sdpa_under_interpreter() -> None:
-    """fp32 and fp16, 1..64 tokens (one and several key blocks), with and without padding masks."""
+    """fp32 and fp16, 1..64 tokens, both paths (tensor-core matmuls; multiply-adds for block_s < 16),
+    with and without padding masks."""
     out = _interpreted("""
         import torch
         from avex.attention import short_attention, reference_attention
@@ -85,10 +86,11 @@ def test_kernel_matches_sdpa_under_interpreter() -> None:
                 valid = torch.rand(3, s, generator=gen) > 0.4
                 valid[:, 0] = True
                 for v in (None, valid):
-                    got = short_attention(qkv, 2, v).float()
                     want = reference_attention(qkv.float(), 2, v)
-                    err = (got - want).abs().max().item()
-                    assert got.shape == (3, s, 64) and err < tol, (dtype, s, v is not None, err)
+                    for block_s in [None] + ([8] if s <= 8 else []):
+                        got = short_attention(qkv, 2, v, block_s=block_s).float()
+                        err = (got - want).abs().max().item()
+                        assert got.shape == (3, s, 64) and err < tol, (dtype, s, block_s, v is not None, err)
         print("ok")
     """)
     assert out.strip() == "ok"
@@ -101,9 +103,10 @@ def test_kernel_rejects_what_it_cannot_run() -> None:
         from avex.attention import short_attention
         cases = [(torch.zeros(1, 65, 96), "1..64 tokens"), (torch.zeros(1, 5, 3 * 2 * 24), "power of two"),
                  (torch.zeros(1, 5, 96, dtype=torch.float64), "fp16/bf16/fp32")]
+        cases.append((torch.zeros(1, 9, 192), "block_s must be a power of two >= the sequence length 9"))
         for qkv, msg in cases:
             try:
-                short_attention(qkv, 2)
+                short_attention(qkv, 2, block_s=8 if qkv.shape[1] == 9 else None)
             except ValueError as e:
                 assert msg in str(e), e
             else:
@@ -170,7 +173,8 @@ def test_kernel_matches_sdpa_on_cuda(dtype: torch.dtype) -> None:
         valid = torch.rand(64, s, device="cuda", generator=gen) > 0.4
         valid[:, 0] = True
         for v in (None, valid):
-            got = short_attention(qkv, 12, v).float()
             want = reference_attention(qkv.float(), 12, v)
             tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
-            assert (got - want).abs().max().item() < tol, (dtype, s, v is not None)
+            for block_s in [None] + ([8] if s <= 8 else []):
+                got = short_attention(qkv, 12, v, block_s=block_s).float()
+                assert (got - want).abs().max().item() < tol, (dtype, s, block_s, v is not None)
