@@ -84,13 +84,12 @@ if triton is not None:
         q = tl.load(base, mask=in_seq[:, None], other=0.0)
         k = tl.load(base + HEADS * HEAD_DIM, mask=in_seq[:, None], other=0.0)
         v = tl.load(base + 2 * HEADS * HEAD_DIM, mask=in_seq[:, None], other=0.0)
-        if BLOCK_S >= 16:  # tensor-core matmuls (tl.dot needs >= 16 rows)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-        else:  # a few tokens: broadcast multiply-adds in fp32, no padding to 16 rows
-            scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        # Tensor-core matmuls, padded to BLOCK_S >= 16 rows (tl.dot's minimum; on the H100 this beat fp32
+        # multiply-adds over 8 rows by 2x at 5 tokens, benchmarks/results/h100/sdpa_short.md).
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
         scores = scores * scale
         keep = in_seq
         if HAS_VALID:
@@ -99,13 +98,10 @@ if triton is not None:
         # Softmax in fp32; padded query rows still see the real keys, so no row is all -inf.
         p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
         p = p / tl.sum(p, axis=1)[:, None]
-        if BLOCK_S >= 16:
-            if IEEE:
-                o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                o = tl.dot(p.to(v.dtype), v)
-        else:  # p rounded to v's dtype as the tensor-core path does, then fp32 sums
-            o = tl.sum(p.to(v.dtype).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        if IEEE:
+            o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            o = tl.dot(p.to(v.dtype), v)
         out = out_ptr + b * stride_out_b + s[:, None] * stride_out_s + h * HEAD_DIM + d[None, :]
         tl.store(out, o.to(out_ptr.dtype.element_ty), mask=in_seq[:, None])
 
@@ -128,8 +124,8 @@ def short_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None = 
             S <= :data:`SHORT_SEQUENCE`, Dh a power of two >= 16; fp16, bf16 or fp32.
         heads: H.
         valid: [B, S] bool, False for keys to ignore (padding); None: every key counts.
-        block_s, num_warps: launch settings (a power of two >= S; warps per program); None: :func:`_launch`'s
-            choice. ``block_s`` < 16 takes the multiply-add path instead of tensor-core matmuls.
+        block_s, num_warps: launch settings (a power of two >= max(S, 16); warps per program); None:
+            :func:`_launch`'s choice.
 
     Returns:
         [B, S, H*Dh] in qkv's dtype: heads side by side, ready for the output projection.
@@ -146,8 +142,8 @@ def short_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None = 
         qkv = qkv.contiguous()
     default_block, default_warps = _launch(s)
     block_s, num_warps = block_s or default_block, num_warps or default_warps
-    if block_s < s or block_s & (block_s - 1):
-        raise ValueError(f"block_s must be a power of two >= the sequence length {s}, got {block_s}")
+    if block_s < max(s, 16) or block_s & (block_s - 1):
+        raise ValueError(f"block_s must be a power of two >= 16 and >= the sequence length {s}, got {block_s}")
     out = torch.empty(b, s, heads * hd, device=qkv.device, dtype=qkv.dtype)
     valid_arg = valid if valid is not None else out  # never read when HAS_VALID is False
     _short_attention_kernel[(b * heads,)](
@@ -159,8 +155,12 @@ def short_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None = 
 
 
 def _launch(seq_len: int) -> tuple[int, int]:
-    """(BLOCK_S, num_warps) for a sequence length: the padded length for tensor-core matmuls, and warps."""
-    return max(16, triton.next_power_of_2(seq_len)), 4 if seq_len > 32 else 2
+    """(BLOCK_S, num_warps) for a sequence length: the padded length for tensor-core matmuls, and warps.
+
+    Warps from ``sdpa_short.py --tune`` on the H100 (ViT-B at batch 256 and the Fashion-MNIST env's ViT at
+    16,384 envs agree): one warp up to 32 tokens (5 tokens: 4.9 us against 5.7 with two), four beyond.
+    """
+    return max(16, triton.next_power_of_2(seq_len)), 4 if seq_len > 32 else 1
 
 
 def reference_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,8 +33,8 @@ def lookup_pos_embed(table: torch.Tensor, grid: tuple[int, int], coords: torch.T
         [..., D]
     """
     gh, gw = grid
-    if not coords.is_floating_point():
-        return table[coords[..., 0] * gw + coords[..., 1]]
+    if not coords.is_floating_point():  # one gather kernel (a flat index would cost two more per call)
+        return table.view(gh, gw, -1)[coords[..., 0], coords[..., 1]]
     r = coords[..., 0].clamp(0, gh - 1)
     c = coords[..., 1].clamp(0, gw - 1)
     r0, c0 = r.floor().long(), c.floor().long()

@@ -62,7 +62,7 @@ def tune(seqs: list[int], short_attention) -> list[str]:
         lines += [f"### {label}", "", "| S | " + " | ".join(f"{w} warps" for w in (1, 2, 4, 8)) + " |", "|---|---:|---:|---:|---:|"]
         for s in (s for s in seqs if s <= 64):
             qkv = torch.randn(rows, s, 3 * heads * hd, device="cuda", dtype=torch.bfloat16)
-            blocks = ([8] if s <= 8 else []) + [max(16, 1 << (s - 1).bit_length())]
+            blocks = [max(16, 1 << (s - 1).bit_length())]
             for bs in blocks:
                 cells = []
                 for w in (1, 2, 4, 8):
