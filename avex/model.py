@@ -285,6 +285,12 @@ class TOREViT(nn.Module):
         self.register_buffer("_pixel_scale_u8", 1.0 / (255.0 * std_t), persistent=False)
         self.register_buffer("_pixel_scale_f", 1.0 / std_t, persistent=False)
         self.register_buffer("_pixel_shift", -mean_t / std_t, persistent=False)
+        # The same constants as 0-dim CPU tensors when every channel shares them: the multiply-add then
+        # takes them as kernel arguments, and only the pixels need strided indexing.
+        uniform = len(set(mean)) == 1 and len(set(std)) == 1
+        self._pixel_affine_scalars = (
+            {"uint8": torch.tensor(1.0 / (255.0 * std[0])), "float": torch.tensor(1.0 / std[0]),
+             "shift": torch.tensor(-mean[0] / std[0])} if uniform else None)
         self.decoder = (
             GlimpseDecoder(self.embed_dim, self.grid, self.patch, self.in_chans, decoder_dim, decoder_heads, decoder_depth)
             if decoder_dim
@@ -335,13 +341,17 @@ class TOREViT(nn.Module):
         pe = self.vit.pos_embed[0]
         return pe if self.vit.no_embed_class else pe[self.num_prefix :]
 
-    def _prefix(self, batch: int) -> torch.Tensor:
-        """[batch, P, D] the prefix tokens (CLS, registers) with their position embedding where the ViT has one."""
+    def _prefix(self, batch: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, P, D] the prefix tokens (CLS, registers) with their position embedding where the ViT has one
+        (written into ``out`` when given, in one kernel)."""
         vit = self.vit
         prefix = vit.cls_token if vit.reg_token is None else torch.cat([vit.cls_token, vit.reg_token], dim=1)
-        if not vit.no_embed_class:
-            prefix = prefix + vit.pos_embed[:, : self.num_prefix]
-        return prefix.expand(batch, -1, -1)
+        pos = None if vit.no_embed_class else vit.pos_embed[:, : self.num_prefix]
+        if out is None:
+            return (prefix if pos is None else prefix + pos).expand(batch, -1, -1)
+        if pos is None:
+            return out.copy_(prefix.expand(batch, -1, -1))
+        return torch.add(prefix.expand(batch, -1, -1), pos.expand(batch, -1, -1), out=out)
 
     def embed_glimpses(self, pixels: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Patch-embed glimpses, each token with the position embedding of its place on the full grid.
@@ -366,15 +376,26 @@ class TOREViT(nn.Module):
             unfolded = pixels.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # [B, gh, gw, C, p, p] view
             if pixels.dtype != torch.uint8 and not pixels.is_floating_point():
                 raise ValueError(f"glimpse pixels must be uint8 in [0, 255] or float in [0, 1], got {pixels.dtype}")
-            scale = self._pixel_scale_u8 if pixels.dtype == torch.uint8 else self._pixel_scale_f
             x = torch.empty(unfolded.shape, dtype=dtype, device=pixels.device)
-            torch.addcmul(self._pixel_shift, unfolded, scale, out=x)
+            if self._pixel_affine_scalars is not None:
+                sc = self._pixel_affine_scalars
+                torch.addcmul(sc["shift"], unfolded, sc["uint8" if pixels.dtype == torch.uint8 else "float"], out=x)
+            else:
+                scale = self._pixel_scale_u8 if pixels.dtype == torch.uint8 else self._pixel_scale_f
+                torch.addcmul(self._pixel_shift, unfolded, scale, out=x)
             x = F.linear(x.view(b, gh * gw, c * p * p), pe.proj.weight.reshape(self.embed_dim, -1), pe.proj.bias)  # [B, G, D]
         else:
             x = pe.proj(self.normalize(pixels).to(dtype)).flatten(2).transpose(1, 2)  # [B, G, D]
         x = pe.norm(x)  # row-major like coords
-        x = x + lookup_pos_embed(self._patch_pos_table(), self.grid, coords).to(x.dtype)
-        x = torch.cat([self._prefix(x.shape[0]).to(x.dtype), x], dim=1)
+        pos = lookup_pos_embed(self._patch_pos_table(), self.grid, coords)
+        b, g, d = x.shape
+        if torch.is_grad_enabled():  # training: autograd needs the out-of-place form
+            x = torch.cat([self._prefix(b).to(x.dtype), x + pos.to(x.dtype)], dim=1)
+        else:  # inference: write prefix and tokens into one buffer (no concatenation pass)
+            out = torch.empty(b, self.num_prefix + g, d, dtype=x.dtype, device=x.device)
+            self._prefix(b, out=out[:, : self.num_prefix])
+            torch.add(x, pos.to(x.dtype), out=out[:, self.num_prefix :])
+            x = out
         return self.vit.norm_pre(self.vit.pos_drop(x))
 
     # --------------------------------------------------------- iterator / aggregator

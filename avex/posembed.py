@@ -8,6 +8,7 @@ Integer coordinates (a glimpse aligned to the patch grid) index the table exactl
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["grid_coords", "lookup_pos_embed", "sincos_2d"]
 
@@ -33,8 +34,8 @@ def lookup_pos_embed(table: torch.Tensor, grid: tuple[int, int], coords: torch.T
         [..., D]
     """
     gh, gw = grid
-    if not coords.is_floating_point():  # one gather kernel (a flat index would cost two more per call)
-        return table.view(gh, gw, -1)[coords[..., 0], coords[..., 1]]
+    if not coords.is_floating_point():  # flat index in one kernel, then a row gather (embedding: vectorised rows)
+        return F.embedding(torch.add(coords[..., 1], coords[..., 0], alpha=gw), table)
     r = coords[..., 0].clamp(0, gh - 1)
     c = coords[..., 1].clamp(0, gw - 1)
     r0, c0 = r.floor().long(), c.floor().long()

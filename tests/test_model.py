@@ -277,3 +277,27 @@ def test_bad_attention_backend_choice_is_named(monkeypatch: pytest.MonkeyPatch) 
         model.forward_glimpses(pix, coords, 2)
     monkeypatch.setenv("AVEX_SDPA", "efficient,math")  # valid: CPU runs as before
     model.forward_glimpses(pix, coords, 2)
+
+
+@pytest.mark.parametrize("stats", [dict(), dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+@pytest.mark.parametrize("grad", [False, True])
+def test_glimpse_embedding_equals_timm_patch_embed(stats: dict, grad: bool) -> None:
+    """The fused embedding (one multiply-add to normalise, cast and unfold; prefix and tokens written into one
+    buffer without autograd) gives timm's conv patch embedding of the normalised glimpse plus positions."""
+    model = make(**stats)
+    geo = model.geometry(G)
+    canv = canvases(3)
+    r, c = torch.tensor([0, 2, 5]), torch.tensor([1, 6, 3])
+    pix, coords = geo.cut(canv, r, c), geo.glimpse_coords(r, c)
+    vit = model.vit
+    with torch.set_grad_enabled(grad):
+        tokens = vit.patch_embed.proj(model.normalize(pix)).flatten(2).transpose(1, 2)
+        pos_full = vit.pos_embed[0, model.num_prefix :].view(*model.grid, -1)
+        want = torch.cat([(vit.cls_token + vit.pos_embed[:, :1]).expand(3, -1, -1),
+                          tokens + pos_full[coords[..., 0], coords[..., 1]]], dim=1)
+        for p in (pix, pix.float() / 255):
+            got = model.embed_glimpses(p, coords)
+            assert got.requires_grad == grad
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="uint8 in \\[0, 255\\] or float"):
+        model.embed_glimpses(pix.to(torch.int32), coords)
