@@ -285,12 +285,12 @@ class TOREViT(nn.Module):
         self.register_buffer("_pixel_scale_u8", 1.0 / (255.0 * std_t), persistent=False)
         self.register_buffer("_pixel_scale_f", 1.0 / std_t, persistent=False)
         self.register_buffer("_pixel_shift", -mean_t / std_t, persistent=False)
-        # The same constants as 0-dim CPU tensors when every channel shares them: the multiply-add then
-        # takes them as kernel arguments, and only the pixels need strided indexing.
+        # The same constants as kernel arguments when every channel shares them (the scales as numbers, the
+        # shift as a 0-dim CPU tensor: a CUDA kernel takes at most one), so only the pixels need strided indexing.
         uniform = len(set(mean)) == 1 and len(set(std)) == 1
         self._pixel_affine_scalars = (
-            {"uint8": torch.tensor(1.0 / (255.0 * std[0])), "float": torch.tensor(1.0 / std[0]),
-             "shift": torch.tensor(-mean[0] / std[0])} if uniform else None)
+            {"uint8": 1.0 / (255.0 * std[0]), "float": 1.0 / std[0], "shift": torch.tensor(-mean[0] / std[0])}
+            if uniform else None)
         self.decoder = (
             GlimpseDecoder(self.embed_dim, self.grid, self.patch, self.in_chans, decoder_dim, decoder_heads, decoder_depth)
             if decoder_dim
@@ -379,7 +379,7 @@ class TOREViT(nn.Module):
             x = torch.empty(unfolded.shape, dtype=dtype, device=pixels.device)
             if self._pixel_affine_scalars is not None:
                 sc = self._pixel_affine_scalars
-                torch.addcmul(sc["shift"], unfolded, sc["uint8" if pixels.dtype == torch.uint8 else "float"], out=x)
+                torch.add(sc["shift"], unfolded, alpha=sc["uint8" if pixels.dtype == torch.uint8 else "float"], out=x)
             else:
                 scale = self._pixel_scale_u8 if pixels.dtype == torch.uint8 else self._pixel_scale_f
                 torch.addcmul(self._pixel_shift, unfolded, scale, out=x)

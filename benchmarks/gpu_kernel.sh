@@ -6,7 +6,7 @@
 source benchmarks/gpu_setup.sh
 cat $R/gpu.txt
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee $R/versions.txt
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k cuda 2>&1 | tail -2 | tee $R/pytest_cuda.txt; pack
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_model.py -k cuda 2>&1 | tail -2 | tee $R/pytest_cuda.txt; pack
 timeout 120 python3 benchmarks/sdpa_short.py --tune --out $R/sdpa_short.md | tail -32; pack
 TS="python3 benchmarks/tore_speed.py --device cuda --dtype bf16 --model vit_base_patch16_224 --mode graph"
 timeout 60 $TS --K 0 4 8 12 --batch 1 256 --out $R/tore_speed_auto.md 2>&1 | grep "graph |"; pack

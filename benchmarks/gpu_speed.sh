@@ -4,7 +4,7 @@
 # Every stage's output is packed into $OUT/results.tar.gz as soon as it exists, so a time-out keeps what finished.
 source benchmarks/gpu_setup.sh
 cat $R/gpu.txt
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k cuda 2>&1 | tail -2 | tee $R/pytest_cuda.txt; pack
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_model.py -k cuda 2>&1 | tail -2 | tee $R/pytest_cuda.txt; pack
 
 # 0. The main job on the GPU with the shipped checkpoints: agents x K, 2000 episodes each.
 timeout 120 python3 -m avex.cli benchmark --device cuda --episodes 2000 --num-envs 1000 --out $R/benchmark 2>&1 \

@@ -301,3 +301,17 @@ def test_glimpse_embedding_equals_timm_patch_embed(stats: dict, grad: bool) -> N
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="uint8 in \\[0, 255\\] or float"):
         model.embed_glimpses(pix.to(torch.int32), coords)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stats", [dict(), dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+def test_glimpse_embedding_on_cuda_equals_cpu(stats: dict) -> None:
+    """CUDA kernels take fewer CPU scalars than CPU ones: the fused embedding must run there too, and agree."""
+    model = make(**stats)
+    geo = model.geometry(G)
+    r, c = torch.tensor([0, 2, 5]), torch.tensor([1, 6, 3])
+    pix, coords = geo.cut(canvases(3), r, c), geo.glimpse_coords(r, c)
+    with torch.no_grad():
+        want = model.embed_glimpses(pix, coords)
+        got = model.to("cuda").embed_glimpses(pix.cuda(), coords.cuda()).cpu()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
