@@ -46,8 +46,9 @@ __all__ = ["SHORT_SEQUENCE", "SHORT_SEQUENCE_BACKENDS", "attention_choice", "blo
            "run_blocks", "short_attention", "short_attention_available"]
 
 SHORT_SEQUENCE = 64  # tokens: up to this many, CUDA attention follows SHORT_SEQUENCE_BACKENDS
-# In order of preference (H100, benchmarks/results/h100/sdpa_short.md): the Triton kernel, then PyTorch's
-# memory-efficient kernel (its fastest at 5..49 tokens; cuDNN, PyTorch's own first choice on Hopper, wins >= 65).
+# In order of preference (H100, benchmarks/results/h100/kernel/sdpa_short_triton.md): the Triton kernel (5 us
+# per call at 5 tokens, batch 256, ViT-B), then PyTorch's memory-efficient kernel (its fastest SDPA backend at
+# 5..49 tokens: 35 us; cuDNN, PyTorch's own first choice on Hopper, wins from 65 tokens, where this list stops).
 SHORT_SEQUENCE_BACKENDS = ("triton", "efficient", "flash", "math")
 _SDPA_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                   "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -74,7 +75,7 @@ if triton is not None:
                                 HAS_VALID: tl.constexpr, IEEE: tl.constexpr):
         # One program = one (row b, head h): the whole sequence fits in registers.
         pid = tl.program_id(0)
-        b = pid // HEADS
+        b = (pid // HEADS).to(tl.int64)  # 64-bit offsets: rows x stride can pass 2**31 at large batches
         h = pid % HEADS
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, HEAD_DIM)
@@ -85,7 +86,8 @@ if triton is not None:
         k = tl.load(base + HEADS * HEAD_DIM, mask=in_seq[:, None], other=0.0)
         v = tl.load(base + 2 * HEADS * HEAD_DIM, mask=in_seq[:, None], other=0.0)
         # Tensor-core matmuls, padded to BLOCK_S >= 16 rows (tl.dot's minimum; on the H100 this beat fp32
-        # multiply-adds over 8 rows by 2x at 5 tokens, benchmarks/results/h100/sdpa_short.md).
+        # multiply-adds over 8 rows by 2x at 5 tokens: benchmarks/results/h100/kernel/sdpa_short_tune_996c610.md).
+        # fp32 inputs get exact fp32 products (IEEE), not TF32.
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -140,6 +142,8 @@ def short_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None = 
                          f"got Dh={hd}, {qkv.dtype}")
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
+    if valid is not None and valid.stride(-1) != 1:
+        valid = valid.contiguous()
     default_block, default_warps = _launch(s)
     block_s, num_warps = block_s or default_block, num_warps or default_warps
     if block_s < max(s, 16) or block_s & (block_s - 1):
@@ -158,7 +162,8 @@ def _launch(seq_len: int) -> tuple[int, int]:
     """(BLOCK_S, num_warps) for a sequence length: the padded length for tensor-core matmuls, and warps.
 
     Warps from ``sdpa_short.py --tune`` on the H100 (ViT-B at batch 256 and the Fashion-MNIST env's ViT at
-    16,384 envs agree): one warp up to 32 tokens (5 tokens: 4.9 us against 5.7 with two), four beyond.
+    16,384 envs agree; benchmarks/results/h100/kernel/): one warp up to 32 tokens (5 tokens: 4.9 to 5.0 us
+    against 5.4 to 5.7 with two), four beyond.
     """
     return max(16, triton.next_power_of_2(seq_len)), 4 if seq_len > 32 else 1
 
