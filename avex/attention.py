@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -187,6 +188,28 @@ def _plain_block(blk: nn.Module) -> bool:
             and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity))
 
 
+_kernel_failure: str | None = None  # set when Triton could not build or launch the kernel on this machine
+
+
+def _kernel_or_reference(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None) -> torch.Tensor:
+    """:func:`short_attention`, or :func:`reference_attention` (with one warning) once the kernel has failed to
+    build or launch here: Triton compiles a small C launcher at first use, and an image without a C compiler
+    should still run, only slower."""
+    global _kernel_failure
+    if _kernel_failure is None:
+        try:
+            return short_attention(qkv, heads, valid)
+        except ValueError:  # a shape or dtype this kernel refuses: a caller's bug, not the machine's
+            raise
+        except Exception as err:  # noqa: BLE001 - Triton's build and driver errors have no common type
+            _kernel_failure = f"{type(err).__name__}: {err}"
+            warnings.warn(f"avex: the Triton attention kernel failed on this machine ({_kernel_failure[:300]}); "
+                          "attention now uses PyTorch's SDPA, with the same results but slower. Fix the Triton "
+                          "install (it needs a C compiler at first use) or set AVEX_SDPA=efficient,flash,math "
+                          "to skip the kernel.", RuntimeWarning, stacklevel=3)
+    return reference_attention(qkv, heads, valid)
+
+
 def block_forward(blk: Block, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """timm's ``Block.forward`` (pre-norm attention and MLP, layer scale, drop path) with attention by
     :func:`short_attention` where it applies (CUDA or the Triton interpreter, no autograd, short
@@ -205,7 +228,7 @@ def block_forward(blk: Block, x: torch.Tensor, valid: torch.Tensor | None = None
     usable = (triton is not None and not torch.is_grad_enabled() and qkv.shape[1] <= SHORT_SEQUENCE
               and qkv.dtype in _KERNEL_DTYPES and attn.head_dim >= 16 and not attn.head_dim & (attn.head_dim - 1)
               and (qkv.is_cuda or _interpreted()))
-    a = (short_attention if usable else reference_attention)(qkv, attn.num_heads, valid)
+    a = _kernel_or_reference(qkv, attn.num_heads, valid) if usable else reference_attention(qkv, attn.num_heads, valid)
     x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(a)))))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,34 @@ def test_kernel_matches_sdpa_on_cuda(dtype: torch.dtype) -> None:
             for block_s in [None] + ([32] if s <= 16 else []):
                 got = short_attention(qkv, 12, v, block_s=block_s, num_warps=2 if block_s else None).float()
                 assert (got - want).abs().max().item() < tol, (dtype, s, block_s, v is not None)
+
+
+def test_kernel_failure_falls_back_to_sdpa_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine where Triton cannot build the kernel (no C compiler, say) still runs: SDPA's result, one warning."""
+    import avex.attention as att
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(att, "short_attention", broken)
+    monkeypatch.setattr(att, "_kernel_failure", None)
+    monkeypatch.setattr(att, "triton", att.triton or object())  # "Triton importable", even where it is not
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # let CPU tensors take the kernel path
+    blocks = _vit_blocks("vit_tiny_patch16_224")
+    x = torch.randn(2, 5, 192)
+    with torch.no_grad():
+        want = blocks[1](blocks[0](x))
+        with pytest.warns(RuntimeWarning, match="Triton attention kernel failed.*C compiler.*AVEX_SDPA"):
+            got = att.block_forward(blocks[1], att.block_forward(blocks[0], x))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            att.block_forward(blocks[0], x)
+
+    def refused(*args, **kwargs):
+        raise ValueError("short_attention takes 1..64 tokens")
+
+    monkeypatch.setattr(att, "short_attention", refused)
+    monkeypatch.setattr(att, "_kernel_failure", None)
+    with torch.no_grad(), pytest.raises(ValueError, match="1..64 tokens"):  # a refusal is a bug: it is raised
+        att.block_forward(blocks[0], x)
