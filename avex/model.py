@@ -62,7 +62,7 @@ class AggregatorOutput:
     hidden: torch.Tensor
     valid: torch.Tensor | None
     coords: torch.Tensor
-    norm: nn.Module = field(default_factory=nn.Identity, repr=False)
+    norm: nn.Module = field(repr=False)  # the ViT's final norm, for ``tokens``
     _tokens: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -408,31 +408,33 @@ class TOREViT(nn.Module):
         x = self.vit.norm_pre(self.vit.pos_drop(self._prefix(1)))
         return self.iterate(x, K)
 
-    def aggregate(self, seq: torch.Tensor, K: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def aggregate(self, seq: torch.Tensor, K: int, coords: torch.Tensor, valid: torch.Tensor | None = None) -> AggregatorOutput:
         """blocks[K:] -> norm -> pool -> head.
 
         Args:
             seq: [B, P + L, D] ``[mean prefix, cached tokens]``.
+            coords: [B, L, 2] patch coordinates of the cached tokens (float).
             valid: [B, P + L] bool key mask (padding of rows with fewer glimpses); None: all valid.
 
         Returns:
-            logits [B, classes], features [B, D], hidden [B, P + L, D] before the final norm (a per-token
-            LayerNorm: with CLS pooling only the CLS token's is computed here).
+            The logits, pooled features and tokens. The final norm is a per-token LayerNorm: with CLS pooling
+            only the CLS token's is computed here, the rest when ``tokens`` is first read.
         """
         vit = self.vit
         hidden = run_blocks(vit.blocks[K:], seq, valid)
+        tokens = None
         if vit.global_pool == "token":
             pooled = vit.norm(hidden[:, 0])
         else:  # masked mean over patch tokens
-            x = vit.norm(hidden)
-            patches = x[:, self.num_prefix :]
+            tokens = vit.norm(hidden)
+            patches = tokens[:, self.num_prefix :]
             if valid is None:
                 pooled = patches.mean(dim=1)
             else:
-                w = valid[:, self.num_prefix :, None].to(x.dtype)
+                w = valid[:, self.num_prefix :, None].to(tokens.dtype)
                 pooled = (patches * w).sum(1) / w.sum(1).clamp(min=1)
         features = vit.fc_norm(pooled)
-        return vit.head(vit.head_drop(features)), features, hidden
+        return AggregatorOutput(vit.head(vit.head_drop(features)), features, hidden, valid, coords, vit.norm, tokens)
 
     def forward_glimpses(self, pixels: torch.Tensor, coords: torch.Tensor, K: int) -> AggregatorOutput:
         """Single-shot path (training): T glimpses through the iterator at once, then the aggregator.
@@ -452,8 +454,7 @@ class TOREViT(nn.Module):
         x = x.view(b, t, *x.shape[1:])
         prefix = x[:, :, : self.num_prefix].mean(dim=1)
         tokens = x[:, :, self.num_prefix :].reshape(b, -1, x.shape[-1])
-        logits, features, out = self.aggregate(torch.cat([prefix, tokens], dim=1), K)
-        return AggregatorOutput(logits, features, out, None, coords.reshape(b, -1, 2).float(), self.vit.norm)
+        return self.aggregate(torch.cat([prefix, tokens], dim=1), K, coords.reshape(b, -1, 2).float())
 
     def forward(self, pixels: torch.Tensor, coords: torch.Tensor, K: int) -> torch.Tensor:
         """Logits [B, classes] of the single-shot path (see :meth:`forward_glimpses`)."""
@@ -525,8 +526,7 @@ class TOREViT(nn.Module):
         if not (n == n[0]).all():
             lengths = torch.as_tensor(p + n * g2, device=cache.buf.device)
             valid = torch.arange(p + length, device=cache.buf.device)[None] < lengths[:, None]
-        logits, features, tokens = self.aggregate(cache.buf[:, : p + length], cache.K, valid)
-        return AggregatorOutput(logits, features, tokens, valid, cache.coords[:, :length], self.vit.norm)
+        return self.aggregate(cache.buf[:, : p + length], cache.K, cache.coords[:, :length], valid)
 
     # ------------------------------------------------------------------ decoder
     def decode(self, out: AggregatorOutput, recon: bool = True, entropy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -19,6 +19,7 @@ VARIANTS = {
     "cls": dict(model="vit_tiny_patch16_224"),
     "no_embed_class": dict(model="deit3_small_patch16_224", embed_dim=64, num_heads=2),
     "registers": dict(model="vit_tiny_patch16_224", reg_tokens=4, no_embed_class=True),
+    "avg_pool": dict(model="vit_tiny_patch16_224", global_pool="avg"),  # fc_norm over the mean patch token
 }
 
 
