@@ -118,6 +118,20 @@ def _check_qkv(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None) -> tup
     return b, s, three_d // (3 * heads)
 
 
+def _kernel_refusal(seq_len: int, head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot take this shape or dtype, or None when it can."""
+    if not 1 <= seq_len <= SHORT_SEQUENCE:
+        return f"short_attention takes 1..{SHORT_SEQUENCE} tokens, got {seq_len}: use reference_attention"
+    if head_dim < 16 or head_dim & (head_dim - 1) or dtype not in _KERNEL_DTYPES:
+        return f"short_attention needs a head width that is a power of two >= 16 and fp16/bf16/fp32, got Dh={head_dim}, {dtype}"
+    return None
+
+
+def _kernel_may_run(x: torch.Tensor) -> bool:
+    """Whether the kernel can run on ``x``'s device and mode: Triton present, no autograd, CUDA or the interpreter."""
+    return triton is not None and not torch.is_grad_enabled() and (x.is_cuda or _interpreted())
+
+
 def short_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None = None, *,
                     block_s: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Softmax attention of every (row, head) of ``qkv``, by the Triton kernel (no autograd).
@@ -136,11 +150,9 @@ def short_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None = 
     if triton is None:
         raise RuntimeError("short_attention needs Triton (it ships with PyTorch's CUDA wheels: pip install triton)")
     b, s, hd = _check_qkv(qkv, heads, valid)
-    if not 1 <= s <= SHORT_SEQUENCE:
-        raise ValueError(f"short_attention takes 1..{SHORT_SEQUENCE} tokens, got {s}: use reference_attention")
-    if hd < 16 or hd & (hd - 1) or qkv.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"short_attention needs a head width that is a power of two >= 16 and fp16/bf16/fp32, "
-                         f"got Dh={hd}, {qkv.dtype}")
+    refusal = _kernel_refusal(s, hd, qkv.dtype)
+    if refusal:
+        raise ValueError(refusal)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     if valid is not None and valid.stride(-1) != 1:
@@ -225,9 +237,7 @@ def block_forward(blk: Block, x: torch.Tensor, valid: torch.Tensor | None = None
     """
     attn = blk.attn
     qkv = attn.qkv(blk.norm1(x))
-    usable = (triton is not None and not torch.is_grad_enabled() and qkv.shape[1] <= SHORT_SEQUENCE
-              and qkv.dtype in _KERNEL_DTYPES and attn.head_dim >= 16 and not attn.head_dim & (attn.head_dim - 1)
-              and (qkv.is_cuda or _interpreted()))
+    usable = _kernel_may_run(qkv) and _kernel_refusal(qkv.shape[1], attn.head_dim, qkv.dtype) is None
     a = _kernel_or_reference(qkv, attn.num_heads, valid) if usable else reference_attention(qkv, attn.num_heads, valid)
     x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(a)))))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
@@ -269,8 +279,7 @@ def run_blocks(blocks: nn.Sequential | list[nn.Module], x: torch.Tensor, valid: 
     short = x.shape[1] <= SHORT_SEQUENCE and bool(names)
     sdpa = [_SDPA_BACKENDS[n] for n in names if n != "triton"] if short and x.is_cuda else []
     ctx = sdpa_kernel(sdpa, set_priority=True) if sdpa else contextlib.nullcontext()
-    kernel = (short and names[0] == "triton" and triton is not None and not torch.is_grad_enabled()
-              and (x.is_cuda or _interpreted()))
+    kernel = short and names[0] == "triton" and _kernel_may_run(x)
     mask = None if valid is None else valid[:, None, None, :]
     with ctx:
         for blk in blocks:
