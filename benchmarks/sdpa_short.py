@@ -55,12 +55,12 @@ def time_call(fn, reps: int = 20, calls: int = 20) -> float:
 
 def tune(seqs: list[int], short_attention) -> list[str]:
     """Microseconds per call of the Triton kernel for each launch setting; * marks its default (_launch)."""
-    from avex.attention import _launch
+    from avex.attention import SHORT_SEQUENCE, _launch
 
     lines = ["## Triton kernel launch settings (block_s x num_warps), microseconds per call, * = default", ""]
     for label, rows, heads, hd in MODELS:
         lines += [f"### {label}", "", "| S | " + " | ".join(f"{w} warps" for w in (1, 2, 4, 8)) + " |", "|---|---:|---:|---:|---:|"]
-        for s in (s for s in seqs if s <= 64):
+        for s in (s for s in seqs if s <= SHORT_SEQUENCE):
             qkv = torch.randn(rows, s, 3 * heads * hd, device="cuda", dtype=torch.bfloat16)
             blocks = [max(16, 1 << (s - 1).bit_length())]
             for bs in blocks:
@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--tune", action="store_true", help="also time the Triton kernel's launch settings (block_s, num_warps)")
     args = p.parse_args()
-    from avex.attention import reference_attention, short_attention, short_attention_available
+    from avex.attention import SHORT_SEQUENCE, reference_attention, short_attention, short_attention_available
     from avex.platform_info import device_name
 
     lines = [f"# SDPA per call on short sequences, bf16, {device_name('cuda')}, torch {torch.__version__}", "",
@@ -102,7 +102,7 @@ def main() -> None:
             qkv = torch.randn(rows, s, 3 * heads * hd, device="cuda", dtype=torch.bfloat16)
             with sdpa_kernel([BACKENDS["efficient"]]):
                 row["efficient from qkv"] = time_call(lambda: reference_attention(qkv, heads))
-            ok = short_attention_available() and s <= 64
+            ok = short_attention_available() and s <= SHORT_SEQUENCE
             row["triton from qkv"] = time_call(lambda: short_attention(qkv, heads)) if ok else None
             best = min((t, n) for n, t in row.items() if t is not None)[1]
             lines.append(f"| {s} | " + " | ".join("-" if t is None else f"{t:.1f}" for t in row.values()) + f" | {best} |")
