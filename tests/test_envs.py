@@ -255,6 +255,24 @@ def test_allow_repeats(roots):
 
 
 # ----------------------------------------------------------------- bad input
+def _twins_after_one_glimpse(roots) -> tuple[AVEEnv, AVEEnv]:
+    """Two envs in the same state (seed 4, glimpse 10): one to hit with a bad action, one untouched."""
+    env, ref = fm(roots), fm(roots)
+    for e in (env, ref):
+        e.reset(seed=4)
+        e.step(10)
+    return env, ref
+
+
+def _assert_same_next_step(env: AVEEnv, ref: AVEEnv, action: int) -> None:
+    """The same next step from both: the refused action left no trace."""
+    o1, r1, _, _, i1 = env.step(action)
+    o2, r2, _, _, i2 = ref.step(action)
+    assert_obs_equal(o1, o2)
+    assert r1 == r2
+    assert_info_equal(i1, i2)
+
+
 def _state(env: AVEEnv) -> tuple:
     e = env.engine
     return e.steps.copy(), e.used.copy(), e.seen.clone(), e.cache.buf.clone(), e.loss.clone()
@@ -262,11 +280,7 @@ def _state(env: AVEEnv) -> tuple:
 
 @pytest.mark.parametrize("bad", [169, -1, 3.0, True, "7", [1, 2], np.array([[1]]), None])
 def test_invalid_discrete_action_changes_nothing(roots, bad):
-    env, ref = fm(roots), fm(roots)
-    env.reset(seed=4)
-    ref.reset(seed=4)
-    env.step(10)
-    ref.step(10)
+    env, ref = _twins_after_one_glimpse(roots)
     before = _state(env)
     with pytest.raises(ValueError, match=r"action|integer"):
         env.step(bad)
@@ -274,29 +288,17 @@ def test_invalid_discrete_action_changes_nothing(roots, bad):
     np.testing.assert_array_equal(before[0], after[0])
     np.testing.assert_array_equal(before[1], after[1])
     assert all(torch.equal(x, y) for x, y in zip(before[2:], after[2:]))
-    o1, r1, _, _, i1 = env.step(11)
-    o2, r2, _, _, i2 = ref.step(11)
-    assert_obs_equal(o1, o2)
-    assert r1 == r2
-    assert_info_equal(i1, i2)
+    _assert_same_next_step(env, ref, 11)
 
 
 def test_masked_action_raises_and_changes_nothing(roots):
-    env, ref = fm(roots), fm(roots)
-    env.reset(seed=4)
-    ref.reset(seed=4)
-    env.step(10)
-    ref.step(10)
+    env, ref = _twins_after_one_glimpse(roots)
     buf = env.engine.cache.buf.clone()
     with pytest.raises(ValueError, match="already taken.*allow_repeats=True"):
         env.step(10)
     assert torch.equal(buf, env.engine.cache.buf) and env.engine.steps[0] == 1
     assert env.action_masks()[10] == 0 and env.action_masks().sum() == env.action_space.n - 1
-    o1, r1, _, _, i1 = env.step(12)
-    o2, r2, _, _, i2 = ref.step(12)
-    assert_obs_equal(o1, o2)
-    assert r1 == r2
-    assert_info_equal(i1, i2)
+    _assert_same_next_step(env, ref, 12)
 
 
 @pytest.mark.parametrize("bad", [[0.5, 0.5, 1.5], [-0.1, 0, 0], [np.nan, 0, 0], [0.5, 0.5], "abc"])
