@@ -178,10 +178,14 @@ class GlimpseDecoder(nn.Module):
         heads: int = 4,
         depth: int = 1,
         mlp_ratio: float = 4.0,
+        layout: str = "concat",
     ) -> None:
         super().__init__()
+        if layout not in ("scatter", "concat"):
+            raise ValueError(f"decoder layout must be 'scatter' or 'concat', got {layout!r}")
         self.grid = grid
         self.dim = dim
+        self.layout = layout
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(_DecoderBlock(dim, heads, mlp_ratio) for _ in range(depth))
@@ -218,6 +222,8 @@ class GlimpseDecoder(nn.Module):
             raise ValueError("ask the decoder for recon, entropy or both")
         b, n_obs = tokens.shape[:2]
         n = self.grid_pos.shape[1]
+        if self.layout == "scatter":
+            return self._forward_scatter(cls, tokens, coords, valid, recon, entropy)
         obs = self.embed(tokens) + sincos_2d(coords, self.dim).to(tokens.dtype)
         queries = (self.mask_token + self.grid_pos).to(obs.dtype).expand(b, -1, -1)
         x = torch.cat([self.embed(cls)[:, None], obs, queries], dim=1)
@@ -229,6 +235,32 @@ class GlimpseDecoder(nn.Module):
             x, _ = blk(x, key_valid, entropy=False)
         # Only the grid's rows of the last block are read (reconstruction, entropy): query just those.
         x, ent = self.blocks[-1](x, key_valid, first_query=1 + n_obs, output=recon, entropy=entropy)
+        pixels = self.pred(self.norm(x)) if recon else None
+        return pixels, None if ent is None else (ent / math.log(2.0)).view(b, *self.grid)
+
+    def _forward_scatter(self, cls, tokens, coords, valid, recon, entropy):
+        """AME's layout: ``[CLS, grid]``, each grid cell holding its latest observed token or the mask token."""
+        b, n_obs = tokens.shape[:2]
+        gh, gw = self.grid
+        n = gh * gw
+        rc = coords.round().long()
+        cell = rc[..., 0].clamp(0, gh - 1) * gw + rc[..., 1].clamp(0, gw - 1)  # [B, L]
+        order = torch.arange(n_obs, device=tokens.device).expand(b, n_obs)
+        if valid is not None:
+            order = torch.where(valid, order, -1)
+        # The latest token of each cell (deterministic, unlike a scatter of duplicate indices).
+        latest = torch.full((b, n), -1, dtype=torch.long, device=tokens.device).scatter_reduce(1, cell, order, "amax")
+        head = self.embed(cls)[:, None]
+        if n_obs:
+            obs = self.embed(tokens)
+            picked = obs.gather(1, latest.clamp(min=0)[..., None].expand(b, n, self.dim))
+            grid = torch.where((latest >= 0)[..., None], picked, self.mask_token.to(obs.dtype))
+        else:  # the empty pass: nothing seen yet
+            grid = self.mask_token.to(head.dtype).expand(b, n, -1)
+        x = torch.cat([head, grid + self.grid_pos.to(head.dtype)], dim=1)
+        for blk in self.blocks[:-1]:
+            x, _ = blk(x, None, entropy=False)
+        x, ent = self.blocks[-1](x, None, first_query=1, output=recon, entropy=entropy)
         pixels = self.pred(self.norm(x)) if recon else None
         return pixels, None if ent is None else (ent / math.log(2.0)).view(b, *self.grid)
 
@@ -252,6 +284,7 @@ class TOREViT(nn.Module):
         decoder_dim: int = 128,
         decoder_heads: int = 4,
         decoder_depth: int = 1,
+        decoder_layout: str = "concat",
     ) -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer):
@@ -292,7 +325,8 @@ class TOREViT(nn.Module):
             {"uint8": 1.0 / (255.0 * std[0]), "float": 1.0 / std[0], "shift": torch.tensor(-mean[0] / std[0])}
             if uniform else None)
         self.decoder = (
-            GlimpseDecoder(self.embed_dim, self.grid, self.patch, self.in_chans, decoder_dim, decoder_heads, decoder_depth)
+            GlimpseDecoder(self.embed_dim, self.grid, self.patch, self.in_chans, decoder_dim, decoder_heads, decoder_depth,
+                           layout=decoder_layout)
             if decoder_dim
             else None
         )
@@ -596,6 +630,7 @@ def create_tore(
     decoder_dim: int = 128,
     decoder_heads: int = 4,
     decoder_depth: int = 1,
+    decoder_layout: str = "concat",
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     **timm_kwargs: Any,
@@ -610,7 +645,8 @@ def create_tore(
         weights: a local timm-format weights file (.safetensors/.pth) to load instead of the hub.
         timm_kwargs: more ``timm.create_model`` arguments (embed_dim, depth, num_heads, reg_tokens, ...).
     """
-    tore_kwargs = dict(decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth, mean=mean, std=std)
+    tore_kwargs = dict(decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth,
+                       decoder_layout=decoder_layout, mean=mean, std=std)
     if isinstance(model, nn.Module):
         return TOREViT(model, **tore_kwargs)
     kwargs = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes).items() if v is not None}
@@ -628,5 +664,5 @@ def create_tore(
         raise
     tore = TOREViT(vit, **tore_kwargs)
     tore.build_args = dict(model=model, **kwargs, decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth,
-                           mean=list(tore.pixel_mean.flatten().tolist()), std=list(tore.pixel_std.flatten().tolist()))
+                           decoder_layout=decoder_layout, mean=list(tore.pixel_mean.flatten().tolist()), std=list(tore.pixel_std.flatten().tolist()))
     return tore
