@@ -71,7 +71,7 @@ def block_macs(tokens: int, dim: int, mlp_hidden: int) -> int:
 
 
 def decoder_macs(d: ViTDims, observed_tokens: int, recon: bool = True) -> int:
-    """MACs of the glimpse decoder over CLS + ``observed_tokens`` + one mask token per grid patch.
+    """MACs of the glimpse decoder: ``observed_tokens`` projected, then CLS + the N grid cells through its blocks.
 
     Every block computes q, k, v for all rows (one fused projection). The last block computes outputs for
     the N grid rows only, and with ``recon=False`` (the entropy map alone, as an env runs it) nothing after
@@ -79,7 +79,7 @@ def decoder_macs(d: ViTDims, observed_tokens: int, recon: bool = True) -> int:
     """
     if not d.decoder_depth:
         return 0
-    seq, n, w = 1 + observed_tokens + d.num_patches, d.num_patches, d.decoder_dim
+    seq, n, w = 1 + d.num_patches, d.num_patches, d.decoder_dim
     embed = (1 + observed_tokens) * d.dim * w
     blocks = (d.decoder_depth - 1) * block_macs(seq, w, d.decoder_mlp_hidden)
     blocks += 3 * seq * w * w + n * seq * w  # last block: qkv, Q K^T for the grid rows

@@ -116,12 +116,12 @@ class _DecoderBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None, first_query: int = 0,
-                output: bool = True, entropy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, first_query: int = 0, output: bool = True,
+                entropy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Attend from the rows ``x[:, first_query:]`` to every row.
 
         Args:
-            x: [B, S, dim]; key_valid: [B, S] bool or None (False: padding key).
+            x: [B, S, dim] (every row a valid key: the decoder's grid has no padding).
             first_query: rows before it are keys only (the last decoder block needs only the grid's rows).
             output: compute the block's output rows (False: None; the entropy needs only q and k).
             entropy: compute the attention entropy (False: None; the output alone then runs as one fused
@@ -135,12 +135,9 @@ class _DecoderBlock(nn.Module):
         h = self.heads
         qkv = self.qkv(self.norm1(x)).view(b, s, 3, h, d // h).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0][:, :, first_query:], qkv[1], qkv[2]
-        mask = None if key_valid is None else key_valid[:, None, None, :]
         ent = attended = None
         if entropy:
             scores = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)  # [B, h, Q, S] in the model's dtype
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
             # Softmax in fp32 straight from the scores: no separate upcast pass over the map (the env's largest tensor).
             attn = scores.softmax(dim=-1, dtype=torch.float32)
             # entr(p) = -p ln p (0 at p = 0) in one pass: on an H100 the log-sum-exp identity sum p (lse - s)
@@ -149,7 +146,7 @@ class _DecoderBlock(nn.Module):
             if output:
                 attended = attn.to(v.dtype) @ v
         elif output:
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            attended = F.scaled_dot_product_attention(q, k, v)
         if not output:
             return None, ent
         x = x[:, first_query:] + self.proj(attended.transpose(1, 2).reshape(b, s - first_query, d))
@@ -160,12 +157,12 @@ class _DecoderBlock(nn.Module):
 class GlimpseDecoder(nn.Module):
     """TORE's one-block MAE-style decoder: reconstruction of every patch and AME's entropy map.
 
-    The sequence is ``[CLS, observed tokens, one mask token per grid cell]``; observed tokens and mask
-    tokens get fixed sin-cos positions at their (possibly fractional) patch coordinates. Every grid
-    cell's mask token predicts that patch's pixels; the entropy of its attention row (over all keys but
-    CLS, summed over heads, in bits) is AME's uncertainty for that patch. Keeping observed tokens beside
-    the full grid of queries, rather than scattered into it, serves overlapping and continuous glimpses
-    with the same code.
+    As in AME and TORE, the sequence is ``[CLS, grid]``: every grid cell holds the observed token of
+    that patch (projected to the decoder's width) or, where nothing was seen, the mask token; every cell
+    gets the fixed sin-cos position of its place. Each cell predicts its patch's pixels, and the entropy
+    of an unseen cell's attention row (over all keys but CLS, summed over heads, in bits) is AME's
+    uncertainty for that patch. A patch seen twice (overlapping glimpses) holds its latest token; a
+    token off the grid (continuous glimpses, fractional coordinates) goes to its nearest cell.
     """
 
     def __init__(
@@ -178,14 +175,10 @@ class GlimpseDecoder(nn.Module):
         heads: int = 4,
         depth: int = 1,
         mlp_ratio: float = 4.0,
-        layout: str = "concat",
     ) -> None:
         super().__init__()
-        if layout not in ("scatter", "concat"):
-            raise ValueError(f"decoder layout must be 'scatter' or 'concat', got {layout!r}")
         self.grid = grid
         self.dim = dim
-        self.layout = layout
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(_DecoderBlock(dim, heads, mlp_ratio) for _ in range(depth))
@@ -193,6 +186,25 @@ class GlimpseDecoder(nn.Module):
         self.pred = nn.Linear(dim, patch * patch * in_chans)
         self.register_buffer("grid_pos", sincos_2d(grid_coords(grid), dim)[None], persistent=False)
         nn.init.normal_(self.mask_token, std=0.02)
+
+    def cells(self, coords: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Which observed token each grid cell holds: its latest one, or -1 where none.
+
+        Args:
+            coords: [B, L, 2] token patch coordinates (rounded to the nearest cell); valid: [B, L] bool or None.
+
+        Returns:
+            int64 [B, N] token index per cell (row-major), -1 for unseen cells.
+        """
+        b, n_obs = coords.shape[:2]
+        gh, gw = self.grid
+        rc = coords.round().long()
+        cell = rc[..., 0].clamp(0, gh - 1) * gw + rc[..., 1].clamp(0, gw - 1)  # [B, L]
+        order = torch.arange(n_obs, device=coords.device).expand(b, n_obs)
+        if valid is not None:
+            order = torch.where(valid, order, -1)
+        # amax over token order: deterministic where one cell gets several tokens (a plain scatter is not).
+        return torch.full((b, gh * gw), -1, dtype=torch.long, device=coords.device).scatter_reduce(1, cell, order, "amax")
 
     def forward(
         self,
@@ -222,45 +234,19 @@ class GlimpseDecoder(nn.Module):
             raise ValueError("ask the decoder for recon, entropy or both")
         b, n_obs = tokens.shape[:2]
         n = self.grid_pos.shape[1]
-        if self.layout == "scatter":
-            return self._forward_scatter(cls, tokens, coords, valid, recon, entropy)
-        obs = self.embed(tokens) + sincos_2d(coords, self.dim).to(tokens.dtype)
-        queries = (self.mask_token + self.grid_pos).to(obs.dtype).expand(b, -1, -1)
-        x = torch.cat([self.embed(cls)[:, None], obs, queries], dim=1)
-        key_valid = None
-        if valid is not None:
-            ones = valid.new_ones(b, 1)
-            key_valid = torch.cat([ones, valid, ones.expand(b, n)], dim=1)
-        for blk in self.blocks[:-1]:
-            x, _ = blk(x, key_valid, entropy=False)
-        # Only the grid's rows of the last block are read (reconstruction, entropy): query just those.
-        x, ent = self.blocks[-1](x, key_valid, first_query=1 + n_obs, output=recon, entropy=entropy)
-        pixels = self.pred(self.norm(x)) if recon else None
-        return pixels, None if ent is None else (ent / math.log(2.0)).view(b, *self.grid)
-
-    def _forward_scatter(self, cls, tokens, coords, valid, recon, entropy):
-        """AME's layout: ``[CLS, grid]``, each grid cell holding its latest observed token or the mask token."""
-        b, n_obs = tokens.shape[:2]
-        gh, gw = self.grid
-        n = gh * gw
-        rc = coords.round().long()
-        cell = rc[..., 0].clamp(0, gh - 1) * gw + rc[..., 1].clamp(0, gw - 1)  # [B, L]
-        order = torch.arange(n_obs, device=tokens.device).expand(b, n_obs)
-        if valid is not None:
-            order = torch.where(valid, order, -1)
-        # The latest token of each cell (deterministic, unlike a scatter of duplicate indices).
-        latest = torch.full((b, n), -1, dtype=torch.long, device=tokens.device).scatter_reduce(1, cell, order, "amax")
-        head = self.embed(cls)[:, None]
+        head = self.embed(cls)[:, None]  # [B, 1, dim]
+        mask = self.mask_token.to(head.dtype)
         if n_obs:
-            obs = self.embed(tokens)
-            picked = obs.gather(1, latest.clamp(min=0)[..., None].expand(b, n, self.dim))
-            grid = torch.where((latest >= 0)[..., None], picked, self.mask_token.to(obs.dtype))
+            held = self.cells(coords, valid)  # [B, N]
+            picked = self.embed(tokens).gather(1, held.clamp(min=0)[..., None].expand(b, n, self.dim))
+            grid = torch.where((held >= 0)[..., None], picked, mask)
         else:  # the empty pass: nothing seen yet
-            grid = self.mask_token.to(head.dtype).expand(b, n, -1)
-        x = torch.cat([head, grid + self.grid_pos.to(head.dtype)], dim=1)
+            grid = mask.expand(b, n, -1)
+        x = torch.cat([head, grid + self.grid_pos.to(head.dtype)], dim=1)  # [B, 1 + N, dim]
         for blk in self.blocks[:-1]:
-            x, _ = blk(x, None, entropy=False)
-        x, ent = self.blocks[-1](x, None, first_query=1, output=recon, entropy=entropy)
+            x, _ = blk(x, entropy=False)
+        # Only the grid's rows of the last block are read (reconstruction, entropy): query just those.
+        x, ent = self.blocks[-1](x, first_query=1, output=recon, entropy=entropy)
         pixels = self.pred(self.norm(x)) if recon else None
         return pixels, None if ent is None else (ent / math.log(2.0)).view(b, *self.grid)
 
@@ -284,7 +270,6 @@ class TOREViT(nn.Module):
         decoder_dim: int = 128,
         decoder_heads: int = 4,
         decoder_depth: int = 1,
-        decoder_layout: str = "concat",
     ) -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer):
@@ -325,8 +310,7 @@ class TOREViT(nn.Module):
             {"uint8": 1.0 / (255.0 * std[0]), "float": 1.0 / std[0], "shift": torch.tensor(-mean[0] / std[0])}
             if uniform else None)
         self.decoder = (
-            GlimpseDecoder(self.embed_dim, self.grid, self.patch, self.in_chans, decoder_dim, decoder_heads, decoder_depth,
-                           layout=decoder_layout)
+            GlimpseDecoder(self.embed_dim, self.grid, self.patch, self.in_chans, decoder_dim, decoder_heads, decoder_depth)
             if decoder_dim
             else None
         )
@@ -630,7 +614,6 @@ def create_tore(
     decoder_dim: int = 128,
     decoder_heads: int = 4,
     decoder_depth: int = 1,
-    decoder_layout: str = "concat",
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     **timm_kwargs: Any,
@@ -645,8 +628,7 @@ def create_tore(
         weights: a local timm-format weights file (.safetensors/.pth) to load instead of the hub.
         timm_kwargs: more ``timm.create_model`` arguments (embed_dim, depth, num_heads, reg_tokens, ...).
     """
-    tore_kwargs = dict(decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth,
-                       decoder_layout=decoder_layout, mean=mean, std=std)
+    tore_kwargs = dict(decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth, mean=mean, std=std)
     if isinstance(model, nn.Module):
         return TOREViT(model, **tore_kwargs)
     kwargs = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes).items() if v is not None}
@@ -664,5 +646,5 @@ def create_tore(
         raise
     tore = TOREViT(vit, **tore_kwargs)
     tore.build_args = dict(model=model, **kwargs, decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth,
-                           decoder_layout=decoder_layout, mean=list(tore.pixel_mean.flatten().tolist()), std=list(tore.pixel_std.flatten().tolist()))
+                           mean=list(tore.pixel_mean.flatten().tolist()), std=list(tore.pixel_std.flatten().tolist()))
     return tore

@@ -2,7 +2,7 @@
 # One device-tool call: continue training the shipped Fashion-MNIST classifier from its checkpoint (a warm
 # restart: fresh warm-up, then cosine), retrain the PPO policy on it, then run the main job on the GPU.
 # Usage (device tool, carry .whl and data):  bash benchmarks/gpu_train.sh
-#   EPOCHS (100), SEED (2), TRAIN_S (400: a time-out keeps the last --save-every checkpoint), PPO_S (100).
+#   EPOCHS (100), LR (1e-3), SEED (2), TRAIN_S (400: a time-out keeps the last --save-every checkpoint), PPO_S (100).
 # Every stage's output is packed into $OUT as soon as it exists.
 source benchmarks/gpu_setup.sh
 mkdir -p runs
@@ -10,7 +10,7 @@ cat $R/gpu.txt
 
 # 1. Continue the shipped classifier.
 timeout ${TRAIN_S:-400} python3 -m avex.cli train classifier --device cuda --init avex/checkpoints/fashion_mnist_tore.safetensors \
-    --epochs ${EPOCHS:-100} --batch-size 1024 --lr 1e-3 --warmup 0.03 --label-smoothing 0.1 --seed ${SEED:-2} \
+    --epochs ${EPOCHS:-100} --batch-size 1024 --lr ${LR:-1e-3} --warmup 0.03 --label-smoothing 0.1 --seed ${SEED:-2} \
     --eval-every 50 --save-every 50 --no-progress --log-every 200 \
     --out runs/fashion_mnist_tore --log-json $R/train_log.jsonl 2>&1 | tee $R/train_classifier.log
 cp runs/fashion_mnist_tore.eval.* $R/ 2>/dev/null

@@ -225,23 +225,39 @@ def test_bad_input_errors() -> None:
 
 @torch.no_grad()
 def test_decoder_entropy_equals_explicit_attention_entropy() -> None:
-    """AME's map: sum over heads and non-CLS keys of -p log2 p of each grid query's attention row."""
+    """AME's map on AME's layout: [CLS, grid], each seen cell holding its latest token; then the sum over
+    heads and non-CLS keys of -p log2 p of each grid query's attention row."""
     model = make()
     geo = model.geometry(G)
-    pix, coords = glimpses(model, canvases(2), random_actions(2, 3, geo), geo)
+    # Glimpses 0 and 2 overlap glimpse 1 (one patch each), so those cells must hold the later token.
+    actions = np.array([[geo.patch_to_action(1, 1), geo.patch_to_action(2, 2), geo.patch_to_action(3, 3)],
+                        [geo.patch_to_action(5, 0), geo.patch_to_action(0, 6), geo.patch_to_action(5, 1)]])
+    pix, coords = glimpses(model, canvases(2), actions, geo)
     out = model.forward_glimpses(pix, coords, 2)
     _, entropy = model.decode(out)
     dec = model.decoder
     blk = dec.blocks[-1]
-    b, n_obs = 2, out.tokens.shape[1] - model.num_prefix
-    obs = dec.embed(out.tokens[:, model.num_prefix :]) + sincos_2d(out.coords, dec.dim)
-    x = torch.cat([dec.embed(out.tokens[:, 0])[:, None], obs, (dec.mask_token + dec.grid_pos).expand(b, -1, -1)], 1)
+    b, (gh, gw) = 2, model.grid
+    tokens = dec.embed(out.tokens[:, model.num_prefix :])
+    grid = dec.mask_token.expand(b, gh * gw, -1).clone()
+    for i in range(b):
+        for j, (r, c) in enumerate(out.coords[i].long().tolist()):  # in glimpse order: later tokens overwrite
+            grid[i, r * gw + c] = tokens[i, j]
+    x = torch.cat([dec.embed(out.tokens[:, 0])[:, None], grid + dec.grid_pos], 1)
     s, d = x.shape[1], x.shape[2]
     q, k, _ = blk.qkv(blk.norm1(x)).view(b, s, 3, blk.heads, d // blk.heads).permute(2, 0, 3, 1, 4)
-    attn = ((q @ k.transpose(-2, -1)) * (d // blk.heads) ** -0.5).softmax(-1)[:, :, 1 + n_obs :, 1:]
+    attn = ((q @ k.transpose(-2, -1)) * (d // blk.heads) ** -0.5).softmax(-1)[:, :, 1:, 1:]
     explicit = -(attn * attn.log2()).sum(dim=(1, 3)).view(b, *model.grid)
     assert torch.allclose(entropy, explicit, rtol=1e-4, atol=1e-4)
     assert entropy.std() > 0.01  # a real map, not a constant
+    held = dec.cells(out.coords)
+    assert held[0, 2 * gw + 2].item() == 4 and held[0, 3 * gw + 3].item() == 8  # glimpse 1's and 2's first tokens
+    assert (held >= 0).sum(dim=1).tolist() == [10, 10]  # 12 tokens per row on 10 distinct cells
+    # Every cell's token index points at a token with that cell's coordinates.
+    rows = torch.arange(gh * gw)
+    for i in range(b):
+        seen = held[i] >= 0
+        assert torch.equal(out.coords[i, held[i, seen]].long(), torch.stack([rows // gw, rows % gw], 1)[seen])
 
 
 @torch.no_grad()
