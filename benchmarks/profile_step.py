@@ -1,13 +1,16 @@
 """Where the time of a step goes: torch.profiler kernel table and cProfile host table.
 
-Two targets, each one table of device time per op (self time, sorted) and one of host Python time:
+Three targets, each one table of device time per op (self time, sorted) and one of host Python time:
 
-    python benchmarks/profile_step.py env  --device cuda --num-envs 16384     # one vector-env cycle
-    python benchmarks/profile_step.py tore --device cuda --K 12 --batch 256   # eager TORE episode, ViT-B/16
+    python benchmarks/profile_step.py env   --device cuda --num-envs 16384     # one vector-env cycle
+    python benchmarks/profile_step.py tore  --device cuda --K 12 --batch 256   # eager TORE episode, ViT-B/16
+    python benchmarks/profile_step.py train --device cuda --batch 512 --steps 20  # Fashion-MNIST training steps
 
 ``env`` profiles ``budget`` steps of the batched vector env (one full episode of every env, so exactly one
 autoreset); ``tore`` profiles one eager episode of ``TOREViT.step`` (bf16, random weights). Use it to find
-the next lever; the speed figures themselves come from ``env_throughput.py`` and ``tore_speed.py``.
+the next lever; the speed figures themselves come from ``env_throughput.py`` and ``tore_speed.py``. ``train``
+profiles ``--steps`` steps of ``avex train classifier``'s loop on Fashion-MNIST (the trainer's own K and T
+draws, bf16 autocast, fused AdamW) and adds how many kernels a step launches and how busy they keep the GPU.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ def _report(title: str, run, device: str, rows: int) -> str:
     wall_prof = time.perf_counter() - t0
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+    # GPU activities (kernels, copies, sets) are the profiler's events on the CUDA device; their spans add up to GPU time.
+    gpu = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in gpu) / 1e6  # s
+    launched = (f"{len(gpu)} GPU activities, {busy * 1e3:.1f} ms of GPU time: the GPU busy {100 * busy / wall_prof:.0f}% "
+                f"of the profiled wall time\n\n") if gpu else ""
     pr = cProfile.Profile()
     synchronize(device)
     t0 = time.perf_counter()
@@ -51,7 +59,7 @@ def _report(title: str, run, device: str, rows: int) -> str:
     wall = time.perf_counter() - t0
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(rows)
-    return (f"## {title}\n\nwall {wall * 1e3:.1f} ms (cProfile run), {wall_prof * 1e3:.1f} ms (torch.profiler run)\n\n"
+    return (f"## {title}\n\nwall {wall * 1e3:.1f} ms (cProfile run), {wall_prof * 1e3:.1f} ms (torch.profiler run)\n\n{launched}"
             f"### device/op table (torch.profiler, sorted by {sort})\n\n```\n{table}\n```\n\n"
             f"### host Python (cProfile, tottime)\n\n```\n{buf.getvalue()}\n```\n")
 
@@ -103,9 +111,46 @@ def profile_tore(args: argparse.Namespace) -> str:
                    episode, args.device, args.rows)
 
 
+def profile_train(args: argparse.Namespace) -> str:
+    from avex.train import TrainConfig, _autocast, build_model, resolve_config
+    from avex.train import TOREObjective, _param_groups, draw_k_and_t, n_tiles, sample_glimpses, step_rngs
+    from avex.data import FashionMNISTCanvas
+
+    dev = torch.device(args.device)
+    cfg = resolve_config(TrainConfig(dataset="fashion-mnist", device=args.device))
+    model = build_model(cfg, 10).to(dev).train()
+    geo = model.geometry(cfg.glimpse)
+    objective = TOREObjective(model, geo, cfg.recon_weight, cfg.label_smoothing)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=1e-4, fused=dev.type == "cuda")
+    source = FashionMNISTCanvas(split="train", device=dev, canvas_size=cfg.img_size, scale=2, n_clutter=cfg.clutter, fragment=16)
+    counter = iter(range(10**9))
+
+    def steps() -> None:
+        for _ in range(args.steps):  # the loop body of avex.train.train_classifier, less logging
+            host_rng, gen = step_rngs(0, next(counter), dev)
+            K, T = draw_k_and_t(host_rng, model.depth, cfg.budget, n_tiles(geo))
+            canvases, labels = source.random_batch(args.batch, gen)
+            rows, cols = sample_glimpses(geo, args.batch, T, gen)
+            with _autocast(dev, True):
+                loss = objective(canvases, labels, rows, cols, K)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+
+    steps()  # warm-up (allocator, autotuning)
+    synchronize(args.device)
+    t0 = time.perf_counter()
+    steps()
+    synchronize(args.device)
+    plain = (time.perf_counter() - t0) / args.steps
+    return _report(f"avex train classifier, Fashion-MNIST: {args.steps} steps at batch {args.batch} on {args.device} "
+                   f"({plain * 1e3:.1f} ms per step unprofiled)", steps, args.device, args.rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", choices=("env", "tore"))
+    p.add_argument("target", choices=("env", "tore", "train"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
     p.add_argument("--out", default=None, help="append the report to this Markdown file")
@@ -117,8 +162,9 @@ def main() -> None:
     p.add_argument("--K", type=int, default=12)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--glimpses", type=int, default=12)
+    p.add_argument("--steps", type=int, default=20, help="training steps (train)")
     args = p.parse_args()
-    report = profile_env(args) if args.target == "env" else profile_tore(args)
+    report = {"env": profile_env, "tore": profile_tore, "train": profile_train}[args.target](args)
     print(report)
     if args.out:
         with open(args.out, "a") as f:
