@@ -66,7 +66,9 @@ __all__ = [
     "draw_k_and_t",
     "eval_markdown",
     "evaluate",
+    "fashion_mnist_canvases",
     "init_sincos_pos_embed",
+    "masked_recon_mse",
     "main",
     "main_from_args",
     "resolve_config",
@@ -243,17 +245,42 @@ class TOREObjective(nn.Module):
         mse = ce.new_zeros(())
         if self.recon_weight and model.decoder is not None:
             recon, _ = model.decode(out, entropy=False)  # [B, N, p*p*C]; fused attention, no entropy map
-            target = model.patchify(model.normalize(canvases.permute(0, 3, 1, 2)))
-            err = (recon.float() - target).square().mean(dim=-1)  # [B, N]
-            hidden = (~seen).float()
-            mse = ((err * hidden).sum(dim=1) / hidden.sum(dim=1).clamp(min=1.0)).mean()
+            mse = masked_recon_mse(model, recon, canvases, seen)
         loss = ce + self.recon_weight * mse
         return loss, ce.detach(), mse.detach(), out.logits.detach()
+
+
+def masked_recon_mse(model: TOREViT, recon: torch.Tensor, canvases: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """TORE's reconstruction loss: MSE in normalised pixel space on the patches no glimpse revealed.
+
+    Args:
+        recon: [B, N, p*p*C] the decoder's pixels; canvases: [B, H, W, C] uint8; seen: [B, N] bool.
+
+    Returns:
+        fp32 scalar: per image the mean over its unseen patches, then the mean over images.
+    """
+    target = model.patchify(model.normalize(canvases.permute(0, 3, 1, 2)))
+    err = (recon.float() - target).square().mean(dim=-1)  # [B, N]
+    hidden = (~seen).float()
+    return ((err * hidden).sum(dim=1) / hidden.sum(dim=1).clamp(min=1.0)).mean()
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
+
+
+def fashion_mnist_canvases(split: str, device: torch.device | str, img_size: int, clutter: int, root: str | None = None):
+    """Fashion-MNIST canvases as AVE-FashionMNIST-v0 draws them, at any canvas size.
+
+    The items are scaled by ``img_size // 56`` (112 px: x2, as the env) and the clutter fragments are 16 px
+    (at most the scaled item's side). Returns an :class:`avex.data.FashionMNISTCanvas`.
+    """
+    from avex.data import FashionMNISTCanvas
+
+    scale = max(1, img_size // 56)
+    return FashionMNISTCanvas(split=split, device=device, root=root, canvas_size=img_size, scale=scale, n_clutter=clutter,
+                              fragment=min(16, 28 * scale))
 
 
 class _FolderImages(torch.utils.data.Dataset):
@@ -517,13 +544,8 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     # --- data -------------------------------------------------------------------------------
     loader_iter = None
     if cfg.dataset == "fashion-mnist":
-        from avex.data import FashionMNISTCanvas
-
-        scale = max(1, cfg.img_size // 56)  # 112 px canvas -> items x2, as in AVE-FashionMNIST-v0
-        canvas_kw = dict(root=cfg.data_root, canvas_size=cfg.img_size, scale=scale, n_clutter=cfg.clutter,
-                         fragment=min(16, 28 * scale))
-        train_source = FashionMNISTCanvas(split="train", device=device, **canvas_kw)
-        eval_source = FashionMNISTCanvas(split="test", device=device, **canvas_kw) if main_rank else None
+        train_source = fashion_mnist_canvases("train", device, cfg.img_size, cfg.clutter, cfg.data_root)
+        eval_source = fashion_mnist_canvases("test", device, cfg.img_size, cfg.clutter, cfg.data_root) if main_rank else None
         class_names, train_len = train_source.class_names, len(train_source)
         if cfg.in_chans != 1:
             raise ValueError("Fashion-MNIST canvases have one channel: use --in-chans 1")

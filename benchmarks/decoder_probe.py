@@ -37,9 +37,10 @@ import avex  # noqa: E402,F401
 from agents import EntropyAgent, RandomAgent  # noqa: E402
 from agents.evaluate import play_episodes  # noqa: E402
 from avex.checkpoint import load_tore, save_tore, shipped_checkpoint  # noqa: E402
-from avex.data import FashionMNISTCanvas  # noqa: E402
 from avex.model import GlimpseDecoder  # noqa: E402
-from avex.train import cut_glimpses, draw_k_and_t, n_tiles, sample_glimpses, step_rngs  # noqa: E402
+from avex.train import (cut_glimpses, draw_k_and_t, fashion_mnist_canvases, masked_recon_mse, n_tiles,  # noqa: E402
+                        sample_glimpses, step_rngs)
+from benchmarks.entropy_probe import ink_patches, touches_ink  # noqa: E402
 
 VARIANTS = {"refit": (1, False), "fresh": (1, True), "two_blocks": (2, False)}  # (decoder depth, re-initialised)
 
@@ -61,7 +62,7 @@ def refit_decoder(model, depth: int, fresh: bool, steps: int, batch: int, lr: fl
     model.eval()
     dec.train()
     geo = model.geometry(2, stride=1)
-    source = FashionMNISTCanvas(split="train", device=device, canvas_size=112, scale=2, n_clutter=4, fragment=16)
+    source = fashion_mnist_canvases("train", device, model.img_size[0], clutter=4)
     opt = torch.optim.AdamW(dec.parameters(), lr=lr, weight_decay=0.05)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -77,10 +78,7 @@ def refit_decoder(model, depth: int, fresh: bool, steps: int, batch: int, lr: fl
                 out = model.forward_glimpses(pixels, coords, K)
                 out.tokens  # materialise the normed tokens without grad
             recon, _ = model.decode(out, entropy=False)
-        target = model.patchify(model.normalize(canvases.permute(0, 3, 1, 2)))
-        err = (recon.float() - target).square().mean(dim=-1)
-        hidden = (~seen).float()
-        loss = ((err * hidden).sum(1) / hidden.sum(1).clamp(min=1)).mean()
+        loss = masked_recon_mse(model, recon, canvases, seen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -96,17 +94,12 @@ def refit_decoder(model, depth: int, fresh: bool, steps: int, batch: int, lr: fl
 def ink_hits(venv, agent, seed: int) -> list[float]:
     """Per step, the share of envs whose chosen glimpse touches ink (object or clutter)."""
     env = venv.unwrapped
-    geo = env.geometry
-    (gh, gw), p, g = geo.grid, geo.patch, geo.glimpse
     obs, _ = venv.reset(seed=seed)
-    hidden = env.engine.hidden.cpu().numpy()[..., 0]
-    n = hidden.shape[0]
-    ink = hidden.reshape(n, gh, p, gw, p).max(axis=(2, 4)) > 0
+    ink = ink_patches(env)  # the canvases stay until the autoreset after the last step
     hits = []
     for _ in range(env.budget):
         a = agent.act(obs, env.action_masks())
-        r, c = geo.action_to_patch(a)
-        hits.append(float(np.mean([ink[i, r[i]:r[i] + g, c[i]:c[i] + g].any() for i in range(n)])))
+        hits.append(touches_ink(ink, env.geometry, a))
         obs, *_ = venv.step(a)
     return hits
 

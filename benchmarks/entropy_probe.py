@@ -23,6 +23,20 @@ import avex  # noqa: E402,F401
 from agents import RandomAgent, ame_scores  # noqa: E402
 
 
+def ink_patches(env) -> np.ndarray:
+    """bool [N, gh, gw]: the patches of each env's hidden canvas holding any non-zero pixel (object or clutter)."""
+    geo = env.geometry
+    (gh, gw), p = geo.grid, geo.patch
+    hidden = env.engine.hidden.cpu().numpy()[..., 0]
+    return hidden.reshape(hidden.shape[0], gh, p, gw, p).max(axis=(2, 4)) > 0
+
+
+def touches_ink(ink: np.ndarray, geo, actions: np.ndarray) -> float:
+    """The share of envs whose g x g glimpse at ``actions`` ([N] discrete positions) covers an ink patch."""
+    rows, cols, g = *geo.action_to_patch(actions), geo.glimpse
+    return float(np.mean([ink[i, rows[i]:rows[i] + g, cols[i]:cols[i] + g].any() for i in range(len(ink))]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--envs", type=int, default=200)
@@ -31,18 +45,16 @@ def main() -> None:
     venv = gym.make_vec("AVE-FashionMNIST-v0", num_envs=args.envs, split="test", **({} if args.K is None else {"K": args.K}))
     env = venv.unwrapped
     geo, n = env.geometry, args.envs
-    (gh, gw), patch, g = geo.grid, geo.patch, geo.glimpse
+    (gh, gw), g = geo.grid, geo.glimpse
     obs, _ = venv.reset(seed=0)
     agent = RandomAgent(0)
     for t in range(5):
         if t in (0, 4):
-            hidden = env.engine.hidden.cpu().numpy()[..., 0]
-            ink = hidden.reshape(n, gh, patch, gw, patch).max(axis=(2, 4)) > 0
+            ink = ink_patches(env)
             unseen = obs["visited"] == 0
             ent = obs["entropy"]
             pick = np.where(env.action_masks(), ame_scores(ent, obs["visited"], g, geo.stride), -np.inf).argmax(1)
-            rows, cols = geo.action_to_patch(pick)
-            hit = np.mean([ink[i, rows[i]:rows[i] + g, cols[i]:cols[i] + g].any() for i in range(n)])
+            hit = touches_ink(ink, geo, pick)
             windows = np.mean([[ink[i, r:r + g, c:c + g].any() for r in range(gh - g + 1) for c in range(gw - g + 1)] for i in range(n)])
             print(f"after {t} glimpses (K={env.K}): unseen patches with ink {ent[ink & unseen].mean():.2f} bits, empty "
                   f"{ent[~ink & unseen].mean():.2f} bits; AME's glimpse touches ink in {100 * hit:.0f}% of canvases "

@@ -112,9 +112,8 @@ def profile_tore(args: argparse.Namespace) -> str:
 
 
 def profile_train(args: argparse.Namespace) -> str:
-    from avex.train import TrainConfig, _autocast, build_model, resolve_config
+    from avex.train import TrainConfig, _autocast, build_model, fashion_mnist_canvases, resolve_config
     from avex.train import TOREObjective, _param_groups, draw_k_and_t, n_tiles, sample_glimpses, step_rngs
-    from avex.data import FashionMNISTCanvas
 
     dev = torch.device(args.device)
     cfg = resolve_config(TrainConfig(dataset="fashion-mnist", device=args.device))
@@ -122,7 +121,7 @@ def profile_train(args: argparse.Namespace) -> str:
     geo = model.geometry(cfg.glimpse)
     objective = TOREObjective(model, geo, cfg.recon_weight, cfg.label_smoothing)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=1e-4, fused=dev.type == "cuda")
-    source = FashionMNISTCanvas(split="train", device=dev, canvas_size=cfg.img_size, scale=2, n_clutter=cfg.clutter, fragment=16)
+    source = fashion_mnist_canvases("train", dev, cfg.img_size, cfg.clutter)
     counter = iter(range(10**9))
 
     def steps() -> None:
