@@ -40,7 +40,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -120,6 +120,7 @@ class TrainConfig:
     pos_init: str = "sincos"  # position embedding init when training from scratch: sincos (MAE 2-D) | learned (timm's)
     glimpse: int = 2  # glimpse side g in patches
     budget: int = 12  # glimpses of an episode
+    train_k: tuple[int, ...] | None = None  # split points drawn per batch (None: every K in 0..depth, TORE's policy)
     # optimisation
     epochs: float = 30.0
     steps: int | None = None  # fixed number of optimisation steps (overrides epochs)
@@ -161,9 +162,11 @@ def step_rngs(seed: int, step: int, device: torch.device) -> tuple[np.random.Gen
     return np.random.default_rng(host_seq), gen
 
 
-def draw_k_and_t(rng: np.random.Generator, depth: int, budget: int, n_tiles: int) -> tuple[int, int]:
-    """One split point K ~ U{0..depth}; T ~ U{1..budget} or U{budget..n_tiles} with probability 1/2 each."""
-    K = int(rng.integers(0, depth + 1))
+def draw_k_and_t(rng: np.random.Generator, depth: int, budget: int, n_tiles: int,
+                 ks: Sequence[int] | None = None) -> tuple[int, int]:
+    """One split point K ~ U{0..depth} (TORE's policy; or uniform over ``ks``); T ~ U{1..budget} or
+    U{budget..n_tiles} with probability 1/2 each."""
+    K = int(rng.integers(0, depth + 1)) if ks is None else int(ks[int(rng.integers(0, len(ks)))])
     T = int(rng.integers(1, budget + 1)) if rng.random() < 0.5 else int(rng.integers(budget, n_tiles + 1))
     return K, T
 
@@ -487,6 +490,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for key in ("mean", "std"):
         if values[key] is not None:
             values[key] = tuple(float(v) for v in values[key])
+    if values["train_k"] is not None:
+        values["train_k"] = tuple(sorted({int(k) for k in values["train_k"]}))
     return TrainConfig(**values)
 
 
@@ -573,6 +578,8 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
             blk.compile(dynamic=True)
     geo = model.geometry(cfg.glimpse, stride=1)
     tiles = n_tiles(geo)
+    if cfg.train_k is not None and (not cfg.train_k or not all(0 <= k <= model.depth for k in cfg.train_k)):
+        raise ValueError(f"--train-k {list(cfg.train_k)}: every split point must be in 0..{model.depth} (the model's depth)")
     if not 1 <= cfg.budget <= tiles:
         raise ValueError(f"--budget {cfg.budget} must be in 1..{tiles} (non-overlapping {cfg.glimpse}x{cfg.glimpse} glimpses of the {geo.grid} grid)")
     objective = TOREObjective(model, geo, cfg.recon_weight, cfg.label_smoothing)
@@ -621,7 +628,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     step = -1
     for step in range(total_steps):
         host_rng, gen = step_rngs(cfg.seed, step, device)
-        K, T = draw_k_and_t(host_rng, model.depth, cfg.budget, tiles)
+        K, T = draw_k_and_t(host_rng, model.depth, cfg.budget, tiles, cfg.train_k)
         mine = slice(rank * local_batch, (rank + 1) * local_batch)
         if loader_iter is None:  # Fashion-MNIST canvases, drawn for the global batch on the device
             canvases, labels = train_source.random_batch(cfg.batch_size, gen)
@@ -741,6 +748,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="position embedding init from scratch: MAE 2-D sin-cos or timm's random (default %(default)s)")
     m.add_argument("--glimpse", type=int, default=d.glimpse, help="glimpse side in patches (default %(default)s)")
     m.add_argument("--budget", type=int, default=d.budget, help="glimpses per episode (default %(default)s)")
+    m.add_argument("--train-k", type=int, nargs="+", default=None, metavar="K",
+                   help="split points to draw per batch (default: every K in 0..depth, TORE's policy; e.g. 6 to fine-tune for one K)")
     o = parser.add_argument_group("optimisation")
     o.add_argument("--epochs", type=float, default=d.epochs, help="(default %(default)s)")
     o.add_argument("--steps", type=int, default=None, help="fixed number of optimisation steps (overrides --epochs)")

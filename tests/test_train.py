@@ -137,6 +137,11 @@ def test_k_and_t_draws_cover_their_ranges_and_repeat_by_seed() -> None:
     small = np.mean([t < 12 for t in ts])
     assert 0.4 < small < 0.52  # P(T < 12) = 0.5 * 11/12
     assert draws == [draw_k_and_t(step_rngs(0, s, torch.device("cpu"))[0], 6, 12, 49) for s in range(2000)]
+    # A restricted K set (--train-k) draws only from it; the same steps' T draws are unchanged.
+    only = [draw_k_and_t(step_rngs(0, s, torch.device("cpu"))[0], 6, 12, 49, ks=(6,)) for s in range(200)]
+    assert {k for k, _ in only} == {6}
+    pair = [draw_k_and_t(step_rngs(0, s, torch.device("cpu"))[0], 6, 12, 49, ks=(0, 6))[0] for s in range(200)]
+    assert set(pair) == {0, 6} and 0.35 < np.mean(pair) / 6 < 0.65
     a = torch.rand(4, generator=step_rngs(3, 7, torch.device("cpu"))[1])
     b = torch.rand(4, generator=step_rngs(3, 7, torch.device("cpu"))[1])
     c = torch.rand(4, generator=step_rngs(3, 8, torch.device("cpu"))[1])
@@ -247,3 +252,14 @@ def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(single_r
     result = train_classifier(cfg)
     chain = load_tore(result["checkpoint"]).meta["init_from"]
     assert chain["steps"] == RUN_STEPS and chain["train_args"]["seed"] == 5 and "eval" in chain
+
+
+def test_train_k_restricts_the_split_points_and_refuses_bad_ones(fmnist_root: Path, tmp_path: Path) -> None:
+    base = dict(dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=3, batch_size=RUN_BATCH, eval_size=8,
+                eval_batch_size=8, progress=False, log_every=1, **TINY)
+    log = tmp_path / "log.jsonl"
+    result = train_classifier(TrainConfig(out=str(tmp_path / "k2"), log_json=str(log), train_k=(2,), **base))
+    assert [json.loads(line)["K"] for line in log.read_text().splitlines()] == [2, 2, 2]
+    assert load_tore(result["checkpoint"]).meta["train_args"]["train_k"] == [2]
+    with pytest.raises(ValueError, match=r"--train-k \[3\].*0\.\.2"):
+        train_classifier(TrainConfig(out=str(tmp_path / "bad"), train_k=(3,), **base))
