@@ -64,6 +64,7 @@ __all__ = [
     "config_from_args",
     "cut_glimpses",
     "draw_k_and_t",
+    "train_step",
     "eval_markdown",
     "evaluate",
     "fashion_mnist_canvases",
@@ -251,6 +252,30 @@ class TOREObjective(nn.Module):
             mse = masked_recon_mse(model, recon, canvases, seen)
         loss = ce + self.recon_weight * mse
         return loss, ce.detach(), mse.detach(), out.logits.detach()
+
+
+def train_step(objective: nn.Module, model: TOREViT, optimizer: torch.optim.Optimizer,
+               batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], K: int, amp: bool = True,
+               grad_clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step: the objective under bf16 autocast (CUDA, ``amp``), backward, clipping, optimiser step.
+
+    Args:
+        objective: a :class:`TOREObjective`, or DDP around one (which averages the gradients across ranks).
+        model: the TOREViT inside it (its gradients are clipped to norm ``grad_clip``; 0: no clipping).
+        batch: this rank's (canvases uint8 [B, H, W, C], labels [B], rows [B, T], cols [B, T]).
+
+    Returns:
+        (loss, ce, mse, logits [B, classes]), detached, from before the step.
+    """
+    canvases, labels, rows, cols = batch
+    with _autocast(canvases.device, amp):
+        loss, ce, mse, logits = objective(canvases, labels, rows, cols, K)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), ce, mse, logits
 
 
 def masked_recon_mse(model: TOREViT, recon: torch.Tensor, canvases: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
@@ -641,13 +666,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
         rows, cols = sample_glimpses(geo, cfg.batch_size, T, gen)
         rows, cols = rows[mine], cols[mine]
 
-        with _autocast(device, cfg.amp):
-            loss, ce, mse, logits = ddp(canvases, labels, rows, cols, K)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        loss, ce, mse, logits = train_step(ddp, model, optimizer, (canvases, labels, rows, cols), K, cfg.amp, cfg.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 

@@ -112,8 +112,8 @@ def profile_tore(args: argparse.Namespace) -> str:
 
 
 def profile_train(args: argparse.Namespace) -> str:
-    from avex.train import TrainConfig, _autocast, build_model, fashion_mnist_canvases, resolve_config
-    from avex.train import TOREObjective, _param_groups, draw_k_and_t, n_tiles, sample_glimpses, step_rngs
+    from avex.train import TrainConfig, build_model, fashion_mnist_canvases, resolve_config
+    from avex.train import TOREObjective, _param_groups, draw_k_and_t, n_tiles, sample_glimpses, step_rngs, train_step
 
     dev = torch.device(args.device)
     cfg = resolve_config(TrainConfig(dataset="fashion-mnist", device=args.device))
@@ -125,17 +125,12 @@ def profile_train(args: argparse.Namespace) -> str:
     counter = iter(range(10**9))
 
     def steps() -> None:
-        for _ in range(args.steps):  # the loop body of avex.train.train_classifier, less logging
+        for _ in range(args.steps):  # avex.train.train_classifier's loop body, less logging and the LR schedule
             host_rng, gen = step_rngs(0, next(counter), dev)
             K, T = draw_k_and_t(host_rng, model.depth, cfg.budget, n_tiles(geo))
             canvases, labels = source.random_batch(args.batch, gen)
             rows, cols = sample_glimpses(geo, args.batch, T, gen)
-            with _autocast(dev, True):
-                loss = objective(canvases, labels, rows, cols, K)[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            train_step(objective, model, opt, (canvases, labels, rows, cols), K, True, cfg.grad_clip)
 
     steps()  # warm-up (allocator, autotuning)
     synchronize(args.device)

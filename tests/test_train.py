@@ -35,6 +35,7 @@ from avex.train import (
     start_from_checkpoint,
     step_rngs,
     train_classifier,
+    train_step,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,11 +80,8 @@ def test_steps_lower_the_loss_on_a_fixed_batch(fmnist_root: Path) -> None:
     objective = TOREObjective(model, geo, recon_weight=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     history = []
-    for _ in range(15):
-        loss, ce, mse, _ = objective(canvases, labels, rows, cols, K=1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    for _ in range(15):  # the trainer's own step (CPU: fp32, gradient clipping on)
+        loss, ce, mse, _ = train_step(objective, model, opt, (canvases, labels, rows, cols), K=1)
         history.append((loss.item(), ce.item(), mse.item()))
     assert history[0][2] > 0, "the masked reconstruction term should be active with 3 of 9 tiles seen"
     assert history[-1][0] < 0.8 * history[0][0], history
