@@ -49,7 +49,9 @@ def test_idempotent():
     assert ensure_timm_importable() is first
     import torchvision  # noqa: F401  (must stay importable)
 
-    assert _has_schema("torchvision::nms") and _has_schema("torchvision::qnms")
+    assert _has_schema("torchvision::nms")
+    if first:  # the shim defined both; a torchvision that loads natively need not have qnms (the GPU image's has not)
+        assert _has_schema("torchvision::qnms")
 
 
 def test_applied_iff_needed_in_fresh_process():

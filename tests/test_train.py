@@ -157,7 +157,8 @@ RUN_STEPS, RUN_BATCH = 4, 8
 def single_run(fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert "WORLD_SIZE" not in os.environ
     out = tmp_path_factory.mktemp("single") / "ck"
-    cfg = TrainConfig(dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=RUN_STEPS, batch_size=RUN_BATCH,
+    # device="cpu" even where CUDA exists: the gloo test compares its CPU processes with this run.
+    cfg = TrainConfig(device="cpu", dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=RUN_STEPS, batch_size=RUN_BATCH,
                       lr=3e-3, eval_size=16, eval_batch_size=8, out=str(out), progress=False, seed=5,
                       log_json=str(out.parent / "log.jsonl"), log_every=2, **TINY)
     return train_classifier(cfg)
@@ -223,7 +224,7 @@ def test_image_folder_path_trains_a_step(tmp_path: Path) -> None:
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    cfg = TrainConfig(dataset="folder", data_root=str(tmp_path), model="vit_tiny_patch16_224", img_size=32, steps=2,
+    cfg = TrainConfig(device="cpu", dataset="folder", data_root=str(tmp_path), model="vit_tiny_patch16_224", img_size=32, steps=2,
                       batch_size=4, workers=1, eval_size=4, eval_batch_size=4, out=str(tmp_path / "ck"), progress=False, **TINY)
     result = train_classifier(cfg)
     assert np.isfinite(result["final"]["loss"])
@@ -245,7 +246,7 @@ def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(single_r
         start_from_checkpoint(other, path)
     # A continued run records where it started.
     out = tmp_path / "continued"
-    cfg = TrainConfig(dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=1, batch_size=RUN_BATCH,
+    cfg = TrainConfig(device="cpu", dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=1, batch_size=RUN_BATCH,
                       eval_size=8, eval_batch_size=8, out=str(out), progress=False, init=path, **TINY)
     result = train_classifier(cfg)
     chain = load_tore(result["checkpoint"]).meta["init_from"]
@@ -253,7 +254,7 @@ def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(single_r
 
 
 def test_train_k_restricts_the_split_points_and_refuses_bad_ones(fmnist_root: Path, tmp_path: Path) -> None:
-    base = dict(dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=3, batch_size=RUN_BATCH, eval_size=8,
+    base = dict(device="cpu", dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=3, batch_size=RUN_BATCH, eval_size=8,
                 eval_batch_size=8, progress=False, log_every=1, **TINY)
     log = tmp_path / "log.jsonl"
     result = train_classifier(TrainConfig(out=str(tmp_path / "k2"), log_json=str(log), train_k=(2,), **base))
