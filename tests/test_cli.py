@@ -13,8 +13,8 @@ TINY = '{"checkpoint": null, "model_kwargs": {"depth": 2, "embed_dim": 32, "num_
 
 def test_benchmark_writes_tables_and_plots(tmp_path, fake_fmnist_root) -> None:
     out = tmp_path / "bench"
-    main(["benchmark", "--agents", "random", "entropy", "--K", "0", "2", "--episodes", "8", "--num-envs", "4",
-          "--env-kwargs", TINY % fake_fmnist_root, "--out", str(out)])
+    assert main(["benchmark", "--agents", "random", "entropy", "--K", "0", "2", "--episodes", "8", "--num-envs", "4",
+                 "--env-kwargs", TINY % fake_fmnist_root, "--out", str(out)]) == 0
     report = (out / "benchmark.md").read_text()
     data = json.loads((out / "benchmark.json").read_text())
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "flops.png").stat().st_size > 1000
@@ -27,7 +27,7 @@ def test_benchmark_writes_tables_and_plots(tmp_path, fake_fmnist_root) -> None:
 
 def test_demo_writes_gif(tmp_path, fake_fmnist_root) -> None:
     gif = tmp_path / "demo.gif"
-    main(["demo", "--agent", "random", "--env-kwargs", TINY % fake_fmnist_root, "--gif", str(gif)])
+    assert main(["demo", "--agent", "random", "--env-kwargs", TINY % fake_fmnist_root, "--gif", str(gif)]) == 0
     from PIL import Image
 
     assert Image.open(gif).n_frames == 13  # the reset frame and one per glimpse
@@ -36,3 +36,18 @@ def test_demo_writes_gif(tmp_path, fake_fmnist_root) -> None:
 def test_unknown_subcommand_is_rejected() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fly"])
+
+
+def test_bad_values_end_with_one_line_and_status_2(tmp_path, fake_fmnist_root, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("AVEX_TRACEBACK", raising=False)
+    args = ["benchmark", "--agents", "random", "--K", "7", "--episodes", "2", "--num-envs", "2",
+            "--env-kwargs", TINY % fake_fmnist_root, "--out", str(tmp_path / "bench")]
+    assert main(args) == 2
+    err = capsys.readouterr().err  # the progress bar's line, then the error
+    assert err.rstrip().splitlines()[-1].startswith("avex benchmark: error: K must be") and "Traceback" not in err
+    assert main(["train", "classifier", "--data-root", str(tmp_path / "nowhere"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err  # a missing data set: the message lists the ways to install it
+    assert any(line.startswith("avex train classifier: error: ") for line in err.splitlines()) and "apt-get" in err
+    monkeypatch.setenv("AVEX_TRACEBACK", "1")  # the whole traceback on request
+    with pytest.raises(ValueError, match="0..2"):
+        main(args)

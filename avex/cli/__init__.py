@@ -7,6 +7,7 @@ subcommands import their modules lazily so ``avex --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
@@ -53,8 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``avex`` command. A bad value or a missing file ends it with one line on stderr and exit
+    status 2, as argparse does for a bad flag (``AVEX_TRACEBACK=1`` shows the whole traceback instead)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:  # avex's own refusals name the problem and the fix
+        if os.environ.get("AVEX_TRACEBACK"):
+            raise
+        name = " ".join(str(v) for v in (args.command, getattr(args, "what", None)) if v)
+        print(f"avex {name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
