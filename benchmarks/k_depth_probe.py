@@ -1,0 +1,52 @@
+"""Why does K=depth fall short with every patch revealed? Accuracy of a checkpoint, every patch revealed,
+at K = 0, depth/2, depth, on either split and for several clutter counts.
+
+Canvases and evaluation are the trainer's own (``avex.train``: the fixed evaluation layouts of the first
+``--images`` items, every patch as non-overlapping 2x2 glimpses), so the figures compare with the
+training tables. A train-vs-test gap shows over-fitting; clutter 0 shows what the bag of glimpses
+reaches without distractors.
+
+    python benchmarks/k_depth_probe.py [--checkpoint CKPT] [--splits train test] [--clutter 0 4] [--images 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avex.checkpoint import load_tore, shipped_checkpoint  # noqa: E402
+from avex.train import _eval_batches, _fashion_eval_set, evaluate, fashion_mnist_canvases  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="avex checkpoint (default: the shipped Fashion-MNIST one)")
+    p.add_argument("--splits", nargs="+", default=["train", "test"], choices=("train", "test"))
+    p.add_argument("--clutter", type=int, nargs="+", default=[4], help="clutter fragments per canvas (the env: 4)")
+    p.add_argument("--images", type=int, default=2000, help="canvases per split and clutter count")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+
+    dev = torch.device(args.device)
+    model = load_tore(args.checkpoint or shipped_checkpoint("fashion-mnist"), device=dev)
+    geo = model.geometry(int(model.meta.get("glimpse", 2)))
+    ks = sorted({0, model.depth // 2, model.depth})
+    print(f"| split | clutter | {' | '.join(f'K={k}' for k in ks)} |\n|---|---|{'---|' * len(ks)}")
+    for split in args.splits:
+        for clutter in args.clutter:
+            source = fashion_mnist_canvases(split, dev, model.img_size[0], clutter)
+            data = _fashion_eval_set(source, args.images, dev)
+            t0 = time.perf_counter()
+            table = evaluate(model, _eval_batches(data, 500, dev), geo, ks, ["all"], amp=dev.type == "cuda")
+            accs = " | ".join(f"{table['acc'][f'K={k}']['all']:.2f}" for k in ks)
+            print(f"| {split} | {clutter} | {accs} |  ({table['n']} canvases, {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
