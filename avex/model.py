@@ -336,6 +336,8 @@ class TOREViT(nn.Module):
                 f"glimpse pixels must have shape [B, {self.in_chans}, s, s] with s a multiple of the patch size "
                 f"{self.patch}, got {tuple(pixels.shape)}"
             )
+        if pixels.dtype != torch.uint8 and not pixels.is_floating_point():  # normalize() reads uint8 as 0..255
+            raise ValueError(f"glimpse pixels must be uint8 in [0, 255] or float in [0, 1], got {pixels.dtype}")
         g = pixels.shape[2] // self.patch
         if coords.shape != (pixels.shape[0], g * g, 2):
             raise ValueError(f"glimpse coords must have shape [B, {g * g}, 2], got {tuple(coords.shape)}")
@@ -392,8 +394,6 @@ class TOREViT(nn.Module):
             b, c, h, w = pixels.shape
             p, gh, gw = self.patch, h // self.patch, w // self.patch
             unfolded = pixels.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # [B, gh, gw, C, p, p] view
-            if pixels.dtype != torch.uint8 and not pixels.is_floating_point():
-                raise ValueError(f"glimpse pixels must be uint8 in [0, 255] or float in [0, 1], got {pixels.dtype}")
             x = torch.empty(unfolded.shape, dtype=dtype, device=pixels.device)
             if self._pixel_affine_scalars is not None:
                 sc = self._pixel_affine_scalars

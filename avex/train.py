@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from avex.checkpoint import load_state, load_tore, save_tore
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT, create_tore
-from avex.platform_info import device_name
+from avex.platform_info import device_name, synchronize
 from avex.posembed import grid_coords, sincos_2d
 
 __all__ = [
@@ -64,7 +64,6 @@ __all__ = [
     "config_from_args",
     "cut_glimpses",
     "draw_k_and_t",
-    "train_step",
     "eval_markdown",
     "evaluate",
     "fashion_mnist_canvases",
@@ -77,6 +76,7 @@ __all__ = [
     "start_from_checkpoint",
     "step_rngs",
     "train_classifier",
+    "train_step",
 ]
 
 # Model defaults per dataset; every one can be overridden from the command line.
@@ -701,8 +701,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
                                                        for k in table["acc"]))
         if main_rank and save_every and (step + 1) % save_every == 0 and not last:
             save(None, time.perf_counter() - t_start)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     train_time = time.perf_counter() - t_start
     bar.close()
     if log_file is not None:

@@ -48,8 +48,9 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    runs = {(b, p): read_run(args.folder, b, p, tag) for b in batches for p in (1, 2)}
     for ax, b in zip(axes[0], batches):
-        one, two = read_run(args.folder, b, 1, tag), read_run(args.folder, b, 2, tag)
+        one, two = runs[b, 1], runs[b, 2]
         n = min(len(one["loss"]), len(two["loss"]))
         diff = np.abs(one["loss"][:n] - two["loss"][:n])
         eff = two["img_s_per_gpu"] / one["img_s_per_gpu"]
@@ -62,7 +63,7 @@ def main() -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(args.out / f"ddp{tag}_loss.png", dpi=110)
-    cmds = "\n".join(f"    {read_run(args.folder, b, p, tag)['cmd']}" for b in batches for p in (1, 2))
+    cmds = "\n".join(f"    {run['cmd']}" for run in runs.values())
     text = "\n".join(rows) + "\n\nCommands (one per row, in order):\n\n" + cmds + "\n"
     (args.out / f"ddp{tag}.md").write_text(text)
     print(text)
