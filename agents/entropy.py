@@ -56,6 +56,8 @@ class EntropyAgent(GlimpseAgent):
         scores = ame_scores(obs["entropy"], obs["visited"], self.glimpse, self.stride)
         mask = np.asarray(action_mask, dtype=bool)
         if scores.shape != mask.shape:
-            raise ValueError(f"entropy map gives {scores.shape[1]} positions but the action mask has {mask.shape[1]}: "
-                             f"glimpse={self.glimpse}, stride={self.stride} do not match the env")
+            raise ValueError(
+                f"entropy map gives {scores.shape[1]} positions but the action mask has {mask.shape[1]}: "
+                f"glimpse={self.glimpse}, stride={self.stride} do not match the env"
+            )
         return np.where(mask, scores, -np.inf).argmax(axis=1).astype(np.int64)

@@ -35,8 +35,9 @@ class EpisodeStats:
     agent_ms_per_step: float
 
 
-def play_episodes(venv: Any, agent: GlimpseAgent, episodes: int, seed: int,
-                  on_round: Callable[[int], None] | None = None) -> EpisodeStats:
+def play_episodes(
+    venv: Any, agent: GlimpseAgent, episodes: int, seed: int, on_round: Callable[[int], None] | None = None
+) -> EpisodeStats:
     """Play at least ``episodes`` episodes in rounds of ``num_envs`` (all envs start and end together:
     fixed budget, same-step autoreset); return the first ``episodes``.
 

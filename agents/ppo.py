@@ -43,7 +43,9 @@ def shipped_policy(name: str) -> Path:
         raise ValueError(f"no shipped PPO policy named {name!r}; available: {sorted(SHIPPED)}")
     path = shipped_file(SHIPPED[name])
     if not path.exists():
-        raise FileNotFoundError(f"the shipped PPO policy {path} is missing: train one with `avex train ppo` and pass its path")
+        raise FileNotFoundError(
+            f"the shipped PPO policy {path} is missing: train one with `avex train ppo` and pass its path"
+        )
     return path
 
 
@@ -88,25 +90,37 @@ class BeliefExtractor(BaseFeaturesExtractor):
         n_vec = sum(int(np.prod(observation_space[k].shape)) for k in ("probs", "cls", "step"))
         self.cls_norm = nn.LayerNorm(observation_space["cls"].shape[0])
         self.maps = nn.Sequential(
-            nn.Conv2d(2, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(32 * gh * gw, 128), nn.ReLU(),
+            nn.Conv2d(2, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * gh * gw, 128),
+            nn.ReLU(),
         )
         self.vec = nn.Sequential(nn.Linear(n_vec, 128), nn.ReLU())
         self.out = nn.Sequential(nn.Linear(256, features_dim), nn.ReLU())
-        self.budget = float(observation_space["step"].high.max()) if isinstance(observation_space["step"], spaces.Box) else 1.0
+        self.budget = (
+            float(observation_space["step"].high.max()) if isinstance(observation_space["step"], spaces.Box) else 1.0
+        )
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         visited = obs["visited"].float()
         ent = obs["entropy"].float() * (1 - visited)
         ent = ent / ent.flatten(1).amax(dim=1).clamp(min=1e-6)[:, None, None]
         maps = self.maps(torch.stack([ent, visited], dim=1))
-        vec = torch.cat([obs["probs"].float(), self.cls_norm(obs["cls"].float()), obs["step"].float().flatten(1) / self.budget], dim=1)
+        vec = torch.cat(
+            [obs["probs"].float(), self.cls_norm(obs["cls"].float()), obs["step"].float().flatten(1) / self.budget],
+            dim=1,
+        )
         return self.out(torch.cat([maps, self.vec(vec)], dim=1))
 
 
-POLICY_KWARGS = dict(features_extractor_class=BeliefExtractor, features_extractor_kwargs=dict(features_dim=256),
-                     net_arch=dict(pi=[256], vf=[256]))
+POLICY_KWARGS = dict(
+    features_extractor_class=BeliefExtractor,
+    features_extractor_kwargs=dict(features_dim=256),
+    net_arch=dict(pi=[256], vf=[256]),
+)
 
 
 def _policy_class(continuous: bool):
@@ -145,24 +159,34 @@ class PPOAgent(GlimpseAgent):
         Args:
             path: ``.safetensors`` with its ``.json``, or ``"shipped:fashion-mnist"``.
         """
-        path = shipped_policy(str(path).split(":", 1)[1]) if str(path).startswith("shipped:") else Path(path).with_suffix(".safetensors")
+        path = (
+            shipped_policy(str(path).split(":", 1)[1])
+            if str(path).startswith("shipped:")
+            else Path(path).with_suffix(".safetensors")
+        )
         if not path.exists():
             raise FileNotFoundError(f"PPO policy not found: {path}")
         meta = json.loads(path.with_suffix(".json").read_text())
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path.with_suffix('.json')} is not an avex PPO policy (format {meta.get('format')!r}, expected {FORMAT!r})")
+            raise ValueError(
+                f"{path.with_suffix('.json')} is not an avex PPO policy (format {meta.get('format')!r}, expected {FORMAT!r})"
+            )
         u = env.unwrapped if hasattr(env, "unwrapped") else env
         obs_space = getattr(u, "single_observation_space", u.observation_space)
         act_space = getattr(u, "single_action_space", u.action_space)
         continuous = isinstance(act_space, spaces.Box)
         if continuous != meta["continuous"]:
-            raise ValueError(f"policy {path} was trained for {'continuous' if meta['continuous'] else 'discrete'} actions; this env's are {act_space}")
+            raise ValueError(
+                f"policy {path} was trained for {'continuous' if meta['continuous'] else 'discrete'} actions; this env's are {act_space}"
+            )
         policy = _policy_class(continuous)(belief_space(obs_space), act_space, lambda _: 0.0, **POLICY_KWARGS)
         try:
             load_model(policy, str(path), strict=True)
         except RuntimeError as err:
-            raise ValueError(f"policy {path} does not fit this env's spaces (trained on {meta.get('env_id')} "
-                             f"with {meta.get('num_actions')} actions; this env has {getattr(act_space, 'n', act_space)}): {err}") from err
+            raise ValueError(
+                f"policy {path} does not fit this env's spaces (trained on {meta.get('env_id')} "
+                f"with {meta.get('num_actions')} actions; this env has {getattr(act_space, 'n', act_space)}): {err}"
+            ) from err
         return cls(policy.to(device), continuous, meta)
 
     @torch.no_grad()
@@ -198,7 +222,10 @@ class ProgressCallback(BaseCallback):
             if done and "correct" in info:
                 self._correct.append(float(info["correct"]))
         if len(self._correct) >= 200:
-            self.bar.set_postfix(train_acc=f"{np.mean(self._correct):.3f}", fps=f"{self.num_timesteps / (time.perf_counter() - self.t0):.0f}")
+            self.bar.set_postfix(
+                train_acc=f"{np.mean(self._correct):.3f}",
+                fps=f"{self.num_timesteps / (time.perf_counter() - self.t0):.0f}",
+            )
             self._correct.clear()
         if self.eval_fn and self.eval_every and self.num_timesteps >= self._next_eval:
             self._next_eval += self.eval_every
@@ -206,7 +233,9 @@ class ProgressCallback(BaseCallback):
             self.history.append(dict(step=self.num_timesteps, accuracy=acc))
             self.bar.write(f"[eval] step {self.num_timesteps}: final-glimpse accuracy {acc:.4f}")
         if self.time_limit is not None and time.perf_counter() - self.t0 > self.time_limit:
-            self.bar.write(f"[ppo] time limit of {self.time_limit:.0f} s reached at step {self.num_timesteps}: stopping")
+            self.bar.write(
+                f"[ppo] time limit of {self.time_limit:.0f} s reached at step {self.num_timesteps}: stopping"
+            )
             return False  # SB3 ends learn() cleanly; the policy is still saved
         return True
 
@@ -250,14 +279,34 @@ def train_ppo(
         from stable_baselines3 import PPO as Algo
     else:
         from sb3_contrib import MaskablePPO as Algo
-    model = Algo("MultiInputPolicy", venv, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs, learning_rate=learning_rate,
-                 ent_coef=ent_coef, gamma=gamma, gae_lambda=0.95, policy_kwargs=POLICY_KWARGS, seed=seed, device=device, verbose=0)
+    model = Algo(
+        "MultiInputPolicy",
+        venv,
+        n_steps=n_steps,
+        batch_size=batch_size,
+        n_epochs=n_epochs,
+        learning_rate=learning_rate,
+        ent_coef=ent_coef,
+        gamma=gamma,
+        gae_lambda=0.95,
+        policy_kwargs=POLICY_KWARGS,
+        seed=seed,
+        device=device,
+        verbose=0,
+    )
     model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default would create a /tmp/SB3-* folder per run
 
     eval_kwargs = dict(env_kwargs, split="test")
 
     def evaluate(policy: nn.Module) -> float:
-        acc = evaluate_policy_accuracy(PPOAgent(policy, continuous), env_id, eval_episodes, min(num_envs, eval_episodes), seed + 10_000, eval_kwargs)
+        acc = evaluate_policy_accuracy(
+            PPOAgent(policy, continuous),
+            env_id,
+            eval_episodes,
+            min(num_envs, eval_episodes),
+            seed + 10_000,
+            eval_kwargs,
+        )
         policy.train()
         return acc
 
@@ -266,17 +315,36 @@ def train_ppo(
     model.learn(total_steps, callback=callback)
     seconds = time.perf_counter() - t0
     final = evaluate(model.policy)
-    summary = dict(env_id=env_id, env_kwargs=env_kwargs, continuous=continuous, num_actions=int(getattr(venv.action_space, "n", 0)),
-                   total_steps=total_steps, trained_steps=int(model.num_timesteps), num_envs=num_envs, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
-                   learning_rate=learning_rate, ent_coef=ent_coef, gamma=gamma, seed=seed, device=device,
-                   train_seconds=round(seconds, 1), eval_history=callback.history, final_test_accuracy=final, eval_episodes=eval_episodes)
+    summary = dict(
+        env_id=env_id,
+        env_kwargs=env_kwargs,
+        continuous=continuous,
+        num_actions=int(getattr(venv.action_space, "n", 0)),
+        total_steps=total_steps,
+        trained_steps=int(model.num_timesteps),
+        num_envs=num_envs,
+        n_steps=n_steps,
+        batch_size=batch_size,
+        n_epochs=n_epochs,
+        learning_rate=learning_rate,
+        ent_coef=ent_coef,
+        gamma=gamma,
+        seed=seed,
+        device=device,
+        train_seconds=round(seconds, 1),
+        eval_history=callback.history,
+        final_test_accuracy=final,
+        eval_episodes=eval_episodes,
+    )
     if out is not None:
         save_policy(model.policy, out, summary)
     venv.close()
     return model, summary
 
 
-def evaluate_policy_accuracy(agent: GlimpseAgent, env_id: str, episodes: int, num_envs: int, seed: int, env_kwargs: dict[str, Any]) -> float:
+def evaluate_policy_accuracy(
+    agent: GlimpseAgent, env_id: str, episodes: int, num_envs: int, seed: int, env_kwargs: dict[str, Any]
+) -> float:
     """Final-glimpse accuracy of an agent over ``episodes`` episodes of the vector env."""
     from agents.evaluate import play_episodes
 

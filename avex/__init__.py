@@ -10,7 +10,7 @@ ensure_timm_importable()
 
 from avex import registration as _registration  # noqa: E402
 from avex.geometry import GlimpseGeometry  # noqa: E402
-from avex.model import AggregatorOutput, TOREViT, TokenCache, create_tore  # noqa: E402
+from avex.model import AggregatorOutput, TokenCache, TOREViT, create_tore  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["AggregatorOutput", "GlimpseGeometry", "TOREViT", "TokenCache", "create_tore", "__version__"]

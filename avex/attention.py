@@ -43,16 +43,28 @@ try:  # Triton ships with PyTorch's CUDA wheels; CPU-only installs simply never 
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["SHORT_SEQUENCE", "SHORT_SEQUENCE_BACKENDS", "attention_choice", "block_forward", "reference_attention",
-           "run_blocks", "short_attention", "short_attention_available"]
+__all__ = [
+    "SHORT_SEQUENCE",
+    "SHORT_SEQUENCE_BACKENDS",
+    "attention_choice",
+    "block_forward",
+    "reference_attention",
+    "run_blocks",
+    "short_attention",
+    "short_attention_available",
+]
 
 SHORT_SEQUENCE = 64  # tokens: up to this many, CUDA attention follows SHORT_SEQUENCE_BACKENDS
 # In order of preference (H100, benchmarks/results/h100/kernel/sdpa_short_triton.md): the Triton kernel (5 us
 # per call at 5 tokens, batch 256, ViT-B), then PyTorch's memory-efficient kernel (its fastest SDPA backend at
 # 5..49 tokens: 35 us; cuDNN, PyTorch's own first choice on Hopper, wins from 65 tokens, where this list stops).
 SHORT_SEQUENCE_BACKENDS = ("triton", "efficient", "flash", "math")
-_SDPA_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                  "cudnn": SDPBackend.CUDNN_ATTENTION}
+_SDPA_BACKENDS = {
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -70,10 +82,23 @@ def _interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _short_attention_kernel(qkv_ptr, out_ptr, valid_ptr, seq_len, scale,
-                                stride_qkv_b, stride_qkv_s, stride_out_b, stride_out_s, stride_valid_b,
-                                HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                                HAS_VALID: tl.constexpr, IEEE: tl.constexpr):
+    def _short_attention_kernel(
+        qkv_ptr,
+        out_ptr,
+        valid_ptr,
+        seq_len,
+        scale,
+        stride_qkv_b,
+        stride_qkv_s,
+        stride_out_b,
+        stride_out_s,
+        stride_valid_b,
+        HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         # One program = one (row b, head h): the whole sequence fits in registers.
         pid = tl.program_id(0)
         b = (pid // HEADS).to(tl.int64)  # 64-bit offsets: rows x stride can pass 2**31 at large batches
@@ -132,8 +157,14 @@ def _kernel_may_run(x: torch.Tensor) -> bool:
     return triton is not None and not torch.is_grad_enabled() and (x.is_cuda or _interpreted())
 
 
-def short_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None = None, *,
-                    block_s: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+def short_attention(
+    qkv: torch.Tensor,
+    heads: int,
+    valid: torch.Tensor | None = None,
+    *,
+    block_s: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
     """Softmax attention of every (row, head) of ``qkv``, by the Triton kernel (no autograd).
 
     Args:
@@ -164,10 +195,23 @@ def short_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None = 
     out = torch.empty(b, s, heads * hd, device=qkv.device, dtype=qkv.dtype)
     valid_arg = valid if valid is not None else out  # never read when HAS_VALID is False
     _short_attention_kernel[(b * heads,)](
-        qkv, out, valid_arg, s, hd ** -0.5,
-        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), valid.stride(0) if valid is not None else 0,
-        HEADS=heads, HEAD_DIM=hd, BLOCK_S=block_s, HAS_VALID=valid is not None,
-        IEEE=qkv.dtype == torch.float32, num_warps=num_warps)
+        qkv,
+        out,
+        valid_arg,
+        s,
+        hd**-0.5,
+        qkv.stride(0),
+        qkv.stride(1),
+        out.stride(0),
+        out.stride(1),
+        valid.stride(0) if valid is not None else 0,
+        HEADS=heads,
+        HEAD_DIM=hd,
+        BLOCK_S=block_s,
+        HAS_VALID=valid is not None,
+        IEEE=qkv.dtype == torch.float32,
+        num_warps=num_warps,
+    )
     return out
 
 
@@ -196,8 +240,13 @@ def reference_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | Non
 def _plain_block(blk: nn.Module) -> bool:
     """Whether ``blk`` is a timm ``Block`` whose attention :func:`block_forward` reproduces exactly."""
     attn = getattr(blk, "attn", None)
-    return (type(blk) is Block and type(attn) is Attention and getattr(attn, "gate", None) is None
-            and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity))
+    return (
+        type(blk) is Block
+        and type(attn) is Attention
+        and getattr(attn, "gate", None) is None
+        and isinstance(attn.q_norm, nn.Identity)
+        and isinstance(attn.k_norm, nn.Identity)
+    )
 
 
 _kernel_failure: str | None = None  # set when Triton could not build or launch the kernel on this machine
@@ -215,10 +264,14 @@ def _kernel_or_reference(qkv: torch.Tensor, heads: int, valid: torch.Tensor | No
             raise
         except Exception as err:  # noqa: BLE001 - Triton's build and driver errors have no common type
             _kernel_failure = f"{type(err).__name__}: {err}"
-            warnings.warn(f"avex: the Triton attention kernel failed on this machine ({_kernel_failure[:300]}); "
-                          "attention now uses PyTorch's SDPA, with the same results but slower. Fix the Triton "
-                          "install (it needs a C compiler at first use) or set AVEX_SDPA=efficient,flash,math "
-                          "to skip the kernel.", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"avex: the Triton attention kernel failed on this machine ({_kernel_failure[:300]}); "
+                "attention now uses PyTorch's SDPA, with the same results but slower. Fix the Triton "
+                "install (it needs a C compiler at first use) or set AVEX_SDPA=efficient,flash,math "
+                "to skip the kernel.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return reference_attention(qkv, heads, valid)
 
 
@@ -253,12 +306,16 @@ def attention_choice() -> tuple[str, ...]:
     names = tuple(choice.split(","))
     unknown = [n for n in names if n != "triton" and n not in _SDPA_BACKENDS]
     if unknown:
-        raise ValueError(f"AVEX_SDPA={choice!r}: unknown backend(s) {unknown}; use auto, default or a comma-separated "
-                         f"list of {['triton', *sorted(_SDPA_BACKENDS)]}")
+        raise ValueError(
+            f"AVEX_SDPA={choice!r}: unknown backend(s) {unknown}; use auto, default or a comma-separated "
+            f"list of {['triton', *sorted(_SDPA_BACKENDS)]}"
+        )
     return names
 
 
-def run_blocks(blocks: nn.Sequential | list[nn.Module], x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+def run_blocks(
+    blocks: nn.Sequential | list[nn.Module], x: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Run ``blocks`` over ``x`` with the attention kernel its shape should get.
 
     On CUDA (and under Triton's interpreter), sequences of <= :data:`SHORT_SEQUENCE` tokens follow the priority list of :func:`attention_choice`:

@@ -40,8 +40,10 @@ def shipped_checkpoint(name: str) -> Path:
         raise ValueError(f"no shipped checkpoint named {name!r}; available: {sorted(SHIPPED)}")
     path = shipped_file(SHIPPED[name])
     if not path.exists():
-        raise FileNotFoundError(f"the shipped checkpoint {path} is missing: reinstall avex, or train one with "
-                                f"`avex train classifier` and pass checkpoint=<path>")
+        raise FileNotFoundError(
+            f"the shipped checkpoint {path} is missing: reinstall avex, or train one with "
+            f"`avex train classifier` and pass checkpoint=<path>"
+        )
     return path
 
 
@@ -61,10 +63,15 @@ def save_tore(model: TOREViT, path: str | Path, meta: dict[str, Any] | None = No
         ValueError: the model was not built by :func:`avex.model.create_tore` (nothing says how to rebuild it).
     """
     if model.build_args is None:
-        raise ValueError("only models built with avex.model.create_tore(name, ...) can be saved: the config records how to rebuild them")
+        raise ValueError(
+            "only models built with avex.model.create_tore(name, ...) can be saved: the config records how to rebuild them"
+        )
     weights, config = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
     save_file(state, str(weights))
     config.write_text(json.dumps(dict(format=FORMAT, build=model.build_args, meta=meta or {}), indent=2, default=list))
     return weights
@@ -76,8 +83,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not weights.exists():
         raise FileNotFoundError(f"checkpoint weights not found: {weights}")
     if not config.exists():
-        raise ValueError(f"{weights} has no config {config.name} beside it: is it an avex checkpoint? "
-                         f"(a timm weights file goes in create_tore(weights=...))")
+        raise ValueError(
+            f"{weights} has no config {config.name} beside it: is it an avex checkpoint? "
+            f"(a timm weights file goes in create_tore(weights=...))"
+        )
     try:
         cfg = json.loads(config.read_text())
     except json.JSONDecodeError as err:
@@ -117,11 +126,16 @@ def load_state(model: TOREViT, state: dict[str, torch.Tensor], source: str = "st
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own.keys() & state.keys()
+        if own[k].shape != state[k].shape
+    ]
     if missing or unexpected or shapes:
-        raise ValueError(f"{source} does not fit this model (another architecture?): "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}")
+        raise ValueError(
+            f"{source} does not fit this model (another architecture?): "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
+        )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
@@ -156,10 +170,22 @@ def shared_model(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    key = (model, checkpoint, pretrained, str(device), dtype, repr(sorted((expect or {}).items())), repr(sorted(build.items())))
+    key = (
+        model,
+        checkpoint,
+        pretrained,
+        str(device),
+        dtype,
+        repr(sorted((expect or {}).items())),
+        repr(sorted(build.items())),
+    )
     with _LOCK:
         if key not in _SHARED:
-            path = shipped_checkpoint(checkpoint.split(":", 1)[1]) if checkpoint and checkpoint.startswith("shipped:") else checkpoint
+            path = (
+                shipped_checkpoint(checkpoint.split(":", 1)[1])
+                if checkpoint and checkpoint.startswith("shipped:")
+                else checkpoint
+            )
             if path is not None and Path(path).with_suffix(".json").exists():
                 tore = load_tore(path, device, expect)
             else:

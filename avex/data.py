@@ -116,15 +116,11 @@ def _find_fashion_mnist(root: str | Path | None) -> Path:
         state = "does not exist" if not folder.is_dir() else "lacks " + ", ".join(missing)
         report.append(f"  {folder} ({state})")
     raise FileNotFoundError(
-        "Fashion-MNIST data not found. Searched:\n"
-        + "\n".join(report)
-        + "\nTo get it, do one of:\n"
+        "Fashion-MNIST data not found. Searched:\n" + "\n".join(report) + "\nTo get it, do one of:\n"
         "  * run `avex data fashion-mnist` (or `make setup`), which installs it into "
         f"{_data_dir() / 'fashion-mnist'};\n"
         f"  * `sudo apt-get install {_DEB_PACKAGE}` (Debian/Ubuntu; installs into {_SYSTEM_DIR});\n"
-        "  * pass root= (or set AVEX_FASHION_MNIST to) a folder holding "
-        + ", ".join(_ALL_FILES)
-        + "."
+        "  * pass root= (or set AVEX_FASHION_MNIST to) a folder holding " + ", ".join(_ALL_FILES) + "."
     )
 
 
@@ -457,7 +453,9 @@ class FashionMNISTCanvas:
         """Draw the layout of one canvas from ``rng`` (one row of :meth:`sample_layouts`)."""
         return self.sample_layouts([rng], [index])
 
-    def sample_layouts(self, rngs: Sequence[np.random.Generator], indices: Sequence[int | None] | None = None) -> CanvasLayout:
+    def sample_layouts(
+        self, rngs: Sequence[np.random.Generator], indices: Sequence[int | None] | None = None
+    ) -> CanvasLayout:
         """Draw one layout per generator: row ``i`` uses ``rngs[i]`` only (so a row does not depend on the batch).
 
         Each row takes ONE call, ``rngs[i].random(3 + 5 * n_clutter)``, whose uniforms are mapped to integers
@@ -895,8 +893,13 @@ def imagenet_canvas(
         )
     try:
         return ImageFolderCanvas(
-            root, image_size=image_size, split=split, classes=wnids, class_names=descriptions, device=device,
-            cache_images=cache_images
+            root,
+            image_size=image_size,
+            split=split,
+            classes=wnids,
+            class_names=descriptions,
+            device=device,
+            cache_images=cache_images,
         )
     except ValueError as e:
         raise ValueError(f"{e}\nFor ImageNet the {_IMAGENET_LAYOUT}") from e

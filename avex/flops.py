@@ -90,7 +90,9 @@ def decoder_macs(d: ViTDims, observed_tokens: int, recon: bool = True) -> int:
     return embed + blocks + pred
 
 
-def step_macs(d: ViTDims, t: int, tokens_per_glimpse: int, K: int, decoder: bool = True, recon: bool = True) -> dict[str, int]:
+def step_macs(
+    d: ViTDims, t: int, tokens_per_glimpse: int, K: int, decoder: bool = True, recon: bool = True
+) -> dict[str, int]:
     """MACs of step ``t`` (t glimpses revealed after it; t=0 is the empty pass), by part.
 
     ``decoder``: count the glimpse decoder; ``recon=False``: its entropy map only (see :func:`decoder_macs`).
@@ -102,7 +104,11 @@ def step_macs(d: ViTDims, t: int, tokens_per_glimpse: int, K: int, decoder: bool
         raise ValueError(f"K must be in 0..{d.depth}, got {K}")
     g2, p = tokens_per_glimpse, d.num_prefix
     if t == 0:  # prefix alone through every block
-        parts = dict(embed=0, iterator=K * block_macs(p, d.dim, d.mlp_hidden), aggregator=(d.depth - K) * block_macs(p, d.dim, d.mlp_hidden))
+        parts = dict(
+            embed=0,
+            iterator=K * block_macs(p, d.dim, d.mlp_hidden),
+            aggregator=(d.depth - K) * block_macs(p, d.dim, d.mlp_hidden),
+        )
     else:
         parts = dict(
             embed=g2 * d.patch * d.patch * d.in_chans * d.dim,
@@ -120,8 +126,15 @@ def step_flops(d: ViTDims, t: int, tokens_per_glimpse: int, K: int, decoder: boo
     return 2 * step_macs(d, t, tokens_per_glimpse, K, decoder, recon)["total"]
 
 
-def episode_flops(d: ViTDims, glimpses: int, tokens_per_glimpse: int, K: int, decoder: bool = True, empty_pass: bool = True,
-                  recon: bool = True) -> list[int]:
+def episode_flops(
+    d: ViTDims,
+    glimpses: int,
+    tokens_per_glimpse: int,
+    K: int,
+    decoder: bool = True,
+    empty_pass: bool = True,
+    recon: bool = True,
+) -> list[int]:
     """Cumulative FLOPs after each step: element i is steps ``0 (or 1) .. i`` summed.
 
     Returns:

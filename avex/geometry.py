@@ -112,8 +112,8 @@ class GlimpseGeometry:
         """
         g = self.glimpse
         off = torch.arange(g, device=rows.device)
-        r = (rows[:, None] + off.repeat_interleave(g)[None])
-        c = (cols[:, None] + off.repeat(g)[None])
+        r = rows[:, None] + off.repeat_interleave(g)[None]
+        c = cols[:, None] + off.repeat(g)[None]
         return torch.stack([r, c], dim=-1)
 
     def cut(self, canvases: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

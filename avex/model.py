@@ -116,8 +116,9 @@ class _DecoderBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, first_query: int = 0, output: bool = True,
-                entropy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, first_query: int = 0, output: bool = True, entropy: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Attend from the rows ``x[:, first_query:]`` to every row.
 
         Args:
@@ -204,7 +205,9 @@ class GlimpseDecoder(nn.Module):
         if valid is not None:
             order = torch.where(valid, order, -1)
         # amax over token order: deterministic where one cell gets several tokens (a plain scatter is not).
-        return torch.full((b, gh * gw), -1, dtype=torch.long, device=coords.device).scatter_reduce(1, cell, order, "amax")
+        return torch.full((b, gh * gw), -1, dtype=torch.long, device=coords.device).scatter_reduce(
+            1, cell, order, "amax"
+        )
 
     def forward(
         self,
@@ -289,8 +292,13 @@ class TOREViT(nn.Module):
         self.img_size = (self.grid[0] * self.patch, self.grid[1] * self.patch)
         self.in_chans = int(vit.patch_embed.proj.in_channels)
         proj = vit.patch_embed.proj
-        self._patch_as_linear = (isinstance(proj, nn.Conv2d) and tuple(proj.kernel_size) == tuple(proj.stride) == (self.patch,) * 2
-                                 and tuple(proj.padding) == (0, 0) and tuple(proj.dilation) == (1, 1) and proj.groups == 1)
+        self._patch_as_linear = (
+            isinstance(proj, nn.Conv2d)
+            and tuple(proj.kernel_size) == tuple(proj.stride) == (self.patch,) * 2
+            and tuple(proj.padding) == (0, 0)
+            and tuple(proj.dilation) == (1, 1)
+            and proj.groups == 1
+        )
         self.num_classes = int(vit.num_classes)
         cfg = getattr(vit, "pretrained_cfg", None) or {}
         mean = _per_channel(mean or cfg.get("mean") or (0.5,), self.in_chans)
@@ -308,9 +316,13 @@ class TOREViT(nn.Module):
         uniform = len(set(mean)) == 1 and len(set(std)) == 1
         self._pixel_affine_scalars = (
             {"uint8": 1.0 / (255.0 * std[0]), "float": 1.0 / std[0], "shift": torch.tensor(-mean[0] / std[0])}
-            if uniform else None)
+            if uniform
+            else None
+        )
         self.decoder = (
-            GlimpseDecoder(self.embed_dim, self.grid, self.patch, self.in_chans, decoder_dim, decoder_heads, decoder_depth)
+            GlimpseDecoder(
+                self.embed_dim, self.grid, self.patch, self.in_chans, decoder_dim, decoder_heads, decoder_depth
+            )
             if decoder_dim
             else None
         )
@@ -328,10 +340,17 @@ class TOREViT(nn.Module):
         """Raise ValueError unless images is [B, C, H, W] with this model's channels and size."""
         want = (self.in_chans, *self.img_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(f"images must have shape [B, {want[0]}, {want[1]}, {want[2]}] (B, C, H, W), got {tuple(images.shape)}")
+            raise ValueError(
+                f"images must have shape [B, {want[0]}, {want[1]}, {want[2]}] (B, C, H, W), got {tuple(images.shape)}"
+            )
 
     def _check_glimpses(self, pixels: torch.Tensor, coords: torch.Tensor) -> None:
-        if pixels.ndim != 4 or pixels.shape[1] != self.in_chans or pixels.shape[2] != pixels.shape[3] or pixels.shape[2] % self.patch:
+        if (
+            pixels.ndim != 4
+            or pixels.shape[1] != self.in_chans
+            or pixels.shape[2] != pixels.shape[3]
+            or pixels.shape[2] % self.patch
+        ):
             raise ValueError(
                 f"glimpse pixels must have shape [B, {self.in_chans}, s, s] with s a multiple of the patch size "
                 f"{self.patch}, got {tuple(pixels.shape)}"
@@ -401,7 +420,9 @@ class TOREViT(nn.Module):
             else:
                 scale = self._pixel_scale_u8 if pixels.dtype == torch.uint8 else self._pixel_scale_f
                 torch.addcmul(self._pixel_shift, unfolded, scale, out=x)
-            x = F.linear(x.view(b, gh * gw, c * p * p), pe.proj.weight.reshape(self.embed_dim, -1), pe.proj.bias)  # [B, G, D]
+            x = F.linear(
+                x.view(b, gh * gw, c * p * p), pe.proj.weight.reshape(self.embed_dim, -1), pe.proj.bias
+            )  # [B, G, D]
         else:
             x = pe.proj(self.normalize(pixels).to(dtype)).flatten(2).transpose(1, 2)  # [B, G, D]
         x = pe.norm(x)  # row-major like coords
@@ -426,7 +447,9 @@ class TOREViT(nn.Module):
         x = self.vit.norm_pre(self.vit.pos_drop(self._prefix(1)))
         return self.iterate(x, K)
 
-    def aggregate(self, seq: torch.Tensor, K: int, coords: torch.Tensor, valid: torch.Tensor | None = None) -> AggregatorOutput:
+    def aggregate(
+        self, seq: torch.Tensor, K: int, coords: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> AggregatorOutput:
         """blocks[K:] -> norm -> pool -> head.
 
         Args:
@@ -466,7 +489,9 @@ class TOREViT(nn.Module):
         """
         K = self.check_k(K)
         if pixels.ndim != 5 or coords.ndim != 4 or pixels.shape[:2] != coords.shape[:2]:
-            raise ValueError(f"expected pixels [B, T, C, s, s] and coords [B, T, G, 2], got {tuple(pixels.shape)} and {tuple(coords.shape)}")
+            raise ValueError(
+                f"expected pixels [B, T, C, s, s] and coords [B, T, G, 2], got {tuple(pixels.shape)} and {tuple(coords.shape)}"
+            )
         b, t = pixels.shape[:2]
         x = self.iterate(self.embed_glimpses(pixels.flatten(0, 1), coords.flatten(0, 1)), K)
         x = x.view(b, t, *x.shape[1:])
@@ -479,12 +504,19 @@ class TOREViT(nn.Module):
         return self.forward_glimpses(pixels, coords, K).logits
 
     # ------------------------------------------------------------ sequential, cached
-    def init_cache(self, batch: int, capacity: int, K: int, tokens_per_glimpse: int, *, device=None, dtype=None) -> TokenCache:
+    def init_cache(
+        self, batch: int, capacity: int, K: int, tokens_per_glimpse: int, *, device=None, dtype=None
+    ) -> TokenCache:
         """Allocate an empty cache for ``batch`` rows of at most ``capacity`` glimpses of G tokens each."""
         K = self.check_k(K)
         ref = self.vit.pos_embed
-        buf = torch.zeros(batch, self.num_prefix + capacity * tokens_per_glimpse, self.embed_dim,
-                          device=device or ref.device, dtype=dtype or ref.dtype)
+        buf = torch.zeros(
+            batch,
+            self.num_prefix + capacity * tokens_per_glimpse,
+            self.embed_dim,
+            device=device or ref.device,
+            dtype=dtype or ref.dtype,
+        )
         coords = torch.zeros(batch, capacity * tokens_per_glimpse, 2, device=buf.device)
         cache = TokenCache(buf, coords, np.zeros(batch, dtype=np.int64), K, tokens_per_glimpse, self.num_prefix)
         self.reset_cache(cache)
@@ -493,12 +525,20 @@ class TOREViT(nn.Module):
     @torch.no_grad()
     def reset_cache(self, cache: TokenCache, rows: np.ndarray | None = None) -> None:
         """Empty some rows (bool mask or indices [B]; None = all). Other rows are untouched."""
-        idx = np.arange(cache.batch_size) if rows is None else np.flatnonzero(np.asarray(rows)) if np.asarray(rows).dtype == bool else np.asarray(rows)
+        idx = (
+            np.arange(cache.batch_size)
+            if rows is None
+            else np.flatnonzero(np.asarray(rows))
+            if np.asarray(rows).dtype == bool
+            else np.asarray(rows)
+        )
         if idx.size == 0:
             return
         cache.counts[idx] = 0
         prefix = self.empty_prefix(cache.K).to(cache.buf.dtype)
-        if idx.size == cache.batch_size and (idx == np.arange(idx.size)).all():  # all rows: a slice, no index copy (no sync; capturable)
+        if (
+            idx.size == cache.batch_size and (idx == np.arange(idx.size)).all()
+        ):  # all rows: a slice, no index copy (no sync; capturable)
             cache.buf[:, : self.num_prefix] = prefix
         else:
             t = torch.as_tensor(idx, device=cache.buf.device)
@@ -514,10 +554,14 @@ class TOREViT(nn.Module):
         """
         g2, p = cache.tokens_per_glimpse, self.num_prefix
         if coords.shape[1] != g2 or pixels.shape[0] != cache.batch_size:
-            raise ValueError(f"this cache holds {cache.batch_size} rows of {g2}-token glimpses, got pixels {tuple(pixels.shape)}, coords {tuple(coords.shape)}")
+            raise ValueError(
+                f"this cache holds {cache.batch_size} rows of {g2}-token glimpses, got pixels {tuple(pixels.shape)}, coords {tuple(coords.shape)}"
+            )
         n = cache.counts
         if (n >= cache.capacity).any():
-            raise ValueError(f"the token cache is full ({cache.capacity} glimpses per row): reset the rows before more glimpses")
+            raise ValueError(
+                f"the token cache is full ({cache.capacity} glimpses per row): reset the rows before more glimpses"
+            )
         x = self.iterate(self.embed_glimpses(pixels, coords), cache.K).to(cache.buf.dtype)
         if (n == n[0]).all():  # rows in step: static slices (CUDA-graph friendly)
             n0 = int(n[0])
@@ -547,7 +591,9 @@ class TOREViT(nn.Module):
         return self.aggregate(cache.buf[:, : p + length], cache.K, cache.coords[:, :length], valid)
 
     # ------------------------------------------------------------------ decoder
-    def decode(self, out: AggregatorOutput, recon: bool = True, entropy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def decode(
+        self, out: AggregatorOutput, recon: bool = True, entropy: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Run the glimpse decoder on an aggregator output.
 
         Args:
@@ -559,7 +605,9 @@ class TOREViT(nn.Module):
         if self.decoder is None:
             raise ValueError("this model was built without a decoder (decoder_dim=0)")
         valid = None if out.valid is None else out.valid[:, self.num_prefix :]
-        return self.decoder(out.tokens[:, 0], out.tokens[:, self.num_prefix :], out.coords, valid, recon=recon, entropy=entropy)
+        return self.decoder(
+            out.tokens[:, 0], out.tokens[:, self.num_prefix :], out.coords, valid, recon=recon, entropy=entropy
+        )
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images [B, C, H, W] -> per-patch pixels [B, N, patch * patch * C] (decoder target layout)."""
@@ -589,7 +637,9 @@ class TOREViT(nn.Module):
         b, t = images.shape[0], geo.num_actions
         rows, cols = (torch.as_tensor(v, device=images.device) for v in geo.action_to_patch(np.arange(t)))
         canv = images.permute(0, 2, 3, 1).repeat_interleave(t, dim=0)
-        pix = geo.cut(canv, rows.repeat(b), cols.repeat(b)).view(b, t, self.in_chans, geo.sensor_pixels, geo.sensor_pixels)
+        pix = geo.cut(canv, rows.repeat(b), cols.repeat(b)).view(
+            b, t, self.in_chans, geo.sensor_pixels, geo.sensor_pixels
+        )
         coords = geo.glimpse_coords(rows, cols)[None].expand(b, -1, -1, -1)
         return pix, coords
 
@@ -628,10 +678,16 @@ def create_tore(
         weights: a local timm-format weights file (.safetensors/.pth) to load instead of the hub.
         timm_kwargs: more ``timm.create_model`` arguments (embed_dim, depth, num_heads, reg_tokens, ...).
     """
-    tore_kwargs = dict(decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth, mean=mean, std=std)
+    tore_kwargs = dict(
+        decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth, mean=mean, std=std
+    )
     if isinstance(model, nn.Module):
         return TOREViT(model, **tore_kwargs)
-    kwargs = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes).items() if v is not None}
+    kwargs = {
+        k: v
+        for k, v in dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes).items()
+        if v is not None
+    }
     kwargs.update(timm_kwargs)
     if isinstance(kwargs.get("img_size"), list):
         kwargs["img_size"] = tuple(kwargs["img_size"])
@@ -645,6 +701,13 @@ def create_tore(
             raise ValueError(f"unknown timm model {model!r}: see timm.list_models('vit*')") from err
         raise
     tore = TOREViT(vit, **tore_kwargs)
-    tore.build_args = dict(model=model, **kwargs, decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth,
-                           mean=list(tore.pixel_mean.flatten().tolist()), std=list(tore.pixel_std.flatten().tolist()))
+    tore.build_args = dict(
+        model=model,
+        **kwargs,
+        decoder_dim=decoder_dim,
+        decoder_heads=decoder_heads,
+        decoder_depth=decoder_depth,
+        mean=list(tore.pixel_mean.flatten().tolist()),
+        std=list(tore.pixel_std.flatten().tolist()),
+    )
     return tore

@@ -20,17 +20,35 @@ _VECTOR_ENTRY = "envs.vector:AVEVectorEnv"
 ENV_SPECS: dict[str, dict[str, Any]] = {
     # The embedded default: offline right after set-up, with the shipped checkpoint.
     "AVE-FashionMNIST-v0": dict(
-        dataset="fashion-mnist", split="train", image_size=112, patch=8, glimpse=2, budget=12,
-        clutter=4, checkpoint="shipped:fashion-mnist",
+        dataset="fashion-mnist",
+        split="train",
+        image_size=112,
+        patch=8,
+        glimpse=2,
+        budget=12,
+        clutter=4,
+        checkpoint="shipped:fashion-mnist",
     ),
     # ImageNet-1k from a local folder (root= or AVEX_IMAGENET), DeiT-III-S as in TORE's ImageNet runs.
     "AVE-ImageNet-v0": dict(
-        dataset="imagenet", split="val", image_size=224, patch=16, glimpse=2, budget=12,
-        model="deit3_small_patch16_224", pretrained=True,
+        dataset="imagenet",
+        split="val",
+        image_size=224,
+        patch=16,
+        glimpse=2,
+        budget=12,
+        model="deit3_small_patch16_224",
+        pretrained=True,
     ),
     # Any folder of class subfolders.
     "AVE-ImageFolder-v0": dict(
-        dataset="folder", image_size=224, patch=16, glimpse=2, budget=12, model="vit_small_patch16_224", pretrained=True,
+        dataset="folder",
+        image_size=224,
+        patch=16,
+        glimpse=2,
+        budget=12,
+        model="vit_small_patch16_224",
+        pretrained=True,
     ),
 }
 

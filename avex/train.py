@@ -34,13 +34,13 @@ import argparse
 import json
 import math
 import os
-
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,8 +82,18 @@ __all__ = [
 # Model defaults per dataset; every one can be overridden from the command line.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # The embedded default (AVE-FashionMNIST-v0): a 6-block ViT-Tiny on 112x112 canvases, 8 px patches.
-    "fashion-mnist": dict(model="vit_tiny_patch16_224", img_size=112, patch=8, in_chans=1, depth=6, embed_dim=192,
-                          num_heads=3, mean=(0.1,), std=(0.25,), lr=1e-3),
+    "fashion-mnist": dict(
+        model="vit_tiny_patch16_224",
+        img_size=112,
+        patch=8,
+        in_chans=1,
+        depth=6,
+        embed_dim=192,
+        num_heads=3,
+        mean=(0.1,),
+        std=(0.25,),
+        lr=1e-3,
+    ),
     # ImageNet-1k (timm's label order); DeiT-III-S as in TORE's ImageNet runs, fine-tuned.
     "imagenet": dict(model="deit3_small_patch16_224", img_size=224, patch=16, in_chans=3, lr=1e-4),
     # Any folder of class subfolders.
@@ -163,8 +173,9 @@ def step_rngs(seed: int, step: int, device: torch.device) -> tuple[np.random.Gen
     return np.random.default_rng(host_seq), gen
 
 
-def draw_k_and_t(rng: np.random.Generator, depth: int, budget: int, n_tiles: int,
-                 ks: Sequence[int] | None = None) -> tuple[int, int]:
+def draw_k_and_t(
+    rng: np.random.Generator, depth: int, budget: int, n_tiles: int, ks: Sequence[int] | None = None
+) -> tuple[int, int]:
     """One split point K ~ U{0..depth} (TORE's policy; or uniform over ``ks``); T ~ U{1..budget} or
     U{budget..n_tiles} with probability 1/2 each."""
     K = int(rng.integers(0, depth + 1)) if ks is None else int(ks[int(rng.integers(0, len(ks)))])
@@ -177,7 +188,9 @@ def n_tiles(geo: GlimpseGeometry) -> int:
     return (geo.grid[0] // geo.glimpse) * (geo.grid[1] // geo.glimpse)
 
 
-def sample_glimpses(geo: GlimpseGeometry, batch: int, T: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_glimpses(
+    geo: GlimpseGeometry, batch: int, T: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """T random non-overlapping glimpses per image, with a random lattice shift per image.
 
     Image i draws a shift (dy, dx) in {0..g-1}^2 among the shifts whose lattice holds at least T
@@ -204,7 +217,9 @@ def sample_glimpses(geo: GlimpseGeometry, batch: int, T: int, generator: torch.G
     return dy[:, None] + (idx // pw) * g, dx[:, None] + (idx % pw) * g
 
 
-def cut_glimpses(geo: GlimpseGeometry, canvases: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cut_glimpses(
+    geo: GlimpseGeometry, canvases: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pixels, token coordinates and revealed patches of T glimpses per image.
 
     Args:
@@ -234,7 +249,9 @@ class TOREObjective(nn.Module):
     the gradient of the global-batch loss.
     """
 
-    def __init__(self, model: TOREViT, geo: GlimpseGeometry, recon_weight: float = 0.1, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self, model: TOREViT, geo: GlimpseGeometry, recon_weight: float = 0.1, label_smoothing: float = 0.0
+    ) -> None:
         super().__init__()
         self.model = model
         self.geo = geo
@@ -254,9 +271,15 @@ class TOREObjective(nn.Module):
         return loss, ce.detach(), mse.detach(), out.logits.detach()
 
 
-def train_step(objective: nn.Module, model: TOREViT, optimizer: torch.optim.Optimizer,
-               batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], K: int, amp: bool = True,
-               grad_clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def train_step(
+    objective: nn.Module,
+    model: TOREViT,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    K: int,
+    amp: bool = True,
+    grad_clip: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimisation step: the objective under bf16 autocast (CUDA, ``amp``), backward, clipping, optimiser step.
 
     Args:
@@ -298,7 +321,9 @@ def masked_recon_mse(model: TOREViT, recon: torch.Tensor, canvases: torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 
-def fashion_mnist_canvases(split: str, device: torch.device | str, img_size: int, clutter: int, root: str | None = None):
+def fashion_mnist_canvases(
+    split: str, device: torch.device | str, img_size: int, clutter: int, root: str | None = None
+):
     """Fashion-MNIST canvases as AVE-FashionMNIST-v0 draws them, at any canvas size.
 
     The items are scaled by ``img_size // 56`` (112 px: x2, as the env) and the clutter fragments are 16 px
@@ -307,8 +332,15 @@ def fashion_mnist_canvases(split: str, device: torch.device | str, img_size: int
     from avex.data import FashionMNISTCanvas
 
     scale = max(1, img_size // 56)
-    return FashionMNISTCanvas(split=split, device=device, root=root, canvas_size=img_size, scale=scale, n_clutter=clutter,
-                              fragment=min(16, 28 * scale))
+    return FashionMNISTCanvas(
+        split=split,
+        device=device,
+        root=root,
+        canvas_size=img_size,
+        scale=scale,
+        n_clutter=clutter,
+        fragment=min(16, 28 * scale),
+    )
 
 
 class _FolderImages(torch.utils.data.Dataset):
@@ -364,8 +396,11 @@ def _folder_sources(cfg: TrainConfig, img_size: int, in_chans: int):
         if tr and not (root / tr).is_dir():
             tr = None  # no train/ sub-folder: the root holds the class folders
         train = ImageFolderCanvas(root, image_size=img_size, split=tr, in_chans=in_chans)
-        val = (ImageFolderCanvas(root, image_size=img_size, split=va, classes=train.classes, in_chans=in_chans)
-               if va and (root / va).is_dir() else None)
+        val = (
+            ImageFolderCanvas(root, image_size=img_size, split=va, classes=train.classes, in_chans=in_chans)
+            if va and (root / va).is_dir()
+            else None
+        )
     if val is None:
         warnings.warn(f"no validation split {va!r} under {cfg.data_root}: evaluating on training images", stacklevel=2)
         val = train
@@ -381,7 +416,9 @@ def _fashion_eval_set(source, size: int, device: torch.device) -> tuple[torch.Te
     return canvases.to(device), labels.to(device)
 
 
-def _eval_batches(eval_data, batch_size: int, device: torch.device, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _eval_batches(
+    eval_data, batch_size: int, device: torch.device, limit: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of (canvases uint8 [B,H,W,C], labels [B]) on device from a tensor pair or an image source."""
     if isinstance(eval_data, tuple):
         canvases, labels = eval_data
@@ -391,8 +428,11 @@ def _eval_batches(eval_data, batch_size: int, device: torch.device, limit: int =
         return
     n = len(eval_data) if limit <= 0 else min(limit, len(eval_data))
     order = np.sort(np.random.default_rng(_EVAL_SEED).permutation(len(eval_data))[:n])  # fixed subset
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(_FolderImages(eval_data), order.tolist()),
-                                         batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(_FolderImages(eval_data), order.tolist()),
+        batch_size=batch_size,
+        num_workers=min(4, os.cpu_count() or 1),
+    )
     for canvases, labels in loader:
         yield canvases.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
@@ -412,7 +452,9 @@ def eval_columns(budget: int, geo: GlimpseGeometry) -> list[int | str]:
 
 
 @torch.inference_mode()
-def evaluate(model: TOREViT, batches, geo: GlimpseGeometry, ks: list[int], columns: list[int | str], amp: bool = True) -> dict[str, Any]:
+def evaluate(
+    model: TOREViT, batches, geo: GlimpseGeometry, ks: list[int], columns: list[int | str], amp: bool = True
+) -> dict[str, Any]:
     """Top-1 accuracy (%) for every K in ``ks`` and glimpse count in ``columns``.
 
     Glimpses are random, non-overlapping, shift included, drawn from a fixed seed per (batch, count),
@@ -448,8 +490,12 @@ def evaluate(model: TOREViT, batches, geo: GlimpseGeometry, ks: list[int], colum
 def eval_markdown(table: dict[str, Any]) -> str:
     """The evaluation table as Markdown: rows K, columns glimpse counts."""
     cols = table["columns"]
-    lines = [f"Top-1 accuracy (%) on {table['n']} images; columns: glimpses (random, non-overlapping), 'all': every patch.", "",
-             "| K | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines = [
+        f"Top-1 accuracy (%) on {table['n']} images; columns: glimpses (random, non-overlapping), 'all': every patch.",
+        "",
+        "| K | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for k in table["ks"]:
         lines.append(f"| {k} | " + " | ".join(f"{table['acc'][f'K={k}'][c]:.2f}" for c in cols) + " |")
     return "\n".join(lines)
@@ -462,7 +508,11 @@ def eval_markdown(table: dict[str, Any]) -> str:
 
 def _autocast(device: torch.device, amp: bool):
     """bf16 autocast on CUDA; a no-op elsewhere."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp) if device.type == "cuda" else torch.autocast(device_type="cpu", enabled=False)
+    return (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp)
+        if device.type == "cuda"
+        else torch.autocast(device_type="cpu", enabled=False)
+    )
 
 
 def _setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
@@ -522,9 +572,23 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 
 def build_model(cfg: TrainConfig, num_classes: int) -> TOREViT:
     """create_tore from a resolved config."""
-    extra = {k: v for k, v in dict(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads).items() if v is not None}
-    return create_tore(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch, in_chans=cfg.in_chans, num_classes=num_classes,
-                       pretrained=cfg.pretrained, weights=cfg.weights, mean=cfg.mean, std=cfg.std, **extra)
+    extra = {
+        k: v
+        for k, v in dict(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads).items()
+        if v is not None
+    }
+    return create_tore(
+        cfg.model,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch,
+        in_chans=cfg.in_chans,
+        num_classes=num_classes,
+        pretrained=cfg.pretrained,
+        weights=cfg.weights,
+        mean=cfg.mean,
+        std=cfg.std,
+        **extra,
+    )
 
 
 @torch.no_grad()
@@ -575,7 +639,9 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     loader_iter = None
     if cfg.dataset == "fashion-mnist":
         train_source = fashion_mnist_canvases("train", device, cfg.img_size, cfg.clutter, cfg.data_root)
-        eval_source = fashion_mnist_canvases("test", device, cfg.img_size, cfg.clutter, cfg.data_root) if main_rank else None
+        eval_source = (
+            fashion_mnist_canvases("test", device, cfg.img_size, cfg.clutter, cfg.data_root) if main_rank else None
+        )
         class_names, train_len = train_source.class_names, len(train_source)
         if cfg.in_chans != 1:
             raise ValueError("Fashion-MNIST canvases have one channel: use --in-chans 1")
@@ -583,8 +649,12 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
         train_source, eval_source = _folder_sources(cfg, cfg.img_size, cfg.in_chans)
         class_names, train_len = train_source.class_names, len(train_source)
         loader = torch.utils.data.DataLoader(
-            _FolderImages(train_source), batch_sampler=_GlobalBatchSampler(train_len, cfg.batch_size, rank, world, cfg.seed),
-            num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False)
+            _FolderImages(train_source),
+            batch_sampler=_GlobalBatchSampler(train_len, cfg.batch_size, rank, world, cfg.seed),
+            num_workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
         loader_iter = iter(loader)
 
     # --- model, objective, optimiser -----------------------------------------------------------
@@ -604,13 +674,22 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     geo = model.geometry(cfg.glimpse, stride=1)
     tiles = n_tiles(geo)
     if cfg.train_k is not None and (not cfg.train_k or not all(0 <= k <= model.depth for k in cfg.train_k)):
-        raise ValueError(f"--train-k {list(cfg.train_k)}: every split point must be in 0..{model.depth} (the model's depth)")
+        raise ValueError(
+            f"--train-k {list(cfg.train_k)}: every split point must be in 0..{model.depth} (the model's depth)"
+        )
     if not 1 <= cfg.budget <= tiles:
-        raise ValueError(f"--budget {cfg.budget} must be in 1..{tiles} (non-overlapping {cfg.glimpse}x{cfg.glimpse} glimpses of the {geo.grid} grid)")
+        raise ValueError(
+            f"--budget {cfg.budget} must be in 1..{tiles} (non-overlapping {cfg.glimpse}x{cfg.glimpse} glimpses of the {geo.grid} grid)"
+        )
     objective = TOREObjective(model, geo, cfg.recon_weight, cfg.label_smoothing)
-    ddp = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None) if world > 1 else objective
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
-                                  fused=device.type == "cuda")
+    ddp = (
+        nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+        if world > 1
+        else objective
+    )
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda"
+    )
     steps_per_epoch = max(1, train_len // cfg.batch_size)
     total_steps = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
     warmup = max(1, round(cfg.warmup * total_steps))
@@ -621,26 +700,45 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     columns = eval_columns(cfg.budget, geo)
     eval_data = None
     if main_rank:
-        eval_data = _fashion_eval_set(eval_source, cfg.eval_size, device) if cfg.dataset == "fashion-mnist" else eval_source
+        eval_data = (
+            _fashion_eval_set(eval_source, cfg.eval_size, device) if cfg.dataset == "fashion-mnist" else eval_source
+        )
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"[avex.train] {cfg.dataset}: {train_len} training images, {len(class_names)} classes; {cfg.model} depth {model.depth} "
-              f"width {model.embed_dim}, {n_params / 1e6:.2f} M parameters; grid {geo.grid}, glimpse {cfg.glimpse}, budget {cfg.budget}, "
-              f"{tiles} tiles; {world} process(es) on {device_name(device)}; global batch {cfg.batch_size}, {total_steps} steps "
-              f"({total_steps / steps_per_epoch:.1f} epochs)", flush=True)
+        print(
+            f"[avex.train] {cfg.dataset}: {train_len} training images, {len(class_names)} classes; {cfg.model} depth {model.depth} "
+            f"width {model.embed_dim}, {n_params / 1e6:.2f} M parameters; grid {geo.grid}, glimpse {cfg.glimpse}, budget {cfg.budget}, "
+            f"{tiles} tiles; {world} process(es) on {device_name(device)}; global batch {cfg.batch_size}, {total_steps} steps "
+            f"({total_steps / steps_per_epoch:.1f} epochs)",
+            flush=True,
+        )
     log_file = None
     if main_rank and cfg.log_json:
         Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
         log_file = open(cfg.log_json, "w")  # noqa: SIM115
 
     def save(eval_table: dict | None, train_time: float) -> Path:
-        meta = dict(dataset=cfg.dataset, class_names=class_names, image_size=cfg.img_size, patch=cfg.patch,
-                    glimpse=cfg.glimpse, budget=cfg.budget, clutter=cfg.clutter if cfg.dataset == "fashion-mnist" else None,
-                    train_args={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-                    eval=eval_table, train_time_s=round(train_time, 1), steps=step + 1, world_size=world,
-                    device=device_name(device), torch=torch.__version__)
+        meta = dict(
+            dataset=cfg.dataset,
+            class_names=class_names,
+            image_size=cfg.img_size,
+            patch=cfg.patch,
+            glimpse=cfg.glimpse,
+            budget=cfg.budget,
+            clutter=cfg.clutter if cfg.dataset == "fashion-mnist" else None,
+            train_args={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            eval=eval_table,
+            train_time_s=round(train_time, 1),
+            steps=step + 1,
+            world_size=world,
+            device=device_name(device),
+            torch=torch.__version__,
+        )
         if init_meta is not None:  # the run this one continued: its recipe, time and results (recursively)
-            meta["init_from"] = {k: init_meta[k] for k in ("train_args", "train_time_s", "steps", "device", "eval", "init_from")
-                                 if k in init_meta}
+            meta["init_from"] = {
+                k: init_meta[k]
+                for k in ("train_args", "train_time_s", "steps", "device", "eval", "init_from")
+                if k in init_meta
+            }
         return save_tore(model, cfg.out, meta=meta, half=cfg.half)
 
     # --- the loop -----------------------------------------------------------------------------
@@ -666,7 +764,9 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
         rows, cols = sample_glimpses(geo, cfg.batch_size, T, gen)
         rows, cols = rows[mine], cols[mine]
 
-        loss, ce, mse, logits = train_step(ddp, model, optimizer, (canvases, labels, rows, cols), K, cfg.amp, cfg.grad_clip)
+        loss, ce, mse, logits = train_step(
+            ddp, model, optimizer, (canvases, labels, rows, cols), K, cfg.amp, cfg.grad_clip
+        )
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
@@ -691,14 +791,24 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{mean[0]:.3f}", acc=f"{100 * mean[3]:.1f}", img_s=f"{rate:.0f}", refresh=False)
             if log_file is not None:
                 for (s, k, t, l_r, _), v in zip(pending, values):
-                    log_file.write(json.dumps(dict(step=s, K=k, T=t, lr=l_r, loss=v[0], ce=v[1], mse=v[2], acc=v[3], img_s=rate)) + "\n")
+                    log_file.write(
+                        json.dumps(dict(step=s, K=k, T=t, lr=l_r, loss=v[0], ce=v[1], mse=v[2], acc=v[3], img_s=rate))
+                        + "\n"
+                    )
                 log_file.flush()
             pending.clear()
         if main_rank and eval_every and (step + 1) % eval_every == 0 and not last:
-            table = evaluate(model, _eval_batches(eval_data, cfg.eval_batch_size, device, cfg.eval_subset), geo, ks, columns, cfg.amp)
-            bar.write(f"step {step + 1}: " + ", ".join(f"{k} all {table['acc'][k].get('all', float('nan')):.1f} / "
-                                                       f"{cfg.budget} {table['acc'][k].get(str(cfg.budget), float('nan')):.1f}"
-                                                       for k in table["acc"]))
+            table = evaluate(
+                model, _eval_batches(eval_data, cfg.eval_batch_size, device, cfg.eval_subset), geo, ks, columns, cfg.amp
+            )
+            bar.write(
+                f"step {step + 1}: "
+                + ", ".join(
+                    f"{k} all {table['acc'][k].get('all', float('nan')):.1f} / "
+                    f"{cfg.budget} {table['acc'][k].get(str(cfg.budget), float('nan')):.1f}"
+                    for k in table["acc"]
+                )
+            )
         if main_rank and save_every and (step + 1) % save_every == 0 and not last:
             save(None, time.perf_counter() - t_start)
     synchronize(device)
@@ -707,15 +817,27 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     if log_file is not None:
         log_file.close()
     img_s = timed_images / timed_seconds if timed_seconds else total_steps * local_batch / train_time
-    summary: dict[str, Any] = dict(model=model, steps=total_steps, train_time_s=train_time, images_per_s_per_process=img_s,
-                                   final=recent, rank=rank, world_size=world)
+    summary: dict[str, Any] = dict(
+        model=model,
+        steps=total_steps,
+        train_time_s=train_time,
+        images_per_s_per_process=img_s,
+        final=recent,
+        rank=rank,
+        world_size=world,
+    )
 
     # --- final evaluation and checkpoint (rank 0) -------------------------------------------------
     if main_rank:
-        table = evaluate(model, _eval_batches(eval_data, cfg.eval_batch_size, device, cfg.eval_size), geo, ks, columns, cfg.amp)
+        table = evaluate(
+            model, _eval_batches(eval_data, cfg.eval_batch_size, device, cfg.eval_size), geo, ks, columns, cfg.amp
+        )
         md = eval_markdown(table)
-        print(f"[avex.train] {total_steps} steps in {train_time:.1f} s, {img_s:.0f} images/s per process; last loss "
-              f"{recent.get('loss', float('nan')):.4f}, train acc {100 * recent.get('acc', float('nan')):.1f}%\n{md}", flush=True)
+        print(
+            f"[avex.train] {total_steps} steps in {train_time:.1f} s, {img_s:.0f} images/s per process; last loss "
+            f"{recent.get('loss', float('nan')):.4f}, train acc {100 * recent.get('acc', float('nan')):.1f}%\n{md}",
+            flush=True,
+        )
         path = save(table, train_time)
         stem = path.with_suffix("")
         Path(f"{stem}.eval.md").write_text(md + "\n")
@@ -744,16 +866,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a = parser.add_argument_group("data")
     a.add_argument("--dataset", default=d.dataset, help="fashion-mnist | imagenet | folder (default %(default)s)")
     a.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder, ImageNet root or image folder")
-    a.add_argument("--train-split", default=d.train_split, help="sub-folder of --data-root for training (default %(default)s)")
-    a.add_argument("--val-split", default=d.val_split, help="sub-folder of --data-root for evaluation (default %(default)s)")
-    a.add_argument("--clutter", type=int, default=d.clutter, help="Fashion-MNIST clutter fragments per canvas (default %(default)s)")
-    a.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers for image folders (default %(default)s)")
+    a.add_argument(
+        "--train-split", default=d.train_split, help="sub-folder of --data-root for training (default %(default)s)"
+    )
+    a.add_argument(
+        "--val-split", default=d.val_split, help="sub-folder of --data-root for evaluation (default %(default)s)"
+    )
+    a.add_argument(
+        "--clutter",
+        type=int,
+        default=d.clutter,
+        help="Fashion-MNIST clutter fragments per canvas (default %(default)s)",
+    )
+    a.add_argument(
+        "--workers", type=int, default=d.workers, help="DataLoader workers for image folders (default %(default)s)"
+    )
     m = parser.add_argument_group("model (defaults depend on --dataset)")
     m.add_argument("--model", default=None, help="timm model name")
     m.add_argument("--pretrained", action="store_true", help="timm hub weights (from the local cache)")
     m.add_argument("--weights", default=None, help="local timm weights file to start from")
-    m.add_argument("--init", default=None, metavar="CKPT",
-                   help="avex checkpoint (.safetensors + .json) to start from: continue or fine-tune a run of the same architecture")
+    m.add_argument(
+        "--init",
+        default=None,
+        metavar="CKPT",
+        help="avex checkpoint (.safetensors + .json) to start from: continue or fine-tune a run of the same architecture",
+    )
     m.add_argument("--depth", type=int, default=None)
     m.add_argument("--embed-dim", type=int, default=None)
     m.add_argument("--num-heads", type=int, default=None)
@@ -762,37 +899,73 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--in-chans", type=int, default=None)
     m.add_argument("--mean", type=_floats, default=None, help="pixel mean per channel, comma-separated")
     m.add_argument("--std", type=_floats, default=None, help="pixel std per channel, comma-separated")
-    m.add_argument("--pos-init", choices=("sincos", "learned"), default=d.pos_init,
-                   help="position embedding init from scratch: MAE 2-D sin-cos or timm's random (default %(default)s)")
+    m.add_argument(
+        "--pos-init",
+        choices=("sincos", "learned"),
+        default=d.pos_init,
+        help="position embedding init from scratch: MAE 2-D sin-cos or timm's random (default %(default)s)",
+    )
     m.add_argument("--glimpse", type=int, default=d.glimpse, help="glimpse side in patches (default %(default)s)")
     m.add_argument("--budget", type=int, default=d.budget, help="glimpses per episode (default %(default)s)")
-    m.add_argument("--train-k", type=int, nargs="+", default=None, metavar="K",
-                   help="split points to draw per batch (default: every K in 0..depth, TORE's policy; e.g. 6 to fine-tune for one K)")
+    m.add_argument(
+        "--train-k",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="split points to draw per batch (default: every K in 0..depth, TORE's policy; e.g. 6 to fine-tune for one K)",
+    )
     o = parser.add_argument_group("optimisation")
     o.add_argument("--epochs", type=float, default=d.epochs, help="(default %(default)s)")
     o.add_argument("--steps", type=int, default=None, help="fixed number of optimisation steps (overrides --epochs)")
-    o.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split across processes (default %(default)s)")
+    o.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="global batch, split across processes (default %(default)s)",
+    )
     o.add_argument("--lr", type=float, default=None, help="peak learning rate (fashion-mnist 1e-3, else 1e-4)")
     o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default %(default)s)")
     o.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of all steps (default %(default)s)")
-    o.add_argument("--label-smoothing", type=float, nargs="?", const=0.1, default=d.label_smoothing,
-                   help="label smoothing (flag alone: 0.1; default %(default)s)")
-    o.add_argument("--recon-weight", type=float, default=d.recon_weight, help="weight of the masked MSE (default %(default)s)")
+    o.add_argument(
+        "--label-smoothing",
+        type=float,
+        nargs="?",
+        const=0.1,
+        default=d.label_smoothing,
+        help="label smoothing (flag alone: 0.1; default %(default)s)",
+    )
+    o.add_argument(
+        "--recon-weight", type=float, default=d.recon_weight, help="weight of the masked MSE (default %(default)s)"
+    )
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="(default %(default)s; 0: off)")
     o.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA (default: bf16 autocast)")
-    o.add_argument("--compile", action="store_true", help="torch.compile the ViT's blocks (no gain measured on an H100)")
+    o.add_argument(
+        "--compile", action="store_true", help="torch.compile the ViT's blocks (no gain measured on an H100)"
+    )
     o.add_argument("--seed", type=int, default=d.seed)
     o.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     e = parser.add_argument_group("evaluation, logging, checkpoints")
-    e.add_argument("--eval-every", type=float, default=d.eval_every, help="epochs between evaluations on a fixed subset (0: end only)")
-    e.add_argument("--eval-subset", type=int, default=d.eval_subset, help="images of the periodic evaluation (default %(default)s)")
+    e.add_argument(
+        "--eval-every",
+        type=float,
+        default=d.eval_every,
+        help="epochs between evaluations on a fixed subset (0: end only)",
+    )
+    e.add_argument(
+        "--eval-subset", type=int, default=d.eval_subset, help="images of the periodic evaluation (default %(default)s)"
+    )
     e.add_argument("--eval-size", type=int, default=d.eval_size, help="images of the final evaluation (0: whole split)")
     e.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     e.add_argument("--out", default=d.out, help="checkpoint path without suffix (default %(default)s)")
     e.add_argument("--save-every", type=float, default=d.save_every, help="epochs between checkpoints (0: end only)")
     e.add_argument("--half", action="store_true", help="store fp16 weights")
-    e.add_argument("--log-json", default=None, help="JSON Lines file, one record per step (loss, ce, mse, acc, K, T, lr)")
-    e.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress updates (default %(default)s)")
+    e.add_argument(
+        "--log-json", default=None, help="JSON Lines file, one record per step (loss, ce, mse, acc, K, T, lr)"
+    )
+    e.add_argument(
+        "--log-every", type=int, default=d.log_every, help="steps between progress updates (default %(default)s)"
+    )
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -809,8 +982,13 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="avex train classifier", description=__doc__.split("\n\n")[0],
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_arguments(
+        argparse.ArgumentParser(
+            prog="avex train classifier",
+            description=__doc__.split("\n\n")[0],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return main_from_args(parser.parse_args(argv))
 
 

@@ -23,10 +23,17 @@ def read_run(folder: Path, batch: int, procs: int, tag: str = "") -> dict:
     stem = folder / f"ddp{tag}_b{batch}_np{procs}"
     match = SUMMARY.search(stem.with_suffix(".log").read_text())
     if match is None:
-        raise ValueError(f"{stem}.log has no '[avex.train] N steps in S s, R images/s per process' line: did the run finish?")
+        raise ValueError(
+            f"{stem}.log has no '[avex.train] N steps in S s, R images/s per process' line: did the run finish?"
+        )
     steps = [json.loads(line) for line in stem.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
-    return dict(steps=int(match[1]), seconds=float(match[2]), img_s_per_gpu=float(match[3]),
-                loss=np.array([s["loss"] for s in steps]), cmd=stem.with_suffix(".cmd").read_text().strip())
+    return dict(
+        steps=int(match[1]),
+        seconds=float(match[2]),
+        img_s_per_gpu=float(match[3]),
+        loss=np.array([s["loss"] for s in steps]),
+        cmd=stem.with_suffix(".cmd").read_text().strip(),
+    )
 
 
 def main() -> None:
@@ -36,12 +43,20 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="the job's TAG (runs named ddp{TAG}_b{B}_np{P})")
     args = ap.parse_args()
     tag = args.tag
-    batches = sorted({int(m[1]) for p in args.folder.glob(f"ddp{tag}_b*_np1.log") if (m := re.fullmatch(rf"ddp{tag}_b(\d+)_np1", p.stem))})
+    batches = sorted(
+        {
+            int(m[1])
+            for p in args.folder.glob(f"ddp{tag}_b*_np1.log")
+            if (m := re.fullmatch(rf"ddp{tag}_b(\d+)_np1", p.stem))
+        }
+    )
     if not batches:
         raise SystemExit(f"no ddp{tag}_b*_np1.log in {args.folder}")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = ["| global batch | GPUs | steps | seconds | images/s per GPU | images/s total | scaling efficiency | loss: mean abs diff (max) vs 1 GPU |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| global batch | GPUs | steps | seconds | images/s per GPU | images/s total | scaling efficiency | loss: mean abs diff (max) vs 1 GPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,9 +69,13 @@ def main() -> None:
         n = min(len(one["loss"]), len(two["loss"]))
         diff = np.abs(one["loss"][:n] - two["loss"][:n])
         eff = two["img_s_per_gpu"] / one["img_s_per_gpu"]
-        rows.append(f"| {b} | 1 | {one['steps']} | {one['seconds']:.1f} | {one['img_s_per_gpu']:.0f} | {one['img_s_per_gpu']:.0f} | 1.00 | |")
-        rows.append(f"| {b} | 2 | {two['steps']} | {two['seconds']:.1f} | {two['img_s_per_gpu']:.0f} | {2 * two['img_s_per_gpu']:.0f} | "
-                    f"**{eff:.2f}** | {diff.mean():.4f} ({diff.max():.4f}) over {n} steps |")
+        rows.append(
+            f"| {b} | 1 | {one['steps']} | {one['seconds']:.1f} | {one['img_s_per_gpu']:.0f} | {one['img_s_per_gpu']:.0f} | 1.00 | |"
+        )
+        rows.append(
+            f"| {b} | 2 | {two['steps']} | {two['seconds']:.1f} | {two['img_s_per_gpu']:.0f} | {2 * two['img_s_per_gpu']:.0f} | "
+            f"**{eff:.2f}** | {diff.mean():.4f} ({diff.max():.4f}) over {n} steps |"
+        )
         ax.plot(one["loss"], label="1 GPU", lw=1)
         ax.plot(two["loss"], label="2 GPUs (DDP)", lw=1, ls="--")
         ax.set(title=f"global batch {b}", xlabel="step", ylabel="training loss (CE + 0.1 MSE)")

@@ -38,17 +38,28 @@ from agents import EntropyAgent, RandomAgent  # noqa: E402
 from agents.evaluate import play_episodes  # noqa: E402
 from avex.checkpoint import load_tore, save_tore, shipped_checkpoint  # noqa: E402
 from avex.model import GlimpseDecoder  # noqa: E402
-from avex.train import (cut_glimpses, draw_k_and_t, fashion_mnist_canvases, masked_recon_mse, n_tiles,  # noqa: E402
-                        sample_glimpses, step_rngs)
+from avex.train import (
+    cut_glimpses,
+    draw_k_and_t,
+    fashion_mnist_canvases,
+    masked_recon_mse,
+    n_tiles,  # noqa: E402
+    sample_glimpses,
+    step_rngs,
+)
 from benchmarks.entropy_probe import ink_patches, touches_ink  # noqa: E402
 
 VARIANTS = {"refit": (1, False), "fresh": (1, True), "two_blocks": (2, False)}  # (decoder depth, re-initialised)
 
 
-def refit_decoder(model, depth: int, fresh: bool, steps: int, batch: int, lr: float, device: torch.device, seed: int) -> float:
+def refit_decoder(
+    model, depth: int, fresh: bool, steps: int, batch: int, lr: float, device: torch.device, seed: int
+) -> float:
     """Replace the decoder (depth, fresh or from the shipped one), re-fit it alone; return the last 100 steps' mean MSE."""
     old = model.decoder
-    dec = GlimpseDecoder(model.embed_dim, model.grid, model.patch, model.in_chans, old.dim, old.blocks[0].heads, depth).to(device)
+    dec = GlimpseDecoder(
+        model.embed_dim, model.grid, model.patch, model.in_chans, old.dim, old.blocks[0].heads, depth
+    ).to(device)
     if not fresh:
         state = {k: v for k, v in old.state_dict().items() if not k.startswith("blocks.")}
         dec.load_state_dict(state, strict=False)
@@ -65,7 +76,9 @@ def refit_decoder(model, depth: int, fresh: bool, steps: int, batch: int, lr: fl
     source = fashion_mnist_canvases("train", device, model.img_size[0], clutter=4)
     opt = torch.optim.AdamW(dec.parameters(), lr=lr, weight_decay=0.05)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
     tail = []
     for step in range(steps):
         rng, gen = step_rngs(seed, step, device)
@@ -125,13 +138,18 @@ def main() -> None:
     n_envs = min(args.episodes, 1000)
 
     def play(ckpt: str, agent_name: str) -> dict:
-        venv = gym.make_vec("AVE-FashionMNIST-v0", num_envs=n_envs, split="test", K=args.K, device=args.device, checkpoint=ckpt)
+        venv = gym.make_vec(
+            "AVE-FashionMNIST-v0", num_envs=n_envs, split="test", K=args.K, device=args.device, checkpoint=ckpt
+        )
         agent = RandomAgent(args.seed) if agent_name == "random" else EntropyAgent.for_env(venv)
         stats = play_episodes(venv, agent, args.episodes, args.seed)
         hits = ink_hits(venv, agent, args.seed + 1)
         venv.close()
-        return dict(acc12=100 * float(stats.correct[:, -1].mean()), acc=[round(100 * float(v), 2) for v in stats.correct.mean(0)],
-                    ink=[round(100 * h, 1) for h in hits])
+        return dict(
+            acc12=100 * float(stats.correct[:, -1].mean()),
+            acc=[round(100 * float(v), 2) for v in stats.correct.mean(0)],
+            ink=[round(100 * h, 1) for h in hits],
+        )
 
     shipped = str(shipped_checkpoint("fashion-mnist"))
     results["random"] = play(shipped, "random")
@@ -142,7 +160,9 @@ def main() -> None:
         t0 = time.perf_counter()
         model = load_tore(shipped, device=device)
         mse = refit_decoder(model, depth, fresh, args.steps, args.batch, args.lr, device, args.seed)
-        path = save_tore(model, out / f"tore_{name}", meta=json.loads(Path(shipped).with_suffix(".json").read_text())["meta"])
+        path = save_tore(
+            model, out / f"tore_{name}", meta=json.loads(Path(shipped).with_suffix(".json").read_text())["meta"]
+        )
         r = play(str(path), "entropy")
         r.update(mse=mse, seconds=round(time.perf_counter() - t0, 1))
         results[name] = r
@@ -150,7 +170,9 @@ def main() -> None:
     (out / "decoder_probe.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["| decoder | entropy agent acc@12 | ink touched, steps 1-12 (%) | refit MSE |", "|---|---|---|---|"]
     for k, v in results.items():
-        lines.append(f"| {k} | {v['acc12']:.1f} | {' '.join(f'{h:.0f}' for h in v['ink'])} | {v.get('mse', float('nan')):.4f} |")
+        lines.append(
+            f"| {k} | {v['acc12']:.1f} | {' '.join(f'{h:.0f}' for h in v['ink'])} | {v.get('mse', float('nan')):.4f} |"
+        )
     (out / "decoder_probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -34,7 +34,7 @@ def ink_patches(env) -> np.ndarray:
 def touches_ink(ink: np.ndarray, geo, actions: np.ndarray) -> float:
     """The share of envs whose g x g glimpse at ``actions`` ([N] discrete positions) covers an ink patch."""
     rows, cols, g = *geo.action_to_patch(actions), geo.glimpse
-    return float(np.mean([ink[i, rows[i]:rows[i] + g, cols[i]:cols[i] + g].any() for i in range(len(ink))]))
+    return float(np.mean([ink[i, rows[i] : rows[i] + g, cols[i] : cols[i] + g].any() for i in range(len(ink))]))
 
 
 def main() -> None:
@@ -42,7 +42,9 @@ def main() -> None:
     p.add_argument("--envs", type=int, default=200)
     p.add_argument("--K", type=int, default=None)
     args = p.parse_args()
-    venv = gym.make_vec("AVE-FashionMNIST-v0", num_envs=args.envs, split="test", **({} if args.K is None else {"K": args.K}))
+    venv = gym.make_vec(
+        "AVE-FashionMNIST-v0", num_envs=args.envs, split="test", **({} if args.K is None else {"K": args.K})
+    )
     env = venv.unwrapped
     geo, n = env.geometry, args.envs
     (gh, gw), g = geo.grid, geo.glimpse
@@ -55,10 +57,17 @@ def main() -> None:
             ent = obs["entropy"]
             pick = np.where(env.action_masks(), ame_scores(ent, obs["visited"], g, geo.stride), -np.inf).argmax(1)
             hit = touches_ink(ink, geo, pick)
-            windows = np.mean([[ink[i, r:r + g, c:c + g].any() for r in range(gh - g + 1) for c in range(gw - g + 1)] for i in range(n)])
-            print(f"after {t} glimpses (K={env.K}): unseen patches with ink {ent[ink & unseen].mean():.2f} bits, empty "
-                  f"{ent[~ink & unseen].mean():.2f} bits; AME's glimpse touches ink in {100 * hit:.0f}% of canvases "
-                  f"(a uniformly random position: {100 * windows:.0f}%)")
+            windows = np.mean(
+                [
+                    [ink[i, r : r + g, c : c + g].any() for r in range(gh - g + 1) for c in range(gw - g + 1)]
+                    for i in range(n)
+                ]
+            )
+            print(
+                f"after {t} glimpses (K={env.K}): unseen patches with ink {ent[ink & unseen].mean():.2f} bits, empty "
+                f"{ent[~ink & unseen].mean():.2f} bits; AME's glimpse touches ink in {100 * hit:.0f}% of canvases "
+                f"(a uniformly random position: {100 * windows:.0f}%)"
+            )
         obs, *_ = venv.step(agent.act(obs, env.action_masks()))
 
 

@@ -47,7 +47,9 @@ def fake_imagenet(per_class: int, size: int = 256) -> str:
         folder = root / "val" / wnid
         folder.mkdir(parents=True)
         for j in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{j}.JPEG", quality=90)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                folder / f"{j}.JPEG", quality=90
+            )
     return str(root)
 
 
@@ -71,8 +73,13 @@ def measure(env_id: str, num_envs: int, steps: int, device: str, env_kwargs: dic
     synchronize(device)
     seconds = time.perf_counter() - start
     venv.close()
-    return dict(num_envs=num_envs, steps=steps, seconds=seconds, env_steps_per_s=num_envs * steps / seconds,
-                ms_per_step=1e3 * seconds / steps)
+    return dict(
+        num_envs=num_envs,
+        steps=steps,
+        seconds=seconds,
+        env_steps_per_s=num_envs * steps / seconds,
+        ms_per_step=1e3 * seconds / steps,
+    )
 
 
 def single_latency(env_id: str, steps: int, device: str, env_kwargs: dict) -> dict:
@@ -90,7 +97,7 @@ def single_latency(env_id: str, steps: int, device: str, env_kwargs: dict) -> di
         env.step(action)
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    times = np.array(times[env.unwrapped.budget:]) * 1e3  # first episode is warm-up
+    times = np.array(times[env.unwrapped.budget :]) * 1e3  # first episode is warm-up
     return dict(median_ms=float(np.median(times)), p90_ms=float(np.percentile(times, 90)), steps=len(times))
 
 
@@ -101,7 +108,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--device", default="cpu")
     p.add_argument("--env-kwargs", default="{}")
-    p.add_argument("--fake-imagenet", type=int, default=0, help="images per class of a fake ImageNet folder (16 classes)")
+    p.add_argument(
+        "--fake-imagenet", type=int, default=0, help="images per class of a fake ImageNet folder (16 classes)"
+    )
     p.add_argument("--single", action="store_true", help="per-step latency of one env instead")
     p.add_argument("--out", default=None, help="append a Markdown section to this file")
     args = p.parse_args()
@@ -112,11 +121,19 @@ def main() -> None:
     if args.fake_imagenet:
         kwargs["root"] = fake_imagenet(args.fake_imagenet)
     command = "python benchmarks/env_throughput.py " + " ".join(sys.argv[1:])
-    header = [f"### {args.env} on {device_name(args.device)}", "", f"- command: `{command}`",
-              f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}", ""]
+    header = [
+        f"### {args.env} on {device_name(args.device)}",
+        "",
+        f"- command: `{command}`",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}",
+        "",
+    ]
     if args.single:
         r = single_latency(args.env, args.steps, args.device, kwargs)
-        lines = header + [f"single env, one step: median {r['median_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms over {r['steps']} steps", ""]
+        lines = header + [
+            f"single env, one step: median {r['median_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms over {r['steps']} steps",
+            "",
+        ]
     else:
         lines = header + ["| num_envs | ms per vector step | env-steps/s |", "|---:|---:|---:|"]
         for n in args.num_envs:

@@ -45,7 +45,10 @@ def main() -> None:
             t0 = time.perf_counter()
             table = evaluate(model, _eval_batches(data, 500, dev), geo, ks, ["all"], amp=dev.type == "cuda")
             accs = " | ".join(f"{table['acc'][f'K={k}']['all']:.2f}" for k in ks)
-            print(f"| {split} | {clutter} | {accs} |  ({table['n']} canvases, {time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"| {split} | {clutter} | {accs} |  ({table['n']} canvases, {time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,14 @@ def _report(title: str, run, device: str, rows: int) -> str:
     # GPU activities (kernels, copies, sets) are the profiler's events on the CUDA device; their spans add up to GPU time.
     gpu = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     busy = sum(e.time_range.elapsed_us() for e in gpu) / 1e6  # s
-    launched = (f"{len(gpu)} GPU activities, {busy * 1e3:.1f} ms of GPU time: the GPU busy {100 * busy / wall_prof:.0f}% "
-                f"of the profiled wall time\n\n") if gpu else ""
+    launched = (
+        (
+            f"{len(gpu)} GPU activities, {busy * 1e3:.1f} ms of GPU time: the GPU busy {100 * busy / wall_prof:.0f}% "
+            f"of the profiled wall time\n\n"
+        )
+        if gpu
+        else ""
+    )
     pr = cProfile.Profile()
     synchronize(device)
     t0 = time.perf_counter()
@@ -59,9 +65,11 @@ def _report(title: str, run, device: str, rows: int) -> str:
     wall = time.perf_counter() - t0
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(rows)
-    return (f"## {title}\n\nwall {wall * 1e3:.1f} ms (cProfile run), {wall_prof * 1e3:.1f} ms (torch.profiler run)\n\n{launched}"
-            f"### device/op table (torch.profiler, sorted by {sort})\n\n```\n{table}\n```\n\n"
-            f"### host Python (cProfile, tottime)\n\n```\n{buf.getvalue()}\n```\n")
+    return (
+        f"## {title}\n\nwall {wall * 1e3:.1f} ms (cProfile run), {wall_prof * 1e3:.1f} ms (torch.profiler run)\n\n{launched}"
+        f"### device/op table (torch.profiler, sorted by {sort})\n\n```\n{table}\n```\n\n"
+        f"### host Python (cProfile, tottime)\n\n```\n{buf.getvalue()}\n```\n"
+    )
 
 
 def profile_env(args: argparse.Namespace) -> str:
@@ -70,7 +78,9 @@ def profile_env(args: argparse.Namespace) -> str:
     import avex  # noqa: F401  (registers the envs)
 
     kwargs = json.loads(args.env_kwargs)
-    venv = gym.make_vec(args.env, num_envs=args.num_envs, device=args.device, torch_obs=args.device.startswith("cuda"), **kwargs)
+    venv = gym.make_vec(
+        args.env, num_envs=args.num_envs, device=args.device, torch_obs=args.device.startswith("cuda"), **kwargs
+    )
     env = venv.unwrapped
     budget = env.budget
     plan = np.argsort(np.random.default_rng(0).random((args.num_envs, env.geometry.num_actions)), axis=1)[:, :budget]
@@ -82,7 +92,12 @@ def profile_env(args: argparse.Namespace) -> str:
         for t in range(budget):
             venv.step(plan[:, t])
 
-    return _report(f"{args.env}: {budget} vector steps of {args.num_envs} envs on {args.device} ({kwargs})", cycle, args.device, args.rows)
+    return _report(
+        f"{args.env}: {budget} vector steps of {args.num_envs} envs on {args.device} ({kwargs})",
+        cycle,
+        args.device,
+        args.rows,
+    )
 
 
 def profile_tore(args: argparse.Namespace) -> str:
@@ -97,7 +112,10 @@ def profile_tore(args: argparse.Namespace) -> str:
     canv = torch.randint(0, 256, (args.batch, 224, 224, 3), dtype=torch.uint8, device=dev)
     steps = []
     for _ in range(args.glimpses):
-        r, c = (torch.as_tensor(v, device=dev) for v in geo.action_to_patch(rng.integers(0, geo.num_actions, size=args.batch)))
+        r, c = (
+            torch.as_tensor(v, device=dev)
+            for v in geo.action_to_patch(rng.integers(0, geo.num_actions, size=args.batch))
+        )
         steps.append((geo.cut(canv, r, c), geo.glimpse_coords(r, c)))
 
     @torch.inference_mode()
@@ -107,13 +125,28 @@ def profile_tore(args: argparse.Namespace) -> str:
             model.step(cache, pix, coords)
 
     episode()
-    return _report(f"TORE {args.model} {args.dtype}: one eager episode of {args.glimpses} steps, K={args.K}, batch {args.batch}",
-                   episode, args.device, args.rows)
+    return _report(
+        f"TORE {args.model} {args.dtype}: one eager episode of {args.glimpses} steps, K={args.K}, batch {args.batch}",
+        episode,
+        args.device,
+        args.rows,
+    )
 
 
 def profile_train(args: argparse.Namespace) -> str:
-    from avex.train import TrainConfig, build_model, fashion_mnist_canvases, resolve_config
-    from avex.train import TOREObjective, _param_groups, draw_k_and_t, n_tiles, sample_glimpses, step_rngs, train_step
+    from avex.train import (
+        TOREObjective,
+        TrainConfig,
+        _param_groups,
+        build_model,
+        draw_k_and_t,
+        fashion_mnist_canvases,
+        n_tiles,
+        resolve_config,
+        sample_glimpses,
+        step_rngs,
+        train_step,
+    )
 
     dev = torch.device(args.device)
     cfg = resolve_config(TrainConfig(dataset="fashion-mnist", device=args.device))
@@ -138,8 +171,13 @@ def profile_train(args: argparse.Namespace) -> str:
     steps()
     synchronize(args.device)
     plain = (time.perf_counter() - t0) / args.steps
-    return _report(f"avex train classifier, Fashion-MNIST: {args.steps} steps at batch {args.batch} on {args.device} "
-                   f"({plain * 1e3:.1f} ms per step unprofiled)", steps, args.device, args.rows)
+    return _report(
+        f"avex train classifier, Fashion-MNIST: {args.steps} steps at batch {args.batch} on {args.device} "
+        f"({plain * 1e3:.1f} ms per step unprofiled)",
+        steps,
+        args.device,
+        args.rows,
+    )
 
 
 def main() -> None:

@@ -27,8 +27,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION}
+BACKENDS = {
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
 # (label, rows, heads, head_dim): ViT-B/16 at batch 256; the Fashion-MNIST env's ViT (width 192) at 16,384 envs.
 MODELS = [("ViT-B/16, batch 256", 256, 12, 64), ("depth-6 width-192 ViT, 16,384 envs", 16384, 3, 64)]
 
@@ -59,7 +63,12 @@ def tune(seqs: list[int], short_attention) -> list[str]:
 
     lines = ["## Triton kernel launch settings (block_s x num_warps), microseconds per call, * = default", ""]
     for label, rows, heads, hd in MODELS:
-        lines += [f"### {label}", "", "| S | " + " | ".join(f"{w} warps" for w in (1, 2, 4, 8)) + " |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"### {label}",
+            "",
+            "| S | " + " | ".join(f"{w} warps" for w in (1, 2, 4, 8)) + " |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for s in (s for s in seqs if s <= SHORT_SEQUENCE):
             qkv = torch.randn(rows, s, 3 * heads * hd, device="cuda", dtype=torch.bfloat16)
             blocks = [max(16, 1 << (s - 1).bit_length())]
@@ -78,18 +87,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, nargs="+", default=[5, 9, 17, 33, 49, 65, 197])
     p.add_argument("--out", default=None)
-    p.add_argument("--tune", action="store_true", help="also time the Triton kernel's launch settings (block_s, num_warps)")
+    p.add_argument(
+        "--tune", action="store_true", help="also time the Triton kernel's launch settings (block_s, num_warps)"
+    )
     args = p.parse_args()
     from avex.attention import SHORT_SEQUENCE, reference_attention, short_attention, short_attention_available
     from avex.platform_info import device_name
 
-    lines = [f"# SDPA per call on short sequences, bf16, {device_name('cuda')}, torch {torch.__version__}", "",
-             "command: `python benchmarks/sdpa_short.py " + " ".join(sys.argv[1:]) + "`", "",
-             "microseconds per call (CUDA graph of 20 calls, median of 20 replays); '-' = backend refused the shape", ""]
+    lines = [
+        f"# SDPA per call on short sequences, bf16, {device_name('cuda')}, torch {torch.__version__}",
+        "",
+        "command: `python benchmarks/sdpa_short.py " + " ".join(sys.argv[1:]) + "`",
+        "",
+        "microseconds per call (CUDA graph of 20 calls, median of 20 replays); '-' = backend refused the shape",
+        "",
+    ]
     for label, rows, heads, hd in MODELS:
         cols = [*BACKENDS, "efficient from qkv", "triton from qkv"]
-        lines += [f"## {label}: q, k, v [{rows}, {heads}, S, {hd}]", "", "| S | " + " | ".join(cols) + " | fastest |",
-                  "|---:|" + "---:|" * (len(cols) + 1)]
+        lines += [
+            f"## {label}: q, k, v [{rows}, {heads}, S, {hd}]",
+            "",
+            "| S | " + " | ".join(cols) + " | fastest |",
+            "|---:|" + "---:|" * (len(cols) + 1),
+        ]
         for s in args.seq:
             q, k, v = (torch.randn(rows, heads, s, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             row = {}
@@ -105,7 +125,9 @@ def main() -> None:
             ok = short_attention_available() and s <= SHORT_SEQUENCE
             row["triton from qkv"] = time_call(lambda: short_attention(qkv, heads)) if ok else None
             best = min((t, n) for n, t in row.items() if t is not None)[1]
-            lines.append(f"| {s} | " + " | ".join("-" if t is None else f"{t:.1f}" for t in row.values()) + f" | {best} |")
+            lines.append(
+                f"| {s} | " + " | ".join("-" if t is None else f"{t:.1f}" for t in row.values()) + f" | {best} |"
+            )
             del q, k, v, qkv
         lines.append("")
     if args.tune and short_attention_available():

@@ -44,8 +44,9 @@ import sys
 import time
 import traceback
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,7 +73,10 @@ def _import_avex():
         pkg = types.ModuleType("avex")
         pkg.__path__ = [str(_ROOT / "avex")]
         sys.modules["avex"] = pkg
-        print("note: gymnasium is not installed; loaded avex.model without avex/__init__ (no environments)", file=sys.stderr)
+        print(
+            "note: gymnasium is not installed; loaded avex.model without avex/__init__ (no environments)",
+            file=sys.stderr,
+        )
     return tuple(importlib.import_module(f"avex.{m}") for m in ("model", "flops", "geometry", "platform_info"))
 
 
@@ -188,7 +192,9 @@ class GraphEpisode:
                 with torch.cuda.graph(g, pool=pool):
                     logits = self._step(t)
             except Exception as err:
-                raise RuntimeError(f"CUDA graph capture of step t={t} (K={cache.K}, batch={cache.batch_size}) failed: {err}") from err
+                raise RuntimeError(
+                    f"CUDA graph capture of step t={t} (K={cache.K}, batch={cache.batch_size}) failed: {err}"
+                ) from err
             pool = g.pool()
             self.graphs.append(g)
             self.outputs.append(logits)
@@ -337,7 +343,9 @@ def run_benchmark(
         torch.backends.cudnn.benchmark = True
 
     # Built outside inference mode (plain parameters, as torch.compile expects); run inside it.
-    tore = create_tore(model, img_size=img_size, patch_size=patch, num_classes=num_classes, decoder_dim=128 if decoder else 0).eval()
+    tore = create_tore(
+        model, img_size=img_size, patch_size=patch, num_classes=num_classes, decoder_dim=128 if decoder else 0
+    ).eval()
     tore.requires_grad_(False)
     for blk in tore.vit.blocks:
         blk.attn.fused_attn = True  # SDPA (flash / memory-efficient kernels on CUDA)
@@ -349,8 +357,12 @@ def run_benchmark(
     dims = ViTDims.of(tore)
     geo = tore.geometry(glimpse)
     G, T = geo.tokens_per_glimpse, glimpses
-    log(f"# {model} {img_size}px patch {patch}, {T} glimpses of {glimpse}x{glimpse} patches, {dtype}, on {device_description(dev)}")
-    log(f"# modes {modes}, K {Ks}, batches {list(batches)}, repeats {repeats}, warm-up {warmup}, decoder {decoder}; {_versions()}")
+    log(
+        f"# {model} {img_size}px patch {patch}, {T} glimpses of {glimpse}x{glimpse} patches, {dtype}, on {device_description(dev)}"
+    )
+    log(
+        f"# modes {modes}, K {Ks}, batches {list(batches)}, repeats {repeats}, warm-up {warmup}, decoder {decoder}; {_versions()}"
+    )
 
     results: list[dict] = []
     for mode in modes:
@@ -360,15 +372,41 @@ def run_benchmark(
             inputs = make_inputs(tore, geo, batch, T, sets, seed + batch, dev)
             rows, episodes = {}, {}
             for K in Ks:  # set up (capture) and check every K first ...
-                rows[K] = dict(model=model, mode=mode, device=dev.type, dtype=dtype, batch=batch, K=K, glimpses=T,
-                               tokens_per_glimpse=G, decoder=decoder, repeats=repeats, warmup=warmup)
+                rows[K] = dict(
+                    model=model,
+                    mode=mode,
+                    device=dev.type,
+                    dtype=dtype,
+                    batch=batch,
+                    K=K,
+                    glimpses=T,
+                    tokens_per_glimpse=G,
+                    decoder=decoder,
+                    repeats=repeats,
+                    warmup=warmup,
+                )
                 t0 = time.perf_counter()
                 try:
-                    episodes[K], info = _setup_and_check(tore, ref32, inputs, mode, dev, dtype, batch, K, T, G, decoder, _emulate_graphs,
-                                                         tol or TOLERANCE[dtype])
+                    episodes[K], info = _setup_and_check(
+                        tore,
+                        ref32,
+                        inputs,
+                        mode,
+                        dev,
+                        dtype,
+                        batch,
+                        K,
+                        T,
+                        G,
+                        decoder,
+                        _emulate_graphs,
+                        tol or TOLERANCE[dtype],
+                    )
                     rows[K].update(info)
-                    log(f"  {mode:7s} b={batch:<4d} K={K:<2d} ready in {time.perf_counter() - t0:.1f} s, check rel err {info['check_rel_err']:.1e}"
-                        + (f" (vs fp32 {info['check_rel_err_vs_fp32']:.1e})" if "check_rel_err_vs_fp32" in info else ""))
+                    log(
+                        f"  {mode:7s} b={batch:<4d} K={K:<2d} ready in {time.perf_counter() - t0:.1f} s, check rel err {info['check_rel_err']:.1e}"
+                        + (f" (vs fp32 {info['check_rel_err_vs_fp32']:.1e})" if "check_rel_err_vs_fp32" in info else "")
+                    )
                 except _CheckFailed:
                     raise
                 except Exception as err:  # keep going: one broken configuration should not lose the others
@@ -382,8 +420,10 @@ def run_benchmark(
                 row = rows[K]
                 if K in timings:
                     row.update(_summarise(timings[K], dims, batch, K, T, G, decoder))
-                    log(f"  {mode:7s} b={batch:<4d} K={K:<2d} {row['episode_ms']:9.3f} ms/episode {row['step_ms']:8.3f} ms/step "
-                        f"(worst t {row['step_ms_worst']:.3f})")
+                    log(
+                        f"  {mode:7s} b={batch:<4d} K={K:<2d} {row['episode_ms']:9.3f} ms/episode {row['step_ms']:8.3f} ms/step "
+                        f"(worst t {row['step_ms_worst']:.3f})"
+                    )
                 results.append(row)
             del episodes, timings
             if dev.type == "cuda":
@@ -401,20 +441,28 @@ def _setup_and_check(tore, ref32, inputs, mode, dev, dtype, batch, K, T, G, deco
     with torch.inference_mode():
         cache = tore.init_cache(batch, T, K, G)
         use_graph = mode in ("graph", "compile") and (dev.type == "cuda" or emulate)
-        ep = GraphEpisode(tore, cache, T, decoder, inputs, emulate=emulate) if use_graph else EagerEpisode(tore, cache, T, decoder, inputs)
+        ep = (
+            GraphEpisode(tore, cache, T, decoder, inputs, emulate=emulate)
+            if use_graph
+            else EagerEpisode(tore, cache, T, decoder, inputs)
+        )
         # Every step's logits against the single-shot path on the same first t glimpses.
         ep.load(inputs[0])
         ep.reset()
         got = [x.clone() for x in ep.run()]
         pix, coords = inputs[0]
         pix_b, coords_b = pix.transpose(0, 1), coords.transpose(0, 1)  # [B, T, ...]
-        errs = [rel_err(got[t], tore.forward_glimpses(pix_b[:, : t + 1], coords_b[:, : t + 1], K).logits) for t in range(T)]
+        errs = [
+            rel_err(got[t], tore.forward_glimpses(pix_b[:, : t + 1], coords_b[:, : t + 1], K).logits) for t in range(T)
+        ]
         info = dict(check_rel_err=max(errs), check_rel_err_by_t=errs)
         if ref32 is not None:
             info["check_rel_err_vs_fp32"] = rel_err(got[-1], ref32.forward_glimpses(pix_b, coords_b, K).logits)
     if not max(errs) <= tol:
-        raise _CheckFailed(f"{mode} K={K} batch={batch}: logits differ from forward_glimpses by {max(errs):.2e} "
-                           f"(> {tol:.0e}; per step {['%.1e' % e for e in errs]})")
+        raise _CheckFailed(
+            f"{mode} K={K} batch={batch}: logits differ from forward_glimpses by {max(errs):.2e} "
+            f"(> {tol:.0e}; per step {['%.1e' % e for e in errs]})"
+        )
     return ep, info
 
 
@@ -431,6 +479,7 @@ def _time_interleaved(episodes: dict, inputs, dev, T, repeats, warmup, sync_each
                 clock = _Clock(dev, T + 1)
                 clock.mark()
                 if sync_each_step:
+
                     def mark(clock=clock) -> None:
                         _platform_mod.synchronize(dev)
                         clock.mark()
@@ -516,17 +565,23 @@ def _targets(results: list[dict], meta: dict) -> list[str]:
             continue
         if r["batch"] >= 256 and r["K"] > 0:
             ok = r["wall_over_flop"] >= TARGET_WALL_OVER_FLOP
-            out.append(f"{'PASS' if ok else 'FAIL'} {r['mode']} batch {r['batch']} K={r['K']}: wall ratio {r['wall_ratio']:.2f} "
-                       f"vs FLOP ratio {r['flop_ratio']:.2f} (need >= {r['flop_ratio'] * TARGET_WALL_OVER_FLOP:.2f})")
+            out.append(
+                f"{'PASS' if ok else 'FAIL'} {r['mode']} batch {r['batch']} K={r['K']}: wall ratio {r['wall_ratio']:.2f} "
+                f"vs FLOP ratio {r['flop_ratio']:.2f} (need >= {r['flop_ratio'] * TARGET_WALL_OVER_FLOP:.2f})"
+            )
         if r["batch"] == 1 and meta["device_kind"] == "cuda":
             ok = r["step_ms_worst"] <= TARGET_STEP_MS_B1
-            out.append(f"{'PASS' if ok else 'FAIL'} {r['mode']} batch 1 K={r['K']}: worst step {r['step_ms_worst']:.3f} ms (need <= 1 ms)")
+            out.append(
+                f"{'PASS' if ok else 'FAIL'} {r['mode']} batch 1 K={r['K']}: worst step {r['step_ms_worst']:.3f} ms (need <= 1 ms)"
+            )
     return out
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT name (random weights)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--patch", type=int, default=16)
@@ -535,17 +590,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--K", type=int, nargs="+", default=[0, 4, 8, 12], help="split points (0 is always added)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 256])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=list(DTYPES),
-                   help="weights and cache dtype (bf16: the whole model in bf16); default bf16 on cuda, fp32 on cpu")
-    p.add_argument("--mode", nargs="+", choices=MODES, default=None, help="default: graph on cuda, eager on cpu; several allowed")
-    p.add_argument("--repeats", type=int, default=None, help="timed episodes per configuration (default 30 cuda, 10 cpu)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=list(DTYPES),
+        help="weights and cache dtype (bf16: the whole model in bf16); default bf16 on cuda, fp32 on cpu",
+    )
+    p.add_argument(
+        "--mode", nargs="+", choices=MODES, default=None, help="default: graph on cuda, eager on cpu; several allowed"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed episodes per configuration (default 30 cuda, 10 cpu)"
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed episodes first (default 3 cuda, 1 cpu)")
     p.add_argument("--decoder", action="store_true", help="also run the glimpse decoder every step")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sync-each-step", action="store_true",
-                   help="synchronise after every step, as an agent reading each step's output would")
-    p.add_argument("--tol", type=float, default=None, help="check tolerance, ||a-b||/||b|| (default 1e-4 fp32, 3e-2 bf16)")
+    p.add_argument(
+        "--sync-each-step",
+        action="store_true",
+        help="synchronise after every step, as an agent reading each step's output would",
+    )
+    p.add_argument(
+        "--tol", type=float, default=None, help="check tolerance, ||a-b||/||b|| (default 1e-4 fp32, 3e-2 bf16)"
+    )
     p.add_argument("--out", type=Path, default=None, help="Markdown report, e.g. benchmarks/results/<name>.md")
     p.add_argument("--json", type=Path, default=None, help="raw numbers as JSON")
     p.add_argument("--emulate-graphs", action="store_true", help=argparse.SUPPRESS)  # CPU self-test of GraphEpisode
@@ -557,20 +625,45 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t0 = time.perf_counter()
     load0 = _loadavg()
     results = run_benchmark(
-        args.model, img_size=args.img_size, patch=args.patch, glimpse=args.glimpse, glimpses=args.glimpses, Ks=args.K,
-        batches=args.batch, device=args.device, dtype=args.dtype, modes=args.mode, repeats=args.repeats, warmup=args.warmup,
-        decoder=args.decoder, num_classes=args.num_classes, seed=args.seed, sync_each_step=args.sync_each_step, tol=args.tol,
+        args.model,
+        img_size=args.img_size,
+        patch=args.patch,
+        glimpse=args.glimpse,
+        glimpses=args.glimpses,
+        Ks=args.K,
+        batches=args.batch,
+        device=args.device,
+        dtype=args.dtype,
+        modes=args.mode,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        decoder=args.decoder,
+        num_classes=args.num_classes,
+        seed=args.seed,
+        sync_each_step=args.sync_each_step,
+        tol=args.tol,
         _emulate_graphs=args.emulate_graphs,
     )
     dev = torch.device(args.device)
     argv_str = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
     meta = dict(
         command=f"PYTHONPATH=. python benchmarks/tore_speed.py {argv_str}".strip(),
-        model=args.model, dtype=results[0]["dtype"] if results else args.dtype, device_kind=dev.type, device=device_description(dev), versions=_versions(),
-        date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), glimpses=args.glimpses, glimpse=args.glimpse,
-        img_size=args.img_size, patch=args.patch, decoder=args.decoder, repeats=results[0]["repeats"] if results else args.repeats,
-        warmup=results[0]["warmup"] if results else args.warmup, sync_each_step=args.sync_each_step,
-        wall_s=round(time.perf_counter() - t0, 1), host_load=(load0, _loadavg()),
+        model=args.model,
+        dtype=results[0]["dtype"] if results else args.dtype,
+        device_kind=dev.type,
+        device=device_description(dev),
+        versions=_versions(),
+        date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        glimpses=args.glimpses,
+        glimpse=args.glimpse,
+        img_size=args.img_size,
+        patch=args.patch,
+        decoder=args.decoder,
+        repeats=results[0]["repeats"] if results else args.repeats,
+        warmup=results[0]["warmup"] if results else args.warmup,
+        sync_each_step=args.sync_each_step,
+        wall_s=round(time.perf_counter() - t0, 1),
+        host_load=(load0, _loadavg()),
     )
     md = format_markdown(results, meta)
     print()

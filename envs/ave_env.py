@@ -131,8 +131,9 @@ class AVEEnv(EngineAttributes, gym.Env):
         self.observation_space = self.engine.observation_space
         self.action_space = self.engine.action_space
 
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Start an episode. ``options={"index": i}`` shows image ``i`` of the split."""
         options = dict(options or {})
         unknown = sorted(set(options) - {"index"})

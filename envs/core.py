@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,7 +142,9 @@ class EnvConfig:
             _int("clutter", self.clutter, 0)
         if self.image_size is not None:
             sizes = (self.image_size,) if isinstance(self.image_size, (int, np.integer)) else tuple(self.image_size)
-            if len(sizes) not in (1, 2) or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in sizes):
+            if len(sizes) not in (1, 2) or not all(
+                isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in sizes
+            ):
                 raise ValueError(f"image_size must be a positive int or (H, W), got {self.image_size!r}")
         for flag in ("pretrained", "allow_repeats", "entropy"):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
@@ -149,7 +152,9 @@ class EnvConfig:
         if not isinstance(self.max_ratio, (int, float)) or not 0.0 < self.max_ratio <= 1.0:
             raise ValueError(f"max_ratio must be a number in (0, 1], got {self.max_ratio!r}")
         if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
-            raise ValueError(f"model_kwargs must be a dict of timm.create_model arguments, got {type(self.model_kwargs).__name__}")
+            raise ValueError(
+                f"model_kwargs must be a dict of timm.create_model arguments, got {type(self.model_kwargs).__name__}"
+            )
         if self.dataset == "folder" and self.root is None:
             raise ValueError("dataset='folder' needs root= (a folder of class sub-folders of images)")
         try:
@@ -179,7 +184,9 @@ def build_source(cfg: EnvConfig) -> CanvasSource:
         return FashionMNISTCanvas(cfg.resolved_split, cfg.root, canvas_size=h, n_clutter=clutter, device=cfg.device)
     if cfg.dataset == "imagenet":
         return imagenet_canvas(cfg.root, cfg.resolved_split, (h, w), device=cfg.device, cache_images=cfg.cache_images)
-    return ImageFolderCanvas(cfg.root, (h, w), split=cfg.resolved_split, device=cfg.device, cache_images=cfg.cache_images)
+    return ImageFolderCanvas(
+        cfg.root, (h, w), split=cfg.resolved_split, device=cfg.device, cache_images=cfg.cache_images
+    )
 
 
 def _is_avex_checkpoint(checkpoint: str | None) -> bool:
@@ -196,7 +203,9 @@ def build_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
     h, w, c = source.canvas_shape
     if _is_avex_checkpoint(cfg.checkpoint):
         if cfg.model_kwargs:
-            raise ValueError("model_kwargs apply to timm models; an avex checkpoint records its own architecture: drop model_kwargs")
+            raise ValueError(
+                "model_kwargs apply to timm models; an avex checkpoint records its own architecture: drop model_kwargs"
+            )
         model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype)
     else:
         build: dict[str, Any] = dict(img_size=h if h == w else (h, w), in_chans=c, num_classes=source.num_classes)
@@ -206,15 +215,20 @@ def build_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
         model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype, **build)
     # Checked on the built model rather than through shared_model(expect=...): a checkpoint config
     # records only the arguments it was created with (a patch implied by the timm name is absent).
-    want = {"image size": ((h, w), model.img_size), "channels": (c, model.in_chans),
-            "classes": (source.num_classes, model.num_classes)}
+    want = {
+        "image size": ((h, w), model.img_size),
+        "channels": (c, model.in_chans),
+        "classes": (source.num_classes, model.num_classes),
+    }
     if cfg.patch is not None:
         want["patch"] = (cfg.patch, model.patch)
     wrong = {k: v for k, v in want.items() if v[0] != v[1]}
     if wrong:
         what = ", ".join(f"{k} {have} (the environment needs {need})" for k, (need, have) in wrong.items())
-        raise ValueError(f"model {cfg.checkpoint or cfg.model!r} does not fit this environment: it has {what}. "
-                         f"Pass a checkpoint made for this data and geometry, or change image_size/patch")
+        raise ValueError(
+            f"model {cfg.checkpoint or cfg.model!r} does not fit this environment: it has {what}. "
+            f"Pass a checkpoint made for this data and geometry, or change image_size/patch"
+        )
     return model
 
 
@@ -259,23 +273,30 @@ class AVEBatch:
         h, w, c = self.source.canvas_shape
         g = cfg.glimpse
         if not 1 <= g <= min(m.grid):
-            raise ValueError(f"glimpse must be in 1..{min(m.grid)} patches for the {m.grid[0]}x{m.grid[1]} patch grid, got {g}")
+            raise ValueError(
+                f"glimpse must be in 1..{min(m.grid)} patches for the {m.grid[0]}x{m.grid[1]} patch grid, got {g}"
+            )
         stride = g if cfg.positions == "grid" else 1
         self.geometry = GlimpseGeometry((h, w), m.patch, g, stride, float(cfg.max_ratio))
         # The same centre-inside rule at pixel level: which canvas pixels a glimpse box reveals.
         self._pixels = GlimpseGeometry((h, w), 1, 1)
         self.num_actions = self.geometry.num_actions
         if cfg.action_mode == "discrete" and not cfg.allow_repeats and cfg.budget > self.num_actions:
-            raise ValueError(f"budget={cfg.budget} exceeds the {self.num_actions} distinct glimpse positions "
-                             f"(positions={cfg.positions!r}): lower budget, or pass allow_repeats=True")
+            raise ValueError(
+                f"budget={cfg.budget} exceeds the {self.num_actions} distinct glimpse positions "
+                f"(positions={cfg.positions!r}): lower budget, or pass allow_repeats=True"
+            )
         self.class_names = list(self.source.class_names)
         G = self.geometry.tokens_per_glimpse
-        flops = [step_flops(ViTDims.of(m), t, G, self.K, decoder=cfg.entropy, recon=False) for t in range(cfg.budget + 1)]  # what step() runs
+        flops = [
+            step_flops(ViTDims.of(m), t, G, self.K, decoder=cfg.entropy, recon=False) for t in range(cfg.budget + 1)
+        ]  # what step() runs
         self.flops_per_step = np.asarray(flops, dtype=np.int64)  # [budget + 1], index t = glimpses after the step
         self.flops_cumulative = np.cumsum(self.flops_per_step)
         self.observation_space = self._observation_space()
         self.action_space: spaces.Space = (
-            spaces.Discrete(self.num_actions) if cfg.action_mode == "discrete"
+            spaces.Discrete(self.num_actions)
+            if cfg.action_mode == "discrete"
             else spaces.Box(0.0, 1.0, (3,), np.float32)
         )
         with torch.inference_mode():
@@ -285,20 +306,24 @@ class AVEBatch:
             self._empty_logits = out.logits.float()
             self._empty_probs = self._empty_logits.softmax(-1)
             self._empty_cls = out.features.float()
-            self._empty_entropy = m.decode(out, recon=False)[1] if cfg.entropy else torch.zeros(1, *m.grid, device=self.device)
+            self._empty_entropy = (
+                m.decode(out, recon=False)[1] if cfg.entropy else torch.zeros(1, *m.grid, device=self.device)
+            )
             self._empty_pred = int(self._empty_logits.argmax(-1).item())
 
     def _observation_space(self) -> spaces.Dict:
         h, w, c = self.source.canvas_shape
         gh, gw = self.geometry.grid
-        return spaces.Dict({
-            "canvas": spaces.Box(0, 255, (h, w, c), np.uint8),
-            "visited": spaces.Box(0, 1, (gh, gw), np.uint8),
-            "step": spaces.Box(0, self.config.budget, (1,), np.int64),
-            "probs": spaces.Box(0.0, 1.0, (self.model.num_classes,), np.float32),
-            "cls": spaces.Box(-np.inf, np.inf, (self.model.embed_dim,), np.float32),
-            "entropy": spaces.Box(0.0, self._entropy_bound(), (gh, gw), np.float32),
-        })
+        return spaces.Dict(
+            {
+                "canvas": spaces.Box(0, 255, (h, w, c), np.uint8),
+                "visited": spaces.Box(0, 1, (gh, gw), np.uint8),
+                "step": spaces.Box(0, self.config.budget, (1,), np.int64),
+                "probs": spaces.Box(0.0, 1.0, (self.model.num_classes,), np.float32),
+                "cls": spaces.Box(-np.inf, np.inf, (self.model.embed_dim,), np.float32),
+                "entropy": spaces.Box(0.0, self._entropy_bound(), (gh, gw), np.float32),
+            }
+        )
 
     def _entropy_bound(self) -> float:
         """Largest possible entropy value: per head at most log2 of the number of keys (bits)."""
@@ -339,7 +364,9 @@ class AVEBatch:
     def __getstate__(self) -> dict[str, Any]:
         # The model is shared per process and the source is rebuilt from the config: neither is pickled.
         state = {k: v for k, v in self.__dict__.items() if k not in _REBUILT}
-        state["_source_state"] = {k: getattr(self.source, k) for k in ("skipped", "bad_files") if hasattr(self.source, k)}
+        state["_source_state"] = {
+            k: getattr(self.source, k) for k in ("skipped", "bad_files") if hasattr(self.source, k)
+        }
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -356,8 +383,12 @@ class AVEBatch:
         return _int("options['index']", index, 0, n - 1, f" (an image of the {n} in this split)")
 
     @torch.inference_mode()
-    def reset_rows(self, rows: Sequence[int] | np.ndarray, rngs: Sequence[np.random.Generator],
-                   indices: Sequence[int | None] | None = None) -> None:
+    def reset_rows(
+        self,
+        rows: Sequence[int] | np.ndarray,
+        rngs: Sequence[np.random.Generator],
+        indices: Sequence[int | None] | None = None,
+    ) -> None:
         """Start new episodes in some rows (others untouched).
 
         Args:
@@ -405,7 +436,9 @@ class AVEBatch:
             raise ValueError(f"call reset() before step(){self._rows_text(unready)}")
         over = np.flatnonzero(self.steps >= self.config.budget)
         if over.size:
-            raise ValueError(f"the episode is over (budget of {self.config.budget} glimpses spent){self._rows_text(over)}: call reset()")
+            raise ValueError(
+                f"the episode is over (budget of {self.config.budget} glimpses spent){self._rows_text(over)}: call reset()"
+            )
         a = np.asarray(actions)
         if self.config.action_mode == "discrete":
             if a.shape != (B,):
@@ -419,10 +452,13 @@ class AVEBatch:
                     raise ValueError(
                         f"action {int(a[b])} repeats a glimpse position already taken this episode{self._rows_text(repeats)}; "
                         f"allowed actions are those where action_masks() is True (info['action_mask'] == 1), "
-                        f"or pass allow_repeats=True")
+                        f"or pass allow_repeats=True"
+                    )
             return a
         if a.shape != (B, 3) or a.dtype.kind not in "fiu":
-            raise ValueError(f"expected {B} continuous action(s) (y, x, z) as floats of shape ({B}, 3), got {a.dtype} shape {a.shape}: {actions!r}")
+            raise ValueError(
+                f"expected {B} continuous action(s) (y, x, z) as floats of shape ({B}, 3), got {a.dtype} shape {a.shape}: {actions!r}"
+            )
         if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
             raise ValueError(f"continuous actions (y, x, z) must lie in [0, 1], got {a.tolist()}")
         return a.astype(np.float32)
@@ -547,11 +583,27 @@ class AVEBatch:
         )
 
 
-_REBUILT = frozenset({
-    "source", "model", "device", "K", "geometry", "_pixels", "num_actions", "class_names", "flops_per_step",
-    "flops_cumulative", "observation_space", "action_space", "_empty_logits", "_empty_probs", "_empty_cls",
-    "_empty_entropy", "_empty_pred",
-})
+_REBUILT = frozenset(
+    {
+        "source",
+        "model",
+        "device",
+        "K",
+        "geometry",
+        "_pixels",
+        "num_actions",
+        "class_names",
+        "flops_per_step",
+        "flops_cumulative",
+        "observation_space",
+        "action_space",
+        "_empty_logits",
+        "_empty_probs",
+        "_empty_cls",
+        "_empty_entropy",
+        "_empty_pred",
+    }
+)
 
 
 class EngineAttributes:

@@ -19,8 +19,14 @@ __all__ = ["BOX_COLORS", "canvas_image", "draw_boxes", "prediction_panel", "reco
 
 #: Glimpse box colours, cycled in glimpse order (saturated, so they stand out on any grey canvas).
 BOX_COLORS: tuple[tuple[int, int, int], ...] = (
-    (255, 60, 60), (255, 160, 0), (240, 220, 0), (60, 210, 60),
-    (0, 200, 255), (90, 120, 255), (200, 80, 255), (255, 80, 200),
+    (255, 60, 60),
+    (255, 160, 0),
+    (240, 220, 0),
+    (60, 210, 60),
+    (0, 200, 255),
+    (90, 120, 255),
+    (200, 80, 255),
+    (255, 80, 200),
 )
 _TARGET_SIDE = 448  # frames are upscaled to about this many pixels so a 112 px canvas is readable
 _DIM = 0.3  # brightness of pixels not revealed yet
@@ -71,8 +77,9 @@ def draw_boxes(image: Image.Image, boxes: np.ndarray, scale: float) -> None:
         draw.text((tx + 1 - left, ty + 1 - top), text, fill=(0, 0, 0), font=font)
 
 
-def prediction_panel(width: int, probs: np.ndarray, class_names: Sequence[str], label: int | None = None,
-                     top_k: int = 3) -> np.ndarray:
+def prediction_panel(
+    width: int, probs: np.ndarray, class_names: Sequence[str], label: int | None = None, top_k: int = 3
+) -> np.ndarray:
     """A strip with the true label and the top-k predictions with their probabilities.
 
     Args:
@@ -99,13 +106,22 @@ def prediction_panel(width: int, probs: np.ndarray, class_names: Sequence[str], 
     draw.text((pad, pad), f"label: {name(label)}" if label is not None else "label: ?", fill=(200, 200, 200), font=font)
     for rank, i in enumerate(np.argsort(-np.asarray(probs), kind="stable")[:k]):
         color = (90, 230, 90) if label is not None and i == label else (240, 240, 240)
-        draw.text((pad, pad + line * (rank + 1)), f"{rank + 1}. {name(int(i))}  {float(probs[i]):.2f}", fill=color, font=font)
+        draw.text(
+            (pad, pad + line * (rank + 1)), f"{rank + 1}. {name(int(i))}  {float(probs[i]):.2f}", fill=color, font=font
+        )
     return np.asarray(panel, dtype=np.uint8)
 
 
-def render_frame(hidden: np.ndarray, seen: np.ndarray, boxes: np.ndarray, probs: np.ndarray,
-                 class_names: Sequence[str], label: int | None = None, scale: int | None = None,
-                 top_k: int = 3) -> np.ndarray:
+def render_frame(
+    hidden: np.ndarray,
+    seen: np.ndarray,
+    boxes: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    label: int | None = None,
+    scale: int | None = None,
+    top_k: int = 3,
+) -> np.ndarray:
     """One picture of an episode: the dimmed canvas with glimpses revealed, boxes numbered, predictions.
 
     Args:
@@ -138,8 +154,14 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, fps: float = 2.0) -
     return path
 
 
-def record_episode(env: Any, agent_fn: Callable[[dict[str, Any], dict[str, Any]], Any], path: str | Path | None = None,
-                   fps: float = 2.0, seed: int | None = None, options: dict[str, Any] | None = None) -> list[np.ndarray]:
+def record_episode(
+    env: Any,
+    agent_fn: Callable[[dict[str, Any], dict[str, Any]], Any],
+    path: str | Path | None = None,
+    fps: float = 2.0,
+    seed: int | None = None,
+    options: dict[str, Any] | None = None,
+) -> list[np.ndarray]:
     """Run one episode of an AVE environment and record a frame after reset and after every glimpse.
 
     Args:

@@ -28,8 +28,13 @@ _PER_ENV_METHODS = {"action_masks": "action_masks", "render": "frames"}
 
 def _unbatch(infos: dict[str, Any], i: int) -> dict[str, Any]:
     """Env i's entries of a gymnasium vector info dict (only keys whose ``_key`` mask is set)."""
-    rows = {k: v for k, v in infos.items() if not k.startswith("_") and k not in ("final_obs", "final_info")
-            and infos.get(f"_{k}", np.ones(len(v), dtype=bool))[i]}
+    rows = {
+        k: v
+        for k, v in infos.items()
+        if not k.startswith("_")
+        and k not in ("final_obs", "final_info")
+        and infos.get(f"_{k}", np.ones(len(v), dtype=bool))[i]
+    }
     return row_info(rows, i)
 
 
@@ -42,8 +47,10 @@ class SB3VecEnv(VecEnv):
 
     def __init__(self, venv: AVEVectorEnv) -> None:
         if not isinstance(venv, AVEVectorEnv):
-            raise ValueError(f"SB3VecEnv wraps an envs.vector.AVEVectorEnv, got {type(venv).__name__}: "
-                             f"build one with AVEVectorEnv(num_envs=N, ...) or gym.make_vec(id, num_envs=N)")
+            raise ValueError(
+                f"SB3VecEnv wraps an envs.vector.AVEVectorEnv, got {type(venv).__name__}: "
+                f"build one with AVEVectorEnv(num_envs=N, ...) or gym.make_vec(id, num_envs=N)"
+            )
         if venv.torch_obs:
             raise ValueError("stable-baselines3 needs numpy observations: make the vector env with torch_obs=False")
         self.venv = venv
@@ -102,10 +109,14 @@ class SB3VecEnv(VecEnv):
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         """Set an attribute of the vector env; only for all envs at once (they share one engine)."""
         if list(self._get_indices(indices)) != list(range(self.num_envs)):
-            raise ValueError(f"the {self.num_envs} envs share one engine: set_attr({attr_name!r}) applies to all of them (indices=None)")
+            raise ValueError(
+                f"the {self.num_envs} envs share one engine: set_attr({attr_name!r}) applies to all of them (indices=None)"
+            )
         setattr(self.venv, attr_name, value)
 
-    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
+    ) -> list[Any]:
         """Call a vector-env method. ``action_masks`` and ``render`` give each env its own result
         (bool [A] / a frame); any other method is called once and its result given for every env."""
         idx = list(self._get_indices(indices))

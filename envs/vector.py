@@ -8,7 +8,8 @@ observation, with the last observation in ``infos["final_obs"]`` and the last in
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -59,12 +60,21 @@ class AVEVectorEnv(EngineAttributes, gym.vector.VectorEnv):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2, "autoreset_mode": AutoresetMode.SAME_STEP}
 
-    def __init__(self, num_envs: int = 1, *, render_mode: str | None = None, max_episode_steps: int | None = None,
-                 torch_obs: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_envs: int = 1,
+        *,
+        render_mode: str | None = None,
+        max_episode_steps: int | None = None,
+        torch_obs: bool = False,
+        **kwargs: Any,
+    ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.config = EnvConfig.from_kwargs(**kwargs)
-        if max_episode_steps is not None and (not isinstance(max_episode_steps, (int, np.integer)) or max_episode_steps < 1):
+        if max_episode_steps is not None and (
+            not isinstance(max_episode_steps, (int, np.integer)) or max_episode_steps < 1
+        ):
             raise ValueError(f"max_episode_steps must be a positive integer or None, got {max_episode_steps!r}")
         self.engine = AVEBatch(self.config, num_envs)
         self.num_envs = self.engine.batch_size
@@ -76,7 +86,6 @@ class AVEVectorEnv(EngineAttributes, gym.vector.VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
-
 
     @property
     def env_rngs(self) -> list[np.random.Generator | None]:
@@ -90,8 +99,10 @@ class AVEVectorEnv(EngineAttributes, gym.vector.VectorEnv):
             return np.ones(self.num_envs, dtype=bool)
         mask = np.asarray(mask)
         if mask.dtype != np.bool_ or mask.shape != (self.num_envs,) or not mask.any():
-            raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},) with at least one True, "
-                             f"got {mask.dtype} {mask.shape}: {mask!r}")
+            raise ValueError(
+                f"options['reset_mask'] must be a bool array of shape ({self.num_envs},) with at least one True, "
+                f"got {mask.dtype} {mask.shape}: {mask!r}"
+            )
         return mask
 
     def _indices(self, options: dict[str, Any], rows: np.ndarray) -> list[int | None] | None:
@@ -103,7 +114,9 @@ class AVEVectorEnv(EngineAttributes, gym.vector.VectorEnv):
         else:
             per_env = list(index)
             if len(per_env) != self.num_envs:
-                raise ValueError(f"options['index'] must be one int or a sequence of {self.num_envs} (int or None), got {index!r}")
+                raise ValueError(
+                    f"options['index'] must be one int or a sequence of {self.num_envs} (int or None), got {index!r}"
+                )
         return [None if per_env[i] is None else self.engine.check_index(per_env[i]) for i in rows]
 
     def _seeds(self, seed: int | Sequence[int | None] | None) -> list[int | None]:
@@ -116,8 +129,9 @@ class AVEVectorEnv(EngineAttributes, gym.vector.VectorEnv):
             raise ValueError(f"seed must be None, an int or a list of {self.num_envs} seeds, got {seed!r}")
         return seeds
 
-    def reset(self, *, seed: int | Sequence[int | None] | None = None,
-              options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Reset all envs, or those in ``options["reset_mask"]``; returns every env's observation and the
         reset envs' infos (``_key`` masks mark them)."""
         options = dict(options or {})
@@ -142,7 +156,9 @@ class AVEVectorEnv(EngineAttributes, gym.vector.VectorEnv):
             actions = actions.detach().cpu().numpy()
         rewards, terminated = self.engine.step(actions)
         steps = self.engine.steps
-        truncated = (steps >= self.max_episode_steps) & ~terminated if self.max_episode_steps else np.zeros_like(terminated)
+        truncated = (
+            (steps >= self.max_episode_steps) & ~terminated if self.max_episode_steps else np.zeros_like(terminated)
+        )
         obs = self._observe()
         infos = _masked_infos(self.engine.infos(), np.arange(self.num_envs), self.num_envs)
         done = np.flatnonzero(terminated | truncated)

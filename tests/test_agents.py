@@ -11,8 +11,12 @@ import avex  # noqa: F401
 from agents import EntropyAgent, RandomAgent, ame_scores, make_agent
 from agents.ppo import PPOAgent, train_ppo
 
-TINY = dict(checkpoint=None, pretrained=False, model="vit_tiny_patch16_224",
-            model_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
+TINY = dict(
+    checkpoint=None,
+    pretrained=False,
+    model="vit_tiny_patch16_224",
+    model_kwargs=dict(depth=2, embed_dim=32, num_heads=2),
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +31,16 @@ def test_ame_scores_match_brute_force() -> None:
     for g, stride in ((2, 1), (3, 1), (2, 2)):
         got = ame_scores(entropy, visited, g, stride)
         e = np.where(visited, 0.0, entropy)
-        want = np.stack([[e[b, r:r + g, c:c + g].mean() for r in range(0, 6 - g + 1, stride) for c in range(0, 7 - g + 1, stride)]
-                         for b in range(2)])
+        want = np.stack(
+            [
+                [
+                    e[b, r : r + g, c : c + g].mean()
+                    for r in range(0, 6 - g + 1, stride)
+                    for c in range(0, 7 - g + 1, stride)
+                ]
+                for b in range(2)
+            ]
+        )
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
@@ -71,8 +83,17 @@ def test_ppo_smoke_train_save_load(action_mode: str, env_kwargs: dict, tmp_path)
     torch.manual_seed(0)
     kwargs = dict(env_kwargs, action_mode=action_mode)
     out = tmp_path / "policy"
-    _, summary = train_ppo("AVE-FashionMNIST-v0", num_envs=4, total_steps=384, n_steps=24, batch_size=32, n_epochs=1,
-                           eval_episodes=8, out=out, env_kwargs=kwargs)
+    _, summary = train_ppo(
+        "AVE-FashionMNIST-v0",
+        num_envs=4,
+        total_steps=384,
+        n_steps=24,
+        batch_size=32,
+        n_epochs=1,
+        eval_episodes=8,
+        out=out,
+        env_kwargs=kwargs,
+    )
     assert summary["total_steps"] == 384 and 0.0 <= summary["final_test_accuracy"] <= 1.0
     venv = gym.make_vec("AVE-FashionMNIST-v0", num_envs=3, **kwargs)
     agent = PPOAgent.load(out.with_suffix(".safetensors"), venv)
@@ -86,7 +107,11 @@ def test_ppo_smoke_train_save_load(action_mode: str, env_kwargs: dict, tmp_path)
     else:
         assert actions.shape == (3, 3) and ((actions >= 0) & (actions <= 1)).all()
     # A policy for the other action mode is refused with a clear error.
-    other = gym.make_vec("AVE-FashionMNIST-v0", num_envs=1, **dict(kwargs, action_mode="continuous" if action_mode == "discrete" else "discrete"))
+    other = gym.make_vec(
+        "AVE-FashionMNIST-v0",
+        num_envs=1,
+        **dict(kwargs, action_mode="continuous" if action_mode == "discrete" else "discrete"),
+    )
     with pytest.raises(ValueError, match="trained for"):
         PPOAgent.load(out.with_suffix(".safetensors"), other)
 

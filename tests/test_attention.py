@@ -33,8 +33,9 @@ def _vit_blocks(model: str, **kw) -> torch.nn.Module:
     return tore.vit.blocks.eval()
 
 
-@pytest.mark.parametrize("model,kw", [("vit_tiny_patch16_224", {}),
-                                      ("deit3_small_patch16_224", dict(embed_dim=64, num_heads=2))])  # layer scale
+@pytest.mark.parametrize(
+    "model,kw", [("vit_tiny_patch16_224", {}), ("deit3_small_patch16_224", dict(embed_dim=64, num_heads=2))]
+)  # layer scale
 def test_block_forward_equals_timm_block(model: str, kw: dict) -> None:
     """block_forward re-implements timm's Block.forward: it must agree with it, with and without a key mask."""
     blocks = _vit_blocks(model, **kw)
@@ -45,8 +46,9 @@ def test_block_forward_equals_timm_block(model: str, kw: dict) -> None:
     with torch.no_grad():
         for blk in blocks:
             torch.testing.assert_close(block_forward(blk, x), blk(x), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(block_forward(blk, x, valid), blk(x, attn_mask=valid[:, None, None, :]),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                block_forward(blk, x, valid), blk(x, attn_mask=valid[:, None, None, :]), atol=1e-5, rtol=1e-5
+            )
 
 
 def test_reference_attention_rejects_bad_shapes() -> None:
@@ -66,9 +68,12 @@ def test_run_blocks_on_cpu_is_plain_timm() -> None:
 
 
 def _interpreted(code: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

@@ -13,14 +13,36 @@ TINY = '{"checkpoint": null, "model_kwargs": {"depth": 2, "embed_dim": 32, "num_
 
 def test_benchmark_writes_tables_and_plots(tmp_path, fake_fmnist_root) -> None:
     out = tmp_path / "bench"
-    assert main(["benchmark", "--agents", "random", "entropy", "--K", "0", "2", "--episodes", "8", "--num-envs", "4",
-                 "--env-kwargs", TINY % fake_fmnist_root, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "benchmark",
+                "--agents",
+                "random",
+                "entropy",
+                "--K",
+                "0",
+                "2",
+                "--episodes",
+                "8",
+                "--num-envs",
+                "4",
+                "--env-kwargs",
+                TINY % fake_fmnist_root,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = (out / "benchmark.md").read_text()
     data = json.loads((out / "benchmark.json").read_text())
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "flops.png").stat().st_size > 1000
     assert len(data["results"]) == 4 and "| entropy | 2 |" in report
     for r in data["results"]:
-        assert len(r["accuracy"]) == 12 and all(lo <= a <= hi for a, lo, hi in zip(r["accuracy"], r["ci_low"], r["ci_high"]))
+        assert len(r["accuracy"]) == 12 and all(
+            lo <= a <= hi for a, lo, hi in zip(r["accuracy"], r["ci_low"], r["ci_high"])
+        )
     by_k = {r["K"]: r for r in data["results"] if r["agent"] == "random"}
     assert by_k[0]["flop_ratio"] == pytest.approx(1.0) and by_k[2]["flop_ratio"] > 1.0  # K=2 saves compute
 
@@ -40,8 +62,21 @@ def test_unknown_subcommand_is_rejected() -> None:
 
 def test_bad_values_end_with_one_line_and_status_2(tmp_path, fake_fmnist_root, capsys, monkeypatch) -> None:
     monkeypatch.delenv("AVEX_TRACEBACK", raising=False)
-    args = ["benchmark", "--agents", "random", "--K", "7", "--episodes", "2", "--num-envs", "2",
-            "--env-kwargs", TINY % fake_fmnist_root, "--out", str(tmp_path / "bench")]
+    args = [
+        "benchmark",
+        "--agents",
+        "random",
+        "--K",
+        "7",
+        "--episodes",
+        "2",
+        "--num-envs",
+        "2",
+        "--env-kwargs",
+        TINY % fake_fmnist_root,
+        "--out",
+        str(tmp_path / "bench"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err  # the progress bar's line, then the error
     assert err.rstrip().splitlines()[-1].startswith("avex benchmark: error: K must be") and "Traceback" not in err

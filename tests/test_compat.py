@@ -24,7 +24,11 @@ def _run(code: str) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout.strip()
@@ -68,9 +72,7 @@ def test_applied_iff_needed_in_fresh_process():
             print("no")
         """
     )
-    applied = _run(
-        "from avex._compat import ensure_timm_importable as e; print(e()); import timm"
-    )
+    applied = _run("from avex._compat import ensure_timm_importable as e; print(e()); import timm")
     assert applied == str(native_ok == "no")
 
 

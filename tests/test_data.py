@@ -191,7 +191,11 @@ def test_install_refreshes_empty_package_lists_once_as_root(no_data_anywhere, mo
     monkeypatch.setattr(data.os, "geteuid", lambda: 0 if root_user else 1000)
     with pytest.raises(RuntimeError):  # the fake download writes no .deb, or (non-root) the first failure stands
         install_fashion_mnist(tmp_path / "dest", quiet=True)
-    want = [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]] if root_user else [["apt-get", "download"]]
+    want = (
+        [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
+        if root_user
+        else [["apt-get", "download"]]
+    )
     assert calls == want
 
 

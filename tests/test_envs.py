@@ -18,8 +18,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import write_idx
 import torch
+from conftest import write_idx
 from PIL import Image
 
 from avex.checkpoint import save_tore
@@ -29,7 +29,12 @@ from avex.registration import ENV_SPECS
 from envs import AVEEnv, AVEVectorEnv
 from envs.render import BOX_COLORS, record_episode
 
-TINY = dict(checkpoint=None, pretrained=False, model="vit_tiny_patch16_224", model_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
+TINY = dict(
+    checkpoint=None,
+    pretrained=False,
+    model="vit_tiny_patch16_224",
+    model_kwargs=dict(depth=2, embed_dim=32, num_heads=2),
+)
 WNIDS = ("n01440764", "n01443537", "n01484850")
 N_TRAIN = 16
 IDS = sorted(ENV_SPECS)
@@ -163,7 +168,9 @@ def test_gymnasium_and_sb3_check_env(env_id: str, mode: str, roots):
     sb3_check_env(env)
     obs, info = env.reset(seed=0)
     assert env.observation_space.contains(obs)
-    obs, reward, terminated, truncated, info = env.step(env.action_space.sample(mask=info["action_mask"]) if mode == "discrete" else env.action_space.sample())
+    obs, reward, terminated, truncated, info = env.step(
+        env.action_space.sample(mask=info["action_mask"]) if mode == "discrete" else env.action_space.sample()
+    )
     assert type(reward) is float and type(terminated) is bool and type(truncated) is bool
     assert env.observation_space.contains(obs)
     assert type(info["prediction"]) is int and type(info["correct"]) is bool and type(info["label"]) is int
@@ -323,21 +330,24 @@ def test_step_before_reset_and_after_end(roots):
         env.step(2)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(reward="foo"), r"reward must be one of \['dense', 'sparse'\]"),
-    (dict(action_mode="bar"), r"action_mode must be one of \['discrete', 'continuous'\]"),
-    (dict(positions="diagonal"), r"positions must be one of"),
-    (dict(dataset="mnist"), r"dataset must be one of \['fashion-mnist', 'imagenet', 'folder'\]"),
-    (dict(K=3), r"K must be an integer in 0\.\.2"),
-    (dict(K=-1), r"K must be an integer >= 0"),
-    (dict(budget=0), r"budget must be an integer >= 1"),
-    (dict(positions="grid", budget=50), r"budget=50 exceeds the 49 distinct glimpse positions"),
-    (dict(glimpse=15), r"glimpse must be in 1\.\.14"),
-    (dict(foo=1), r"unknown environment argument\(s\) \['foo'\]; allowed: \["),
-    (dict(device="tpu"), r"device must be"),
-    (dict(entropy="yes"), r"entropy must be True or False"),
-    (dict(max_ratio=2.0), r"max_ratio must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(reward="foo"), r"reward must be one of \['dense', 'sparse'\]"),
+        (dict(action_mode="bar"), r"action_mode must be one of \['discrete', 'continuous'\]"),
+        (dict(positions="diagonal"), r"positions must be one of"),
+        (dict(dataset="mnist"), r"dataset must be one of \['fashion-mnist', 'imagenet', 'folder'\]"),
+        (dict(K=3), r"K must be an integer in 0\.\.2"),
+        (dict(K=-1), r"K must be an integer >= 0"),
+        (dict(budget=0), r"budget must be an integer >= 1"),
+        (dict(positions="grid", budget=50), r"budget=50 exceeds the 49 distinct glimpse positions"),
+        (dict(glimpse=15), r"glimpse must be in 1\.\.14"),
+        (dict(foo=1), r"unknown environment argument\(s\) \['foo'\]; allowed: \["),
+        (dict(device="tpu"), r"device must be"),
+        (dict(entropy="yes"), r"entropy must be True or False"),
+        (dict(max_ratio=2.0), r"max_ratio must be"),
+    ],
+)
 def test_bad_kwargs(roots, kwargs, match):
     with pytest.raises(ValueError, match=match):
         fm(roots, **kwargs)
@@ -383,12 +393,21 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     with pytest.warns(RuntimeWarning, match="bad.jpg"):
         obs, info = env.reset(seed=0, options={"index": bad})
     assert info["skipped_images"] == 1 and info["index"] != bad
-    obs, reward, *_ , info = env.step(0)
+    obs, reward, *_, info = env.step(0)
     assert obs["canvas"].any() and info["skipped_images"] == 1
 
 
 def test_checkpoint_for_another_geometry_is_refused(roots, tmp_path):
-    model = create_tore("vit_tiny_patch16_224", img_size=64, patch_size=8, in_chans=1, num_classes=10, depth=1, embed_dim=32, num_heads=2)
+    model = create_tore(
+        "vit_tiny_patch16_224",
+        img_size=64,
+        patch_size=8,
+        in_chans=1,
+        num_classes=10,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+    )
     path = save_tore(model, tmp_path / "small")
     with pytest.raises(ValueError, match=r"image size \(64, 64\) \(the environment needs \(112, 112\)\)"):
         AVEEnv(root=str(roots["AVE-FashionMNIST-v0"]), checkpoint=str(path), patch=8)
@@ -419,7 +438,9 @@ def test_flops_and_entropy_option(roots, entropy):
     env = fm(roots, entropy=entropy, K=2)
     dims = ViTDims.of(env.model)
     obs, info = env.reset(seed=0)
-    expected = [step_flops(dims, t, 4, 2, decoder=entropy, recon=False) for t in range(13)]  # the env runs the entropy map only
+    expected = [
+        step_flops(dims, t, 4, 2, decoder=entropy, recon=False) for t in range(13)
+    ]  # the env runs the entropy map only
     assert info["step_flops"] == info["cumulative_flops"] == expected[0]
     for t in range(1, 4):
         obs, _, _, _, info = env.step(t)
@@ -454,7 +475,9 @@ def test_continuous_glimpses(roots, yxz):
     obs, _, _, _, info = env.step(np.asarray(yxz, dtype=np.float32))
     y0, x0, y1, x1 = info["glimpse_box"]
     assert 0 <= y0 < y1 <= 112 and 0 <= x0 < x1 <= 112 and y1 - y0 >= 16
-    np.testing.assert_array_equal(obs["visited"].astype(bool), env.engine.geometry.visited_patches(info["glimpse_box"][None])[0])
+    np.testing.assert_array_equal(
+        obs["visited"].astype(bool), env.engine.geometry.visited_patches(info["glimpse_box"][None])[0]
+    )
     assert info["action_mask"].all()
 
 
@@ -558,7 +581,9 @@ def test_sb3_vec_env_api(roots):
     venv = SB3VecEnv(AVEVectorEnv(num_envs=2, **kw))
     venv.seed(3)
     obs = venv.reset()
-    assert obs["canvas"].shape == (2, 112, 112, 1) and venv.observation_space.contains({k: v[0] for k, v in obs.items()})
+    assert obs["canvas"].shape == (2, 112, 112, 1) and venv.observation_space.contains(
+        {k: v[0] for k, v in obs.items()}
+    )
     for i in range(2):  # env i is seeded seed + i
         _, info = AVEEnv(**kw).reset(seed=3 + i)
         assert venv.reset_infos[i]["index"] == info["index"] and venv.reset_infos[i]["label"] == info["label"]
@@ -618,7 +643,9 @@ def test_render_frames_and_gif(roots, tmp_path):
     assert tuple(frame[200, 192]) == BOX_COLORS[1]  # second glimpse, left edge
     assert not colored[300:, 300:].any()
     assert (frame[448:] > 100).any()  # the prediction text
-    frames = record_episode(env, lambda obs, info: int(np.flatnonzero(info["action_mask"])[0]), tmp_path / "ep.gif", seed=1)
+    frames = record_episode(
+        env, lambda obs, info: int(np.flatnonzero(info["action_mask"])[0]), tmp_path / "ep.gif", seed=1
+    )
     assert len(frames) == 13
     with Image.open(tmp_path / "ep.gif") as gif:
         assert gif.n_frames == 13
@@ -642,8 +669,17 @@ def test_vector_render(roots):
 def test_step_latency_report(fmnist_root):
     """Measured, not asserted: one AVE-FashionMNIST-v0-shaped env (depth 6, width 192, 3 heads, patch 8),
     on 1 and 2 torch threads (run with -s to see it)."""
-    env = AVEEnv(root=str(fmnist_root), checkpoint=None, pretrained=False, model="vit_tiny_patch16_224",
-                 model_kwargs=dict(depth=6, embed_dim=192, num_heads=3), image_size=112, patch=8, glimpse=2, budget=12)
+    env = AVEEnv(
+        root=str(fmnist_root),
+        checkpoint=None,
+        pretrained=False,
+        model="vit_tiny_patch16_224",
+        model_kwargs=dict(depth=6, embed_dim=192, num_heads=3),
+        image_size=112,
+        patch=8,
+        glimpse=2,
+        budget=12,
+    )
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
@@ -659,8 +695,10 @@ def test_step_latency_report(fmnist_root):
                     _, _, done, _, info = env.step(action)
                     times.append(time.perf_counter() - t0)
             ms = np.asarray(times[12:]) * 1e3  # the first episode is warm-up
-            print(f"\nAVE-FashionMNIST-v0-shaped step latency on CPU ({threads} torch thread(s), K={env.engine.K}, "
-                  f"entropy on): median {np.median(ms):.2f} ms, mean {ms.mean():.2f} ms")
+            print(
+                f"\nAVE-FashionMNIST-v0-shaped step latency on CPU ({threads} torch thread(s), K={env.engine.K}, "
+                f"entropy on): median {np.median(ms):.2f} ms, mean {ms.mean():.2f} ms"
+            )
     finally:
         torch.set_num_threads(before)
 
@@ -682,9 +720,17 @@ def test_torch_obs_final_obs_is_batched(fmnist_root) -> None:
 
 def test_imagenet_offline_without_weights_says_how_to_pass_a_file(imagenet_root, tmp_path) -> None:
     """pretrained=True with no hub access fails at once with the fix; a local timm weights file works."""
-    kw = dict(root=str(imagenet_root), model="vit_tiny_patch16_224", image_size=64, patch=16, budget=4,
-              model_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
-    with pytest.raises(RuntimeError, match=r"pass checkpoint=<local timm or avex \.safetensors file>, or pretrained=False"):
+    kw = dict(
+        root=str(imagenet_root),
+        model="vit_tiny_patch16_224",
+        image_size=64,
+        patch=16,
+        budget=4,
+        model_kwargs=dict(depth=2, embed_dim=32, num_heads=2),
+    )
+    with pytest.raises(
+        RuntimeError, match=r"pass checkpoint=<local timm or avex \.safetensors file>, or pretrained=False"
+    ):
         gym.make("AVE-ImageNet-v0", **kw)
     import timm
     from safetensors.torch import save_file

@@ -10,7 +10,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from avex.flops import ViTDims, step_flops
 from avex.geometry import GlimpseGeometry
-from avex.posembed import sincos_2d
 from avex.model import TOREViT, create_tore
 
 IMG, PATCH, G = 64, 8, 2  # 8x8 grid, 2x2-patch glimpses, 49 positions
@@ -34,7 +33,9 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 def make(variant: str = "cls", depth: int = 4, seed: int = 0, **kw) -> TOREViT:
     spec = dict(VARIANTS[variant])
-    model = create_tore(spec.pop("model"), img_size=IMG, patch_size=PATCH, in_chans=3, num_classes=7, depth=depth, **spec, **kw)
+    model = create_tore(
+        spec.pop("model"), img_size=IMG, patch_size=PATCH, in_chans=3, num_classes=7, depth=depth, **spec, **kw
+    )
     _randomize(model, seed)
     return model.eval()
 
@@ -182,7 +183,11 @@ def test_analytic_flops_match_flop_counter(K: int, t: int, recon: bool) -> None:
     model = make()
     geo = model.geometry(G)
     pix, coords = glimpses(model, canvases(2), random_actions(2, t, geo), geo)
-    cache, _ = run_sequential(model, pix[:, : t - 1], coords[:, : t - 1], K) if t > 1 else (model.init_cache(2, 12, K, 4), None)
+    cache, _ = (
+        run_sequential(model, pix[:, : t - 1], coords[:, : t - 1], K)
+        if t > 1
+        else (model.init_cache(2, 12, K, 4), None)
+    )
     counter = FlopCounterMode(display=False)
     # The math SDPA backend decomposes into matmuls the counter sees (CPU's fused kernel is not counted).
     with sdpa_kernel(SDPBackend.MATH), counter:
@@ -220,7 +225,9 @@ def test_bad_input_errors() -> None:
     with pytest.raises(ValueError, match="class token"):
         import timm
 
-        TOREViT(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, class_token=False, global_pool="avg"))
+        TOREViT(
+            timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, class_token=False, global_pool="avg")
+        )
 
 
 @torch.no_grad()
@@ -230,8 +237,12 @@ def test_decoder_entropy_equals_explicit_attention_entropy() -> None:
     model = make()
     geo = model.geometry(G)
     # Glimpses 0 and 2 overlap glimpse 1 (one patch each), so those cells must hold the later token.
-    actions = np.array([[geo.patch_to_action(1, 1), geo.patch_to_action(2, 2), geo.patch_to_action(3, 3)],
-                        [geo.patch_to_action(5, 0), geo.patch_to_action(0, 6), geo.patch_to_action(5, 1)]])
+    actions = np.array(
+        [
+            [geo.patch_to_action(1, 1), geo.patch_to_action(2, 2), geo.patch_to_action(3, 3)],
+            [geo.patch_to_action(5, 0), geo.patch_to_action(0, 6), geo.patch_to_action(5, 1)],
+        ]
+    )
     pix, coords = glimpses(model, canvases(2), actions, geo)
     out = model.forward_glimpses(pix, coords, 2)
     _, entropy = model.decode(out)
@@ -310,8 +321,13 @@ def test_glimpse_embedding_equals_timm_patch_embed(stats: dict, grad: bool) -> N
     with torch.set_grad_enabled(grad):
         tokens = vit.patch_embed.proj(model.normalize(pix)).flatten(2).transpose(1, 2)
         pos_full = vit.pos_embed[0, model.num_prefix :].view(*model.grid, -1)
-        want = torch.cat([(vit.cls_token + vit.pos_embed[:, :1]).expand(3, -1, -1),
-                          tokens + pos_full[coords[..., 0], coords[..., 1]]], dim=1)
+        want = torch.cat(
+            [
+                (vit.cls_token + vit.pos_embed[:, :1]).expand(3, -1, -1),
+                tokens + pos_full[coords[..., 0], coords[..., 1]],
+            ],
+            dim=1,
+        )
         for p in (pix, pix.float() / 255):
             got = model.embed_glimpses(p, coords)
             assert got.requires_grad == grad

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_idx
 import torch
+from conftest import write_idx
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -40,7 +40,20 @@ from avex.train import (
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, embed_dim=32, num_heads=2, patch=8, glimpse=2, budget=4)
-TINY_FLAGS = ["--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch", "8", "--glimpse", "2", "--budget", "4"]
+TINY_FLAGS = [
+    "--depth",
+    "2",
+    "--embed-dim",
+    "32",
+    "--num-heads",
+    "2",
+    "--patch",
+    "8",
+    "--glimpse",
+    "2",
+    "--budget",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +73,18 @@ def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tiny_model(img_size: int = 48, in_chans: int = 1):
-    return create_tore("vit_tiny_patch16_224", img_size=img_size, patch_size=8, in_chans=in_chans, num_classes=10,
-                       depth=2, embed_dim=32, num_heads=2, mean=(0.1,) * in_chans, std=(0.25,) * in_chans)
+    return create_tore(
+        "vit_tiny_patch16_224",
+        img_size=img_size,
+        patch_size=8,
+        in_chans=in_chans,
+        num_classes=10,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        mean=(0.1,) * in_chans,
+        std=(0.25,) * in_chans,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,19 +181,67 @@ def single_run(fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     assert "WORLD_SIZE" not in os.environ
     out = tmp_path_factory.mktemp("single") / "ck"
     # device="cpu" even where CUDA exists: the gloo test compares its CPU processes with this run.
-    cfg = TrainConfig(device="cpu", dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=RUN_STEPS, batch_size=RUN_BATCH,
-                      lr=3e-3, eval_size=16, eval_batch_size=8, out=str(out), progress=False, seed=5,
-                      log_json=str(out.parent / "log.jsonl"), log_every=2, **TINY)
+    cfg = TrainConfig(
+        device="cpu",
+        dataset="fashion-mnist",
+        data_root=str(fmnist_root),
+        img_size=48,
+        steps=RUN_STEPS,
+        batch_size=RUN_BATCH,
+        lr=3e-3,
+        eval_size=16,
+        eval_batch_size=8,
+        out=str(out),
+        progress=False,
+        seed=5,
+        log_json=str(out.parent / "log.jsonl"),
+        log_every=2,
+        **TINY,
+    )
     return train_classifier(cfg)
 
 
 def test_two_gloo_processes_train_the_same_weights_as_one(single_run: dict, fmnist_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "avex.train",
-           "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--img-size", "48", "--steps", str(RUN_STEPS),
-           "--batch-size", str(RUN_BATCH), "--lr", "3e-3", "--eval-size", "16", "--eval-batch-size", "8", "--seed", "5",
-           "--out", str(out), "--no-progress", "--device", "cpu", *TINY_FLAGS]
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "avex.train",
+        "--dataset",
+        "fashion-mnist",
+        "--data-root",
+        str(fmnist_root),
+        "--img-size",
+        "48",
+        "--steps",
+        str(RUN_STEPS),
+        "--batch-size",
+        str(RUN_BATCH),
+        "--lr",
+        "3e-3",
+        "--eval-size",
+        "16",
+        "--eval-batch-size",
+        "8",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+        *TINY_FLAGS,
+    ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one = load_file(single_run["checkpoint"])
@@ -223,9 +294,24 @@ def test_image_folder_path_trains_a_step(tmp_path: Path) -> None:
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    cfg = TrainConfig(device="cpu", dataset="folder", data_root=str(tmp_path), model="vit_tiny_patch16_224", img_size=32, steps=2,
-                      batch_size=4, workers=1, eval_size=4, eval_batch_size=4, out=str(tmp_path / "ck"), progress=False, **TINY)
+                Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png"
+                )
+    cfg = TrainConfig(
+        device="cpu",
+        dataset="folder",
+        data_root=str(tmp_path),
+        model="vit_tiny_patch16_224",
+        img_size=32,
+        steps=2,
+        batch_size=4,
+        workers=1,
+        eval_size=4,
+        eval_batch_size=4,
+        out=str(tmp_path / "ck"),
+        progress=False,
+        **TINY,
+    )
     result = train_classifier(cfg)
     assert np.isfinite(result["final"]["loss"])
     assert result["eval"]["n"] == 4
@@ -233,7 +319,9 @@ def test_image_folder_path_trains_a_step(tmp_path: Path) -> None:
     assert loaded.meta["class_names"] == ["cat", "dog"] and loaded.meta["dataset"] == "folder"
 
 
-def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(single_run: dict, fmnist_root: Path, tmp_path: Path) -> None:
+def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(
+    single_run: dict, fmnist_root: Path, tmp_path: Path
+) -> None:
     path = single_run["checkpoint"]
     same = build_model(resolve_config(TrainConfig(img_size=48, **TINY)), 10)
     meta = start_from_checkpoint(same, path)
@@ -246,16 +334,39 @@ def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(single_r
         start_from_checkpoint(other, path)
     # A continued run records where it started.
     out = tmp_path / "continued"
-    cfg = TrainConfig(device="cpu", dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=1, batch_size=RUN_BATCH,
-                      eval_size=8, eval_batch_size=8, out=str(out), progress=False, init=path, **TINY)
+    cfg = TrainConfig(
+        device="cpu",
+        dataset="fashion-mnist",
+        data_root=str(fmnist_root),
+        img_size=48,
+        steps=1,
+        batch_size=RUN_BATCH,
+        eval_size=8,
+        eval_batch_size=8,
+        out=str(out),
+        progress=False,
+        init=path,
+        **TINY,
+    )
     result = train_classifier(cfg)
     chain = load_tore(result["checkpoint"]).meta["init_from"]
     assert chain["steps"] == RUN_STEPS and chain["train_args"]["seed"] == 5 and "eval" in chain
 
 
 def test_train_k_restricts_the_split_points_and_refuses_bad_ones(fmnist_root: Path, tmp_path: Path) -> None:
-    base = dict(device="cpu", dataset="fashion-mnist", data_root=str(fmnist_root), img_size=48, steps=3, batch_size=RUN_BATCH, eval_size=8,
-                eval_batch_size=8, progress=False, log_every=1, **TINY)
+    base = dict(
+        device="cpu",
+        dataset="fashion-mnist",
+        data_root=str(fmnist_root),
+        img_size=48,
+        steps=3,
+        batch_size=RUN_BATCH,
+        eval_size=8,
+        eval_batch_size=8,
+        progress=False,
+        log_every=1,
+        **TINY,
+    )
     log = tmp_path / "log.jsonl"
     result = train_classifier(TrainConfig(out=str(tmp_path / "k2"), log_json=str(log), train_k=(2,), **base))
     assert [json.loads(line)["K"] for line in log.read_text().splitlines()] == [2, 2, 2]

@@ -22,10 +22,14 @@ __all__ = ["add_arguments", "main_from_args", "run_benchmark", "wilson"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", default="AVE-FashionMNIST-v0", help="environment id (default: the embedded Fashion-MNIST env)")
+    p.add_argument(
+        "--env", default="AVE-FashionMNIST-v0", help="environment id (default: the embedded Fashion-MNIST env)"
+    )
     p.add_argument("--agents", nargs="+", default=["random", "entropy", "ppo"], choices=["random", "entropy", "ppo"])
     p.add_argument("--K", type=int, nargs="+", default=None, help="split points (default: 0, depth/2, depth)")
-    p.add_argument("--episodes", type=int, default=500, help="episodes per agent and K (500: about 4 minutes on 2 CPU cores)")
+    p.add_argument(
+        "--episodes", type=int, default=500, help="episodes per agent and K (500: about 4 minutes on 2 CPU cores)"
+    )
     p.add_argument("--num-envs", type=int, default=250, help="envs stepped together (one batched TORE forward)")
     p.add_argument("--split", default="test")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -44,7 +48,9 @@ def wilson(correct: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray
     return p, centre - half, centre + half
 
 
-def _play(env_id: str, agent_name: str, K: int, args: argparse.Namespace, env_kwargs: dict[str, Any], bar) -> dict[str, Any]:
+def _play(
+    env_id: str, agent_name: str, K: int, args: argparse.Namespace, env_kwargs: dict[str, Any], bar
+) -> dict[str, Any]:
     """Play ``args.episodes`` episodes of one agent at one K; return per-step correctness and timings."""
     import gymnasium as gym
 
@@ -56,8 +62,14 @@ def _play(env_id: str, agent_name: str, K: int, args: argparse.Namespace, env_kw
     agent = make_agent(agent_name, venv.unwrapped, seed=args.seed, checkpoint=args.ppo, device=args.device)
     stats = play_episodes(venv, agent, args.episodes, args.seed, on_round=bar.update)
     venv.close()
-    return dict(correct=stats.correct, episode_flops=stats.episode_flops, ms_per_step=stats.ms_per_step,
-                agent_ms_per_step=stats.agent_ms_per_step, num_envs=n, budget=venv.unwrapped.budget)
+    return dict(
+        correct=stats.correct,
+        episode_flops=stats.episode_flops,
+        ms_per_step=stats.ms_per_step,
+        agent_ms_per_step=stats.agent_ms_per_step,
+        num_envs=n,
+        budget=venv.unwrapped.budget,
+    )
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,13 +102,32 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 # The decoder (entropy map) costs the same at every K; the classifier alone shows TORE's saving.
                 classifier = episode_flops(dims, budget, g2, K, decoder=False)[-1]
                 classifier_ratio = episode_flops(dims, budget, g2, 0, decoder=False)[-1] / classifier
-                results.append(dict(agent=agent, K=K, accuracy=acc.tolist(), ci_low=lo.tolist(), ci_high=hi.tolist(),
-                                    full_recompute_flops=full, flop_ratio=full / r["episode_flops"], classifier_flops=classifier,
-                                    classifier_flop_ratio=classifier_ratio, **r))
-    meta = dict(command="avex benchmark " + " ".join(_argv(args)), env=args.env, split=args.split, episodes=args.episodes,
-                device=device_name(args.device), date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                seconds=round(time.perf_counter() - started, 1), depth=depth, budget=budget, cumulative_flops={
-                    K: episode_flops(dims, budget, g2, K, recon=False) for K in ks})
+                results.append(
+                    dict(
+                        agent=agent,
+                        K=K,
+                        accuracy=acc.tolist(),
+                        ci_low=lo.tolist(),
+                        ci_high=hi.tolist(),
+                        full_recompute_flops=full,
+                        flop_ratio=full / r["episode_flops"],
+                        classifier_flops=classifier,
+                        classifier_flop_ratio=classifier_ratio,
+                        **r,
+                    )
+                )
+    meta = dict(
+        command="avex benchmark " + " ".join(_argv(args)),
+        env=args.env,
+        split=args.split,
+        episodes=args.episodes,
+        device=device_name(args.device),
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        seconds=round(time.perf_counter() - started, 1),
+        depth=depth,
+        budget=budget,
+        cumulative_flops={K: episode_flops(dims, budget, g2, K, recon=False) for K in ks},
+    )
     report = _markdown(results, meta)
     (out / "benchmark.md").write_text(report)
     (out / "benchmark.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
@@ -119,21 +150,39 @@ def _argv(args: argparse.Namespace) -> list[str]:
 def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     budget = meta["budget"]
     marks = sorted({1, min(4, budget), min(8, budget), budget})
-    lines = [f"# avex benchmark: {meta['env']} ({meta['split']} split)", "",
-             f"- command: `{meta['command']}`", f"- device: {meta['device']}", f"- date: {meta['date']}",
-             f"- {meta['episodes']} episodes per row; accuracy with 95% Wilson intervals; FLOPs = 2 x multiply-accumulates, "
-             f"analytic (avex.flops), per episode incl. the empty pass and the decoder; full recomputation = K=0.",
-             f"- total time: {meta['seconds']} s", "",
-             f"- time: one batched step of {results[0]['num_envs']} envs (env) and one batched agent decision (agent), in ms.", "",
-             "| agent | K | " + " | ".join(f"acc@{t}" for t in marks)
-             + " | GFLOPs/episode | FLOP saving vs K=0 | classifier-only saving | env ms/step | agent ms/step |",
-             "|---|---|" + "---|" * len(marks) + "---|---|---|---|---|"]
+    lines = [
+        f"# avex benchmark: {meta['env']} ({meta['split']} split)",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- device: {meta['device']}",
+        f"- date: {meta['date']}",
+        f"- {meta['episodes']} episodes per row; accuracy with 95% Wilson intervals; FLOPs = 2 x multiply-accumulates, "
+        f"analytic (avex.flops), per episode incl. the empty pass and the decoder; full recomputation = K=0.",
+        f"- total time: {meta['seconds']} s",
+        "",
+        f"- time: one batched step of {results[0]['num_envs']} envs (env) and one batched agent decision (agent), in ms.",
+        "",
+        "| agent | K | "
+        + " | ".join(f"acc@{t}" for t in marks)
+        + " | GFLOPs/episode | FLOP saving vs K=0 | classifier-only saving | env ms/step | agent ms/step |",
+        "|---|---|" + "---|" * len(marks) + "---|---|---|---|---|",
+    ]
     for r in results:
-        accs = " | ".join(f"{100 * r['accuracy'][t - 1]:.1f} ({100 * r['ci_low'][t - 1]:.1f}-{100 * r['ci_high'][t - 1]:.1f})" for t in marks)
-        lines.append(f"| {r['agent']} | {r['K']} | {accs} | {r['episode_flops'] / 1e9:.3f} | {r['flop_ratio']:.2f}x | "
-                     f"{r['classifier_flop_ratio']:.2f}x | {r['ms_per_step']:.2f} | {r['agent_ms_per_step']:.2f} |")
-    lines += ["", "## Accuracy (%) after each glimpse", "",
-              "| agent | K | " + " | ".join(str(t) for t in range(1, budget + 1)) + " |", "|---|---|" + "---|" * budget]
+        accs = " | ".join(
+            f"{100 * r['accuracy'][t - 1]:.1f} ({100 * r['ci_low'][t - 1]:.1f}-{100 * r['ci_high'][t - 1]:.1f})"
+            for t in marks
+        )
+        lines.append(
+            f"| {r['agent']} | {r['K']} | {accs} | {r['episode_flops'] / 1e9:.3f} | {r['flop_ratio']:.2f}x | "
+            f"{r['classifier_flop_ratio']:.2f}x | {r['ms_per_step']:.2f} | {r['agent_ms_per_step']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Accuracy (%) after each glimpse",
+        "",
+        "| agent | K | " + " | ".join(str(t) for t in range(1, budget + 1)) + " |",
+        "|---|---|" + "---|" * budget,
+    ]
     for r in results:
         lines.append(f"| {r['agent']} | {r['K']} | " + " | ".join(f"{100 * a:.1f}" for a in r["accuracy"]) + " |")
     return "\n".join(lines) + "\n"
@@ -162,7 +211,13 @@ def _plots(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> No
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for K, cum in meta["cumulative_flops"].items():
-        ax.plot(np.arange(len(cum)), np.array(cum) / 1e9, marker="o", ms=3, label=f"K = {K}" + (" (full recomputation)" if int(K) == 0 else ""))
+        ax.plot(
+            np.arange(len(cum)),
+            np.array(cum) / 1e9,
+            marker="o",
+            ms=3,
+            label=f"K = {K}" + (" (full recomputation)" if int(K) == 0 else ""),
+        )
     ax.set(xlabel="glimpses (0 = empty pass)", ylabel="cumulative GFLOPs", title="TORE compute per episode")
     ax.grid(alpha=0.3)
     ax.legend()

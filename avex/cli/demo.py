@@ -37,8 +37,10 @@ def main_from_args(args: argparse.Namespace) -> int:
         t += 1
         done = terminated or truncated
         frames.append(env.render())
-        print(f"glimpse {t:2d} at {info['glimpse_box'].tolist()}: predicts {names[info['prediction']]!r} "
-              f"({'right' if info['correct'] else 'wrong'}), reward {reward:+.3f}, {info['cumulative_flops'] / 1e6:.1f} MFLOPs so far")
+        print(
+            f"glimpse {t:2d} at {info['glimpse_box'].tolist()}: predicts {names[info['prediction']]!r} "
+            f"({'right' if info['correct'] else 'wrong'}), reward {reward:+.3f}, {info['cumulative_flops'] / 1e6:.1f} MFLOPs so far"
+        )
     save_gif(frames, args.gif, fps=env.metadata.get("render_fps", 2))
     print(f"episode written to {args.gif}")
     return 0
