@@ -329,6 +329,11 @@ class TOREViT(nn.Module):
         # How to rebuild this model (set by create_tore); checkpoints record it.
         self.build_args: dict[str, Any] | None = None
 
+    @property
+    def report_ks(self) -> list[int]:
+        """The split points every report shows: 0 (full recomputation), depth // 2 and depth."""
+        return sorted({0, self.depth // 2, self.depth})
+
     # ------------------------------------------------------------------ checks
     def check_k(self, K: int) -> int:
         """Validate a split point. Raises ValueError naming the allowed range."""

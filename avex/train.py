@@ -696,7 +696,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total_steps, warmup))
     every = lambda epochs: max(1, round(epochs * steps_per_epoch)) if epochs and epochs > 0 else 0  # noqa: E731
     eval_every, save_every = every(cfg.eval_every), every(cfg.save_every)
-    ks = sorted({0, model.depth // 2, model.depth})
+    ks = model.report_ks
     columns = eval_columns(cfg.budget, geo)
     eval_data = None
     if main_rank:

@@ -36,7 +36,7 @@ def main() -> None:
     dev = torch.device(args.device)
     model = load_tore(args.checkpoint or shipped_checkpoint("fashion-mnist"), device=dev)
     geo = model.geometry(int(model.meta.get("glimpse", 2)))
-    ks = sorted({0, model.depth // 2, model.depth})
+    ks = model.report_ks
     print(f"| split | clutter | {' | '.join(f'K={k}' for k in ks)} |\n|---|---|{'---|' * len(ks)}")
     for split in args.splits:
         for clutter in args.clutter:

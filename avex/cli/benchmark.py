@@ -85,7 +85,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     probe = gym.make(args.env, split=args.split, device=args.device, **env_kwargs).unwrapped
     depth, budget, g2 = probe.model.depth, probe.budget, probe.geometry.tokens_per_glimpse
     dims = ViTDims.of(probe.model)
-    ks = args.K if args.K is not None else sorted({0, depth // 2, depth})
+    ks = args.K if args.K is not None else probe.model.report_ks
     probe.close()
     out = Path(args.out or f"results/benchmark-{args.env}")
     out.mkdir(parents=True, exist_ok=True)
