@@ -1,13 +1,21 @@
-"""The common agent interface: batched in, batched out, so one agent drives a single or a vector env."""
+"""The common agent interface and the agent registry.
+
+Agents are batched in, batched out, so one agent drives a single or a vector env. A new agent is one
+file: subclass :class:`GlimpseAgent`, decorate it with ``@register_agent("name")``, and import the
+file once; ``make_agent``, ``avex benchmark --agents`` and ``avex demo --agent`` then know it.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["GlimpseAgent", "make_agent"]
+from avex.registry import Registry
+
+__all__ = ["AGENTS", "GlimpseAgent", "make_agent", "register_agent"]
 
 
 class GlimpseAgent(ABC):
@@ -21,8 +29,20 @@ class GlimpseAgent(ABC):
 
     name: str = "agent"
 
+    @classmethod
+    def from_env(cls, env: Any, *, seed: int = 0, policy: str | None = None, device: str = "cpu") -> GlimpseAgent:
+        """Build the agent for an env (single, vector or wrapped); what each agent reads off it is its own.
+
+        Args:
+            seed: the agent's own randomness, if any.
+            policy: weights of a learned agent (a path, or ``"shipped:<name>"``); others ignore it.
+            device: where a learned agent runs.
+        """
+        return cls()
+
     def reset(self, seed: int | None = None) -> None:
         """Start over (re-seed the agent's own randomness, if any)."""
+        del seed  # a deterministic agent has nothing to re-seed
 
     @abstractmethod
     def act(self, obs: dict[str, np.ndarray], action_mask: np.ndarray) -> np.ndarray:
@@ -34,17 +54,27 @@ class GlimpseAgent(ABC):
         return self.act(batched, np.asarray(action_mask, dtype=bool)[None])[0]
 
 
-def make_agent(name: str, env: Any, seed: int = 0, checkpoint: str | None = None, device: str = "cpu") -> GlimpseAgent:
-    """Build an agent by name ('random', 'entropy', 'ppo') for an env (single or vector)."""
-    from agents.entropy import EntropyAgent
-    from agents.random import RandomAgent
+AGENTS: Registry[type[GlimpseAgent]] = Registry("agent")
+A = TypeVar("A", bound=type[GlimpseAgent])
 
-    if name == "random":
-        return RandomAgent(seed)
-    if name == "entropy":
-        return EntropyAgent.for_env(env)
-    if name == "ppo":
-        from agents.ppo import PPOAgent
 
-        return PPOAgent.load(checkpoint or "shipped:fashion-mnist", env, device=device)
-    raise ValueError(f"unknown agent {name!r}: choose 'random', 'entropy' or 'ppo'")
+def register_agent(name: str) -> Callable[[A], A]:
+    """Class decorator: register a :class:`GlimpseAgent` subclass under ``name`` (also its ``name``)."""
+
+    def add(cls: A) -> A:
+        if not (isinstance(cls, type) and issubclass(cls, GlimpseAgent)):
+            raise TypeError(f"register_agent({name!r}) decorates GlimpseAgent subclasses, got {cls!r}")
+        cls.name = name
+        AGENTS.register(name, cls)
+        return cls
+
+    return add
+
+
+def make_agent(name: str, env: Any, seed: int = 0, policy: str | None = None, device: str = "cpu") -> GlimpseAgent:
+    """Build a registered agent by name for an env (single or vector); see :meth:`GlimpseAgent.from_env`.
+
+    Raises:
+        ValueError: unknown name (the message lists the registered agents).
+    """
+    return AGENTS.get(name).from_env(env, seed=seed, policy=policy, device=device)

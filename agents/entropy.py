@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import GlimpseAgent
+from agents.base import GlimpseAgent, register_agent
 
 __all__ = ["EntropyAgent", "ame_scores"]
 
@@ -34,20 +34,19 @@ def ame_scores(entropy: np.ndarray, visited: np.ndarray, glimpse: int, stride: i
     return (win[:, ::stride, ::stride] / (g * g)).reshape(n, -1)
 
 
+@register_agent("entropy")
 class EntropyAgent(GlimpseAgent):
     """Look next where the decoder is most uncertain: argmax of :func:`ame_scores` over allowed positions.
 
     Deterministic; the first glimpse (from the empty pass) is the same place for every image, as in AME.
     """
 
-    name = "entropy"
-
     def __init__(self, glimpse: int, stride: int = 1) -> None:
         self.glimpse = glimpse
         self.stride = stride
 
     @classmethod
-    def for_env(cls, env: Any) -> EntropyAgent:
+    def from_env(cls, env: Any, *, seed: int = 0, policy: str | None = None, device: str = "cpu") -> EntropyAgent:
         """Read the glimpse size and position stride off an avex env (single, vector or wrapped)."""
         geo = env.unwrapped.geometry if hasattr(env, "unwrapped") else env.geometry
         return cls(geo.glimpse, geo.stride)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from agents.base import GlimpseAgent
+from agents.base import GlimpseAgent, register_agent
 
 __all__ = ["RandomAgent"]
 
 
+@register_agent("random")
 class RandomAgent(GlimpseAgent):
     """Uniform over allowed positions (discrete) or over [0, 1]^3 (continuous, when given no mask).
 
@@ -17,11 +20,13 @@ class RandomAgent(GlimpseAgent):
         continuous: emit (y, x, z) actions instead of positions.
     """
 
-    name = "random"
-
     def __init__(self, seed: int | None = 0, continuous: bool = False) -> None:
         self.continuous = continuous
         self.reset(seed)
+
+    @classmethod
+    def from_env(cls, env: Any, *, seed: int = 0, policy: str | None = None, device: str = "cpu") -> RandomAgent:
+        return cls(seed)
 
     def reset(self, seed: int | None = None) -> None:
         self.rng = np.random.default_rng(seed)

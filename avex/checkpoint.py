@@ -22,11 +22,25 @@ from safetensors.torch import load_file, save_file
 
 from avex.model import TOREViT, create_tore
 
-__all__ = ["SHIPPED", "load_tore", "read_config", "save_tore", "shared_model", "shipped_checkpoint", "shipped_file"]
+__all__ = [
+    "SHIPPED",
+    "SHIPPED_POLICIES",
+    "is_avex_checkpoint",
+    "is_shipped",
+    "load_tore",
+    "read_config",
+    "resolve_file",
+    "save_tore",
+    "shared_model",
+    "shipped_checkpoint",
+    "shipped_file",
+]
 
 FORMAT = "avex-tore/1"
-# Checkpoints shipped inside the package, by name.
+SHIPPED_PREFIX = "shipped:"
+# Files shipped inside the package, by kind and name: "shipped:<name>" refers to them.
 SHIPPED = {"fashion-mnist": "fashion_mnist_tore"}
+SHIPPED_POLICIES = {"fashion-mnist": "fashion_mnist_ppo"}
 
 
 def shipped_file(stem: str) -> Path:
@@ -34,17 +48,39 @@ def shipped_file(stem: str) -> Path:
     return Path(str(resources.files("avex") / "checkpoints" / f"{stem}.safetensors"))
 
 
-def shipped_checkpoint(name: str) -> Path:
-    """Path of a checkpoint shipped in ``avex/checkpoints``. Raises FileNotFoundError if absent."""
-    if name not in SHIPPED:
-        raise ValueError(f"no shipped checkpoint named {name!r}; available: {sorted(SHIPPED)}")
-    path = shipped_file(SHIPPED[name])
+def _shipped(name: str, table: dict[str, str], what: str) -> Path:
+    if name not in table:
+        raise ValueError(f"no shipped {what} named {name!r}; available: {sorted(table)}")
+    path = shipped_file(table[name])
     if not path.exists():
         raise FileNotFoundError(
-            f"the shipped checkpoint {path} is missing: reinstall avex, or train one with "
-            f"`avex train classifier` and pass checkpoint=<path>"
+            f"the shipped {what} {path} is missing: reinstall avex, or train one and pass its path instead"
         )
     return path
+
+
+def shipped_checkpoint(name: str) -> Path:
+    """Path of a classifier checkpoint shipped in ``avex/checkpoints``. Raises FileNotFoundError if absent."""
+    return _shipped(name, SHIPPED, "checkpoint")
+
+
+def is_shipped(ref: str | Path | None) -> bool:
+    """Whether ``ref`` names a file shipped with avex (``"shipped:<name>"``)."""
+    return isinstance(ref, str) and ref.startswith(SHIPPED_PREFIX)
+
+
+def is_avex_checkpoint(ref: str | Path | None) -> bool:
+    """Whether ``ref`` is an avex checkpoint: shipped, or a ``.safetensors`` file with its ``.json`` beside."""
+    return ref is not None and (is_shipped(ref) or _paths(ref)[1].exists())
+
+
+def resolve_file(ref: str | Path, policy: bool = False) -> Path:
+    """The ``.safetensors`` file behind a reference: ``"shipped:<name>"`` (a classifier checkpoint, or a
+    PPO policy with ``policy=True``) or a path, with or without its suffix. The file may not exist."""
+    if is_shipped(ref):
+        name = str(ref)[len(SHIPPED_PREFIX) :]
+        return _shipped(name, SHIPPED_POLICIES, "PPO policy") if policy else shipped_checkpoint(name)
+    return _paths(ref)[0]
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -181,12 +217,8 @@ def shared_model(
     )
     with _LOCK:
         if key not in _SHARED:
-            path = (
-                shipped_checkpoint(checkpoint.split(":", 1)[1])
-                if checkpoint and checkpoint.startswith("shipped:")
-                else checkpoint
-            )
-            if path is not None and Path(path).with_suffix(".json").exists():
+            path = resolve_file(checkpoint) if is_shipped(checkpoint) else checkpoint
+            if is_avex_checkpoint(path):
                 tore = load_tore(path, device, expect)
             else:
                 try:

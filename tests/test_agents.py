@@ -9,7 +9,8 @@ import torch
 
 import avex  # noqa: F401
 from agents import EntropyAgent, RandomAgent, ame_scores, make_agent
-from agents.ppo import PPOAgent, train_ppo
+from agents.ppo import PPOAgent
+from agents.ppo_train import train_ppo
 
 TINY = dict(
     checkpoint=None,

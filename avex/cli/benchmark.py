@@ -59,7 +59,7 @@ def _play(
 
     n = min(args.num_envs, args.episodes)
     venv = gym.make_vec(env_id, num_envs=n, split=args.split, K=K, device=args.device, **env_kwargs)
-    agent = make_agent(agent_name, venv.unwrapped, seed=args.seed, checkpoint=args.ppo, device=args.device)
+    agent = make_agent(agent_name, venv.unwrapped, seed=args.seed, policy=args.ppo, device=args.device)
     stats = play_episodes(venv, agent, args.episodes, args.seed, on_round=bar.update)
     venv.close()
     return dict(

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_from_args(args: argparse.Namespace) -> int:
     import avex  # noqa: F401  (registers the envs)
-    from agents.ppo import train_ppo
+    from agents.ppo_train import train_ppo
 
     env_kwargs = json.loads(args.env_kwargs)
     env_kwargs["action_mode"] = args.action_mode

@@ -1,0 +1,121 @@
+"""The stable-baselines3 side of avex's PPO policies: what the policy reads and how it is built.
+
+The policy never looks at pixels: it reads what the TORE model already computed for the env - class
+probabilities, the aggregator's CLS embedding, the AME entropy map, the visited patches and the step.
+Discrete mode uses sb3-contrib's maskable policy (repeats are masked), continuous (y, x, z) mode SB3's
+plain one. This module imports stable-baselines3, so :mod:`agents.ppo` imports it only when a policy
+is built.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from gymnasium import spaces
+from safetensors.torch import save_model
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
+
+from agents.ppo import BELIEF_KEYS, FORMAT, belief_space
+
+__all__ = ["POLICY_KWARGS", "BeliefExtractor", "BeliefKeys", "build_policy", "save_policy"]
+
+
+class BeliefKeys(VecEnvWrapper):
+    """SB3 VecEnv wrapper that passes on only :data:`BELIEF_KEYS` of the Dict observation."""
+
+    def __init__(self, venv: VecEnv) -> None:
+        super().__init__(venv, observation_space=belief_space(venv.observation_space))
+
+    def _filter(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: obs[k] for k in BELIEF_KEYS}
+
+    def reset(self) -> dict[str, np.ndarray]:
+        return self._filter(self.venv.reset())
+
+    def step_wait(self) -> VecEnvStepReturn:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        for info in infos:
+            if "terminal_observation" in info:
+                info["terminal_observation"] = self._filter(info["terminal_observation"])
+        return self._filter(obs), rewards, dones, infos
+
+    def action_masks(self) -> np.ndarray:
+        return np.stack(self.venv.env_method("action_masks"))
+
+
+class BeliefExtractor(BaseFeaturesExtractor):
+    """Features from the belief: a small CNN over [unseen entropy, visited] maps and an MLP over
+    [probabilities, normalised CLS embedding, step]. Output [B, features_dim]."""
+
+    def __init__(self, observation_space: spaces.Dict, features_dim: int = 256) -> None:
+        super().__init__(observation_space, features_dim)
+        gh, gw = observation_space["entropy"].shape
+        n_vec = sum(int(np.prod(observation_space[k].shape)) for k in ("probs", "cls", "step"))
+        self.cls_norm = nn.LayerNorm(observation_space["cls"].shape[0])
+        self.maps = nn.Sequential(
+            nn.Conv2d(2, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * gh * gw, 128),
+            nn.ReLU(),
+        )
+        self.vec = nn.Sequential(nn.Linear(n_vec, 128), nn.ReLU())
+        self.out = nn.Sequential(nn.Linear(256, features_dim), nn.ReLU())
+        self.budget = (
+            float(observation_space["step"].high.max()) if isinstance(observation_space["step"], spaces.Box) else 1.0
+        )
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        visited = obs["visited"].float()
+        ent = obs["entropy"].float() * (1 - visited)
+        ent = ent / ent.flatten(1).amax(dim=1).clamp(min=1e-6)[:, None, None]
+        maps = self.maps(torch.stack([ent, visited], dim=1))
+        vec = torch.cat(
+            [obs["probs"].float(), self.cls_norm(obs["cls"].float()), obs["step"].float().flatten(1) / self.budget],
+            dim=1,
+        )
+        return self.out(torch.cat([maps, self.vec(vec)], dim=1))
+
+
+POLICY_KWARGS = dict(
+    features_extractor_class=BeliefExtractor,
+    features_extractor_kwargs=dict(features_dim=256),
+    net_arch=dict(pi=[256], vf=[256]),
+)
+
+
+def _policy_class(continuous: bool) -> type[nn.Module]:
+    if continuous:
+        from stable_baselines3.common.policies import MultiInputActorCriticPolicy
+
+        return MultiInputActorCriticPolicy
+    from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
+
+    return MaskableMultiInputActorCriticPolicy
+
+
+
+def build_policy(observation_space: spaces.Dict, action_space: spaces.Space) -> nn.Module:
+    """A fresh (untrained) policy for an env's spaces: maskable for discrete actions, plain for (y, x, z)."""
+    continuous = isinstance(action_space, spaces.Box)
+    return _policy_class(continuous)(belief_space(observation_space), action_space, lambda _: 0.0, **POLICY_KWARGS)
+
+
+def save_policy(policy: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path:
+    """Write ``path.safetensors`` (policy weights) and ``path.json`` (what rebuilds it)."""
+    weights = Path(path).with_suffix(".safetensors")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_model(policy, str(weights))  # handles the feature extractor shared by actor and critic
+    weights.with_suffix(".json").write_text(json.dumps(dict(format=FORMAT, **meta), indent=2, default=str))
+    return weights
+
+
