@@ -1,4 +1,4 @@
-"""The single AVE environment: a Gymnasium ``Env`` over one row of :class:`envs.core.AVEBatch`."""
+"""The single AVE environment: a Gymnasium ``Env`` over one row of :class:`envs.engine.AVEEngine`."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.core import AVEBatch, EngineAttributes, EnvConfig, row_info
+from envs.config import EnvConfig
+from envs.engine import AVEEngine, EngineViews, row_info
 
 __all__ = ["AVEEnv"]
 
 
-class AVEEnv(EngineAttributes, gym.Env):
+class AVEEnv(EngineViews, gym.Env):
     """
     ## Description
 
@@ -127,7 +128,7 @@ class AVEEnv(EngineAttributes, gym.Env):
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.render_mode = render_mode
         self.config = EnvConfig.from_kwargs(**kwargs)
-        self.engine = AVEBatch(self.config, 1)
+        self.engine = AVEEngine(self.config, 1)
         self.observation_space = self.engine.observation_space
         self.action_space = self.engine.action_space
 

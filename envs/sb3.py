@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from envs.core import row_info
+from envs.engine import row_info
 from envs.vector import AVEVectorEnv
 
 __all__ = ["SB3VecEnv"]

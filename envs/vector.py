@@ -18,7 +18,8 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from envs.core import AVEBatch, EngineAttributes, EnvConfig
+from envs.config import EnvConfig
+from envs.engine import AVEEngine, EngineViews
 
 __all__ = ["AVEVectorEnv"]
 
@@ -36,12 +37,12 @@ def _masked_infos(rows_info: dict[str, np.ndarray], rows: np.ndarray, n: int) ->
     return out
 
 
-class AVEVectorEnv(EngineAttributes, gym.vector.VectorEnv):
+class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
     """N AVE environments in one batch: see :class:`envs.ave_env.AVEEnv` for the task, spaces and kwargs.
 
     Env ``i`` behaves exactly like a single ``AVEEnv`` reset with seed ``seed + i`` (same canvases,
     observations, rewards and flags up to float rounding), because both run the same
-    :class:`envs.core.AVEBatch` code and each env draws its canvases from its own generator.
+    :class:`envs.engine.AVEEngine` code and each env draws its canvases from its own generator.
 
     Args:
         num_envs: N.
@@ -51,7 +52,7 @@ class AVEVectorEnv(EngineAttributes, gym.vector.VectorEnv):
         torch_obs: return observations as torch tensors on the model's device instead of numpy
             arrays: not standard Gymnasium, for RL loops that stay on the GPU. ``infos["final_obs"]``
             is then the batched observation dict of the ending step (rows where ``_final_obs``).
-        **kwargs: the environment arguments (:class:`envs.core.EnvConfig`).
+        **kwargs: the environment arguments (:class:`envs.engine.EnvConfig`).
 
     ``reset(seed=s)`` seeds env ``i`` with ``s + i`` (or a list of N seeds); ``reset(options=...)`` takes
     ``"reset_mask"`` (bool [N]: reset only those envs, the others keep their episodes) and ``"index"``
@@ -76,7 +77,7 @@ class AVEVectorEnv(EngineAttributes, gym.vector.VectorEnv):
             not isinstance(max_episode_steps, (int, np.integer)) or max_episode_steps < 1
         ):
             raise ValueError(f"max_episode_steps must be a positive integer or None, got {max_episode_steps!r}")
-        self.engine = AVEBatch(self.config, num_envs)
+        self.engine = AVEEngine(self.config, num_envs)
         self.num_envs = self.engine.batch_size
         self.render_mode = render_mode
         self.max_episode_steps = max_episode_steps

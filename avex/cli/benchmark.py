@@ -22,10 +22,14 @@ __all__ = ["add_arguments", "main_from_args", "run_benchmark", "wilson"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from agents import AGENTS
+
     p.add_argument(
         "--env", default="AVE-FashionMNIST-v0", help="environment id (default: the embedded Fashion-MNIST env)"
     )
-    p.add_argument("--agents", nargs="+", default=["random", "entropy", "ppo"], choices=["random", "entropy", "ppo"])
+    p.add_argument(
+        "--agents", nargs="+", default=AGENTS.names(), choices=AGENTS.names(), help="registered agents (default: all)"
+    )
     p.add_argument("--K", type=int, nargs="+", default=None, help="split points (default: 0, depth/2, depth)")
     p.add_argument(
         "--episodes", type=int, default=500, help="episodes per agent and K (500: about 4 minutes on 2 CPU cores)"

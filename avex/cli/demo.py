@@ -9,8 +9,10 @@ __all__ = ["add_arguments", "main_from_args"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from agents import AGENTS
+
     p.add_argument("--env", default="AVE-FashionMNIST-v0")
-    p.add_argument("--agent", default="entropy", choices=["random", "entropy", "ppo"])
+    p.add_argument("--agent", default="entropy", choices=AGENTS.names(), help="a registered agent")
     p.add_argument("--split", default="test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--env-kwargs", default="{}", help="extra env kwargs as JSON")

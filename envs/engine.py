@@ -1,6 +1,6 @@
 """The batched AVE engine shared by the single environment (B=1) and the vector environment (B=N).
 
-One :class:`AVEBatch` holds B independent episodes: hidden canvases, what each has revealed, the TORE
+One :class:`AVEEngine` holds B independent episodes: hidden canvases, what each has revealed, the TORE
 token cache and the last model outputs. Every tensor operation is batched over the rows on the model's
 device under ``torch.inference_mode()``; the single and the vector environment are thin adapters over
 it, so they agree by construction.
@@ -11,225 +11,21 @@ classes = the data source's number of classes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gymnasium import spaces
 
-from avex.checkpoint import shared_model
-from avex.data import CanvasSource, FashionMNISTCanvas, ImageFolderCanvas, imagenet_canvas
 from avex.flops import ViTDims, step_flops
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT
+from envs.config import EnvConfig, check_int, env_model
+from envs.rewards import REWARDS, Belief
 
-__all__ = ["ACTION_MODES", "DATASETS", "POSITIONS", "REWARDS", "AVEBatch", "EnvConfig", "row_info"]
-
-DATASETS = ("fashion-mnist", "imagenet", "folder")
-REWARDS = ("dense", "sparse")
-ACTION_MODES = ("discrete", "continuous")
-POSITIONS = ("overlapping", "grid")
-# Per-dataset defaults of the data kwargs left as None.
-_DEFAULT_SPLIT = {"fashion-mnist": "train", "imagenet": "val", "folder": None}
-_DEFAULT_SIZE = {"fashion-mnist": 112, "imagenet": 224, "folder": 224}
-_DEFAULT_CLUTTER = 4
-
-
-def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
-def _int(name: str, value: Any, lo: int, hi: int | None = None, why: str = "") -> int:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not ok or value < lo or (hi is not None and value > hi):
-        span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {span}{why}, got {value!r}")
-    return int(value)
-
-
-@dataclass(frozen=True)
-class EnvConfig:
-    """Every keyword argument of the AVE environments (plain data: ``gym.make`` deep-copies it).
-
-    Data:
-        dataset: "fashion-mnist" (cluttered 112x112 canvases), "imagenet" (a local ImageNet-1k folder)
-            or "folder" (any ``root/<class>/<images>`` folder).
-        split: sub-folder / split name; None: "train" for Fashion-MNIST, "val" for ImageNet, none for a folder.
-        root: data folder. ImageNet: None reads $AVEX_IMAGENET. Fashion-MNIST: None searches the default places.
-        image_size: canvas side (or (H, W) for folders); None: 112 for Fashion-MNIST, else 224.
-        clutter: clutter fragments per Fashion-MNIST canvas (None: 4). Only for Fashion-MNIST.
-        cache_images: keep decoded images of a folder / ImageNet in memory (fast resets on small folders).
-
-    Model (one instance per process, shared by every env; the classes and channels come from the data):
-        model: timm ViT name (used when ``checkpoint`` is not an avex checkpoint).
-        checkpoint: avex checkpoint path, "shipped:fashion-mnist", a timm weights file, or None.
-        pretrained: timm hub weights when ``checkpoint`` is None (must be in the local hub cache offline).
-        model_kwargs: extra ``timm.create_model`` arguments (depth, embed_dim, num_heads, ...).
-        device: "cpu", "cuda" or "cuda:<i>"; canvases, glimpses and the model all live there.
-        dtype: "float32" or "bfloat16" (model weights and token cache; for speed on GPUs).
-
-    Glimpses and episodes:
-        patch: ViT patch side in pixels (None: the model's own).
-        glimpse: glimpse side in patches (g; g x g patches, g*g tokens per glimpse).
-        positions: "overlapping" (top-left on every patch, stride 1, as AME/TORE) or "grid" (stride g,
-            non-overlapping tiles). Discrete mode only.
-        budget: glimpses per episode; the episode terminates after the last one.
-        K: TORE split (iterator = blocks[:K], aggregator = blocks[K:]), 0..depth. None: depth // 2.
-            K=depth is cheapest (every step is one small iterator pass); K=0 is full recomputation.
-        action_mode: "discrete" (index of a glimpse position) or "continuous" ((y, x, z) in [0, 1]^3,
-            AdaGlimpse: position and scale).
-        max_ratio: largest continuous glimpse side as a fraction of min(H, W).
-        allow_repeats: let a discrete action repeat a position already taken this episode.
-        reward: "dense" (drop in the true class's cross-entropy per glimpse) or "sparse" (1 at the end
-            if the final prediction is right).
-        entropy: run the decoder for AME's attention-entropy map (False: the "entropy" observation is zeros).
-    """
-
-    dataset: str = "fashion-mnist"
-    split: str | None = None
-    root: str | None = None
-    image_size: int | tuple[int, int] | None = None
-    clutter: int | None = None
-    cache_images: bool = False
-    model: str = "vit_tiny_patch16_224"
-    checkpoint: str | None = None
-    pretrained: bool = False
-    model_kwargs: dict[str, Any] | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    patch: int | None = None
-    glimpse: int = 2
-    positions: str = "overlapping"
-    budget: int = 12
-    K: int | None = None
-    action_mode: str = "discrete"
-    max_ratio: float = 1.0
-    allow_repeats: bool = False
-    reward: str = "dense"
-    entropy: bool = True
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> EnvConfig:
-        """Build from keyword arguments; an unknown name raises ValueError listing the allowed ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(kwargs) - set(names))
-        if unknown:
-            raise ValueError(f"unknown environment argument(s) {unknown}; allowed: {names}")
-        return cls(**kwargs)
-
-    def __post_init__(self) -> None:
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("reward", self.reward, REWARDS)
-        _choice("action_mode", self.action_mode, ACTION_MODES)
-        _choice("positions", self.positions, POSITIONS)
-        _choice("dtype", self.dtype, ("float32", "bfloat16"))
-        _int("budget", self.budget, 1)
-        _int("glimpse", self.glimpse, 1)
-        if self.patch is not None:
-            _int("patch", self.patch, 1)
-        if self.K is not None:
-            _int("K", self.K, 0)
-        if self.clutter is not None:
-            if self.dataset != "fashion-mnist":
-                raise ValueError(f"clutter applies to dataset='fashion-mnist' only, not {self.dataset!r}: drop it")
-            _int("clutter", self.clutter, 0)
-        if self.image_size is not None:
-            sizes = (self.image_size,) if isinstance(self.image_size, (int, np.integer)) else tuple(self.image_size)
-            if len(sizes) not in (1, 2) or not all(
-                isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in sizes
-            ):
-                raise ValueError(f"image_size must be a positive int or (H, W), got {self.image_size!r}")
-        for flag in ("pretrained", "allow_repeats", "entropy"):
-            if not isinstance(getattr(self, flag), (bool, np.bool_)):
-                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        if not isinstance(self.max_ratio, (int, float)) or not 0.0 < self.max_ratio <= 1.0:
-            raise ValueError(f"max_ratio must be a number in (0, 1], got {self.max_ratio!r}")
-        if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
-            raise ValueError(
-                f"model_kwargs must be a dict of timm.create_model arguments, got {type(self.model_kwargs).__name__}"
-            )
-        if self.dataset == "folder" and self.root is None:
-            raise ValueError("dataset='folder' needs root= (a folder of class sub-folders of images)")
-        try:
-            dev = torch.device(self.device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}") from err
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} but CUDA is not available here: use device='cpu'")
-
-    @property
-    def resolved_split(self) -> str | None:
-        return self.split if self.split is not None else _DEFAULT_SPLIT[self.dataset]
-
-    @property
-    def resolved_image_size(self) -> tuple[int, int]:
-        size = self.image_size if self.image_size is not None else _DEFAULT_SIZE[self.dataset]
-        return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
-
-
-def build_source(cfg: EnvConfig) -> CanvasSource:
-    """The canvas source of a config, on its device."""
-    h, w = cfg.resolved_image_size
-    if cfg.dataset == "fashion-mnist":
-        if h != w:
-            raise ValueError(f"Fashion-MNIST canvases are square, got image_size={cfg.image_size!r}")
-        clutter = _DEFAULT_CLUTTER if cfg.clutter is None else cfg.clutter
-        return FashionMNISTCanvas(cfg.resolved_split, cfg.root, canvas_size=h, n_clutter=clutter, device=cfg.device)
-    if cfg.dataset == "imagenet":
-        return imagenet_canvas(cfg.root, cfg.resolved_split, (h, w), device=cfg.device, cache_images=cfg.cache_images)
-    return ImageFolderCanvas(
-        cfg.root, (h, w), split=cfg.resolved_split, device=cfg.device, cache_images=cfg.cache_images
-    )
-
-
-def _is_avex_checkpoint(checkpoint: str | None) -> bool:
-    if checkpoint is None:
-        return False
-    if checkpoint.startswith("shipped:"):
-        return True
-    path = Path(checkpoint)
-    return path.with_suffix(".json").exists() or path.with_name(path.name + ".json").exists()
-
-
-def build_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
-    """The process-wide shared model for a config, checked against the data's canvas and classes."""
-    h, w, c = source.canvas_shape
-    if _is_avex_checkpoint(cfg.checkpoint):
-        if cfg.model_kwargs:
-            raise ValueError(
-                "model_kwargs apply to timm models; an avex checkpoint records its own architecture: drop model_kwargs"
-            )
-        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype)
-    else:
-        build: dict[str, Any] = dict(img_size=h if h == w else (h, w), in_chans=c, num_classes=source.num_classes)
-        if cfg.patch is not None:
-            build["patch_size"] = cfg.patch
-        build.update(cfg.model_kwargs or {})
-        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype, **build)
-    # Checked on the built model rather than through shared_model(expect=...): a checkpoint config
-    # records only the arguments it was created with (a patch implied by the timm name is absent).
-    want = {
-        "image size": ((h, w), model.img_size),
-        "channels": (c, model.in_chans),
-        "classes": (source.num_classes, model.num_classes),
-    }
-    if cfg.patch is not None:
-        want["patch"] = (cfg.patch, model.patch)
-    wrong = {k: v for k, v in want.items() if v[0] != v[1]}
-    if wrong:
-        what = ", ".join(f"{k} {have} (the environment needs {need})" for k, (need, have) in wrong.items())
-        raise ValueError(
-            f"model {cfg.checkpoint or cfg.model!r} does not fit this environment: it has {what}. "
-            f"Pass a checkpoint made for this data and geometry, or change image_size/patch"
-        )
-    return model
+__all__ = ["AVEEngine", "EngineViews", "row_info"]
 
 
 def row_info(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
@@ -241,7 +37,7 @@ def row_info(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
     return out
 
 
-class AVEBatch:
+class AVEEngine:
     """B independent AVE episodes over one shared model, stepped together.
 
     Args:
@@ -255,7 +51,7 @@ class AVEBatch:
 
     def __init__(self, config: EnvConfig, batch_size: int) -> None:
         self.config = config
-        self.batch_size = _int("num_envs", batch_size, 1)
+        self.batch_size = check_int("num_envs", batch_size, 1)
         self._build()
         self._alloc()
 
@@ -263,8 +59,8 @@ class AVEBatch:
     def _build(self) -> None:
         """Source, model, geometry, spaces and the image-independent empty pass (rebuilt on unpickling)."""
         cfg = self.config
-        self.source = build_source(cfg)
-        self.model = build_model(cfg, self.source)
+        self.source = cfg.make_source()
+        self.model = env_model(cfg, self.source)
         m = self.model
         self.device = m.pixel_mean.device
         self.K = m.depth // 2 if cfg.K is None else m.check_k(cfg.K)
@@ -287,6 +83,7 @@ class AVEBatch:
                 f"(positions={cfg.positions!r}): lower budget, or pass allow_repeats=True"
             )
         self.class_names = list(self.source.class_names)
+        self.reward_fn = REWARDS.get(cfg.reward)
         G = self.geometry.tokens_per_glimpse
         flops = [
             step_flops(ViTDims.of(m), t, G, self.K, decoder=cfg.entropy, recon=False) for t in range(cfg.budget + 1)
@@ -344,7 +141,7 @@ class AVEBatch:
             self.seen = torch.zeros(B, h, w, dtype=torch.bool, device=dev)
             self.visited = torch.zeros(B, gh, gw, dtype=torch.bool, device=dev)
             self.labels = torch.zeros(B, dtype=torch.int64, device=dev)
-            self.loss = torch.zeros(B, device=dev)
+            self.logits = self._empty_logits.expand(B, -1).clone()  # the belief the next reward starts from
             self.probs = self._empty_probs.expand(B, -1).clone()
             self.cls = self._empty_cls.expand(B, -1).clone()
             self.entropy = self._empty_entropy.expand(B, -1, -1).clone()
@@ -380,7 +177,7 @@ class AVEBatch:
     def check_index(self, index: Any) -> int:
         """Validate an image index of the split. Raises ValueError naming the range."""
         n = len(self.source)
-        return _int("options['index']", index, 0, n - 1, f" (an image of the {n} in this split)")
+        return check_int("options['index']", index, 0, n - 1, f" (an image of the {n} in this split)")
 
     @torch.inference_mode()
     def reset_rows(
@@ -412,7 +209,7 @@ class AVEBatch:
         self.probs[r] = self._empty_probs.expand(n, -1)
         self.cls[r] = self._empty_cls.expand(n, -1)
         self.entropy[r] = self._empty_entropy.expand(n, -1, -1)
-        self.loss[r] = F.cross_entropy(self._empty_logits.expand(n, -1), self.labels[r], reduction="none")
+        self.logits[r] = self._empty_logits.expand(n, -1)
         self.used[rows] = False
         self.boxes[rows] = np.nan
         self.labels_np[rows] = labels.cpu().numpy()
@@ -497,19 +294,16 @@ class AVEBatch:
         self.seen |= self._pixels.visited_patches(boxes)
         self.visited |= geo.visited_patches(boxes)
         logits = out.logits.float()
-        loss = F.cross_entropy(logits, self.labels, reduction="none")
         self.probs = logits.softmax(-1)
         self.cls = out.features.float()
         if cfg.entropy:
             self.entropy = m.decode(out, recon=False)[1]  # the env reads only the entropy map
         pred = logits.argmax(-1)
         terminated = self.steps >= cfg.budget
-        if cfg.reward == "dense":
-            rewards = self.loss - loss
-        else:
-            final = torch.from_numpy(terminated).to(dev)
-            rewards = ((pred == self.labels) & final).float()
-        self.loss = loss
+        final = torch.from_numpy(terminated).to(dev)
+        before = Belief(self.logits, self.labels, torch.zeros_like(final))
+        rewards = self.reward_fn(before, Belief(logits, self.labels, final))
+        self.logits = logits
         # One host transfer for what the infos need.
         host = torch.cat([rewards.float()[:, None], pred.float()[:, None]], dim=1).cpu().numpy()
         self.pred_np = host[:, 1].astype(np.int64)
@@ -589,6 +383,7 @@ _REBUILT = frozenset(
         "model",
         "device",
         "K",
+        "reward_fn",
         "geometry",
         "_pixels",
         "num_actions",
@@ -606,10 +401,10 @@ _REBUILT = frozenset(
 )
 
 
-class EngineAttributes:
-    """Read-only views of an env's :class:`AVEBatch` (``self.engine``), shared by the single and vector env."""
+class EngineViews:
+    """Read-only views of an env's :class:`AVEEngine` (``self.engine``), shared by the single and vector env."""
 
-    engine: AVEBatch
+    engine: AVEEngine
 
     @property
     def model(self) -> TOREViT:

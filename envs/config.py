@@ -1,0 +1,230 @@
+"""The environments' arguments (:class:`EnvConfig`) and what they resolve to: a canvas source and a model.
+
+Every per-data-set default (split, canvas size, model, data-set options such as Fashion-MNIST's
+``clutter``) comes from the data-set registry (:data:`avex.data.DATASETS`); every reward name from
+:data:`envs.rewards.REWARDS`. Nothing here special-cases a data set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from avex.checkpoint import is_avex_checkpoint, shared_model
+from avex.data import DATASETS, CanvasSource, DatasetSpec, get_dataset
+from avex.model import TOREViT
+from envs.rewards import REWARDS
+
+__all__ = ["ACTION_MODES", "POSITIONS", "EnvConfig", "check_int", "env_model"]
+
+ACTION_MODES = ("discrete", "continuous")
+POSITIONS = ("overlapping", "grid")
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None, why: str = "") -> int:
+    """``value`` as an int in ``lo..hi``; ValueError naming ``name``, the range and the value otherwise."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok or value < lo or (hi is not None and value > hi):
+        span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {span}{why}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Every keyword argument of the AVE environments (plain data: ``gym.make`` deep-copies it).
+
+    Data:
+        dataset: a registered data set (``avex.data.DATASETS``: "fashion-mnist", "imagenet", "folder", ...).
+        split: sub-folder / split name; None: the data set's env split ("train" for Fashion-MNIST).
+        root: data folder; None: the data set's own search (ImageNet: $AVEX_IMAGENET).
+        image_size: canvas side (or (H, W)); None: the data set's.
+        options: data-set-specific arguments (Fashion-MNIST: ``clutter``); passed to ``gym.make`` as
+            plain keywords (``clutter=0``), refused for a data set that does not declare them.
+        cache_images: keep decoded images of a folder / ImageNet in memory (fast resets on small folders).
+
+    Model (one instance per process, shared by every env; the classes and channels come from the data):
+        model: timm ViT name (used when ``checkpoint`` is not an avex checkpoint).
+        checkpoint: avex checkpoint path, "shipped:fashion-mnist", a timm weights file, or None.
+        pretrained: timm hub weights when ``checkpoint`` is None (must be in the local hub cache offline).
+        model_kwargs: extra ``timm.create_model`` arguments (depth, embed_dim, num_heads, ...).
+        device: "cpu", "cuda" or "cuda:<i>"; canvases, glimpses and the model all live there.
+        dtype: "float32" or "bfloat16" (model weights and token cache; for speed on GPUs).
+
+    Glimpses and episodes:
+        patch: ViT patch side in pixels (None: the model's own).
+        glimpse: glimpse side in patches (g; g x g patches, g*g tokens per glimpse).
+        positions: "overlapping" (top-left on every patch, stride 1, as AME/TORE) or "grid" (stride g,
+            non-overlapping tiles). Discrete mode only.
+        budget: glimpses per episode; the episode terminates after the last one.
+        K: TORE split (iterator = blocks[:K], aggregator = blocks[K:]), 0..depth. None: depth // 2.
+        action_mode: "discrete" (index of a glimpse position) or "continuous" ((y, x, z) in [0, 1]^3,
+            AdaGlimpse: position and scale).
+        max_ratio: largest continuous glimpse side as a fraction of min(H, W).
+        allow_repeats: let a discrete action repeat a position already taken this episode.
+        reward: a registered reward (``envs.rewards.REWARDS``): "dense" (drop in the true class's
+            cross-entropy per glimpse) or "sparse" (1 at the end if the final prediction is right).
+        entropy: run the decoder for AME's attention-entropy map (False: the "entropy" observation is zeros).
+    """
+
+    dataset: str = "fashion-mnist"
+    split: str | None = None
+    root: str | None = None
+    image_size: int | tuple[int, int] | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cache_images: bool = False
+    model: str = "vit_tiny_patch16_224"
+    checkpoint: str | None = None
+    pretrained: bool = False
+    model_kwargs: dict[str, Any] | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    patch: int | None = None
+    glimpse: int = 2
+    positions: str = "overlapping"
+    budget: int = 12
+    K: int | None = None
+    action_mode: str = "discrete"
+    max_ratio: float = 1.0
+    allow_repeats: bool = False
+    reward: str = "dense"
+    entropy: bool = True
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EnvConfig:
+        """Build from keyword arguments: the fields, plus the data set's own options (``clutter=4``).
+
+        Raises:
+            ValueError: an argument that is neither a field nor an option of the data set; the message
+                lists the allowed ones.
+        """
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "options"]
+        dataset = kwargs.get("dataset", cls.dataset)
+        _choice("dataset", dataset, _dataset_names(dataset))
+        declared = get_dataset(dataset).options
+        unknown = sorted(set(kwargs) - set(names) - set(declared))
+        if unknown:
+            raise ValueError(f"unknown environment argument(s) {unknown}; allowed: {names + sorted(declared)}")
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in declared and k not in names}
+        return cls(**kwargs, options=options)
+
+    def __post_init__(self) -> None:
+        _choice("dataset", self.dataset, _dataset_names(self.dataset))
+        _choice("reward", self.reward, REWARDS.names())
+        _choice("action_mode", self.action_mode, ACTION_MODES)
+        _choice("positions", self.positions, POSITIONS)
+        _choice("dtype", self.dtype, ("float32", "bfloat16"))
+        check_int("budget", self.budget, 1)
+        check_int("glimpse", self.glimpse, 1)
+        if self.patch is not None:
+            check_int("patch", self.patch, 1)
+        if self.K is not None:
+            check_int("K", self.K, 0)
+        if self.image_size is not None:
+            size = self.image_size
+            sizes = (size,) if isinstance(size, (int, np.integer)) else tuple(size)
+            if len(sizes) not in (1, 2) or not all(_positive_int(s) for s in sizes):
+                raise ValueError(f"image_size must be a positive int or (H, W), got {self.image_size!r}")
+        for flag in ("pretrained", "allow_repeats", "entropy"):
+            if not isinstance(getattr(self, flag), (bool, np.bool_)):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if not isinstance(self.max_ratio, (int, float)) or not 0.0 < self.max_ratio <= 1.0:
+            raise ValueError(f"max_ratio must be a number in (0, 1], got {self.max_ratio!r}")
+        if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
+            kind = type(self.model_kwargs).__name__
+            raise ValueError(f"model_kwargs must be a dict of timm.create_model arguments, got {kind}")
+        if self.spec.needs_root and self.root is None:
+            raise ValueError(f"dataset={self.dataset!r} needs root= ({self.spec.description or 'its data folder'})")
+        _check_device(self.device)
+
+    @property
+    def spec(self) -> DatasetSpec:
+        """The registered data set."""
+        return get_dataset(self.dataset)
+
+    @property
+    def resolved_split(self) -> str | None:
+        return self.split if self.split is not None else self.spec.env_split
+
+    @property
+    def resolved_image_size(self) -> tuple[int, int]:
+        size = self.image_size if self.image_size is not None else self.spec.image_size
+        return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+
+    def make_source(self) -> CanvasSource:
+        """The canvas source of this config, on its device."""
+        return self.spec.make_source(
+            split=self.resolved_split,
+            root=self.root,
+            image_size=self.resolved_image_size,
+            device=self.device,
+            cache_images=self.cache_images,
+            **self.options,
+        )
+
+
+def _dataset_names(value: Any) -> list[str]:
+    """The registered names, with ``value`` itself when it is an alias (so aliases pass _choice)."""
+    names = DATASETS.names()
+    return [*names, value] if value in DATASETS and value not in names else names
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here: use device='cpu'")
+
+
+def env_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
+    """The process-wide shared model for a config, checked against the data's canvas and classes.
+
+    Raises:
+        ValueError: the model's image size, channels, classes or patch do not fit the environment.
+    """
+    h, w, c = source.canvas_shape
+    if is_avex_checkpoint(cfg.checkpoint):
+        if cfg.model_kwargs:
+            raise ValueError(
+                "model_kwargs apply to timm models; an avex checkpoint records its own architecture: drop model_kwargs"
+            )
+        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype)
+    else:
+        build: dict[str, Any] = dict(img_size=h if h == w else (h, w), in_chans=c, num_classes=source.num_classes)
+        if cfg.patch is not None:
+            build["patch_size"] = cfg.patch
+        build.update(cfg.model_kwargs or {})
+        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype, **build)
+    # Checked on the built model rather than through shared_model(expect=...): a checkpoint config
+    # records only the arguments it was created with (a patch implied by the timm name is absent).
+    want = {
+        "image size": ((h, w), model.img_size),
+        "channels": (c, model.in_chans),
+        "classes": (source.num_classes, model.num_classes),
+    }
+    if cfg.patch is not None:
+        want["patch"] = (cfg.patch, model.patch)
+    wrong = {k: v for k, v in want.items() if v[0] != v[1]}
+    if wrong:
+        what = ", ".join(f"{k} {have} (the environment needs {need})" for k, (need, have) in wrong.items())
+        raise ValueError(
+            f"model {cfg.checkpoint or cfg.model!r} does not fit this environment: it has {what}. "
+            f"Pass a checkpoint made for this data and geometry, or change image_size/patch"
+        )
+    return model

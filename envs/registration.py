@@ -1,0 +1,58 @@
+"""Gymnasium ids, registered in one place: one id per data set in the registry that names one.
+
+Each registered data set (:data:`avex.data.DATASETS`) with an ``env_id`` becomes a Gymnasium id whose
+kwargs are that data set's defaults, plain data only (``gym.make`` deep-copies them on every call; the
+model and the data are shared through per-process caches). Data sets registered later, from a user's
+own file, get their id the moment they are registered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium
+
+from avex.data import DATASETS, DatasetSpec
+
+__all__ = ["ENTRY_POINT", "VECTOR_ENTRY_POINT", "env_kwargs", "env_ids", "register_envs"]
+
+ENTRY_POINT = "envs.ave_env:AVEEnv"
+VECTOR_ENTRY_POINT = "envs.vector:AVEVectorEnv"
+_subscribed = False
+
+
+def env_kwargs(spec: DatasetSpec) -> dict[str, Any]:
+    """The kwargs an id is registered with: the data set's env defaults."""
+    kwargs: dict[str, Any] = dict(
+        dataset=spec.name,
+        split=spec.env_split,
+        image_size=spec.image_size,
+        patch=spec.patch,
+        glimpse=spec.glimpse,
+        budget=spec.budget,
+        model=spec.model,
+        checkpoint=spec.checkpoint,
+        pretrained=spec.pretrained,
+    )
+    kwargs.update(spec.options)
+    return kwargs
+
+
+def env_ids() -> dict[str, str]:
+    """Registered data set name -> its Gymnasium id (data sets without one are left out)."""
+    return {name: DATASETS.get(name).env_id for name in DATASETS.names() if DATASETS.get(name).env_id}
+
+
+def _register(name: str, spec: DatasetSpec) -> None:
+    if spec.env_id and spec.env_id not in gymnasium.registry:
+        gymnasium.register(
+            spec.env_id, entry_point=ENTRY_POINT, vector_entry_point=VECTOR_ENTRY_POINT, kwargs=env_kwargs(spec)
+        )
+
+
+def register_envs() -> None:
+    """Register an id for every data set, now and whenever one is registered later (idempotent)."""
+    global _subscribed
+    if not _subscribed:
+        _subscribed = True
+        DATASETS.subscribe(_register)
