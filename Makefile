@@ -1,11 +1,11 @@
-# avex developer tasks.  `make test` is what CI runs (.ci/run).
+# avex developer tasks.  `make test` is what CI runs (.ci/run): lint, types, then the tests.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.avex-installed
 ARGS   ?=
 
-.PHONY: setup benchmark test clean
+.PHONY: setup benchmark lint test clean
 
 # Idempotent: venv if missing, install if pyproject/constraints changed, data.
 setup: $(STAMP)
@@ -24,9 +24,15 @@ $(STAMP): pyproject.toml constraints.txt $(wildcard avex/__init__.py envs/__init
 benchmark: setup
 	$(BIN)/avex benchmark $(ARGS)
 
-test: setup
+# ruff (lint and format) and mypy, configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: setup lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
 
 clean:
-	rm -rf build *.egg-info .pytest_cache
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
