@@ -1,9 +1,9 @@
-"""Report of a DDP scaling run (``benchmarks/gpu_ddp.sh``): images/s per GPU and the loss curves, 1 vs 2 GPUs.
+"""Report of a DDP scaling run (``benchmarks/gpu/ddp.sh``): images/s per GPU and the loss curves, 1 vs 2 GPUs.
 
 Reads the folder the job packed (``ddp_b{B}_np{P}.log`` with the trainer's summary line, ``.jsonl`` with
 the per-step losses, ``.cmd`` with the command) and writes a Markdown table and a plot of the losses.
 
-    python benchmarks/ddp_report.py runs/gpu14 --out benchmarks/results/h200x2
+    python benchmarks/ddp_report.py <job folder> --out <folder>
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def main() -> None:
         raise SystemExit(f"no ddp{tag}_b*_np1.log in {args.folder}")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [
-        "| global batch | GPUs | steps | seconds | images/s per GPU | images/s total | scaling efficiency | loss: mean abs diff (max) vs 1 GPU |",
+        "| global batch | GPUs | steps | seconds | images/s per GPU | images/s total | scaling efficiency "
+        "| loss: mean abs diff (max) vs 1 GPU |",
         "|---|---|---|---|---|---|---|---|",
     ]
     import matplotlib
@@ -70,10 +71,12 @@ def main() -> None:
         diff = np.abs(one["loss"][:n] - two["loss"][:n])
         eff = two["img_s_per_gpu"] / one["img_s_per_gpu"]
         rows.append(
-            f"| {b} | 1 | {one['steps']} | {one['seconds']:.1f} | {one['img_s_per_gpu']:.0f} | {one['img_s_per_gpu']:.0f} | 1.00 | |"
+            f"| {b} | 1 | {one['steps']} | {one['seconds']:.1f} | {one['img_s_per_gpu']:.0f} "
+            f"| {one['img_s_per_gpu']:.0f} | 1.00 | |"
         )
         rows.append(
-            f"| {b} | 2 | {two['steps']} | {two['seconds']:.1f} | {two['img_s_per_gpu']:.0f} | {2 * two['img_s_per_gpu']:.0f} | "
+            f"| {b} | 2 | {two['steps']} | {two['seconds']:.1f} | {two['img_s_per_gpu']:.0f} "
+            f"| {2 * two['img_s_per_gpu']:.0f} | "
             f"**{eff:.2f}** | {diff.mean():.4f} ({diff.max():.4f}) over {n} steps |"
         )
         ax.plot(one["loss"], label="1 GPU", lw=1)

@@ -11,8 +11,6 @@ and the masked reconstruction loss, once per variant:
 
 Each variant is then played by the entropy agent (and the model by the random agent once) on the test
 split, and the script prints accuracy after 12 glimpses and how often a glimpse touches ink.
-At commit 19d9ac5 the same probe also compared the decoder's layout (AME's ``[CLS, grid]`` against
-``[CLS, observed tokens, grid]``); results in ``benchmarks/results/h100/decoder_probe``.
 
     python benchmarks/decoder_probe.py --device cuda --steps 1500 --episodes 2000 --out runs/decoder_probe
 """
@@ -22,32 +20,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
+from entropy_probe import ink_patches, touches_ink  # the sibling script: its folder is on the path when run as a file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import gymnasium as gym  # noqa: E402
-
-import avex  # noqa: E402,F401
-from agents import EntropyAgent, RandomAgent  # noqa: E402
-from agents.evaluate import play_episodes  # noqa: E402
-from avex.checkpoint import load_tore, save_tore, shipped_checkpoint  # noqa: E402
-from avex.model import GlimpseDecoder  # noqa: E402
+import avex  # noqa: F401  (registers the envs)
+from agents import EntropyAgent, RandomAgent
+from agents.evaluate import play_episodes
+from avex.checkpoint import load_tore, save_tore, shipped_checkpoint
+from avex.model import GlimpseDecoder
 from avex.train import (
     cut_glimpses,
     draw_k_and_t,
     fashion_mnist_canvases,
     masked_recon_mse,
-    n_tiles,  # noqa: E402
+    n_tiles,
     sample_glimpses,
     step_rngs,
 )
-from benchmarks.entropy_probe import ink_patches, touches_ink  # noqa: E402
 
 VARIANTS = {"refit": (1, False), "fresh": (1, True), "two_blocks": (2, False)}  # (decoder depth, re-initialised)
 
@@ -55,7 +49,10 @@ VARIANTS = {"refit": (1, False), "fresh": (1, True), "two_blocks": (2, False)}  
 def refit_decoder(
     model, depth: int, fresh: bool, steps: int, batch: int, lr: float, device: torch.device, seed: int
 ) -> float:
-    """Replace the decoder (depth, fresh or from the shipped one), re-fit it alone; return the last 100 steps' mean MSE."""
+    """Replace the decoder (depth, fresh or from the shipped one) and re-fit it alone.
+
+    Returns the mean reconstruction MSE of the last 100 steps.
+    """
     old = model.decoder
     dec = GlimpseDecoder(
         model.embed_dim, model.grid, model.patch, model.in_chans, old.dim, old.blocks[0].heads, depth
@@ -89,7 +86,7 @@ def refit_decoder(
             pixels, coords, seen = cut_glimpses(geo, canvases, rows, cols)
             with torch.no_grad():
                 out = model.forward_glimpses(pixels, coords, K)
-                out.tokens  # materialise the normed tokens without grad
+                _ = out.tokens  # materialise the normed tokens without grad
             recon, _ = model.decode(out, entropy=False)
         loss = masked_recon_mse(model, recon, canvases, seen)
         opt.zero_grad(set_to_none=True)

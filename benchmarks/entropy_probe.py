@@ -10,17 +10,12 @@ before any glimpse and after 4 random ones.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import gymnasium as gym  # noqa: E402
-
-import avex  # noqa: E402,F401
-from agents import RandomAgent, ame_scores  # noqa: E402
+import avex  # noqa: F401  (registers the envs)
+from agents import RandomAgent, ame_scores
 
 
 def ink_patches(env) -> np.ndarray:

@@ -23,15 +23,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import gymnasium as gym  # noqa: E402
-import torch  # noqa: E402
-
-import avex  # noqa: E402,F401  (registers the envs)
-from avex.platform_info import device_name, synchronize  # noqa: E402
+import avex  # noqa: F401  (registers the envs)
+from avex.platform_info import device_name, synchronize
 
 
 def fake_imagenet(per_class: int, size: int = 256) -> str:

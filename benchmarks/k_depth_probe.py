@@ -12,16 +12,12 @@ reaches without distractors.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from avex.checkpoint import load_tore, shipped_checkpoint  # noqa: E402
-from avex.train import _eval_batches, _fashion_eval_set, evaluate, fashion_mnist_canvases  # noqa: E402
+from avex.checkpoint import load_tore, shipped_checkpoint
+from avex.train import _eval_batches, _fashion_eval_set, evaluate, fashion_mnist_canvases
 
 
 def main() -> None:

@@ -20,17 +20,13 @@ import cProfile
 import io
 import json
 import pstats
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from avex.platform_info import synchronize  # noqa: E402
+from avex.platform_info import synchronize
 
 
 def _report(title: str, run, device: str, rows: int) -> str:
@@ -44,7 +40,8 @@ def _report(title: str, run, device: str, rows: int) -> str:
     wall_prof = time.perf_counter() - t0
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
-    # GPU activities (kernels, copies, sets) are the profiler's events on the CUDA device; their spans add up to GPU time.
+    # GPU activities (kernels, copies, sets) are the profiler's events on the CUDA device; their spans add up to
+    # the GPU time.
     gpu = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     busy = sum(e.time_range.elapsed_us() for e in gpu) / 1e6  # s
     launched = (
@@ -66,7 +63,8 @@ def _report(title: str, run, device: str, rows: int) -> str:
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(rows)
     return (
-        f"## {title}\n\nwall {wall * 1e3:.1f} ms (cProfile run), {wall_prof * 1e3:.1f} ms (torch.profiler run)\n\n{launched}"
+        f"## {title}\n\nwall {wall * 1e3:.1f} ms (cProfile run), {wall_prof * 1e3:.1f} ms (torch.profiler run)\n\n"
+        f"{launched}"
         f"### device/op table (torch.profiler, sorted by {sort})\n\n```\n{table}\n```\n\n"
         f"### host Python (cProfile, tottime)\n\n```\n{buf.getvalue()}\n```\n"
     )

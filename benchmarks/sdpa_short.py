@@ -19,13 +19,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from avex.attention import SHORT_SEQUENCE, _launch, reference_attention, short_attention, short_attention_available
+from avex.platform_info import device_name
 
 BACKENDS = {
     "math": SDPBackend.MATH,
@@ -57,10 +59,8 @@ def time_call(fn, reps: int = 20, calls: int = 20) -> float:
     return statistics.median(times)
 
 
-def tune(seqs: list[int], short_attention) -> list[str]:
+def tune(seqs: list[int]) -> list[str]:
     """Microseconds per call of the Triton kernel for each launch setting; * marks its default (_launch)."""
-    from avex.attention import SHORT_SEQUENCE, _launch
-
     lines = ["## Triton kernel launch settings (block_s x num_warps), microseconds per call, * = default", ""]
     for label, rows, heads, hd in MODELS:
         lines += [
@@ -75,7 +75,7 @@ def tune(seqs: list[int], short_attention) -> list[str]:
             for bs in blocks:
                 cells = []
                 for w in (1, 2, 4, 8):
-                    t = time_call(lambda: short_attention(qkv, heads, block_s=bs, num_warps=w))
+                    t = time_call(partial(short_attention, qkv, heads, block_s=bs, num_warps=w))
                     cells.append(f"{t:.1f}" + ("*" if (bs, w) == _launch(s) else ""))
                 lines.append(f"| {s} (block {bs}) | " + " | ".join(cells) + " |")
             del qkv
@@ -91,9 +91,6 @@ def main() -> None:
         "--tune", action="store_true", help="also time the Triton kernel's launch settings (block_s, num_warps)"
     )
     args = p.parse_args()
-    from avex.attention import SHORT_SEQUENCE, reference_attention, short_attention, short_attention_available
-    from avex.platform_info import device_name
-
     lines = [
         f"# SDPA per call on short sequences, bf16, {device_name('cuda')}, torch {torch.__version__}",
         "",
@@ -116,14 +113,14 @@ def main() -> None:
             for name, backend in BACKENDS.items():
                 try:
                     with sdpa_kernel([backend]):
-                        row[name] = time_call(lambda: F.scaled_dot_product_attention(q, k, v))
+                        row[name] = time_call(partial(F.scaled_dot_product_attention, q, k, v))
                 except RuntimeError:
                     row[name] = None
             qkv = torch.randn(rows, s, 3 * heads * hd, device="cuda", dtype=torch.bfloat16)
             with sdpa_kernel([BACKENDS["efficient"]]):
-                row["efficient from qkv"] = time_call(lambda: reference_attention(qkv, heads))
+                row["efficient from qkv"] = time_call(partial(reference_attention, qkv, heads))
             ok = short_attention_available() and s <= SHORT_SEQUENCE
-            row["triton from qkv"] = time_call(lambda: short_attention(qkv, heads)) if ok else None
+            row["triton from qkv"] = time_call(partial(short_attention, qkv, heads)) if ok else None
             best = min((t, n) for n, t in row.items() if t is not None)[1]
             lines.append(
                 f"| {s} | " + " | ".join("-" if t is None else f"{t:.1f}" for t in row.values()) + f" | {best} |"
@@ -131,7 +128,7 @@ def main() -> None:
             del q, k, v, qkv
         lines.append("")
     if args.tune and short_attention_available():
-        lines += tune(args.seq, short_attention)
+        lines += tune(args.seq)
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import importlib
 import json
 import math
 import os
@@ -43,7 +42,6 @@ import statistics
 import sys
 import time
 import traceback
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,39 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-
-def _import_avex():
-    """Import avex.model, avex.flops and avex.geometry.
-
-    ``import avex`` registers Gymnasium environments and so needs gymnasium; the benchmark does not.
-    Where gymnasium is missing (the GPU image has none), load the submodules under a bare package so
-    that the benchmark still runs; the package's ``__init__`` is then skipped.
-    """
-    try:
-        import avex  # noqa: F401
-    except ModuleNotFoundError as err:
-        if err.name != "gymnasium":
-            raise
-        for name in [m for m in sys.modules if m == "avex" or m.startswith("avex.")]:
-            del sys.modules[name]
-        pkg = types.ModuleType("avex")
-        pkg.__path__ = [str(_ROOT / "avex")]
-        sys.modules["avex"] = pkg
-        print(
-            "note: gymnasium is not installed; loaded avex.model without avex/__init__ (no environments)",
-            file=sys.stderr,
-        )
-    return tuple(importlib.import_module(f"avex.{m}") for m in ("model", "flops", "geometry", "platform_info"))
-
-
-_model_mod, _flops_mod, _geo_mod, _platform_mod = _import_avex()
-create_tore = _model_mod.create_tore
-ViTDims, episode_flops = _flops_mod.ViTDims, _flops_mod.episode_flops
-GlimpseGeometry = _geo_mod.GlimpseGeometry
+from avex.flops import ViTDims, episode_flops
+from avex.model import create_tore
+from avex.platform_info import device_name, synchronize
 
 __all__ = ["run_benchmark", "format_markdown", "main"]
 
@@ -233,8 +201,9 @@ def device_description(device: torch.device) -> str:
     """avex.platform_info.device_name, plus SMs, memory and CUDA version on a GPU."""
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        return f"{_platform_mod.device_name(device)} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
-    return _platform_mod.device_name(device)
+        memory = f"{p.total_memory / 2**30:.0f} GiB"
+        return f"{device_name(device)} ({p.multi_processor_count} SMs, {memory}), CUDA {torch.version.cuda}"
+    return device_name(device)
 
 
 def _loadavg() -> float | None:
@@ -358,10 +327,12 @@ def run_benchmark(
     geo = tore.geometry(glimpse)
     G, T = geo.tokens_per_glimpse, glimpses
     log(
-        f"# {model} {img_size}px patch {patch}, {T} glimpses of {glimpse}x{glimpse} patches, {dtype}, on {device_description(dev)}"
+        f"# {model} {img_size}px patch {patch}, {T} glimpses of {glimpse}x{glimpse} patches, {dtype}, "
+        f"on {device_description(dev)}"
     )
     log(
-        f"# modes {modes}, K {Ks}, batches {list(batches)}, repeats {repeats}, warm-up {warmup}, decoder {decoder}; {_versions()}"
+        f"# modes {modes}, K {Ks}, batches {list(batches)}, repeats {repeats}, warm-up {warmup}, "
+        f"decoder {decoder}; {_versions()}"
     )
 
     results: list[dict] = []
@@ -404,7 +375,8 @@ def run_benchmark(
                     )
                     rows[K].update(info)
                     log(
-                        f"  {mode:7s} b={batch:<4d} K={K:<2d} ready in {time.perf_counter() - t0:.1f} s, check rel err {info['check_rel_err']:.1e}"
+                        f"  {mode:7s} b={batch:<4d} K={K:<2d} ready in {time.perf_counter() - t0:.1f} s, "
+                        f"check rel err {info['check_rel_err']:.1e}"
                         + (f" (vs fp32 {info['check_rel_err_vs_fp32']:.1e})" if "check_rel_err_vs_fp32" in info else "")
                     )
                 except _CheckFailed:
@@ -421,7 +393,8 @@ def run_benchmark(
                 if K in timings:
                     row.update(_summarise(timings[K], dims, batch, K, T, G, decoder))
                     log(
-                        f"  {mode:7s} b={batch:<4d} K={K:<2d} {row['episode_ms']:9.3f} ms/episode {row['step_ms']:8.3f} ms/step "
+                        f"  {mode:7s} b={batch:<4d} K={K:<2d} {row['episode_ms']:9.3f} ms/episode "
+                        f"{row['step_ms']:8.3f} ms/step "
                         f"(worst t {row['step_ms_worst']:.3f})"
                     )
                 results.append(row)
@@ -461,7 +434,7 @@ def _setup_and_check(tore, ref32, inputs, mode, dev, dtype, batch, K, T, G, deco
     if not max(errs) <= tol:
         raise _CheckFailed(
             f"{mode} K={K} batch={batch}: logits differ from forward_glimpses by {max(errs):.2e} "
-            f"(> {tol:.0e}; per step {['%.1e' % e for e in errs]})"
+            f"(> {tol:.0e}; per step {[f'{e:.1e}' for e in errs]})"
         )
     return ep, info
 
@@ -475,13 +448,13 @@ def _time_interleaved(episodes: dict, inputs, dev, T, repeats, warmup, sync_each
             for K, ep in episodes.items():
                 ep.load(timing_sets[r % len(timing_sets)])
                 ep.reset()  # outside the timed region
-                _platform_mod.synchronize(dev)
+                synchronize(dev)
                 clock = _Clock(dev, T + 1)
                 clock.mark()
                 if sync_each_step:
 
                     def mark(clock=clock) -> None:
-                        _platform_mod.synchronize(dev)
+                        synchronize(dev)
                         clock.mark()
 
                     ep.run(mark)
@@ -528,19 +501,24 @@ def format_markdown(results: list[dict], meta: dict) -> str:
         f"- command: `{meta['command']}`",
         f"- device: {meta['device']}",
         f"- software: {meta['versions']}",
-        f"- date: {meta['date']}; host load average (1 min) at start / end: {meta['host_load'][0]} / {meta['host_load'][1]}",
+        f"- date: {meta['date']}; host load average (1 min) at start / end: "
+        f"{meta['host_load'][0]} / {meta['host_load'][1]}",
         f"- episode: {meta['glimpses']} sequential steps, glimpses of {meta['glimpse']}x{meta['glimpse']} patches "
         f"({meta['img_size']} px image, patch {meta['patch']}), random weights, random uint8 glimpses; decoder "
         f"{'included' if meta['decoder'] else 'not run'}",
         f"- timing: median of {meta['repeats']} episodes after {meta['warmup']} warm-up, "
         f"{'CUDA events' if meta['device_kind'] == 'cuda' else 'time.perf_counter'}, the K values interleaved; "
-        f"the cache reset is outside the timed region{'; synchronised after every step' if meta['sync_each_step'] else ''}",
-        "- FLOPs: analytic (avex.flops; 1 multiply-add = 2 FLOPs, matmuls and attention), per image per episode, empty pass excluded",
-        "- check: logits after every step vs eager single-shot `forward_glimpses` on the same glimpses, max over steps of ||a-b||/||b||",
-        "- ratios: K=0 (full recomputation, same code, same mode and batch) over this K; wall/FLOP = wall ratio / FLOP ratio "
-        "(1 = time saved in proportion to FLOPs; target >= 0.67 at batch 256)",
+        "the cache reset is outside the timed region"
+        f"{'; synchronised after every step' if meta['sync_each_step'] else ''}",
+        "- FLOPs: analytic (avex.flops; 1 multiply-add = 2 FLOPs, matmuls and attention), per image per episode, "
+        "empty pass excluded",
+        "- check: logits after every step vs eager single-shot `forward_glimpses` on the same glimpses, "
+        "max over steps of ||a-b||/||b||",
+        "- ratios: K=0 (full recomputation, same code, same mode and batch) over this K; "
+        "wall/FLOP = wall ratio / FLOP ratio (1 = time saved in proportion to FLOPs; target >= 0.67 at batch 256)",
         "",
-        "| mode | batch | K | ms / episode | ms / step (mean) | ms / step (worst t) | GFLOP / image | FLOP ratio | wall ratio | wall/FLOP | TFLOP/s | check rel err |",
+        "| mode | batch | K | ms / episode | ms / step (mean) | ms / step (worst t) | GFLOP / image | FLOP ratio "
+        "| wall ratio | wall/FLOP | TFLOP/s | check rel err |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -548,8 +526,9 @@ def format_markdown(results: list[dict], meta: dict) -> str:
             lines.append(f"| {r['mode']} | {r['batch']} | {r['K']} | failed: {r.get('error', '?')[:120]} |||||||||")
             continue
         lines.append(
-            f"| {r['mode']} | {r['batch']} | {r['K']} | {r['episode_ms']:.3f} | {r['step_ms']:.3f} | {r['step_ms_worst']:.3f} | "
-            f"{r['gflop_per_image']:.2f} | {r.get('flop_ratio', float('nan')):.2f} | {r.get('wall_ratio', float('nan')):.2f} | "
+            f"| {r['mode']} | {r['batch']} | {r['K']} | {r['episode_ms']:.3f} | {r['step_ms']:.3f} "
+            f"| {r['step_ms_worst']:.3f} | {r['gflop_per_image']:.2f} | {r.get('flop_ratio', float('nan')):.2f} "
+            f"| {r.get('wall_ratio', float('nan')):.2f} | "
             f"{r.get('wall_over_flop', float('nan')):.2f} | {r['tflops']:.3f} | {r['check_rel_err']:.1e} |"
         )
     targets = _targets(results, meta)
@@ -566,13 +545,15 @@ def _targets(results: list[dict], meta: dict) -> list[str]:
         if r["batch"] >= 256 and r["K"] > 0:
             ok = r["wall_over_flop"] >= TARGET_WALL_OVER_FLOP
             out.append(
-                f"{'PASS' if ok else 'FAIL'} {r['mode']} batch {r['batch']} K={r['K']}: wall ratio {r['wall_ratio']:.2f} "
+                f"{'PASS' if ok else 'FAIL'} {r['mode']} batch {r['batch']} K={r['K']}: "
+                f"wall ratio {r['wall_ratio']:.2f} "
                 f"vs FLOP ratio {r['flop_ratio']:.2f} (need >= {r['flop_ratio'] * TARGET_WALL_OVER_FLOP:.2f})"
             )
         if r["batch"] == 1 and meta["device_kind"] == "cuda":
             ok = r["step_ms_worst"] <= TARGET_STEP_MS_B1
             out.append(
-                f"{'PASS' if ok else 'FAIL'} {r['mode']} batch 1 K={r['K']}: worst step {r['step_ms_worst']:.3f} ms (need <= 1 ms)"
+                f"{'PASS' if ok else 'FAIL'} {r['mode']} batch 1 K={r['K']}: "
+                f"worst step {r['step_ms_worst']:.3f} ms (need <= 1 ms)"
             )
     return out
 

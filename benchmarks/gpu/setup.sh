@@ -1,0 +1,62 @@
+# The set-up every job in this folder sources first:  source "$(dirname "$0")/setup.sh"
+#
+# A job is one device-tool call, run from the repository root with `.whl` (wheels for the GPU image's Python:
+# timm, gymnasium, stable-baselines3, sb3-contrib) and `data` (the Fashion-MNIST IDX files) carried along.
+# This file installs the wheels beside the image's torch, keeps the hub offline, points avex at the carried data,
+# makes a fresh results folder $R and defines `pack`, which puts $R into $OUT/results.tar.gz: jobs call it after
+# every stage, so that a time-out keeps what finished (and it runs once more on exit). Below: the stages that
+# several jobs share.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1  # the repository root
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AVEX_FASHION_MNIST=$PWD/data/fashion-mnist
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+R=/tmp/results
+rm -rf $R && mkdir -p $R  # fresh per job: a warm machine keeps /tmp between calls
+pack() { tar -czf "$OUT/results.tar.gz" -C $R . 2>/dev/null; }
+trap 'pack; echo "job done"' EXIT
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $R/gpu.txt
+
+# ViT-B/16 TORE episodes in bf16 (benchmarks/tore_speed.py, RESULTS.md section 3); add --mode, --K, --batch, --out.
+TORE_SPEED=(python3 benchmarks/tore_speed.py --device cuda --dtype bf16 --model vit_base_patch16_224)
+# Vector-env throughput (benchmarks/env_throughput.py, RESULTS.md section 4): Fashion-MNIST (add --num-envs) and
+# ImageNet with ViT-S/16, random weights, on a fake 16-class folder.
+ENV_FMNIST=(--device cuda --steps 36 --env-kwargs '{"dtype": "bfloat16"}')
+ENV_IMAGENET=(--env AVE-ImageNet-v0 --fake-imagenet 24 --device cuda --num-envs 1024 4096 --steps 36
+              --env-kwargs '{"model": "vit_small_patch16_224", "pretrained": false, "cache_images": true, "dtype": "bfloat16"}')
+
+# The CUDA tests (pytest -k cuda) of the given test files, all by default.
+cuda_tests() {
+  timeout 120 python3 -m pytest -q -p no:cacheprovider "${@:-tests}" -k cuda 2>&1 | tail -2 | tee $R/pytest_cuda.txt
+  pack
+}
+
+# The main job (`avex benchmark`: agents x K, 2000 episodes each) into $R/benchmark; extra arguments go to it.
+main_job() {
+  timeout 130 python3 -m avex.cli benchmark --device cuda --episodes 2000 --num-envs 1000 "$@" --out $R/benchmark 2>&1 \
+    | tr '\r' '\n' | grep -v "^benchmark: " | tail -40
+  pack
+}
+
+# TORE at batch 256, K=0 and 12, CUDA graphs, into $R/$1.md (under the caller's AVEX_SDPA, if any).
+tore_speed_b256() {
+  timeout 50 "${TORE_SPEED[@]}" --mode graph --K 0 12 --batch 256 --out $R/$1.md 2>&1 | grep "graph | 256"
+  pack
+}
+
+# Both envs' throughput, appended to $R/$1.md; Fashion-MNIST at the given numbers of envs (default 4096 8192 16384).
+env_throughput() {
+  local out=$R/$1.md envs=("${@:2}")
+  [ ${#envs[@]} -gt 0 ] || envs=(4096 8192 16384)
+  timeout 90 python3 benchmarks/env_throughput.py "${ENV_FMNIST[@]}" --num-envs "${envs[@]}" --out $out 2>&1 | tail -6
+  pack
+  timeout 90 python3 benchmarks/env_throughput.py "${ENV_IMAGENET[@]}" --out $out 2>&1 | tail -6
+  pack
+}
+
+# Where an eager TORE step's time goes (benchmarks/profile_step.py, ViT-B/16, K=12, batch 256) into $R/profile_tore.md.
+profile_tore() {
+  timeout 40 python3 benchmarks/profile_step.py tore --device cuda --K 12 --batch 256 --out $R/profile_tore.md \
+    > /dev/null 2> $R/profile_tore.err
+  pack
+}

@@ -1,1 +1,0 @@
-torchrun --standalone --nproc_per_node=2 -m avex.train --dataset fashion-mnist --device cuda --steps 400 --batch-size 2048 --lr 1e-3 --warmup 0.03 --label-smoothing 0.1 --seed 0 --eval-every 0 --save-every 0 --eval-size 2000 --log-every 50 --no-progress --log-json /tmp/results/ddp_b2048_np2.jsonl --out /tmp/ddp_b2048_np2

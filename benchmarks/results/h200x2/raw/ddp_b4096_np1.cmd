@@ -1,1 +1,0 @@
-torchrun --standalone --nproc_per_node=1 -m avex.train --dataset fashion-mnist --device cuda --steps 300 --batch-size 4096 --lr 1e-3 --warmup 0.03 --label-smoothing 0.1 --seed 0 --eval-every 0 --save-every 0 --eval-size 2000 --log-every 50 --no-progress --log-json /tmp/results/ddp_b4096_np1.jsonl --out /tmp/ddp_b4096_np1 
