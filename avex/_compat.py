@@ -22,6 +22,11 @@ torchvision is installed, its schema is absent and its native library really
 fails to load.  Calling ``torchvision.ops.nms`` afterwards still fails (there is
 no kernel), exactly as it would with any torchvision whose ops did not load;
 avex never calls it.  Where torchvision loads normally nothing is done.
+
+Importing this module applies the shim, and ``avex/__init__.py`` imports it before anything else, so every
+``avex`` module can ``import timm`` at its top: importing any ``avex.*`` module runs ``avex/__init__.py``
+first.  Code that imports ``timm`` without importing ``avex`` first calls :func:`ensure_timm_importable`
+itself.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import importlib.machinery
 import importlib.util
 import threading
 
+import torch
+
 __all__ = ["ensure_timm_importable"]
 
 _NMS_SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
@@ -37,13 +44,11 @@ _MISSING_OPS = ("nms", "qnms")
 
 # Kept alive at module level: a torch.library.Library deregisters its
 # definitions when it is garbage-collected.
-_LIB = None
+_LIB: torch.library.Library | None = None
 _LOCK = threading.Lock()
 
 
 def _has_schema(qualname: str) -> bool:
-    import torch
-
     find = getattr(torch._C, "_dispatch_find_schema_or_throw", None)
     if find is None:  # private API; fall back to the JIT operator registry
         return bool(torch._C._jit_get_schemas_for_operator(qualname))
@@ -60,8 +65,6 @@ def _torchvision_native_loads() -> bool | None:
     Looks the extension up the way torchvision does, without importing
     torchvision itself (that import is what fails).
     """
-    import torch
-
     try:
         spec = importlib.util.find_spec("torchvision")
     except (ImportError, ValueError):
@@ -88,7 +91,8 @@ def _torchvision_native_loads() -> bool | None:
 def ensure_timm_importable() -> bool:
     """Make ``import timm`` work with a torchvision whose native ops cannot load.
 
-    Call before the first ``import timm``/``import torchvision``.  Idempotent.
+    Must run before the first ``import timm``/``import torchvision``; importing this module (hence
+    importing ``avex``) already calls it.  Idempotent.
 
     Returns True if (in this process) the workaround is in place, i.e. the
     missing ``torchvision::nms``/``torchvision::qnms`` schemas were defined by
@@ -104,11 +108,13 @@ def ensure_timm_importable() -> bool:
         if _torchvision_native_loads() is not False:
             return False
 
-        import torch
-
         lib = torch.library.Library("torchvision", "FRAGMENT")
         for name in _MISSING_OPS:
             if not _has_schema(f"torchvision::{name}"):
                 lib.define(f"{name}{_NMS_SCHEMA}")
         _LIB = lib
         return True
+
+
+# Applied on import: ``avex/__init__.py`` imports this module first, so no other module has to call it.
+ensure_timm_importable()

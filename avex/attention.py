@@ -25,17 +25,15 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Iterable
+from typing import TypeGuard, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from avex._compat import ensure_timm_importable
-
-ensure_timm_importable()
-from timm.layers import Attention  # noqa: E402
-from timm.models.vision_transformer import Block  # noqa: E402
 
 try:  # Triton ships with PyTorch's CUDA wheels; CPU-only installs simply never use the kernel.
     import triton
@@ -55,9 +53,10 @@ __all__ = [
 ]
 
 SHORT_SEQUENCE = 64  # tokens: up to this many, CUDA attention follows SHORT_SEQUENCE_BACKENDS
-# In order of preference (H100, benchmarks/results/h100/kernel/sdpa_short_triton.md): the Triton kernel (5 us
-# per call at 5 tokens, batch 256, ViT-B), then PyTorch's memory-efficient kernel (its fastest SDPA backend at
-# 5..49 tokens: 35 us; cuDNN, PyTorch's own first choice on Hopper, wins from 65 tokens, where this list stops).
+# In order of preference (``benchmarks/sdpa_short.py`` times them on these shapes): the Triton kernel, whose
+# fixed cost per (row, head) is the smallest; then PyTorch's memory-efficient kernel, its fastest SDPA backend
+# on sequences this short. cuDNN, PyTorch's own first choice on Hopper, only wins on longer sequences, which
+# is where this list stops applying.
 SHORT_SEQUENCE_BACKENDS = ("triton", "efficient", "flash", "math")
 _SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
@@ -111,8 +110,8 @@ if triton is not None:
         q = tl.load(base, mask=in_seq[:, None], other=0.0)
         k = tl.load(base + HEADS * HEAD_DIM, mask=in_seq[:, None], other=0.0)
         v = tl.load(base + 2 * HEADS * HEAD_DIM, mask=in_seq[:, None], other=0.0)
-        # Tensor-core matmuls, padded to BLOCK_S >= 16 rows (tl.dot's minimum; on the H100 this beat fp32
-        # multiply-adds over 8 rows by 2x at 5 tokens: benchmarks/results/h100/kernel/sdpa_short_tune_996c610.md).
+        # Tensor-core matmuls, padded to BLOCK_S >= 16 rows (tl.dot's minimum): even at a handful of tokens
+        # they beat fp32 multiply-adds over fewer padded rows (``sdpa_short.py --tune`` compares the two).
         # fp32 inputs get exact fp32 products (IEEE), not TF32.
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -148,7 +147,10 @@ def _kernel_refusal(seq_len: int, head_dim: int, dtype: torch.dtype) -> str | No
     if not 1 <= seq_len <= SHORT_SEQUENCE:
         return f"short_attention takes 1..{SHORT_SEQUENCE} tokens, got {seq_len}: use reference_attention"
     if head_dim < 16 or head_dim & (head_dim - 1) or dtype not in _KERNEL_DTYPES:
-        return f"short_attention needs a head width that is a power of two >= 16 and fp16/bf16/fp32, got Dh={head_dim}, {dtype}"
+        return (
+            "short_attention needs a head width that is a power of two >= 16 and fp16/bf16/fp32, "
+            f"got Dh={head_dim}, {dtype}"
+        )
     return None
 
 
@@ -218,9 +220,8 @@ def short_attention(
 def _launch(seq_len: int) -> tuple[int, int]:
     """(BLOCK_S, num_warps) for a sequence length: the padded length for tensor-core matmuls, and warps.
 
-    Warps from ``sdpa_short.py --tune`` on the H100 (ViT-B at batch 256 and the Fashion-MNIST env's ViT at
-    16,384 envs agree; benchmarks/results/h100/kernel/): one warp up to 32 tokens (5 tokens: 4.9 to 5.0 us
-    against 5.4 to 5.7 with two), four beyond.
+    Warps as ``sdpa_short.py --tune`` chose them, alike for ViT-B and for the Fashion-MNIST env's ViT: one
+    warp up to 32 tokens (faster there than two), four beyond.
     """
     return max(16, triton.next_power_of_2(seq_len)), 4 if seq_len > 32 else 1
 
@@ -237,7 +238,7 @@ def reference_attention(qkv: torch.Tensor, heads: int, valid: torch.Tensor | Non
 
 
 # ------------------------------------------------------------------------------- block forward
-def _plain_block(blk: nn.Module) -> bool:
+def _plain_block(blk: nn.Module) -> TypeGuard[Block]:
     """Whether ``blk`` is a timm ``Block`` whose attention :func:`block_forward` reproduces exactly."""
     attn = getattr(blk, "attn", None)
     return (
@@ -262,7 +263,7 @@ def _kernel_or_reference(qkv: torch.Tensor, heads: int, valid: torch.Tensor | No
             return short_attention(qkv, heads, valid)
         except ValueError:  # a shape or dtype this kernel refuses: a caller's bug, not the machine's
             raise
-        except Exception as err:  # noqa: BLE001 - Triton's build and driver errors have no common type
+        except Exception as err:  # deliberately broad: Triton's build and driver errors have no common type
             _kernel_failure = f"{type(err).__name__}: {err}"
             warnings.warn(
                 f"avex: the Triton attention kernel failed on this machine ({_kernel_failure[:300]}); "
@@ -288,7 +289,7 @@ def block_forward(blk: Block, x: torch.Tensor, valid: torch.Tensor | None = None
     Returns:
         [B, S, D].
     """
-    attn = blk.attn
+    attn = cast(Attention, blk.attn)  # timm types it Module; a plain Block's is an Attention (_plain_block)
     qkv = attn.qkv(blk.norm1(x))
     usable = _kernel_may_run(qkv) and _kernel_refusal(qkv.shape[1], attn.head_dim, qkv.dtype) is None
     a = _kernel_or_reference(qkv, attn.num_heads, valid) if usable else reference_attention(qkv, attn.num_heads, valid)
@@ -313,16 +314,15 @@ def attention_choice() -> tuple[str, ...]:
     return names
 
 
-def run_blocks(
-    blocks: nn.Sequential | list[nn.Module], x: torch.Tensor, valid: torch.Tensor | None = None
-) -> torch.Tensor:
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``blocks`` over ``x`` with the attention kernel its shape should get.
 
-    On CUDA (and under Triton's interpreter), sequences of <= :data:`SHORT_SEQUENCE` tokens follow the priority list of :func:`attention_choice`:
-    ``triton`` first means :func:`block_forward` with the Triton kernel (inference only; anything it does not
-    cover, training included, drops to the next entry), the others are SDPA backends tried in that order
-    (``set_priority``: without it PyTorch's own order, flash before efficient, would decide). Elsewhere, and
-    for longer sequences, plain timm blocks with PyTorch's own choice.
+    On CUDA (and under Triton's interpreter), sequences of <= :data:`SHORT_SEQUENCE` tokens follow the
+    priority list of :func:`attention_choice`: ``triton`` first means :func:`block_forward` with the Triton
+    kernel (inference only; anything it does not cover, training included, drops to the next entry), the
+    others are SDPA backends tried in that order (``set_priority``: without it PyTorch's own order, flash
+    before efficient, would decide). Elsewhere, and for longer sequences, plain timm blocks with PyTorch's
+    own choice.
 
     Args:
         blocks: timm ViT blocks.

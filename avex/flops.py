@@ -17,6 +17,14 @@ glimpse's entropy map and the reward baseline.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:  # annotations only: this module stays free of torch and timm at run time
+    import torch.nn as nn
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Block
+
+    from avex.model import TOREViT, _DecoderBlock
 
 __all__ = ["ViTDims", "block_macs", "episode_flops", "step_flops", "step_macs"]
 
@@ -38,21 +46,24 @@ class ViTDims:
     decoder_depth: int = 0
 
     @classmethod
-    def of(cls, model) -> ViTDims:
+    def of(cls, model: TOREViT) -> ViTDims:
         """Read the sizes off a :class:`avex.model.TOREViT`."""
-        blk = model.vit.blocks[0]
+        # Module containers type their items as Module: name what a TORE ViT's blocks hold.
+        mlp = cast("Mlp", cast("Block", model.vit.blocks[0]).mlp)
+        fc1 = cast("nn.Linear", mlp.fc1)  # timm's Mlp is Linear unless built convolutional (not in a ViT)
         dec = model.decoder
+        dec_fc1 = None if dec is None else cast("nn.Linear", cast("_DecoderBlock", dec.blocks[0]).mlp[0])
         return cls(
             depth=model.depth,
             dim=model.embed_dim,
-            mlp_hidden=blk.mlp.fc1.out_features,
+            mlp_hidden=fc1.out_features,
             num_prefix=model.num_prefix,
             patch=model.patch,
             in_chans=model.in_chans,
             num_classes=model.num_classes,
             num_patches=model.grid[0] * model.grid[1],
             decoder_dim=dec.dim if dec is not None else 0,
-            decoder_mlp_hidden=dec.blocks[0].mlp[0].out_features if dec is not None else 0,
+            decoder_mlp_hidden=dec_fc1.out_features if dec_fc1 is not None else 0,
             decoder_depth=len(dec.blocks) if dec is not None else 0,
         )
 

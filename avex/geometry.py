@@ -63,10 +63,12 @@ class GlimpseGeometry:
 
     @property
     def num_patches(self) -> int:
+        """N = gh * gw: patches on the grid."""
         return self.grid[0] * self.grid[1]
 
     @property
     def tokens_per_glimpse(self) -> int:
+        """G = g * g: tokens one glimpse gives."""
         return self.glimpse * self.glimpse
 
     @property
@@ -82,12 +84,20 @@ class GlimpseGeometry:
 
     @property
     def num_actions(self) -> int:
+        """Discrete glimpse positions (the discrete action space's size)."""
         ph, pw = self.positions_shape
         return ph * pw
 
     # --------------------------------------------------------------- discrete
     def action_to_patch(self, action: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-left patch (row, col) of discrete actions. Raises ValueError for an action off the grid."""
+        """Top-left patch (row, col) of discrete actions. Raises ValueError for an action off the grid.
+
+        Args:
+            action: integer, any shape [...] (a scalar too).
+
+        Returns:
+            rows, cols: integer arrays of the same shape as ``action``.
+        """
         a = np.asarray(action)
         if a.dtype.kind not in "iu" or (a.size and (a.min() < 0 or a.max() >= self.num_actions)):
             raise ValueError(
@@ -98,7 +108,14 @@ class GlimpseGeometry:
         return (a // pw) * self.stride, (a % pw) * self.stride
 
     def patch_to_action(self, row: np.ndarray | int, col: np.ndarray | int) -> np.ndarray:
-        """Inverse of :meth:`action_to_patch` for positions on the stride lattice."""
+        """Inverse of :meth:`action_to_patch` for positions on the stride lattice.
+
+        Args:
+            row, col: integer top-left patches, broadcastable shapes [...].
+
+        Returns:
+            integer actions of the broadcast shape.
+        """
         return (np.asarray(row) // self.stride) * self.positions_shape[1] + np.asarray(col) // self.stride
 
     def glimpse_coords(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -187,6 +204,9 @@ class GlimpseGeometry:
         Token (i, j) covers the box's (i, j)-th sub-square; its coordinate is that sub-square's centre,
         in pixels divided by ``patch``, minus 0.5 (so an unscaled aligned glimpse gets integer coordinates).
 
+        Args:
+            boxes: float [B, 4] pixel boxes (y0, x0, y1, x1), e.g. from :meth:`continuous_boxes`.
+
         Returns:
             float32 [B, g * g, 2]
         """
@@ -196,7 +216,8 @@ class GlimpseGeometry:
         cy = boxes[:, 0:1] + frac[None] * side  # [B, g]
         cx = boxes[:, 1:2] + frac[None] * side
         gh, gw = self.grid
-        # Inside the grid by construction; the clamp only removes float rounding (-3e-8 at the border).
+        # Inside the grid by construction; the clamp only removes float rounding (a tiny negative value at the
+        # border).
         r = (cy / self.patch - 0.5).clamp(0, gh - 1)[:, :, None].expand(-1, g, g)
         c = (cx / self.patch - 0.5).clamp(0, gw - 1)[:, None, :].expand(-1, g, g)
         return torch.stack([r, c], dim=-1).reshape(boxes.shape[0], g * g, 2)

@@ -21,21 +21,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 
-from avex._compat import ensure_timm_importable
 from avex.attention import run_blocks
 from avex.geometry import GlimpseGeometry
 from avex.posembed import grid_coords, lookup_pos_embed, sincos_2d
-
-ensure_timm_importable()
-import timm  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 __all__ = ["AggregatorOutput", "GlimpseDecoder", "TOREViT", "TokenCache", "create_tore"]
 
@@ -100,6 +97,7 @@ class TokenCache:
 
     @property
     def batch_size(self) -> int:
+        """B: the rows of the cache."""
         return self.buf.shape[0]
 
 
@@ -136,20 +134,19 @@ class _DecoderBlock(nn.Module):
         h = self.heads
         qkv = self.qkv(self.norm1(x)).view(b, s, 3, h, d // h).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0][:, :, first_query:], qkv[1], qkv[2]
-        ent = attended = None
+        ent = attn = None
         if entropy:
             scores = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)  # [B, h, Q, S] in the model's dtype
-            # Softmax in fp32 straight from the scores: no separate upcast pass over the map (the env's largest tensor).
+            # Softmax in fp32 straight from the scores: no separate upcast pass over the map (the env's
+            # largest tensor).
             attn = scores.softmax(dim=-1, dtype=torch.float32)
-            # entr(p) = -p ln p (0 at p = 0) in one pass: on an H100 the log-sum-exp identity sum p (lse - s)
-            # measured slower (more passes over the map in eager PyTorch; benchmarks/results/h100).
+            # entr(p) = -p ln p (0 at p = 0) in one pass over the map; the log-sum-exp identity
+            # sum p (lse - s) needs more passes over it in eager PyTorch, so it is slower.
             ent = torch.special.entr(attn[..., 1:]).sum(dim=(1, 3))  # [B, Q]
-            if output:
-                attended = attn.to(v.dtype) @ v
-        elif output:
-            attended = F.scaled_dot_product_attention(q, k, v)
         if not output:
             return None, ent
+        # With the map at hand, reuse it; else one fused kernel that never materialises it.
+        attended = F.scaled_dot_product_attention(q, k, v) if attn is None else attn.to(v.dtype) @ v
         x = x[:, first_query:] + self.proj(attended.transpose(1, 2).reshape(b, s - first_query, d))
         x = x + self.mlp(self.norm2(x))
         return x, ent
@@ -165,6 +162,8 @@ class GlimpseDecoder(nn.Module):
     uncertainty for that patch. A patch seen twice (overlapping glimpses) holds its latest token; a
     token off the grid (continuous glimpses, fractional coordinates) goes to its nearest cell.
     """
+
+    grid_pos: torch.Tensor  # buffer [1, N, dim]: the fixed sin-cos position of every grid cell
 
     def __init__(
         self,
@@ -254,19 +253,35 @@ class GlimpseDecoder(nn.Module):
         return pixels, None if ent is None else (ent / math.log(2.0)).view(b, *self.grid)
 
 
+class _PixelAffine(NamedTuple):
+    """The normalisation constants of :meth:`TOREViT.normalize` when every channel shares them."""
+
+    scale_u8: float  # 1 / (255 std): uint8 pixels
+    scale_f: float  # 1 / std: float pixels in [0, 1]
+    shift: torch.Tensor  # -mean / std as a 0-dim CPU tensor (a CUDA kernel takes at most one)
+
+
 class TOREViT(nn.Module):
     """A timm VisionTransformer split into iterator and aggregator, plus a glimpse decoder.
 
     Args:
         vit: a timm ``VisionTransformer`` with a class token (registers and ``no_embed_class`` are fine),
-            learned or fixed absolute position embeddings and ``global_pool`` in {"token", "avg"}.
+            learned or fixed absolute position embeddings and ``global_pool`` in {"token", "avg"}; any
+            other module raises ValueError.
         mean, std: per-channel pixel normalisation; default from ``vit.pretrained_cfg``.
         decoder_dim, decoder_heads, decoder_depth: the glimpse decoder (``decoder_dim=0``: none).
     """
 
+    # Buffers, registered in __init__ (float32, [1, C, 1, 1] and [C, 1, 1]).
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+    _pixel_scale_u8: torch.Tensor
+    _pixel_scale_f: torch.Tensor
+    _pixel_shift: torch.Tensor
+
     def __init__(
         self,
-        vit: VisionTransformer,
+        vit: nn.Module,
         *,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
@@ -283,12 +298,13 @@ class TOREViT(nn.Module):
             raise ValueError("TORE needs absolute position embeddings (pos_embed); this ViT has none")
         if vit.global_pool not in _POOLS or getattr(vit, "attn_pool", None) is not None:
             raise ValueError(f"global_pool must be one of {_POOLS}, got {vit.global_pool!r}")
-        self.vit = vit
+        self.vit: VisionTransformer = vit
         self.depth = len(vit.blocks)
         self.embed_dim = vit.embed_dim
         self.num_prefix = vit.num_prefix_tokens
         self.patch = int(vit.patch_embed.patch_size[0])
-        self.grid = tuple(int(v) for v in vit.patch_embed.grid_size)
+        gh, gw = vit.patch_embed.grid_size
+        self.grid: tuple[int, int] = (int(gh), int(gw))
         self.img_size = (self.grid[0] * self.patch, self.grid[1] * self.patch)
         self.in_chans = int(vit.patch_embed.proj.in_channels)
         proj = vit.patch_embed.proj
@@ -312,12 +328,11 @@ class TOREViT(nn.Module):
         self.register_buffer("_pixel_scale_f", 1.0 / std_t, persistent=False)
         self.register_buffer("_pixel_shift", -mean_t / std_t, persistent=False)
         # The same constants as kernel arguments when every channel shares them (the scales as numbers, the
-        # shift as a 0-dim CPU tensor: a CUDA kernel takes at most one), so only the pixels need strided indexing.
+        # shift as a 0-dim CPU tensor: a CUDA kernel takes at most one), so only the pixels need strided
+        # indexing.
         uniform = len(set(mean)) == 1 and len(set(std)) == 1
         self._pixel_affine_scalars = (
-            {"uint8": 1.0 / (255.0 * std[0]), "float": 1.0 / std[0], "shift": torch.tensor(-mean[0] / std[0])}
-            if uniform
-            else None
+            _PixelAffine(1.0 / (255.0 * std[0]), 1.0 / std[0], torch.tensor(-mean[0] / std[0])) if uniform else None
         )
         self.decoder = (
             GlimpseDecoder(
@@ -333,6 +348,21 @@ class TOREViT(nn.Module):
     def report_ks(self) -> list[int]:
         """The split points every report shows: 0 (full recomputation), depth // 2 and depth."""
         return sorted({0, self.depth // 2, self.depth})
+
+    # Parameters that __init__ checked are present: timm types them Optional.
+    @property
+    def _pos_embed(self) -> torch.Tensor:
+        """``vit.pos_embed``: [1, N (+ P unless no_embed_class), D]."""
+        pos_embed = self.vit.pos_embed
+        assert pos_embed is not None, "checked in __init__"
+        return pos_embed
+
+    @property
+    def _cls_token(self) -> torch.Tensor:
+        """``vit.cls_token``: [1, 1, D]."""
+        cls_token = self.vit.cls_token
+        assert cls_token is not None, "checked in __init__"
+        return cls_token
 
     # ------------------------------------------------------------------ checks
     def check_k(self, K: int) -> int:
@@ -371,7 +401,8 @@ class TOREViT(nn.Module):
             if lo.min() < 0 or hi[0] > gh - 1 or hi[1] > gw - 1:
                 raise ValueError(
                     f"glimpse lies outside the {gh}x{gw} patch grid: token coordinates span rows "
-                    f"{lo[0].item()}..{hi[0].item()}, cols {lo[1].item()}..{hi[1].item()}; allowed 0..{gh - 1}, 0..{gw - 1}"
+                    f"{lo[0].item()}..{hi[0].item()}, cols {lo[1].item()}..{hi[1].item()}; "
+                    f"allowed 0..{gh - 1}, 0..{gw - 1}"
                 )
 
     # ---------------------------------------------------------------- embedding
@@ -382,15 +413,16 @@ class TOREViT(nn.Module):
 
     def _patch_pos_table(self) -> torch.Tensor:
         """[N, D] the position embedding of every grid patch."""
-        pe = self.vit.pos_embed[0]
+        pe = self._pos_embed[0]
         return pe if self.vit.no_embed_class else pe[self.num_prefix :]
 
     def _prefix(self, batch: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """[batch, P, D] the prefix tokens (CLS, registers) with their position embedding where the ViT has one
         (written into ``out`` when given, in one kernel)."""
         vit = self.vit
-        prefix = vit.cls_token if vit.reg_token is None else torch.cat([vit.cls_token, vit.reg_token], dim=1)
-        pos = None if vit.no_embed_class else vit.pos_embed[:, : self.num_prefix]
+        cls = self._cls_token
+        prefix = cls if vit.reg_token is None else torch.cat([cls, vit.reg_token], dim=1)
+        pos = None if vit.no_embed_class else self._pos_embed[:, : self.num_prefix]
         if out is None:
             return (prefix if pos is None else prefix + pos).expand(batch, -1, -1)
         if pos is None:
@@ -412,16 +444,16 @@ class TOREViT(nn.Module):
         dtype = pe.proj.weight.dtype
         if self._patch_as_linear:
             # The stride-p, p x p convolution as one matrix product over unfolded patches: the same arithmetic,
-            # but a glimpse's few patches made cuDNN's convolution the slowest kernel of a K=12 step (82 us at
-            # batch 256, H100; a GEMM of this size takes a few). Normalising, casting and unfolding are one
-            # multiply-add written straight into the unfolded layout (six kernels before, each a fixed cost per step).
+            # but on a glimpse's few patches cuDNN's convolution pays a large fixed cost per call, far more than
+            # a GEMM of this size. Normalising, casting and unfolding are one multiply-add written straight into
+            # the unfolded layout, one kernel where separate passes would each add their own fixed cost.
             b, c, h, w = pixels.shape
             p, gh, gw = self.patch, h // self.patch, w // self.patch
             unfolded = pixels.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # [B, gh, gw, C, p, p] view
             x = torch.empty(unfolded.shape, dtype=dtype, device=pixels.device)
             if self._pixel_affine_scalars is not None:
                 sc = self._pixel_affine_scalars
-                torch.add(sc["shift"], unfolded, alpha=sc["uint8" if pixels.dtype == torch.uint8 else "float"], out=x)
+                torch.add(sc.shift, unfolded, alpha=sc.scale_u8 if pixels.dtype == torch.uint8 else sc.scale_f, out=x)
             else:
                 scale = self._pixel_scale_u8 if pixels.dtype == torch.uint8 else self._pixel_scale_f
                 torch.addcmul(self._pixel_shift, unfolded, scale, out=x)
@@ -444,8 +476,12 @@ class TOREViT(nn.Module):
 
     # --------------------------------------------------------- iterator / aggregator
     def iterate(self, x: torch.Tensor, K: int) -> torch.Tensor:
-        """blocks[:K] on [B, P + G, D] (each row one glimpse, alone)."""
-        return run_blocks(self.vit.blocks[:K], x)
+        """blocks[:K] on [B, P + G, D] (each row one glimpse, alone); returns [B, P + G, D]."""
+        return run_blocks(self._blocks(0, K), x)
+
+    def _blocks(self, start: int, stop: int | None = None) -> nn.Sequential:
+        """``vit.blocks[start:stop]``: a slice of a Sequential is a Sequential (torch's stub says Module)."""
+        return cast(nn.Sequential, self.vit.blocks[start:stop])
 
     def empty_prefix(self, K: int) -> torch.Tensor:
         """[1, P, D]: the iterator's prefix output with no glimpse (AME's 'empty' pass starts here)."""
@@ -467,7 +503,7 @@ class TOREViT(nn.Module):
             only the CLS token's is computed here, the rest when ``tokens`` is first read.
         """
         vit = self.vit
-        hidden = run_blocks(vit.blocks[K:], seq, valid)
+        hidden = run_blocks(self._blocks(K), seq, valid)
         tokens = None
         if vit.global_pool == "token":
             pooled = vit.norm(hidden[:, 0])
@@ -495,7 +531,8 @@ class TOREViT(nn.Module):
         K = self.check_k(K)
         if pixels.ndim != 5 or coords.ndim != 4 or pixels.shape[:2] != coords.shape[:2]:
             raise ValueError(
-                f"expected pixels [B, T, C, s, s] and coords [B, T, G, 2], got {tuple(pixels.shape)} and {tuple(coords.shape)}"
+                "expected pixels [B, T, C, s, s] and coords [B, T, G, 2], "
+                f"got {tuple(pixels.shape)} and {tuple(coords.shape)}"
             )
         b, t = pixels.shape[:2]
         x = self.iterate(self.embed_glimpses(pixels.flatten(0, 1), coords.flatten(0, 1)), K)
@@ -510,11 +547,27 @@ class TOREViT(nn.Module):
 
     # ------------------------------------------------------------ sequential, cached
     def init_cache(
-        self, batch: int, capacity: int, K: int, tokens_per_glimpse: int, *, device=None, dtype=None
+        self,
+        batch: int,
+        capacity: int,
+        K: int,
+        tokens_per_glimpse: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> TokenCache:
-        """Allocate an empty cache for ``batch`` rows of at most ``capacity`` glimpses of G tokens each."""
+        """Allocate an empty cache for ``batch`` rows of at most ``capacity`` glimpses of G tokens each.
+
+        Args:
+            batch, capacity, K, tokens_per_glimpse: B, glimpses per row, the split point and G.
+            device, dtype: of the token buffer; default the model's (its position embedding's).
+
+        Returns:
+            A :class:`TokenCache` with ``buf`` [B, P + capacity * G, D] and ``coords`` [B, capacity * G, 2],
+            every row reset to the empty pass.
+        """
         K = self.check_k(K)
-        ref = self.vit.pos_embed
+        ref = self._pos_embed
         buf = torch.zeros(
             batch,
             self.num_prefix + capacity * tokens_per_glimpse,
@@ -556,11 +609,15 @@ class TOREViT(nn.Module):
             cache: from :meth:`init_cache`; updated in place.
             pixels: [B, C, s, s] this step's glimpses.
             coords: [B, G, 2] their token coordinates.
+
+        Returns:
+            The aggregator's output over every row's cached tokens (see :meth:`aggregate_cache`).
         """
         g2, p = cache.tokens_per_glimpse, self.num_prefix
         if coords.shape[1] != g2 or pixels.shape[0] != cache.batch_size:
             raise ValueError(
-                f"this cache holds {cache.batch_size} rows of {g2}-token glimpses, got pixels {tuple(pixels.shape)}, coords {tuple(coords.shape)}"
+                f"this cache holds {cache.batch_size} rows of {g2}-token glimpses, "
+                f"got pixels {tuple(pixels.shape)}, coords {tuple(coords.shape)}"
             )
         n = cache.counts
         if (n >= cache.capacity).any():
@@ -585,7 +642,12 @@ class TOREViT(nn.Module):
         return self.aggregate_cache(cache)
 
     def aggregate_cache(self, cache: TokenCache) -> AggregatorOutput:
-        """The aggregator over each row's cached tokens (rows with no glimpse give the empty pass)."""
+        """The aggregator over each row's cached tokens (rows with no glimpse give the empty pass).
+
+        Returns:
+            :meth:`aggregate` over ``[B, P + L, D]``, L = G times the most glimpses any row holds (rows with
+            fewer are masked by ``valid``).
+        """
         g2, p = cache.tokens_per_glimpse, self.num_prefix
         n = cache.counts
         length = int(n.max()) * g2
@@ -683,12 +745,15 @@ def create_tore(
         weights: a local timm-format weights file (.safetensors/.pth) to load instead of the hub.
         timm_kwargs: more ``timm.create_model`` arguments (embed_dim, depth, num_heads, reg_tokens, ...).
     """
-    tore_kwargs = dict(
-        decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth, mean=mean, std=std
-    )
+
+    def wrap(vit: nn.Module) -> TOREViT:
+        return TOREViT(
+            vit, mean=mean, std=std, decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth
+        )
+
     if isinstance(model, nn.Module):
-        return TOREViT(model, **tore_kwargs)
-    kwargs = {
+        return wrap(model)
+    kwargs: dict[str, Any] = {
         k: v
         for k, v in dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes).items()
         if v is not None
@@ -705,7 +770,7 @@ def create_tore(
         if "Unknown model" in str(err):
             raise ValueError(f"unknown timm model {model!r}: see timm.list_models('vit*')") from err
         raise
-    tore = TOREViT(vit, **tore_kwargs)
+    tore = wrap(vit)
     tore.build_args = dict(
         model=model,
         **kwargs,

@@ -1,5 +1,6 @@
 """Tests for avex._compat.ensure_timm_importable (torchvision/timm import shim)."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_idempotent():
     first = ensure_timm_importable()
     assert ensure_timm_importable() is first
     assert ensure_timm_importable() is first
-    import torchvision  # noqa: F401  (must stay importable)
+    importlib.import_module("torchvision")  # must stay importable
 
     assert _has_schema("torchvision::nms")
     if first:  # the shim defined both; a torchvision that loads natively need not have qnms (the GPU image's has not)
@@ -74,6 +75,18 @@ def test_applied_iff_needed_in_fresh_process():
     )
     applied = _run("from avex._compat import ensure_timm_importable as e; print(e()); import timm")
     assert applied == str(native_ok == "no")
+
+
+def test_importing_the_module_applies_the_shim():
+    # avex/__init__.py imports avex._compat first and relies on this: no call needed before `import timm`.
+    out = _run(
+        f"""
+        {LOAD_SHIM}
+        import timm
+        print(c._LIB is not None or c._has_schema("torchvision::nms"))
+        """
+    )
+    assert out == "True"
 
 
 def test_noop_when_schema_already_defined():
