@@ -1,4 +1,4 @@
-"""Tests for avex.data: Fashion-MNIST IDX loading, canvas composition, image folders.
+"""Tests for avex.data: Fashion-MNIST IDX loading, canvas composition, image folders, random batches.
 
 No network and no real data: tiny IDX files and images are written into tmp_path.
 """
@@ -25,6 +25,8 @@ from avex.data import (
     install_fashion_mnist,
     load_fashion_mnist,
 )
+from avex.data import fashion_mnist as fmnist_files
+from avex.data import install as installer
 
 N_ITEMS = 6
 
@@ -60,7 +62,7 @@ def no_data_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point every search location at empty temp folders."""
     monkeypatch.delenv("AVEX_FASHION_MNIST", raising=False)
     monkeypatch.setenv("AVEX_DATA_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setattr(fmnist_files, "_SYSTEM_DIR", tmp_path / "system")
 
 
 # -- Fashion-MNIST files -------------------------------------------------------
@@ -148,12 +150,12 @@ def test_install_is_noop_when_present(fmnist, no_data_anywhere, monkeypatch):
     def no_subprocess(*args, **kwargs):
         raise AssertionError("must not call apt-get when the data is present")
 
-    monkeypatch.setattr(data.subprocess, "run", no_subprocess)
+    monkeypatch.setattr(installer.subprocess, "run", no_subprocess)
     assert install_fashion_mnist(quiet=True) == root
 
 
 def test_install_without_apt_get(no_data_anywhere, monkeypatch, tmp_path):
-    monkeypatch.setattr(data.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(installer.shutil, "which", lambda tool: None)
     with pytest.raises(RuntimeError, match="apt-get") as info:
         install_fashion_mnist(tmp_path / "dest", quiet=True)
     assert "AVEX_FASHION_MNIST" in str(info.value)
@@ -166,8 +168,8 @@ def test_install_apt_failure_says_update(no_data_anywhere, monkeypatch, tmp_path
         stdout = ""
         stderr = "E: Unable to locate package dataset-fashion-mnist"
 
-    monkeypatch.setattr(data.shutil, "which", lambda tool: "/usr/bin/" + tool)
-    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr(installer.shutil, "which", lambda tool: "/usr/bin/" + tool)
+    monkeypatch.setattr(installer.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(RuntimeError, match="apt-get update") as info:
         install_fashion_mnist(tmp_path / "dest", quiet=True)
     assert "Unable to locate package" in str(info.value)
@@ -186,9 +188,9 @@ def test_install_refreshes_empty_package_lists_once_as_root(no_data_anywhere, mo
         calls.append(cmd[:2])
         return Result(100 if cmd[:2] == ["apt-get", "download"] and ["apt-get", "update"] not in calls else 0)
 
-    monkeypatch.setattr(data.shutil, "which", lambda tool: "/usr/bin/" + tool)
-    monkeypatch.setattr(data.subprocess, "run", fake_run)
-    monkeypatch.setattr(data.os, "geteuid", lambda: 0 if root_user else 1000)
+    monkeypatch.setattr(installer.shutil, "which", lambda tool: "/usr/bin/" + tool)
+    monkeypatch.setattr(installer.subprocess, "run", fake_run)
+    monkeypatch.setattr(installer.os, "geteuid", lambda: 0 if root_user else 1000)
     with pytest.raises(RuntimeError):  # the fake download writes no .deb, or (non-root) the first failure stands
         install_fashion_mnist(tmp_path / "dest", quiet=True)
     want = (
@@ -354,7 +356,39 @@ def test_random_batch_clutter_adds_ink(fmnist):
     assert (ink <= 56 * 56 + 4 * 16 * 16).all()
 
 
-# -- Image folders -------------------------------------------------------------
+def test_random_batch_draws_are_pinned(fmnist):
+    """The full draw is today's, bit for bit (values recorded from the pre-package avex/data.py)."""
+    src = FashionMNISTCanvas(root=fmnist[0])
+    canvases, labels = src.random_batch(12, torch.Generator().manual_seed(0))
+    assert labels.tolist() == [2, 3, 5, 0, 1, 3, 1, 1, 1, 3, 5, 2]
+    assert canvases.long().sum(dim=(1, 2, 3)).tolist() == [
+        505081, 498386, 454719, 481311, 473116, 510186, 481241, 511492, 530113, 477287, 521907, 531446
+    ]  # fmt: skip
+
+
+def _assert_parts_match_full_draw(src: CanvasSource, batch: int, parts: list[slice]) -> None:
+    """Rows ``part`` of a global draw equal those rows of the full draw; the generator advances alike."""
+    full_gen = torch.Generator().manual_seed(11)
+    full, full_labels = src.random_batch(batch, full_gen)
+    after_full = torch.rand(4, generator=full_gen)
+    assert full.shape[0] == full_labels.shape[0] == batch
+    for part in parts:
+        gen = torch.Generator().manual_seed(11)
+        canvases, labels = src.random_batch(batch, gen, part=part)
+        assert canvases.shape == full[part].shape and canvases.dtype == torch.uint8
+        assert torch.equal(canvases, full[part]) and torch.equal(labels, full_labels[part])
+        assert torch.equal(torch.rand(4, generator=gen), after_full)  # every rank's generator stays in step
+
+
+def test_random_batch_part_is_a_slice_of_the_full_draw(fmnist):
+    src = FashionMNISTCanvas(root=fmnist[0], n_clutter=4)
+    _assert_parts_match_full_draw(src, 12, [slice(0, 4), slice(4, 12), slice(3, 7), slice(None, None, 2)])
+
+
+def test_random_batch_part_must_be_a_slice(fmnist, image_root):
+    for src in (FashionMNISTCanvas(root=fmnist[0]), ImageFolderCanvas(image_root, image_size=8)):
+        with pytest.raises(TypeError, match="slice"):
+            src.random_batch(4, torch.Generator().manual_seed(0), part=[0, 1])  # type: ignore[arg-type]
 
 
 def _png(path: Path, size: tuple[int, int], color: tuple[int, int, int]) -> None:
@@ -459,7 +493,68 @@ def test_explicit_classes_order(tmp_path):
     assert src.targets.tolist() == [1]
 
 
-# -- ImageNet ----------------------------------------------------------------------
+def test_image_folder_random_batch_parts(image_root):
+    """The base class's random_batch: one global draw, each part decodes only its rows."""
+    src = ImageFolderCanvas(image_root, image_size=16)
+    _assert_parts_match_full_draw(src, 10, [slice(0, 3), slice(3, 10), slice(5, 6)])
+    canvases, labels = src.random_batch(10, torch.Generator().manual_seed(0))
+    assert canvases.shape == (10, 16, 16, 3) and labels.dtype == torch.int64
+    # Labels belong to the drawn images: dog (label 1) is blue, cat (label 0) is red.
+    assert torch.equal(labels == 1, canvases[:, 0, 0, 2] == 255)
+    other, _ = src.random_batch(10, torch.Generator().manual_seed(1))
+    assert not torch.equal(other, canvases)
+
+
+def test_image_folder_random_batch_redraws_unreadable_images_alike(image_root):
+    """A row that hits an unreadable file redraws with its own drawn seed: the same in every part."""
+    (image_root / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    src = ImageFolderCanvas(image_root, image_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _assert_parts_match_full_draw(src, 16, [slice(0, 5), slice(5, 16), slice(9, 12)])
+    assert src.skipped > 0 and src.bad_files == {image_root / "dog" / "broken.jpg"}
+
+
+class _CountingSource(CanvasSource):
+    """A minimal source: canvas i is filled with i; records how many rows each sample() call loads."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.device, self.loaded = n, torch.device("cpu"), []
+
+    num_classes = property(lambda self: self.n)
+    class_names = property(lambda self: [str(i) for i in range(self.n)])
+    canvas_shape = property(lambda self: (2, 2, 1))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def to(self, device):
+        return self
+
+    def sample(self, rngs, indices=None):
+        used = np.array(
+            [int(r.integers(self.n)) if i is None else i for r, i in zip(rngs, indices or [None] * len(rngs))]
+        )
+        self.loaded.append(len(rngs))
+        canvases = torch.from_numpy(used.astype(np.uint8))[:, None, None, None].expand(-1, 2, 2, 1)
+        return canvases, torch.from_numpy(used), used
+
+
+def test_default_random_batch_loads_only_its_part():
+    src = _CountingSource(50)
+    full, labels = src.random_batch(8, torch.Generator().manual_seed(0))
+    assert src.loaded == [8] and torch.equal(full[:, 0, 0, 0].long(), labels)
+    mine, _ = src.random_batch(8, torch.Generator().manual_seed(0), part=slice(2, 5))
+    assert src.loaded == [8, 3] and torch.equal(mine, full[2:5])
+
+
+def test_canvas_source_is_abstract():
+    class Incomplete(CanvasSource):
+        def __len__(self) -> int:
+            return 0
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()  # type: ignore[abstract]
 
 
 def test_imagenet_needs_root(monkeypatch):

@@ -1,0 +1,274 @@
+"""Canvases from a folder of images, one sub-folder per class (``AVE-ImageFolder-v0``).
+
+Each canvas is one whole image, resized so its shorter side covers the canvas and center cropped.
+This module also registers the ``"folder"`` data set, next to the source its spec builds.
+
+Shapes: ``B`` batch rows, ``N`` images, ``H, W, C`` canvas height/width/channels. Canvases are
+``uint8 [B, H, W, C]`` and labels ``int64 [B]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from avex.data.registry import DatasetSpec, canvas_hw, register_dataset
+from avex.data.source import CanvasSource, _check_indices
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderCanvas"]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"})
+_LAYOUT_HELP = "expected layout: <root>/<class name>/<image files> ({exts})".format(
+    exts=" ".join(sorted(IMAGE_EXTENSIONS))
+)
+_MAX_TRIES = 100  # consecutive unreadable draws per row before giving up
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), in a deterministic order."""
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if _is_image(f))
+    return out
+
+
+def _load_image(path: Path, size: tuple[int, int], mode: str) -> np.ndarray:
+    """Decode, resize the shorter side to cover ``size`` = (H, W), center crop -> uint8 [H, W, C]."""
+    H, W = size
+    with Image.open(path) as img:
+        factor = max(H / img.height, W / img.width)
+        # JPEG only: decode at a reduced scale that still covers the target (much faster).
+        img.draft(mode, (math.ceil(img.width * factor), math.ceil(img.height * factor)))
+        img = img.convert(mode)
+        factor = max(H / img.height, W / img.width)
+        new_w = max(W, round(img.width * factor))
+        new_h = max(H, round(img.height * factor))
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        left, top = (new_w - W) // 2, (new_h - H) // 2
+        img = img.crop((left, top, left + W, top + H))
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr.reshape(H, W, -1)
+
+
+def _class_folders(folder: Path, classes: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(class sub-folders of ``folder``, sorted; the ordered class list: ``classes`` or those sub-folders).
+
+    Raises:
+        ValueError: no class folders, duplicate ``classes``, or a folder not in ``classes``.
+    """
+    subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not subdirs:
+        loose = sum(_is_image(e.name) for e in os.scandir(folder) if e.is_file())
+        hint = f" (found {loose} images directly in it: move them into one folder per class)" if loose else ""
+        raise ValueError(f"no class folders in {folder}{hint}; {_LAYOUT_HELP}")
+    ordered = list(subdirs if classes is None else classes)
+    if len(set(ordered)) != len(ordered):
+        raise ValueError("classes contains duplicate names")
+    known = set(ordered)
+    if unknown := [d for d in subdirs if d not in known]:
+        raise ValueError(
+            f"class folder(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} in {folder} "
+            f"are not in the given class list ({len(ordered)} classes)"
+        )
+    return subdirs, ordered
+
+
+class ImageFolderCanvas(CanvasSource):
+    """Canvases from image files in ``root/<class>/...`` (``root/<split>/<class>/...`` with ``split``).
+
+    Each canvas is one whole image: resized so its shorter side covers the
+    canvas, then center cropped.  Labels follow the sorted class folder names,
+    or the order of ``classes`` when given (folders may then be a subset).
+
+    Unreadable images do not stop an episode: each is warned about once, recorded
+    in :attr:`bad_files`, counted in :attr:`skipped` (once per draw that hit an
+    unreadable file), and the row draws another index with its own rng.
+
+    Args:
+        root: dataset folder.
+        image_size: canvas ``(H, W)``, or one int for a square.
+        split: optional sub-folder of ``root`` (``"train"``, ``"val"``...).
+        classes: explicit ordered list of class folder names; label = position in it.
+        class_names: human-readable names, one per class (default: folder names).
+        in_chans: 3 (RGB) or 1 (grayscale).
+        device: where canvases are returned.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        ValueError: no class folders, no images, or a folder not in ``classes``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int | tuple[int, int] = (224, 224),
+        split: str | None = None,
+        classes: Sequence[str] | None = None,
+        class_names: Sequence[str] | None = None,
+        in_chans: int = 3,
+        device: str | torch.device = "cpu",
+        cache_images: bool = False,
+    ) -> None:
+        # Decoded images kept in host memory (uint8 [H, W, C] each): JPEG decoding, not the model,
+        # bounds a fast GPU env on a small folder; off by default (ImageNet-train would not fit).
+        self._cache: dict[int, np.ndarray] | None = {} if cache_images else None
+        folder = Path(root).expanduser()
+        if split is not None:
+            folder = folder / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder {folder} does not exist; {_LAYOUT_HELP}")
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        self.image_size = canvas_hw(image_size)
+        subdirs, self.classes = _class_folders(folder, classes)
+        if class_names is None:
+            class_names = self.classes
+        if len(class_names) != len(self.classes):
+            raise ValueError(f"{len(class_names)} class_names for {len(self.classes)} classes")
+        label_of = {name: i for i, name in enumerate(self.classes)}
+        files: list[Path] = []
+        targets: list[int] = []
+        for d in subdirs:
+            found = _list_images(folder / d)
+            files += found
+            targets += [label_of[d]] * len(found)
+        if not files:
+            raise ValueError(f"no image files in the class folders of {folder}; {_LAYOUT_HELP}")
+
+        self.root = folder
+        self.files = files
+        self.targets = np.asarray(targets, dtype=np.int64)  # [N]
+        self._class_names = list(class_names)
+        self.in_chans = in_chans
+        self.device = torch.device(device)
+        self.skipped = 0
+        self.bad_files: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageFolderCanvas(root={str(self.root)!r}, images={len(self)}, classes={self.num_classes}, "
+            f"canvas_shape={self.canvas_shape}, device={self.device})"
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._class_names)
+
+    @property
+    def canvas_shape(self) -> tuple[int, int, int]:
+        return (*self.image_size, self.in_chans)
+
+    def to(self, device: str | torch.device) -> ImageFolderCanvas:
+        """Return canvases on ``device`` from now on; returns self."""
+        self.device = torch.device(device)
+        return self
+
+    def load(self, index: int) -> np.ndarray:
+        """Image ``index`` as uint8 ``[H, W, C]``; raises whatever PIL raises on a bad file."""
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        image = _load_image(self.files[index], self.image_size, "RGB" if self.in_chans == 3 else "L")
+        if self._cache is not None:
+            self._cache[index] = image
+        return image
+
+    def _load_row(self, rng: np.random.Generator, index: int | None) -> tuple[np.ndarray, int]:
+        for _ in range(_MAX_TRIES):
+            if index is None:
+                index = int(rng.integers(0, len(self)))
+            elif not 0 <= index < len(self):
+                raise IndexError(f"index {index} out of range for {len(self)} images")
+            path = self.files[index]
+            if path not in self.bad_files:
+                try:
+                    return self.load(index), index
+                except Exception as e:  # PIL plugins raise many types on bad input
+                    self.bad_files.add(path)
+                    warnings.warn(f"skipping unreadable image {path}: {e}", RuntimeWarning, stacklevel=2)
+            self.skipped += 1
+            if len(self.bad_files) == len(self):
+                break
+            index = None  # redraw with this row's rng
+        raise RuntimeError(
+            f"could not read an image from {self.root}: {len(self.bad_files)} of {len(self)} files are "
+            f"unreadable (e.g. {next(iter(self.bad_files))}); check the dataset"
+        )
+
+    def sample(
+        self, rngs: Sequence[np.random.Generator], indices: Sequence[int | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """One image per row (index drawn with ``rngs[i]`` unless given).
+
+        Returns:
+            canvases uint8 ``[B, H, W, C]``, labels int64 ``[B]`` (on device), indices int64 ``[B]``.
+        """
+        rows = [self._load_row(rng, i) for rng, i in zip(rngs, _check_indices(rngs, indices))]
+        used = np.array([i for _, i in rows], dtype=np.int64)
+        canvases = torch.from_numpy(np.stack([img for img, _ in rows])).to(self.device)
+        labels = torch.from_numpy(self.targets[used]).to(self.device)
+        return canvases, labels, used
+
+
+def _build(
+    *,
+    split: str | None,
+    root: str | Path | None,
+    image_size: tuple[int, int],
+    device: str | torch.device,
+    cache_images: bool,
+    in_chans: int,
+    classes: Sequence[str] | None,
+    class_names: Sequence[str] | None,
+) -> ImageFolderCanvas:
+    """The ``"folder"`` spec's builder (see :meth:`DatasetSpec.make_source`)."""
+    if root is None:  # make_source checks this first (needs_root); this guards a direct call
+        raise ValueError(f"dataset 'folder' needs root=; {_LAYOUT_HELP}")
+    return ImageFolderCanvas(
+        root,
+        image_size,
+        split=split,
+        classes=classes,
+        class_names=class_names,
+        in_chans=in_chans,
+        device=device,
+        cache_images=cache_images,
+    )
+
+
+register_dataset(
+    DatasetSpec(
+        name="folder",
+        build=_build,
+        env_id="AVE-ImageFolder-v0",
+        image_size=224,
+        patch=16,
+        env_split=None,  # the root holds the class folders
+        model="vit_small_patch16_224",
+        pretrained=True,
+        train_model=dict(in_chans=3),
+        lr=1e-4,
+        options=dict(in_chans=3, classes=None, class_names=None),
+        needs_root=True,
+        aliases=("imagefolder",),
+        description="a folder of class sub-folders of images",
+    )
+)
