@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-import torch.nn as nn
 from gymnasium import spaces
 
 from agents.base import GlimpseAgent, register_agent
 from avex.checkpoint import resolve_file
+
+if TYPE_CHECKING:  # stable-baselines3 is imported only when a policy is built
+    from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+    from stable_baselines3.common.policies import BasePolicy
 
 __all__ = ["BELIEF_KEYS", "DEFAULT_POLICY", "FORMAT", "PPOAgent", "belief_space"]
 
@@ -28,8 +31,10 @@ FORMAT = "avex-ppo/1"
 DEFAULT_POLICY = "shipped:fashion-mnist"
 
 
-def belief_space(space: spaces.Dict) -> spaces.Dict:
-    """The observation space restricted to :data:`BELIEF_KEYS`."""
+def belief_space(space: spaces.Space) -> spaces.Dict:
+    """The observation space restricted to :data:`BELIEF_KEYS`. Raises ValueError unless a Dict holding them."""
+    if not isinstance(space, spaces.Dict):
+        raise ValueError(f"PPO needs a Dict observation space with {BELIEF_KEYS}, got {space}")
     missing = [k for k in BELIEF_KEYS if k not in space.spaces]
     if missing:
         raise ValueError(f"the env's observation lacks {missing}: PPO needs {BELIEF_KEYS}")
@@ -40,7 +45,7 @@ def belief_space(space: spaces.Dict) -> spaces.Dict:
 class PPOAgent(GlimpseAgent):
     """A trained PPO policy acting deterministically (mode of its action distribution)."""
 
-    def __init__(self, policy: nn.Module, continuous: bool, meta: dict[str, Any] | None = None) -> None:
+    def __init__(self, policy: BasePolicy, continuous: bool, meta: dict[str, Any] | None = None) -> None:
         self.policy = policy.eval()
         self.continuous = continuous
         self.meta = meta or {}
@@ -92,5 +97,7 @@ class PPOAgent(GlimpseAgent):
         if self.continuous:
             actions, _ = self.policy.predict(belief, deterministic=True)
             return np.clip(actions, 0.0, 1.0).astype(np.float32)
-        actions, _ = self.policy.predict(belief, deterministic=True, action_masks=np.asarray(action_mask, dtype=bool))
+        # A discrete policy is sb3-contrib's maskable one (agents.sb3_policy.build_policy).
+        maskable = cast("MaskableActorCriticPolicy", self.policy)
+        actions, _ = maskable.predict(belief, deterministic=True, action_masks=np.asarray(action_mask, dtype=bool))
         return np.asarray(actions, dtype=np.int64)

@@ -10,20 +10,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
-import torch.nn as nn
 from gymnasium import spaces
+from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.policies import BasePolicy
 
 from agents.base import GlimpseAgent
 from agents.evaluate import play_episodes
 from agents.ppo import PPOAgent
 from agents.sb3_policy import POLICY_KWARGS, BeliefKeys, save_policy
 from envs.sb3 import SB3VecEnv
+
+if TYPE_CHECKING:  # sb3-contrib is imported only for discrete actions
+    from sb3_contrib import MaskablePPO
 
 __all__ = ["ProgressCallback", "evaluate_policy_accuracy", "train_ppo"]
 
@@ -34,7 +38,7 @@ class ProgressCallback(BaseCallback):
     def __init__(
         self,
         total: int,
-        eval_fn: Callable[[nn.Module], float] | None = None,
+        eval_fn: Callable[[BasePolicy], float] | None = None,
         eval_every: int = 0,
         time_limit: float | None = None,
     ) -> None:
@@ -109,11 +113,14 @@ def train_ppo(
     venv = BeliefKeys(SB3VecEnv(gym.make_vec(env_id, num_envs=num_envs, **env_kwargs)))
     venv.seed(seed)
     continuous = isinstance(venv.action_space, spaces.Box)
+    algo: type[PPO] | type[MaskablePPO]
     if continuous:
-        from stable_baselines3 import PPO as Algo
+        algo = PPO
     else:
-        from sb3_contrib import MaskablePPO as Algo
-    model = Algo(
+        import sb3_contrib
+
+        algo = sb3_contrib.MaskablePPO
+    model = algo(
         "MultiInputPolicy",
         venv,
         n_steps=n_steps,
@@ -132,7 +139,7 @@ def train_ppo(
 
     eval_kwargs = dict(env_kwargs, split="test")
 
-    def evaluate(policy: nn.Module) -> float:
+    def evaluate(policy: BasePolicy) -> float:
         acc = evaluate_policy_accuracy(
             PPOAgent(policy, continuous),
             env_id,

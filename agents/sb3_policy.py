@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 from gymnasium import spaces
 from safetensors.torch import save_model
+from stable_baselines3.common.policies import BasePolicy, MultiInputActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
-from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
 from agents.ppo import BELIEF_KEYS, FORMAT, belief_space
+
+if TYPE_CHECKING:  # sb3-contrib is imported only for discrete actions
+    from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
 
 __all__ = ["POLICY_KWARGS", "BeliefExtractor", "BeliefKeys", "build_policy", "save_policy"]
 
@@ -33,7 +37,9 @@ class BeliefKeys(VecEnvWrapper):
     def __init__(self, venv: VecEnv) -> None:
         super().__init__(venv, observation_space=belief_space(venv.observation_space))
 
-    def _filter(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _filter(self, obs: VecEnvObs) -> dict[str, np.ndarray]:
+        if not isinstance(obs, dict):
+            raise TypeError(f"BeliefKeys needs Dict observations, got {type(obs).__name__}")
         return {k: obs[k] for k in BELIEF_KEYS}
 
     def reset(self) -> dict[str, np.ndarray]:
@@ -50,15 +56,22 @@ class BeliefKeys(VecEnvWrapper):
         return np.stack(self.venv.env_method("action_masks"))
 
 
+def _shape(space: spaces.Dict, key: str) -> tuple[int, ...]:
+    shape = space[key].shape
+    if shape is None:
+        raise ValueError(f"observation {key!r} needs a fixed shape, got {space[key]}")
+    return shape
+
+
 class BeliefExtractor(BaseFeaturesExtractor):
     """Features from the belief: a small CNN over [unseen entropy, visited] maps and an MLP over
     [probabilities, normalised CLS embedding, step]. Output [B, features_dim]."""
 
     def __init__(self, observation_space: spaces.Dict, features_dim: int = 256) -> None:
         super().__init__(observation_space, features_dim)
-        gh, gw = observation_space["entropy"].shape
-        n_vec = sum(int(np.prod(observation_space[k].shape)) for k in ("probs", "cls", "step"))
-        self.cls_norm = nn.LayerNorm(observation_space["cls"].shape[0])
+        gh, gw = _shape(observation_space, "entropy")
+        n_vec = sum(int(np.prod(_shape(observation_space, k))) for k in ("probs", "cls", "step"))
+        self.cls_norm = nn.LayerNorm(_shape(observation_space, "cls")[0])
         self.maps = nn.Sequential(
             nn.Conv2d(2, 32, 3, padding=1),
             nn.ReLU(),
@@ -86,25 +99,24 @@ class BeliefExtractor(BaseFeaturesExtractor):
         return self.out(torch.cat([maps, self.vec(vec)], dim=1))
 
 
-POLICY_KWARGS = dict(
+POLICY_KWARGS: dict[str, Any] = dict(
     features_extractor_class=BeliefExtractor,
     features_extractor_kwargs=dict(features_dim=256),
     net_arch=dict(pi=[256], vf=[256]),
 )
 
 
-def _policy_class(continuous: bool) -> type[nn.Module]:
+def _policy_class(
+    continuous: bool,
+) -> type[MultiInputActorCriticPolicy] | type[MaskableMultiInputActorCriticPolicy]:
     if continuous:
-        from stable_baselines3.common.policies import MultiInputActorCriticPolicy
-
         return MultiInputActorCriticPolicy
     from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
 
     return MaskableMultiInputActorCriticPolicy
 
 
-
-def build_policy(observation_space: spaces.Dict, action_space: spaces.Space) -> nn.Module:
+def build_policy(observation_space: spaces.Dict, action_space: spaces.Space) -> BasePolicy:
     """A fresh (untrained) policy for an env's spaces: maskable for discrete actions, plain for (y, x, z)."""
     continuous = isinstance(action_space, spaces.Box)
     return _policy_class(continuous)(belief_space(observation_space), action_space, lambda _: 0.0, **POLICY_KWARGS)
@@ -117,5 +129,3 @@ def save_policy(policy: nn.Module, path: str | Path, meta: dict[str, Any]) -> Pa
     save_model(policy, str(weights))  # handles the feature extractor shared by actor and critic
     weights.with_suffix(".json").write_text(json.dumps(dict(format=FORMAT, **meta), indent=2, default=str))
     return weights
-
-

@@ -100,7 +100,8 @@ def save_tore(model: TOREViT, path: str | Path, meta: dict[str, Any] | None = No
     """
     if model.build_args is None:
         raise ValueError(
-            "only models built with avex.model.create_tore(name, ...) can be saved: the config records how to rebuild them"
+            "only models built with avex.model.create_tore(name, ...) can be saved: "
+            "the config records how to rebuild them"
         )
     weights, config = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
@@ -217,18 +218,20 @@ def shared_model(
     )
     with _LOCK:
         if key not in _SHARED:
-            path = resolve_file(checkpoint) if is_shipped(checkpoint) else checkpoint
-            if is_avex_checkpoint(path):
+            path = resolve_file(checkpoint) if checkpoint is not None and is_shipped(checkpoint) else checkpoint
+            if path is not None and is_avex_checkpoint(path):
                 tore = load_tore(path, device, expect)
             else:
+                weights = None if path is None else str(path)
                 try:
-                    tore = create_tore(model, pretrained=pretrained, weights=path, **build).to(device)
+                    tore = create_tore(model, pretrained=pretrained, weights=weights, **build).to(device)
                 except (OSError, RuntimeError) as err:  # hub unreachable / not cached, unreadable file
                     if path is None and not pretrained:
                         raise
                     raise RuntimeError(
                         f"could not load weights for {model!r} ({'file ' + str(path) if path else 'timm hub'}): {err}. "
-                        f"Offline, pass checkpoint=<local timm or avex .safetensors file>, or pretrained=False for random weights"
+                        "Offline, pass checkpoint=<local timm or avex .safetensors file>, "
+                        "or pretrained=False for random weights"
                     ) from err
             _SHARED[key] = tore.to(dtype=DTYPES[dtype]).eval().requires_grad_(False)
         return _SHARED[key]

@@ -42,14 +42,16 @@ class AVEEnv(EngineViews, gym.Env):
 
     A ``Dict`` with fixed shapes:
 
-    | Key       | Space                                      | Meaning                                                      |
-    |-----------|--------------------------------------------|--------------------------------------------------------------|
-    | `canvas`  | `Box(0, 255, (H, W, C), uint8)`            | revealed pixels; unseen pixels are 0                          |
-    | `visited` | `Box(0, 1, (gh, gw), uint8)`               | patches revealed so far (centre inside a glimpse)             |
-    | `step`    | `Box(0, budget, (1,), int64)`              | glimpses taken                                                |
-    | `probs`   | `Box(0, 1, (classes,), float32)`           | the classifier's class probabilities after the last glimpse   |
-    | `cls`     | `Box(-inf, inf, (D,), float32)`            | the aggregator's pooled CLS features                          |
-    | `entropy` | `Box(0, inf, (gh, gw), float32)`           | AME attention-entropy map from the decoder (raw: seen patches are not zeroed); zeros if `entropy=False` |
+    | Key       | Space                            | Meaning                                                     |
+    |-----------|----------------------------------|-------------------------------------------------------------|
+    | `canvas`  | `Box(0, 255, (H, W, C), uint8)`  | revealed pixels; unseen pixels are 0                        |
+    | `visited` | `Box(0, 1, (gh, gw), uint8)`     | patches revealed so far (centre inside a glimpse)           |
+    | `step`    | `Box(0, budget, (1,), int64)`    | glimpses taken                                              |
+    | `probs`   | `Box(0, 1, (classes,), float32)` | the classifier's class probabilities after the last glimpse |
+    | `cls`     | `Box(-inf, inf, (D,), float32)`  | the aggregator's pooled CLS features                        |
+    | `entropy` | `Box(0, inf, (gh, gw), float32)` | AME attention-entropy map from the decoder                  |
+
+    The entropy map is raw (seen patches are not zeroed), and all zeros if `entropy=False`.
 
     ## Rewards
 
@@ -87,29 +89,29 @@ class AVEEnv(EngineViews, gym.Env):
 
     ```
 
-    | Parameter       | Type          | Default                  | Description |
-    |-----------------|---------------|--------------------------|-------------|
-    | `dataset`       | **str**       | `"fashion-mnist"`        | `"fashion-mnist"`, `"imagenet"` or `"folder"` |
-    | `split`         | **str**       | per dataset              | `"train"` (Fashion-MNIST), `"val"` (ImageNet), none (folder) |
-    | `root`          | **str**       | `None`                   | data folder (ImageNet: or `$AVEX_IMAGENET`; folder: required) |
-    | `image_size`    | **int**       | 112 / 224                | canvas side |
-    | `clutter`       | **int**       | 4                        | clutter fragments per Fashion-MNIST canvas |
-    | `model`         | **str**       | `"vit_tiny_patch16_224"` | timm ViT name |
-    | `checkpoint`    | **str**       | `None`                   | avex checkpoint, `"shipped:fashion-mnist"`, or a timm weights file |
-    | `pretrained`    | **bool**      | `False`                  | timm hub weights (local cache when offline) |
-    | `model_kwargs`  | **dict**      | `None`                   | extra `timm.create_model` args (depth, embed_dim, ...) |
-    | `device`        | **str**       | `"cpu"`                  | `"cpu"` or `"cuda"` |
-    | `patch`         | **int**       | the model's              | ViT patch side in pixels |
-    | `glimpse`       | **int**       | 2                        | glimpse side in patches |
-    | `positions`     | **str**       | `"overlapping"`          | `"overlapping"` (stride 1) or `"grid"` (stride = glimpse) |
-    | `budget`        | **int**       | 12                       | glimpses per episode |
-    | `K`             | **int**       | `depth // 2`             | TORE split, 0..depth (depth: cheapest) |
-    | `action_mode`   | **str**       | `"discrete"`             | `"discrete"` or `"continuous"` |
-    | `max_ratio`     | **float**     | 1.0                      | largest continuous glimpse, fraction of the short side |
-    | `allow_repeats` | **bool**      | `False`                  | allow a discrete position twice |
-    | `reward`        | **str**       | `"dense"`                | `"dense"` or `"sparse"` |
-    | `entropy`       | **bool**      | `True`                   | run the decoder for the entropy map |
-    | `render_mode`   | **str**       | `None`                   | `"rgb_array"` |
+    Arguments, each with its type and default:
+
+    - `dataset` (**str**, default `"fashion-mnist"`): `"fashion-mnist"`, `"imagenet"` or `"folder"`
+    - `split` (**str**, default per dataset): `"train"` (Fashion-MNIST), `"val"` (ImageNet), none (folder)
+    - `root` (**str**, default `None`): data folder (ImageNet: or `$AVEX_IMAGENET`; folder: required)
+    - `image_size` (**int**, default 112 / 224): canvas side
+    - `clutter` (**int**, default 4): clutter fragments per Fashion-MNIST canvas
+    - `model` (**str**, default `"vit_tiny_patch16_224"`): timm ViT name
+    - `checkpoint` (**str**, default `None`): avex checkpoint, `"shipped:fashion-mnist"`, or a timm weights file
+    - `pretrained` (**bool**, default `False`): timm hub weights (local cache when offline)
+    - `model_kwargs` (**dict**, default `None`): extra `timm.create_model` args (depth, embed_dim, ...)
+    - `device` (**str**, default `"cpu"`): `"cpu"` or `"cuda"`
+    - `patch` (**int**, default the model's): ViT patch side in pixels
+    - `glimpse` (**int**, default 2): glimpse side in patches
+    - `positions` (**str**, default `"overlapping"`): `"overlapping"` (stride 1) or `"grid"` (stride = glimpse)
+    - `budget` (**int**, default 12): glimpses per episode
+    - `K` (**int**, default `depth // 2`): TORE split, 0..depth (depth: cheapest)
+    - `action_mode` (**str**, default `"discrete"`): `"discrete"` or `"continuous"`
+    - `max_ratio` (**float**, default 1.0): largest continuous glimpse, fraction of the short side
+    - `allow_repeats` (**bool**, default `False`): allow a discrete position twice
+    - `reward` (**str**, default `"dense"`): `"dense"` or `"sparse"`
+    - `entropy` (**bool**, default `True`): run the decoder for the entropy map
+    - `render_mode` (**str**, default `None`): `"rgb_array"`
 
     Bad values raise ``ValueError`` at construction, naming the allowed ones. The model is shared by all
     environments of a process (never copied); pickling an env keeps its exact episode state but not the

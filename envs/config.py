@@ -180,7 +180,7 @@ def _dataset_names(value: Any) -> list[str]:
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
 
 
 def _check_device(device: str) -> None:

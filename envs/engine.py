@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from gymnasium import spaces
 
 from avex.flops import ViTDims, step_flops
 from avex.geometry import GlimpseGeometry
-from avex.model import TOREViT
+from avex.model import AggregatorOutput, TOREViT
 from envs.config import EnvConfig, check_int, env_model
 from envs.rewards import REWARDS, Belief
 
@@ -35,6 +35,13 @@ def row_info(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         v = value[i]
         out[key] = v.item() if np.ndim(v) == 0 else v.copy()
     return out
+
+
+def _visited(geometry: GlimpseGeometry, boxes: torch.Tensor) -> torch.Tensor:
+    """``geometry.visited_patches`` of a batch of torch boxes: bool [B, gh, gw] on their device."""
+    visited = geometry.visited_patches(boxes)
+    assert isinstance(visited, torch.Tensor), "visited_patches returns torch for torch boxes"
+    return visited
 
 
 class AVEEngine:
@@ -103,9 +110,7 @@ class AVEEngine:
             self._empty_logits = out.logits.float()
             self._empty_probs = self._empty_logits.softmax(-1)
             self._empty_cls = out.features.float()
-            self._empty_entropy = (
-                m.decode(out, recon=False)[1] if cfg.entropy else torch.zeros(1, *m.grid, device=self.device)
-            )
+            self._empty_entropy = self._entropy_map(out) if cfg.entropy else torch.zeros(1, *m.grid, device=self.device)
             self._empty_pred = int(self._empty_logits.argmax(-1).item())
 
     def _observation_space(self) -> spaces.Dict:
@@ -128,7 +133,14 @@ class AVEEngine:
         if dec is None:
             return 0.0
         keys = 1 + self.config.budget * self.geometry.tokens_per_glimpse + self.geometry.num_patches
-        return float(dec.blocks[-1].heads * math.log2(keys))
+        heads = cast(int, dec.blocks[-1].heads)  # a plain int attribute; nn.Module types it Tensor | Module
+        return float(heads * math.log2(keys))
+
+    def _entropy_map(self, out: AggregatorOutput) -> torch.Tensor:
+        """The decoder's AME entropy map, float [B, gh, gw] (the env never reads the reconstruction)."""
+        _, entropy = self.model.decode(out, recon=False)
+        assert entropy is not None, "decode(entropy=True) returns the entropy map"
+        return entropy
 
     def _alloc(self) -> None:
         """Per-row state: tensors on the model's device, bookkeeping on the host."""
@@ -234,7 +246,8 @@ class AVEEngine:
         over = np.flatnonzero(self.steps >= self.config.budget)
         if over.size:
             raise ValueError(
-                f"the episode is over (budget of {self.config.budget} glimpses spent){self._rows_text(over)}: call reset()"
+                f"the episode is over (budget of {self.config.budget} glimpses spent){self._rows_text(over)}: "
+                "call reset()"
             )
         a = np.asarray(actions)
         if self.config.action_mode == "discrete":
@@ -247,14 +260,16 @@ class AVEEngine:
                 if repeats.size:
                     b = int(repeats[0])
                     raise ValueError(
-                        f"action {int(a[b])} repeats a glimpse position already taken this episode{self._rows_text(repeats)}; "
+                        f"action {int(a[b])} repeats a glimpse position already taken this episode"
+                        f"{self._rows_text(repeats)}; "
                         f"allowed actions are those where action_masks() is True (info['action_mask'] == 1), "
                         f"or pass allow_repeats=True"
                     )
             return a
         if a.shape != (B, 3) or a.dtype.kind not in "fiu":
             raise ValueError(
-                f"expected {B} continuous action(s) (y, x, z) as floats of shape ({B}, 3), got {a.dtype} shape {a.shape}: {actions!r}"
+                f"expected {B} continuous action(s) (y, x, z) as floats of shape ({B}, 3), "
+                f"got {a.dtype} shape {a.shape}: {actions!r}"
             )
         if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
             raise ValueError(f"continuous actions (y, x, z) must lie in [0, 1], got {a.tolist()}")
@@ -291,13 +306,13 @@ class AVEEngine:
             coords = geo.continuous_coords(boxes)
             boxes_np = boxes.cpu().numpy()
         out = m.step(self.cache, pixels, coords)
-        self.seen |= self._pixels.visited_patches(boxes)
-        self.visited |= geo.visited_patches(boxes)
+        self.seen |= _visited(self._pixels, boxes)
+        self.visited |= _visited(geo, boxes)
         logits = out.logits.float()
         self.probs = logits.softmax(-1)
         self.cls = out.features.float()
         if cfg.entropy:
-            self.entropy = m.decode(out, recon=False)[1]  # the env reads only the entropy map
+            self.entropy = self._entropy_map(out)
         pred = logits.argmax(-1)
         terminated = self.steps >= cfg.budget
         final = torch.from_numpy(terminated).to(dev)

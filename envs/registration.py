@@ -40,7 +40,12 @@ def env_kwargs(spec: DatasetSpec) -> dict[str, Any]:
 
 def env_ids() -> dict[str, str]:
     """Registered data set name -> its Gymnasium id (data sets without one are left out)."""
-    return {name: DATASETS.get(name).env_id for name in DATASETS.names() if DATASETS.get(name).env_id}
+    ids: dict[str, str] = {}
+    for name in DATASETS.names():
+        env_id = DATASETS.get(name).env_id
+        if env_id:
+            ids[name] = env_id
+    return ids
 
 
 def _register(name: str, spec: DatasetSpec) -> None:

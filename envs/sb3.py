@@ -42,10 +42,11 @@ class SB3VecEnv(VecEnv):
     """stable-baselines3 adapter of :class:`envs.vector.AVEVectorEnv` (numpy observations).
 
     Args:
-        venv: the vector environment (``torch_obs=False``).
+        venv: the vector environment, an :class:`AVEVectorEnv` with ``torch_obs=False`` (anything else
+            raises ValueError).
     """
 
-    def __init__(self, venv: AVEVectorEnv) -> None:
+    def __init__(self, venv: gym.vector.VectorEnv) -> None:
         if not isinstance(venv, AVEVectorEnv):
             raise ValueError(
                 f"SB3VecEnv wraps an envs.vector.AVEVectorEnv, got {type(venv).__name__}: "
@@ -110,7 +111,8 @@ class SB3VecEnv(VecEnv):
         """Set an attribute of the vector env; only for all envs at once (they share one engine)."""
         if list(self._get_indices(indices)) != list(range(self.num_envs)):
             raise ValueError(
-                f"the {self.num_envs} envs share one engine: set_attr({attr_name!r}) applies to all of them (indices=None)"
+                f"the {self.num_envs} envs share one engine: "
+                f"set_attr({attr_name!r}) applies to all of them (indices=None)"
             )
         setattr(self.venv, attr_name, value)
 

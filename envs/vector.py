@@ -123,12 +123,22 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
     def _seeds(self, seed: int | Sequence[int | None] | None) -> list[int | None]:
         if seed is None:
             return [None] * self.num_envs
-        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        wrong = f"seed must be None, an int or a list of {self.num_envs} seeds, got {seed!r}"
+        if isinstance(seed, bool):
+            raise ValueError(wrong)
+        if isinstance(seed, (int, np.integer)):
             return [int(seed) + i for i in range(self.num_envs)]
         seeds = list(seed)
         if len(seeds) != self.num_envs:
-            raise ValueError(f"seed must be None, an int or a list of {self.num_envs} seeds, got {seed!r}")
+            raise ValueError(wrong)
         return seeds
+
+    def _rng(self, i: int | np.integer) -> np.random.Generator:
+        """Env ``i``'s generator; it exists from the env's first reset (step() refuses envs never reset)."""
+        rng = self._rngs[i]
+        if rng is None:
+            raise RuntimeError(f"env {i} has no generator yet: call reset() first")
+        return rng
 
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
@@ -147,7 +157,7 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         for i in rows:
             if seeds[i] is not None or self._rngs[i] is None:
                 self._rngs[i], _ = seeding.np_random(seeds[i])
-        self.engine.reset_rows(rows, [self._rngs[i] for i in rows], indices)
+        self.engine.reset_rows(rows, [self._rng(i) for i in rows], indices)
         return self._observe(), _masked_infos(self.engine.infos(rows), rows, self.num_envs)
 
     # ------------------------------------------------------------------- step
@@ -161,10 +171,11 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
             (steps >= self.max_episode_steps) & ~terminated if self.max_episode_steps else np.zeros_like(terminated)
         )
         obs = self._observe()
-        infos = _masked_infos(self.engine.infos(), np.arange(self.num_envs), self.num_envs)
+        infos: dict[str, Any] = _masked_infos(self.engine.infos(), np.arange(self.num_envs), self.num_envs)
         done = np.flatnonzero(terminated | truncated)
         if done.size:
-            if self.torch_obs:  # batched tensors (rows in _final_obs): a per-env dict costs ~1 s at 16k envs
+            final_obs: dict[str, Any] | np.ndarray
+            if self.torch_obs:  # batched tensors (rows in _final_obs): a per-env dict is slow at many thousand envs
                 final_obs = dict(obs)  # obs entries are replaced (not written into) below
             else:  # gymnasium's convention: an object array of per-env observations (numpy views: cheap)
                 final_obs = np.full(self.num_envs, None, dtype=object)
@@ -175,7 +186,7 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
             infos["final_obs"], infos["_final_obs"] = final_obs, mask
             infos["final_info"] = _masked_infos(self.engine.infos(done), done, self.num_envs)
             infos["_final_info"] = mask.copy()
-            self.engine.reset_rows(done, [self._rngs[i] for i in done])
+            self.engine.reset_rows(done, [self._rng(i) for i in done])
             fresh = self._observe(done)
             for k in obs:
                 if self.torch_obs:

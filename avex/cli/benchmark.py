@@ -14,9 +14,13 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from envs.ave_env import AVEEnv
+    from envs.vector import AVEVectorEnv
 
 __all__ = ["add_arguments", "main_from_args", "run_benchmark", "wilson"]
 
@@ -72,7 +76,7 @@ def _play(
         ms_per_step=stats.ms_per_step,
         agent_ms_per_step=stats.agent_ms_per_step,
         num_envs=n,
-        budget=venv.unwrapped.budget,
+        budget=cast("AVEVectorEnv", venv.unwrapped).budget,
     )
 
 
@@ -86,7 +90,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from avex.platform_info import device_name
 
     env_kwargs = json.loads(args.env_kwargs)
-    probe = gym.make(args.env, split=args.split, device=args.device, **env_kwargs).unwrapped
+    probe = cast("AVEEnv", gym.make(args.env, split=args.split, device=args.device, **env_kwargs).unwrapped)
     depth, budget, g2 = probe.model.depth, probe.budget, probe.geometry.tokens_per_glimpse
     dims = ViTDims.of(probe.model)
     ks = args.K if args.K is not None else probe.model.report_ks
@@ -160,11 +164,13 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"- command: `{meta['command']}`",
         f"- device: {meta['device']}",
         f"- date: {meta['date']}",
-        f"- {meta['episodes']} episodes per row; accuracy with 95% Wilson intervals; FLOPs = 2 x multiply-accumulates, "
-        f"analytic (avex.flops), per episode incl. the empty pass and the decoder; full recomputation = K=0.",
+        f"- {meta['episodes']} episodes per row; accuracy with 95% Wilson intervals; "
+        "FLOPs = 2 x multiply-accumulates, analytic (avex.flops), per episode incl. the empty pass and the decoder; "
+        "full recomputation = K=0.",
         f"- total time: {meta['seconds']} s",
         "",
-        f"- time: one batched step of {results[0]['num_envs']} envs (env) and one batched agent decision (agent), in ms.",
+        f"- time: one batched step of {results[0]['num_envs']} envs (env) "
+        "and one batched agent decision (agent), in ms.",
         "",
         "| agent | K | "
         + " | ".join(f"acc@{t}" for t in marks)

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+    import numpy as np
+
+    from envs.ave_env import AVEEnv
 
 __all__ = ["add_arguments", "main_from_args"]
 
@@ -19,6 +26,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gif", default="results/demo.gif")
 
 
+def _render(env: gym.Env) -> np.ndarray:
+    """``env.render()`` of an env made with ``render_mode="rgb_array"``: one uint8 [H', W', 3] frame."""
+    import numpy as np
+
+    frame = env.render()
+    if not isinstance(frame, np.ndarray):
+        raise TypeError(f"render() returned {type(frame).__name__}, not an RGB frame: is render_mode='rgb_array'?")
+    return frame
+
+
 def main_from_args(args: argparse.Namespace) -> int:
     import gymnasium as gym
 
@@ -29,19 +46,21 @@ def main_from_args(args: argparse.Namespace) -> int:
     env = gym.make(args.env, split=args.split, render_mode="rgb_array", **json.loads(args.env_kwargs))
     agent = make_agent(args.agent, env, seed=args.seed)
     obs, info = env.reset(seed=args.seed)
-    names = env.unwrapped.class_names
-    frames = [env.render()]
+    ave = cast("AVEEnv", env.unwrapped)
+    names = ave.class_names
+    frames = [_render(env)]
     print(f"{args.env}: true class {names[info['label']]!r}; agent {args.agent}")
     done, t = False, 0
     while not done:
-        action = agent.act_single(obs, env.unwrapped.action_masks())
+        action = agent.act_single(obs, ave.action_masks())
         obs, reward, terminated, truncated, info = env.step(action)
         t += 1
         done = terminated or truncated
-        frames.append(env.render())
+        frames.append(_render(env))
         print(
             f"glimpse {t:2d} at {info['glimpse_box'].tolist()}: predicts {names[info['prediction']]!r} "
-            f"({'right' if info['correct'] else 'wrong'}), reward {reward:+.3f}, {info['cumulative_flops'] / 1e6:.1f} MFLOPs so far"
+            f"({'right' if info['correct'] else 'wrong'}), reward {reward:+.3f}, "
+            f"{info['cumulative_flops'] / 1e6:.1f} MFLOPs so far"
         )
     save_gif(frames, args.gif, fps=env.metadata.get("render_fps", 2))
     print(f"episode written to {args.gif}")

@@ -62,7 +62,8 @@ def main_from_args(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
     )
     print(
-        f"final greedy accuracy on the test split ({summary['eval_episodes']} episodes): {summary['final_test_accuracy']:.4f}; "
+        f"final greedy accuracy on the test split ({summary['eval_episodes']} episodes): "
+        f"{summary['final_test_accuracy']:.4f}; "
         f"trained in {summary['train_seconds']} s; policy written to {args.out}.safetensors"
     )
     return 0
