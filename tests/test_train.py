@@ -26,7 +26,7 @@ from avex.model import create_tore
 from avex.train import (
     TOREObjective,
     TrainConfig,
-    build_model,
+    build_classifier,
     cut_glimpses,
     draw_k_and_t,
     init_sincos_pos_embed,
@@ -247,7 +247,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(single_run: dict, fmni
     one = load_file(single_run["checkpoint"])
     two = load_file(str(out) + ".safetensors")
     torch.manual_seed(5)  # the run's seed: the same initial weights as both runs
-    start = build_model(resolve_config(TrainConfig(img_size=48, **TINY)), 10)
+    start = build_classifier(resolve_config(TrainConfig(img_size=48, **TINY)), 10)
     init_sincos_pos_embed(start)
     init = start.state_dict()
     assert one.keys() == two.keys()
@@ -323,13 +323,13 @@ def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(
     single_run: dict, fmnist_root: Path, tmp_path: Path
 ) -> None:
     path = single_run["checkpoint"]
-    same = build_model(resolve_config(TrainConfig(img_size=48, **TINY)), 10)
+    same = build_classifier(resolve_config(TrainConfig(img_size=48, **TINY)), 10)
     meta = start_from_checkpoint(same, path)
     assert meta["train_args"]["seed"] == 5 and meta["steps"] == RUN_STEPS
     saved = load_file(path)
     for k, v in same.state_dict().items():
         assert torch.equal(v, saved[k].to(v.dtype)), k
-    other = build_model(resolve_config(TrainConfig(img_size=64, **TINY)), 10)
+    other = build_classifier(resolve_config(TrainConfig(img_size=64, **TINY)), 10)
     with pytest.raises(ValueError, match="img_size"):
         start_from_checkpoint(other, path)
     # A continued run records where it started.

@@ -1,0 +1,87 @@
+"""Train a TORE classifier: ``avex train classifier`` (one process, or one per GPU under ``torchrun``).
+
+One set of weights has to serve every split point K and every number of glimpses, so every batch
+follows TORE's training policy (see ``tore-method.md``): one K and one glimpse count T per batch, T
+random non-overlapping glimpses per image, all through the iterator at once; loss = cross-entropy +
+0.1 x MSE of the decoder's reconstruction on the patches no glimpse revealed.
+
+One idea per module:
+
+* :mod:`~avex.train.config` — :class:`TrainConfig`, which is also the command line; dataset defaults.
+* :mod:`~avex.train.policy` — the draws of a step: K, T, the glimpses.
+* :mod:`~avex.train.objective` — the loss and one optimisation step.
+* :mod:`~avex.train.data` — everything the trainer reads, behind :func:`load_train_data`.
+* :mod:`~avex.train.build` — the classifier, its starting weights, AdamW and the LR schedule.
+* :mod:`~avex.train.evaluate` — accuracy per K x glimpse count, as a table.
+* :mod:`~avex.train.runtime` — processes (``torchrun``), device, autocast.
+* :mod:`~avex.train.loop` — :func:`train_classifier`, the run top to bottom, and the entry points.
+
+Usage::
+
+    avex train classifier --dataset fashion-mnist --epochs 140 --batch-size 1024 --lr 2e-3 --label-smoothing 0.1 \\
+        --eval-every 20 --out avex/checkpoints/fashion_mnist_tore
+    torchrun --standalone --nproc_per_node=8 -m avex.train --dataset imagenet --data-root /data/imagenet ...
+    python -m avex.train --steps 200 --batch-size 64 --log-json runs/cpu.jsonl   # a quick benchmark
+
+Shapes: B batch (per rank), Bg global batch, T glimpses, g glimpse side in patches, G = g*g tokens per
+glimpse, s = g*patch pixels, N = gh*gw grid patches, C channels.
+"""
+
+from avex.train.build import (
+    build_classifier,
+    init_sincos_pos_embed,
+    lr_factor,
+    make_optimizer,
+    param_groups,
+    prepare_classifier,
+    start_from_checkpoint,
+)
+from avex.train.config import DATASET_DEFAULTS, TrainConfig, add_arguments, config_from_args, resolve_config
+from avex.train.data import TrainData, eval_batches, fashion_eval_set, fashion_mnist_canvases, load_train_data
+from avex.train.evaluate import EVAL_GLIMPSES, eval_columns, eval_markdown, evaluate_classifier
+from avex.train.loop import main, main_from_args, train_classifier
+from avex.train.objective import TOREObjective, masked_recon_mse, train_step
+from avex.train.policy import cut_glimpses, draw_k_and_t, n_tiles, sample_glimpses, step_rngs
+
+__all__ = [
+    "DATASET_DEFAULTS",
+    "EVAL_GLIMPSES",
+    "TOREObjective",
+    "TrainConfig",
+    "TrainData",
+    "add_arguments",
+    "build_classifier",
+    "config_from_args",
+    "cut_glimpses",
+    "draw_k_and_t",
+    "eval_batches",
+    "eval_columns",
+    "eval_markdown",
+    "evaluate_classifier",
+    "fashion_eval_set",
+    "fashion_mnist_canvases",
+    "init_sincos_pos_embed",
+    "load_train_data",
+    "lr_factor",
+    "main",
+    "main_from_args",
+    "make_optimizer",
+    "masked_recon_mse",
+    "n_tiles",
+    "param_groups",
+    "prepare_classifier",
+    "resolve_config",
+    "sample_glimpses",
+    "start_from_checkpoint",
+    "step_rngs",
+    "train_classifier",
+    "train_step",
+]
+
+# Old names that scripts outside this package still import (benchmarks/profile_step.py: build_model,
+# _param_groups; benchmarks/k_depth_probe.py: evaluate, _eval_batches, _fashion_eval_set).
+build_model = build_classifier
+evaluate = evaluate_classifier
+_param_groups = param_groups
+_eval_batches = eval_batches
+_fashion_eval_set = fashion_eval_set

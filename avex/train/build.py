@@ -1,0 +1,133 @@
+"""The classifier a run trains and its optimiser: build, initial weights, AdamW parameter groups, LR schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+import torch
+import torch.nn as nn
+
+from avex.checkpoint import load_state, load_tore
+from avex.model import TOREViT, create_tore
+from avex.posembed import grid_coords, sincos_2d
+from avex.train.config import TrainConfig, need
+
+__all__ = [
+    "build_classifier",
+    "init_sincos_pos_embed",
+    "lr_factor",
+    "make_optimizer",
+    "param_groups",
+    "prepare_classifier",
+    "start_from_checkpoint",
+]
+
+
+def build_classifier(cfg: TrainConfig, num_classes: int) -> TOREViT:
+    """``create_tore`` from a config through :func:`~avex.train.config.resolve_config`; weights as timm inits them."""
+    extra = {
+        k: v
+        for k, v in dict(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads).items()
+        if v is not None
+    }
+    return create_tore(
+        need(cfg.model, "model"),
+        img_size=cfg.img_size,
+        patch_size=cfg.patch,
+        in_chans=cfg.in_chans,
+        num_classes=num_classes,
+        pretrained=cfg.pretrained,
+        weights=cfg.weights,
+        mean=cfg.mean,
+        std=cfg.std,
+        **extra,
+    )
+
+
+@torch.no_grad()
+def init_sincos_pos_embed(model: TOREViT) -> None:
+    """Start the (still learned) position embedding from MAE's fixed 2-D sin-cos table, prefix slots at 0.
+
+    From scratch this gives every token its grid position from step one, which a random init has to learn.
+    """
+    pe = model.vit.pos_embed
+    if pe is None:
+        raise ValueError(f"{type(model.vit).__name__} has no learned position embedding to initialise")
+    off = 0 if model.vit.no_embed_class else model.num_prefix
+    pe[0, off:] = sincos_2d(grid_coords(model.grid, pe.device), model.embed_dim).to(pe.dtype)
+    pe[0, :off] = 0
+
+
+def start_from_checkpoint(model: TOREViT, path: str) -> dict[str, Any]:
+    """Load an avex checkpoint's weights into ``model`` (``--init``): its build must equal the run's.
+
+    Returns:
+        the checkpoint's meta (recorded as ``init_from`` in the new checkpoint).
+
+    Raises:
+        ValueError: naming the first build field that differs (another architecture, image size, classes...).
+    """
+    src = load_tore(path, expect=model.build_args)
+    load_state(model, src.state_dict(), path)
+    return dict(cast("dict[str, Any]", src.meta))  # load_tore sets it
+
+
+def prepare_classifier(
+    cfg: TrainConfig, num_classes: int, device: torch.device
+) -> tuple[TOREViT, dict[str, Any] | None]:
+    """The model of a run on ``device``, in training mode, with its starting weights.
+
+    ``--init`` loads a checkpoint; otherwise, from scratch (no pretrained or local timm weights), the
+    position embedding starts from the sin-cos table unless ``pos_init`` is 'learned'. Draws from
+    torch's global generator, so call it right after seeding it.
+
+    Returns:
+        (model, the ``--init`` checkpoint's meta or None).
+    """
+    if cfg.pos_init not in ("sincos", "learned"):
+        raise ValueError(f"--pos-init must be sincos or learned, got {cfg.pos_init!r}")
+    model = build_classifier(cfg, num_classes).to(device).train()
+    init_meta = None
+    if cfg.init:
+        init_meta = start_from_checkpoint(model, cfg.init)
+    elif cfg.pos_init == "sincos" and not (cfg.pretrained or cfg.weights):
+        init_sincos_pos_embed(model)
+    if cfg.compile:  # per module, in place: one graph serves every K and T (state_dict keys unchanged)
+        # Only the ViT's blocks: inductor's reduction heuristic (get_pw_red_splits) asserts on the decoder,
+        # compiled whole or block by block.
+        for blk in model.vit.blocks:
+            blk.compile(dynamic=True)
+    return model, init_meta
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, position embeddings and learned tokens."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.split(".")[-1] in ("pos_embed", "cls_token", "reg_token", "mask_token")
+        (no_decay if skip else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then half-cosine to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW at the peak ``cfg.lr`` (fused on CUDA) and its schedule: ``cfg.warmup`` of ``total_steps``, then cosine."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=need(cfg.lr, "lr"), betas=(0.9, 0.999), fused=device.type == "cuda"
+    )
+    warmup = max(1, round(cfg.warmup * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    return optimizer, scheduler

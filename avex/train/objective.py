@@ -1,0 +1,100 @@
+"""The training objective and one optimisation step.
+
+loss = cross-entropy of the classifier after all T glimpses at split point K
+       + recon_weight x MSE of the decoder's reconstruction on the patches no glimpse revealed.
+
+Both terms are per-rank means over images, so DDP's average of the per-rank gradients equals the
+gradient of the same loss over the global batch: N processes train the same weights as one.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from avex.geometry import GlimpseGeometry
+from avex.model import TOREViT
+from avex.train.policy import cut_glimpses
+from avex.train.runtime import autocast
+
+__all__ = ["TOREObjective", "masked_recon_mse", "train_step"]
+
+
+class TOREObjective(nn.Module):
+    """The training loss as a module (so DDP wraps one ``forward``): CE + recon_weight x masked MSE.
+
+    ``forward(canvases [B,H,W,C] uint8, labels [B], rows [B,T], cols [B,T], K)`` returns
+    ``(loss, ce, mse, logits)``; the last three detached. The MSE is first averaged over each image's
+    unobserved patches, then over images.
+    """
+
+    def __init__(
+        self, model: TOREViT, geo: GlimpseGeometry, recon_weight: float = 0.1, label_smoothing: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.geo = geo
+        self.recon_weight = recon_weight
+        self.label_smoothing = label_smoothing
+
+    def forward(
+        self, canvases: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, K: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        model = self.model
+        pixels, coords, seen = cut_glimpses(self.geo, canvases, rows, cols)
+        out = model.forward_glimpses(pixels, coords, K)
+        ce = F.cross_entropy(out.logits.float(), labels, label_smoothing=self.label_smoothing)
+        mse = ce.new_zeros(())
+        if self.recon_weight and model.decoder is not None:
+            recon, _ = model.decode(out, entropy=False)  # [B, N, p*p*C]; fused attention, no entropy map
+            mse = masked_recon_mse(model, cast(torch.Tensor, recon), canvases, seen)  # recon=True: never None
+        loss = ce + self.recon_weight * mse
+        return loss, ce.detach(), mse.detach(), out.logits.detach()
+
+
+def masked_recon_mse(model: TOREViT, recon: torch.Tensor, canvases: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """TORE's reconstruction loss: MSE in normalised pixel space on the patches no glimpse revealed.
+
+    Args:
+        recon: [B, N, p*p*C] the decoder's pixels; canvases: [B, H, W, C] uint8; seen: [B, N] bool.
+
+    Returns:
+        fp32 scalar: per image the mean over its unseen patches, then the mean over images.
+    """
+    target = model.patchify(model.normalize(canvases.permute(0, 3, 1, 2)))
+    err = (recon.float() - target).square().mean(dim=-1)  # [B, N]
+    hidden = (~seen).float()
+    return ((err * hidden).sum(dim=1) / hidden.sum(dim=1).clamp(min=1.0)).mean()
+
+
+def train_step(
+    objective: nn.Module,
+    model: TOREViT,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    K: int,
+    amp: bool = True,
+    grad_clip: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step: the objective under bf16 autocast (CUDA, ``amp``), backward, clipping, optimiser step.
+
+    Args:
+        objective: a :class:`TOREObjective`, or DDP around one (which averages the gradients across ranks).
+        model: the TOREViT inside it (its gradients are clipped to norm ``grad_clip``; 0: no clipping).
+        batch: this rank's (canvases uint8 [B, H, W, C], labels [B], rows [B, T], cols [B, T]).
+
+    Returns:
+        (loss, ce, mse, logits [B, classes]), detached, from before the step.
+    """
+    canvases, labels, rows, cols = batch
+    with autocast(canvases.device, amp):
+        loss, ce, mse, logits = objective(canvases, labels, rows, cols, K)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), ce, mse, logits

@@ -1,0 +1,105 @@
+"""TORE's training policy: which split point K, how many glimpses T and which glimpses each batch trains on.
+
+One set of weights has to serve every split point K and every number of glimpses, so each batch
+follows TORE's policy (see ``tore-method.md``):
+
+1. one K drawn uniformly from 0..depth for the whole batch;
+2. one glimpse count T for the whole batch: with probability 1/2 uniform in 1..budget, otherwise
+   uniform in budget..n_tiles (n_tiles: the non-overlapping tiles that cover the grid, so T=n_tiles
+   with shift 0 reveals every patch);
+3. per image, T random NON-overlapping g x g glimpses: a random shift (dy, dx) in {0..g-1}^2, then T
+   distinct positions of the shifted stride-g lattice that fit in the grid.
+
+Every draw of a step comes from generators seeded by (seed, step) (:func:`step_rngs`) and is made for
+the GLOBAL batch on every rank, so each rank can keep its slice and all ranks agree.
+
+Shapes: B batch, T glimpses, g glimpse side in patches, G = g*g tokens per glimpse, s = g*patch pixels,
+N grid patches, C channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+import numpy as np
+import torch
+
+from avex.geometry import GlimpseGeometry
+
+__all__ = ["cut_glimpses", "draw_k_and_t", "n_tiles", "sample_glimpses", "step_rngs"]
+
+
+def step_rngs(seed: int, step: int, device: torch.device) -> tuple[np.random.Generator, torch.Generator]:
+    """Host and device generators of one step, seeded by (seed, step): identical on every rank."""
+    host_seq, device_seq = np.random.SeedSequence([seed, step]).spawn(2)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(device_seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+    return np.random.default_rng(host_seq), gen
+
+
+def draw_k_and_t(
+    rng: np.random.Generator, depth: int, budget: int, n_tiles: int, ks: Sequence[int] | None = None
+) -> tuple[int, int]:
+    """One split point K ~ U{0..depth} (TORE's policy; or uniform over ``ks``); T ~ U{1..budget} or
+    U{budget..n_tiles} with probability 1/2 each."""
+    K = int(rng.integers(0, depth + 1)) if ks is None else int(ks[int(rng.integers(0, len(ks)))])
+    T = int(rng.integers(1, budget + 1)) if rng.random() < 0.5 else int(rng.integers(budget, n_tiles + 1))
+    return K, T
+
+
+def n_tiles(geo: GlimpseGeometry) -> int:
+    """Non-overlapping g x g tiles of the unshifted lattice (all patches when g divides the grid)."""
+    return (geo.grid[0] // geo.glimpse) * (geo.grid[1] // geo.glimpse)
+
+
+def sample_glimpses(
+    geo: GlimpseGeometry, batch: int, T: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T random non-overlapping glimpses per image, with a random lattice shift per image.
+
+    Image i draws a shift (dy, dx) in {0..g-1}^2 among the shifts whose lattice holds at least T
+    glimpses, then T distinct positions of the lattice {(dy + a*g, dx + b*g)} that fit in the grid
+    (random scores over the unshifted lattice, -inf where a position does not fit, top-T).
+
+    Returns:
+        rows, cols: int64 [batch, T] top-left patches, on the generator's device.
+    """
+    g, (gh, gw), dev = geo.glimpse, geo.grid, generator.device
+    ph, pw = gh // g, gw // g  # the largest lattice (shift 0)
+    if not 1 <= T <= ph * pw:
+        raise ValueError(f"T={T} non-overlapping {g}x{g} glimpses do not fit the {gh}x{gw} grid (at most {ph * pw})")
+    shift = torch.arange(g, device=dev)
+    fits = (((gh - shift) // g)[:, None] * ((gw - shift) // g)[None, :]).flatten() >= T  # [g*g] shifts holding T
+    score = torch.rand(batch, g * g, generator=generator, device=dev).masked_fill(~fits, -1.0)
+    s = score.argmax(dim=1)
+    dy, dx = s // g, s % g  # [B]
+    lat_r = dy[:, None] + torch.arange(ph, device=dev)[None] * g  # [B, ph]
+    lat_c = dx[:, None] + torch.arange(pw, device=dev)[None] * g  # [B, pw]
+    ok = (lat_r + g <= gh)[:, :, None] & (lat_c + g <= gw)[:, None, :]  # [B, ph, pw]
+    score = torch.rand(batch, ph * pw, generator=generator, device=dev).masked_fill(~ok.flatten(1), float("-inf"))
+    idx = score.topk(T, dim=1).indices  # [B, T]
+    return dy[:, None] + (idx // pw) * g, dx[:, None] + (idx % pw) * g
+
+
+def cut_glimpses(
+    geo: GlimpseGeometry, canvases: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixels, token coordinates and revealed patches of T glimpses per image.
+
+    Args:
+        canvases: [B, H, W, C] (uint8).
+        rows, cols: int64 [B, T] top-left patches.
+
+    Returns:
+        pixels [B, T, C, s, s], coords int64 [B, T, G, 2], seen bool [B, N] (patches some glimpse revealed).
+    """
+    b, t = rows.shape
+    r, c = rows.reshape(-1), cols.reshape(-1)
+    rep = canvases[:, None].expand(b, t, *canvases.shape[1:]).reshape(b * t, *canvases.shape[1:])
+    s, p = geo.sensor_pixels, geo.patch
+    pixels = geo.cut(rep, r, c).reshape(b, t, canvases.shape[-1], s, s)
+    coords = geo.glimpse_coords(r, c).reshape(b, t, geo.tokens_per_glimpse, 2)
+    boxes = torch.stack([r * p, c * p, r * p + s, c * p + s], dim=-1).float()
+    visited = cast(torch.Tensor, geo.visited_patches(boxes))  # a tensor for tensor boxes
+    return pixels, coords, visited.reshape(b, t, geo.num_patches).any(dim=1)
