@@ -32,11 +32,11 @@ import avex  # noqa: F401  (registers the envs)
 from agents import EntropyAgent, RandomAgent
 from agents.evaluate import play_episodes
 from avex.checkpoint import load_tore, save_tore, shipped_checkpoint
+from avex.data import get_dataset
 from avex.model import GlimpseDecoder
 from avex.train import (
     cut_glimpses,
     draw_k_and_t,
-    fashion_mnist_canvases,
     masked_recon_mse,
     n_tiles,
     sample_glimpses,
@@ -70,7 +70,7 @@ def refit_decoder(
     model.eval()
     dec.train()
     geo = model.geometry(2, stride=1)
-    source = fashion_mnist_canvases("train", device, model.img_size[0], clutter=4)
+    source = get_dataset("fashion-mnist").make_source(split="train", image_size=model.img_size, device=device)
     opt = torch.optim.AdamW(dec.parameters(), lr=lr, weight_decay=0.05)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(

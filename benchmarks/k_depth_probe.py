@@ -17,7 +17,8 @@ import time
 import torch
 
 from avex.checkpoint import load_tore, shipped_checkpoint
-from avex.train import _eval_batches, _fashion_eval_set, evaluate, fashion_mnist_canvases
+from avex.data import get_dataset
+from avex.train import eval_batches, evaluate_classifier
 
 
 def main() -> None:
@@ -36,10 +37,11 @@ def main() -> None:
     print(f"| split | clutter | {' | '.join(f'K={k}' for k in ks)} |\n|---|---|{'---|' * len(ks)}")
     for split in args.splits:
         for clutter in args.clutter:
-            source = fashion_mnist_canvases(split, dev, model.img_size[0], clutter)
-            data = _fashion_eval_set(source, args.images, dev)
+            spec = get_dataset("fashion-mnist")
+            source = spec.make_source(split=split, image_size=model.img_size, device=dev, clutter=clutter)
             t0 = time.perf_counter()
-            table = evaluate(model, _eval_batches(data, 500, dev), geo, ks, ["all"], amp=dev.type == "cuda")
+            batches = eval_batches(source, 500, dev, args.images)
+            table = evaluate_classifier(model, batches, geo, ks, ["all"], amp=dev.type == "cuda")
             accs = " | ".join(f"{table['acc'][f'K={k}']['all']:.2f}" for k in ks)
             print(
                 f"| {split} | {clutter} | {accs} |  ({table['n']} canvases, {time.perf_counter() - t0:.0f} s)",

@@ -135,11 +135,11 @@ def profile_train(args: argparse.Namespace) -> str:
     from avex.train import (
         TOREObjective,
         TrainConfig,
-        _param_groups,
-        build_model,
+        build_classifier,
         draw_k_and_t,
-        fashion_mnist_canvases,
+        load_train_data,
         n_tiles,
+        param_groups,
         resolve_config,
         sample_glimpses,
         step_rngs,
@@ -148,11 +148,11 @@ def profile_train(args: argparse.Namespace) -> str:
 
     dev = torch.device(args.device)
     cfg = resolve_config(TrainConfig(dataset="fashion-mnist", device=args.device))
-    model = build_model(cfg, 10).to(dev).train()
+    model = build_classifier(cfg, 10).to(dev).train()
     geo = model.geometry(cfg.glimpse)
     objective = TOREObjective(model, geo, cfg.recon_weight, cfg.label_smoothing)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=1e-4, fused=dev.type == "cuda")
-    source = fashion_mnist_canvases("train", dev, cfg.img_size, cfg.clutter)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, fused=dev.type == "cuda")
+    source = load_train_data(cfg, 0, 1, dev).train
     counter = iter(range(10**9))
 
     def steps() -> None:

@@ -338,15 +338,21 @@ def _build(
     device: str | torch.device,
     cache_images: bool,
     clutter: int,
-    scale: int,
-    fragment: int,
+    scale: int | None,
+    fragment: int | None,
 ) -> FashionMNISTCanvas:
-    """The ``"fashion-mnist"`` spec's builder (see :meth:`DatasetSpec.make_source`)."""
+    """The ``"fashion-mnist"`` spec's builder (see :meth:`DatasetSpec.make_source`).
+
+    ``scale`` None: ``side // 56`` (at least 1), so the 112 px default canvas shows items x2 and smaller
+    canvases still fit one; ``fragment`` None: 16 px, at most the scaled item's side.
+    """
     del cache_images  # the items are in memory already
     if split is None:
         raise ValueError(f"Fashion-MNIST needs a split, one of {sorted(FASHION_MNIST_FILES)}")
     if image_size[0] != image_size[1]:
         raise ValueError(f"Fashion-MNIST canvases are square, got image_size={image_size!r}")
+    scale = max(1, image_size[0] // 56) if scale is None else scale
+    fragment = min(16, 28 * scale) if fragment is None else fragment
     return FashionMNISTCanvas(
         split, root, canvas_size=image_size[0], scale=scale, n_clutter=clutter, fragment=fragment, device=device
     )
@@ -367,8 +373,8 @@ register_dataset(
         train_model=dict(in_chans=1, depth=6, embed_dim=192, num_heads=3, mean=(0.1,), std=(0.25,)),
         lr=1e-3,
         flip=False,
-        # As AVE-FashionMNIST-v0 draws them: items x2, four 16 px clutter fragments.
-        options=dict(clutter=4, scale=2, fragment=16),
+        # Four clutter fragments; item scale and fragment side follow the canvas side (x2 and 16 px at 112 px).
+        options=dict(clutter=4, scale=None, fragment=None),
         aliases=("fashion_mnist", "fmnist"),
         description="Fashion-MNIST items on cluttered one-channel canvases (offline: the IDX files)",
     )

@@ -110,6 +110,8 @@ class ImageFolderCanvas(CanvasSource):
         ValueError: no class folders, no images, or a folder not in ``classes``.
     """
 
+    decodes_on_host = True
+
     def __init__(
         self,
         root: str | Path,

@@ -143,7 +143,15 @@ class DatasetSpec:
 
     def train_defaults(self) -> dict[str, Any]:
         """Training defaults in :class:`avex.train.TrainConfig`'s field names (model, img_size, patch, lr, ...)."""
-        return dict(model=self.model, img_size=self.image_size, patch=self.patch, **self.train_model, lr=self.lr)
+        return dict(
+            model=self.model,
+            img_size=self.image_size,
+            patch=self.patch,
+            glimpse=self.glimpse,
+            budget=self.budget,
+            **self.train_model,
+            lr=self.lr,
+        )
 
 
 DATASETS: Registry[DatasetSpec] = Registry("data set")

@@ -30,6 +30,8 @@ class CanvasSource(abc.ABC):
     """
 
     device: torch.device
+    #: True where canvases are decoded from files on the host: training then reads them ahead on threads.
+    decodes_on_host: bool = False
 
     @property
     @abc.abstractmethod

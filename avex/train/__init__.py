@@ -36,15 +36,14 @@ from avex.train.build import (
     prepare_classifier,
     start_from_checkpoint,
 )
-from avex.train.config import DATASET_DEFAULTS, TrainConfig, add_arguments, config_from_args, resolve_config
-from avex.train.data import TrainData, eval_batches, fashion_eval_set, fashion_mnist_canvases, load_train_data
+from avex.train.config import TrainConfig, add_arguments, config_from_args, resolve_config
+from avex.train.data import TrainData, eval_batches, load_train_data
 from avex.train.evaluate import EVAL_GLIMPSES, eval_columns, eval_markdown, evaluate_classifier
 from avex.train.loop import main, main_from_args, train_classifier
 from avex.train.objective import TOREObjective, masked_recon_mse, train_step
 from avex.train.policy import cut_glimpses, draw_k_and_t, n_tiles, sample_glimpses, step_rngs
 
 __all__ = [
-    "DATASET_DEFAULTS",
     "EVAL_GLIMPSES",
     "TOREObjective",
     "TrainConfig",
@@ -58,8 +57,6 @@ __all__ = [
     "eval_columns",
     "eval_markdown",
     "evaluate_classifier",
-    "fashion_eval_set",
-    "fashion_mnist_canvases",
     "init_sincos_pos_embed",
     "load_train_data",
     "lr_factor",
@@ -77,11 +74,3 @@ __all__ = [
     "train_classifier",
     "train_step",
 ]
-
-# Old names that scripts outside this package still import (benchmarks/profile_step.py: build_model,
-# _param_groups; benchmarks/k_depth_probe.py: evaluate, _eval_batches, _fashion_eval_set).
-build_model = build_classifier
-evaluate = evaluate_classifier
-_param_groups = param_groups
-_eval_batches = eval_batches
-_fashion_eval_set = fashion_eval_set

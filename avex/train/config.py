@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from avex.data import DATASETS
+
 __all__ = [
-    "DATASET_DEFAULTS",
     "TrainConfig",
     "add_arguments",
     "cli_fields",
@@ -30,28 +31,6 @@ __all__ = [
     "need",
     "resolve_config",
 ]
-
-# Model defaults per dataset; every one can be overridden from the command line.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # The embedded default (AVE-FashionMNIST-v0): a 6-block ViT-Tiny on 112x112 canvases, 8 px patches.
-    "fashion-mnist": dict(
-        model="vit_tiny_patch16_224",
-        img_size=112,
-        patch=8,
-        in_chans=1,
-        depth=6,
-        embed_dim=192,
-        num_heads=3,
-        mean=(0.1,),
-        std=(0.25,),
-        lr=1e-3,
-    ),
-    # ImageNet-1k (timm's label order); DeiT-III-S as in TORE's ImageNet runs, fine-tuned.
-    "imagenet": dict(model="deit3_small_patch16_224", img_size=224, patch=16, in_chans=3, lr=1e-4),
-    # Any folder of class subfolders.
-    "folder": dict(model="vit_small_patch16_224", img_size=224, patch=16, in_chans=3, lr=1e-4),
-}
-_DATASET_ALIASES = {"fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist", "imagefolder": "folder"}
 
 # Argument groups of the command line, in this order.
 DATA = "data"
@@ -72,17 +51,25 @@ class TrainConfig:
     """Everything a training run depends on; one command-line flag per field (None: the dataset's default)."""
 
     # data
-    dataset: str = _opt("fashion-mnist", DATA, "fashion-mnist | imagenet | folder")
+    dataset: str = _opt(
+        "fashion-mnist", DATA, "a registered data set (avex.data.DATASETS: fashion-mnist, imagenet, folder, ...)"
+    )
     data_root: str | None = _opt(
         None,
         DATA,
         "Fashion-MNIST IDX folder, ImageNet root or image folder",
         default_text="the installed Fashion-MNIST; ImageNet: $AVEX_IMAGENET",
     )
-    train_split: str | None = _opt("train", DATA, "sub-folder of --data-root for training ('': the root itself)")
-    val_split: str | None = _opt("val", DATA, "sub-folder of --data-root for evaluation")
-    clutter: int = _opt(4, DATA, "Fashion-MNIST clutter fragments per canvas (as in AVE-FashionMNIST-v0)")
-    workers: int = _opt(4, DATA, "DataLoader workers for image folders")
+    train_split: str | None = _opt(
+        None, DATA, "split (sub-folder) to train on ('': the root itself)", default_text="the data set's: train"
+    )
+    val_split: str | None = _opt(
+        None, DATA, "split (sub-folder) to evaluate on", default_text="the data set's: Fashion-MNIST test, else val"
+    )
+    clutter: int | None = _opt(
+        None, DATA, "Fashion-MNIST clutter fragments per canvas", default_text="the data set's (Fashion-MNIST: 4)"
+    )
+    workers: int = _opt(4, DATA, "threads reading image files ahead of the training steps")
     # model
     model: str | None = _opt(None, MODEL, "timm model name")
     pretrained: bool = _opt(False, MODEL, "timm hub weights (from the local cache)")
@@ -104,8 +91,8 @@ class TrainConfig:
     pos_init: Literal["sincos", "learned"] = _opt(
         "sincos", MODEL, "position embedding init from scratch: MAE's 2-D sin-cos table or timm's random one"
     )
-    glimpse: int = _opt(2, MODEL, "glimpse side in patches")
-    budget: int = _opt(12, MODEL, "glimpses per episode")
+    glimpse: int | None = _opt(None, MODEL, "glimpse side in patches")
+    budget: int | None = _opt(None, MODEL, "glimpses per episode")
     train_k: tuple[int, ...] | None = _opt(
         None,
         MODEL,
@@ -227,9 +214,10 @@ def _default_text(f: Field[Any]) -> str:
     """The default shown in the help: the metadata's words, the per-dataset values, or the value itself."""
     if "default_text" in f.metadata:
         return str(f.metadata["default_text"]).replace("%", "%%")
-    if f.default is None and any(f.name in d for d in DATASET_DEFAULTS.values()):
+    defaults = {name: DATASETS.get(name).train_defaults() for name in DATASETS.names()}
+    if f.default is None and any(f.name in d for d in defaults.values()):
         by_value: dict[str, list[str]] = {}
-        for name, d in DATASET_DEFAULTS.items():
+        for name, d in defaults.items():
             by_value.setdefault(_show(d[f.name]) if f.name in d else "the timm model's", []).append(name)
         return "per --dataset: " + "; ".join(f"{'/'.join(names)} {value}" for value, names in by_value.items())
     return _show(f.default)
@@ -241,13 +229,16 @@ def _default_text(f: Field[Any]) -> str:
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """Fill the dataset defaults (model, sizes, lr) into a copy of ``cfg``; canonical dataset name, sorted train_k."""
-    name = _DATASET_ALIASES.get(cfg.dataset, cfg.dataset)
-    if name not in DATASET_DEFAULTS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {sorted(DATASET_DEFAULTS)}")
+    """Fill the data set's training defaults (model, sizes, lr: :meth:`avex.data.DatasetSpec.train_defaults`)
+    into a copy of ``cfg``; canonical data-set name, sorted train_k.
+
+    Raises:
+        ValueError: a data set that is not registered (the message lists the registered ones).
+    """
+    name = DATASETS.canonical(cfg.dataset)
     values = asdict(cfg)
     values["dataset"] = name
-    for key, default in DATASET_DEFAULTS[name].items():
+    for key, default in DATASETS.get(name).train_defaults().items():
         if values.get(key) is None:
             values[key] = default
     for key in ("mean", "std"):

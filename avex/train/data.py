@@ -1,244 +1,157 @@
-"""All the data a training run reads, behind :func:`load_train_data`.
+"""All the data a training run reads, from the data-set registry (:data:`avex.data.DATASETS`).
 
-The rest of the trainer sees a :class:`TrainData`: class names, the number of training images, this
-rank's part of each global batch (:meth:`TrainData.next_batch`) and the evaluation set (rank 0). Which
-data set a config names, and how it is read, is decided here only.
-
-* Fashion-MNIST: canvases composed on the device for the global batch from the step's generator.
-* Image folders and ImageNet: a DataLoader per rank over the rank's slice of global batches drawn from
-  per-epoch permutations seeded by (seed, epoch); horizontal flips drawn for the global batch.
+One path for every data set: the run's :class:`~avex.data.DatasetSpec` builds the training and the
+evaluation source, every step takes this rank's part of one global batch drawn by
+:meth:`~avex.data.CanvasSource.random_batch` from the step's seeded generator, and horizontal flips
+follow when the spec asks for them. Sources that decode files on the host (``decodes_on_host``) are
+read ahead on ``--workers`` threads, each step from its own generator, so the batches do not depend
+on the number of threads.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TypeAlias
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
 
-from avex.data import FashionMNISTCanvas, ImageFolderCanvas, imagenet_canvas
+from avex.data import CanvasSource, DatasetSpec, get_dataset
 from avex.train.config import TrainConfig, need
 from avex.train.evaluate import EVAL_SEED
 
-__all__ = [
-    "FolderImages",
-    "GlobalBatchSampler",
-    "TrainData",
-    "eval_batches",
-    "fashion_eval_set",
-    "fashion_mnist_canvases",
-    "folder_sources",
-    "load_train_data",
-]
+__all__ = ["TrainData", "eval_batches", "load_train_data"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # canvases uint8 [B, H, W, C], labels int64 [B]
-EvalData: TypeAlias = Batch | ImageFolderCanvas  # composed canvases, or an image source read per batch
-
-
-class TrainData(ABC):
-    """A run's training stream and, on rank 0, its evaluation set (None on the other ranks)."""
-
-    class_names: list[str]
-    num_train: int  # training images (an epoch)
-    batch_size: int  # the global batch
-    device: torch.device
-    eval_set: EvalData | None
-
-    @abstractmethod
-    def next_batch(self, generator: torch.Generator, part: slice) -> Batch:
-        """This rank's ``part`` of the next global batch, on the device; ``generator``: the step's device generator."""
-
-    def eval_batches(self, batch_size: int, limit: int = 0) -> Iterator[Batch]:
-        """Batches of the evaluation set on the device: its first ``limit`` images (0: all), always the same ones."""
-        if self.eval_set is None:
-            raise RuntimeError("only rank 0 holds the evaluation set")
-        return eval_batches(self.eval_set, batch_size, self.device, limit)
 
 
 def load_train_data(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> TrainData:
-    """The data of a resolved config: Fashion-MNIST canvases, or an image folder / ImageNet through a DataLoader.
+    """The data of a resolved config; only rank 0 holds an evaluation source."""
+    return TrainData(cfg, rank, world, device)
 
-    The one place that maps a data set's name to how the trainer reads it. Only rank 0 holds an evaluation set.
+
+# Config fields that are data-set options where a data set declares them (Fashion-MNIST's clutter, a
+# folder's channels); a value set for a data set that does not declare it is refused by the spec.
+_OPTION_FIELDS = ("clutter", "in_chans")
+
+
+def dataset_options(cfg: TrainConfig, spec: DatasetSpec) -> dict[str, Any]:
+    """The data set's options, with the values the config sets.
+
+    Raises:
+        ValueError: ``--clutter`` given for a data set without clutter.
     """
-    if cfg.dataset == "fashion-mnist":
-        return _FashionMNISTData(cfg, rank, device)
-    return _FolderData(cfg, rank, world, device)
+    given = {k: getattr(cfg, k) for k in _OPTION_FIELDS if k in spec.options or k == "clutter"}
+    return spec.resolve_options(given)
 
 
-class _FashionMNISTData(TrainData):
-    """Canvases composed on the device; the evaluation set: fixed test canvases, composed once."""
+class TrainData:
+    """A run's training stream (this rank's part of each global batch) and, on rank 0, its evaluation source.
 
-    def __init__(self, cfg: TrainConfig, rank: int, device: torch.device) -> None:
-        img_size = need(cfg.img_size, "img_size")
-        self.train = fashion_mnist_canvases("train", device, img_size, cfg.clutter, cfg.data_root)
-        test = fashion_mnist_canvases("test", device, img_size, cfg.clutter, cfg.data_root) if rank == 0 else None
-        if cfg.in_chans != 1:
-            raise ValueError("Fashion-MNIST canvases have one channel: use --in-chans 1")
-        self.class_names, self.num_train = self.train.class_names, len(self.train)
-        self.batch_size, self.device = cfg.batch_size, device
-        self.eval_set = None if test is None else fashion_eval_set(test, cfg.eval_size, device)
-
-    def next_batch(self, generator: torch.Generator, part: slice) -> Batch:
-        canvases, labels = self.train.random_batch(self.batch_size, generator)  # the global batch, on the device
-        return canvases[part], labels[part]
-
-
-class _FolderData(TrainData):
-    """Images read by a DataLoader per rank; the evaluation set: the validation images (else the training ones)."""
+    Attributes:
+        class_names: one per label. num_train: training images (an epoch). options: the data set's options.
+        eval_source: the evaluation split's source (rank 0), or the training one when there is none.
+    """
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
-        train, val = folder_sources(cfg, need(cfg.img_size, "img_size"), need(cfg.in_chans, "in_chans"))
-        self.class_names, self.num_train = train.class_names, len(train)
-        self.batch_size, self.device = cfg.batch_size, device
-        self.eval_set = val if rank == 0 else None
-        loader = torch.utils.data.DataLoader(
-            FolderImages(train),
-            batch_sampler=GlobalBatchSampler(len(train), cfg.batch_size, rank, world, cfg.seed),
-            num_workers=cfg.workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
+        spec = get_dataset(cfg.dataset)
+        self.spec, self.device, self.batch_size = spec, device, cfg.batch_size
+        local = cfg.batch_size // world
+        self.part = slice(rank * local, (rank + 1) * local)
+        self.options = dataset_options(cfg, spec)
+        self.train = self._train_source(cfg, _split(cfg.train_split, spec.train_split))
+        self.class_names, self.num_train = self.train.class_names, len(self.train)
+        channels = self.train.canvas_shape[2]
+        if cfg.in_chans != channels:
+            raise ValueError(f"{spec.name} canvases have {channels} channel(s): use --in-chans {channels}")
+        self.eval_source: CanvasSource | None = None
+        if rank == 0:
+            self.eval_source = self._eval_source(cfg, _split(cfg.val_split, spec.eval_split))
+        self.seed, self.workers = cfg.seed, cfg.workers
+        self._pool = ThreadPoolExecutor(cfg.workers) if cfg.workers > 0 and self.train.decodes_on_host else None
+        self._ahead: dict[int, Future[Batch]] = {}
+
+    def _source(self, cfg: TrainConfig, split: str | None, **options: Any) -> CanvasSource:
+        return self.spec.make_source(
+            split=split,
+            root=cfg.data_root,
+            image_size=need(cfg.img_size, "img_size"),
+            device=self.device,
+            **{**self.options, **options},
         )
-        self.batches = iter(loader)  # starts the workers now, before the model is built
 
-    def next_batch(self, generator: torch.Generator, part: slice) -> Batch:
-        canvases, labels = next(self.batches)
-        canvases, labels = canvases.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        flip = (torch.rand(self.batch_size, generator=generator, device=self.device) < 0.5)[part]
-        return torch.where(flip[:, None, None, None], canvases.flip(2), canvases), labels
+    def _train_source(self, cfg: TrainConfig, split: str | None) -> CanvasSource:
+        try:
+            return self._source(cfg, split)
+        except FileNotFoundError:
+            if split is None or not cfg.data_root:
+                raise
+            return self._source(cfg, None)  # no training sub-folder: the root holds the class folders
+
+    def _eval_source(self, cfg: TrainConfig, split: str | None) -> CanvasSource:
+        # A folder's labels follow its class list: the evaluation split must use the training split's.
+        same_classes = {"classes": getattr(self.train, "classes", None)} if "classes" in self.spec.options else {}
+        try:
+            return self._source(cfg, split, **same_classes)
+        except FileNotFoundError:
+            if split is None:
+                raise
+            warnings.warn(
+                f"no evaluation split {split!r} of {self.spec.name} under {cfg.data_root}: evaluating on training "
+                f"images",
+                stacklevel=2,
+            )
+            return self.train
+
+    def next_batch(self, step: int, generator: torch.Generator) -> Batch:
+        """This rank's part of global batch ``step``, on the device; then its flips, from ``generator``."""
+        if self._pool is None:
+            canvases, labels = self.train.random_batch(self.batch_size, generator, self.part)
+        else:
+            for ahead in range(step, step + 2 * self.workers):  # keep the threads busy on the next steps
+                if ahead not in self._ahead:
+                    self._ahead[ahead] = self._pool.submit(self._read, ahead)
+            canvases, labels = (t.to(self.device, non_blocking=True) for t in self._ahead.pop(step).result())
+        if self.spec.flip:  # drawn for the global batch, as every other draw of the step
+            flip = (torch.rand(self.batch_size, generator=generator, device=self.device) < 0.5)[self.part]
+            canvases = torch.where(flip[:, None, None, None], canvases.flip(2), canvases)
+        return canvases, labels
+
+    def _read(self, step: int) -> Batch:
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, step, 1]).generate_state(1)[0]))
+        return self.train.random_batch(self.batch_size, gen, self.part)
+
+    def eval_batches(self, batch_size: int, limit: int = 0) -> Iterator[Batch]:
+        """Batches of the evaluation source on the device: a fixed set of ``limit`` images (0: all)."""
+        if self.eval_source is None:
+            raise RuntimeError("only rank 0 holds the evaluation set")
+        return eval_batches(self.eval_source, batch_size, self.device, limit)
+
+    def close(self) -> None:
+        """Stop the read-ahead threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Fashion-MNIST
-# ----------------------------------------------------------------------------------------------
+def _split(given: str | None, default: str | None) -> str | None:
+    """The config's split: ``""`` means the root itself; None, the data set's."""
+    if given is None:
+        return default
+    return given or None
 
 
-def fashion_mnist_canvases(
-    split: str, device: torch.device | str, img_size: int, clutter: int, root: str | None = None
-) -> FashionMNISTCanvas:
-    """Fashion-MNIST canvases as AVE-FashionMNIST-v0 draws them, at any canvas size.
-
-    The items are scaled by ``img_size // 56`` (112 px: x2, as the env) and the clutter fragments are 16 px
-    (at most the scaled item's side).
-    """
-    scale = max(1, img_size // 56)
-    return FashionMNISTCanvas(
-        split=split,
-        device=device,
-        root=root,
-        canvas_size=img_size,
-        scale=scale,
-        n_clutter=clutter,
-        fragment=min(16, 28 * scale),
+def eval_batches(source: CanvasSource, batch_size: int, device: torch.device, limit: int = 0) -> Iterator[Batch]:
+    """(canvases uint8 [b, H, W, C], labels int64 [b]) batches on ``device``: every image of ``source`` once,
+    in order, or a fixed random subset of ``limit`` of them; the canvases' own draws (layouts, unreadable
+    files) come from one generator seeded with :data:`EVAL_SEED`, so every run sees the same canvases."""
+    n = len(source)
+    order = (
+        np.arange(n) if limit <= 0 or limit >= n else np.sort(np.random.default_rng(EVAL_SEED).permutation(n)[:limit])
     )
-
-
-def fashion_eval_set(source: FashionMNISTCanvas, size: int, device: torch.device) -> Batch:
-    """Fixed test canvases: the first ``size`` items (0: all), each once, layouts from a fixed seed.
-
-    Returns:
-        canvases uint8 [n, H, W, C], labels int64 [n], on ``device``.
-    """
-    n = len(source) if size <= 0 else min(size, len(source))
     rng = np.random.default_rng(EVAL_SEED)
-    lay = source.sample_layouts([rng] * n, list(range(n)))  # one generator, rows drawn in order
-    canvases, labels = source.compose(lay)
-    return canvases.to(device), labels.to(device)
-
-
-# ----------------------------------------------------------------------------------------------
-# Image folders and ImageNet
-# ----------------------------------------------------------------------------------------------
-
-
-class FolderImages(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
-    """Images of an ImageFolderCanvas by index: (uint8 [H, W, C], label). Unreadable files fall through to the next."""
-
-    def __init__(self, source: ImageFolderCanvas) -> None:
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        n = len(self.source)
-        for k in range(min(n, 20)):
-            i = (index + k) % n
-            try:
-                return torch.from_numpy(self.source.load(i)), int(self.source.targets[i])
-            except Exception as err:  # PIL raises many types on bad files
-                warnings.warn(f"skipping unreadable image {self.source.files[i]}: {err}", RuntimeWarning, stacklevel=2)
-        raise RuntimeError(f"20 consecutive unreadable images from index {index} in {self.source.root}")
-
-
-class GlobalBatchSampler:
-    """Endless index batches: global batches of per-epoch permutations seeded by (seed, epoch); yields this rank's part.
-
-    Every rank draws the same global batches, so together the ranks read each image once per epoch.
-    """
-
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int) -> None:
-        self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
-
-    def __iter__(self) -> Iterator[list[int]]:
-        local = self.global_batch // self.world
-        buf, epoch = np.empty(0, dtype=np.int64), 0
-        while True:
-            while len(buf) < self.global_batch:
-                buf = np.concatenate([buf, np.random.default_rng([self.seed, epoch]).permutation(self.n)])
-                epoch += 1
-            idx, buf = buf[: self.global_batch], buf[self.global_batch :]
-            yield idx[self.rank * local : (self.rank + 1) * local].tolist()
-
-
-def folder_sources(cfg: TrainConfig, img_size: int, in_chans: int) -> tuple[ImageFolderCanvas, ImageFolderCanvas]:
-    """(train, eval) sources for dataset 'folder' or 'imagenet'; the training images when there is no eval split."""
-    tr, va = cfg.train_split or None, cfg.val_split or None
-    val: ImageFolderCanvas | None
-    if cfg.dataset == "imagenet":
-        train = imagenet_canvas(cfg.data_root, split=tr, image_size=img_size)
-        root = Path(cfg.data_root or os.environ.get("AVEX_IMAGENET", "")).expanduser()
-        val = imagenet_canvas(cfg.data_root, split=va, image_size=img_size) if va and (root / va).is_dir() else None
-    else:
-        if cfg.data_root is None:
-            raise ValueError("--dataset folder needs --data-root (a folder of class sub-folders)")
-        root = Path(cfg.data_root).expanduser()
-        if tr and not (root / tr).is_dir():
-            tr = None  # no train/ sub-folder: the root holds the class folders
-        train = ImageFolderCanvas(root, image_size=img_size, split=tr, in_chans=in_chans)
-        val = (
-            ImageFolderCanvas(root, image_size=img_size, split=va, classes=train.classes, in_chans=in_chans)
-            if va and (root / va).is_dir()
-            else None
-        )
-    if val is None:
-        warnings.warn(f"no validation split {va!r} under {cfg.data_root}: evaluating on training images", stacklevel=2)
-        val = train
-    return train, val
-
-
-def eval_batches(eval_data: EvalData, batch_size: int, device: torch.device, limit: int = 0) -> Iterator[Batch]:
-    """Batches (canvases uint8 [B, H, W, C], labels [B]) on ``device`` of the first ``limit`` images (0: all).
-
-    ``eval_data`` is a composed (canvases, labels) pair, or an image source: then a fixed random subset
-    of ``limit`` images, read by a DataLoader.
-    """
-    if isinstance(eval_data, tuple):
-        canvases, labels = eval_data
-        n = len(labels) if limit <= 0 else min(limit, len(labels))
-        for i in range(0, n, batch_size):
-            yield canvases[i : min(i + batch_size, n)], labels[i : min(i + batch_size, n)]
-        return
-    n = len(eval_data) if limit <= 0 else min(limit, len(eval_data))
-    order = np.sort(np.random.default_rng(EVAL_SEED).permutation(len(eval_data))[:n])  # fixed subset
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(FolderImages(eval_data), order.tolist()),
-        batch_size=batch_size,
-        num_workers=min(4, os.cpu_count() or 1),
-    )
-    for canvases, labels in loader:
-        yield canvases.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size].tolist()
+        canvases, labels, _ = source.sample([rng] * len(rows), rows)
+        yield canvases.to(device), labels.to(device)

@@ -30,7 +30,7 @@ from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT
 from avex.platform_info import device_name, synchronize
 from avex.train.build import make_optimizer, prepare_classifier
-from avex.train.config import TrainConfig, add_arguments, config_from_args, resolve_config
+from avex.train.config import TrainConfig, add_arguments, config_from_args, need, resolve_config
 from avex.train.data import TrainData, load_train_data
 from avex.train.evaluate import eval_columns, eval_markdown, eval_summary, evaluate_classifier
 from avex.train.objective import TOREObjective, train_step
@@ -63,6 +63,11 @@ class _Run:
     @property
     def local_batch(self) -> int:
         return self.cfg.batch_size // self.world
+
+    @property
+    def budget(self) -> int:
+        """Glimpses per episode (resolved from the data set when the config leaves it None)."""
+        return need(self.cfg.budget, "budget")
 
     @property
     def part(self) -> slice:
@@ -99,10 +104,11 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
         if done % cfg.log_every == 0 or last:
             meter.end_interval(done)
         if run.main and eval_every and done % eval_every == 0 and not last:
-            meter.write(f"step {done}: " + eval_summary(_evaluate(run, cfg.eval_subset), cfg.budget))
+            meter.write(f"step {done}: " + eval_summary(_evaluate(run, cfg.eval_subset), run.budget))
         if run.main and save_every and done % save_every == 0 and not last:
             _save(run, None, time.perf_counter() - meter.t_start, done)
     train_time, img_s = meter.finish()
+    run.data.close()
     summary: dict[str, Any] = dict(
         model=model,
         steps=run.total_steps,
@@ -131,13 +137,13 @@ def _set_up(cfg: TrainConfig) -> _Run:
     torch.manual_seed(cfg.seed)
     data = load_train_data(cfg, rank, world, device)
     model, init_meta = prepare_classifier(cfg, len(data.class_names), device)
-    geo = model.geometry(cfg.glimpse, stride=1)
+    geo = model.geometry(need(cfg.glimpse, "glimpse"), stride=1)
     tiles = n_tiles(geo)
     if cfg.train_k is not None and (not cfg.train_k or not all(0 <= k <= model.depth for k in cfg.train_k)):
         raise ValueError(
             f"--train-k {list(cfg.train_k)}: every split point must be in 0..{model.depth} (the model's depth)"
         )
-    if not 1 <= cfg.budget <= tiles:
+    if not 1 <= need(cfg.budget, "budget") <= tiles:
         raise ValueError(
             f"--budget {cfg.budget} must be in 1..{tiles} "
             f"(non-overlapping {cfg.glimpse}x{cfg.glimpse} glimpses of the {geo.grid} grid)"
@@ -175,8 +181,8 @@ def _train_one_step(
     """
     cfg, part = run.cfg, run.part
     host_rng, gen = step_rngs(cfg.seed, step, run.device)
-    K, T = draw_k_and_t(host_rng, run.model.depth, cfg.budget, run.tiles, cfg.train_k)
-    canvases, labels = run.data.next_batch(gen, part)
+    K, T = draw_k_and_t(host_rng, run.model.depth, run.budget, run.tiles, cfg.train_k)
+    canvases, labels = run.data.next_batch(step, gen)
     rows, cols = sample_glimpses(run.geo, cfg.batch_size, T, gen)  # for the global batch, after its canvases
     batch = (canvases, labels, rows[part], cols[part])
     loss, ce, mse, logits = train_step(objective, run.model, optimizer, batch, K, cfg.amp, cfg.grad_clip)
@@ -254,7 +260,7 @@ def _evaluate(run: _Run, limit: int) -> dict[str, Any]:
     """The accuracy table on the first ``limit`` evaluation images (0: all) at the model's report K's."""
     cfg = run.cfg
     batches = run.data.eval_batches(cfg.eval_batch_size, limit)
-    columns = eval_columns(cfg.budget, run.geo)
+    columns = eval_columns(run.budget, run.geo)
     return evaluate_classifier(run.model, batches, run.geo, run.model.report_ks, columns, cfg.amp)
 
 
@@ -268,7 +274,7 @@ def _save(run: _Run, eval_table: dict[str, Any] | None, train_time: float, steps
         patch=cfg.patch,
         glimpse=cfg.glimpse,
         budget=cfg.budget,
-        clutter=cfg.clutter if cfg.dataset == "fashion-mnist" else None,
+        options=run.data.options,
         train_args={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         eval=eval_table,
         train_time_s=round(train_time, 1),
