@@ -7,28 +7,60 @@ A checkpoint ``name.safetensors`` has ``name.json`` beside it::
 ``load_tore`` rebuilds the model from ``build`` and loads the weights strictly. ``shared_model`` keeps one
 instance per process and argument set, so environments made repeatedly (``gym.make`` deep-copies its
 kwargs) share one model instead of loading it again.
+
+Loading rules, kept by every loader here (``tests/test_reliability.py`` and ``tests/test_fuzz.py`` check them):
+
+- Weights are read only by safetensors, from a file or from bytes; nothing is ever unpickled. Any other
+  file (``.pth``, ``.bin``, a pickle) is refused with ValueError, and so is a ``build`` (or ``model_kwargs``)
+  naming another source of weights (:data:`LOADING_ARGS`: timm would ``torch.load`` a file or go to the hub).
+- Only regular files are opened (a FIFO would block forever); a missing file is FileNotFoundError.
+- A checkpoint's config is compared with its safetensors header before anything is allocated: the block
+  counts first, then every tensor's name and shape against the model built on the meta device.
+- Loading is strict: a missing, unexpected or mis-shaped tensor, or a weight that is not floating point
+  or not finite, refuses the whole load with a ValueError listing them; there is no partial load.
+- A ``.safetensors`` file without its ``.json`` is a timm weights file, which must hold exactly the ViT
+  being built (names and shapes); one holding an avex checkpoint's tensors is refused as a checkpoint that
+  lost its config (it used to become a silently random model).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import stat
 import threading
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load, load_file, save, save_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from avex.model import TOREViT, create_tore
 
 __all__ = [
+    "LOADING_ARGS",
     "SHIPPED",
     "SHIPPED_POLICIES",
+    "check_build_args",
+    "check_file",
     "is_avex_checkpoint",
     "is_shipped",
+    "load_state",
+    "load_timm_weights",
     "load_tore",
+    "model_bytes",
+    "model_from_bytes",
     "read_config",
+    "read_header",
+    "read_json",
     "resolve_file",
     "save_tore",
     "shared_model",
@@ -41,6 +73,18 @@ SHIPPED_PREFIX = "shipped:"
 # Files shipped inside the package, by kind and name: "shipped:<name>" refers to them.
 SHIPPED = {"fashion-mnist": "fashion_mnist_tore"}
 SHIPPED_POLICIES = {"fashion-mnist": "fashion_mnist_ppo"}
+# create_tore / timm arguments that load weights from somewhere else: timm torch.loads (unpickles) a
+# .pth file or goes to the hub. Never taken from a checkpoint's config or from model arguments.
+LOADING_ARGS = frozenset(
+    {"weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
+)
+# create_tore's own arguments; the rest of a "build" goes to timm.create_model.
+_WRAP_ARGS = ("decoder_dim", "decoder_heads", "decoder_depth", "decoder_pos", "mean", "std")
+# The decoder position order of configs saved before it was recorded (see avex.model.create_tore).
+_UNRECORDED_DECODER_POS = "row_col"
+_TIMM_OVERRIDES = ("img_size", "patch_size", "in_chans", "num_classes")  # create_tore drops them when None
+_MAX_JSON_BYTES = 16 * 2**20  # a config is a few kB: a bigger file is not one
+_MAX_DEPTH = 1024  # blocks in a stack; the largest timm ViTs have 48
 
 
 def shipped_file(stem: str) -> Path:
@@ -64,17 +108,17 @@ def shipped_checkpoint(name: str) -> Path:
     return _shipped(name, SHIPPED, "checkpoint")
 
 
-def is_shipped(ref: str | Path | None) -> bool:
+def is_shipped(ref: str | os.PathLike[str] | None) -> bool:
     """Whether ``ref`` names a file shipped with avex (``"shipped:<name>"``)."""
     return isinstance(ref, str) and ref.startswith(SHIPPED_PREFIX)
 
 
-def is_avex_checkpoint(ref: str | Path | None) -> bool:
+def is_avex_checkpoint(ref: str | os.PathLike[str] | None) -> bool:
     """Whether ``ref`` is an avex checkpoint: shipped, or a ``.safetensors`` file with its ``.json`` beside."""
     return ref is not None and (is_shipped(ref) or _paths(ref)[1].exists())
 
 
-def resolve_file(ref: str | Path, policy: bool = False) -> Path:
+def resolve_file(ref: str | os.PathLike[str], policy: bool = False) -> Path:
     """The ``.safetensors`` file behind a reference: ``"shipped:<name>"`` (a classifier checkpoint, or a
     PPO policy with ``policy=True``) or a path, with or without its suffix. The file may not exist."""
     if is_shipped(ref):
@@ -83,13 +127,322 @@ def resolve_file(ref: str | Path, policy: bool = False) -> Path:
     return _paths(ref)[0]
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
-    p = Path(path)
+def _as_path(ref: Any) -> Path:
+    """``ref`` as a Path. Raises TypeError (naming the value) for anything but a str or os.PathLike."""
+    if isinstance(ref, bool) or not isinstance(ref, (str, os.PathLike)):
+        raise TypeError(
+            f"a checkpoint is a path (str or pathlib.Path) or 'shipped:<name>', got {type(ref).__name__} {_brief(ref)}"
+        )
+    return Path(ref)
+
+
+def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    p = _as_path(path)
     if p.suffix == ".json":
         p = p.with_suffix(".safetensors")
     elif p.suffix != ".safetensors":
         p = p.with_name(p.name + ".safetensors")
     return p, p.with_suffix(".json")
+
+
+def _brief(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters (error messages must not echo megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+# ------------------------------------------------------------------ files
+def check_file(path: Path, what: str) -> Path:
+    """``path`` itself if it is an existing regular file.
+
+    Raises:
+        FileNotFoundError: it does not exist.
+        ValueError: it is a folder, a FIFO or a device (reading one could block forever), or unreadable.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as err:
+        raise ValueError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {path} is not a regular file (a folder, FIFO or device): pass the file itself")
+    return path
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A small JSON file holding an object (a checkpoint's or a policy's config).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a regular file, over 16 MiB, not JSON, or not a JSON object.
+    """
+    check_file(path, what)
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise ValueError(f"{what} {path} is {path.stat().st_size} bytes: a config is a few kB, is it the right file?")
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{what} {path} is not valid JSON ({err}); re-save it") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got {type(value).__name__} {_brief(value)}")
+    return value
+
+
+def read_header(path: Path, what: str = "weights file") -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (safetensors dtype, shape) from a safetensors file's header; the data is not read.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a regular file, or not a safetensors file (a ``.pth`` or ``.bin`` is refused: avex
+            never unpickles).
+    """
+    check_file(path, what)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(
+            f"{what} {path} is not a safetensors file ({err}). avex reads weights only from safetensors files and "
+            "never unpickles: convert a trusted .pth/.bin yourself, e.g. "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')"
+        ) from err
+
+
+def check_build_args(args: Mapping[str, Any], what: str) -> None:
+    """Refuse model arguments that would load weights from elsewhere (:data:`LOADING_ARGS`).
+
+    Raises:
+        ValueError: naming the arguments.
+    """
+    bad = sorted(str(k) for k in args if k in LOADING_ARGS)
+    if bad:
+        raise ValueError(
+            f"{what} may not hold {bad}: avex reads weights only from safetensors files it opens itself "
+            "(timm would torch.load, i.e. unpickle, a file or go to the hub); pass the file as checkpoint= instead"
+        )
+
+
+# ------------------------------------------------------------------ strict loading
+def _fit_problem(own: Mapping[str, tuple[int, ...]], have: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What differs between a model's tensor shapes and a file's (None: they fit exactly)."""
+    missing = sorted(own.keys() - have.keys())
+    unexpected = sorted(have.keys() - own.keys())
+    shapes = [
+        f"{k}: checkpoint {tuple(have[k])} vs model {tuple(own[k])}"
+        for k in sorted(own.keys() & have.keys())
+        if tuple(own[k]) != tuple(have[k])
+    ]
+    if not (missing or unexpected or shapes):
+        return None
+    return (
+        f"missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all), "
+        f"shape mismatches {shapes[:5]} ({len(shapes)} in all)"
+    )
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+    """Strictly load weights: every tensor present with its shape, floating point where the model's is,
+    and finite. Nothing is loaded unless all of them are.
+
+    Raises:
+        ValueError: naming missing, unexpected and mis-shaped tensors, or those of a wrong dtype or not finite.
+    """
+    own = model.state_dict()
+    problem = _fit_problem(_shapes(model), {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        raise ValueError(f"{source} does not fit this model (another architecture?): {problem}")
+    dtypes = [
+        f"{k}: {state[k].dtype}"
+        for k in sorted(own)
+        if state[k].is_floating_point() != own[k].is_floating_point()
+        or (not own[k].is_floating_point() and state[k].dtype != own[k].dtype)
+    ]
+    if dtypes:
+        raise ValueError(f"{source} holds weights of the wrong type (floating point expected): {dtypes[:5]}")
+    nonfinite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if nonfinite:
+        raise ValueError(f"{source} holds NaN or infinite weights in {nonfinite[:5]} ({len(nonfinite)} tensors)")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def _count_blocks(keys: Mapping[str, Any], prefix: str) -> int:
+    """Number of blocks ``<prefix><i>.*`` among tensor names (largest index + 1)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = [int(m.group(1)) for k in keys if (m := pattern.match(k))]
+    return max(found) + 1 if found else 0
+
+
+def _check_depths(build: Mapping[str, Any], header: Mapping[str, Any], source: str) -> None:
+    """The config's block counts against the weights' before anything is built (a "depth": 1000000 would
+    otherwise allocate until the allocator fails)."""
+    stacks = [("depth", "vit.blocks.", build.get("depth"))]
+    if build.get("decoder_dim", 128):
+        stacks.append(("decoder_depth", "decoder.blocks.", build.get("decoder_depth", 1)))
+    for arg, prefix, want in stacks:
+        if want is None:  # timm's default for the model name: the meta build below compares it
+            continue
+        if isinstance(want, bool) or not isinstance(want, int) or not 0 <= want <= _MAX_DEPTH:
+            raise ValueError(f"{source}: build {arg}={_brief(want)} must be an integer in 0..{_MAX_DEPTH}")
+        have = _count_blocks(header, prefix)
+        if want != have:
+            raise ValueError(
+                f"{source}: the config says {arg}={want} but the weights hold {have} blocks ('{prefix}<i>.*'): "
+                "config and weights do not belong together; re-save the checkpoint"
+            )
+
+
+def _build_on_meta(build: Mapping[str, Any], source: str) -> TOREViT:
+    """``create_tore(**build)`` on the meta device: every tensor's shape, no memory."""
+    args = {k: v for k, v in build.items() if not (k in _TIMM_OVERRIDES and v is None)}
+    name = args.pop("model")
+    wrap = {k: args.pop(k) for k in _WRAP_ARGS if k in args}
+    if isinstance(args.get("img_size"), list):
+        args["img_size"] = tuple(args["img_size"])
+    try:
+        with torch.device("meta"):
+            vit = cast(VisionTransformer, timm.create_model(name, pretrained=False, **args))
+            return create_tore(vit, **wrap)
+    except Exception as err:  # timm and torch raise many types for arguments they cannot build
+        raise ValueError(
+            f"{source}: timm cannot build the model its config describes ({type(err).__name__}: {_brief(str(err))}); "
+            "re-save the checkpoint"
+        ) from err
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON config beside a checkpoint, checked: a JSON object of this format whose ``build`` is an
+    object naming the timm model and no other source of weights.
+
+    Raises:
+        FileNotFoundError: the weights or the config do not exist.
+        ValueError: the config is not an avex checkpoint config (the message says what is wrong).
+    """
+    weights, config = _paths(path)
+    check_file(weights, "checkpoint weights")
+    if not config.exists():
+        raise ValueError(
+            f"{weights} has no config {config.name} beside it: is it an avex checkpoint? "
+            "(a timm weights file is passed as checkpoint= to an environment, or to load_timm_weights)"
+        )
+    cfg = read_json(config, "checkpoint config")
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{config} has format {_brief(cfg.get('format'))}, expected {FORMAT!r}")
+    build = cfg.get("build")
+    if not isinstance(build, dict) or not isinstance(build.get("model"), str):
+        raise ValueError(
+            f"{config}: 'build' must be an object of create_tore arguments naming the timm model in 'model', "
+            f"got {_brief(build)}; re-save the checkpoint"
+        )
+    check_build_args(build, f"{config}: 'build'")
+    if not isinstance(cfg.get("meta", {}), dict):
+        raise ValueError(f"{config}: 'meta' must be an object, got {_brief(cfg.get('meta'))}")
+    return cfg
+
+
+def load_tore(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", expect: dict[str, Any] | None = None
+) -> TOREViT:
+    """Rebuild a model from a checkpoint and load its weights (strict; see the module's loading rules).
+
+    Args:
+        path: the ``.safetensors`` file (or its stem).
+        expect: build arguments the caller requires (e.g. ``{"img_size": 112, "in_chans": 1}``); a
+            checkpoint that disagrees raises ValueError naming the field, its value and the expected one.
+
+    Raises:
+        FileNotFoundError: a file is missing. ValueError: anything else wrong with the checkpoint.
+    """
+    cfg = read_config(path)
+    build = dict(cfg["build"])
+    build.setdefault("decoder_pos", _UNRECORDED_DECODER_POS)
+    for key, want in (expect or {}).items():
+        have = build.get(key)
+        if _norm(have) != _norm(want):
+            raise ValueError(f"checkpoint {path} is for another architecture: {key}={have!r}, expected {want!r}")
+    weights, config = _paths(path)
+    header = read_header(weights, "checkpoint weights")
+    _check_depths(build, header, str(config))
+    problem = _fit_problem(_shapes(_build_on_meta(build, str(config))), {k: s for k, (_, s) in header.items()})
+    if problem:
+        raise ValueError(f"checkpoint {weights} does not match its config {config.name}: {problem}")
+    model = create_tore(**build)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read checkpoint weights {weights}: {err}") from err
+    load_state(model, state, str(weights))
+    model.meta = cfg.get("meta", {})
+    return model.to(device)
+
+
+def _existing_weights(ref: str | os.PathLike[str]) -> Path:
+    """The file behind a timm weights reference: the path itself, or it with ``.safetensors`` added."""
+    given = _as_path(ref)
+    for path in (given, _paths(ref)[0]):
+        if path.exists() or path.is_symlink():
+            return path
+    raise FileNotFoundError(
+        f"checkpoint not found: {given} (an avex checkpoint is <name>.safetensors with <name>.json beside it; "
+        "a timm weights file is one .safetensors file)"
+    )
+
+
+def load_timm_weights(model: str, path: str | os.PathLike[str], **build: Any) -> TOREViT:
+    """A TORE model over the timm ViT ``model`` (built with ``build``) with a timm safetensors file's weights.
+
+    The file must hold exactly this ViT's tensors (names and shapes, as ``vit.state_dict()`` saves them);
+    nothing is resized or dropped. The glimpse decoder, which timm files lack, keeps its initialisation.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a regular safetensors file, an avex checkpoint without its JSON, or tensors that do
+            not fit the ViT (listed).
+    """
+    check_build_args(build, "model arguments")
+    file = _existing_weights(path)
+    header = read_header(file, "weights file")
+    if any(k.startswith(("vit.", "decoder.")) for k in header):
+        raise ValueError(
+            f"{file} holds an avex checkpoint's tensors but its config {file.with_suffix('.json').name} is not "
+            "beside it: copy the .json saved with it next to it (without it the file would be read as timm "
+            "weights, which fit nothing)"
+        )
+    tore = create_tore(model, **build)
+    problem = _fit_problem(_shapes(tore.vit), {k: s for k, (_, s) in header.items()})
+    if problem:
+        raise ValueError(
+            f"timm weights file {file} does not fit {model!r} as built here ({_brief(build)}): {problem}. "
+            "The file must hold exactly this ViT's tensors: save one with "
+            "safetensors.torch.save_file(vit.state_dict(), path)"
+        )
+    load_state(tore.vit, load_file(str(file)), str(file))
+    return tore
+
+
+def _norm(v: Any) -> Any:
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+# ------------------------------------------------------------------ saving, bytes
+def _build_args(model: TOREViT) -> dict[str, Any]:
+    if model.build_args is None:
+        raise ValueError(
+            "only models built with avex.model.create_tore(name, ...) can be saved: "
+            "the config records how to rebuild them"
+        )
+    return model.build_args
+
+
+def _host_state(model: nn.Module, half: bool = False) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
 
 
 def save_tore(model: TOREViT, path: str | Path, meta: dict[str, Any] | None = None, half: bool = False) -> Path:
@@ -98,88 +451,43 @@ def save_tore(model: TOREViT, path: str | Path, meta: dict[str, Any] | None = No
     Raises:
         ValueError: the model was not built by :func:`avex.model.create_tore` (nothing says how to rebuild it).
     """
-    if model.build_args is None:
-        raise ValueError(
-            "only models built with avex.model.create_tore(name, ...) can be saved: "
-            "the config records how to rebuild them"
-        )
+    build = _build_args(model)
     weights, config = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-    }
-    save_file(state, str(weights))
-    config.write_text(json.dumps(dict(format=FORMAT, build=model.build_args, meta=meta or {}), indent=2, default=list))
+    save_file(_host_state(model, half), str(weights))
+    config.write_text(json.dumps(dict(format=FORMAT, build=build, meta=meta or {}), indent=2, default=list))
     return weights
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The JSON config beside a checkpoint. Raises ValueError if it is missing or not an avex checkpoint."""
-    weights, config = _paths(path)
-    if not weights.exists():
-        raise FileNotFoundError(f"checkpoint weights not found: {weights}")
-    if not config.exists():
-        raise ValueError(
-            f"{weights} has no config {config.name} beside it: is it an avex checkpoint? "
-            f"(a timm weights file goes in create_tore(weights=...))"
-        )
-    try:
-        cfg = json.loads(config.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint config {config} is not valid JSON ({err}); re-save the checkpoint") from err
-    if cfg.get("format") != FORMAT:
-        raise ValueError(f"{config} has format {cfg.get('format')!r}, expected {FORMAT!r}")
-    return cfg
+def model_bytes(model: TOREViT) -> bytes:
+    """The model as safetensors bytes, its build arguments in the metadata (what a pickled environment
+    carries for a model its arguments cannot rebuild, such as a random one)."""
+    build = json.dumps(_build_args(model), default=list)
+    return save(_host_state(model), metadata={"format": FORMAT, "build": build})
 
 
-def load_tore(path: str | Path, device: str | torch.device = "cpu", expect: dict[str, Any] | None = None) -> TOREViT:
-    """Rebuild a model from a checkpoint and load its weights (strict).
+def model_from_bytes(data: bytes) -> TOREViT:
+    """Rebuild a model from :func:`model_bytes` (strict loading, never unpickled).
 
-    Args:
-        path: the ``.safetensors`` file (or its stem).
-        expect: build arguments the caller requires (e.g. ``{"img_size": 112, "in_chans": 1}``); a
-            checkpoint that disagrees raises ValueError naming the field, its value and the expected one.
+    Raises:
+        ValueError: the bytes are not a model written by :func:`model_bytes`.
     """
-    cfg = read_config(path)
-    build = dict(cfg["build"])
-    for key, want in (expect or {}).items():
-        have = build.get(key)
-        if _norm(have) != _norm(want):
-            raise ValueError(f"checkpoint {path} is for another architecture: {key}={have!r}, expected {want!r}")
-    model = create_tore(**build)
-    weights, _ = _paths(path)
     try:
-        state = load_file(str(weights))
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"cannot read checkpoint weights {weights}: {err}") from err
-    load_state(model, state, str(weights))
-    model.meta = cfg.get("meta", {})
-    return model.to(device)
+        size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + size])["__metadata__"]
+        if metadata["format"] != FORMAT:
+            raise ValueError(f"format {metadata['format']!r}")
+        build = json.loads(metadata["build"])
+        state = load(data)
+    except (ValueError, KeyError, TypeError, SafetensorError) as err:
+        raise ValueError(f"not the bytes of an avex model ({err})") from err
+    check_build_args(build, "the carried model's build")
+    model = create_tore(**build)
+    load_state(model, state, "carried model weights")
+    return model
 
 
-def load_state(model: TOREViT, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Strictly load weights, with an error that names missing, unexpected and mis-shaped tensors."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own.keys() & state.keys()
-        if own[k].shape != state[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{source} does not fit this model (another architecture?): "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
-        )
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-def _norm(v: Any) -> Any:
-    return tuple(v) if isinstance(v, (list, tuple)) else v
-
-
+# ------------------------------------------------------------------ the per-process model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SHARED: dict[tuple, TOREViT] = {}
 _LOCK = threading.Lock()
@@ -187,11 +495,12 @@ _LOCK = threading.Lock()
 
 def shared_model(
     model: str = "vit_tiny_patch16_224",
-    checkpoint: str | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     pretrained: bool = False,
     device: str = "cpu",
     expect: dict[str, Any] | None = None,
     dtype: str = "float32",
+    weights: bytes | None = None,
     **build: Any,
 ) -> TOREViT:
     """One eval-mode model per process and argument set (environments share it, never copy it).
@@ -199,17 +508,26 @@ def shared_model(
     Args:
         model: timm name, used when ``checkpoint`` is None or a plain timm weights file.
         checkpoint: an avex checkpoint (``.safetensors`` with ``.json`` beside), ``"shipped:<name>"``
-            for a checkpoint in the package, or a timm weights file; None: ``pretrained`` decides.
+            for a checkpoint in the package, or a timm safetensors weights file; None: ``pretrained`` decides.
         pretrained: timm hub weights (needs them in the local hub cache when offline).
         expect: build arguments an avex checkpoint must match (see :func:`load_tore`).
         dtype: "float32" or "bfloat16" (weights and token cache; pixels are normalised in float32).
+        weights: :func:`model_bytes` of the model to use (a pickled environment's random model): the
+            shared model of these arguments if it holds exactly these weights, else a model built from
+            them (shared by content, and by these arguments when this process has no model for them yet).
         build: create_tore arguments (img_size, patch_size, in_chans, num_classes, depth, ...).
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist. ValueError: it cannot be loaded (see the
+        module's loading rules), or a bad dtype. TypeError: ``checkpoint`` is not a path.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    ref = None if checkpoint is None else str(_as_path(checkpoint))  # a Path and its str share one model
+    check_build_args(build, "model arguments")
     key = (
         model,
-        checkpoint,
+        ref,
         pretrained,
         str(device),
         dtype,
@@ -217,21 +535,45 @@ def shared_model(
         repr(sorted(build.items())),
     )
     with _LOCK:
+        if weights is not None:
+            return _adopt(key, weights, device, dtype)
         if key not in _SHARED:
-            path = resolve_file(checkpoint) if checkpoint is not None and is_shipped(checkpoint) else checkpoint
-            if path is not None and is_avex_checkpoint(path):
-                tore = load_tore(path, device, expect)
-            else:
-                weights = None if path is None else str(path)
-                try:
-                    tore = create_tore(model, pretrained=pretrained, weights=weights, **build).to(device)
-                except (OSError, RuntimeError) as err:  # hub unreachable / not cached, unreadable file
-                    if path is None and not pretrained:
-                        raise
-                    raise RuntimeError(
-                        f"could not load weights for {model!r} ({'file ' + str(path) if path else 'timm hub'}): {err}. "
-                        "Offline, pass checkpoint=<local timm or avex .safetensors file>, "
-                        "or pretrained=False for random weights"
-                    ) from err
-            _SHARED[key] = tore.to(dtype=DTYPES[dtype]).eval().requires_grad_(False)
+            _SHARED[key] = _ready(_acquire(model, ref, pretrained, device, expect, build), dtype)
         return _SHARED[key]
+
+
+def _ready(tore: TOREViT, dtype: str) -> TOREViT:
+    return tore.to(dtype=DTYPES[dtype]).eval().requires_grad_(False)
+
+
+def _acquire(
+    model: str, ref: str | None, pretrained: bool, device: str, expect: dict[str, Any] | None, build: dict[str, Any]
+) -> TOREViT:
+    """Load or build the model behind :func:`shared_model`'s arguments."""
+    path = resolve_file(ref) if ref is not None and is_shipped(ref) else ref
+    if path is not None and is_avex_checkpoint(path):
+        return load_tore(path, device, expect)
+    if path is not None:
+        return load_timm_weights(model, path, **build).to(device)
+    try:
+        return create_tore(model, pretrained=pretrained, **build).to(device)
+    except (OSError, RuntimeError) as err:  # hub unreachable / not cached
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not load weights for {model!r} (timm hub): {err}. "
+            "Offline, pass checkpoint=<local timm or avex .safetensors file>, "
+            "or pretrained=False for random weights"
+        ) from err
+
+
+def _adopt(key: tuple, weights: bytes, device: str, dtype: str) -> TOREViT:
+    """The model holding ``weights`` (see :func:`shared_model`); called under the lock."""
+    have = _SHARED.get(key)
+    if have is not None and model_bytes(have) == weights:
+        return have  # the same process: the very model that was pickled
+    by_content = ("weights", hashlib.sha256(weights).hexdigest(), str(device), dtype)
+    if by_content not in _SHARED:
+        _SHARED[by_content] = _ready(model_from_bytes(weights).to(device), dtype)
+    _SHARED.setdefault(key, _SHARED[by_content])  # envs made later here with these arguments share it
+    return _SHARED[by_content]
