@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
@@ -23,13 +23,14 @@ from stable_baselines3.common.policies import BasePolicy
 from agents.base import GlimpseAgent
 from agents.evaluate import play_episodes
 from agents.ppo import PPOAgent
+from agents.ppo_config import PPOConfig
 from agents.sb3_policy import POLICY_KWARGS, BeliefKeys, save_policy
 from envs.sb3 import SB3VecEnv
 
 if TYPE_CHECKING:  # sb3-contrib is imported only for discrete actions
     from sb3_contrib import MaskablePPO
 
-__all__ = ["ProgressCallback", "evaluate_policy_accuracy", "train_ppo"]
+__all__ = ["PPOConfig", "ProgressCallback", "evaluate_policy_accuracy", "train_ppo"]
 
 
 class ProgressCallback(BaseCallback):
@@ -82,36 +83,15 @@ class ProgressCallback(BaseCallback):
         self.bar.close()
 
 
-def train_ppo(
-    env_id: str = "AVE-FashionMNIST-v0",
-    *,
-    num_envs: int = 64,
-    total_steps: int = 200_000,
-    n_steps: int = 48,
-    batch_size: int = 1024,
-    n_epochs: int = 4,
-    learning_rate: float = 3e-4,
-    ent_coef: float = 0.01,
-    gamma: float = 1.0,
-    seed: int = 0,
-    device: str = "cpu",
-    eval_every: int = 0,
-    eval_episodes: int = 512,
-    out: str | Path | None = None,
-    env_kwargs: dict[str, Any] | None = None,
-    time_limit: float | None = None,
-) -> tuple[Any, dict[str, Any]]:
+def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
     """Train a glimpse policy on the batched vector env; return (the SB3 model, a summary dict).
 
-    Discrete envs train MaskablePPO, continuous ones PPO. ``gamma=1``: the dense reward telescopes to
-    L_0 - L_T, so the undiscounted return is exactly the final loss drop. ``time_limit`` (seconds) stops
-    training early, cleanly, with the policy still evaluated and saved.
+    Discrete envs train MaskablePPO, continuous ones PPO. ``time_limit`` (seconds) stops training early,
+    cleanly, with the policy still evaluated and saved.
     """
-
-    env_kwargs = dict(env_kwargs or {})
-    env_kwargs.setdefault("device", device)
-    venv = BeliefKeys(SB3VecEnv(gym.make_vec(env_id, num_envs=num_envs, **env_kwargs)))
-    venv.seed(seed)
+    env_kwargs = cfg.make_env_kwargs()
+    venv = BeliefKeys(SB3VecEnv(gym.make_vec(cfg.env_id, num_envs=cfg.num_envs, **env_kwargs)))
+    venv.seed(cfg.seed)
     continuous = isinstance(venv.action_space, spaces.Box)
     algo: type[PPO] | type[MaskablePPO]
     if continuous:
@@ -123,16 +103,16 @@ def train_ppo(
     model = algo(
         "MultiInputPolicy",
         venv,
-        n_steps=n_steps,
-        batch_size=batch_size,
-        n_epochs=n_epochs,
-        learning_rate=learning_rate,
-        ent_coef=ent_coef,
-        gamma=gamma,
+        n_steps=cfg.n_steps,
+        batch_size=cfg.batch_size,
+        n_epochs=cfg.n_epochs,
+        learning_rate=cfg.learning_rate,
+        ent_coef=cfg.ent_coef,
+        gamma=cfg.gamma,
         gae_lambda=0.95,
         policy_kwargs=POLICY_KWARGS,
-        seed=seed,
-        device=device,
+        seed=cfg.seed,
+        device=cfg.device,
         verbose=0,
     )
     model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default would create a /tmp/SB3-* folder per run
@@ -140,45 +120,28 @@ def train_ppo(
     eval_kwargs = dict(env_kwargs, split="test")
 
     def evaluate(policy: BasePolicy) -> float:
-        acc = evaluate_policy_accuracy(
-            PPOAgent(policy, continuous),
-            env_id,
-            eval_episodes,
-            min(num_envs, eval_episodes),
-            seed + 10_000,
-            eval_kwargs,
-        )
+        agent = PPOAgent(policy, continuous)
+        n = min(cfg.num_envs, cfg.eval_episodes)
+        acc = evaluate_policy_accuracy(agent, cfg.env_id, cfg.eval_episodes, n, cfg.seed + 10_000, eval_kwargs)
         policy.train()
         return acc
 
-    callback = ProgressCallback(total_steps, evaluate if eval_every else None, eval_every, time_limit)
+    callback = ProgressCallback(cfg.total_steps, evaluate if cfg.eval_every else None, cfg.eval_every, cfg.time_limit)
     t0 = time.perf_counter()
-    model.learn(total_steps, callback=callback)
+    model.learn(cfg.total_steps, callback=callback)
     seconds = time.perf_counter() - t0
-    final = evaluate(model.policy)
     summary = dict(
-        env_id=env_id,
+        asdict(cfg),
         env_kwargs=env_kwargs,
         continuous=continuous,
         num_actions=int(getattr(venv.action_space, "n", 0)),
-        total_steps=total_steps,
         trained_steps=int(model.num_timesteps),
-        num_envs=num_envs,
-        n_steps=n_steps,
-        batch_size=batch_size,
-        n_epochs=n_epochs,
-        learning_rate=learning_rate,
-        ent_coef=ent_coef,
-        gamma=gamma,
-        seed=seed,
-        device=device,
         train_seconds=round(seconds, 1),
         eval_history=callback.history,
-        final_test_accuracy=final,
-        eval_episodes=eval_episodes,
+        final_test_accuracy=evaluate(model.policy),
     )
-    if out is not None:
-        save_policy(model.policy, out, summary)
+    if cfg.out is not None:
+        save_policy(model.policy, cfg.out, summary)
     venv.close()
     return model, summary
 

@@ -10,6 +10,7 @@ import torch
 import avex  # noqa: F401
 from agents import EntropyAgent, RandomAgent, ame_scores, make_agent
 from agents.ppo import PPOAgent
+from agents.ppo_config import PPOConfig
 from agents.ppo_train import train_ppo
 
 TINY = dict(
@@ -84,17 +85,18 @@ def test_ppo_smoke_train_save_load(action_mode: str, env_kwargs: dict, tmp_path)
     torch.manual_seed(0)
     kwargs = dict(env_kwargs, action_mode=action_mode)
     out = tmp_path / "policy"
-    _, summary = train_ppo(
-        "AVE-FashionMNIST-v0",
+    cfg = PPOConfig(
+        action_mode=action_mode,
         num_envs=4,
         total_steps=384,
         n_steps=24,
         batch_size=32,
         n_epochs=1,
         eval_episodes=8,
-        out=out,
+        out=str(out),
         env_kwargs=kwargs,
     )
+    _, summary = train_ppo(cfg)
     assert summary["total_steps"] == 384 and 0.0 <= summary["final_test_accuracy"] <= 1.0
     venv = gym.make_vec("AVE-FashionMNIST-v0", num_envs=3, **kwargs)
     agent = PPOAgent.load(out.with_suffix(".safetensors"), venv)

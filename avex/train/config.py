@@ -1,26 +1,17 @@
-"""The run configuration, :class:`TrainConfig`, which is also the command line.
+"""The run configuration, :class:`TrainConfig`, which is also the command line (:mod:`avex.options`).
 
-Every field carries its help text in ``field(metadata=...)``, plus what argparse needs beyond the
-annotation (``nargs``, ``const``, ``metavar``, ``flag``; ``default_text`` where the default is not a
-plain value). :func:`add_arguments` and :func:`config_from_args` are derived from the fields, so a new
-setting is one new field. An annotation becomes a flag as follows:
-
-* ``int``, ``float``, ``str``: ``--name-with-dashes VALUE`` of that type;
-* ``X | None``: as ``X``, default None (for the model fields: the dataset's value, see :func:`resolve_config`);
-* ``bool``: ``--name`` (store_true) when the default is False, ``--no-name`` (store_false) when it is True;
-* ``Literal[...]``: the choices;
-* ``tuple[X, ...]``: several values after the flag when the metadata gives ``nargs``, else one comma-separated value;
-* ``cli=False`` in the metadata (``extra``): not on the command line.
+Every field carries its help text and group; :func:`add_arguments` and :func:`config_from_args` are
+derived from the fields, so a new setting is one new field. ``None`` in a model field means the data
+set's value (:func:`resolve_config`).
 """
 
 from __future__ import annotations
 
 import argparse
-import types
-from collections.abc import Callable
-from dataclasses import Field, asdict, dataclass, field, fields
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from dataclasses import Field, asdict, dataclass, field
+from typing import Any, Literal, TypeVar
 
+from avex import options
 from avex.data import DATASETS
 
 __all__ = [
@@ -41,9 +32,7 @@ OUTPUT = "evaluation, logging, checkpoints"
 _T = TypeVar("_T")
 
 
-def _opt(default: Any, group: str, text: str, **cli: Any) -> Any:
-    """A config field with its command-line group, help ``text`` and argparse extras (see the module doc)."""
-    return field(default=default, metadata={"group": group, "help": text, **cli})
+_opt = options.option
 
 
 @dataclass
@@ -132,95 +121,34 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line, derived from the fields
+# The command line, derived from the fields (avex.options)
 # ----------------------------------------------------------------------------------------------
 
 
 def cli_fields() -> list[Field[Any]]:
     """The :class:`TrainConfig` fields that are command-line options, in declaration order."""
-    return [f for f in fields(TrainConfig) if f.metadata.get("cli", True)]
+    return options.cli_fields(TrainConfig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one option per :class:`TrainConfig` field to ``parser`` (e.g. ``avex train classifier``), in groups."""
-    hints = get_type_hints(TrainConfig)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in cli_fields():
-        title = f.metadata["group"]
-        group = groups[title] if title in groups else groups.setdefault(title, parser.add_argument_group(title))
-        flag, spec = _option(f, hints[f.name])
-        group.add_argument(flag, dest=f.name, **spec)
-    return parser
+    return options.add_arguments(parser, TrainConfig, _default_text)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from parsed flags: attributes that are not config fields are ignored, lists become tuples."""
-    values: dict[str, Any] = {}
-    for f in fields(TrainConfig):
-        if hasattr(args, f.name):
-            value = getattr(args, f.name)
-            values[f.name] = tuple(value) if isinstance(value, list) else value  # nargs gives a list
-    return TrainConfig(**values)
+    return options.from_args(TrainConfig, args)
 
 
-def _option(f: Field[Any], annotation: Any) -> tuple[str, dict[str, Any]]:
-    """(flag, add_argument keywords) of one field, from its annotation and metadata."""
-    meta, kind = f.metadata, _strip_none(annotation)
-    dashed = f.name.replace("_", "-")
-    text = meta["help"].replace("%", "%%")  # argparse %-formats help strings
-    if kind is bool:
-        if f.default:  # on by default: the flag turns it off
-            spec = dict(action="store_false", default=True, help=f"disable: {text} (default: enabled)")
-            return meta.get("flag", f"--no-{dashed}"), spec
-        return meta.get("flag", f"--{dashed}"), dict(action="store_true", default=False, help=f"{text} (default: off)")
-    spec = {k: meta[k] for k in ("nargs", "const", "metavar") if k in meta}
-    if get_origin(kind) is Literal:
-        spec.update(choices=get_args(kind), type=type(get_args(kind)[0]))
-    elif get_origin(kind) is tuple:
-        item = get_args(kind)[0]
-        spec["type"] = item if "nargs" in meta else _comma_list(item)
-    elif kind in (int, float, str):
-        spec["type"] = kind
-    else:
-        raise TypeError(f"TrainConfig.{f.name}: no command-line form for {annotation!r} (give it cli=False)")
-    spec.update(default=f.default, help=f"{text} (default: {_default_text(f)})")
-    return meta.get("flag", f"--{dashed}"), spec
-
-
-def _strip_none(annotation: Any) -> Any:
-    """``X | None`` -> ``X``; anything else unchanged."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        rest = [a for a in get_args(annotation) if a is not type(None)]
-        if len(rest) == 1:
-            return rest[0]
-    return annotation
-
-
-def _comma_list(item: Callable[[str], _T]) -> Callable[[str], tuple[_T, ...]]:
-    """An argparse ``type`` reading ``"a,b,c"`` as a tuple of ``item`` values."""
-
-    def parse(text: str) -> tuple[_T, ...]:
-        return tuple(item(v) for v in text.split(","))
-
-    parse.__name__ = f"comma-separated {getattr(item, '__name__', 'value')}"  # argparse's error message names it
-    return parse
-
-
-def _show(value: Any) -> str:
-    return "none" if value is None else ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def _default_text(f: Field[Any]) -> str:
-    """The default shown in the help: the metadata's words, the per-dataset values, or the value itself."""
-    if "default_text" in f.metadata:
-        return str(f.metadata["default_text"]).replace("%", "%%")
+def _default_text(f: Field[Any]) -> str | None:
+    """A model default that depends on --dataset: the registered data sets' values (None: the plain default)."""
     defaults = {name: DATASETS.get(name).train_defaults() for name in DATASETS.names()}
-    if f.default is None and any(f.name in d for d in defaults.values()):
-        by_value: dict[str, list[str]] = {}
-        for name, d in defaults.items():
-            by_value.setdefault(_show(d[f.name]) if f.name in d else "the timm model's", []).append(name)
-        return "per --dataset: " + "; ".join(f"{'/'.join(names)} {value}" for value, names in by_value.items())
-    return _show(f.default)
+    if f.default is not None or not any(f.name in d for d in defaults.values()):
+        return None
+    by_value: dict[str, list[str]] = {}
+    for name, d in defaults.items():
+        by_value.setdefault(options.show(d[f.name]) if f.name in d else "the timm model's", []).append(name)
+    return "per --dataset: " + "; ".join(f"{'/'.join(names)} {value}" for value, names in by_value.items())
 
 
 # ----------------------------------------------------------------------------------------------
