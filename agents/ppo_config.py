@@ -50,7 +50,7 @@ class PPOConfig:
         Raises:
             ValueError: ``env_kwargs`` sets one of those to another value than the config's own field.
         """
-        own = {"action_mode": self.action_mode, "device": self.device}
+        own: dict[str, Any] = {"action_mode": self.action_mode, "device": self.device}
         if self.K is not None:
             own["K"] = self.K
         for key, value in own.items():

@@ -1,7 +1,8 @@
 """The ``avex`` command line: ``avex data``, ``avex train classifier|ppo``, ``avex benchmark``, ``avex demo``.
 
-This package is the only part of ``avex`` that imports ``envs`` and ``agents`` (the CLI drives them);
-subcommands import their modules lazily so ``avex --help`` stays fast.
+With the ``import avex`` facade, this package is the top layer: the only part of ``avex`` that imports
+``envs`` and ``agents`` (the CLI drives them). Each subcommand module gives ``add_arguments(parser)``
+and ``main_from_args(args)``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,18 @@ import argparse
 import os
 import sys
 
+import gymnasium
+
+from avex import train as train_mod
+from avex.cli import benchmark as bench_cli
+from avex.cli import demo as demo_cli
+from avex.cli import ppo as ppo_cli
+from avex.data import install_fashion_mnist
+
 __all__ = ["main"]
 
 
 def _data(args: argparse.Namespace) -> int:
-    from avex.data import install_fashion_mnist
-
     if args.dataset != "fashion-mnist":
         raise SystemExit(f"avex data: only 'fashion-mnist' is installable offline; got {args.dataset!r}")
     path = install_fashion_mnist(args.dest, quiet=args.quiet)
@@ -35,12 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train the TORE classifier or a PPO glimpse policy")
     tsub = train.add_subparsers(dest="what", required=True)
-    from avex import train as train_mod
-    from avex.cli import benchmark as bench_cli
-    from avex.cli import demo as demo_cli
-    from avex.cli import ppo as ppo_cli
-
-    # Each subcommand module gives add_arguments(parser) and main_from_args(args).
     for parent, name, module, text in (
         (tsub, "classifier", train_mod, "TORE training policy (random K per batch, random glimpses)"),
         (tsub, "ppo", ppo_cli, "MaskablePPO glimpse policy on the batched vector env"),
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # avex's own refusals name the problem and the fix
+    # avex's own refusals name the problem and the fix; Gymnasium's name an unknown env id.
+    except (ValueError, FileNotFoundError, gymnasium.error.Error) as err:
         if os.environ.get("AVEX_TRACEBACK"):
             raise
         name = " ".join(str(v) for v in (args.command, getattr(args, "what", None)) if v)

@@ -16,7 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import gymnasium as gym
 import numpy as np
+from tqdm.auto import tqdm
+
+from agents import AGENTS, make_agent, play_episodes
+from avex.flops import ViTDims, episode_flops
+from avex.platform_info import device_name
 
 if TYPE_CHECKING:
     from envs.ave_env import AVEEnv
@@ -26,7 +32,6 @@ __all__ = ["add_arguments", "main_from_args", "run_benchmark", "wilson"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agents import AGENTS
 
     p.add_argument(
         "--env", default="AVE-FashionMNIST-v0", help="environment id (default: the embedded Fashion-MNIST env)"
@@ -60,11 +65,6 @@ def _play(
     env_id: str, agent_name: str, K: int, args: argparse.Namespace, env_kwargs: dict[str, Any], bar
 ) -> dict[str, Any]:
     """Play ``args.episodes`` episodes of one agent at one K; return per-step correctness and timings."""
-    import gymnasium as gym
-
-    from agents import make_agent
-    from agents.evaluate import play_episodes
-
     n = min(args.num_envs, args.episodes)
     venv = gym.make_vec(env_id, num_envs=n, split=args.split, K=K, device=args.device, **env_kwargs)
     agent = make_agent(agent_name, venv.unwrapped, seed=args.seed, policy=args.ppo, device=args.device)
@@ -80,15 +80,28 @@ def _play(
     )
 
 
+def _result(agent: str, K: int, played: dict[str, Any], dims: ViTDims, budget: int, g2: int) -> dict[str, Any]:
+    """One table row: accuracy after each glimpse with Wilson intervals, and FLOPs against full recomputation."""
+    acc, lo, hi = wilson(played.pop("correct").astype(np.float64))
+    full = episode_flops(dims, budget, g2, 0, recon=False)[-1]  # the env runs the entropy map only
+    # The decoder (entropy map) costs the same at every K; the classifier alone shows TORE's saving.
+    classifier = episode_flops(dims, budget, g2, K, decoder=False)[-1]
+    return dict(
+        agent=agent,
+        K=K,
+        accuracy=acc.tolist(),
+        ci_low=lo.tolist(),
+        ci_high=hi.tolist(),
+        full_recompute_flops=full,
+        flop_ratio=full / played["episode_flops"],
+        classifier_flops=classifier,
+        classifier_flop_ratio=episode_flops(dims, budget, g2, 0, decoder=False)[-1] / classifier,
+        **played,
+    )
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run every (agent, K); write and return the results."""
-    import gymnasium as gym
-    from tqdm.auto import tqdm
-
-    import avex  # noqa: F401  (registers the envs)
-    from avex.flops import ViTDims, episode_flops
-    from avex.platform_info import device_name
-
     env_kwargs = json.loads(args.env_kwargs)
     probe = cast("AVEEnv", gym.make(args.env, split=args.split, device=args.device, **env_kwargs).unwrapped)
     depth, budget, g2 = probe.model.depth, probe.budget, probe.geometry.tokens_per_glimpse
@@ -98,32 +111,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out or f"results/benchmark-{args.env}")
     out.mkdir(parents=True, exist_ok=True)
 
+    for name in args.agents:  # every agent is built once before any episode: a policy that does not fit fails now
+        make_agent(name, probe, seed=args.seed, policy=args.ppo, device=args.device)
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     with tqdm(total=len(args.agents) * len(ks) * args.episodes, desc="benchmark", unit="ep", dynamic_ncols=True) as bar:
         for agent in args.agents:
             for K in ks:
                 bar.set_postfix(agent=agent, K=K)
-                r = _play(args.env, agent, K, args, env_kwargs, bar)
-                acc, lo, hi = wilson(r.pop("correct").astype(np.float64))
-                full = episode_flops(dims, budget, g2, 0, recon=False)[-1]  # the env runs the entropy map only
-                # The decoder (entropy map) costs the same at every K; the classifier alone shows TORE's saving.
-                classifier = episode_flops(dims, budget, g2, K, decoder=False)[-1]
-                classifier_ratio = episode_flops(dims, budget, g2, 0, decoder=False)[-1] / classifier
-                results.append(
-                    dict(
-                        agent=agent,
-                        K=K,
-                        accuracy=acc.tolist(),
-                        ci_low=lo.tolist(),
-                        ci_high=hi.tolist(),
-                        full_recompute_flops=full,
-                        flop_ratio=full / r["episode_flops"],
-                        classifier_flops=classifier,
-                        classifier_flop_ratio=classifier_ratio,
-                        **r,
-                    )
-                )
+                results.append(_result(agent, K, _play(args.env, agent, K, args, env_kwargs, bar), dims, budget, g2))
     meta = dict(
         command="avex benchmark " + " ".join(_argv(args)),
         env=args.env,

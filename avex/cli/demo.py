@@ -6,30 +6,32 @@ import argparse
 import json
 from typing import TYPE_CHECKING, cast
 
-if TYPE_CHECKING:
-    import gymnasium as gym
-    import numpy as np
+import gymnasium as gym
+import numpy as np
 
+from agents import AGENTS, make_agent
+from envs.render import save_gif
+
+if TYPE_CHECKING:
     from envs.ave_env import AVEEnv
 
 __all__ = ["add_arguments", "main_from_args"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agents import AGENTS
-
-    p.add_argument("--env", default="AVE-FashionMNIST-v0")
-    p.add_argument("--agent", default="entropy", choices=AGENTS.names(), help="a registered agent")
-    p.add_argument("--split", default="test")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--env-kwargs", default="{}", help="extra env kwargs as JSON")
-    p.add_argument("--gif", default="results/demo.gif")
+    p.add_argument("--env", default="AVE-FashionMNIST-v0", help="environment id (default: %(default)s)")
+    p.add_argument(
+        "--agent", default="random", choices=AGENTS.names(), help="a registered agent (default: %(default)s)"
+    )
+    p.add_argument("--ppo", default=None, help="policy of the ppo agent (default: the shipped Fashion-MNIST one)")
+    p.add_argument("--split", default="test", help="split the canvas comes from (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the env and the agent (default: %(default)s)")
+    p.add_argument("--env-kwargs", default="{}", help="extra env kwargs as JSON (default: %(default)s)")
+    p.add_argument("--gif", default="results/demo.gif", help="where the episode is written (default: %(default)s)")
 
 
 def _render(env: gym.Env) -> np.ndarray:
     """``env.render()`` of an env made with ``render_mode="rgb_array"``: one uint8 [H', W', 3] frame."""
-    import numpy as np
-
     frame = env.render()
     if not isinstance(frame, np.ndarray):
         raise TypeError(f"render() returned {type(frame).__name__}, not an RGB frame: is render_mode='rgb_array'?")
@@ -37,14 +39,8 @@ def _render(env: gym.Env) -> np.ndarray:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    import gymnasium as gym
-
-    import avex  # noqa: F401  (registers the envs)
-    from agents import make_agent
-    from envs.render import save_gif
-
     env = gym.make(args.env, split=args.split, render_mode="rgb_array", **json.loads(args.env_kwargs))
-    agent = make_agent(args.agent, env, seed=args.seed)
+    agent = make_agent(args.agent, env, seed=args.seed, policy=args.ppo)
     obs, info = env.reset(seed=args.seed)
     ave = cast("AVEEnv", env.unwrapped)
     names = ave.class_names
