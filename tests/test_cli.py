@@ -86,3 +86,21 @@ def test_bad_values_end_with_one_line_and_status_2(tmp_path, fake_fmnist_root, c
     monkeypatch.setenv("AVEX_TRACEBACK", "1")  # the whole traceback on request
     with pytest.raises(ValueError, match="0..2"):
         main(args)
+
+
+def test_unknown_env_id_is_one_line_and_status_2(capsys) -> None:
+    assert main(["benchmark", "--env", "AVE-Nope-v0", "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("avex benchmark: error:") and "AVE-Nope" in err and err.count("\n") == 1
+
+
+def test_a_policy_that_does_not_fit_fails_before_any_episode(tmp_path, fake_fmnist_root, capsys, monkeypatch) -> None:
+    import avex.cli.benchmark as bench
+
+    played: list[str] = []
+    monkeypatch.setattr(bench, "play_episodes", lambda *a, **k: played.append("episodes"))
+    out = tmp_path / "bench"
+    argv = ["benchmark", "--agents", "random", "ppo", "--K", "0", "--episodes", "4", "--num-envs", "4"]
+    # The shipped policy reads a 192-wide CLS embedding; this tiny model's is 32 wide.
+    assert main([*argv, "--env-kwargs", TINY % fake_fmnist_root, "--out", str(out)]) == 2
+    assert "does not fit" in capsys.readouterr().err and played == [] and not (out / "benchmark.json").exists()
