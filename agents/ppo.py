@@ -7,7 +7,6 @@ is imported only when a policy is loaded, so listing the agents stays fast.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -16,7 +15,7 @@ import torch
 from gymnasium import spaces
 
 from agents.base import GlimpseAgent, register_agent
-from avex.checkpoint import resolve_file
+from avex.checkpoint import read_header, read_json, resolve_file
 
 if TYPE_CHECKING:  # stable-baselines3 is imported only when a policy is built
     from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
@@ -60,19 +59,24 @@ class PPOAgent(GlimpseAgent):
 
         Args:
             path: ``.safetensors`` with its ``.json``, or ``"shipped:fashion-mnist"``.
+
+        Raises:
+            FileNotFoundError: the policy or its JSON is missing.
+            ValueError: not an avex PPO policy (not safetensors, a bad JSON, another format), or one that does
+                not fit the env's spaces. The weights are read by safetensors only, never unpickled.
         """
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
         from agents.sb3_policy import build_policy
 
         weights = resolve_file(path, policy=True)
-        if not weights.exists():
-            raise FileNotFoundError(f"PPO policy not found: {weights}")
-        meta = json.loads(weights.with_suffix(".json").read_text())
-        if meta.get("format") != FORMAT:
+        read_header(weights, "PPO policy")  # a regular safetensors file, before anything is built
+        meta = read_json(weights.with_suffix(".json"), "PPO policy config")
+        if meta.get("format") != FORMAT or not isinstance(meta.get("continuous"), bool):
             raise ValueError(
                 f"{weights.with_suffix('.json')} is not an avex PPO policy "
-                f"(format {meta.get('format')!r}, expected {FORMAT!r})"
+                f"(format {meta.get('format')!r}, expected {FORMAT!r}, with 'continuous': true or false)"
             )
         u = env.unwrapped if hasattr(env, "unwrapped") else env
         obs_space = getattr(u, "single_observation_space", u.observation_space)
@@ -84,7 +88,7 @@ class PPOAgent(GlimpseAgent):
         policy = build_policy(obs_space, act_space)
         try:
             load_model(policy, str(weights), strict=True)
-        except RuntimeError as err:
+        except (RuntimeError, SafetensorError) as err:
             raise ValueError(
                 f"policy {weights} does not fit this env's spaces (trained on {meta.get('env_id')} "
                 f"with {meta.get('num_actions')} actions; this env has {getattr(act_space, 'n', act_space)}): {err}"

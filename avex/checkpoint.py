@@ -31,6 +31,7 @@ import os
 import re
 import stat
 import threading
+import weakref
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -39,16 +40,18 @@ from typing import Any, cast
 import timm
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from avex.checks import brief
 from avex.model import TOREViT, create_tore
 
 __all__ = [
     "LOADING_ARGS",
     "SHIPPED",
     "SHIPPED_POLICIES",
+    "built_digest",
     "check_build_args",
     "check_file",
     "is_avex_checkpoint",
@@ -56,8 +59,6 @@ __all__ = [
     "load_state",
     "load_timm_weights",
     "load_tore",
-    "model_bytes",
-    "model_from_bytes",
     "read_config",
     "read_header",
     "read_json",
@@ -66,6 +67,7 @@ __all__ = [
     "shared_model",
     "shipped_checkpoint",
     "shipped_file",
+    "weights_digest",
 ]
 
 FORMAT = "avex-tore/1"
@@ -131,7 +133,7 @@ def _as_path(ref: Any) -> Path:
     """``ref`` as a Path. Raises TypeError (naming the value) for anything but a str or os.PathLike."""
     if isinstance(ref, bool) or not isinstance(ref, (str, os.PathLike)):
         raise TypeError(
-            f"a checkpoint is a path (str or pathlib.Path) or 'shipped:<name>', got {type(ref).__name__} {_brief(ref)}"
+            f"a checkpoint is a path (str or pathlib.Path) or 'shipped:<name>', got {type(ref).__name__} {brief(ref)}"
         )
     return Path(ref)
 
@@ -143,12 +145,6 @@ def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     elif p.suffix != ".safetensors":
         p = p.with_name(p.name + ".safetensors")
     return p, p.with_suffix(".json")
-
-
-def _brief(value: Any, limit: int = 200) -> str:
-    """``repr(value)``, cut to ``limit`` characters (error messages must not echo megabytes)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 # ------------------------------------------------------------------ files
@@ -185,7 +181,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{what} {path} is not valid JSON ({err}); re-save it") from err
     if not isinstance(value, dict):
-        raise ValueError(f"{what} {path} must hold a JSON object, got {type(value).__name__} {_brief(value)}")
+        raise ValueError(f"{what} {path} must hold a JSON object, got {type(value).__name__} {brief(value)}")
     return value
 
 
@@ -287,7 +283,7 @@ def _check_depths(build: Mapping[str, Any], header: Mapping[str, Any], source: s
         if want is None:  # timm's default for the model name: the meta build below compares it
             continue
         if isinstance(want, bool) or not isinstance(want, int) or not 0 <= want <= _MAX_DEPTH:
-            raise ValueError(f"{source}: build {arg}={_brief(want)} must be an integer in 0..{_MAX_DEPTH}")
+            raise ValueError(f"{source}: build {arg}={brief(want)} must be an integer in 0..{_MAX_DEPTH}")
         have = _count_blocks(header, prefix)
         if want != have:
             raise ValueError(
@@ -309,7 +305,7 @@ def _build_on_meta(build: Mapping[str, Any], source: str) -> TOREViT:
             return create_tore(vit, **wrap)
     except Exception as err:  # timm and torch raise many types for arguments they cannot build
         raise ValueError(
-            f"{source}: timm cannot build the model its config describes ({type(err).__name__}: {_brief(str(err))}); "
+            f"{source}: timm cannot build the model its config describes ({type(err).__name__}: {brief(str(err))}); "
             "re-save the checkpoint"
         ) from err
 
@@ -331,16 +327,16 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     cfg = read_json(config, "checkpoint config")
     if cfg.get("format") != FORMAT:
-        raise ValueError(f"{config} has format {_brief(cfg.get('format'))}, expected {FORMAT!r}")
+        raise ValueError(f"{config} has format {brief(cfg.get('format'))}, expected {FORMAT!r}")
     build = cfg.get("build")
     if not isinstance(build, dict) or not isinstance(build.get("model"), str):
         raise ValueError(
             f"{config}: 'build' must be an object of create_tore arguments naming the timm model in 'model', "
-            f"got {_brief(build)}; re-save the checkpoint"
+            f"got {brief(build)}; re-save the checkpoint"
         )
     check_build_args(build, f"{config}: 'build'")
     if not isinstance(cfg.get("meta", {}), dict):
-        raise ValueError(f"{config}: 'meta' must be an object, got {_brief(cfg.get('meta'))}")
+        raise ValueError(f"{config}: 'meta' must be an object, got {brief(cfg.get('meta'))}")
     return cfg
 
 
@@ -416,7 +412,7 @@ def load_timm_weights(model: str, path: str | os.PathLike[str], **build: Any) ->
     problem = _fit_problem(_shapes(tore.vit), {k: s for k, (_, s) in header.items()})
     if problem:
         raise ValueError(
-            f"timm weights file {file} does not fit {model!r} as built here ({_brief(build)}): {problem}. "
+            f"timm weights file {file} does not fit {model!r} as built here ({brief(build)}): {problem}. "
             "The file must hold exactly this ViT's tensors: save one with "
             "safetensors.torch.save_file(vit.state_dict(), path)"
         )
@@ -428,69 +424,55 @@ def _norm(v: Any) -> Any:
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
-# ------------------------------------------------------------------ saving, bytes
-def _build_args(model: TOREViT) -> dict[str, Any]:
-    if model.build_args is None:
-        raise ValueError(
-            "only models built with avex.model.create_tore(name, ...) can be saved: "
-            "the config records how to rebuild them"
-        )
-    return model.build_args
-
-
-def _host_state(model: nn.Module, half: bool = False) -> dict[str, torch.Tensor]:
-    return {
-        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-    }
-
-
+# ------------------------------------------------------------------ saving
 def save_tore(model: TOREViT, path: str | Path, meta: dict[str, Any] | None = None, half: bool = False) -> Path:
     """Write ``path.safetensors`` and ``path.json``. ``half`` stores fp16 weights (half the size).
 
     Raises:
         ValueError: the model was not built by :func:`avex.model.create_tore` (nothing says how to rebuild it).
     """
-    build = _build_args(model)
+    if model.build_args is None:
+        raise ValueError(
+            "only models built with avex.model.create_tore(name, ...) can be saved: "
+            "the config records how to rebuild them"
+        )
     weights, config = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_host_state(model, half), str(weights))
-    config.write_text(json.dumps(dict(format=FORMAT, build=build, meta=meta or {}), indent=2, default=list))
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_file(state, str(weights))
+    config.write_text(json.dumps(dict(format=FORMAT, build=model.build_args, meta=meta or {}), indent=2, default=list))
     return weights
-
-
-def model_bytes(model: TOREViT) -> bytes:
-    """The model as safetensors bytes, its build arguments in the metadata (what a pickled environment
-    carries for a model its arguments cannot rebuild, such as a random one)."""
-    build = json.dumps(_build_args(model), default=list)
-    return save(_host_state(model), metadata={"format": FORMAT, "build": build})
-
-
-def model_from_bytes(data: bytes) -> TOREViT:
-    """Rebuild a model from :func:`model_bytes` (strict loading, never unpickled).
-
-    Raises:
-        ValueError: the bytes are not a model written by :func:`model_bytes`.
-    """
-    try:
-        size = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8 : 8 + size])["__metadata__"]
-        if metadata["format"] != FORMAT:
-            raise ValueError(f"format {metadata['format']!r}")
-        build = json.loads(metadata["build"])
-        state = load(data)
-    except (ValueError, KeyError, TypeError, SafetensorError) as err:
-        raise ValueError(f"not the bytes of an avex model ({err})") from err
-    check_build_args(build, "the carried model's build")
-    model = create_tore(**build)
-    load_state(model, state, "carried model weights")
-    return model
 
 
 # ------------------------------------------------------------------ the per-process model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SHARED: dict[tuple, TOREViT] = {}
 _LOCK = threading.Lock()
+# Each shared model's weights digest when shared_model built or loaded it (see built_digest).
+_BUILT: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A SHA-256 of a model's tensors (names, dtypes, shapes, values), in a fixed order."""
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def built_digest(model: nn.Module) -> str | None:
+    """:func:`weights_digest` of a :func:`shared_model` model as it was built or loaded (None: not one).
+
+    Whatever its arguments are, they rebuild a model with this digest in any process (with the same
+    files, torch and timm): compare it with the model's current digest to know whether they still do.
+    """
+    return _BUILT.get(model)
 
 
 def shared_model(
@@ -500,10 +482,13 @@ def shared_model(
     device: str = "cpu",
     expect: dict[str, Any] | None = None,
     dtype: str = "float32",
-    weights: bytes | None = None,
     **build: Any,
 ) -> TOREViT:
     """One eval-mode model per process and argument set (environments share it, never copy it).
+
+    Whatever the weights do not set (all of a random model, the glimpse decoder of timm weights) is
+    initialised from a seed derived from the arguments, so the same arguments give the same model in every
+    process: a pickled environment is rebuilt exactly from its arguments (:func:`built_digest` checks it).
 
     Args:
         model: timm name, used when ``checkpoint`` is None or a plain timm weights file.
@@ -512,9 +497,6 @@ def shared_model(
         pretrained: timm hub weights (needs them in the local hub cache when offline).
         expect: build arguments an avex checkpoint must match (see :func:`load_tore`).
         dtype: "float32" or "bfloat16" (weights and token cache; pixels are normalised in float32).
-        weights: :func:`model_bytes` of the model to use (a pickled environment's random model): the
-            shared model of these arguments if it holds exactly these weights, else a model built from
-            them (shared by content, and by these arguments when this process has no model for them yet).
         build: create_tore arguments (img_size, patch_size, in_chans, num_classes, depth, ...).
 
     Raises:
@@ -535,10 +517,14 @@ def shared_model(
         repr(sorted(build.items())),
     )
     with _LOCK:
-        if weights is not None:
-            return _adopt(key, weights, device, dtype)
         if key not in _SHARED:
-            _SHARED[key] = _ready(_acquire(model, ref, pretrained, device, expect, build), dtype)
+            # The seed ignores device and dtype: the same initial weights wherever the model runs.
+            seed = int.from_bytes(hashlib.sha256(repr(key[:3] + key[5:]).encode()).digest()[:8], "little")
+            with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+                torch.manual_seed(seed)
+                tore = _ready(_acquire(model, ref, pretrained, device, expect, build), dtype)
+            _BUILT[tore] = weights_digest(tore)
+            _SHARED[key] = tore
         return _SHARED[key]
 
 
@@ -565,15 +551,3 @@ def _acquire(
             "Offline, pass checkpoint=<local timm or avex .safetensors file>, "
             "or pretrained=False for random weights"
         ) from err
-
-
-def _adopt(key: tuple, weights: bytes, device: str, dtype: str) -> TOREViT:
-    """The model holding ``weights`` (see :func:`shared_model`); called under the lock."""
-    have = _SHARED.get(key)
-    if have is not None and model_bytes(have) == weights:
-        return have  # the same process: the very model that was pickled
-    by_content = ("weights", hashlib.sha256(weights).hexdigest(), str(device), dtype)
-    if by_content not in _SHARED:
-        _SHARED[by_content] = _ready(model_from_bytes(weights).to(device), dtype)
-    _SHARED.setdefault(key, _SHARED[by_content])  # envs made later here with these arguments share it
-    return _SHARED[by_content]
