@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -335,6 +336,15 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"got {brief(build)}; re-save the checkpoint"
         )
     check_build_args(build, f"{config}: 'build'")
+    for key, floor in (("mean", -math.inf), ("std", 0.0)):  # pixel normalisation: NaN here is NaN everywhere
+        values = build.get(key)
+        if values is not None and not (
+            isinstance(values, list)
+            and values
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and floor < v < math.inf for v in values)
+        ):
+            what = "positive finite numbers" if key == "std" else "finite numbers"
+            raise ValueError(f"{config}: build '{key}' must be a list of {what}, got {brief(values)}")
     if not isinstance(cfg.get("meta", {}), dict):
         raise ValueError(f"{config}: 'meta' must be an object, got {brief(cfg.get('meta'))}")
     return cfg
