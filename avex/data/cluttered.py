@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from avex.checks import check_int
 from avex.data.fashion_mnist import _ITEM_SIDE, FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, load_fashion_mnist
 from avex.data.registry import DatasetSpec, register_dataset
 from avex.data.source import CanvasSource, _check_indices, _check_part
@@ -101,15 +102,22 @@ class FashionMNISTCanvas(CanvasSource):
         fragment: int = 16,
         device: str | torch.device = "cpu",
     ) -> None:
-        if scale < 1:
-            raise ValueError(f"scale must be >= 1, got {scale}")
+        canvas_size = check_int("canvas_size", canvas_size, 1)
+        scale = check_int("scale", scale, 1)
         self.item_size = _ITEM_SIDE * scale
         if canvas_size < self.item_size:
             raise ValueError(f"canvas_size={canvas_size} is smaller than the scaled item ({self.item_size})")
-        if n_clutter < 0:
-            raise ValueError(f"n_clutter must be >= 0, got {n_clutter}")
-        if not 1 <= fragment <= self.item_size:
-            raise ValueError(f"fragment must be in 1..{self.item_size}, got {fragment}")
+        fragment = check_int("fragment", fragment, 1, self.item_size, " (the scaled item's side)")
+        # Every fragment costs a pass over the batch at each reset: more than tile the canvas only cover
+        # each other (clutter=10**5 took 30 s per reset).
+        tiles = (canvas_size // fragment) ** 2
+        n_clutter = check_int(
+            "n_clutter (the env's clutter)",
+            n_clutter,
+            0,
+            tiles,
+            f" (the {fragment} px fragments that tile a {canvas_size} px canvas)",
+        )
         images, labels = load_fashion_mnist(split, root)
         if n_clutter and len(images) < 2:
             raise ValueError("clutter needs at least 2 items (fragments come from other items)")

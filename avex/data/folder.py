@@ -3,6 +3,12 @@
 Each canvas is one whole image, resized so its shorter side covers the canvas and center cropped.
 This module also registers the ``"folder"`` data set, next to the source its spec builds.
 
+Bounds and faults: an image over PIL's ``Image.MAX_IMAGE_PIXELS`` is refused before it is decoded, and
+only the centred crop the canvas shows is resized, so decoding costs at most the image and the canvas
+(a 1 x 20000 PNG once became a 4,480,000 x 224 intermediate); 16-bit images are scaled to 8 bits, not
+clipped. Folder links back to a folder already listed (loops) are skipped with a warning, and an
+unreadable folder is an error, never an empty class.
+
 Shapes: ``B`` batch rows, ``N`` images, ``H, W, C`` canvas height/width/channels. Canvases are
 ``uint8 [B, H, W, C]`` and labels ``int64 [B]``.
 """
@@ -36,28 +42,74 @@ def _is_image(name: str) -> bool:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively), in a deterministic order."""
+    """Image files under ``folder`` (recursively, following links), in a deterministic order.
+
+    Each folder is listed once: a link back to a folder already listed (a loop, or a second way to the same
+    folder) is skipped with a warning, so two self-links cannot make the walk endless and one cannot list
+    the same files again and again.
+
+    Raises:
+        ValueError: a folder cannot be read (it would otherwise look like an empty class).
+    """
+
+    def unreadable(err: OSError) -> None:
+        raise ValueError(
+            f"cannot read {err.filename} ({err.strerror or err}): fix its permissions or move it out of {folder}"
+        ) from err
+
     out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    listed: set[tuple[int, int]] = set()
+    loops: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in listed:
+            dirnames.clear()
+            loops.append(dirpath)
+            continue
+        listed.add((st.st_dev, st.st_ino))
         dirnames.sort()
         out.extend(Path(dirpath) / f for f in sorted(filenames) if _is_image(f))
+    if loops:
+        warnings.warn(
+            f"skipped {len(loops)} link(s) to folders already listed under {folder} (e.g. {loops[0]})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return out
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit integer images as 8-bit grey, scaled (PIL's convert clips them: nearly white)."""
+    if not img.mode.startswith("I"):
+        return img
+    wide = np.asarray(img).astype(np.int64)
+    return Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L")
+
+
 def _load_image(path: Path, size: tuple[int, int], mode: str) -> np.ndarray:
-    """Decode, resize the shorter side to cover ``size`` = (H, W), center crop -> uint8 [H, W, C]."""
+    """Decode, resize the shorter side to cover ``size`` = (H, W), center crop -> uint8 [H, W, C].
+
+    Raises:
+        ValueError: the image has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (checked before decoding).
+        Whatever PIL raises for a file it cannot decode.
+    """
     H, W = size
     with Image.open(path) as img:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and img.width * img.height > limit:
+            raise ValueError(
+                f"{img.width}x{img.height} pixels, over PIL.Image.MAX_IMAGE_PIXELS={limit} (raise it to allow this)"
+            )
         factor = max(H / img.height, W / img.width)
         # JPEG only: decode at a reduced scale that still covers the target (much faster).
         img.draft(mode, (math.ceil(img.width * factor), math.ceil(img.height * factor)))
-        img = img.convert(mode)
+        img = _to_8bit(img).convert(mode)
+        # Resize only the centred crop the canvas shows, straight to (W, H): resizing the whole image to
+        # cover the canvas first would make extreme aspect ratios huge intermediates.
         factor = max(H / img.height, W / img.width)
-        new_w = max(W, round(img.width * factor))
-        new_h = max(H, round(img.height * factor))
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        left, top = (new_w - W) // 2, (new_h - H) // 2
-        img = img.crop((left, top, left + W, top + H))
+        crop_w, crop_h = W / factor, H / factor
+        left, top = (img.width - crop_w) / 2, (img.height - crop_h) / 2
+        img = img.resize((W, H), Image.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
         arr = np.asarray(img, dtype=np.uint8)
     return arr.reshape(H, W, -1)
 
@@ -68,9 +120,13 @@ def _class_folders(folder: Path, classes: Sequence[str] | None) -> tuple[list[st
     Raises:
         ValueError: no class folders, duplicate ``classes``, or a folder not in ``classes``.
     """
-    subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as err:
+        raise ValueError(f"cannot read {folder} ({err.strerror or err}): fix its permissions") from err
+    subdirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if not subdirs:
-        loose = sum(_is_image(e.name) for e in os.scandir(folder) if e.is_file())
+        loose = sum(_is_image(e.name) for e in entries if e.is_file())
         hint = f" (found {loose} images directly in it: move them into one folder per class)" if loose else ""
         raise ValueError(f"no class folders in {folder}{hint}; {_LAYOUT_HELP}")
     ordered = list(subdirs if classes is None else classes)
@@ -94,7 +150,10 @@ class ImageFolderCanvas(CanvasSource):
 
     Unreadable images do not stop an episode: each is warned about once, recorded
     in :attr:`bad_files`, counted in :attr:`skipped` (once per draw that hit an
-    unreadable file), and the row draws another index with its own rng.
+    unreadable file), and the row draws another index with its own rng. Whether a
+    file was already known to be bad does not change the draws, so the same rng
+    gives the same image and the same per-row count
+    (:meth:`sample_counting_skips`).
 
     Args:
         root: dataset folder.
@@ -131,8 +190,13 @@ class ImageFolderCanvas(CanvasSource):
             folder = folder / split
         if not folder.is_dir():
             raise FileNotFoundError(f"image folder {folder} does not exist; {_LAYOUT_HELP}")
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        if isinstance(in_chans, bool) or in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}")
+        for name, names in (("classes", classes), ("class_names", class_names)):
+            if names is not None and (
+                isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names)
+            ):
+                raise ValueError(f"{name} must be a list of names (str) or None, got {type(names).__name__}")
         self.image_size = canvas_hw(image_size)
         subdirs, self.classes = _class_folders(folder, classes)
         if class_names is None:
@@ -193,8 +257,9 @@ class ImageFolderCanvas(CanvasSource):
             self._cache[index] = image
         return image
 
-    def _load_row(self, rng: np.random.Generator, index: int | None) -> tuple[np.ndarray, int]:
-        for _ in range(_MAX_TRIES):
+    def _load_row(self, rng: np.random.Generator, index: int | None) -> tuple[np.ndarray, int, int]:
+        """One readable image: (uint8 [H, W, C], its index, unreadable files passed over on the way)."""
+        for skipped in range(_MAX_TRIES):
             if index is None:
                 index = int(rng.integers(0, len(self)))
             elif not 0 <= index < len(self):
@@ -202,7 +267,7 @@ class ImageFolderCanvas(CanvasSource):
             path = self.files[index]
             if path not in self.bad_files:
                 try:
-                    return self.load(index), index
+                    return self.load(index), index, skipped
                 except Exception as e:  # PIL plugins raise many types on bad input
                     self.bad_files.add(path)
                     warnings.warn(f"skipping unreadable image {path}: {e}", RuntimeWarning, stacklevel=2)
@@ -215,6 +280,17 @@ class ImageFolderCanvas(CanvasSource):
             f"unreadable (e.g. {next(iter(self.bad_files))}); check the dataset"
         )
 
+    def sample_counting_skips(
+        self, rngs: Sequence[np.random.Generator], indices: Sequence[int | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+        """:meth:`sample`, plus int64 ``[B]``: the unreadable files each row passed over (the env's per-episode
+        ``info["skipped_images"]``)."""
+        rows = [self._load_row(rng, i) for rng, i in zip(rngs, _check_indices(rngs, indices))]
+        used = np.array([i for _, i, _ in rows], dtype=np.int64)
+        canvases = torch.from_numpy(np.stack([img for img, _, _ in rows])).to(self.device)
+        labels = torch.from_numpy(self.targets[used]).to(self.device)
+        return canvases, labels, used, np.array([n for _, _, n in rows], dtype=np.int64)
+
     def sample(
         self, rngs: Sequence[np.random.Generator], indices: Sequence[int | None] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -223,11 +299,7 @@ class ImageFolderCanvas(CanvasSource):
         Returns:
             canvases uint8 ``[B, H, W, C]``, labels int64 ``[B]`` (on device), indices int64 ``[B]``.
         """
-        rows = [self._load_row(rng, i) for rng, i in zip(rngs, _check_indices(rngs, indices))]
-        used = np.array([i for _, i in rows], dtype=np.int64)
-        canvases = torch.from_numpy(np.stack([img for img, _ in rows])).to(self.device)
-        labels = torch.from_numpy(self.targets[used]).to(self.device)
-        return canvases, labels, used
+        return self.sample_counting_skips(rngs, indices)[:3]
 
 
 def _build(
