@@ -7,7 +7,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.config import EnvConfig
+from envs.config import EnvConfig, check_options, check_seed
 from envs.engine import AVEEngine, EngineViews, row_info
 
 __all__ = ["AVEEnv"]
@@ -64,7 +64,8 @@ class AVEEnv(EngineViews, gym.Env):
     A canvas is drawn with the env's ``np_random`` (``reset(seed=...)``), or image ``i`` of the split with
     ``reset(options={"index": i})`` (for evaluation over a whole split). Nothing is revealed; ``probs``,
     ``cls`` and ``entropy`` come from the *empty pass* (the model on its class token alone), the same for
-    every image. Unreadable image files are skipped with a warning and counted (``info["skipped_images"]``).
+    every image. Unreadable image files are skipped with a warning (once per file) and counted per episode
+    (``info["skipped_images"]``), so the same seed gives the same observations and infos.
 
     ## Episode End
 
@@ -76,7 +77,7 @@ class AVEEnv(EngineViews, gym.Env):
     ``step_flops`` / ``cumulative_flops`` (int, analytic FLOPs = 2 x multiply-accumulates of this step and
     of the episode so far, decoder included iff ``entropy``; the reset info holds the empty pass's),
     ``glimpse_box`` (float32 ``(y0, x0, y1, x1)`` pixels, NaN at reset), ``action_mask`` (int8 ``[A]``),
-    ``skipped_images`` (int).
+    ``skipped_images`` (int, unreadable files passed over while drawing this episode's image).
 
     ## Arguments
 
@@ -97,7 +98,7 @@ class AVEEnv(EngineViews, gym.Env):
     - `image_size` (**int**, default 112 / 224): canvas side
     - `clutter` (**int**, default 4): clutter fragments per Fashion-MNIST canvas
     - `model` (**str**, default `"vit_tiny_patch16_224"`): timm ViT name
-    - `checkpoint` (**str**, default `None`): avex checkpoint, `"shipped:fashion-mnist"`, or a timm weights file
+    - `checkpoint` (**str or Path**, default `None`): avex checkpoint, `"shipped:fashion-mnist"`, or timm safetensors
     - `pretrained` (**bool**, default `False`): timm hub weights (local cache when offline)
     - `model_kwargs` (**dict**, default `None`): extra `timm.create_model` args (depth, embed_dim, ...)
     - `device` (**str**, default `"cpu"`): `"cpu"` or `"cuda"`
@@ -113,9 +114,12 @@ class AVEEnv(EngineViews, gym.Env):
     - `entropy` (**bool**, default `True`): run the decoder for the entropy map
     - `render_mode` (**str**, default `None`): `"rgb_array"`
 
-    Bad values raise ``ValueError`` at construction, naming the allowed ones. The model is shared by all
-    environments of a process (never copied); pickling an env keeps its exact episode state but not the
-    model, which is re-acquired from the arguments on unpickling.
+    Bad values raise ``ValueError`` at construction (a missing file ``FileNotFoundError``), naming the
+    argument, the value and the allowed ones; sizes are bounded before anything is allocated (see
+    :class:`envs.config.EnvConfig`). A refused ``reset`` or ``step`` changes nothing. The model is shared by
+    all environments of a process (never copied); pickling an env keeps its exact episode state, and its
+    model is re-acquired from the checkpoint or hub weights on unpickling, while a random model's weights
+    travel in the pickle (so another process predicts the same).
 
     ## Vectorized environment
 
@@ -138,14 +142,11 @@ class AVEEnv(EngineViews, gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Start an episode. ``options={"index": i}`` shows image ``i`` of the split."""
-        options = dict(options or {})
-        unknown = sorted(set(options) - {"index"})
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {unknown}; allowed: ['index']")
+        options = check_options(options, ["index"])
         index = options.get("index")
         if index is not None:
             index = self.engine.check_index(index)  # before seeding: a bad option changes nothing
-        super().reset(seed=seed)
+        super().reset(seed=check_seed(seed))  # numpy integers as ints; -1, 1.5, "1": ValueError, nothing changed
         self.engine.reset_rows([0], [self.np_random], [index])
         return self._obs(), row_info(self.engine.infos(), 0)
 

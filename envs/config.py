@@ -8,36 +8,82 @@ Every per-data-set default (split, canvas size, model, data-set options such as 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from avex.checkpoint import is_avex_checkpoint, shared_model
+from avex.checkpoint import check_build_args, is_avex_checkpoint, shared_model
+from avex.checks import brief, check_int
 from avex.data import DATASETS, CanvasSource, DatasetSpec, get_dataset
 from avex.model import TOREViT
 from envs.rewards import REWARDS
 
-__all__ = ["ACTION_MODES", "POSITIONS", "EnvConfig", "check_int", "env_model"]
+__all__ = [
+    "ACTION_MODES",
+    "MAX_IMAGE_SIDE",
+    "MAX_PATCHES",
+    "POSITIONS",
+    "EnvConfig",
+    "check_flag",
+    "check_grid",
+    "check_int",
+    "check_options",
+    "check_seed",
+    "env_model",
+]
 
 ACTION_MODES = ("discrete", "continuous")
 POSITIONS = ("overlapping", "grid")
+# Size bounds, checked before anything is allocated. Every env holds its canvas (H x W x C bytes) and per
+# patch state (position tables, the visited map, the decoder's grid, whose attention grows with the square
+# of the patch count): 2048 px and a 128 x 128 patch grid are far above any ViT set-up and far below sizes
+# that take gigabytes or minutes.
+MAX_IMAGE_SIDE = 2048
+MAX_PATCHES = 128 * 128
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {brief(value)}")
 
 
-def check_int(name: str, value: Any, lo: int, hi: int | None = None, why: str = "") -> int:
-    """``value`` as an int in ``lo..hi``; ValueError naming ``name``, the range and the value otherwise."""
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not ok or value < lo or (hi is not None and value > hi):
-        span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {span}{why}, got {value!r}")
-    return int(value)
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool; ValueError unless it is True or False (``"no"`` would be truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {brief(value)}")
+    return bool(value)
+
+
+def check_seed(seed: Any, name: str = "seed") -> int | None:
+    """A reset seed as a Python int >= 0 (numpy integers accepted), or None."""
+    return None if seed is None else check_int(name, seed, 0)
+
+
+def check_options(options: Any, allowed: Sequence[str]) -> dict[str, Any]:
+    """Reset options as a dict with only ``allowed`` keys (None: empty). Raises ValueError otherwise."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict (keys {sorted(allowed)}) or None, got {brief(options)}")
+    unknown = sorted(str(k) for k in options if k not in allowed)
+    if unknown:
+        raise ValueError(f"unknown reset option(s) {unknown}; allowed: {sorted(allowed)}")
+    return dict(options)
+
+
+def check_grid(grid: tuple[int, int]) -> None:
+    """Refuse a patch grid over :data:`MAX_PATCHES` (the reason and the fixes in the message)."""
+    cells = grid[0] * grid[1]
+    if cells > MAX_PATCHES:
+        raise ValueError(
+            f"a {grid[0]}x{grid[1]} patch grid ({cells} patches) exceeds the {MAX_PATCHES} an environment allows "
+            "(per-patch state, position tables and the decoder's attention grow with it): "
+            "use a larger patch or a smaller image_size"
+        )
 
 
 @dataclass(frozen=True)
@@ -53,9 +99,14 @@ class EnvConfig:
             plain keywords (``clutter=0``), refused for a data set that does not declare them.
         cache_images: keep decoded images of a folder / ImageNet in memory (fast resets on small folders).
 
+    Sizes are bounded before anything is allocated: image sides up to :data:`MAX_IMAGE_SIDE`, patch grids
+    up to :data:`MAX_PATCHES` patches, ``budget`` up to the distinct glimpse positions (or, with repeats or
+    continuous actions, the patches of the grid).
+
     Model (one instance per process, shared by every env; the classes and channels come from the data):
         model: timm ViT name (used when ``checkpoint`` is not an avex checkpoint).
-        checkpoint: avex checkpoint path, "shipped:fashion-mnist", a timm weights file, or None.
+        checkpoint: avex checkpoint path (str or pathlib.Path), "shipped:fashion-mnist", a timm safetensors
+            weights file holding exactly the ViT built here, or None (see :mod:`avex.checkpoint` for the rules).
         pretrained: timm hub weights when ``checkpoint`` is None (must be in the local hub cache offline).
         model_kwargs: extra ``timm.create_model`` arguments (depth, embed_dim, num_heads, ...).
         device: "cpu", "cuda" or "cuda:<i>"; canvases, glimpses and the model all live there.
@@ -124,25 +175,52 @@ class EnvConfig:
         _choice("action_mode", self.action_mode, ACTION_MODES)
         _choice("positions", self.positions, POSITIONS)
         _choice("dtype", self.dtype, ("float32", "bfloat16"))
+        if not isinstance(self.model, str):
+            raise ValueError(f"model must be a timm model name (str), got {brief(self.model)}")
+        for name in ("root", "checkpoint"):  # paths: a pathlib.Path is kept as its str (one shared model)
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (str, os.PathLike))):
+                raise ValueError(f"{name} must be a path (str or pathlib.Path) or None, got {brief(value)}")
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
+        if self.split is not None and not isinstance(self.split, str):
+            raise ValueError(f"split must be a sub-folder / split name (str) or None, got {brief(self.split)}")
         check_int("budget", self.budget, 1)
         check_int("glimpse", self.glimpse, 1)
-        if self.patch is not None:
-            check_int("patch", self.patch, 1)
         if self.K is not None:
             check_int("K", self.K, 0)
         if self.image_size is not None:
             size = self.image_size
-            sizes = (size,) if isinstance(size, (int, np.integer)) else tuple(size)
-            if len(sizes) not in (1, 2) or not all(_positive_int(s) for s in sizes):
-                raise ValueError(f"image_size must be a positive int or (H, W), got {self.image_size!r}")
-        for flag in ("pretrained", "allow_repeats", "entropy"):
-            if not isinstance(getattr(self, flag), (bool, np.bool_)):
-                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        if not isinstance(self.max_ratio, (int, float)) or not 0.0 < self.max_ratio <= 1.0:
-            raise ValueError(f"max_ratio must be a number in (0, 1], got {self.max_ratio!r}")
-        if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
-            kind = type(self.model_kwargs).__name__
-            raise ValueError(f"model_kwargs must be a dict of timm.create_model arguments, got {kind}")
+            sizes: tuple[Any, ...] = ()
+            if isinstance(size, (int, np.integer)):
+                sizes = (size,)
+            elif isinstance(size, (tuple, list)) and len(size) == 2:
+                sizes = tuple(size)
+            if not sizes or not all(_positive_int(s) and s <= MAX_IMAGE_SIDE for s in sizes):
+                raise ValueError(
+                    f"image_size must be a positive int or (H, W), each side at most {MAX_IMAGE_SIDE} px "
+                    f"(canvases and per-patch state grow with the area), got {brief(size)}"
+                )
+        if self.patch is not None:
+            check_int("patch", self.patch, 1, min(self.resolved_image_size), " (at most the canvas side)")
+        for flag in ("pretrained", "allow_repeats", "entropy", "cache_images"):
+            check_flag(flag, getattr(self, flag))
+        ratio = self.max_ratio
+        if (
+            isinstance(ratio, (bool, np.bool_))
+            or not isinstance(ratio, (int, float, np.integer, np.floating))
+            or not 0 < ratio <= 1
+        ):
+            raise ValueError(f"max_ratio must be a number in (0, 1], got {brief(ratio)}")
+        if self.model_kwargs is not None:
+            if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
+                kind = type(self.model_kwargs).__name__
+                raise ValueError(f"model_kwargs must be a dict of timm.create_model arguments, got {kind}")
+            check_build_args(self.model_kwargs, "model_kwargs")
+        patch = self.patch if self.patch is not None else (self.model_kwargs or {}).get("patch_size")
+        if patch is not None and _positive_int(patch):
+            h, w = self.resolved_image_size
+            check_grid((h // int(patch), w // int(patch)))
         if self.spec.needs_root and self.root is None:
             raise ValueError(f"dataset={self.dataset!r} needs root= ({self.spec.description or 'its data folder'})")
         _check_device(self.device)
@@ -176,27 +254,37 @@ class EnvConfig:
 def _dataset_names(value: Any) -> list[str]:
     """The registered names, with ``value`` itself when it is an alias (so aliases pass _choice)."""
     names = DATASETS.names()
-    return [*names, value] if value in DATASETS and value not in names else names
+    return [*names, value] if isinstance(value, str) and value in DATASETS and value not in names else names
 
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: Any) -> None:
+    wrong = f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {brief(device)}"
+    if not isinstance(device, str):
+        raise ValueError(wrong)
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {device!r}") from err
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(wrong) from err
+    if dev.type not in ("cpu", "cuda"):  # "meta" holds no data, others have no kernels here
+        raise ValueError(wrong)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here: use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(f"device={device!r} but this machine has {n} CUDA device(s): use cuda:0..cuda:{n - 1}")
 
 
 def env_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
     """The process-wide shared model for a config, checked against the data's canvas and classes.
 
     Raises:
-        ValueError: the model's image size, channels, classes or patch do not fit the environment.
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: the checkpoint cannot be loaded, or the model's image size, channels, classes or patch
+            do not fit the environment.
     """
     h, w, c = source.canvas_shape
     if is_avex_checkpoint(cfg.checkpoint):

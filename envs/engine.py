@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from avex.checkpoint import built_digest, weights_digest
+from avex.checks import brief
 from avex.flops import ViTDims, step_flops
 from avex.geometry import GlimpseGeometry
 from avex.model import AggregatorOutput, TOREViT
-from envs.config import EnvConfig, check_int, env_model
+from envs.config import EnvConfig, check_grid, check_int, env_model
 from envs.rewards import REWARDS, Belief
 
 __all__ = ["AVEEngine", "EngineViews", "row_info"]
@@ -69,6 +71,7 @@ class AVEEngine:
         self.source = cfg.make_source()
         self.model = env_model(cfg, self.source)
         m = self.model
+        check_grid(m.grid)
         self.device = m.pixel_mean.device
         self.K = m.depth // 2 if cfg.K is None else m.check_k(cfg.K)
         if cfg.entropy and m.decoder is None:
@@ -84,11 +87,7 @@ class AVEEngine:
         # The same centre-inside rule at pixel level: which canvas pixels a glimpse box reveals.
         self._pixels = GlimpseGeometry((h, w), 1, 1)
         self.num_actions = self.geometry.num_actions
-        if cfg.action_mode == "discrete" and not cfg.allow_repeats and cfg.budget > self.num_actions:
-            raise ValueError(
-                f"budget={cfg.budget} exceeds the {self.num_actions} distinct glimpse positions "
-                f"(positions={cfg.positions!r}): lower budget, or pass allow_repeats=True"
-            )
+        self._check_budget()
         self.class_names = list(self.source.class_names)
         self.reward_fn = REWARDS.get(cfg.reward)
         G = self.geometry.tokens_per_glimpse
@@ -112,6 +111,24 @@ class AVEEngine:
             self._empty_cls = out.features.float()
             self._empty_entropy = self._entropy_map(out) if cfg.entropy else torch.zeros(1, *m.grid, device=self.device)
             self._empty_pred = int(self._empty_logits.argmax(-1).item())
+
+    def _check_budget(self) -> None:
+        """Bound the budget by the geometry before anything sized by it (token cache, FLOP tables) exists."""
+        cfg, A, N = self.config, self.num_actions, self.geometry.num_patches
+        if cfg.action_mode == "discrete" and not cfg.allow_repeats:
+            if cfg.budget > A:
+                raise ValueError(
+                    f"budget={cfg.budget} exceeds the {A} distinct glimpse positions "
+                    f"(positions={cfg.positions!r}): lower budget, or pass allow_repeats=True"
+                )
+        elif cfg.budget > N:
+            # Each glimpse adds its tokens to the cache every later step attends over; past one glimpse per
+            # patch, glimpses only look again at what was seen.
+            raise ValueError(
+                f"budget={cfg.budget} exceeds the {N} patches of the {self.geometry.grid[0]}x{self.geometry.grid[1]} "
+                f"grid, the most glimpses an episode may take with repeats or continuous actions "
+                f"(each adds {self.geometry.tokens_per_glimpse} tokens to every later step): lower budget"
+            )
 
     def _observation_space(self) -> spaces.Dict:
         h, w, c = self.source.canvas_shape
@@ -162,6 +179,7 @@ class AVEEngine:
         self.labels_np = np.zeros(B, dtype=np.int64)
         self.index_np = np.zeros(B, dtype=np.int64)
         self.pred_np = np.full(B, self._empty_pred, dtype=np.int64)
+        self.skipped_np = np.zeros(B, dtype=np.int64)  # unreadable files passed over drawing this episode's image
         self.started = np.zeros(B, dtype=bool)
 
     @property
@@ -171,17 +189,43 @@ class AVEEngine:
 
     # ---------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
-        # The model is shared per process and the source is rebuilt from the config: neither is pickled.
+        """The episode state, the source's counters and the model's weights digest. The source and the model
+        are rebuilt from the config on unpickling (the model exactly: see :func:`avex.checkpoint.shared_model`),
+        so a model changed in place since it was built cannot be pickled.
+
+        Raises:
+            ValueError: the model's weights are no longer those its arguments build.
+        """
+        digest = weights_digest(self.model)
+        if digest != built_digest(self.model):
+            raise ValueError(
+                "cannot pickle this environment: its model's weights were changed after it was built, and a "
+                "pickle rebuilds the model from the environment's arguments; save the model with "
+                "avex.checkpoint.save_tore and make the environment with checkpoint=<that file>"
+            )
         state = {k: v for k, v in self.__dict__.items() if k not in _REBUILT}
         state["_source_state"] = {
             k: getattr(self.source, k) for k in ("skipped", "bad_files") if hasattr(self.source, k)
         }
+        state["_model_digest"] = digest
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild source and model from the config, and refuse a model whose weights differ from the pickled one.
+
+        Raises:
+            ValueError: the rebuilt model differs (the checkpoint file changed, or another torch / timm).
+        """
         source_state = state.pop("_source_state", {})
+        digest = state.pop("_model_digest", None)
         self.__dict__.update(state)
         self._build()
+        if digest is not None and weights_digest(self.model) != digest:
+            raise ValueError(
+                f"cannot unpickle this environment: the model its arguments give here "
+                f"(checkpoint={self.config.checkpoint!r}, model={self.config.model!r}) has other weights than the "
+                "pickled one (a checkpoint file changed, or another torch / timm version)"
+            )
         for k, v in source_state.items():
             setattr(self.source, k, v)
 
@@ -210,7 +254,12 @@ class AVEEngine:
             return
         if indices is not None:
             indices = [None if i is None else self.check_index(i) for i in indices]
-        canvases, labels, used_idx = self.source.sample(list(rngs), indices)
+        # A source that decodes files reports, per row, the unreadable ones it passed over.
+        counting = getattr(self.source, "sample_counting_skips", None)
+        if counting is not None:
+            canvases, labels, used_idx, skipped = counting(list(rngs), indices)
+        else:
+            (canvases, labels, used_idx), skipped = self.source.sample(list(rngs), indices), 0
         r = torch.as_tensor(rows, device=self.device)
         self.hidden[r] = canvases.to(self.device)
         self.labels[r] = labels.to(self.device)
@@ -227,6 +276,7 @@ class AVEEngine:
         self.labels_np[rows] = labels.cpu().numpy()
         self.index_np[rows] = used_idx
         self.pred_np[rows] = self._empty_pred
+        self.skipped_np[rows] = skipped
         self.started[rows] = True
 
     # -------------------------------------------------------------------- step
@@ -252,8 +302,15 @@ class AVEEngine:
         a = np.asarray(actions)
         if self.config.action_mode == "discrete":
             if a.shape != (B,):
-                raise ValueError(f"expected {B} discrete action(s) (shape ({B},)), got shape {a.shape}: {actions!r}")
-            self.geometry.action_to_patch(a)  # raises ValueError for a wrong type or range
+                raise ValueError(
+                    f"expected {B} discrete action(s) (shape ({B},)), got shape {a.shape}: {brief(actions)}"
+                )
+            if a.dtype.kind not in "iu":  # checked here too: the geometry's message would quote a whole string
+                A, (ph, pw) = self.num_actions, self.geometry.positions_shape
+                raise ValueError(
+                    f"action must be an integer in [0, {A - 1}] ({ph}x{pw} glimpse positions), got {brief(actions)}"
+                )
+            self.geometry.action_to_patch(a)  # raises ValueError for an action off the grid
             a = a.astype(np.int64)
             if not self.config.allow_repeats:
                 repeats = np.flatnonzero(self.used[np.arange(B), a])
@@ -269,14 +326,17 @@ class AVEEngine:
         if a.shape != (B, 3) or a.dtype.kind not in "fiu":
             raise ValueError(
                 f"expected {B} continuous action(s) (y, x, z) as floats of shape ({B}, 3), "
-                f"got {a.dtype} shape {a.shape}: {actions!r}"
+                f"got {a.dtype} shape {a.shape}: {brief(actions)}"
             )
         if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
-            raise ValueError(f"continuous actions (y, x, z) must lie in [0, 1], got {a.tolist()}")
+            raise ValueError(f"continuous actions (y, x, z) must lie in [0, 1], got {brief(a.tolist())}")
         return a.astype(np.float32)
 
     def _rows_text(self, rows: np.ndarray) -> str:
-        return f" (env {', '.join(map(str, rows.tolist()))})" if self.batch_size > 1 else ""
+        if self.batch_size == 1:
+            return ""
+        more = f" and {rows.size - 10} more" if rows.size > 10 else ""
+        return f" (env {', '.join(map(str, rows[:10].tolist()))}{more})"
 
     @torch.inference_mode()
     def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -374,7 +434,7 @@ class AVEEngine:
             "cumulative_flops": self.flops_cumulative[t],
             "glimpse_box": box,
             "action_mask": self.action_masks()[idx].astype(np.int8),
-            "skipped_images": np.full(len(idx), int(getattr(self.source, "skipped", 0)), dtype=np.int64),
+            "skipped_images": self.skipped_np[idx].copy(),
         }
 
     def frame(self, row: int = 0) -> np.ndarray:

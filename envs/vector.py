@@ -18,7 +18,8 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from envs.config import EnvConfig
+from avex.checks import brief
+from envs.config import EnvConfig, check_flag, check_int, check_options, check_seed
 from envs.engine import AVEEngine, EngineViews
 
 __all__ = ["AVEVectorEnv"]
@@ -73,10 +74,9 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.config = EnvConfig.from_kwargs(**kwargs)
-        if max_episode_steps is not None and (
-            not isinstance(max_episode_steps, (int, np.integer)) or max_episode_steps < 1
-        ):
-            raise ValueError(f"max_episode_steps must be a positive integer or None, got {max_episode_steps!r}")
+        if max_episode_steps is not None:
+            check_int("max_episode_steps", max_episode_steps, 1, why=" or None")
+        check_flag("torch_obs", torch_obs)
         self.engine = AVEEngine(self.config, num_envs)
         self.num_envs = self.engine.batch_size
         self.render_mode = render_mode
@@ -102,7 +102,7 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         if mask.dtype != np.bool_ or mask.shape != (self.num_envs,) or not mask.any():
             raise ValueError(
                 f"options['reset_mask'] must be a bool array of shape ({self.num_envs},) with at least one True, "
-                f"got {mask.dtype} {mask.shape}: {mask!r}"
+                f"got {mask.dtype} {mask.shape}: {brief(mask)}"
             )
         return mask
 
@@ -110,28 +110,30 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         index = options.get("index")
         if index is None:
             return None
-        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+        if isinstance(index, (int, np.integer)) and not isinstance(index, (bool, np.bool_)):
             per_env = [index] * self.num_envs
-        else:
+        elif isinstance(index, (Sequence, np.ndarray)) and not isinstance(index, str) and len(index) == self.num_envs:
             per_env = list(index)
-            if len(per_env) != self.num_envs:
-                raise ValueError(
-                    f"options['index'] must be one int or a sequence of {self.num_envs} (int or None), got {index!r}"
-                )
+        else:
+            raise ValueError(
+                f"options['index'] must be one int or a sequence of {self.num_envs} (int or None), got {brief(index)}"
+            )
         return [None if per_env[i] is None else self.engine.check_index(per_env[i]) for i in rows]
 
-    def _seeds(self, seed: int | Sequence[int | None] | None) -> list[int | None]:
+    def _seeds(self, seed: Any) -> list[int | None]:
+        """One seed per env (each None or an int >= 0), all checked before any env is touched."""
         if seed is None:
             return [None] * self.num_envs
-        wrong = f"seed must be None, an int or a list of {self.num_envs} seeds, got {seed!r}"
-        if isinstance(seed, bool):
-            raise ValueError(wrong)
-        if isinstance(seed, (int, np.integer)):
-            return [int(seed) + i for i in range(self.num_envs)]
-        seeds = list(seed)
-        if len(seeds) != self.num_envs:
-            raise ValueError(wrong)
-        return seeds
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+            first = check_seed(seed)
+            assert first is not None
+            return [first + i for i in range(self.num_envs)]
+        if not isinstance(seed, (Sequence, np.ndarray)) or isinstance(seed, str) or len(seed) != self.num_envs:
+            raise ValueError(
+                f"seed must be None, an int >= 0 or a list of {self.num_envs} seeds (int >= 0 or None), "
+                f"got {brief(seed)}"
+            )
+        return [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
 
     def _rng(self, i: int | np.integer) -> np.random.Generator:
         """Env ``i``'s generator; it exists from the env's first reset (step() refuses envs never reset)."""
@@ -145,19 +147,18 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Reset all envs, or those in ``options["reset_mask"]``; returns every env's observation and the
         reset envs' infos (``_key`` masks mark them)."""
-        options = dict(options or {})
-        unknown = sorted(set(options) - {"reset_mask", "index"})
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {unknown}; allowed: ['index', 'reset_mask']")
+        options = check_options(options, ["index", "reset_mask"])
         rows = np.flatnonzero(self._reset_mask(options))
         indices = self._indices(options, rows)
         seeds = self._seeds(seed)
-        # Everything validated: from here on the state changes.
-        super().reset(seed=seed if isinstance(seed, (int, np.integer)) else None)
-        for i in rows:
-            if seeds[i] is not None or self._rngs[i] is None:
-                self._rngs[i], _ = seeding.np_random(seeds[i])
-        self.engine.reset_rows(rows, [self._rng(i) for i in rows], indices)
+        # Everything validated. New generators are committed only once the engine has reset with them, so
+        # a fault while drawing (every image unreadable) leaves every env's generator as it was.
+        fresh = {int(i): seeding.np_random(seeds[i])[0] for i in rows if seeds[i] is not None or self._rngs[i] is None}
+        self.engine.reset_rows(rows, [fresh[int(i)] if int(i) in fresh else self._rng(i) for i in rows], indices)
+        for i, rng in fresh.items():
+            self._rngs[i] = rng
+        if isinstance(seed, (int, np.integer)):
+            super().reset(seed=seeds[0])
         return self._observe(), _masked_infos(self.engine.infos(rows), rows, self.num_envs)
 
     # ------------------------------------------------------------------- step
