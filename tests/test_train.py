@@ -373,3 +373,12 @@ def test_train_k_restricts_the_split_points_and_refuses_bad_ones(fmnist_root: Pa
     assert load_tore(result["checkpoint"]).meta["train_args"]["train_k"] == [2]
     with pytest.raises(ValueError, match=r"--train-k \[3\].*0\.\.2"):
         train_classifier(TrainConfig(out=str(tmp_path / "bad"), train_k=(3,), **base))
+
+
+def test_a_run_shorter_than_an_epoch_evaluates_the_subset(fmnist_root: Path, tmp_path: Path) -> None:
+    """A trial run (1 step, under an epoch) evaluates --eval-subset images, not the whole split."""
+    common = dict(device="cpu", data_root=str(fmnist_root), img_size=48, batch_size=8, eval_batch_size=4)
+    cfg = TrainConfig(steps=1, eval_subset=3, out=str(tmp_path / "short"), progress=False, **common, **TINY)
+    assert train_classifier(cfg)["eval"]["n"] == 3
+    cfg = TrainConfig(epochs=1.0, eval_subset=3, out=str(tmp_path / "epoch"), progress=False, **common, **TINY)
+    assert train_classifier(cfg)["eval"]["n"] == 20  # a whole epoch (10 steps): the whole fake test split

@@ -1,4 +1,4 @@
-"""``avex benchmark``: glimpse policies x split points on an environment's test split.
+"""``avex benchmark``: glimpse policies x split points on an environment's evaluation split.
 
 For every agent and K it plays episodes on the batched vector env and reports accuracy after each
 glimpse (with 95% Wilson intervals), analytic FLOPs per episode of TORE against full recomputation
@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from agents import AGENTS, make_agent, play_episodes
+from avex.data import get_dataset
 from avex.flops import ViTDims, episode_flops
 from avex.platform_info import device_name
 
@@ -44,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--episodes", type=int, default=500, help="episodes per agent and K (500: about 4 minutes on 2 CPU cores)"
     )
     p.add_argument("--num-envs", type=int, default=250, help="envs stepped together (one batched TORE forward)")
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--split", default=None, help="split the episodes come from (default: the data set's evaluation split)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ppo", default="shipped:fashion-mnist", help="PPO policy (.safetensors) for the ppo agent")
@@ -80,6 +83,12 @@ def _play(
     )
 
 
+def evaluation_split(env_id: str, env_kwargs: dict[str, Any]) -> str | None:
+    """The split a benchmark plays by default: the env's data set's evaluation split (Fashion-MNIST: test)."""
+    dataset = env_kwargs.get("dataset", gym.spec(env_id).kwargs.get("dataset", "fashion-mnist"))
+    return get_dataset(dataset).eval_split
+
+
 def _result(agent: str, K: int, played: dict[str, Any], dims: ViTDims, budget: int, g2: int) -> dict[str, Any]:
     """One table row: accuracy after each glimpse with Wilson intervals, and FLOPs against full recomputation."""
     acc, lo, hi = wilson(played.pop("correct").astype(np.float64))
@@ -103,6 +112,8 @@ def _result(agent: str, K: int, played: dict[str, Any], dims: ViTDims, budget: i
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run every (agent, K); write and return the results."""
     env_kwargs = json.loads(args.env_kwargs)
+    if args.split is None:
+        args.split = evaluation_split(args.env, env_kwargs)
     probe = cast("AVEEnv", gym.make(args.env, split=args.split, device=args.device, **env_kwargs).unwrapped)
     depth, budget, g2 = probe.model.depth, probe.budget, probe.geometry.tokens_per_glimpse
     dims = ViTDims.of(probe.model)

@@ -10,6 +10,7 @@ import gymnasium as gym
 import numpy as np
 
 from agents import AGENTS, make_agent
+from avex.cli.benchmark import evaluation_split
 from envs.render import save_gif
 
 if TYPE_CHECKING:
@@ -24,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--agent", default="random", choices=AGENTS.names(), help="a registered agent (default: %(default)s)"
     )
     p.add_argument("--ppo", default=None, help="policy of the ppo agent (default: the shipped Fashion-MNIST one)")
-    p.add_argument("--split", default="test", help="split the canvas comes from (default: %(default)s)")
+    p.add_argument(
+        "--split", default=None, help="split the canvas comes from (default: the data set's evaluation split)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the env and the agent (default: %(default)s)")
     p.add_argument("--env-kwargs", default="{}", help="extra env kwargs as JSON (default: %(default)s)")
     p.add_argument("--gif", default="results/demo.gif", help="where the episode is written (default: %(default)s)")
@@ -39,7 +42,9 @@ def _render(env: gym.Env) -> np.ndarray:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    env = gym.make(args.env, split=args.split, render_mode="rgb_array", **json.loads(args.env_kwargs))
+    env_kwargs = json.loads(args.env_kwargs)
+    split = evaluation_split(args.env, env_kwargs) if args.split is None else args.split
+    env = gym.make(args.env, split=split, render_mode="rgb_array", **env_kwargs)
     agent = make_agent(args.agent, env, seed=args.seed, policy=args.ppo)
     obs, info = env.reset(seed=args.seed)
     ave = cast("AVEEnv", env.unwrapped)

@@ -107,7 +107,9 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_every: float = _opt(0.0, OUTPUT, "epochs between evaluations on a fixed subset (0: at the end only)")
     eval_subset: int = _opt(2000, OUTPUT, "images of the periodic evaluation")
-    eval_size: int = _opt(0, OUTPUT, "images of the final evaluation (0: the whole test/val split)")
+    eval_size: int = _opt(
+        0, OUTPUT, "images of the final evaluation (0: the whole evaluation split; a run under an epoch: --eval-subset)"
+    )
     eval_batch_size: int = _opt(500, OUTPUT, "evaluation batch")
     out: str = _opt("runs/tore", OUTPUT, "checkpoint path without suffix (.safetensors, .json, .eval.md, .eval.json)")
     save_every: float = _opt(0.0, OUTPUT, "epochs between checkpoints (0: at the end only)")

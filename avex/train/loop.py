@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,8 +133,7 @@ def _set_up(cfg: TrainConfig) -> _Run:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # The model init, the same on every rank (DDP also broadcasts rank 0's weights). The data comes first:
-    # an image folder's DataLoader draws its worker seed from this generator when it starts.
+    # The model init, the same on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(cfg.seed)
     data = load_train_data(cfg, rank, world, device)
     model, init_meta = prepare_classifier(cfg, len(data.class_names), device)
@@ -257,9 +257,17 @@ class _Meter:
 
 
 def _evaluate(run: _Run, limit: int) -> dict[str, Any]:
-    """The accuracy table on the first ``limit`` evaluation images (0: all) at the model's report K's."""
+    """The accuracy table on ``limit`` evaluation images (0: all) at the model's report K's, with a progress bar."""
     cfg = run.cfg
-    batches = run.data.eval_batches(cfg.eval_batch_size, limit)
+    source = run.data.eval_source
+    n = len(source) if source is not None and (limit <= 0 or limit > len(source)) else limit
+    batches = tqdm(
+        run.data.eval_batches(cfg.eval_batch_size, limit),
+        total=math.ceil(n / cfg.eval_batch_size),
+        desc=f"evaluate {n} images",
+        disable=not cfg.progress,
+        leave=False,
+    )
     columns = eval_columns(run.budget, run.geo)
     return evaluate_classifier(run.model, batches, run.geo, run.model.report_ks, columns, cfg.amp)
 
@@ -290,8 +298,13 @@ def _save(run: _Run, eval_table: dict[str, Any] | None, train_time: float, steps
 
 
 def _final_evaluation(run: _Run, train_time: float, img_s: float, recent: dict[str, float]) -> dict[str, Any]:
-    """Evaluate on the whole evaluation set (or ``eval_size`` images), print, save the checkpoint and the tables."""
-    table = _evaluate(run, run.cfg.eval_size)
+    """Evaluate on the whole evaluation set (or ``eval_size`` images), print, save the checkpoint and the tables.
+
+    A run shorter than an epoch is a trial: it evaluates ``eval_subset`` images unless ``eval_size`` is given.
+    """
+    cfg = run.cfg
+    size = cfg.eval_size if cfg.eval_size or run.total_steps >= run.steps_per_epoch else cfg.eval_subset
+    table = _evaluate(run, size)
     md = eval_markdown(table)
     print(
         f"[avex.train] {run.total_steps} steps in {train_time:.1f} s, {img_s:.0f} images/s per process; last loss "
