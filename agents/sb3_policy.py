@@ -23,12 +23,14 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
-from agents.ppo import BELIEF_KEYS, FORMAT, belief_space
+from agents.belief import BELIEF_KEYS, belief_space
 
 if TYPE_CHECKING:  # sb3-contrib is imported only for discrete actions
     from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
 
-__all__ = ["POLICY_KWARGS", "BeliefExtractor", "BeliefKeys", "build_policy", "save_policy"]
+__all__ = ["FORMAT", "POLICY_KWARGS", "BeliefExtractor", "BeliefKeys", "build_policy", "save_policy"]
+
+FORMAT = "avex-ppo/1"  # the "format" field of a saved policy's JSON
 
 
 class BeliefKeys(VecEnvWrapper):
