@@ -37,15 +37,15 @@ def belief_space(space: spaces.Space[Any]) -> spaces.Dict:
     return spaces.Dict({k: space[k] for k in BELIEF_KEYS})
 
 
-class BeliefObservation(gym.ObservationWrapper[dict[str, np.ndarray], Any, dict[str, np.ndarray]]):
+class BeliefObservation(gym.ObservationWrapper[dict[str, Any], Any, dict[str, Any]]):
     """A single avex env whose observations hold only :data:`BELIEF_KEYS`; ``action_masks()`` is passed on
     (Gymnasium wrappers do not forward attributes, and sb3-contrib's MaskablePPO asks the env for it)."""
 
-    def __init__(self, env: gym.Env[dict[str, np.ndarray], Any]) -> None:
+    def __init__(self, env: gym.Env[dict[str, Any], Any]) -> None:
         super().__init__(env)
-        self.observation_space = belief_space(env.observation_space)
+        self.observation_space: spaces.Space[dict[str, Any]] = belief_space(env.observation_space)
 
-    def observation(self, observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def observation(self, observation: dict[str, Any]) -> dict[str, Any]:
         return {k: observation[k] for k in BELIEF_KEYS}
 
     def action_masks(self) -> np.ndarray:
