@@ -26,7 +26,7 @@ __all__ = [
 
 def build_classifier(cfg: TrainConfig, num_classes: int) -> TOREViT:
     """``create_tore`` from a config through :func:`~avex.train.config.resolve_config`; weights as timm inits them."""
-    extra = {
+    extra: dict[str, Any] = {
         k: v
         for k, v in dict(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads).items()
         if v is not None
