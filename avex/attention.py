@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterable
-from typing import TypeGuard, cast
+from collections.abc import Callable, Iterable
+from typing import TypeGuard, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -65,6 +65,7 @@ _SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_T = TypeVar("_T")
 
 
 def short_attention_available() -> bool:
@@ -79,6 +80,16 @@ def _interpreted() -> bool:
 
 # ----------------------------------------------------------------------------- the Triton kernel
 if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """``a @ b`` on tensor cores with fp32 accumulation; fp32 inputs (IEEE) get exact fp32 products, not TF32.
+
+        Shared by this file's kernel and :mod:`avex.entropy_attention`'s.
+        """
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
 
     @triton.jit
     def _short_attention_kernel(
@@ -112,12 +123,7 @@ if triton is not None:
         v = tl.load(base + 2 * HEADS * HEAD_DIM, mask=in_seq[:, None], other=0.0)
         # Tensor-core matmuls, padded to BLOCK_S >= 16 rows (tl.dot's minimum): even at a handful of tokens
         # they beat fp32 multiply-adds over fewer padded rows (``sdpa_short.py --tune`` compares the two).
-        # fp32 inputs get exact fp32 products (IEEE), not TF32.
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = scores * scale
+        scores = _dot(q, tl.trans(k), IEEE) * scale
         keep = in_seq
         if HAS_VALID:
             keep = keep & (tl.load(valid_ptr + b * stride_valid_b + s, mask=in_seq, other=0) != 0)
@@ -125,10 +131,7 @@ if triton is not None:
         # Softmax in fp32; padded query rows still see the real keys, so no row is all -inf.
         p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
         p = p / tl.sum(p, axis=1)[:, None]
-        if IEEE:
-            o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            o = tl.dot(p.to(v.dtype), v)
+        o = _dot(p.to(v.dtype), v, IEEE)
         out = out_ptr + b * stride_out_b + s[:, None] * stride_out_s + h * HEAD_DIM + d[None, :]
         tl.store(out, o.to(out_ptr.dtype.element_ty), mask=in_seq[:, None])
 
@@ -250,30 +253,45 @@ def _plain_block(blk: nn.Module) -> TypeGuard[Block]:
     )
 
 
-_kernel_failure: str | None = None  # set when Triton could not build or launch the kernel on this machine
+# Why a Triton kernel could not build or launch on this machine, by kernel name: set on its first failure.
+_kernel_failures: dict[str, str] = {}
 
 
-def _kernel_or_reference(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None) -> torch.Tensor:
-    """:func:`short_attention`, or :func:`reference_attention` (with one warning) once the kernel has failed to
-    build or launch here: Triton compiles a small C launcher at first use, and an image without a C compiler
-    should still run, only slower."""
-    global _kernel_failure
-    if _kernel_failure is None:
+def kernel_or_fallback(name: str, kernel: Callable[[], _T], fallback: Callable[[], _T], advice: str) -> _T:
+    """``kernel()``, or ``fallback()`` (with one warning per kernel name) once the kernel has failed to build or
+    launch here: Triton compiles a small C launcher at first use, and an image without a C compiler should
+    still run, only slower. A ValueError (a shape or dtype the kernel refuses: a caller's bug, not the
+    machine's) is raised, not hidden.
+
+    Args:
+        name: the kernel, as the warning names it ("attention", "entropy attention").
+        kernel, fallback: the two computations, same results.
+        advice: what the warning says after the failure (what runs instead, how to skip the kernel).
+    """
+    if name not in _kernel_failures:
         try:
-            return short_attention(qkv, heads, valid)
-        except ValueError:  # a shape or dtype this kernel refuses: a caller's bug, not the machine's
+            return kernel()
+        except ValueError:
             raise
         except Exception as err:  # deliberately broad: Triton's build and driver errors have no common type
-            _kernel_failure = f"{type(err).__name__}: {err}"
+            _kernel_failures[name] = f"{type(err).__name__}: {err}"
             warnings.warn(
-                f"avex: the Triton attention kernel failed on this machine ({_kernel_failure[:300]}); "
-                "attention now uses PyTorch's SDPA, with the same results but slower. Fix the Triton "
-                "install (it needs a C compiler at first use) or set AVEX_SDPA=efficient,flash,math "
-                "to skip the kernel.",
+                f"avex: the Triton {name} kernel failed on this machine ({_kernel_failures[name][:300]}); {advice}",
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return reference_attention(qkv, heads, valid)
+    return fallback()
+
+
+def _kernel_or_reference(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None) -> torch.Tensor:
+    """:func:`short_attention`, or :func:`reference_attention` once the kernel has failed here."""
+    return kernel_or_fallback(
+        "attention",
+        lambda: short_attention(qkv, heads, valid),
+        lambda: reference_attention(qkv, heads, valid),
+        "attention now uses PyTorch's SDPA, with the same results but slower. Fix the Triton install (it needs "
+        "a C compiler at first use) or set AVEX_SDPA=efficient,flash,math to skip the kernel.",
+    )
 
 
 def block_forward(blk: Block, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

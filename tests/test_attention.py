@@ -193,7 +193,7 @@ def test_kernel_failure_falls_back_to_sdpa_with_one_warning(monkeypatch: pytest.
         raise RuntimeError("Failed to find C compiler")
 
     monkeypatch.setattr(att, "short_attention", broken)
-    monkeypatch.setattr(att, "_kernel_failure", None)
+    monkeypatch.setattr(att, "_kernel_failures", {})
     monkeypatch.setattr(att, "triton", att.triton or object())  # "Triton importable", even where it is not
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # let CPU tensors take the kernel path
     blocks = _vit_blocks("vit_tiny_patch16_224")
@@ -211,6 +211,6 @@ def test_kernel_failure_falls_back_to_sdpa_with_one_warning(monkeypatch: pytest.
         raise ValueError("short_attention takes 1..64 tokens")
 
     monkeypatch.setattr(att, "short_attention", refused)
-    monkeypatch.setattr(att, "_kernel_failure", None)
+    monkeypatch.setattr(att, "_kernel_failures", {})
     with torch.no_grad(), pytest.raises(ValueError, match="1..64 tokens"):  # a refusal is a bug: it is raised
         att.block_forward(blocks[0], x)

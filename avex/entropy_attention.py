@@ -1,0 +1,336 @@
+"""Attention and AME's attention entropy in one pass, without ever writing the attention map.
+
+AME scores every unseen patch by the entropy of its decoder attention row. Taken from a materialised
+float32 map ``[B, H, Q, S]`` (``S = 1 + N`` keys, ``Q = N`` query rows), that map is the env's largest
+tensor and the decoder the slowest part of a step. The entropy of a softmax row can instead be
+accumulated beside the online softmax (flash-attention style), one block of keys at a time. In log2
+units (``s = q.k * scale * log2(e)``), per query row and head:
+
+* ``m``  the running maximum of ``s`` over every key;
+* ``l = sum_j 2^(s_j - m)`` over every key: the softmax normaliser (CLS included);
+* ``e = sum_{j in E} 2^(s_j - m)`` and ``w = sum_{j in E} 2^(s_j - m) (s_j - m)`` (``w <= 0``) over the
+  entropy keys ``E`` (every key from ``skip_keys`` on: AME leaves CLS, key 0, out of the sum but in the
+  normaliser);
+
+then ``-sum_{j in E} p_j log2 p_j = (e log2 l - w) / l``. Both terms are >= 0, so nothing cancels; the
+form ``log l + m - u / l`` with ``u = sum 2^(s - m) s`` subtracts two numbers that grow with ``|s|`` and
+loses the entropy to rounding at large scores. When a block raises ``m`` to ``m'``, every sum is rescaled
+by ``2^(m - m')`` and ``w`` also takes ``(m - m') e`` (its offsets ``s - m`` move).
+
+Three functions, same arguments and results:
+
+* :func:`entropy_attention_kernel`: the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``; no
+  autograd). One program per (row, block of query rows) loops over the heads, so the sum over heads stays
+  in registers (no atomics: deterministic).
+* :func:`reference_entropy_attention`: PyTorch, any device, autograd; it computes what the decoder always
+  computed (scores in the input's dtype, softmax and entropy in float32), over chunks of query rows so that
+  the probability map is never held whole.
+* :func:`entropy_attention`: the kernel where it can run, else the reference. ``AVEX_ENTROPY_KERNEL=0``
+  forces the reference (an A/B switch for benchmarks).
+
+Shapes: B rows, S tokens (keys), Q = S - first_query query rows, H heads, Dh head width.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from avex.attention import _KERNEL_DTYPES, _check_qkv, _kernel_may_run, kernel_or_fallback, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from avex.attention import _dot
+
+__all__ = [
+    "ENTROPY_KERNEL_ENV",
+    "entropy_attention",
+    "entropy_attention_kernel",
+    "reference_entropy_attention",
+]
+
+ENTROPY_KERNEL_ENV = "AVEX_ENTROPY_KERNEL"  # "0": always the PyTorch reference
+# Probabilities the reference holds at once (float32 elements): B * H * rows * S per chunk of query rows.
+_CHUNK_ELEMENTS = 1 << 24
+_LOG2E = 1.0 / math.log(2.0)
+
+
+# ----------------------------------------------------------------------------------------- the kernel
+if triton is not None:
+
+    @triton.jit
+    def _entropy_attention_kernel(
+        qkv_ptr,
+        out_ptr,
+        ent_ptr,
+        seq_len,
+        first_query,
+        skip_keys,
+        scale_log2,
+        stride_qkv_b,
+        stride_qkv_s,
+        stride_out_b,
+        stride_out_s,
+        stride_ent_b,
+        HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        KEY_BLOCKS: tl.constexpr,
+        OUTPUT: tl.constexpr,
+        ENTROPY: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        # One program = one row b and BLOCK_M query rows, every head (the entropy is summed over heads here).
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # query index, 0..Q-1
+        b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: rows x stride can pass 2**31 at large batches
+        d = tl.arange(0, HEAD_DIM)
+        in_q = rows + first_query < seq_len
+        base = qkv_ptr + b * stride_qkv_b + d[None, :]  # qkv's last axis is (3, H, Dh), as timm's
+        q_ptrs = base + (rows + first_query)[:, None] * stride_qkv_s
+        ent_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for h in tl.static_range(HEADS):
+            q = tl.load(q_ptrs + h * HEAD_DIM, mask=in_q[:, None], other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            e_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            w_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            # A constexpr trip count: one compilation per cdiv(S, BLOCK_N) (one per decoder grid), and Triton's
+            # interpreter cannot loop to a runtime bound.
+            for kb in range(KEY_BLOCKS):
+                keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+                in_k = keys < seq_len
+                kv_ptrs = base + keys[:, None] * stride_qkv_s
+                k = tl.load(kv_ptrs + (HEADS + h) * HEAD_DIM, mask=in_k[:, None], other=0.0)
+                s = _dot(q, tl.trans(k), IEEE) * scale_log2  # [BLOCK_M, BLOCK_N] fp32, log2 units
+                s = tl.where(in_k[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key 0 is in the first block
+                alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
+                t = s - m_new[:, None]
+                p = tl.exp2(t)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if ENTROPY:
+                    in_e = (in_k & (keys >= skip_keys))[None, :]
+                    p_e = tl.where(in_e, p, 0.0)
+                    # The old offsets move by m_i - m_new (-inf on the first block, where e_i = 0: never 0 * inf);
+                    # t is -inf at padded keys, so it is masked before the product, not after.
+                    w_i = (w_i + tl.where(e_i > 0, m_i - m_new, 0.0) * e_i) * alpha
+                    w_i += tl.sum(p_e * tl.where(in_e, t, 0.0), axis=1)
+                    e_i = e_i * alpha + tl.sum(p_e, axis=1)
+                if OUTPUT:
+                    v = tl.load(kv_ptrs + (2 * HEADS + h) * HEAD_DIM, mask=in_k[:, None], other=0.0)
+                    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+                m_i = m_new
+            if OUTPUT:
+                out = out_ptr + b * stride_out_b + rows[:, None] * stride_out_s + h * HEAD_DIM + d[None, :]
+                tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=in_q[:, None])
+            if ENTROPY:
+                ent_sum += (e_i * tl.log2(l_i) - w_i) / l_i
+        if ENTROPY:
+            tl.store(ent_ptr + b * stride_ent_b + rows, ent_sum, mask=in_q)
+
+
+def _check(
+    qkv: torch.Tensor, heads: int, first_query: int, skip_keys: int, output: bool, entropy: bool
+) -> tuple[int, int, int]:
+    """(B, S, Dh) of a valid call; ValueError naming what is wrong otherwise."""
+    b, s, hd = _check_qkv(qkv, heads, None)
+    if not 0 <= first_query <= s:
+        raise ValueError(f"first_query must be in 0..{s} (the sequence length), got {first_query}")
+    if skip_keys < 0:
+        raise ValueError(f"skip_keys must be >= 0, got {skip_keys}")
+    if not (output or entropy):
+        raise ValueError("ask for the attention output, the entropy or both")
+    return b, s, hd
+
+
+def _kernel_refusal(seq_len: int, head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot take this shape or dtype, or None when it can."""
+    if seq_len < 1 or head_dim < 16 or head_dim & (head_dim - 1) or dtype not in _KERNEL_DTYPES:
+        return (
+            "entropy_attention_kernel needs >= 1 token, a head width that is a power of two >= 16 and "
+            f"fp16/bf16/fp32, got S={seq_len}, Dh={head_dim}, {dtype}"
+        )
+    return None
+
+
+_sm_count: dict[int, int] = {}
+
+
+def _launch(batch: int, queries: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): the largest query block that still gives every SM two programs."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _sm_count:
+            _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        want = 2 * _sm_count[idx]
+    else:  # the interpreter: small blocks run fastest
+        want = 1 << 30
+    block_m = next((m for m in (64, 32) if batch * triton.cdiv(queries, m) >= want), 16)
+    return block_m, 64, 4
+
+
+def entropy_attention_kernel(
+    qkv: torch.Tensor,
+    heads: int,
+    *,
+    first_query: int = 0,
+    skip_keys: int = 1,
+    output: bool = True,
+    entropy: bool = True,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Softmax attention of the query rows ``first_query..S-1`` over all S keys, and the entropy of each
+    query row's attention summed over heads, by the Triton kernel (no autograd; no attention map written).
+
+    Args:
+        qkv: [B, S, 3*H*Dh], last axis ordered (3, H, Dh) as timm's ``Attention.qkv`` gives it; Dh a power of
+            two >= 16; fp16, bf16 or fp32 (every product accumulates in fp32; fp32 inputs get exact fp32
+            products, not TF32).
+        heads: H.
+        first_query: rows before it are keys only.
+        skip_keys: the first ``skip_keys`` keys stay in the softmax's normaliser but out of the entropy sum
+            (1: AME's "every key but CLS").
+        output, entropy: which results to compute (at least one).
+        block_m, block_n, num_warps: launch settings (powers of two >= 16 for the blocks); None: a choice by
+            batch and length.
+
+    Returns:
+        out: [B, Q, H*Dh] in qkv's dtype (heads side by side, ready for the output projection), or None;
+        entropy: float32 [B, Q], ``sum_h sum_{j >= skip_keys} -p_hj log2 p_hj`` in bits (0 where no key is
+        summed), or None.
+    """
+    if triton is None:
+        raise RuntimeError("entropy_attention_kernel needs Triton (it ships with PyTorch's CUDA wheels)")
+    b, s, hd = _check(qkv, heads, first_query, skip_keys, output, entropy)
+    refusal = _kernel_refusal(s, hd, qkv.dtype)
+    if refusal:
+        raise ValueError(refusal)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    n_q = s - first_query
+    out = torch.empty(b, n_q, heads * hd, device=qkv.device, dtype=qkv.dtype) if output else None
+    ent = torch.empty(b, n_q, device=qkv.device, dtype=torch.float32) if entropy else None
+    if n_q == 0:
+        return out, ent
+    default_m, default_n, default_warps = _launch(b, n_q, qkv.device)
+    block_m, block_n, num_warps = block_m or default_m, block_n or default_n, num_warps or default_warps
+    for name, block in (("block_m", block_m), ("block_n", block_n)):
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {block}")
+    out_arg = out if out is not None else qkv  # never touched when its flag is off
+    ent_arg = ent if ent is not None else qkv
+    _entropy_attention_kernel[(triton.cdiv(n_q, block_m), b)](
+        qkv,
+        out_arg,
+        ent_arg,
+        s,
+        first_query,
+        skip_keys,
+        hd**-0.5 * _LOG2E,
+        qkv.stride(0),
+        qkv.stride(1),
+        out.stride(0) if out is not None else 0,
+        out.stride(1) if out is not None else 0,
+        ent.stride(0) if ent is not None else 0,
+        HEADS=heads,
+        HEAD_DIM=hd,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        KEY_BLOCKS=triton.cdiv(s, block_n),
+        OUTPUT=output,
+        ENTROPY=entropy,
+        IEEE=qkv.dtype == torch.float32,
+        num_warps=num_warps,
+    )
+    return out, ent
+
+
+# ------------------------------------------------------------------------------------- the reference
+def reference_entropy_attention(
+    qkv: torch.Tensor,
+    heads: int,
+    *,
+    first_query: int = 0,
+    skip_keys: int = 1,
+    output: bool = True,
+    entropy: bool = True,
+    chunk_elements: int = _CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What :func:`entropy_attention_kernel` computes, in PyTorch (any device, any length, autograd).
+
+    The decoder's own arithmetic: scores ``(q * Dh^-0.5) @ k^T`` in qkv's dtype, softmax and ``-p ln p``
+    (0 at p = 0) in float32, summed and divided by ln 2. Query rows go in chunks of at most
+    ``chunk_elements`` probabilities ([B, H, rows, S]), so the whole map never exists at once. Output alone
+    is one fused ``scaled_dot_product_attention``.
+
+    Args and returns as :func:`entropy_attention_kernel` (``chunk_elements`` aside).
+    """
+    b, s, hd = _check(qkv, heads, first_query, skip_keys, output, entropy)
+    q, k, v = qkv.view(b, s, 3, heads, hd).permute(2, 0, 3, 1, 4)  # each [B, H, S, Dh]
+    q = q[:, :, first_query:]
+    n_q = s - first_query
+    if not entropy:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n_q, heads * hd), None
+    rows = max(1, chunk_elements // max(1, b * heads * s))
+    outs, ents = [], []
+    for start in range(0, n_q, rows):
+        scores = (q[:, :, start : start + rows] * hd**-0.5) @ k.transpose(-2, -1)  # [B, H, rows, S]
+        attn = scores.softmax(dim=-1, dtype=torch.float32)  # fp32 straight from the scores: no upcast pass
+        ents.append(torch.special.entr(attn[..., skip_keys:]).sum(dim=(1, 3)))  # [B, rows], nats
+        if output:
+            outs.append(attn.to(v.dtype) @ v)
+    ent = (ents[0] if len(ents) == 1 else torch.cat(ents, dim=1)) / math.log(2.0)
+    if not output:
+        return None, ent
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).reshape(b, n_q, heads * hd), ent
+
+
+# -------------------------------------------------------------------------------------------- dispatch
+def entropy_attention(
+    qkv: torch.Tensor,
+    heads: int,
+    *,
+    first_query: int = 0,
+    skip_keys: int = 1,
+    output: bool = True,
+    entropy: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`entropy_attention_kernel` where it can run (Triton, CUDA or the interpreter, no autograd, a
+    shape and dtype it takes, ``AVEX_ENTROPY_KERNEL`` not ``0``), else :func:`reference_entropy_attention`;
+    if the kernel fails to build or launch here, the reference from then on, with one warning.
+
+    Args and returns as :func:`entropy_attention_kernel`.
+    """
+    b, s, hd = _check(qkv, heads, first_query, skip_keys, output, entropy)
+
+    def reference() -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return reference_entropy_attention(
+            qkv, heads, first_query=first_query, skip_keys=skip_keys, output=output, entropy=entropy
+        )
+
+    usable = (
+        entropy  # output alone: PyTorch's fused SDPA already writes no map
+        and os.environ.get(ENTROPY_KERNEL_ENV, "1") != "0"
+        and _kernel_may_run(qkv)
+        and _kernel_refusal(s, hd, qkv.dtype) is None
+    )
+    if not usable:
+        return reference()
+    return kernel_or_fallback(
+        "entropy attention",
+        lambda: entropy_attention_kernel(
+            qkv, heads, first_query=first_query, skip_keys=skip_keys, output=output, entropy=entropy
+        ),
+        reference,
+        "the decoder's attention entropy now uses PyTorch, with the same results but slower (and its "
+        f"attention map in memory). Fix the Triton install or set {ENTROPY_KERNEL_ENV}=0 to skip the kernel.",
+    )
