@@ -19,7 +19,6 @@ patches, C channels.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
@@ -31,8 +30,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from avex.attention import run_blocks
+from avex.entropy_attention import entropy_attention
 from avex.geometry import GlimpseGeometry
-from avex.posembed import grid_coords, lookup_pos_embed, sincos_2d
+from avex.posembed import POS_ORDERS, grid_sincos, lookup_pos_embed
 
 __all__ = ["AggregatorOutput", "GlimpseDecoder", "TOREViT", "TokenCache", "create_tore"]
 
@@ -124,30 +124,26 @@ class _DecoderBlock(nn.Module):
             first_query: rows before it are keys only (the last decoder block needs only the grid's rows).
             output: compute the block's output rows (False: None; the entropy needs only q and k).
             entropy: compute the attention entropy (False: None; the output alone then runs as one fused
-                ``scaled_dot_product_attention`` that never materialises the attention map).
+                ``scaled_dot_product_attention``).
 
         Returns:
             x [B, S - first_query, dim] or None, and per query row the entropy of its attention over all
-            keys but key 0 (CLS), summed over heads, in nats: float32 [B, S - first_query] or None.
+            keys but key 0 (CLS), summed over heads, in bits: float32 [B, S - first_query] or None.
         """
         b, s, d = x.shape
-        h = self.heads
-        qkv = self.qkv(self.norm1(x)).view(b, s, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0][:, :, first_query:], qkv[1], qkv[2]
-        ent = attn = None
+        qkv = self.qkv(self.norm1(x))  # [B, S, 3 * dim], last axis (3, heads, dim / heads)
+        ent = None
         if entropy:
-            scores = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)  # [B, h, Q, S] in the model's dtype
-            # Softmax in fp32 straight from the scores: no separate upcast pass over the map (the env's
-            # largest tensor).
-            attn = scores.softmax(dim=-1, dtype=torch.float32)
-            # entr(p) = -p ln p (0 at p = 0) in one pass over the map; the log-sum-exp identity
-            # sum p (lse - s) needs more passes over it in eager PyTorch, so it is slower.
-            ent = torch.special.entr(attn[..., 1:]).sum(dim=(1, 3))  # [B, Q]
-        if not output:
+            # Attention and entropy in one pass that never writes the attention map (a Triton kernel on CUDA;
+            # PyTorch, in chunks of query rows, elsewhere).
+            attended, ent = entropy_attention(qkv, self.heads, first_query=first_query, skip_keys=1, output=output)
+        else:
+            q, k, v = qkv.view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(q[:, :, first_query:], k, v)
+            attended = attended.transpose(1, 2).reshape(b, s - first_query, d)
+        if attended is None:
             return None, ent
-        # With the map at hand, reuse it; else one fused kernel that never materialises it.
-        attended = F.scaled_dot_product_attention(q, k, v) if attn is None else attn.to(v.dtype) @ v
-        x = x[:, first_query:] + self.proj(attended.transpose(1, 2).reshape(b, s - first_query, d))
+        x = x[:, first_query:] + self.proj(attended)
         x = x + self.mlp(self.norm2(x))
         return x, ent
 
@@ -157,8 +153,9 @@ class GlimpseDecoder(nn.Module):
 
     As in AME and TORE, the sequence is ``[CLS, grid]``: every grid cell holds the observed token of
     that patch (projected to the decoder's width) or, where nothing was seen, the mask token; every cell
-    gets the fixed sin-cos position of its place. Each cell predicts its patch's pixels, and the entropy
-    of an unseen cell's attention row (over all keys but CLS, summed over heads, in bits) is AME's
+    gets the fixed sin-cos position of its place (``pos_order``: MAE's (col, row) halves, or avex's former
+    (row, col); see :func:`avex.posembed.grid_sincos`). Each cell predicts its patch's pixels, and the
+    entropy of an unseen cell's attention row (over all keys but CLS, summed over heads, in bits) is AME's
     uncertainty for that patch. A patch seen twice (overlapping glimpses) holds its latest token; a
     token off the grid (continuous glimpses, fractional coordinates) goes to its nearest cell.
     """
@@ -175,16 +172,18 @@ class GlimpseDecoder(nn.Module):
         heads: int = 4,
         depth: int = 1,
         mlp_ratio: float = 4.0,
+        pos_order: str = "mae",
     ) -> None:
         super().__init__()
         self.grid = grid
         self.dim = dim
+        self.pos_order = pos_order
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(_DecoderBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch * patch * in_chans)
-        self.register_buffer("grid_pos", sincos_2d(grid_coords(grid), dim)[None], persistent=False)
+        self.register_buffer("grid_pos", grid_sincos(grid, dim, pos_order)[None], persistent=False)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def cells(self, coords: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,7 +249,7 @@ class GlimpseDecoder(nn.Module):
         # Only the grid's rows of the last block are read (reconstruction, entropy): query just those.
         x, ent = self.blocks[-1](x, first_query=1, output=recon, entropy=entropy)
         pixels = self.pred(self.norm(x)) if recon else None
-        return pixels, None if ent is None else (ent / math.log(2.0)).view(b, *self.grid)
+        return pixels, None if ent is None else ent.view(b, *self.grid)
 
 
 class _PixelAffine(NamedTuple):
@@ -270,6 +269,8 @@ class TOREViT(nn.Module):
             other module raises ValueError.
         mean, std: per-channel pixel normalisation; default from ``vit.pretrained_cfg``.
         decoder_dim, decoder_heads, decoder_depth: the glimpse decoder (``decoder_dim=0``: none).
+        decoder_pos: the axis order of the decoder's sin-cos positions: ``"mae"`` (MAE's, AME's and TORE's: weights
+            trained by those projects fit) or ``"row_col"`` (avex's decoders trained before the order was recorded).
     """
 
     # Buffers, registered in __init__ (float32, [1, C, 1, 1] and [C, 1, 1]).
@@ -288,10 +289,13 @@ class TOREViT(nn.Module):
         decoder_dim: int = 128,
         decoder_heads: int = 4,
         decoder_depth: int = 1,
+        decoder_pos: str = "mae",
     ) -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer):
             raise ValueError(f"TORE wraps a timm VisionTransformer, got {type(vit).__name__}")
+        if decoder_pos not in POS_ORDERS:
+            raise ValueError(f"decoder_pos must be one of {POS_ORDERS}, got {decoder_pos!r}")
         if vit.cls_token is None:
             raise ValueError("TORE needs a ViT with a class token (class_token=True); this one has none")
         if vit.pos_embed is None:
@@ -336,7 +340,14 @@ class TOREViT(nn.Module):
         )
         self.decoder = (
             GlimpseDecoder(
-                self.embed_dim, self.grid, self.patch, self.in_chans, decoder_dim, decoder_heads, decoder_depth
+                self.embed_dim,
+                self.grid,
+                self.patch,
+                self.in_chans,
+                decoder_dim,
+                decoder_heads,
+                decoder_depth,
+                pos_order=decoder_pos,
             )
             if decoder_dim
             else None
@@ -731,6 +742,7 @@ def create_tore(
     decoder_dim: int = 128,
     decoder_heads: int = 4,
     decoder_depth: int = 1,
+    decoder_pos: str = "mae",
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     **timm_kwargs: Any,
@@ -743,12 +755,21 @@ def create_tore(
         img_size, patch_size, in_chans, num_classes: timm overrides.
         pretrained: load timm's pretrained weights (from the hub cache; needs network the first time).
         weights: a local timm-format weights file (.safetensors/.pth) to load instead of the hub.
+        decoder_dim, decoder_heads, decoder_depth, decoder_pos: the glimpse decoder (see :class:`TOREViT`); new
+            models take MAE's position order, and the checkpoint records it (``load_tore`` reads a config
+            without it as ``"row_col"``, the order every earlier avex decoder was trained with).
         timm_kwargs: more ``timm.create_model`` arguments (embed_dim, depth, num_heads, reg_tokens, ...).
     """
 
     def wrap(vit: nn.Module) -> TOREViT:
         return TOREViT(
-            vit, mean=mean, std=std, decoder_dim=decoder_dim, decoder_heads=decoder_heads, decoder_depth=decoder_depth
+            vit,
+            mean=mean,
+            std=std,
+            decoder_dim=decoder_dim,
+            decoder_heads=decoder_heads,
+            decoder_depth=decoder_depth,
+            decoder_pos=decoder_pos,
         )
 
     if isinstance(model, nn.Module):
@@ -777,6 +798,7 @@ def create_tore(
         decoder_dim=decoder_dim,
         decoder_heads=decoder_heads,
         decoder_depth=decoder_depth,
+        decoder_pos=decoder_pos,
         mean=list(tore.pixel_mean.flatten().tolist()),
         std=list(tore.pixel_std.flatten().tolist()),
     )

@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grid_coords", "lookup_pos_embed", "sincos_2d"]
+__all__ = ["POS_ORDERS", "grid_coords", "grid_sincos", "lookup_pos_embed", "sincos_2d"]
+
+# Which half of a 2-D sin-cos vector encodes which axis (see :func:`grid_sincos`).
+POS_ORDERS = ("mae", "row_col")
 
 
 def grid_coords(grid: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
@@ -50,8 +53,9 @@ def sincos_2d(coords: torch.Tensor, dim: int, temperature: float = 10000.0) -> t
     """Fixed 2-D sine-cosine embedding (MAE style) evaluated at any, also fractional, coordinates.
 
     Args:
-        coords: [..., 2] (row, col) in patch units.
-        dim: embedding width, divisible by 4 (half for rows, half for columns, each half sin | cos).
+        coords: [..., 2] in patch units; the first half of the result encodes ``coords[..., 0]``, the second
+            half ``coords[..., 1]`` (pass (col, row) for MAE's order: :func:`grid_sincos`).
+        dim: embedding width, divisible by 4 (half per axis, each half sin | cos).
 
     Returns:
         float32 [..., dim]
@@ -65,3 +69,23 @@ def sincos_2d(coords: torch.Tensor, dim: int, temperature: float = 10000.0) -> t
         angle = coords[..., axis].float().unsqueeze(-1) * omega
         parts += [angle.sin(), angle.cos()]
     return torch.cat(parts, dim=-1)
+
+
+def grid_sincos(grid: tuple[int, int], dim: int, order: str = "mae") -> torch.Tensor:
+    """The fixed 2-D sin-cos table of every grid cell, row-major, in either axis order.
+
+    Args:
+        grid: (gh, gw).
+        dim: embedding width, divisible by 4.
+        order: ``"mae"``: the first half encodes the column, the second the row, as MAE's
+            ``get_2d_sincos_pos_embed`` builds it ("w goes first"; AME and TORE use it too), so decoder
+            weights trained by those projects fit; ``"row_col"``: the first half encodes the row (avex's
+            decoders before the order was recorded).
+
+    Returns:
+        float32 [gh * gw, dim].
+    """
+    if order not in POS_ORDERS:
+        raise ValueError(f"position order must be one of {POS_ORDERS}, got {order!r}")
+    coords = grid_coords(grid)
+    return sincos_2d(coords.flip(-1) if order == "mae" else coords, dim)

@@ -1,0 +1,232 @@
+"""Attention and AME's attention entropy in one pass (avex/entropy_attention.py), and the decoder on it.
+
+Tolerances (entropy in bits, summed over heads; against the materialised-map formula on the same inputs in
+float32, or float64 where stated):
+
+* entropy: 1e-4 absolute for fp32, fp16 and bf16 inputs (the kernel's products are exact in fp32; only the
+  summation order differs); 2e-3 against float64 when every score shares an offset of ~1e4 (fp32's own
+  rounding of such scores: the fp32 formula is off by as much);
+* attention output: 1e-4 (fp32), 3e-3 (fp16), 2e-2 (bf16): the probabilities go into the P @ V product in
+  the input's dtype, as in flash attention.
+
+The kernel runs on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, read when Triton is imported, hence
+the subprocesses); its bf16 matmul is only right on a GPU, so bf16 is checked by the CUDA test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from avex.attention import short_attention_available
+from avex.entropy_attention import entropy_attention, reference_entropy_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+def materialised(qkv: torch.Tensor, heads: int, first_query: int = 0, skip_keys: int = 1):
+    """The formula the decoder used before the kernel: the whole [B, H, Q, S] map, then -p log2 p."""
+    b, s, three_d = qkv.shape
+    hd = three_d // (3 * heads)
+    q, k, v = qkv.view(b, s, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    attn = ((q[:, :, first_query:] @ k.transpose(-2, -1)) * hd**-0.5).softmax(-1)
+    p = attn[..., skip_keys:]
+    ent = -(p * p.log2()).nan_to_num().sum(dim=(1, 3))  # AME: NaN (0 log 0) -> 0
+    return (attn @ v).transpose(1, 2).reshape(b, s - first_query, heads * hd), ent
+
+
+def _interpreted(code: str) -> str:
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+# ----------------------------------------------------------------------------- PyTorch reference (CPU)
+def test_reference_equals_materialised_map_in_any_chunking() -> None:
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(3, 37, 3 * 4 * 8, generator=gen) * 2
+    want_out, want_ent = materialised(qkv, 4, first_query=1)
+    for chunk in (1, 3 * 4 * 37 * 5, 1 << 24):  # one query row per chunk, five rows, everything at once
+        out, ent = reference_entropy_attention(qkv, 4, first_query=1, chunk_elements=chunk)
+        assert out is not None and ent is not None
+        torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    assert want_ent.std() > 0.1  # a real map, not a constant
+    none, ent_only = reference_entropy_attention(qkv, 4, first_query=1, output=False)
+    assert none is None and torch.equal(ent_only, ent)
+    out_only, none = reference_entropy_attention(qkv, 4, first_query=1, entropy=False)  # fused SDPA
+    assert none is None
+    torch.testing.assert_close(out_only, want_out, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_edge_cases_and_autograd() -> None:
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, 9, 3 * 2 * 4, generator=gen)
+    qkv[..., : 2 * 4] = 0  # q = 0: every score equal, p = 1/S; 8 of 9 keys summed, 2 heads
+    _, ent = reference_entropy_attention(qkv, 2)
+    torch.testing.assert_close(ent, torch.full((2, 9), 2 * 8 / 9 * math.log2(9)))
+    _, one = reference_entropy_attention(qkv[:, :1], 2)  # a single key, CLS: nothing summed
+    assert torch.equal(one, torch.zeros(2, 1))
+    _, ent = reference_entropy_attention(qkv[:, :1], 2, skip_keys=0)  # p = 1: no uncertainty
+    assert torch.equal(ent, torch.zeros(2, 1))
+    _, ent = reference_entropy_attention(torch.randn(2, 9, 24, generator=gen) * 1e3, 2)  # one-hot rows: 0 log 0
+    assert ent is not None and torch.isfinite(ent).all() and ent.max() < 1e-3
+    qkv = torch.randn(2, 9, 24, generator=gen).requires_grad_()
+    out, ent = reference_entropy_attention(qkv, 2, first_query=1)
+    assert out is not None and ent is not None
+    (out.sum() + ent.sum()).backward()  # the fallback keeps autograd
+    assert qkv.grad is not None and torch.isfinite(qkv.grad).all() and qkv.grad.abs().sum() > 0
+
+
+def test_dispatch_on_cpu_runs_the_reference_and_checks_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    import avex.entropy_attention as ea
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the kernel must not run on CPU outside the interpreter")
+
+    monkeypatch.setattr(ea, "entropy_attention_kernel", no_kernel)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    qkv = torch.randn(2, 10, 3 * 2 * 16)
+    with torch.no_grad():
+        got = entropy_attention(qkv, 2, first_query=1)
+    want = reference_entropy_attention(qkv, 2, first_query=1)
+    assert all(torch.equal(g, w) for g, w in zip(got, want) if g is not None and w is not None)
+    with pytest.raises(ValueError, match=r"first_query must be in 0\.\.10"):
+        entropy_attention(qkv, 2, first_query=11)
+    with pytest.raises(ValueError, match="output, the entropy or both"):
+        entropy_attention(qkv, 2, output=False, entropy=False)
+    with pytest.raises(ValueError, match=r"qkv must be \[B, S, 3\*H\*Dh\]"):
+        entropy_attention(qkv, 5)
+
+
+# ------------------------------------------------------------------------------ the kernel (interpreter)
+@needs_triton
+def test_kernel_matches_the_map_under_interpreter() -> None:
+    """fp32 and fp16; 1 to 70 keys (several key blocks, so the running max moves); every flag; block sizes;
+    edge cases: all-equal scores, one key, one-hot rows, scores sharing an offset of ~1e4."""
+    out = _interpreted("""
+        import math
+        import torch
+        from avex.entropy_attention import entropy_attention_kernel as kernel
+        from tests.test_entropy_attention import materialised
+        gen = torch.Generator().manual_seed(0)
+        H, DH = 2, 16
+        f32, f16 = torch.float32, torch.float16
+        for dtype, s, fq, skip in ((f32, 1, 0, 1), (f32, 5, 1, 1), (f32, 17, 0, 0), (f32, 70, 1, 1), (f16, 70, 3, 2)):
+            qkv = (torch.randn(2, s, 3 * H * DH, generator=gen) * 2).to(dtype)
+            want_out, want_ent = materialised(qkv.float(), H, fq, skip)
+            for blocks in ((16, 16), (None, None)):  # the defaults last: compared below
+                o, e = kernel(qkv, H, first_query=fq, skip_keys=skip, block_m=blocks[0], block_n=blocks[1])
+                assert o.dtype == dtype and o.shape == (2, s - fq, H * DH) and e.shape == (2, s - fq)
+                err_o = (o.float() - want_out).abs().max().item()
+                err_e = (e - want_ent).abs().max().item()
+                tol = 1e-4 if dtype == f32 else 3e-3
+                assert err_o < tol and err_e < 1e-4, (dtype, s, fq, skip, blocks, err_o, err_e)
+            none, e_only = kernel(qkv, H, first_query=fq, skip_keys=skip, output=False)
+            o_only, none2 = kernel(qkv, H, first_query=fq, skip_keys=skip, entropy=False)
+            assert none is None and none2 is None
+            assert torch.equal(e_only, e) and torch.equal(o_only, o)  # same arithmetic whatever is asked
+        qkv = torch.randn(2, 40, 3 * H * DH, generator=gen)
+        qkv[..., : H * DH] = 0  # all-equal scores
+        e = kernel(qkv, H, first_query=1, block_n=16)[1]
+        assert (e - 2 * 39 / 40 * math.log2(40)).abs().max() < 1e-4, e
+        assert kernel(qkv[:, :1], H)[1].eq(0).all() and kernel(qkv[:, :1], H, skip_keys=0)[1].eq(0).all()
+        big = torch.randn(2, 40, 3 * H * DH, generator=gen) * 100  # one-hot rows
+        o, e = kernel(big, H, first_query=1, block_n=16)
+        want_out, want_ent = materialised(big, H, 1)
+        assert torch.isfinite(e).all() and (e - want_ent).abs().max() < 1e-4 and (o - want_out).abs().max() < 1e-3
+        shifted = torch.randn(2, 40, 3 * H * DH, generator=gen)
+        shifted[..., H * DH : 2 * H * DH] += 3000 * torch.randn(1, 1, H * DH, generator=gen)  # scores ~1e4
+        e = kernel(shifted, H, first_query=1, block_n=16)[1]
+        want_ent = materialised(shifted.double(), H, 1)[1]
+        assert want_ent.min() > 1 and (e - want_ent).abs().max() < 2e-3, (e - want_ent).abs().max()
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_triton
+def test_decoder_uses_the_kernel_and_keeps_its_entropy_map() -> None:
+    """decode(recon=False) goes through the kernel (under the interpreter) and gives the PyTorch path's map
+    and reconstruction; AVEX_ENTROPY_KERNEL=0 turns it off."""
+    out = _interpreted("""
+        import os
+        import numpy as np
+        import torch
+        import avex.entropy_attention as ea
+        from tests.test_model import G, canvases, glimpses, make, random_actions
+        model = make(decoder_depth=2)
+        with torch.no_grad():
+            model.decoder.blocks[-1].qkv.weight.mul_(3)  # sharper attention: a map far from uniform
+        geo = model.geometry(G)
+        pix, coords = glimpses(model, canvases(2), random_actions(2, 3, geo), geo)
+        calls = []
+        kernel = ea.entropy_attention_kernel
+        ea.entropy_attention_kernel = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+        with torch.no_grad():
+            out = model.forward_glimpses(pix, coords, 2)
+            _, ent = model.decode(out, recon=False)
+            recon, ent_both = model.decode(out)
+            assert len(calls) == 2, calls  # the last block only: earlier blocks need no entropy
+            os.environ["AVEX_ENTROPY_KERNEL"] = "0"
+            recon_ref, ent_ref = model.decode(out)
+            assert len(calls) == 2
+        assert torch.equal(ent, ent_both)
+        assert (ent - ent_ref).abs().max() < 1e-4 and ent_ref.std() > 0.02, ((ent - ent_ref).abs().max(), ent_ref.std())
+        assert (recon - recon_ref).abs().max() < 1e-4
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+# -------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available() or not short_attention_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_matches_the_map_on_cuda(dtype: torch.dtype) -> None:
+    """The decoder's shapes (4 heads of 32, 1 + N tokens up to N = 28 x 28) and a ViT-B-like head width."""
+    from avex.entropy_attention import entropy_attention_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-4}[dtype]
+    for b, s, heads, hd in ((1, 50, 4, 32), (64, 197, 4, 32), (16, 785, 4, 32), (8, 197, 12, 64)):
+        qkv = (torch.randn(b, s, 3 * heads * hd, device="cuda", generator=gen) * 1.5).to(dtype)
+        want_out, want_ent = materialised(qkv.float(), heads, 1)
+        out, ent = entropy_attention_kernel(qkv, heads, first_query=1)
+        assert out is not None and ent is not None
+        err_o, err_e = (out.float() - want_out).abs().max().item(), (ent - want_ent).abs().max().item()
+        assert err_o < tol and err_e < 1e-4 * heads / 4 * max(1, s // 200), (b, s, heads, hd, err_o, err_e)
+        _, ent_only = entropy_attention_kernel(qkv, heads, first_query=1, output=False)
+        assert torch.equal(ent_only, ent)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not short_attention_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decoder_on_cuda_keeps_the_cpu_entropy_map(dtype: torch.dtype) -> None:
+    """The env's entropy map on CUDA (the kernel) against the CPU's (PyTorch, float32 as shipped): 1e-3 bits
+    in fp32; in bf16 the encoder itself runs in bf16, so the bound is the bf16 model's, 0.5 bits of ~20."""
+    from tests.test_model import G, canvases, glimpses, make, random_actions
+
+    model = make()
+    geo = model.geometry(G)
+    pix, coords = glimpses(model, canvases(4), random_actions(4, 5, geo), geo)
+    with torch.no_grad():
+        want = model.decode(model.forward_glimpses(pix, coords, 2), recon=False)[1]
+        gpu = model.to("cuda", dtype)
+        got = gpu.decode(gpu.forward_glimpses(pix.cuda(), coords.cuda(), 2), recon=False)[1]
+    assert got is not None and want is not None and got.dtype == torch.float32
+    err = (got.cpu() - want).abs().max().item()
+    assert err < (1e-3 if dtype == torch.float32 else 0.5), err
