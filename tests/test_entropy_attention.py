@@ -208,25 +208,35 @@ def test_kernel_matches_the_map_on_cuda(dtype: torch.dtype) -> None:
         out, ent = entropy_attention_kernel(qkv, heads, first_query=1)
         assert out is not None and ent is not None
         err_o, err_e = (out.float() - want_out).abs().max().item(), (ent - want_ent).abs().max().item()
-        assert err_o < tol and err_e < 1e-4 * heads / 4 * max(1, s // 200), (b, s, heads, hd, err_o, err_e)
+        assert err_o < tol and err_e < 1e-4, (b, s, heads, hd, err_o, err_e)
         _, ent_only = entropy_attention_kernel(qkv, heads, first_query=1, output=False)
-        assert torch.equal(ent_only, ent)
+        torch.testing.assert_close(ent_only, ent, atol=1e-5, rtol=1e-6)  # other code, other rounding
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not short_attention_available(), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decoder_on_cuda_keeps_the_cpu_entropy_map(dtype: torch.dtype) -> None:
-    """The env's entropy map on CUDA (the kernel) against the CPU's (PyTorch, float32 as shipped): 1e-3 bits
-    in fp32; in bf16 the encoder itself runs in bf16, so the bound is the bf16 model's, 0.5 bits of ~20."""
+def test_decoder_on_cuda_keeps_the_entropy_map(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The env's entropy map on CUDA (the kernel) against the PyTorch path on the same GPU model (the map the
+    decoder gave before the kernel) and against the CPU's (float32, as shipped). fp32: 1e-4 and 1e-3 bits.
+    bf16: the PyTorch path rounds the scores to bf16 and the kernel does not (its products accumulate in
+    fp32), so they differ by up to 0.25 bits (maps of ~18 to 21 bits); the whole bf16 model is 0.5 bits from
+    the CPU's map."""
     from tests.test_model import G, canvases, glimpses, make, random_actions
 
     model = make()
+    with torch.no_grad():
+        model.decoder.blocks[-1].qkv.weight.mul_(3)  # sharper attention: a map far from uniform
     geo = model.geometry(G)
     pix, coords = glimpses(model, canvases(4), random_actions(4, 5, geo), geo)
     with torch.no_grad():
-        want = model.decode(model.forward_glimpses(pix, coords, 2), recon=False)[1]
+        cpu = model.decode(model.forward_glimpses(pix, coords, 2), recon=False)[1]
         gpu = model.to("cuda", dtype)
-        got = gpu.decode(gpu.forward_glimpses(pix.cuda(), coords.cuda(), 2), recon=False)[1]
-    assert got is not None and want is not None and got.dtype == torch.float32
-    err = (got.cpu() - want).abs().max().item()
-    assert err < (1e-3 if dtype == torch.float32 else 0.5), err
+        out = gpu.forward_glimpses(pix.cuda(), coords.cuda(), 2)
+        got = gpu.decode(out, recon=False)[1]
+        monkeypatch.setenv("AVEX_ENTROPY_KERNEL", "0")
+        before = gpu.decode(out, recon=False)[1]
+    assert got is not None and before is not None and cpu is not None and got.dtype == torch.float32
+    assert cpu.std() > 0.5
+    err_before, err_cpu = (got - before).abs().max().item(), (got.cpu() - cpu).abs().max().item()
+    fp32 = dtype == torch.float32
+    assert err_before < (1e-4 if fp32 else 0.25) and err_cpu < (1e-3 if fp32 else 0.5), (err_before, err_cpu)

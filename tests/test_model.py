@@ -348,3 +348,34 @@ def test_glimpse_embedding_on_cuda_equals_cpu(stats: dict) -> None:
         want = model.embed_glimpses(pix, coords)
         got = model.to("cuda").embed_glimpses(pix.cuda(), coords.cuda()).cpu()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_position_order_new_models_mae_old_checkpoints_row_col(tmp_path) -> None:
+    """New models read the decoder's sin-cos table in MAE's (col, row) order and record it; a config saved
+    before the order was recorded (the shipped checkpoint's) loads in the (row, col) order it was trained in."""
+    import json
+
+    from avex.checkpoint import load_tore, save_tore, shipped_checkpoint
+    from avex.posembed import grid_coords, grid_sincos, sincos_2d
+
+    model = make()
+    assert model.decoder is not None and model.decoder.pos_order == "mae"
+    assert model.build_args is not None and model.build_args["decoder_pos"] == "mae"
+    mae = grid_sincos(model.grid, 128, "mae")
+    torch.testing.assert_close(model.decoder.grid_pos[0], mae)
+    rows_first = sincos_2d(grid_coords(model.grid), 128)  # the table every earlier avex decoder used
+    torch.testing.assert_close(grid_sincos(model.grid, 128, "row_col"), rows_first)
+    assert (mae - rows_first).abs().max() > 0.5
+    path = save_tore(model, tmp_path / "new")
+    config = path.with_suffix(".json")
+    assert load_tore(path).decoder.pos_order == "mae"
+    cfg = json.loads(config.read_text())
+    del cfg["build"]["decoder_pos"]  # as written before the field existed
+    config.write_text(json.dumps(cfg))
+    old = load_tore(path)
+    assert old.decoder is not None and old.decoder.pos_order == "row_col"
+    torch.testing.assert_close(old.decoder.grid_pos[0], rows_first)
+    shipped = load_tore(shipped_checkpoint("fashion-mnist"))
+    assert shipped.decoder is not None and shipped.decoder.pos_order == "row_col"
+    with pytest.raises(ValueError, match="decoder_pos must be one of"):
+        make(decoder_pos="col_row")

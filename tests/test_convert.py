@@ -1,0 +1,218 @@
+"""avex.convert: MAE / AME / TORE-style checkpoints into avex checkpoints.
+
+A MAE-layout state dict with random weights (non-square grid, two encoder and two decoder blocks) is
+converted and loaded; its logits and AME entropy map must equal an independent computation written here
+from MAE's and AME's descriptions (MAE's encoder on the visible patches; MAE's decoder on ``[CLS, grid]``
+with MAE's column-first sin-cos table; AME's entropy of the last decoder block's attention).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from avex.checkpoint import load_tore
+from avex.convert import convert_mae_checkpoint, tore_from_mae_state
+from avex.posembed import grid_sincos
+
+GRID, PATCH, C = (4, 6), 8, 3  # 32 x 48 pixels
+D, DEPTH, HEADS, CLASSES = 32, 2, 2, 5
+DD, DDEPTH, DHEADS = 16, 2, 2
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BUILD = dict(model="vit_tiny_patch16_224", num_heads=HEADS, img_size=(32, 48), decoder_heads=DHEADS)
+
+
+def mae_sincos(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """MAE's fixed table as its paper and code describe it: a (col, row) grid ("w goes first"); each half of
+    the vector is [sin | cos] of one coordinate times 1 / 10000^(i / (dim / 4)). Returns [gh * gw, dim]."""
+    gh, gw = grid
+    cols, rows = np.meshgrid(np.arange(gw, dtype=np.float64), np.arange(gh, dtype=np.float64))  # "xy" indexing
+
+    def one_axis(pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+        angle = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
+
+    return torch.from_numpy(np.concatenate([one_axis(cols), one_axis(rows)], axis=1)).float()
+
+
+def _block_shapes(prefix: str, dim: int) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{prefix}.norm1.weight": (dim,),
+        f"{prefix}.norm1.bias": (dim,),
+        f"{prefix}.attn.qkv.weight": (3 * dim, dim),
+        f"{prefix}.attn.qkv.bias": (3 * dim,),
+        f"{prefix}.attn.proj.weight": (dim, dim),
+        f"{prefix}.attn.proj.bias": (dim,),
+        f"{prefix}.norm2.weight": (dim,),
+        f"{prefix}.norm2.bias": (dim,),
+        f"{prefix}.mlp.fc1.weight": (4 * dim, dim),
+        f"{prefix}.mlp.fc1.bias": (4 * dim,),
+        f"{prefix}.mlp.fc2.weight": (dim, 4 * dim),
+        f"{prefix}.mlp.fc2.bias": (dim,),
+    }
+
+
+def mae_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A MAE-layout state dict (encoder, classification head, decoder) with random weights."""
+    n = GRID[0] * GRID[1]
+    shapes: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, D),
+        "pos_embed": (1, 1 + n, D),
+        "patch_embed.proj.weight": (D, C, PATCH, PATCH),
+        "patch_embed.proj.bias": (D,),
+        "norm.weight": (D,),
+        "norm.bias": (D,),
+        "head.weight": (CLASSES, D),
+        "head.bias": (CLASSES,),
+        "decoder_embed.weight": (DD, D),
+        "decoder_embed.bias": (DD,),
+        "mask_token": (1, 1, DD),
+        "decoder_norm.weight": (DD,),
+        "decoder_norm.bias": (DD,),
+        "decoder_pred.weight": (PATCH * PATCH * C, DD),
+        "decoder_pred.bias": (PATCH * PATCH * C,),
+    }
+    for i in range(DEPTH):
+        shapes |= _block_shapes(f"blocks.{i}", D)
+    for i in range(DDEPTH):
+        shapes |= _block_shapes(f"decoder_blocks.{i}", DD)
+    gen = torch.Generator().manual_seed(seed)
+    state = {
+        k: torch.randn(s, generator=gen) * (1.0 if "norm" in k and "weight" in k else 0.3) for k, s in shapes.items()
+    }
+    for i in range(DDEPTH):  # sharper decoder attention: an entropy map far from uniform
+        state[f"decoder_blocks.{i}.attn.qkv.weight"] *= 4
+    table = torch.zeros(1, 1 + n, DD)
+    table[0, 1:] = mae_sincos(DD, GRID)
+    state["decoder_pos_embed"] = table
+    return state
+
+
+def _block(x: torch.Tensor, sd: dict[str, torch.Tensor], pre: str, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm ViT block in plain torch ops; returns the output and its attention [B, heads, S, S]."""
+    b, s, d = x.shape
+    h = F.layer_norm(x, (d,), sd[f"{pre}.norm1.weight"], sd[f"{pre}.norm1.bias"], eps=1e-6)
+    q, k, v = F.linear(h, sd[f"{pre}.attn.qkv.weight"], sd[f"{pre}.attn.qkv.bias"]).view(b, s, 3, heads, -1).unbind(2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    attn = (q @ k.transpose(-2, -1) / (d // heads) ** 0.5).softmax(-1)
+    x = x + F.linear(
+        (attn @ v).transpose(1, 2).reshape(b, s, d), sd[f"{pre}.attn.proj.weight"], sd[f"{pre}.attn.proj.bias"]
+    )
+    h = F.layer_norm(x, (d,), sd[f"{pre}.norm2.weight"], sd[f"{pre}.norm2.bias"], eps=1e-6)
+    h = F.gelu(F.linear(h, sd[f"{pre}.mlp.fc1.weight"], sd[f"{pre}.mlp.fc1.bias"]))
+    return x + F.linear(h, sd[f"{pre}.mlp.fc2.weight"], sd[f"{pre}.mlp.fc2.bias"]), attn
+
+
+def mae_reference(sd: dict[str, torch.Tensor], images: torch.Tensor, visible: list[int]):
+    """MAE's encoder on the visible patches (row-major indices), its head, and AME's entropy map (bits) of
+    the last decoder block. images: float [B, C, H, W] in [0, 1]. Returns logits [B, classes], entropy
+    [B, gh, gw] and reconstruction [B, N, p*p*C]."""
+    b = images.shape[0]
+    x = (images - torch.tensor(MEAN).view(1, -1, 1, 1)) / torch.tensor(STD).view(1, -1, 1, 1)
+    tokens = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH)
+    tokens = tokens.flatten(2).transpose(1, 2) + sd["pos_embed"][:, 1:]  # [B, N, D], row-major
+    cls = (sd["cls_token"] + sd["pos_embed"][:, :1]).expand(b, -1, -1)
+    x = torch.cat([cls, tokens[:, visible]], dim=1)
+    for i in range(DEPTH):
+        x, _ = _block(x, sd, f"blocks.{i}", HEADS)
+    x = F.layer_norm(x, (D,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)
+    logits = F.linear(x[:, 0], sd["head.weight"], sd["head.bias"])
+    y = F.linear(x, sd["decoder_embed.weight"], sd["decoder_embed.bias"])
+    grid = sd["mask_token"].expand(b, GRID[0] * GRID[1], -1).clone()
+    grid[:, visible] = y[:, 1:]
+    y = torch.cat([y[:, :1], grid], dim=1) + sd["decoder_pos_embed"]
+    for i in range(DDEPTH):
+        y, attn = _block(y, sd, f"decoder_blocks.{i}", DHEADS)
+    a = attn[:, :, 1:, 1:]  # AME: drop the CLS row and column of the last block's attention
+    entropy = (-a * a.log2()).nan_to_num().sum(dim=(1, 3)).view(b, *GRID)
+    y = F.layer_norm(y, (DD,), sd["decoder_norm.weight"], sd["decoder_norm.bias"], eps=1e-6)
+    recon = F.linear(y[:, 1:], sd["decoder_pred.weight"], sd["decoder_pred.bias"])
+    return logits, entropy, recon
+
+
+def test_mae_sincos_is_the_mae_order_of_grid_sincos() -> None:
+    torch.testing.assert_close(grid_sincos(GRID, DD, "mae"), mae_sincos(DD, GRID))
+    assert not torch.allclose(grid_sincos(GRID, DD, "row_col"), mae_sincos(DD, GRID), atol=0.1)
+
+
+@torch.no_grad()
+def test_converted_checkpoint_gives_mae_logits_and_ame_entropy(tmp_path) -> None:
+    sd = mae_state()
+    src = tmp_path / "mae.pth"
+    torch.save({"model": sd, "epoch": 3}, src)
+    path = convert_mae_checkpoint(src, tmp_path / "avex", mean=MEAN, std=STD, **BUILD)
+    build = json.loads(path.with_suffix(".json").read_text())["build"]
+    assert build["decoder_pos"] == "mae" and build["depth"] == DEPTH and build["embed_dim"] == D
+    tore = load_tore(path).eval()
+    assert tore.grid == GRID and tore.decoder is not None and tore.decoder.pos_order == "mae"
+
+    images = torch.rand(2, C, 32, 48, generator=torch.Generator().manual_seed(1))
+    geo = tore.geometry(2)
+    tops = [(0, 0), (2, 2), (0, 4)]  # non-overlapping 2x2 glimpses: MAE sees each patch once
+    visible = sorted(r * GRID[1] + c for r0, c0 in tops for r in (r0, r0 + 1) for c in (c0, c0 + 1))
+    canv = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    cache = tore.init_cache(2, len(tops), 0, geo.tokens_per_glimpse)
+    for r0, c0 in tops:
+        r, c = torch.tensor([r0, r0]), torch.tensor([c0, c0])
+        out = tore.step(cache, geo.cut(canv, r, c), geo.glimpse_coords(r, c))
+    recon, entropy = tore.decode(out)
+    logits, want_entropy, want_recon = mae_reference(sd, canv.permute(0, 3, 1, 2).float() / 255, visible)
+    assert logits.abs().max() > 0.1 and want_entropy.std() > 0.1  # real signals
+    torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(entropy, want_entropy, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(recon, want_recon, atol=1e-4, rtol=1e-4)
+    # The order matters: MAE's weights read with (row, col) positions give another map.
+    tore.decoder.grid_pos = grid_sincos(GRID, DD, "row_col")[None]
+    assert (tore.decode(out, recon=False)[1] - want_entropy).abs().max() > 0.05
+
+
+def test_lightning_layout_transposed_table_and_decoder_less_checkpoints(tmp_path) -> None:
+    """TORE's Lightning files ({"state_dict": {"mae.<name>": ...}}); a table in (row, col) order reads as
+    'row_col'; a classifier without decoder converts to a model without one."""
+    sd = mae_state()
+    src = tmp_path / "tore.ckpt"
+    torch.save({"state_dict": {f"mae.{k}": v for k, v in sd.items()}}, src)
+    tore = load_tore(convert_mae_checkpoint(src, tmp_path / "a", **BUILD))
+    assert tore.decoder is not None and tore.decoder.pos_order == "mae"
+    sd["decoder_pos_embed"][0, 1:] = grid_sincos(GRID, DD, "row_col")
+    assert tore_from_mae_state(sd, **BUILD).build_args["decoder_pos"] == "row_col"  # type: ignore[index]
+    classifier = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
+    assert tore_from_mae_state(classifier, **BUILD).decoder is None
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda sd: sd.update({"blocks.0.attn.gate.weight": torch.zeros(2)}), r"unknown tensors \['blocks.0.attn.gate"),
+        (
+            lambda sd: sd.update({"decoder_pred.weight": torch.zeros(7, DD)}),
+            r"decoder.pred.weight \(decoder_pred.weight\)",
+        ),
+        (lambda sd: sd.pop("head.bias"), r"missing \['vit.head.bias'\]"),
+        (lambda sd: sd["decoder_pos_embed"][0, 1:].normal_(), "not the fixed 2-D sin-cos table"),
+        (lambda sd: sd["decoder_pos_embed"][0, 0].fill_(1), "gives the CLS token a position"),
+        (lambda sd: sd.pop("cls_token"), "no 'cls_token' tensor"),
+    ],
+)
+def test_what_does_not_fit_is_refused_by_name(edit, message: str) -> None:
+    sd = mae_state()
+    edit(sd)
+    with pytest.raises(ValueError, match=message):
+        tore_from_mae_state(sd, **BUILD)
+
+
+def test_files_that_are_not_weights_are_refused(tmp_path) -> None:
+    src = tmp_path / "code.pth"
+    torch.save({"model": mae_state(), "args": np.random.default_rng(0)}, src)  # an object: pickled code
+    with pytest.raises(ValueError, match=r"weights_only=True"):
+        convert_mae_checkpoint(src, tmp_path / "x", **BUILD)
+    torch.save({"model": {}}, src)
+    with pytest.raises(ValueError, match="expected a state dict"):
+        convert_mae_checkpoint(src, tmp_path / "x", **BUILD)
+    with pytest.raises(ValueError, match="decoder_heads dividing 16"):
+        tore_from_mae_state(mae_state(), **{**BUILD, "decoder_heads": 3})
