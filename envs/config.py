@@ -93,7 +93,8 @@ class EnvConfig:
     Data:
         dataset: a registered data set (``avex.data.DATASETS``: "fashion-mnist", "imagenet", "folder", ...).
         split: sub-folder / split name; None: the data set's env split ("train" for Fashion-MNIST).
-        root: data folder; None: the data set's own search (ImageNet: $AVEX_IMAGENET).
+        root: data folder (str or pathlib.Path, kept as its str); None: the data set's own search
+            (ImageNet: $AVEX_IMAGENET).
         image_size: canvas side (or (H, W)); None: the data set's.
         options: data-set-specific arguments (Fashion-MNIST: ``clutter``); passed to ``gym.make`` as
             plain keywords (``clutter=0``), refused for a data set that does not declare them.
@@ -135,7 +136,7 @@ class EnvConfig:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     cache_images: bool = False
     model: str = "vit_tiny_patch16_224"
-    checkpoint: str | None = None
+    checkpoint: str | os.PathLike[str] | None = None  # kept as its str
     pretrained: bool = False
     model_kwargs: dict[str, Any] | None = None
     device: str = "cpu"

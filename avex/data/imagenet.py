@@ -68,7 +68,10 @@ def imagenet_canvas(
         raise FileNotFoundError(f"ImageNet folder {folder} does not exist; {_IMAGENET_LAYOUT}")
     wnids, descriptions = _imagenet_classes()
     known = set(wnids)
-    subdirs = [e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
+    try:
+        subdirs = [e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
+    except OSError as err:
+        raise ValueError(f"cannot read {folder} ({err.strerror or err}): fix its permissions") from err
     unknown = sorted(d for d in subdirs if d not in known)
     if unknown:
         raise ValueError(
