@@ -88,6 +88,7 @@ _UNRECORDED_DECODER_POS = "row_col"
 _TIMM_OVERRIDES = ("img_size", "patch_size", "in_chans", "num_classes")  # create_tore drops them when None
 _MAX_JSON_BYTES = 16 * 2**20  # a config is a few kB: a bigger file is not one
 _MAX_DEPTH = 1024  # blocks in a stack; the largest timm ViTs have 48
+_MAX_PARAMETERS = 2**31  # 8 GiB of float32 weights; ViT-g/14 has about 1.1e9 parameters
 
 
 def shipped_file(stem: str) -> Path:
@@ -274,23 +275,34 @@ def _count_blocks(keys: Mapping[str, Any], prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _check_depths(build: Mapping[str, Any], header: Mapping[str, Any], source: str) -> None:
-    """The config's block counts against the weights' before anything is built (a "depth": 1000000 would
-    otherwise allocate until the allocator fails)."""
+def _check_depths(build: Mapping[str, Any], source: str, header: Mapping[str, Any] | None = None) -> None:
+    """Block counts, before anything is built (a "depth": 1000000 would otherwise allocate until the allocator
+    fails, or build a million modules even on the meta device): each in 1.._MAX_DEPTH, and equal to the
+    weights' (``header``) when there are weights."""
     stacks = [("depth", "vit.blocks.", build.get("depth"))]
     if build.get("decoder_dim", 128):
         stacks.append(("decoder_depth", "decoder.blocks.", build.get("decoder_depth", 1)))
     for arg, prefix, want in stacks:
-        if want is None:  # timm's default for the model name: the meta build below compares it
+        if want is None:  # timm's default for the model name: the meta build compares it
             continue
-        if isinstance(want, bool) or not isinstance(want, int) or not 0 <= want <= _MAX_DEPTH:
-            raise ValueError(f"{source}: build {arg}={brief(want)} must be an integer in 0..{_MAX_DEPTH}")
-        have = _count_blocks(header, prefix)
+        if isinstance(want, bool) or not isinstance(want, int) or not 1 <= want <= _MAX_DEPTH:
+            raise ValueError(f"{source}: {arg}={brief(want)} must be an integer in 1..{_MAX_DEPTH}")
+        have = want if header is None else _count_blocks(header, prefix)
         if want != have:
             raise ValueError(
                 f"{source}: the config says {arg}={want} but the weights hold {have} blocks ('{prefix}<i>.*'): "
                 "config and weights do not belong together; re-save the checkpoint"
             )
+
+
+def _check_size(meta_model: nn.Module, source: str) -> None:
+    """Refuse a model over :data:`_MAX_PARAMETERS` (counted on the meta device, before allocating)."""
+    count = sum(v.numel() for v in meta_model.state_dict().values())
+    if count > _MAX_PARAMETERS:
+        raise ValueError(
+            f"{source}: the model would have {count:,} parameters, over the {_MAX_PARAMETERS:,} avex builds "
+            f"({4 * _MAX_PARAMETERS // 2**30} GiB in float32); check depth, embed_dim, mlp_ratio and img_size"
+        )
 
 
 def _build_on_meta(build: Mapping[str, Any], source: str) -> TOREViT:
@@ -306,8 +318,8 @@ def _build_on_meta(build: Mapping[str, Any], source: str) -> TOREViT:
             return create_tore(vit, **wrap)
     except Exception as err:  # timm and torch raise many types for arguments they cannot build
         raise ValueError(
-            f"{source}: timm cannot build the model its config describes ({type(err).__name__}: {brief(str(err))}); "
-            "re-save the checkpoint"
+            f"{source}: timm cannot build this model ({type(err).__name__}: {brief(str(err))}); "
+            "check its arguments (a checkpoint's: re-save it)"
         ) from err
 
 
@@ -372,7 +384,7 @@ def load_tore(
             raise ValueError(f"checkpoint {path} is for another architecture: {key}={have!r}, expected {want!r}")
     weights, config = _paths(path)
     header = read_header(weights, "checkpoint weights")
-    _check_depths(build, header, str(config))
+    _check_depths(build, str(config), header)
     problem = _fit_problem(_shapes(_build_on_meta(build, str(config))), {k: s for k, (_, s) in header.items()})
     if problem:
         raise ValueError(f"checkpoint {weights} does not match its config {config.name}: {problem}")
@@ -549,6 +561,11 @@ def _acquire(
     path = resolve_file(ref) if ref is not None and is_shipped(ref) else ref
     if path is not None and is_avex_checkpoint(path):
         return load_tore(path, device, expect)
+    # Arguments timm cannot build (an unknown keyword, heads that do not divide the width) or a model too
+    # large: a ValueError naming them, found on the meta device before any memory is taken.
+    source = f"model {model!r} with {brief(build)}"
+    _check_depths(build, source)
+    _check_size(_build_on_meta({"model": model, **build}, source), source)
     if path is not None:
         return load_timm_weights(model, path, **build).to(device)
     try:
