@@ -1,4 +1,4 @@
-"""Import-time compatibility shims.
+"""Import-time compatibility shims: timm importable beside a CUDA torchvision, torch safe to fork.
 
 Why this exists
 ---------------
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import os
 import threading
 
 import torch
@@ -118,3 +119,14 @@ def ensure_timm_importable() -> bool:
 
 # Applied on import: ``avex/__init__.py`` imports this module first, so no other module has to call it.
 ensure_timm_importable()
+
+
+def _one_torch_thread_in_forked_children() -> None:
+    """A process forked after torch's CPU thread pool started hangs in its first parallel region (the
+    pool's threads do not survive the fork): Gymnasium's ``AsyncVectorEnv`` forks its workers so. A forked
+    child therefore runs torch on one thread, as its workers share the parent's cores anyway."""
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+
+
+_one_torch_thread_in_forked_children()
