@@ -15,29 +15,16 @@ import torch
 from gymnasium import spaces
 
 from agents.base import GlimpseAgent, register_agent
+from agents.belief import BELIEF_KEYS
 from avex.checkpoint import read_header, read_json, resolve_file
 
 if TYPE_CHECKING:  # stable-baselines3 is imported only when a policy is built
     from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
     from stable_baselines3.common.policies import BasePolicy
 
-__all__ = ["BELIEF_KEYS", "DEFAULT_POLICY", "FORMAT", "PPOAgent", "belief_space"]
+__all__ = ["DEFAULT_POLICY", "PPOAgent"]
 
-# What the policy reads; the revealed canvas is left out (the CLS embedding already summarises it, and
-# storing canvases in the rollout buffer as float32 would cost gigabytes).
-BELIEF_KEYS = ("probs", "cls", "entropy", "visited", "step")
-FORMAT = "avex-ppo/1"
 DEFAULT_POLICY = "shipped:fashion-mnist"
-
-
-def belief_space(space: spaces.Space) -> spaces.Dict:
-    """The observation space restricted to :data:`BELIEF_KEYS`. Raises ValueError unless a Dict holding them."""
-    if not isinstance(space, spaces.Dict):
-        raise ValueError(f"PPO needs a Dict observation space with {BELIEF_KEYS}, got {space}")
-    missing = [k for k in BELIEF_KEYS if k not in space.spaces]
-    if missing:
-        raise ValueError(f"the env's observation lacks {missing}: PPO needs {BELIEF_KEYS}")
-    return spaces.Dict({k: space[k] for k in BELIEF_KEYS})
 
 
 @register_agent("ppo")
@@ -68,7 +55,7 @@ class PPOAgent(GlimpseAgent):
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
-        from agents.sb3_policy import build_policy
+        from agents.sb3_policy import FORMAT, build_policy
 
         weights = resolve_file(path, policy=True)
         read_header(weights, "PPO policy")  # a regular safetensors file, before anything is built
