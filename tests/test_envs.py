@@ -335,7 +335,7 @@ def test_step_before_reset_and_after_end(roots):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(reward="foo"), r"reward must be one of \['dense', 'sparse'\]"),
+        (dict(reward="foo"), r"reward must be one of \['dense', 'sparse'.*\], got 'foo'"),
         (dict(action_mode="bar"), r"action_mode must be one of \['discrete', 'continuous'\]"),
         (dict(positions="diagonal"), r"positions must be one of"),
         (dict(dataset="mnist"), r"dataset must be one of \[.*'fashion-mnist'.*'imagenet'.*\], got 'mnist'"),

@@ -382,3 +382,29 @@ def test_a_run_shorter_than_an_epoch_evaluates_the_subset(fmnist_root: Path, tmp
     assert train_classifier(cfg)["eval"]["n"] == 3
     cfg = TrainConfig(epochs=1.0, eval_subset=3, out=str(tmp_path / "epoch"), progress=False, **common, **TINY)
     assert train_classifier(cfg)["eval"]["n"] == 20  # a whole epoch (10 steps): the whole fake test split
+
+
+def test_init_from_a_checkpoint_saved_before_mae_order_keeps_its_decoder_order() -> None:
+    """The shipped checkpoint predates the recorded decoder order: --init builds the run with its order."""
+    from avex.checkpoint import shipped_checkpoint
+    from avex.train.build import prepare_classifier
+
+    cfg = resolve_config(TrainConfig(dataset="fashion-mnist", init=str(shipped_checkpoint("fashion-mnist"))))
+    model, meta = prepare_classifier(cfg, 10, torch.device("cpu"))
+    assert model.build_args is not None and model.build_args["decoder_pos"] == "row_col" and meta is not None
+
+
+def test_weights_are_read_from_safetensors_only(tmp_path: Path) -> None:
+    """--weights: a timm safetensors file of exactly the ViT is loaded; a pickle-based file is refused unopened."""
+    from safetensors.torch import save_file
+
+    cfg = resolve_config(TrainConfig(img_size=48, **TINY))
+    vit = build_classifier(cfg, 10).vit
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    loaded = build_classifier(
+        resolve_config(TrainConfig(img_size=48, weights=str(tmp_path / "vit.safetensors"), **TINY)), 10
+    )
+    assert all(torch.equal(a, b) for a, b in zip(vit.state_dict().values(), loaded.vit.state_dict().values()))
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(ValueError):
+        build_classifier(resolve_config(TrainConfig(img_size=48, weights=str(tmp_path / "vit.pth"), **TINY)), 10)

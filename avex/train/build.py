@@ -8,9 +8,10 @@ from typing import Any, cast
 import torch
 import torch.nn as nn
 
-from avex.checkpoint import load_state, load_tore
+from avex.checkpoint import UNRECORDED_DECODER_POS, load_timm_weights, load_tore, read_config
 from avex.model import TOREViT, create_tore
 from avex.posembed import grid_coords, sincos_2d
+from avex.safeload import load_state
 from avex.train.config import TrainConfig, need
 
 __all__ = [
@@ -24,25 +25,28 @@ __all__ = [
 ]
 
 
-def build_classifier(cfg: TrainConfig, num_classes: int) -> TOREViT:
-    """``create_tore`` from a config through :func:`~avex.train.config.resolve_config`; weights as timm inits them."""
-    extra: dict[str, Any] = {
+def build_classifier(cfg: TrainConfig, num_classes: int, decoder_pos: str | None = None) -> TOREViT:
+    """``create_tore`` from a config through :func:`~avex.train.config.resolve_config`; weights as timm inits
+    them, or a local timm safetensors file's (``--weights``, read by safetensors only, never unpickled).
+
+    Args:
+        decoder_pos: the decoder's position order (None: create_tore's default for new models); ``--init``
+            passes its checkpoint's, so older checkpoints keep theirs.
+    """
+    build: dict[str, Any] = {
         k: v
-        for k, v in dict(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads).items()
+        for k, v in dict(
+            depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, decoder_pos=decoder_pos
+        ).items()
         if v is not None
     }
-    return create_tore(
-        need(cfg.model, "model"),
-        img_size=cfg.img_size,
-        patch_size=cfg.patch,
-        in_chans=cfg.in_chans,
-        num_classes=num_classes,
-        pretrained=cfg.pretrained,
-        weights=cfg.weights,
-        mean=cfg.mean,
-        std=cfg.std,
-        **extra,
+    build.update(
+        img_size=cfg.img_size, patch_size=cfg.patch, in_chans=cfg.in_chans, num_classes=num_classes, mean=cfg.mean
     )
+    build["std"] = cfg.std
+    if cfg.weights:
+        return load_timm_weights(need(cfg.model, "model"), cfg.weights, **build)
+    return create_tore(need(cfg.model, "model"), pretrained=cfg.pretrained, **build)
 
 
 @torch.no_grad()
@@ -87,7 +91,9 @@ def prepare_classifier(
     """
     if cfg.pos_init not in ("sincos", "learned"):
         raise ValueError(f"--pos-init must be sincos or learned, got {cfg.pos_init!r}")
-    model = build_classifier(cfg, num_classes).to(device).train()
+    # An --init checkpoint keeps its decoder's position order (older ones predate MAE's, the new default).
+    decoder_pos = read_config(cfg.init)["build"].get("decoder_pos", UNRECORDED_DECODER_POS) if cfg.init else None
+    model = build_classifier(cfg, num_classes, decoder_pos).to(device).train()
     init_meta = None
     if cfg.init:
         init_meta = start_from_checkpoint(model, cfg.init)
