@@ -216,3 +216,19 @@ def test_files_that_are_not_weights_are_refused(tmp_path) -> None:
         convert_mae_checkpoint(src, tmp_path / "x", **BUILD)
     with pytest.raises(ValueError, match="decoder_heads dividing 16"):
         tore_from_mae_state(mae_state(), **{**BUILD, "decoder_heads": 3})
+
+
+def test_avex_convert_command_writes_a_loadable_checkpoint(tmp_path) -> None:
+    """`avex convert` gives what convert_mae_checkpoint gives; a missing --src is the one-line refusal."""
+    from avex.cli import main
+
+    src = tmp_path / "mae.pth"
+    torch.save({"model": mae_state()}, src)
+    argv = ["convert", "--src", str(src), "--dst", str(tmp_path / "cli"), "--mean", ",".join(map(str, MEAN))]
+    flags = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in BUILD.items()}
+    argv += ["--std", ",".join(map(str, STD))] + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    assert main(argv) == 0
+    direct = convert_mae_checkpoint(src, tmp_path / "direct", mean=MEAN, std=STD, **BUILD)
+    a, b = load_tore(tmp_path / "cli.safetensors"), load_tore(direct)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert main(["convert", "--dst", str(tmp_path / "x")]) == 2

@@ -1,4 +1,5 @@
-"""The ``avex`` command line: ``avex data``, ``avex train classifier|ppo``, ``avex benchmark``, ``avex demo``.
+"""The ``avex`` command line: ``avex data``, ``avex train classifier|ppo``, ``avex benchmark``, ``avex demo``,
+``avex convert``.
 
 With the ``import avex`` facade, this package is the top layer: the only part of ``avex`` that imports
 ``envs`` and ``agents`` (the CLI drives them). Each subcommand module gives ``add_arguments(parser)``
@@ -15,6 +16,7 @@ import gymnasium
 
 from avex import train as train_mod
 from avex.cli import benchmark as bench_cli
+from avex.cli import convert as convert_cli
 from avex.cli import demo as demo_cli
 from avex.cli import ppo as ppo_cli
 from avex.data import install_fashion_mnist
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         (tsub, "ppo", ppo_cli, "MaskablePPO glimpse policy on the batched vector env"),
         (sub, "benchmark", bench_cli, "agents x K on an env: accuracy per glimpse, FLOPs, time (the main job)"),
         (sub, "demo", demo_cli, "one episode with an agent; prints each step and writes a GIF"),
+        (sub, "convert", convert_cli, "a MAE / AME / TORE PyTorch checkpoint -> an avex checkpoint"),
     ):
         p = parent.add_parser(name, help=text)
         module.add_arguments(p)
