@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from entropy_probe import ink_patches, touches_ink  # the sibling script: its folder is on the path when run as a file
 
-import avex  # noqa: F401  (registers the envs)
 from agents import EntropyAgent, RandomAgent
 from agents.evaluate import play_episodes
 from avex.checkpoint import load_tore, save_tore, shipped_checkpoint

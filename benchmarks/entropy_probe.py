@@ -14,7 +14,6 @@ import argparse
 import gymnasium as gym
 import numpy as np
 
-import avex  # noqa: F401  (registers the envs)
 from agents import RandomAgent, ame_scores
 
 

@@ -27,7 +27,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-import avex  # noqa: F401  (registers the envs)
 from avex.platform_info import device_name, synchronize
 
 
@@ -35,9 +34,9 @@ def fake_imagenet(per_class: int, size: int = 256) -> str:
     """A temporary ImageNet-layout folder (val/<wnid>/*.JPEG) of random images; returns its root."""
     from PIL import Image
 
-    from avex.data import _imagenet_classes
+    from avex.data.imagenet import imagenet_classes
 
-    wnids = _imagenet_classes()[0][:16]
+    wnids = imagenet_classes()[0][:16]
     root = Path(tempfile.mkdtemp(prefix="fake-imagenet-"))
     rng = np.random.default_rng(0)
     for wnid in wnids:

@@ -73,7 +73,6 @@ def _report(title: str, run, device: str, rows: int) -> str:
 def profile_env(args: argparse.Namespace) -> str:
     import gymnasium as gym
 
-    import avex  # noqa: F401  (registers the envs)
 
     kwargs = json.loads(args.env_kwargs)
     venv = gym.make_vec(

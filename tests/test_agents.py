@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import avex  # noqa: F401
 from agents import EntropyAgent, RandomAgent, ame_scores, make_agent
 from agents.ppo import PPOAgent
 from agents.ppo_config import PPOConfig

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import avex  # noqa: F401  (registers the environments)
 from avex.checkpoint import save_tore
 from avex.model import create_tore
 

@@ -39,9 +39,3 @@ __all__ = [
     "load_fashion_mnist",
     "register_dataset",
 ]
-
-# Private helpers other modules import from ``avex.data`` (benchmarks/env_throughput.py: _imagenet_classes),
-# re-exported so those imports keep working.
-from avex.data.folder import _list_images as _list_images  # noqa: E402
-from avex.data.folder import _load_image as _load_image  # noqa: E402
-from avex.data.imagenet import _imagenet_classes as _imagenet_classes  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 from avex.data.folder import ImageFolderCanvas
 from avex.data.registry import DatasetSpec, register_dataset
 
-__all__ = ["imagenet_canvas"]
+__all__ = ["imagenet_canvas", "imagenet_classes"]
 
 _IMAGENET_LAYOUT = (
     "expected layout: <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG, one folder per "
@@ -25,7 +25,7 @@ _IMAGENET_LAYOUT = (
 
 
 @functools.lru_cache(maxsize=1)
-def _imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+def imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """ImageNet-1k WordNet ids and descriptions, in timm's label order."""
     from avex._compat import ensure_timm_importable
 
@@ -66,7 +66,7 @@ def imagenet_canvas(
     folder = Path(root).expanduser() / (split or "")
     if not folder.is_dir():
         raise FileNotFoundError(f"ImageNet folder {folder} does not exist; {_IMAGENET_LAYOUT}")
-    wnids, descriptions = _imagenet_classes()
+    wnids, descriptions = imagenet_classes()
     known = set(wnids)
     try:
         subdirs = [e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
