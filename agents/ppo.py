@@ -16,7 +16,8 @@ from gymnasium import spaces
 
 from agents.base import GlimpseAgent, register_agent
 from agents.belief import BELIEF_KEYS
-from avex.checkpoint import read_header, read_json, resolve_file
+from avex.checkpoint import resolve_file
+from avex.safeload import read_header, read_json
 
 if TYPE_CHECKING:  # stable-baselines3 is imported only when a policy is built
     from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy

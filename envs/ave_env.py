@@ -8,7 +8,8 @@ import gymnasium as gym
 import numpy as np
 
 from envs.config import EnvConfig, check_options, check_seed
-from envs.engine import AVEEngine, EngineViews, row_info
+from envs.engine import AVEEngine
+from envs.views import EngineViews, row_info
 
 __all__ = ["AVEEnv"]
 

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from avex.checkpoint import check_build_args, is_avex_checkpoint, shared_model
+from avex.checkpoint import is_avex_checkpoint, shared_model
 from avex.checks import brief, check_int
 from avex.data import DATASETS, CanvasSource, DatasetSpec, get_dataset
 from avex.model import TOREViT
+from avex.safeload import check_build_args
 from envs.rewards import REWARDS
 
 __all__ = [

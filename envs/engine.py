@@ -3,7 +3,8 @@
 One :class:`AVEEngine` holds B independent episodes: hidden canvases, what each has revealed, the TORE
 token cache and the last model outputs. Every tensor operation is batched over the rows on the model's
 device under ``torch.inference_mode()``; the single and the vector environment are thin adapters over
-it, so they agree by construction.
+it, so they agree by construction. Its fixed part (source, model, geometry, spaces) is built by
+:class:`envs.engine_setup.EngineSetup`; what the environments read off it is in :mod:`envs.views`.
 
 Shapes: B rows, H x W x C canvas, (gh, gw) patch grid, A discrete glimpse positions, D embedding width,
 classes = the data source's number of classes.
@@ -11,32 +12,20 @@ classes = the data source's number of classes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
-from gymnasium import spaces
 
 from avex.checkpoint import built_digest, weights_digest
 from avex.checks import brief
-from avex.flops import ViTDims, step_flops
 from avex.geometry import GlimpseGeometry
-from avex.model import AggregatorOutput, TOREViT
-from envs.config import EnvConfig, check_grid, check_int, env_model
-from envs.rewards import REWARDS, Belief
+from envs.config import EnvConfig, check_int
+from envs.engine_setup import EngineSetup
+from envs.rewards import Belief
 
-__all__ = ["AVEEngine", "EngineViews", "row_info"]
-
-
-def row_info(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
-    """Row ``i`` of a batched info dict, with Python scalars (int, bool, float) and per-row arrays."""
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        v = value[i]
-        out[key] = v.item() if np.ndim(v) == 0 else v.copy()
-    return out
+__all__ = ["AVEEngine"]
 
 
 def _visited(geometry: GlimpseGeometry, boxes: torch.Tensor) -> torch.Tensor:
@@ -46,7 +35,7 @@ def _visited(geometry: GlimpseGeometry, boxes: torch.Tensor) -> torch.Tensor:
     return visited
 
 
-class AVEEngine:
+class AVEEngine(EngineSetup):
     """B independent AVE episodes over one shared model, stepped together.
 
     Args:
@@ -64,101 +53,7 @@ class AVEEngine:
         self._build()
         self._alloc()
 
-    # ----------------------------------------------------------------- set-up
-    def _build(self) -> None:
-        """Source, model, geometry, spaces and the image-independent empty pass (rebuilt on unpickling)."""
-        cfg = self.config
-        self.source = cfg.make_source()
-        self.model = env_model(cfg, self.source)
-        m = self.model
-        check_grid(m.grid)
-        self.device = m.pixel_mean.device
-        self.K = m.depth // 2 if cfg.K is None else m.check_k(cfg.K)
-        if cfg.entropy and m.decoder is None:
-            raise ValueError("entropy=True needs a model with a glimpse decoder; this one has none: pass entropy=False")
-        h, w, c = self.source.canvas_shape
-        g = cfg.glimpse
-        if not 1 <= g <= min(m.grid):
-            raise ValueError(
-                f"glimpse must be in 1..{min(m.grid)} patches for the {m.grid[0]}x{m.grid[1]} patch grid, got {g}"
-            )
-        stride = g if cfg.positions == "grid" else 1
-        self.geometry = GlimpseGeometry((h, w), m.patch, g, stride, float(cfg.max_ratio))
-        # The same centre-inside rule at pixel level: which canvas pixels a glimpse box reveals.
-        self._pixels = GlimpseGeometry((h, w), 1, 1)
-        self.num_actions = self.geometry.num_actions
-        self._check_budget()
-        self.class_names = list(self.source.class_names)
-        self.reward_fn = REWARDS.get(cfg.reward)
-        G = self.geometry.tokens_per_glimpse
-        flops = [
-            step_flops(ViTDims.of(m), t, G, self.K, decoder=cfg.entropy, recon=False) for t in range(cfg.budget + 1)
-        ]  # what step() runs
-        self.flops_per_step = np.asarray(flops, dtype=np.int64)  # [budget + 1], index t = glimpses after the step
-        self.flops_cumulative = np.cumsum(self.flops_per_step)
-        self.observation_space = self._observation_space()
-        self.action_space: spaces.Space = (
-            spaces.Discrete(self.num_actions)
-            if cfg.action_mode == "discrete"
-            else spaces.Box(0.0, 1.0, (3,), np.float32)
-        )
-        with torch.inference_mode():
-            # The empty pass sees no pixel, so it is the same for every image: computed once.
-            empty = m.init_cache(1, 1, self.K, G, device=self.device)
-            out = m.aggregate_cache(empty)
-            self._empty_logits = out.logits.float()
-            self._empty_probs = self._empty_logits.softmax(-1)
-            self._empty_cls = out.features.float()
-            self._empty_entropy = self._entropy_map(out) if cfg.entropy else torch.zeros(1, *m.grid, device=self.device)
-            self._empty_pred = int(self._empty_logits.argmax(-1).item())
-
-    def _check_budget(self) -> None:
-        """Bound the budget by the geometry before anything sized by it (token cache, FLOP tables) exists."""
-        cfg, A, N = self.config, self.num_actions, self.geometry.num_patches
-        if cfg.action_mode == "discrete" and not cfg.allow_repeats:
-            if cfg.budget > A:
-                raise ValueError(
-                    f"budget={cfg.budget} exceeds the {A} distinct glimpse positions "
-                    f"(positions={cfg.positions!r}): lower budget, or pass allow_repeats=True"
-                )
-        elif cfg.budget > N:
-            # Each glimpse adds its tokens to the cache every later step attends over; past one glimpse per
-            # patch, glimpses only look again at what was seen.
-            raise ValueError(
-                f"budget={cfg.budget} exceeds the {N} patches of the {self.geometry.grid[0]}x{self.geometry.grid[1]} "
-                f"grid, the most glimpses an episode may take with repeats or continuous actions "
-                f"(each adds {self.geometry.tokens_per_glimpse} tokens to every later step): lower budget"
-            )
-
-    def _observation_space(self) -> spaces.Dict:
-        h, w, c = self.source.canvas_shape
-        gh, gw = self.geometry.grid
-        return spaces.Dict(
-            {
-                "canvas": spaces.Box(0, 255, (h, w, c), np.uint8),
-                "visited": spaces.Box(0, 1, (gh, gw), np.uint8),
-                "step": spaces.Box(0, self.config.budget, (1,), np.int64),
-                "probs": spaces.Box(0.0, 1.0, (self.model.num_classes,), np.float32),
-                "cls": spaces.Box(-np.inf, np.inf, (self.model.embed_dim,), np.float32),
-                "entropy": spaces.Box(0.0, self._entropy_bound(), (gh, gw), np.float32),
-            }
-        )
-
-    def _entropy_bound(self) -> float:
-        """Largest possible entropy value: per head at most log2 of the number of keys (bits)."""
-        dec = self.model.decoder
-        if dec is None:
-            return 0.0
-        keys = 1 + self.config.budget * self.geometry.tokens_per_glimpse + self.geometry.num_patches
-        heads = cast(int, dec.blocks[-1].heads)  # a plain int attribute; nn.Module types it Tensor | Module
-        return float(heads * math.log2(keys))
-
-    def _entropy_map(self, out: AggregatorOutput) -> torch.Tensor:
-        """The decoder's AME entropy map, float [B, gh, gw] (the env never reads the reconstruction)."""
-        _, entropy = self.model.decode(out, recon=False)
-        assert entropy is not None, "decode(entropy=True) returns the entropy map"
-        return entropy
-
+    # ----------------------------------------------------------- per-row state
     def _alloc(self) -> None:
         """Per-row state: tensors on the model's device, bookkeeping on the host."""
         B, cfg, dev = self.batch_size, self.config, self.device
@@ -474,33 +369,3 @@ _REBUILT = frozenset(
         "_empty_pred",
     }
 )
-
-
-class EngineViews:
-    """Read-only views of an env's :class:`AVEEngine` (``self.engine``), shared by the single and vector env."""
-
-    engine: AVEEngine
-
-    @property
-    def model(self) -> TOREViT:
-        """The shared :class:`avex.model.TOREViT`."""
-        return self.engine.model
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.engine.class_names
-
-    @property
-    def geometry(self) -> GlimpseGeometry:
-        """Glimpse geometry (grid, glimpse size, position stride)."""
-        return self.engine.geometry
-
-    @property
-    def budget(self) -> int:
-        """Glimpses per episode."""
-        return self.engine.config.budget
-
-    @property
-    def K(self) -> int:
-        """The TORE split point the env runs at."""
-        return self.engine.K

@@ -17,8 +17,8 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from envs.engine import row_info
 from envs.vector import AVEVectorEnv
+from envs.views import row_info
 
 __all__ = ["SB3VecEnv"]
 

@@ -20,7 +20,8 @@ from gymnasium.vector.utils import batch_space
 
 from avex.checks import brief
 from envs.config import EnvConfig, check_flag, check_int, check_options, check_seed
-from envs.engine import AVEEngine, EngineViews
+from envs.engine import AVEEngine
+from envs.views import EngineViews
 
 __all__ = ["AVEVectorEnv"]
 
