@@ -39,16 +39,16 @@ from torch import nn
 from avex.checks import brief
 from avex.model import TOREViT, create_tore
 from avex.safeload import (
-    _build_on_meta,
-    _check_depths,
-    _check_size,
-    _fit_problem,
-    _shapes,
+    build_on_meta,
     check_build_args,
+    check_depths,
     check_file,
+    check_size,
+    fit_problem,
     load_state,
     read_header,
     read_json,
+    tensor_shapes,
 )
 
 __all__ = [
@@ -196,8 +196,8 @@ def load_tore(
             raise ValueError(f"checkpoint {path} is for another architecture: {key}={have!r}, expected {want!r}")
     weights, config = _paths(path)
     header = read_header(weights, "checkpoint weights")
-    _check_depths(build, str(config), header)
-    problem = _fit_problem(_shapes(_build_on_meta(build, str(config))), {k: s for k, (_, s) in header.items()})
+    check_depths(build, str(config), header)
+    problem = fit_problem(tensor_shapes(build_on_meta(build, str(config))), {k: s for k, (_, s) in header.items()})
     if problem:
         raise ValueError(f"checkpoint {weights} does not match its config {config.name}: {problem}")
     model = create_tore(**build)
@@ -243,7 +243,7 @@ def load_timm_weights(model: str, path: str | os.PathLike[str], **build: Any) ->
             "weights, which fit nothing)"
         )
     tore = create_tore(model, **build)
-    problem = _fit_problem(_shapes(tore.vit), {k: s for k, (_, s) in header.items()})
+    problem = fit_problem(tensor_shapes(tore.vit), {k: s for k, (_, s) in header.items()})
     if problem:
         raise ValueError(
             f"timm weights file {file} does not fit {model!r} as built here ({brief(build)}): {problem}. "
@@ -376,8 +376,8 @@ def _acquire(
     # Arguments timm cannot build (an unknown keyword, heads that do not divide the width) or a model too
     # large: a ValueError naming them, found on the meta device before any memory is taken.
     source = f"model {model!r} with {brief(build)}"
-    _check_depths(build, source)
-    _check_size(_build_on_meta({"model": model, **build}, source), source)
+    check_depths(build, source)
+    check_size(build_on_meta({"model": model, **build}, source), source)
     if path is not None:
         return load_timm_weights(model, path, **build).to(device)
     try:

@@ -10,9 +10,9 @@ through these checks (``tests/test_reliability.py`` and ``tests/test_fuzz.py`` c
 - Loading is strict: a missing, unexpected or mis-shaped tensor, or a weight that is not floating point
   or not finite, refuses the whole load with a ValueError listing them; there is no partial load.
 
-Model arguments are checked before anything is allocated: :func:`_check_depths` (block counts),
-:func:`_build_on_meta` (what timm can build, every tensor's shape, on the meta device) and
-:func:`_check_size` (the parameter count).
+Model arguments are checked before anything is allocated: :func:`check_depths` (block counts),
+:func:`build_on_meta` (what timm can build, every tensor's shape, on the meta device) and
+:func:`check_size` (the parameter count).
 """
 
 from __future__ import annotations
@@ -33,7 +33,19 @@ from torch import nn
 from avex.checks import brief
 from avex.model import TOREViT, create_tore
 
-__all__ = ["LOADING_ARGS", "check_build_args", "check_file", "load_state", "read_header", "read_json"]
+__all__ = [
+    "LOADING_ARGS",
+    "build_on_meta",
+    "check_build_args",
+    "check_depths",
+    "check_file",
+    "check_size",
+    "fit_problem",
+    "load_state",
+    "read_header",
+    "read_json",
+    "tensor_shapes",
+]
 
 # create_tore / timm arguments that load weights from somewhere else: timm torch.loads (unpickles) a
 # .pth file or goes to the hub. Never taken from a checkpoint's config or from model arguments.
@@ -121,7 +133,7 @@ def check_build_args(args: Mapping[str, Any], what: str) -> None:
 
 
 # ------------------------------------------------------------------ strict loading
-def _fit_problem(own: Mapping[str, tuple[int, ...]], have: Mapping[str, tuple[int, ...]]) -> str | None:
+def fit_problem(own: Mapping[str, tuple[int, ...]], have: Mapping[str, tuple[int, ...]]) -> str | None:
     """What differs between a model's tensor shapes and a file's (None: they fit exactly)."""
     missing = sorted(own.keys() - have.keys())
     unexpected = sorted(have.keys() - own.keys())
@@ -138,7 +150,7 @@ def _fit_problem(own: Mapping[str, tuple[int, ...]], have: Mapping[str, tuple[in
     )
 
 
-def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
@@ -150,7 +162,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str 
         ValueError: naming missing, unexpected and mis-shaped tensors, or those of a wrong dtype or not finite.
     """
     own = model.state_dict()
-    problem = _fit_problem(_shapes(model), {k: tuple(v.shape) for k, v in state.items()})
+    problem = fit_problem(tensor_shapes(model), {k: tuple(v.shape) for k, v in state.items()})
     if problem:
         raise ValueError(f"{source} does not fit this model (another architecture?): {problem}")
     dtypes = [
@@ -174,7 +186,7 @@ def _count_blocks(keys: Mapping[str, Any], prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _check_depths(build: Mapping[str, Any], source: str, header: Mapping[str, Any] | None = None) -> None:
+def check_depths(build: Mapping[str, Any], source: str, header: Mapping[str, Any] | None = None) -> None:
     """Block counts, before anything is built (a "depth": 1000000 would otherwise allocate until the allocator
     fails, or build a million modules even on the meta device): each in 1.._MAX_DEPTH, and equal to the
     weights' (``header``) when there are weights."""
@@ -194,7 +206,7 @@ def _check_depths(build: Mapping[str, Any], source: str, header: Mapping[str, An
             )
 
 
-def _check_size(meta_model: nn.Module, source: str) -> None:
+def check_size(meta_model: nn.Module, source: str) -> None:
     """Refuse a model over :data:`_MAX_PARAMETERS` (counted on the meta device, before allocating)."""
     count = sum(v.numel() for v in meta_model.state_dict().values())
     if count > _MAX_PARAMETERS:
@@ -204,7 +216,7 @@ def _check_size(meta_model: nn.Module, source: str) -> None:
         )
 
 
-def _build_on_meta(build: Mapping[str, Any], source: str) -> TOREViT:
+def build_on_meta(build: Mapping[str, Any], source: str) -> TOREViT:
     """``create_tore(**build)`` on the meta device: every tensor's shape, no memory."""
     args = {k: v for k, v in build.items() if not (k in _TIMM_OVERRIDES and v is None)}
     name = args.pop("model")

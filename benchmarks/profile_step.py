@@ -73,7 +73,6 @@ def _report(title: str, run, device: str, rows: int) -> str:
 def profile_env(args: argparse.Namespace) -> str:
     import gymnasium as gym
 
-
     kwargs = json.loads(args.env_kwargs)
     venv = gym.make_vec(
         args.env, num_envs=args.num_envs, device=args.device, torch_obs=args.device.startswith("cuda"), **kwargs
