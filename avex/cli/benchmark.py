@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from agents import AGENTS, make_agent, play_episodes
-from avex.data import get_dataset
+from agents.evaluate import evaluation_split, wilson
 from avex.flops import ViTDims, episode_flops
 from avex.platform_info import device_name
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from envs.ave_env import AVEEnv
     from envs.vector import AVEVectorEnv
 
-__all__ = ["add_arguments", "main_from_args", "run_benchmark", "wilson"]
+__all__ = ["add_arguments", "evaluation_split", "main_from_args", "run_benchmark", "wilson"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,18 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ppo", default="shipped:fashion-mnist", help="PPO policy (.safetensors) for the ppo agent")
+    p.add_argument(
+        "--ppo",
+        default="shipped:fashion-mnist",
+        help="policy of the ppo agent: avex's .safetensors, or a MaskablePPO / PPO .zip saved by model.save()",
+    )
     p.add_argument("--env-kwargs", default="{}", help='extra env kwargs as JSON, e.g. \'{"root": "/data/imagenet"}\'')
     p.add_argument("--out", default=None, help="results folder (default: results/benchmark-<env>)")
-
-
-def wilson(correct: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Accuracy and 95% Wilson interval per column of a {0,1} [episodes, steps] array."""
-    n = correct.shape[0]
-    p = correct.mean(axis=0)
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return p, centre - half, centre + half
 
 
 def _play(
@@ -81,12 +76,6 @@ def _play(
         num_envs=n,
         budget=cast("AVEVectorEnv", venv.unwrapped).budget,
     )
-
-
-def evaluation_split(env_id: str, env_kwargs: dict[str, Any]) -> str | None:
-    """The split a benchmark plays by default: the env's data set's evaluation split (Fashion-MNIST: test)."""
-    dataset = env_kwargs.get("dataset", gym.spec(env_id).kwargs.get("dataset", "fashion-mnist"))
-    return get_dataset(dataset).eval_split
 
 
 def _result(agent: str, K: int, played: dict[str, Any], dims: ViTDims, budget: int, g2: int) -> dict[str, Any]:
