@@ -2,7 +2,8 @@
 
 Discrete envs train sb3-contrib's ``MaskablePPO``, continuous (y, x, z) ones SB3's ``PPO``, both on the
 belief keys only (:mod:`agents.sb3_policy`), with progress, a periodic greedy evaluation on the test
-split and a safetensors + JSON policy at the end.
+split and a safetensors + JSON policy at the end. The vec env is wrapped in ``VecMonitor``, so SB3 logs
+``rollout/ep_rew_mean`` and ``ep_len_mean`` and ``model.ep_info_buffer`` fills.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.vec_env import VecMonitor
 
-from agents.base import GlimpseAgent
-from agents.evaluate import play_episodes
-from agents.ppo import PPOAgent
+from agents.adapters import PolicyLike
+from agents.evaluate import evaluate_accuracy
 from agents.ppo_config import PPOConfig
 from agents.sb3_policy import POLICY_KWARGS, BeliefKeys, save_policy
 from envs.sb3 import SB3VecEnv
@@ -34,7 +35,8 @@ __all__ = ["PPOConfig", "ProgressCallback", "evaluate_policy_accuracy", "train_p
 
 
 class ProgressCallback(BaseCallback):
-    """tqdm progress with episode accuracy, plus a periodic greedy evaluation."""
+    """tqdm progress with episode accuracy and return (``ep_rew_mean``, from ``VecMonitor``), plus a periodic
+    greedy evaluation."""
 
     def __init__(
         self,
@@ -62,8 +64,10 @@ class ProgressCallback(BaseCallback):
             if done and "correct" in info:
                 self._correct.append(float(info["correct"]))
         if len(self._correct) >= 200:
+            episodes = list(self.model.ep_info_buffer or ())  # VecMonitor's episode infos, SB3's ep_rew_mean
             self.bar.set_postfix(
                 train_acc=f"{np.mean(self._correct):.3f}",
+                ep_rew_mean=f"{np.mean([e['r'] for e in episodes]):.3f}" if episodes else "-",
                 fps=f"{self.num_timesteps / (time.perf_counter() - self.t0):.0f}",
             )
             self._correct.clear()
@@ -90,7 +94,9 @@ def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
     cleanly, with the policy still evaluated and saved.
     """
     env_kwargs = cfg.make_env_kwargs()
-    venv = BeliefKeys(SB3VecEnv(gym.make_vec(cfg.env_id, num_envs=cfg.num_envs, **env_kwargs)))
+    # VecMonitor sits right on the env, under any wrapper that could change rewards (SB3's rule: before
+    # VecNormalize); BeliefKeys only drops observation keys.
+    venv = BeliefKeys(VecMonitor(SB3VecEnv(gym.make_vec(cfg.env_id, num_envs=cfg.num_envs, **env_kwargs))))
     venv.seed(cfg.seed)
     continuous = isinstance(venv.action_space, spaces.Box)
     algo: type[PPO] | type[MaskablePPO]
@@ -120,11 +126,9 @@ def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
     eval_kwargs = dict(env_kwargs, split="test")
 
     def evaluate(policy: BasePolicy) -> float:
-        agent = PPOAgent(policy, continuous)
-        n = min(cfg.num_envs, cfg.eval_episodes)
-        acc = evaluate_policy_accuracy(agent, cfg.env_id, cfg.eval_episodes, n, cfg.seed + 10_000, eval_kwargs)
+        acc = evaluate_accuracy(policy, cfg.env_id, cfg.eval_episodes, cfg.num_envs, cfg.seed + 10_000, **eval_kwargs)
         policy.train()
-        return acc
+        return acc.final
 
     callback = ProgressCallback(cfg.total_steps, evaluate if cfg.eval_every else None, cfg.eval_every, cfg.time_limit)
     t0 = time.perf_counter()
@@ -136,6 +140,7 @@ def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
         continuous=continuous,
         num_actions=int(getattr(venv.action_space, "n", 0)),
         trained_steps=int(model.num_timesteps),
+        ep_rew_mean=float(np.mean([e["r"] for e in model.ep_info_buffer])) if model.ep_info_buffer else None,
         train_seconds=round(seconds, 1),
         eval_history=callback.history,
         final_test_accuracy=evaluate(model.policy),
@@ -147,10 +152,8 @@ def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
 
 
 def evaluate_policy_accuracy(
-    agent: GlimpseAgent, env_id: str, episodes: int, num_envs: int, seed: int, env_kwargs: dict[str, Any]
+    agent: PolicyLike, env_id: str, episodes: int, num_envs: int, seed: int, env_kwargs: dict[str, Any]
 ) -> float:
-    """Final-glimpse accuracy of an agent over ``episodes`` episodes of the vector env."""
-    venv = gym.make_vec(env_id, num_envs=num_envs, **env_kwargs)
-    correct = play_episodes(venv, agent, episodes, seed).correct
-    venv.close()
-    return float(correct[:, -1].mean())
+    """Final-glimpse accuracy of a policy over ``episodes`` episodes of the vector env: the last glimpse of
+    :func:`agents.evaluate.evaluate_accuracy`, which gives every glimpse with intervals."""
+    return evaluate_accuracy(agent, env_id, episodes, num_envs, seed, **env_kwargs).final

@@ -28,7 +28,15 @@ from agents.belief import BELIEF_KEYS, belief_space
 if TYPE_CHECKING:  # sb3-contrib is imported only for discrete actions
     from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
 
-__all__ = ["FORMAT", "POLICY_KWARGS", "BeliefExtractor", "BeliefKeys", "build_policy", "save_policy"]
+__all__ = [
+    "FORMAT",
+    "POLICY_KWARGS",
+    "BeliefExtractor",
+    "BeliefKeys",
+    "build_policy",
+    "policy_class",
+    "save_policy",
+]
 
 FORMAT = "avex-ppo/1"  # the "format" field of a saved policy's JSON
 
@@ -108,9 +116,11 @@ POLICY_KWARGS: dict[str, Any] = dict(
 )
 
 
-def _policy_class(
+def policy_class(
     continuous: bool,
 ) -> type[MultiInputActorCriticPolicy] | type[MaskableMultiInputActorCriticPolicy]:
+    """The policy class of avex's PPO: SB3's for continuous (y, x, z) actions, sb3-contrib's maskable one for
+    discrete glimpse positions (both are what ``"MultiInputPolicy"`` names in PPO and MaskablePPO)."""
     if continuous:
         return MultiInputActorCriticPolicy
     from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
@@ -118,10 +128,14 @@ def _policy_class(
     return MaskableMultiInputActorCriticPolicy
 
 
-def build_policy(observation_space: spaces.Dict, action_space: spaces.Space) -> BasePolicy:
-    """A fresh (untrained) policy for an env's spaces: maskable for discrete actions, plain for (y, x, z)."""
+def build_policy(observation_space: spaces.Space[Any], action_space: spaces.Space[Any]) -> BasePolicy:
+    """A fresh (untrained) policy for an env's spaces: maskable for discrete actions, plain for (y, x, z).
+
+    Raises:
+        ValueError: the observation space is not an avex env's Dict with the belief keys.
+    """
     continuous = isinstance(action_space, spaces.Box)
-    return _policy_class(continuous)(belief_space(observation_space), action_space, lambda _: 0.0, **POLICY_KWARGS)
+    return policy_class(continuous)(belief_space(observation_space), action_space, lambda _: 0.0, **POLICY_KWARGS)
 
 
 def save_policy(policy: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path:
