@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 
 from agents import AGENTS, make_agent
-from avex.cli.benchmark import evaluation_split
+from agents.evaluate import evaluation_split
 from envs.render import save_gif
 
 if TYPE_CHECKING:
