@@ -12,9 +12,10 @@ registers one Gymnasium id per registered data set (``AVE-FashionMNIST-v0``, ``A
 from typing import Any
 
 from avex import _compat as _compat  # first: applies the timm import shim before anything imports timm
+from avex.cache import AggregatorOutput, TokenCache
 from avex.data import DATASETS, DatasetSpec, register_dataset
 from avex.geometry import GlimpseGeometry
-from avex.model import AggregatorOutput, TokenCache, TOREViT, create_tore
+from avex.model import TOREViT, create_tore
 from envs import registration as _registration
 from envs.rewards import REWARDS, Belief, register_reward
 

@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # annotations only: this module stays free of torch and timm 
     from timm.layers import Mlp
     from timm.models.vision_transformer import Block
 
-    from avex.model import TOREViT, _DecoderBlock
+    from avex.decoder import _DecoderBlock
+    from avex.model import TOREViT
 
 __all__ = ["ViTDims", "block_macs", "episode_flops", "step_flops", "step_macs"]
 

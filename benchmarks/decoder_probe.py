@@ -32,7 +32,7 @@ from agents import EntropyAgent, RandomAgent
 from agents.evaluate import play_episodes
 from avex.checkpoint import load_tore, save_tore, shipped_checkpoint
 from avex.data import get_dataset
-from avex.model import GlimpseDecoder
+from avex.decoder import GlimpseDecoder
 from avex.train import (
     cut_glimpses,
     draw_k_and_t,

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from avex.cache import AggregatorOutput
 from avex.flops import ViTDims, step_flops
 from avex.geometry import GlimpseGeometry
-from avex.model import AggregatorOutput
 from envs.config import EnvConfig, check_grid, env_model
 from envs.rewards import REWARDS
 

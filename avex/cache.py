@@ -1,0 +1,137 @@
+"""What TORE keeps between glimpses (:class:`TokenCache`) and what its aggregator returns (:class:`AggregatorOutput`).
+
+Shapes use: B batch, G tokens per glimpse, P prefix tokens (CLS + registers), D embedding width, L cached tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = ["AggregatorOutput", "TokenCache"]
+
+
+@dataclass
+class AggregatorOutput:
+    """What the aggregator returns after a glimpse.
+
+    Attributes:
+        logits: [B, num_classes].
+        features: [B, D] pooled pre-logits embedding (the CLS token after the final norm).
+        hidden: [B, P + L, D] every token before the final norm.
+        valid: [B, P + L] bool, False at cache slots a row has not filled yet; None when all rows are full.
+        coords: [B, L, 2] patch coordinates of the cached tokens.
+        tokens: [B, P + L, D] every token after the final norm (the decoder's input): computed on first
+            access, since the logits need only the CLS token's norm and most callers (a benchmark, an env
+            without the entropy map) never read the rest.
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    hidden: torch.Tensor
+    valid: torch.Tensor | None
+    coords: torch.Tensor
+    norm: nn.Module = field(repr=False)  # the ViT's final norm, for ``tokens``
+    _tokens: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        if self._tokens is None:
+            self._tokens = self.norm(self.hidden)
+        return self._tokens
+
+
+@dataclass
+class TokenCache:
+    """Per-row episode state, preallocated for the glimpse budget.
+
+    Attributes:
+        buf: [B, P + capacity * G, D]. ``buf[:, :P]`` holds the running mean of the glimpses' prefix
+            outputs (the empty pass's prefix while a row has no glimpse); then each glimpse's G midway
+            tokens in order. The aggregator reads a view of it: no per-step concatenation.
+        coords: float32 [B, capacity * G, 2] patch coordinates of the cached tokens (for the decoder).
+        counts: int64 [B] glimpses cached per row, kept on the host so that slicing needs no sync.
+        K: the split this cache was filled with (cached tokens are only valid for that K).
+        tokens_per_glimpse: G.
+    """
+
+    buf: torch.Tensor
+    coords: torch.Tensor
+    counts: np.ndarray
+    K: int
+    tokens_per_glimpse: int
+    num_prefix: int = field(default=1)
+
+    @property
+    def capacity(self) -> int:
+        """Glimpses each row can hold."""
+        return (self.buf.shape[1] - self.num_prefix) // self.tokens_per_glimpse
+
+    @property
+    def batch_size(self) -> int:
+        """B: the rows of the cache."""
+        return self.buf.shape[0]
+
+    def row_indices(self, rows: np.ndarray | None) -> np.ndarray:
+        """Row indices of a bool mask or an index array [B] (None: every row)."""
+        return (
+            np.arange(self.batch_size)
+            if rows is None
+            else np.flatnonzero(np.asarray(rows))
+            if np.asarray(rows).dtype == bool
+            else np.asarray(rows)
+        )
+
+    def write_prefix(self, idx: np.ndarray, prefix: torch.Tensor) -> None:
+        """Set the prefix mean of the rows ``idx`` to ``prefix`` [1, P, D] (the empty pass's, when they are reset)."""
+        prefix = prefix.to(self.buf.dtype)
+        if (
+            idx.size == self.batch_size and (idx == np.arange(idx.size)).all()
+        ):  # all rows: a slice, no index copy (no sync; capturable)
+            self.buf[:, : self.num_prefix] = prefix
+        else:
+            t = torch.as_tensor(idx, device=self.buf.device)
+            self.buf[t, : self.num_prefix] = prefix
+
+    def append(self, x: torch.Tensor, coords: torch.Tensor) -> None:
+        """Cache one glimpse per row: its G midway tokens in the row's next slots, its prefix into the running mean.
+
+        Args:
+            x: [B, P + G, D] the iterator's output, in ``buf``'s dtype.
+            coords: [B, G, 2] the glimpse's token coordinates.
+        """
+        g2, p = self.tokens_per_glimpse, self.num_prefix
+        n = self.counts
+        if (n == n[0]).all():  # rows in step: static slices (CUDA-graph friendly)
+            n0 = int(n[0])
+            self.buf[:, p + n0 * g2 : p + (n0 + 1) * g2] = x[:, p:]
+            self.coords[:, n0 * g2 : (n0 + 1) * g2] = coords  # copy_ casts to float
+            self.buf[:, :p].lerp_(x[:, :p], 1.0 / (n0 + 1))  # running mean: one kernel, one rounding
+        else:  # rows reset at different times: scatter at per-row offsets
+            dev = self.buf.device
+            b = torch.arange(self.batch_size, device=dev)[:, None]
+            slots = torch.as_tensor(n[:, None] * g2 + np.arange(g2)[None], device=dev)
+            self.buf[b, p + slots] = x[:, p:]
+            self.coords[b, slots] = coords.float()
+            weight = torch.as_tensor(1.0 / (n + 1), device=dev, dtype=self.buf.dtype)[:, None, None]
+            self.buf[:, :p].lerp_(x[:, :p], weight)
+        self.counts += 1
+
+    def filled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The aggregator's view of every row's cached tokens (no copy).
+
+        Returns:
+            ``buf`` [B, P + L, D] and ``coords`` [B, L, 2], L = G times the most glimpses any row holds, and
+            ``valid`` [B, P + L] bool, False at the slots of rows with fewer (None when every row holds as many).
+        """
+        g2, p = self.tokens_per_glimpse, self.num_prefix
+        n = self.counts
+        length = int(n.max()) * g2
+        valid = None
+        if not (n == n[0]).all():
+            lengths = torch.as_tensor(p + n * g2, device=self.buf.device)
+            valid = torch.arange(p + length, device=self.buf.device)[None] < lengths[:, None]
+        return self.buf[:, : p + length], self.coords[:, :length], valid

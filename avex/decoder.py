@@ -1,0 +1,166 @@
+"""TORE's glimpse decoder: MAE-style reconstruction of every patch and AME's attention-entropy map.
+
+Shapes use: B batch, D the ViT's embedding width, L observed tokens, N grid patches, C channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from avex.entropy_attention import entropy_attention
+from avex.posembed import grid_sincos
+
+__all__ = ["GlimpseDecoder"]
+
+
+class _DecoderBlock(nn.Module):
+    """Pre-norm transformer block whose attention probabilities are returned (AME reads them)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(
+        self, x: torch.Tensor, first_query: int = 0, output: bool = True, entropy: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Attend from the rows ``x[:, first_query:]`` to every row.
+
+        Args:
+            x: [B, S, dim] (every row a valid key: the decoder's grid has no padding).
+            first_query: rows before it are keys only (the last decoder block needs only the grid's rows).
+            output: compute the block's output rows (False: None; the entropy needs only q and k).
+            entropy: compute the attention entropy (False: None; the output alone then runs as one fused
+                ``scaled_dot_product_attention``).
+
+        Returns:
+            x [B, S - first_query, dim] or None, and per query row the entropy of its attention over all
+            keys but key 0 (CLS), summed over heads, in bits: float32 [B, S - first_query] or None.
+        """
+        b, s, d = x.shape
+        qkv = self.qkv(self.norm1(x))  # [B, S, 3 * dim], last axis (3, heads, dim / heads)
+        ent = None
+        if entropy:
+            # Attention and entropy in one pass that never writes the attention map (a Triton kernel on CUDA;
+            # PyTorch, in chunks of query rows, elsewhere).
+            attended, ent = entropy_attention(qkv, self.heads, first_query=first_query, skip_keys=1, output=output)
+        else:
+            q, k, v = qkv.view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(q[:, :, first_query:], k, v)
+            attended = attended.transpose(1, 2).reshape(b, s - first_query, d)
+        if attended is None:
+            return None, ent
+        x = x[:, first_query:] + self.proj(attended)
+        x = x + self.mlp(self.norm2(x))
+        return x, ent
+
+
+class GlimpseDecoder(nn.Module):
+    """TORE's one-block MAE-style decoder: reconstruction of every patch and AME's entropy map.
+
+    As in AME and TORE, the sequence is ``[CLS, grid]``: every grid cell holds the observed token of
+    that patch (projected to the decoder's width) or, where nothing was seen, the mask token; every cell
+    gets the fixed sin-cos position of its place (``pos_order``: MAE's (col, row) halves, or avex's former
+    (row, col); see :func:`avex.posembed.grid_sincos`). Each cell predicts its patch's pixels, and the
+    entropy of an unseen cell's attention row (over all keys but CLS, summed over heads, in bits) is AME's
+    uncertainty for that patch. A patch seen twice (overlapping glimpses) holds its latest token; a
+    token off the grid (continuous glimpses, fractional coordinates) goes to its nearest cell.
+    """
+
+    grid_pos: torch.Tensor  # buffer [1, N, dim]: the fixed sin-cos position of every grid cell
+
+    def __init__(
+        self,
+        embed_dim: int,
+        grid: tuple[int, int],
+        patch: int,
+        in_chans: int,
+        dim: int = 128,
+        heads: int = 4,
+        depth: int = 1,
+        mlp_ratio: float = 4.0,
+        pos_order: str = "mae",
+    ) -> None:
+        super().__init__()
+        self.grid = grid
+        self.dim = dim
+        self.pos_order = pos_order
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(_DecoderBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, patch * patch * in_chans)
+        self.register_buffer("grid_pos", grid_sincos(grid, dim, pos_order)[None], persistent=False)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def cells(self, coords: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Which observed token each grid cell holds: its latest one, or -1 where none.
+
+        Args:
+            coords: [B, L, 2] token patch coordinates (rounded to the nearest cell); valid: [B, L] bool or None.
+
+        Returns:
+            int64 [B, N] token index per cell (row-major), -1 for unseen cells.
+        """
+        b, n_obs = coords.shape[:2]
+        gh, gw = self.grid
+        rc = coords.round().long()
+        cell = rc[..., 0].clamp(0, gh - 1) * gw + rc[..., 1].clamp(0, gw - 1)  # [B, L]
+        order = torch.arange(n_obs, device=coords.device).expand(b, n_obs)
+        if valid is not None:
+            order = torch.where(valid, order, -1)
+        # amax over token order: deterministic where one cell gets several tokens (a plain scatter is not).
+        return torch.full((b, gh * gw), -1, dtype=torch.long, device=coords.device).scatter_reduce(
+            1, cell, order, "amax"
+        )
+
+    def forward(
+        self,
+        cls: torch.Tensor,
+        tokens: torch.Tensor,
+        coords: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        recon: bool = True,
+        entropy: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Reconstruct and score the grid.
+
+        Args:
+            cls: [B, D] the aggregator's CLS output.
+            tokens: [B, L, D] the aggregator's output patch tokens.
+            coords: [B, L, 2] their patch coordinates.
+            valid: [B, L] bool, False at padding; None if all valid.
+            recon, entropy: which outputs to compute (the other is None). Entropy alone skips the last
+                block's attention output, MLP and pixel head (an env reads only the entropy map);
+                reconstruction alone runs fused attention (training reads only the pixels).
+
+        Returns:
+            recon: [B, N, patch * patch * C] predicted (normalised) pixels of every patch, or None;
+            entropy: float32 [B, gh, gw] attention entropy per patch (AME), before masking seen patches, or None.
+        """
+        if not (recon or entropy):
+            raise ValueError("ask the decoder for recon, entropy or both")
+        b, n_obs = tokens.shape[:2]
+        n = self.grid_pos.shape[1]
+        head = self.embed(cls)[:, None]  # [B, 1, dim]
+        mask = self.mask_token.to(head.dtype)
+        if n_obs:
+            held = self.cells(coords, valid)  # [B, N]
+            picked = self.embed(tokens).gather(1, held.clamp(min=0)[..., None].expand(b, n, self.dim))
+            grid = torch.where((held >= 0)[..., None], picked, mask)
+        else:  # the empty pass: nothing seen yet
+            grid = mask.expand(b, n, -1)
+        x = torch.cat([head, grid + self.grid_pos.to(head.dtype)], dim=1)  # [B, 1 + N, dim]
+        for blk in self.blocks[:-1]:
+            x, _ = blk(x, entropy=False)
+        # Only the grid's rows of the last block are read (reconstruction, entropy): query just those.
+        x, ent = self.blocks[-1](x, first_query=1, output=recon, entropy=entropy)
+        pixels = self.pred(self.norm(x)) if recon else None
+        return pixels, None if ent is None else ent.view(b, *self.grid)
