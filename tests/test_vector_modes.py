@@ -10,10 +10,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
-
-from avex.checkpoint import save_tore
-from avex.model import create_tore
+from reliability_kit import tiny_checkpoint
 
 N, SEED = 2, 11
 
@@ -21,18 +18,7 @@ N, SEED = 2, 11
 @pytest.fixture(scope="module")
 def kwargs(fake_fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     # Saved weights, so that every process (the forked workers too) runs the same model.
-    torch.manual_seed(0)
-    model = create_tore(
-        "vit_tiny_patch16_224",
-        img_size=112,
-        patch_size=8,
-        in_chans=1,
-        num_classes=10,
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
-    )
-    path = save_tore(model, tmp_path_factory.mktemp("tiny") / "tiny")
+    path = tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny")
     return dict(root=str(fake_fmnist_root), checkpoint=str(path), split="test")
 
 
