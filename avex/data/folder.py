@@ -1,7 +1,8 @@
 """Canvases from a folder of images, one sub-folder per class (``AVE-ImageFolder-v0``).
 
 Each canvas is one whole image, resized so its shorter side covers the canvas and center cropped.
-This module also registers the ``"folder"`` data set, next to the source its spec builds.
+This module also registers the ``"folder"`` data set, next to the source its spec builds; given a root
+that holds only split folders (``train/``, ``val/``) and no split, it reads one of them (:func:`env_split`).
 
 Bounds and faults: an image over PIL's ``Image.MAX_IMAGE_PIXELS`` is refused before it is decoded, and
 only the centred crop the canvas shows is resized, so decoding costs at most the image and the canvas
@@ -28,7 +29,7 @@ from PIL import Image
 from avex.data.registry import DatasetSpec, canvas_hw, register_dataset
 from avex.data.source import CanvasSource, _check_indices
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderCanvas"]
+__all__ = ["IMAGE_EXTENSIONS", "SPLIT_NAMES", "ImageFolderCanvas", "env_split"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"})
 _LAYOUT_HELP = "expected layout: <root>/<class name>/<image files> ({exts})".format(
@@ -302,6 +303,38 @@ class ImageFolderCanvas(CanvasSource):
         return self.sample_counting_skips(rngs, indices)[:3]
 
 
+SPLIT_NAMES = ("val", "train", "test")  # folders that name a split, not a class; the env reads the first found
+
+
+def env_split(root: str | Path, split: str | None) -> str | None:
+    """The split the ``"folder"`` data set reads when none is given: ``split`` itself when given; else, for a
+    root whose only sub-folders are split names (``train/``, ``val/``, ``test/``), ``"val"``, else ``"train"``,
+    else ``"test"``, with a warning that names it; else None (the root holds the class folders).
+
+    Picking rather than refusing: a ``train/`` + ``val/`` root is the layout torchvision and timm users
+    already have (ImageNet's too, whose env reads ``val``), and read as it stands it would be a 2-class data
+    set of whole splits, which is never meant. The warning says which split and that ``split=`` chooses
+    (``split=""``: the root itself, for class folders that really are called so).
+    """
+    if split is not None:
+        return split
+    folder = Path(root).expanduser()
+    try:
+        subdirs = {e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")}
+    except OSError:
+        return None  # ImageFolderCanvas names the problem
+    if not subdirs or not subdirs <= set(SPLIT_NAMES):
+        return None
+    chosen = next(name for name in SPLIT_NAMES if name in subdirs)
+    warnings.warn(
+        f"{folder} holds split folders {sorted(subdirs)}, not class folders: reading split {chosen!r} "
+        "(pass split= to read another, or split='' to read the root itself)",
+        UserWarning,
+        stacklevel=2,
+    )
+    return chosen
+
+
 def _build(
     *,
     split: str | None,
@@ -319,7 +352,7 @@ def _build(
     return ImageFolderCanvas(
         root,
         image_size,
-        split=split,
+        split=env_split(root, split),
         classes=classes,
         class_names=class_names,
         in_chans=in_chans,
@@ -335,7 +368,7 @@ register_dataset(
         env_id="AVE-ImageFolder-v0",
         image_size=224,
         patch=16,
-        env_split=None,  # the root holds the class folders
+        env_split=None,  # the root holds the class folders, or only split folders (see env_split)
         model="vit_small_patch16_224",
         pretrained=True,
         train_model=dict(in_chans=3),
