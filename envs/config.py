@@ -102,8 +102,8 @@ class EnvConfig:
         cache_images: keep decoded images of a folder / ImageNet in memory (fast resets on small folders).
 
     Sizes are bounded before anything is allocated: image sides up to :data:`MAX_IMAGE_SIDE`, patch grids
-    up to :data:`MAX_PATCHES` patches, ``budget`` up to the distinct glimpse positions (or, with repeats or
-    continuous actions, the patches of the grid).
+    up to :data:`MAX_PATCHES` patches, ``budget`` up to the distinct glimpse positions (or, with
+    ``allow_repeats=True`` or continuous actions, the patches of the grid).
 
     Model (one instance per process, shared by every env; the classes and channels come from the data):
         model: timm ViT name (used when ``checkpoint`` is not an avex checkpoint).
@@ -124,7 +124,14 @@ class EnvConfig:
         action_mode: "discrete" (index of a glimpse position) or "continuous" ((y, x, z) in [0, 1]^3,
             AdaGlimpse: position and scale).
         max_ratio: largest continuous glimpse side as a fraction of min(H, W).
-        allow_repeats: let a discrete action repeat a position already taken this episode.
+        allow_repeats: what the action masks say about positions already taken this episode (discrete mode):
+            False (default): masked (advice for MaskablePPO), and ``budget`` is at most the distinct positions,
+            so a masked agent always has a position left; True: every position allowed, ``budget`` up to the
+            grid's patches.
+        strict: refuse an action the mask forbids (a repeat, with ``allow_repeats=False``) with ValueError,
+            changing nothing (the only behaviour before ``strict`` existed). False (default): any action inside
+            the action space is taken; a repeat re-reveals known pixels, adds its tokens to the cache again and
+            is flagged in ``info["repeated"]``.
         reward: a registered reward (``envs.rewards.REWARDS``): "dense" (drop in the true class's
             cross-entropy per glimpse) or "sparse" (1 at the end if the final prediction is right).
         entropy: run the decoder for AME's attention-entropy map (False: the "entropy" observation is zeros).
@@ -150,6 +157,7 @@ class EnvConfig:
     action_mode: str = "discrete"
     max_ratio: float = 1.0
     allow_repeats: bool = False
+    strict: bool = False
     reward: str = "dense"
     entropy: bool = True
 
@@ -205,7 +213,7 @@ class EnvConfig:
                 )
         if self.patch is not None:
             check_int("patch", self.patch, 1, min(self.resolved_image_size), " (at most the canvas side)")
-        for flag in ("pretrained", "allow_repeats", "entropy", "cache_images"):
+        for flag in ("pretrained", "allow_repeats", "strict", "entropy", "cache_images"):
             check_flag(flag, getattr(self, flag))
         ratio = self.max_ratio
         if (

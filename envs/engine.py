@@ -70,6 +70,7 @@ class AVEEngine(EngineSetup):
             self.cls = self._empty_cls.expand(B, -1).clone()
             self.entropy = self._empty_entropy.expand(B, -1, -1).clone()
         self.used = np.zeros((B, self.num_actions), dtype=bool)
+        self.repeated = np.zeros(B, dtype=bool)  # the last glimpse took a position already taken this episode
         self.boxes = np.full((B, cfg.budget, 4), np.nan, dtype=np.float32)
         self.labels_np = np.zeros(B, dtype=np.int64)
         self.index_np = np.zeros(B, dtype=np.int64)
@@ -158,6 +159,20 @@ class AVEEngine(EngineSetup):
         r = torch.as_tensor(rows, device=self.device)
         self.hidden[r] = canvases.to(self.device)
         self.labels[r] = labels.to(self.device)
+        self.labels_np[rows] = labels.cpu().numpy()
+        self.index_np[rows] = used_idx
+        self.skipped_np[rows] = skipped
+        self.started[rows] = True
+        self.clear_rows(rows)
+
+    @torch.inference_mode()
+    def clear_rows(self, rows: np.ndarray) -> None:
+        """Put some rows back to the start of their episode on the same image: nothing revealed, empty pass.
+
+        Args:
+            rows: int [R] rows (their canvas, label and image index stay).
+        """
+        r = torch.as_tensor(rows, device=self.device)
         self.seen[r] = False
         self.visited[r] = False
         self.model.reset_cache(self.cache, rows)
@@ -167,65 +182,72 @@ class AVEEngine(EngineSetup):
         self.entropy[r] = self._empty_entropy.expand(n, -1, -1)
         self.logits[r] = self._empty_logits.expand(n, -1)
         self.used[rows] = False
+        self.repeated[rows] = False
         self.boxes[rows] = np.nan
-        self.labels_np[rows] = labels.cpu().numpy()
-        self.index_np[rows] = used_idx
         self.pred_np[rows] = self._empty_pred
-        self.skipped_np[rows] = skipped
-        self.started[rows] = True
 
     # -------------------------------------------------------------------- step
-    def parse_actions(self, actions: Any) -> np.ndarray:
+    def parse_actions(self, actions: Any, ignore: np.ndarray | None = None) -> np.ndarray:
         """Validate a batch of actions without touching any state.
 
-        Discrete: int [B] in 0..A-1, none repeating a position already taken (unless allow_repeats).
-        Continuous: float [B, 3] (y, x, z) in [0, 1].
+        Discrete: int [B] in 0..A-1 (with ``strict``, none the mask forbids). Continuous: float [B, 3]
+        (y, x, z) in [0, 1].
+
+        Args:
+            actions: one action per row.
+            ignore: bool [B], rows whose action is not read (the vector env's next-step autoreset): they get
+                a placeholder that is valid on a fresh episode (position 0, or (0, 0, 0)).
 
         Returns:
             int64 [B] or float32 [B, 3]. Raises ValueError naming the problem and the valid range.
         """
         B = self.batch_size
-        unready = np.flatnonzero(~self.started)
+        skip = np.zeros(B, dtype=bool) if ignore is None else np.asarray(ignore, dtype=bool)
+        unready = np.flatnonzero(~self.started & ~skip)
         if unready.size:
             raise ValueError(f"call reset() before step(){self._rows_text(unready)}")
-        over = np.flatnonzero(self.steps >= self.config.budget)
+        over = np.flatnonzero((self.steps >= self.config.budget) & ~skip)
         if over.size:
             raise ValueError(
                 f"the episode is over (budget of {self.config.budget} glimpses spent){self._rows_text(over)}: "
                 "call reset()"
             )
-        a = np.asarray(actions)
         if self.config.action_mode == "discrete":
-            if a.shape != (B,):
-                raise ValueError(
-                    f"expected {B} discrete action(s) (shape ({B},)), got shape {a.shape}: {brief(actions)}"
-                )
-            if a.dtype.kind not in "iu":  # checked here too: the geometry's message would quote a whole string
-                A, (ph, pw) = self.num_actions, self.geometry.positions_shape
-                raise ValueError(
-                    f"action must be an integer in [0, {A - 1}] ({ph}x{pw} glimpse positions), got {brief(actions)}"
-                )
-            self.geometry.action_to_patch(a)  # raises ValueError for an action off the grid
-            a = a.astype(np.int64)
-            if not self.config.allow_repeats:
-                repeats = np.flatnonzero(self.used[np.arange(B), a])
-                if repeats.size:
-                    b = int(repeats[0])
-                    raise ValueError(
-                        f"action {int(a[b])} repeats a glimpse position already taken this episode"
-                        f"{self._rows_text(repeats)}; "
-                        f"allowed actions are those where action_masks() is True (info['action_mask'] == 1), "
-                        f"or pass allow_repeats=True"
-                    )
-            return a
+            return self._parse_discrete(actions, skip)
+        a = np.asarray(actions)
         if a.shape != (B, 3) or a.dtype.kind not in "fiu":
             raise ValueError(
                 f"expected {B} continuous action(s) (y, x, z) as floats of shape ({B}, 3), "
                 f"got {a.dtype} shape {a.shape}: {brief(actions)}"
             )
+        a = np.where(skip[:, None], 0, a)
         if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
             raise ValueError(f"continuous actions (y, x, z) must lie in [0, 1], got {brief(a.tolist())}")
         return a.astype(np.float32)
+
+    def _parse_discrete(self, actions: Any, skip: np.ndarray) -> np.ndarray:
+        """:meth:`parse_actions` in discrete mode (``skip``: rows given the placeholder 0)."""
+        B, a = self.batch_size, np.asarray(actions)
+        if a.shape != (B,):
+            raise ValueError(f"expected {B} discrete action(s) (shape ({B},)), got shape {a.shape}: {brief(actions)}")
+        if a.dtype.kind not in "iu":  # checked here too: the geometry's message would quote a whole string
+            A, (ph, pw) = self.num_actions, self.geometry.positions_shape
+            raise ValueError(
+                f"action must be an integer in [0, {A - 1}] ({ph}x{pw} glimpse positions), got {brief(actions)}"
+            )
+        a = np.where(skip, 0, a)
+        self.geometry.action_to_patch(a)  # raises ValueError for an action off the grid (before a cast wraps it)
+        a = a.astype(np.int64)
+        if self.config.strict and not self.config.allow_repeats:
+            repeats = np.flatnonzero(self.used[np.arange(B), a] & ~skip)
+            if repeats.size:
+                b = int(repeats[0])
+                raise ValueError(
+                    f"action {int(a[b])} repeats a glimpse position already taken this episode"
+                    f"{self._rows_text(repeats)}, and strict=True refuses it: choose where action_masks() is True "
+                    f"(info['action_mask'] == 1), or pass strict=False (repeats taken, flagged in info['repeated'])"
+                )
+        return a
 
     def _rows_text(self, rows: np.ndarray) -> str:
         if self.batch_size == 1:
@@ -278,13 +300,15 @@ class AVEEngine(EngineSetup):
         host = torch.cat([rewards.float()[:, None], pred.float()[:, None]], dim=1).cpu().numpy()
         self.pred_np = host[:, 1].astype(np.int64)
         if cfg.action_mode == "discrete":
+            self.repeated = self.used[np.arange(B), a]  # a fresh array: infos hold no view of it
             self.used[np.arange(B), a] = True
         self.boxes[np.arange(B), t] = boxes_np
         return host[:, 0].astype(np.float32), terminated
 
     # --------------------------------------------------------------- outputs
     def action_masks(self) -> np.ndarray:
-        """bool [B, A]: True where a discrete action is allowed (all True in continuous mode or with repeats)."""
+        """bool [B, A]: False at positions taken this episode (advice, or a refusal with ``strict``); all True in
+        continuous mode or with ``allow_repeats``."""
         if self.config.action_mode == "continuous" or self.config.allow_repeats:
             return np.ones((self.batch_size, self.num_actions), dtype=bool)
         return ~self.used
@@ -330,6 +354,7 @@ class AVEEngine(EngineSetup):
             "glimpse_box": box,
             "action_mask": self.action_masks()[idx].astype(np.int8),
             "skipped_images": self.skipped_np[idx].copy(),
+            "repeated": self.repeated[idx],
         }
 
     def frame(self, row: int = 0) -> np.ndarray:

@@ -80,17 +80,20 @@ class EngineSetup:
         """Bound the budget by the geometry before anything sized by it (token cache, FLOP tables) exists."""
         cfg, A, N = self.config, self.num_actions, self.geometry.num_patches
         if cfg.action_mode == "discrete" and not cfg.allow_repeats:
+            # Repeats are taken by default but masked: past A glimpses a masked agent (MaskablePPO) would
+            # face a mask with no position left.
             if cfg.budget > A:
                 raise ValueError(
                     f"budget={cfg.budget} exceeds the {A} distinct glimpse positions "
-                    f"(positions={cfg.positions!r}): lower budget, or pass allow_repeats=True"
+                    f"(positions={cfg.positions!r}), after which the action masks allow nothing: lower budget, "
+                    "or pass allow_repeats=True (masks allow repeats)"
                 )
         elif cfg.budget > N:
             # Each glimpse adds its tokens to the cache every later step attends over; past one glimpse per
             # patch, glimpses only look again at what was seen.
             raise ValueError(
                 f"budget={cfg.budget} exceeds the {N} patches of the {self.geometry.grid[0]}x{self.geometry.grid[1]} "
-                f"grid, the most glimpses an episode may take with repeats or continuous actions "
+                f"grid, the most glimpses an episode may take with allow_repeats=True or continuous actions "
                 f"(each adds {self.geometry.tokens_per_glimpse} tokens to every later step): lower budget"
             )
 

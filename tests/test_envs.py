@@ -164,9 +164,7 @@ def test_gymnasium_and_sb3_check_env(env_id: str, mode: str, roots):
     env = make(env_id, roots, action_mode=mode)
     assert isinstance(env, AVEEnv)
     check_env(env, skip_render_check=True)
-    # SB3's checker draws 10 unmasked random actions in one episode; a seeded action space keeps them
-    # distinct, so the default masking stays on (a repeat would raise ValueError, as designed).
-    env.action_space.seed(7)
+    # SB3's checker draws unmasked random actions: any action of the space is valid (a repeat is flagged).
     sb3_check_env(env)
     obs, info = env.reset(seed=0)
     assert env.observation_space.contains(obs)
@@ -256,17 +254,17 @@ def test_masks_never_allow_a_repeat(roots, positions):
 
 
 def test_allow_repeats(roots):
-    env = fm(roots, allow_repeats=True)
+    env = fm(roots, allow_repeats=True, strict=True)  # nothing is masked, so strict refuses nothing
     env.reset(seed=0)
     env.step(4)
     _, _, _, _, info = env.step(4)
-    assert info["action_mask"].all() and env.action_masks().all()
+    assert info["action_mask"].all() and env.action_masks().all() and info["repeated"]
 
 
 # ----------------------------------------------------------------- bad input
-def _twins_after_one_glimpse(roots) -> tuple[AVEEnv, AVEEnv]:
+def _twins_after_one_glimpse(roots, **extra: Any) -> tuple[AVEEnv, AVEEnv]:
     """Two envs in the same state (seed 4, glimpse 10): one to hit with a bad action, one untouched."""
-    env, ref = fm(roots), fm(roots)
+    env, ref = fm(roots, **extra), fm(roots, **extra)
     for e in (env, ref):
         e.reset(seed=4)
         e.step(10)
@@ -300,10 +298,10 @@ def test_invalid_discrete_action_changes_nothing(roots, bad):
     _assert_same_next_step(env, ref, 11)
 
 
-def test_masked_action_raises_and_changes_nothing(roots):
-    env, ref = _twins_after_one_glimpse(roots)
+def test_strict_refuses_a_masked_action_and_changes_nothing(roots):
+    env, ref = _twins_after_one_glimpse(roots, strict=True)
     buf = env.engine.cache.buf.clone()
-    with pytest.raises(ValueError, match="already taken.*allow_repeats=True"):
+    with pytest.raises(ValueError, match=r"already taken.*strict=True refuses it.*strict=False"):
         env.step(10)
     assert torch.equal(buf, env.engine.cache.buf) and env.engine.steps[0] == 1
     assert env.action_masks()[10] == 0 and env.action_masks().sum() == env.action_space.n - 1
@@ -533,7 +531,7 @@ def test_vector_equals_single_envs_across_autoreset(roots):
 
 
 def test_reset_mask_resets_only_those_envs(roots):
-    venv = AVEVectorEnv(num_envs=3, **kwargs_for("AVE-FashionMNIST-v0", roots))
+    venv = AVEVectorEnv(num_envs=3, **kwargs_for("AVE-FashionMNIST-v0", roots, strict=True))
     venv.reset(seed=0)
     venv.step(np.array([1, 2, 3]))
     before, _, _, _, _ = venv.step(np.array([4, 5, 6]))
@@ -546,7 +544,7 @@ def test_reset_mask_resets_only_those_envs(roots):
     with pytest.raises(ValueError, match="reset_mask"):
         venv.reset(options={"reset_mask": np.array([1, 0, 0])})
     venv.step(np.array([10, 10, 10]))
-    with pytest.raises(ValueError, match=r"already taken.*\(env 1\)"):
+    with pytest.raises(ValueError, match=r"already taken.*\(env 1\), and strict=True refuses it"):
         venv.step(np.array([11, 10, 11]))  # env 1 repeats position 10: nothing happens anywhere
     assert venv.engine.steps.tolist() == [3, 1, 3]
     obs, *_ = venv.step(np.array([11, 11, 11]))

@@ -84,7 +84,7 @@ anything = st.one_of(
 bad_discrete = st.one_of(
     anything,
     st.integers().filter(lambda a: not 0 <= a < A),
-    st.just(10),  # taken by the first glimpse: masked
+    st.just(10),  # taken by the first glimpse: masked, so refused with strict=True (the env below)
     st.floats(0, A - 1),  # integral or not, a float is not an action
     st.lists(st.integers(0, A - 1), min_size=2, max_size=6),  # the wrong shape
     st.lists(st.integers(0, A - 1), min_size=1, max_size=3).map(lambda a: np.array([a])),
@@ -103,7 +103,8 @@ bad_continuous = st.one_of(
 
 @pytest.mark.parametrize("mode, bad", [("discrete", bad_discrete), ("continuous", bad_continuous)])
 def test_bad_actions_are_refused_and_change_nothing(root, mode, bad):
-    env, twin = fm_env(root, action_mode=mode), fm_env(root, action_mode=mode)
+    # strict=True: a repeat is refused too (by default it is a valid action, taken and flagged).
+    env, twin = fm_env(root, action_mode=mode, strict=True), fm_env(root, action_mode=mode, strict=True)
     first = 10 if mode == "discrete" else np.array([0.3, 0.6, 0.2], dtype=np.float32)
     for e in (env, twin):
         e.reset(seed=4)
@@ -157,6 +158,7 @@ BAD_ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
     ),
     "entropy": not_bool,
     "allow_repeats": not_bool,
+    "strict": not_bool,
     "pretrained": not_bool,
     "cache_images": not_bool,
     "clutter": st.one_of(st.integers(max_value=-1), st.integers(min_value=50), st.floats(), st.text(max_size=3)),
