@@ -1,4 +1,5 @@
-"""The environments' arguments (:class:`EnvConfig`) and what they resolve to: a canvas source and a model.
+"""The environments' arguments (:class:`EnvConfig`) and what they resolve to: a canvas source, a split, a patch
+(the model itself: :mod:`envs.models`).
 
 Every per-data-set default (split, canvas size, model, data-set options such as Fashion-MNIST's
 ``clutter``) comes from the data-set registry (:data:`avex.data.DATASETS`); every reward name from
@@ -16,10 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from avex.checkpoint import is_avex_checkpoint, shared_model
 from avex.checks import brief, check_int
 from avex.data import DATASETS, CanvasSource, DatasetSpec, get_dataset
-from avex.model import TOREViT
 from avex.safeload import check_build_args
 from envs.rewards import REWARDS
 
@@ -34,7 +33,6 @@ __all__ = [
     "check_int",
     "check_options",
     "check_seed",
-    "env_model",
 ]
 
 ACTION_MODES = ("discrete", "continuous")
@@ -93,7 +91,8 @@ class EnvConfig:
 
     Data:
         dataset: a registered data set (``avex.data.DATASETS``: "fashion-mnist", "imagenet", "folder", ...).
-        split: sub-folder / split name; None: the data set's env split ("train" for Fashion-MNIST).
+        split: sub-folder / split name; None: the data set's env split ("train" for Fashion-MNIST; a folder
+            root holding only split folders: "val", else "train", with a warning); "": the root itself.
         root: data folder (str or pathlib.Path, kept as its str); None: the data set's own search
             (ImageNet: $AVEX_IMAGENET).
         image_size: canvas side (or (H, W)); None: the data set's.
@@ -115,7 +114,11 @@ class EnvConfig:
         dtype: "float32" or "bfloat16" (model weights and token cache; for speed on GPUs).
 
     Glimpses and episodes:
-        patch: ViT patch side in pixels (None: the model's own).
+        patch: ViT patch side in pixels: the model is built at it (timm resamples pretrained patch weights)
+            and a checkpoint must have it. None (every registered id): the model's own (a checkpoint's, or the
+            timm name's: 14 for dinov2, 32 for ``*_patch32_*``), except the data set's ``patch`` for its own
+            ``model`` built from scratch (no checkpoint, ``pretrained=False``), the architecture its training
+            makes (Fashion-MNIST: 8). See :attr:`resolved_patch`.
         glimpse: glimpse side in patches (g; g x g patches, g*g tokens per glimpse).
         positions: "overlapping" (top-left on every patch, stride 1, as AME/TORE) or "grid" (stride g,
             non-overlapping tiles). Discrete mode only.
@@ -227,7 +230,7 @@ class EnvConfig:
                 kind = type(self.model_kwargs).__name__
                 raise ValueError(f"model_kwargs must be a dict of timm.create_model arguments, got {kind}")
             check_build_args(self.model_kwargs, "model_kwargs")
-        patch = self.patch if self.patch is not None else (self.model_kwargs or {}).get("patch_size")
+        patch = (self.model_kwargs or {}).get("patch_size", self.resolved_patch)
         if patch is not None and _positive_int(patch):
             h, w = self.resolved_image_size
             check_grid((h // int(patch), w // int(patch)))
@@ -243,6 +246,21 @@ class EnvConfig:
     @property
     def resolved_split(self) -> str | None:
         return self.split if self.split is not None else self.spec.env_split
+
+    @property
+    def resolved_patch(self) -> int | None:
+        """The patch the model is built at (or a checkpoint must have); None: the model's own.
+
+        ``patch=`` when given. Otherwise the data set's patch only for a random model of the data set's own
+        ``model`` name, the architecture its training builds (Fashion-MNIST's ViT-Tiny at 8 px, as in the
+        shipped checkpoint); any other model, pretrained weights or checkpoint keeps its own patch, so a
+        user-named timm model is never rebuilt at another patch and its weights never resampled silently.
+        """
+        if self.patch is not None:
+            return int(self.patch)
+        own_arch = self.model == self.spec.model and self.checkpoint is None and not self.pretrained
+        # A patch_size in model_kwargs is the user's own choice: it builds the model, the data set's does not.
+        return self.spec.patch if own_arch and "patch_size" not in (self.model_kwargs or {}) else None
 
     @property
     def resolved_image_size(self) -> tuple[int, int]:
@@ -286,43 +304,3 @@ def _check_device(device: Any) -> None:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         n = torch.cuda.device_count()
         raise ValueError(f"device={device!r} but this machine has {n} CUDA device(s): use cuda:0..cuda:{n - 1}")
-
-
-def env_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
-    """The process-wide shared model for a config, checked against the data's canvas and classes.
-
-    Raises:
-        FileNotFoundError: the checkpoint does not exist.
-        ValueError: the checkpoint cannot be loaded, or the model's image size, channels, classes or patch
-            do not fit the environment.
-    """
-    h, w, c = source.canvas_shape
-    if is_avex_checkpoint(cfg.checkpoint):
-        if cfg.model_kwargs:
-            raise ValueError(
-                "model_kwargs apply to timm models; an avex checkpoint records its own architecture: drop model_kwargs"
-            )
-        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype)
-    else:
-        build: dict[str, Any] = dict(img_size=h if h == w else (h, w), in_chans=c, num_classes=source.num_classes)
-        if cfg.patch is not None:
-            build["patch_size"] = cfg.patch
-        build.update(cfg.model_kwargs or {})
-        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype, **build)
-    # Checked on the built model rather than through shared_model(expect=...): a checkpoint config
-    # records only the arguments it was created with (a patch implied by the timm name is absent).
-    want = {
-        "image size": ((h, w), model.img_size),
-        "channels": (c, model.in_chans),
-        "classes": (source.num_classes, model.num_classes),
-    }
-    if cfg.patch is not None:
-        want["patch"] = (cfg.patch, model.patch)
-    wrong = {k: v for k, v in want.items() if v[0] != v[1]}
-    if wrong:
-        what = ", ".join(f"{k} {have} (the environment needs {need})" for k, (need, have) in wrong.items())
-        raise ValueError(
-            f"model {cfg.checkpoint or cfg.model!r} does not fit this environment: it has {what}. "
-            f"Pass a checkpoint made for this data and geometry, or change image_size/patch"
-        )
-    return model

@@ -17,7 +17,8 @@ from gymnasium import spaces
 from avex.cache import AggregatorOutput
 from avex.flops import ViTDims, step_flops
 from avex.geometry import GlimpseGeometry
-from envs.config import EnvConfig, check_grid, env_model
+from envs.config import EnvConfig, check_grid
+from envs.models import check_model, env_model
 from envs.rewards import REWARDS
 
 __all__ = ["EngineSetup"]
@@ -32,6 +33,7 @@ class EngineSetup:
     def _build(self) -> None:
         """Source, model, geometry, spaces and the image-independent empty pass (rebuilt on unpickling)."""
         cfg = self.config
+        check_model(cfg)  # a timm model TORE cannot wrap is refused before the data are read
         self.source = cfg.make_source()
         self.model = env_model(cfg, self.source)
         m = self.model

@@ -22,12 +22,17 @@ _subscribed = False
 
 
 def env_kwargs(spec: DatasetSpec) -> dict[str, Any]:
-    """The kwargs an id is registered with: the data set's env defaults."""
+    """The kwargs an id is registered with: the data set's env defaults.
+
+    ``patch`` is None, not the data set's patch: a registered patch could not be told from one the user
+    passed, and would rebuild any other timm model at it. With None the model keeps its own patch, and the
+    data set's applies to its own model built from scratch (:attr:`envs.config.EnvConfig.resolved_patch`).
+    """
     kwargs: dict[str, Any] = dict(
         dataset=spec.name,
         split=spec.env_split,
         image_size=spec.image_size,
-        patch=spec.patch,
+        patch=None,
         glimpse=spec.glimpse,
         budget=spec.budget,
         model=spec.model,
