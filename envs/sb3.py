@@ -15,6 +15,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from envs.vector import AVEVectorEnv
@@ -42,8 +43,8 @@ class SB3VecEnv(VecEnv):
     """stable-baselines3 adapter of :class:`envs.vector.AVEVectorEnv` (numpy observations).
 
     Args:
-        venv: the vector environment, an :class:`AVEVectorEnv` with ``torch_obs=False`` (anything else
-            raises ValueError).
+        venv: the vector environment, an :class:`AVEVectorEnv` with ``torch_obs=False`` and same-step
+            autoreset (anything else raises ValueError).
     """
 
     def __init__(self, venv: gym.vector.VectorEnv) -> None:
@@ -54,6 +55,11 @@ class SB3VecEnv(VecEnv):
             )
         if venv.torch_obs:
             raise ValueError("stable-baselines3 needs numpy observations: make the vector env with torch_obs=False")
+        if venv.autoreset_mode is not AutoresetMode.SAME_STEP:  # SB3 restarts in the ending step, as same-step
+            raise ValueError(
+                f"SB3VecEnv needs the vector env's same-step autoreset, got {venv.autoreset_mode}: "
+                "make it with autoreset_mode='same_step' (the default)"
+            )
         self.venv = venv
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
         self._actions: np.ndarray | None = None

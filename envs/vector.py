@@ -1,9 +1,14 @@
 """The native vector AVE environment: N episodes stepped by ONE batched model call.
 
-Built by ``gym.make_vec(id, num_envs=N)`` (the ids' ``vector_entry_point``). Autoreset is
-``AutoresetMode.SAME_STEP``: when an episode ends, the step that ends it returns the NEXT episode's first
-observation, with the last observation in ``infos["final_obs"]`` and the last info in
-``infos["final_info"]`` (the gymnasium 1.x convention, as ``SyncVectorEnv`` in that mode).
+Built by ``gym.make_vec(id, num_envs=N)`` (the ids' ``vector_entry_point``). Two of Gymnasium's autoreset
+modes (``autoreset_mode=``, also in ``metadata["autoreset_mode"]``), each exactly as ``SyncVectorEnv`` in
+that mode:
+
+* ``AutoresetMode.SAME_STEP`` (default): the step that ends an episode returns the NEXT episode's first
+  observation, with the last observation in ``infos["final_obs"]`` and the last info in ``infos["final_info"]``.
+* ``AutoresetMode.NEXT_STEP`` (what Gymnasium's vector wrappers such as ``FlattenObservation`` need): the step
+  that ends an episode returns its last observation; the next step ignores that env's action, starts its next
+  episode and returns the first observation and reset info, reward 0, terminated and truncated False.
 """
 
 from __future__ import annotations
@@ -39,6 +44,27 @@ def _masked_infos(rows_info: dict[str, np.ndarray], rows: np.ndarray, n: int) ->
     return out
 
 
+# The modes implemented, by their spellings lower-cased: the enum's name ("next_step") and value ("nextstep").
+_MODES = {
+    spelling: mode
+    for mode in (AutoresetMode.SAME_STEP, AutoresetMode.NEXT_STEP)
+    for spelling in (mode.name.lower(), mode.value.lower())
+}
+
+
+def _autoreset_mode(value: Any) -> AutoresetMode:
+    """An autoreset mode the native env implements, from the enum, its name or its value (any case)."""
+    if isinstance(value, AutoresetMode):
+        value = value.name
+    mode = _MODES.get(value.lower()) if isinstance(value, str) else None
+    if mode is None:
+        raise ValueError(
+            "autoreset_mode must be AutoresetMode.SAME_STEP or AutoresetMode.NEXT_STEP (or 'same_step', "
+            f"'next_step'), got {brief(value)}"
+        )
+    return mode
+
+
 class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
     """N AVE environments in one batch: see :class:`envs.ave_env.AVEEnv` for the task, spaces and kwargs.
 
@@ -48,12 +74,16 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
 
     Args:
         num_envs: N.
+        autoreset_mode: ``AutoresetMode.SAME_STEP`` (default) or ``AutoresetMode.NEXT_STEP``, or their names
+            (``"same_step"``, ``"next_step"``, or the values ``"SameStep"``, ``"NextStep"``); see the module.
         render_mode: None or "rgb_array" (``render()`` then returns one frame per env).
         max_episode_steps: truncate episodes after this many glimpses if fewer than ``budget``
             (``gym.make_vec`` passes the spec's value); None: episodes end at ``budget``.
-        torch_obs: return observations as torch tensors on the model's device instead of numpy
-            arrays: not standard Gymnasium, for RL loops that stay on the GPU. ``infos["final_obs"]``
-            is then the batched observation dict of the ending step (rows where ``_final_obs``).
+        torch_obs: return every per-env array (observations, rewards, terminated, truncated and each info
+            array, ``_key`` masks and ``final_info`` included) as a torch tensor on the model's device, of the
+            NumPy dtype: not standard Gymnasium, for RL loops that stay on the GPU. ``infos["final_obs"]`` is
+            then the batched observation dict of the ending step (rows where ``_final_obs``).
+            :meth:`action_masks` stays NumPy (sb3-contrib reads it).
         **kwargs: the environment arguments (:class:`envs.engine.EnvConfig`).
 
     ``reset(seed=s)`` seeds env ``i`` with ``s + i`` (or a list of N seeds); ``reset(options=...)`` takes
@@ -70,6 +100,7 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         render_mode: str | None = None,
         max_episode_steps: int | None = None,
         torch_obs: bool = False,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
         **kwargs: Any,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -78,6 +109,7 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         if max_episode_steps is not None:
             check_int("max_episode_steps", max_episode_steps, 1, why=" or None")
         check_flag("torch_obs", torch_obs)
+        mode = _autoreset_mode(autoreset_mode)
         self.engine = AVEEngine(self.config, num_envs)
         self.num_envs = self.engine.batch_size
         self.render_mode = render_mode
@@ -88,6 +120,9 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
+        self.autoreset_mode = mode
+        self.metadata = {**type(self).metadata, "autoreset_mode": mode}  # Gymnasium's wrappers read the instance's
+        self._pending = np.zeros(self.num_envs, dtype=bool)  # next-step mode: envs whose episode ended last step
 
     @property
     def env_rngs(self) -> list[np.random.Generator | None]:
@@ -158,20 +193,55 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         self.engine.reset_rows(rows, [fresh[int(i)] if int(i) in fresh else self._rng(i) for i in rows], indices)
         for i, rng in fresh.items():
             self._rngs[i] = rng
+        self._pending[rows] = False
         if isinstance(seed, (int, np.integer)):
             super().reset(seed=seeds[0])
-        return self._observe(), _masked_infos(self.engine.infos(rows), rows, self.num_envs)
+        return self._observe(), self._tensors(_masked_infos(self.engine.infos(rows), rows, self.num_envs))
 
     # ------------------------------------------------------------------- step
-    def step(self, actions: Any) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        """One glimpse in every env (one model call). Ended episodes restart in the same step."""
+    def step(self, actions: Any) -> tuple[dict[str, Any], Any, Any, Any, dict[str, Any]]:
+        """One glimpse in every env (one model call); ended episodes restart as :attr:`autoreset_mode` says.
+
+        Returns:
+            observations, rewards float64 [N], terminated bool [N], truncated bool [N], infos (NumPy arrays, or
+            tensors with ``torch_obs``). A refused batch of actions (ValueError) changes nothing.
+        """
         if isinstance(actions, torch.Tensor):
             actions = actions.detach().cpu().numpy()
-        rewards, terminated = self.engine.step(actions)
+        if self.autoreset_mode is AutoresetMode.NEXT_STEP:
+            obs, rewards, terminated, truncated, infos = self._step_next(actions)
+        else:
+            obs, rewards, terminated, truncated, infos = self._step_same(actions)
+        flags = self._tensors({"r": rewards.astype(np.float64), "term": terminated, "trunc": truncated})
+        return obs, flags["r"], flags["term"], flags["trunc"], self._tensors(infos)
+
+    def _truncated(self, terminated: np.ndarray) -> np.ndarray:
         steps = self.engine.steps
-        truncated = (
-            (steps >= self.max_episode_steps) & ~terminated if self.max_episode_steps else np.zeros_like(terminated)
-        )
+        limit = self.max_episode_steps
+        return (steps >= limit) & ~terminated if limit else np.zeros_like(terminated)
+
+    def _step_next(self, actions: Any) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Next-step autoreset: envs that ended last step start their next episode and ignore their action."""
+        pending = np.flatnonzero(self._pending)
+        a = self.engine.parse_actions(actions, ignore=self._pending)  # refused here: nothing has changed
+        if pending.size:
+            self.engine.reset_rows(pending, [self._rng(i) for i in pending])
+        # One batched call for every row: the restarted rows take a placeholder glimpse that is undone below,
+        # which costs less than splitting the batch.
+        rewards, terminated = self.engine.step(a)
+        if pending.size:
+            self.engine.clear_rows(pending)
+            rewards[pending] = 0.0
+            terminated[pending] = False
+        truncated = self._truncated(terminated)
+        self._pending = terminated | truncated
+        infos = _masked_infos(self.engine.infos(), np.arange(self.num_envs), self.num_envs)
+        return self._observe(), rewards, terminated, truncated, infos
+
+    def _step_same(self, actions: Any) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Same-step autoreset: ended envs restart at once; their last observation and info go in the infos."""
+        rewards, terminated = self.engine.step(actions)
+        truncated = self._truncated(terminated)
         obs = self._observe()
         infos: dict[str, Any] = _masked_infos(self.engine.infos(), np.arange(self.num_envs), self.num_envs)
         done = np.flatnonzero(terminated | truncated)
@@ -199,7 +269,21 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
                     obs[k][done] = fresh[k]
             for k, v in self.engine.infos(done).items():
                 infos[k][done] = v
-        return obs, rewards.astype(np.float64), terminated, truncated, infos
+        return obs, rewards, terminated, truncated, infos
+
+    def _tensors(self, tree: dict[str, Any]) -> dict[str, Any]:
+        """With ``torch_obs``, every NumPy array of ``tree`` (nested dicts too) as a tensor on the model's device."""
+        if not self.torch_obs:
+            return tree
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out[key] = self._tensors(value)
+            elif isinstance(value, np.ndarray) and value.dtype != object:
+                out[key] = torch.from_numpy(value).to(self.engine.device)
+            else:
+                out[key] = value
+        return out
 
     def _observe(self, rows: np.ndarray | None = None) -> dict[str, Any]:
         return self.engine.observe(rows, as_torch=self.torch_obs)
