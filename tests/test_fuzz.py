@@ -147,7 +147,9 @@ BAD_ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
     "positions": st.one_of(st.text(max_size=6).filter(lambda s: s not in ("overlapping", "grid")), st.integers()),
     "dataset": st.one_of(st.text(max_size=6).filter(lambda s: s not in DATASETS), st.integers()),
     "split": st.one_of(st.integers(), st.sampled_from(["val", "nope", "../train"])),
-    "model": st.one_of(st.integers(), st.sampled_from(["resnet18", "nope", "vit_nope_patch16_224", "vit_tiny_r_s16_p8_224"])),
+    "model": st.one_of(
+        st.integers(), st.sampled_from(["resnet18", "nope", "vit_nope_patch16_224", "vit_tiny_r_s16_p8_224"])
+    ),
     "checkpoint": st.one_of(
         st.integers(), st.booleans(), st.lists(st.text(max_size=3), max_size=2), st.just("/no/such/file.safetensors")
     ),
