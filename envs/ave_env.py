@@ -30,10 +30,13 @@ class AVEEnv(EngineViews, gym.Env):
 
     ``action_mode="discrete"`` (default): ``Discrete(A)``, the top-left patch of a square glimpse of
     ``glimpse x glimpse`` patches, row-major over the ``(gh - g + 1) x (gw - g + 1)`` positions at a stride
-    of one patch (``positions="grid"``: stride ``g``, non-overlapping tiles). A position already taken this
-    episode is masked: :meth:`action_masks` (bool ``[A]``) and ``info["action_mask"]`` (int8 ``[A]``) say
-    which are allowed; a masked action raises ``ValueError`` and changes nothing (``allow_repeats=True``
-    permits repeats). An action outside ``0..A-1`` or not an integer raises ``ValueError``.
+    of one patch (``positions="grid"``: stride ``g``, non-overlapping tiles); ``AVE-FashionMNIST-v0``:
+    ``Discrete(169)``. Every action of the space is valid, so plain SB3 ``PPO`` and random agents run as
+    they are: a position already taken this episode re-reveals known pixels (its tokens enter the cache
+    again and it spends budget) and sets ``info["repeated"]``. The masks advise against repeats:
+    :meth:`action_masks` (bool ``[A]``, for MaskablePPO) and ``info["action_mask"]`` (int8 ``[A]``) are False
+    at taken positions; ``allow_repeats=True`` makes them all True. ``strict=True`` refuses a masked action
+    with ``ValueError`` and changes nothing. An action outside ``0..A-1`` or not an integer raises ``ValueError``.
 
     ``action_mode="continuous"``: ``Box(0, 1, (3,), float32)``, ``(y, x, z)`` as in AdaGlimpse: the glimpse
     side is ``s = z * (min(H, W) * max_ratio - g * patch) + g * patch`` pixels, its top-left is
@@ -70,7 +73,10 @@ class AVEEnv(EngineViews, gym.Env):
 
     ## Episode End
 
-    Termination after ``budget`` glimpses (default 12); the episode is never truncated by the env itself.
+    Termination after ``budget`` glimpses (12 on every registered id), repeats included; the env never
+    truncates (``gym.make(..., max_episode_steps=n)`` does, with a ``TimeLimit``). ``budget`` is at most
+    the distinct positions (169 on ``AVE-FashionMNIST-v0``), so a masked agent always has one left; with
+    ``allow_repeats=True`` or continuous actions, at most the grid's patches.
 
     ## Info
 
@@ -78,7 +84,8 @@ class AVEEnv(EngineViews, gym.Env):
     ``step_flops`` / ``cumulative_flops`` (int, analytic FLOPs = 2 x multiply-accumulates of this step and
     of the episode so far, decoder included iff ``entropy``; the reset info holds the empty pass's),
     ``glimpse_box`` (float32 ``(y0, x0, y1, x1)`` pixels, NaN at reset), ``action_mask`` (int8 ``[A]``),
-    ``skipped_images`` (int, unreadable files passed over while drawing this episode's image).
+    ``skipped_images`` (int, unreadable files passed over while drawing this episode's image), ``repeated``
+    (bool, this step's discrete position was already taken this episode; False at reset and in continuous mode).
 
     ## Arguments
 
@@ -91,28 +98,38 @@ class AVEEnv(EngineViews, gym.Env):
 
     ```
 
-    Arguments, each with its type and default:
+    Arguments, each with its type and the default of the registered ids (FashionMNIST / ImageNet / ImageFolder):
 
-    - `dataset` (**str**, default `"fashion-mnist"`): `"fashion-mnist"`, `"imagenet"` or `"folder"`
-    - `split` (**str**, default per dataset): `"train"` (Fashion-MNIST), `"val"` (ImageNet), none (folder)
-    - `root` (**str**, default `None`): data folder (ImageNet: or `$AVEX_IMAGENET`; folder: required)
-    - `image_size` (**int**, default 112 / 224): canvas side
-    - `clutter` (**int**, default 4): clutter fragments per Fashion-MNIST canvas
-    - `model` (**str**, default `"vit_tiny_patch16_224"`): timm ViT name
-    - `checkpoint` (**str or Path**, default `None`): avex checkpoint, `"shipped:fashion-mnist"`, or timm safetensors
-    - `pretrained` (**bool**, default `False`): timm hub weights (local cache when offline)
+    - `dataset` (**str**): `"fashion-mnist"` / `"imagenet"` / `"folder"`
+    - `split` (**str**): `"train"` / `"val"` / none (the root; a root holding only `train/`, `val/`: `"val"`,
+      with a warning); `""` reads the root itself
+    - `root` (**str or Path**, default `None`): data folder (Fashion-MNIST: installed files; ImageNet: or
+      `$AVEX_IMAGENET`; folder: required)
+    - `image_size` (**int or (H, W)**): 112 / 224 / 224, canvas side
+    - `clutter` (**int**, Fashion-MNIST only, default 4): clutter fragments per canvas (also `scale`, `fragment`)
+    - `in_chans`, `classes`, `class_names` (folder only, default 3, `None`, `None`): channels, class order, names
+    - `model` (**str**): `"vit_tiny_patch16_224"` / `"deit3_small_patch16_224"` / `"vit_small_patch16_224"`,
+      a timm ViT name (plain `VisionTransformer`s only: others are refused by name, see `envs.models`)
+    - `checkpoint` (**str or Path**): `"shipped:fashion-mnist"` / `None` / `None`; an avex checkpoint or a timm
+      safetensors file
+    - `pretrained` (**bool**): `False` / `True` / `True`, timm hub weights (local cache when offline)
     - `model_kwargs` (**dict**, default `None`): extra `timm.create_model` args (depth, embed_dim, ...)
-    - `device` (**str**, default `"cpu"`): `"cpu"` or `"cuda"`
-    - `patch` (**int**, default the model's): ViT patch side in pixels
+    - `device` (**str**, default `"cpu"`): `"cpu"`, `"cuda"` or `"cuda:<i>"`; `dtype` (default `"float32"`) or
+      `"bfloat16"`
+    - `patch` (**int**, default `None` on every id): the model's own patch (the shipped checkpoint's 8, 16 for
+      the default ImageNet and folder models, 14 for a dinov2); the data set's (8 / 16 / 16) for its own
+      `model` built from scratch; an int builds the model at it
     - `glimpse` (**int**, default 2): glimpse side in patches
     - `positions` (**str**, default `"overlapping"`): `"overlapping"` (stride 1) or `"grid"` (stride = glimpse)
     - `budget` (**int**, default 12): glimpses per episode
     - `K` (**int**, default `depth // 2`): TORE split, 0..depth (depth: cheapest)
     - `action_mode` (**str**, default `"discrete"`): `"discrete"` or `"continuous"`
     - `max_ratio` (**float**, default 1.0): largest continuous glimpse, fraction of the short side
-    - `allow_repeats` (**bool**, default `False`): allow a discrete position twice
+    - `allow_repeats` (**bool**, default `False`): masks allow taken positions too (and `budget` up to the patches)
+    - `strict` (**bool**, default `False`): refuse a masked action (a repeat) instead of taking and flagging it
     - `reward` (**str**, default `"dense"`): `"dense"` or `"sparse"`
     - `entropy` (**bool**, default `True`): run the decoder for the entropy map
+    - `cache_images` (**bool**, default `False`): keep decoded images of a folder in memory
     - `render_mode` (**str**, default `None`): `"rgb_array"`
 
     Bad values raise ``ValueError`` at construction (a missing file ``FileNotFoundError``), naming the
@@ -125,7 +142,18 @@ class AVEEnv(EngineViews, gym.Env):
     ## Vectorized environment
 
     ``gym.make_vec(id, num_envs=N)`` builds :class:`envs.vector.AVEVectorEnv`: one batched model call
-    for all N environments per step, same-step autoreset.
+    for all N environments per step; same-step autoreset by default, next-step with
+    ``autoreset_mode="next_step"`` (what Gymnasium's vector wrappers need); ``torch_obs=True`` returns every
+    per-env array as a tensor on the model's device.
+
+    ## Version History
+
+    - v0: the ids above. Later changes kept v0, since the registered defaults give the same episodes (one
+      info key added): repeats, once refused, are taken and flagged (``strict=True`` refuses them);
+      ``patch`` is registered as None, so a named timm model keeps its own patch (a dinov2: 14, where it
+      was rebuilt at 16) while the defaults keep theirs; timm models TORE cannot wrap are refused by name
+      before timm builds them; a folder root of split folders reads one split; the vector env gained
+      next-step autoreset and all-tensor ``torch_obs``.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
