@@ -53,7 +53,8 @@ class DatasetSpec:
             called by :meth:`make_source` with every option filled in.
         env_id: Gymnasium id the envs register for it, e.g. ``"AVE-FashionMNIST-v0"``.
         image_size: canvas side, or ``(H, W)`` (env and training default).
-        patch: ViT patch side in pixels (env and training default).
+        patch: ViT patch side in pixels: training's default, and the env's for :attr:`model` built from scratch
+            (any other model, hub weights or checkpoint keeps its own patch in the env).
         glimpse: glimpse side in patches (env default).
         budget: glimpses per episode (env default).
         env_split: split the env reads by default (None: the root itself).
