@@ -13,6 +13,19 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call fails at once instead of after a long time-out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny
+    models gain nothing from two, and two OpenMP threads slow down many times when other processes share the
+    machine's two cores. Restored for the other modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a gzip'd IDX file (magic 0x0800 + ndim: 2051 images, 2049 labels)."""
     header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)

@@ -43,14 +43,7 @@ IDS = sorted(ENV_SPECS)
 
 
 # ----------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Run these tests on one torch thread: tiny models gain nothing from two, and two OpenMP threads
-    slow down ~20x when other processes share the machine's two cores. Restored for other files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -49,12 +49,7 @@ ALLOWED = (ValueError, FileNotFoundError)  # the documented refusals
 A = 169  # glimpse positions of the Fashion-MNIST envs here (13 x 13)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

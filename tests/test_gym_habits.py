@@ -27,13 +27,7 @@ TINY = dict(checkpoint=None, model_kwargs=dict(depth=2, embed_dim=32, num_heads=
 TINY_TIMM = dict(pretrained=False, model_kwargs=dict(depth=1, embed_dim=32, num_heads=2))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: tiny models gain nothing from two on a shared two-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
