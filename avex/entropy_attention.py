@@ -86,8 +86,9 @@ if triton is not None:
         IEEE: tl.constexpr,
     ):
         # One program = one row b and BLOCK_M query rows, every head (the entropy is summed over heads here).
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # query index, 0..Q-1
-        b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: rows x stride can pass 2**31 at large batches
+        # The batch row on the grid's first axis: the second and third are limited to 65,535 programs.
+        b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows x stride can pass 2**31 at large batches
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # query index, 0..Q-1
         d = tl.arange(0, HEAD_DIM)
         in_q = rows + first_query < seq_len
         base = qkv_ptr + b * stride_qkv_b + d[None, :]  # qkv's last axis is (3, H, Dh), as timm's
@@ -227,7 +228,7 @@ def entropy_attention_kernel(
             raise ValueError(f"{name} must be a power of two >= 16, got {block}")
     out_arg = out if out is not None else qkv  # never touched when its flag is off
     ent_arg = ent if ent is not None else qkv
-    _entropy_attention_kernel[(triton.cdiv(n_q, block_m), b)](
+    _entropy_attention_kernel[(b, triton.cdiv(n_q, block_m))](
         qkv,
         out_arg,
         ent_arg,

@@ -214,6 +214,19 @@ def test_kernel_matches_the_map_on_cuda(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not short_attention_available(), reason="needs CUDA and Triton")
+def test_kernel_takes_more_rows_than_a_grid_axis_on_cuda() -> None:
+    """A vector env of 65,536 envs and more: the batch lies on the launch grid's first axis (CUDA limits the
+    others to 65,535 programs), so the kernel runs rather than failing over to PyTorch."""
+    from avex.entropy_attention import entropy_attention_kernel
+
+    qkv = torch.randn(70_000, 5, 3 * 16, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    want_out, want_ent = materialised(qkv, 1, 1)
+    out, ent = entropy_attention_kernel(qkv, 1, first_query=1)
+    assert out is not None and ent is not None
+    assert (out - want_out).abs().max().item() < 1e-4 and (ent - want_ent).abs().max().item() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not short_attention_available(), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decoder_on_cuda_keeps_the_entropy_map(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """The env's entropy map on CUDA (the kernel) against the PyTorch path on the same GPU model (the map the
