@@ -104,3 +104,19 @@ def test_a_policy_that_does_not_fit_fails_before_any_episode(tmp_path, fake_fmni
     # The shipped policy reads a 192-wide CLS embedding; this tiny model's is 32 wide.
     assert main([*argv, "--env-kwargs", TINY % fake_fmnist_root, "--out", str(out)]) == 2
     assert "does not fit" in capsys.readouterr().err and played == [] and not (out / "benchmark.json").exists()
+
+
+def test_every_benchmark_option_has_help_and_a_shown_default() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["benchmark"]  # type: ignore[union-attr]
+    for action in sub._actions:
+        if action.dest != "help":
+            assert action.help and "(default: " in action.help, action.option_strings
+
+
+def test_unknown_agent_is_refused_before_anything_is_built(capsys, monkeypatch) -> None:
+    import gymnasium as gym
+
+    monkeypatch.setattr(gym, "make", lambda *a, **k: pytest.fail("an env was built"))
+    assert main(["benchmark", "--agents", "nope", "--episodes", "1"]) == 2
+    assert "unknown agent 'nope'" in capsys.readouterr().err

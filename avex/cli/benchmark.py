@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from agents import AGENTS, make_agent, play_episodes
 from agents.evaluate import evaluation_split, wilson
+from avex import options
 from avex.flops import ViTDims, episode_flops
 from avex.platform_info import device_name
 
@@ -29,38 +32,47 @@ if TYPE_CHECKING:
     from envs.ave_env import AVEEnv
     from envs.vector import AVEVectorEnv
 
-__all__ = ["add_arguments", "evaluation_split", "main_from_args", "run_benchmark", "wilson"]
+__all__ = ["BenchmarkConfig", "add_arguments", "main_from_args", "run_benchmark"]
+
+
+WHAT, HOW = "what to compare", "how to run it"
+
+
+@dataclass
+class BenchmarkConfig:
+    """One benchmark: agents x split points on an env's evaluation split; one flag per field."""
+
+    env: str = options.option("AVE-FashionMNIST-v0", WHAT, "environment id")
+    agents: tuple[str, ...] | None = options.option(
+        None, WHAT, "registered agents to compare", nargs="+", metavar="AGENT", default_text="every registered agent"
+    )
+    K: tuple[int, ...] | None = options.option(
+        None, WHAT, "split points", nargs="+", flag="--K", default_text="0, depth // 2 and depth"
+    )
+    ppo: str = options.option(
+        "shipped:fashion-mnist",
+        WHAT,
+        "policy of the ppo agent: avex's .safetensors, or a MaskablePPO / PPO .zip saved by model.save()",
+    )
+    env_kwargs: dict[str, Any] = options.option(
+        {}, WHAT, 'extra env kwargs as a JSON object, e.g. \'{"root": "data"}\''
+    )
+    split: str | None = options.option(
+        None, WHAT, "split the episodes come from", default_text="the data set's evaluation split"
+    )
+    episodes: int = options.option(500, HOW, "episodes per agent and K")
+    num_envs: int = options.option(250, HOW, "envs stepped together (one batched TORE forward)")
+    device: str = options.option("cpu", HOW, "torch device of the envs and agents (cpu, cuda, cuda:<i>)")
+    seed: int = options.option(0, HOW, "seed of the envs and the agents: every agent sees the same canvases")
+    out: str | None = options.option(None, HOW, "results folder", default_text="results/benchmark-<env>")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-
-    p.add_argument(
-        "--env", default="AVE-FashionMNIST-v0", help="environment id (default: the embedded Fashion-MNIST env)"
-    )
-    p.add_argument(
-        "--agents", nargs="+", default=AGENTS.names(), choices=AGENTS.names(), help="registered agents (default: all)"
-    )
-    p.add_argument("--K", type=int, nargs="+", default=None, help="split points (default: 0, depth/2, depth)")
-    p.add_argument(
-        "--episodes", type=int, default=500, help="episodes per agent and K (500: about 4 minutes on 2 CPU cores)"
-    )
-    p.add_argument("--num-envs", type=int, default=250, help="envs stepped together (one batched TORE forward)")
-    p.add_argument(
-        "--split", default=None, help="split the episodes come from (default: the data set's evaluation split)"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--ppo",
-        default="shipped:fashion-mnist",
-        help="policy of the ppo agent: avex's .safetensors, or a MaskablePPO / PPO .zip saved by model.save()",
-    )
-    p.add_argument("--env-kwargs", default="{}", help='extra env kwargs as JSON, e.g. \'{"root": "/data/imagenet"}\'')
-    p.add_argument("--out", default=None, help="results folder (default: results/benchmark-<env>)")
+    options.add_arguments(p, BenchmarkConfig)
 
 
 def _play(
-    env_id: str, agent_name: str, K: int, args: argparse.Namespace, env_kwargs: dict[str, Any], bar
+    env_id: str, agent_name: str, K: int, args: BenchmarkConfig, env_kwargs: dict[str, Any], bar
 ) -> dict[str, Any]:
     """Play ``args.episodes`` episodes of one agent at one K; return per-step correctness and timings."""
     n = min(args.num_envs, args.episodes)
@@ -98,11 +110,15 @@ def _result(agent: str, K: int, played: dict[str, Any], dims: ViTDims, budget: i
     )
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def run_benchmark(args: BenchmarkConfig) -> dict[str, Any]:
     """Run every (agent, K); write and return the results."""
-    env_kwargs = json.loads(args.env_kwargs)
+    env_kwargs = dict(args.env_kwargs)
     if args.split is None:
         args.split = evaluation_split(args.env, env_kwargs)
+    if args.agents is None:
+        args.agents = tuple(AGENTS.names())
+    for name in args.agents:  # an unknown name is refused before anything is built
+        AGENTS.get(name)
     probe = cast("AVEEnv", gym.make(args.env, split=args.split, device=args.device, **env_kwargs).unwrapped)
     depth, budget, g2 = probe.model.depth, probe.budget, probe.geometry.tokens_per_glimpse
     dims = ViTDims.of(probe.model)
@@ -141,13 +157,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return dict(meta=meta, results=results)
 
 
-def _argv(args: argparse.Namespace) -> list[str]:
+def _argv(args: BenchmarkConfig) -> list[str]:
+    """The flags that give ``args`` again (for the report's command line)."""
     parts = []
-    for k, v in vars(args).items():
-        if k in ("func", "command") or v is None:
+    for k, v in asdict(args).items():
+        if v is None:
             continue
-        flag = "--" + k.replace("_", "-")
-        parts += [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
+        flag = "--K" if k == "K" else "--" + k.replace("_", "-")
+        if isinstance(v, dict):
+            parts += [flag, shlex.quote(json.dumps(v))]
+        else:
+            parts += [flag, *map(str, v)] if isinstance(v, (list, tuple)) else [flag, str(v)]
     return parts
 
 
@@ -233,5 +253,5 @@ def _plots(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> No
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    run_benchmark(args)
+    run_benchmark(options.from_args(BenchmarkConfig, args))
     return 0
