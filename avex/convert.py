@@ -146,6 +146,36 @@ def tore_from_mae_state(
     Raises:
         ValueError: naming the tensor that does not fit (unknown, missing or mis-shaped), or the argument.
     """
+    timm_args, grid = _timm_args(state, img_size, num_heads, source)
+    decoder_dim = state["decoder_embed.weight"].shape[0] if "decoder_embed.weight" in state else 0
+    decoder_depth = _count(state, "decoder_blocks")
+    if decoder_dim and (not decoder_depth or not decoder_heads or decoder_dim % decoder_heads):
+        raise ValueError(
+            f"{source}: a {decoder_dim}-wide decoder of {decoder_depth} blocks needs decoder_heads dividing "
+            f"{decoder_dim}, got {decoder_heads!r}"
+        )
+    tore = create_tore(
+        model,
+        decoder_dim=decoder_dim,
+        decoder_heads=decoder_heads or 1,
+        decoder_depth=max(decoder_depth, 1),
+        decoder_pos=_decoder_pos(state.get("decoder_pos_embed"), grid, source),
+        mean=mean,
+        std=std,
+        **timm_args,
+    )
+    own = tore.state_dict()
+    mapped = _mapped_state(
+        state, own, f"{source} does not fit {model!r} built as {timm_args} with a {decoder_dim}-wide decoder"
+    )
+    tore.load_state_dict({k: v.to(own[k].dtype) for k, (_, v) in mapped.items()})
+    return tore.eval()
+
+
+def _timm_args(
+    state: Mapping[str, torch.Tensor], img_size: int | tuple[int, int] | None, num_heads: int | None, source: str
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """The timm ``create_model`` arguments the encoder's tensor shapes imply, and the patch grid (gh, gw)."""
     cls = _need(state, "cls_token", 3, source)
     proj = _need(state, "patch_embed.proj.weight", 4, source)
     pos = _need(state, "pos_embed", 3, source)
@@ -177,28 +207,21 @@ def tore_from_mae_state(
         timm_args["qkv_bias"] = False
     if "fc_norm.weight" in state:  # MAE's fine-tuning with global pooling: fc_norm after the mean, no norm
         timm_args["global_pool"] = "avg"
-    decoder_dim = state["decoder_embed.weight"].shape[0] if "decoder_embed.weight" in state else 0
-    decoder_depth = _count(state, "decoder_blocks")
-    if decoder_dim and (not decoder_depth or not decoder_heads or decoder_dim % decoder_heads):
-        raise ValueError(
-            f"{source}: a {decoder_dim}-wide decoder of {decoder_depth} blocks needs decoder_heads dividing "
-            f"{decoder_dim}, got {decoder_heads!r}"
-        )
-    tore = create_tore(
-        model,
-        decoder_dim=decoder_dim,
-        decoder_heads=decoder_heads or 1,
-        decoder_depth=max(decoder_depth, 1),
-        decoder_pos=_decoder_pos(state.get("decoder_pos_embed"), grid, source),
-        mean=mean,
-        std=std,
-        **timm_args,
-    )
-    own = tore.state_dict()
-    mapped: dict[str, tuple[str, torch.Tensor]] = {}  # avex name -> (MAE name, tensor)
+    return timm_args, grid
+
+
+def _mapped_state(
+    state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], what: str
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """avex name -> (MAE name, tensor) for every tensor of the model.
+
+    Raises:
+        ValueError: ``what``, then the unknown, missing and mis-shaped tensors (the first five of each).
+    """
+    mapped: dict[str, tuple[str, torch.Tensor]] = {}
     unknown = []
     for key, value in state.items():
-        if key == "decoder_pos_embed":  # checked above; avex computes it
+        if key == "decoder_pos_embed":  # checked by _decoder_pos; avex computes it
             continue
         new = _avex_key(key)
         if new is None or new not in own:
@@ -212,12 +235,8 @@ def tore_from_mae_state(
         if k in mapped and mapped[k][1].shape != own[k].shape
     ]
     if unknown or missing or shapes:
-        raise ValueError(
-            f"{source} does not fit {model!r} built as {timm_args} with a {decoder_dim}-wide decoder: "
-            f"unknown tensors {unknown[:5]}, missing {missing[:5]}, shape mismatches {shapes[:5]}"
-        )
-    tore.load_state_dict({k: v.to(own[k].dtype) for k, (_, v) in mapped.items()})
-    return tore.eval()
+        raise ValueError(f"{what}: unknown tensors {unknown[:5]}, missing {missing[:5]}, shape mismatches {shapes[:5]}")
+    return mapped
 
 
 def convert_mae_checkpoint(
