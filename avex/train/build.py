@@ -51,7 +51,8 @@ def build_classifier(cfg: TrainConfig, num_classes: int, decoder_pos: str | None
 
 @torch.no_grad()
 def init_sincos_pos_embed(model: TOREViT) -> None:
-    """Start the (still learned) position embedding from MAE's fixed 2-D sin-cos table, prefix slots at 0.
+    """Start the (still learned) position embedding from a fixed 2-D sin-cos table (row first, then
+    column: the transpose of MAE's order, harmless here because the table is learned on), prefix slots at 0.
 
     From scratch this gives every token its grid position from step one, which a random init has to learn.
     """
