@@ -2,6 +2,8 @@
 
 * :class:`RandomAgent` (``"random"``) - uniform over the allowed positions (seeded).
 * :class:`EntropyAgent` (``"entropy"``) - AME's rule on the environment's attention-entropy map.
+* :class:`LookaheadAgent` (``"lookahead"``) - imagines every allowed glimpse (decoder reconstruction, one cached
+  TORE step each on a copy of the cache) and takes the one after which the class entropy is lowest.
 * :class:`PPOAgent` (``"ppo"``) - a MaskablePPO policy on the environment's belief (probabilities,
   CLS embedding, entropy map, visited patches).
 
@@ -13,6 +15,7 @@ of any policy: an agent, a stable-baselines3 model or policy, or a function (:mo
 from agents.base import AGENTS, GlimpseAgent, make_agent, register_agent
 from agents.entropy import EntropyAgent, ame_scores
 from agents.evaluate import AccuracyReport, EpisodeStats, evaluate_accuracy, play_episodes
+from agents.lookahead import LookaheadAgent
 from agents.ppo import PPOAgent
 from agents.random import RandomAgent
 
@@ -22,6 +25,7 @@ __all__ = [
     "EntropyAgent",
     "EpisodeStats",
     "GlimpseAgent",
+    "LookaheadAgent",
     "PPOAgent",
     "RandomAgent",
     "ame_scores",

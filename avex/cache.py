@@ -96,6 +96,32 @@ class TokenCache:
             t = torch.as_tensor(idx, device=self.buf.device)
             self.buf[t, : self.num_prefix] = prefix
 
+    def take(self, rows: np.ndarray, capacity: int | None = None) -> TokenCache:
+        """A new cache holding copies of some rows (a row may be taken several times); ``self`` is not changed.
+
+        Args:
+            rows: int [R] row indices.
+            capacity: glimpses each new row can hold (default: this cache's); at least the most a taken row holds.
+
+        Returns:
+            A :class:`TokenCache` with ``buf`` [R, P + capacity * G, D], ``coords`` [R, capacity * G, 2] and
+            ``counts`` [R]: row i is row ``rows[i]`` (its prefix mean and cached glimpses), the rest zeros.
+        """
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        counts = self.counts[idx].copy()
+        cap = self.capacity if capacity is None else capacity
+        held = int(counts.max()) if counts.size else 0
+        if held > cap:
+            raise ValueError(f"capacity={cap} glimpses cannot hold rows that already cache {held}")
+        g2, p = self.tokens_per_glimpse, self.num_prefix
+        t = torch.as_tensor(idx, device=self.buf.device)
+        # Only the filled slots are copied: a copy made to try one more glimpse needs little more room.
+        buf = self.buf.new_zeros(idx.size, p + cap * g2, self.buf.shape[2])
+        buf[:, : p + held * g2] = self.buf[t, : p + held * g2]
+        coords = self.coords.new_zeros(idx.size, cap * g2, 2)
+        coords[:, : held * g2] = self.coords[t, : held * g2]
+        return TokenCache(buf, coords, counts, self.K, g2, p)
+
     def append(self, x: torch.Tensor, coords: torch.Tensor) -> None:
         """Cache one glimpse per row: its G midway tokens in the row's next slots, its prefix into the running mean.
 
