@@ -42,3 +42,23 @@ def fake_fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(1, 256, size=(n, 28, 28), dtype=np.uint8))
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     return root
+
+
+@pytest.fixture(scope="session")
+def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fake Fashion-MNIST whose classes can be learnt (``train_kit.write_learnable_fmnist``): 80 train, 20 test."""
+    from train_kit import write_learnable_fmnist  # here: the modules that never train skip avex.train's imports
+
+    return write_learnable_fmnist(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture(scope="session")
+def single_run(fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``train_classifier``'s summary of the training tests' tiny run in this process, once for the session:
+    every DDP test compares its processes with it."""
+    from train_kit import single_config
+
+    from avex.train import train_classifier
+
+    assert "WORLD_SIZE" not in os.environ
+    return train_classifier(single_config(fmnist_root, tmp_path_factory.mktemp("single") / "ck"))

@@ -6,19 +6,16 @@ CPU only, tiny models, fake Fashion-MNIST IDX files and images written into tmp 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_idx
 from PIL import Image
 from safetensors.torch import load_file
+from train_kit import RUN_BATCH, RUN_STEPS, TINY, assert_same_weights_as_one, torchrun_command, torchrun_env
 
-from avex import data
 from avex.checkpoint import load_tore
 from avex.data import FashionMNISTCanvas
 from avex.geometry import GlimpseGeometry
@@ -29,7 +26,6 @@ from avex.train import (
     build_classifier,
     cut_glimpses,
     draw_k_and_t,
-    init_sincos_pos_embed,
     resolve_config,
     sample_glimpses,
     start_from_checkpoint,
@@ -37,39 +33,6 @@ from avex.train import (
     train_classifier,
     train_step,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = dict(depth=2, embed_dim=32, num_heads=2, patch=8, glimpse=2, budget=4)
-TINY_FLAGS = [
-    "--depth",
-    "2",
-    "--embed-dim",
-    "32",
-    "--num-heads",
-    "2",
-    "--patch",
-    "8",
-    "--glimpse",
-    "2",
-    "--budget",
-    "4",
-]
-
-
-@pytest.fixture(scope="module")
-def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fake Fashion-MNIST: items whose brightness pattern depends on the class (learnable), gzip IDX."""
-    root = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 80), ("test", 20)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 60, size=(n, 28, 28))
-        for i, y in enumerate(labels):
-            images[i, 2 * y : 2 * y + 8, 4:24] = 255  # a class-specific bar
-        img_name, lab_name = data.FASHION_MNIST_FILES[split]
-        write_idx(root / img_name, images)
-        write_idx(root / lab_name, labels)
-    return root
 
 
 def _tiny_model(img_size: int = 48, in_chans: int = 1):
@@ -173,89 +136,13 @@ def test_k_and_t_draws_cover_their_ranges_and_repeat_by_seed() -> None:
 # Whole runs: one process, two DDP processes, checkpoints
 # ------------------------------------------------------------------------------------------------
 
-RUN_STEPS, RUN_BATCH = 4, 8
-
-
-@pytest.fixture(scope="module")
-def single_run(fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    assert "WORLD_SIZE" not in os.environ
-    out = tmp_path_factory.mktemp("single") / "ck"
-    # device="cpu" even where CUDA exists: the gloo test compares its CPU processes with this run.
-    cfg = TrainConfig(
-        device="cpu",
-        dataset="fashion-mnist",
-        data_root=str(fmnist_root),
-        img_size=48,
-        steps=RUN_STEPS,
-        batch_size=RUN_BATCH,
-        lr=3e-3,
-        eval_size=16,
-        eval_batch_size=8,
-        out=str(out),
-        progress=False,
-        seed=5,
-        log_json=str(out.parent / "log.jsonl"),
-        log_every=2,
-        **TINY,
-    )
-    return train_classifier(cfg)
-
 
 def test_two_gloo_processes_train_the_same_weights_as_one(single_run: dict, fmnist_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    env = dict(
-        os.environ,
-        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "avex.train",
-        "--dataset",
-        "fashion-mnist",
-        "--data-root",
-        str(fmnist_root),
-        "--img-size",
-        "48",
-        "--steps",
-        str(RUN_STEPS),
-        "--batch-size",
-        str(RUN_BATCH),
-        "--lr",
-        "3e-3",
-        "--eval-size",
-        "16",
-        "--eval-batch-size",
-        "8",
-        "--seed",
-        "5",
-        "--out",
-        str(out),
-        "--no-progress",
-        "--device",
-        "cpu",
-        *TINY_FLAGS,
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    cmd = torchrun_command(["--standalone", "--nproc_per_node=2"], fmnist_root, out)
+    proc = subprocess.run(cmd, env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    one = load_file(single_run["checkpoint"])
-    two = load_file(str(out) + ".safetensors")
-    torch.manual_seed(5)  # the run's seed: the same initial weights as both runs
-    start = build_classifier(resolve_config(TrainConfig(img_size=48, **TINY)), 10)
-    init_sincos_pos_embed(start)
-    init = start.state_dict()
-    assert one.keys() == two.keys()
-    moved = [k for k in one if not torch.allclose(one[k], init[k].to(one[k].dtype))]
-    assert len(moved) > len(one) // 2, "training should have changed the weights"
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
-    assert json.loads((out.parent / "ddp.json").read_text())["meta"]["world_size"] == 2
+    assert_same_weights_as_one(single_run["checkpoint"], out, world=2)
 
 
 def test_log_json_has_one_record_per_step(single_run: dict, tmp_path: Path) -> None:

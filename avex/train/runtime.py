@@ -20,8 +20,13 @@ def autocast(device: torch.device, amp: bool) -> torch.autocast:
 def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; joins the process group.
 
+    One node or several: RANK and WORLD_SIZE count the processes of every node (they pick the rows of each global
+    batch and rank 0, which evaluates and saves), LOCAL_RANK only this node's (it picks the GPU). The rendezvous,
+    c10d (``--rdzv_endpoint``) or static (``--master_addr/--master_port``), hands MASTER_ADDR / MASTER_PORT to
+    ``init_process_group``'s default ``env://``.
+
     ``device_arg`` None picks ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; a bare ``cuda``
-    also becomes ``cuda:LOCAL_RANK``, so one command line serves every rank.
+    also becomes ``cuda:LOCAL_RANK``, so one command line serves every rank of every node.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -33,6 +38,12 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
+        # Caught here rather than as CUDA's "invalid device ordinal": more processes than GPUs on this node.
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device} (LOCAL_RANK {local}) but this node has {torch.cuda.device_count()} GPU(s): "
+                "start at most one process per GPU (torchrun --nproc_per_node), or pass --device cpu"
+            )
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
