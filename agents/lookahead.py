@@ -71,16 +71,19 @@ class LookaheadAgent(GlimpseAgent):
         engine: the env's :class:`envs.engine.AVEEngine` (only read).
         score: ``"entropy"`` (lowest class entropy after the glimpse, the default) or ``"confidence"``
             (highest top-class probability).
-        chunk: most candidates per forward (bounds memory: each holds a copy of its env's cache rows).
+        chunk: most candidates per forward (bounds memory: each holds a copy of its env's cache rows); default
+            512 on CPU (measured fastest there: larger chunks spill the caches) and 8192 on an accelerator.
     """
 
-    def __init__(self, engine: AVEEngine, score: str = "entropy", chunk: int = 4096) -> None:
+    def __init__(self, engine: AVEEngine, score: str = "entropy", chunk: int | None = None) -> None:
         if engine.config.action_mode != "discrete":
             raise ValueError("the lookahead agent chooses discrete positions: make the env with action_mode='discrete'")
         if engine.model.decoder is None:
             raise ValueError("the lookahead agent imagines glimpses with the model's decoder; this model has none")
         if score not in SCORES:
             raise ValueError(f"score must be one of {sorted(SCORES)}, got {score!r}")
+        if chunk is None:
+            chunk = 512 if engine.device.type == "cpu" else 8192
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.engine = engine
