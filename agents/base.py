@@ -28,6 +28,9 @@ class GlimpseAgent(ABC):
     """
 
     name: str = "agent"
+    #: True for an agent that runs the model once per candidate position: ``avex benchmark`` leaves it out
+    #: of its default agents on a CPU (it would take the main job from minutes to most of an hour).
+    heavy: bool = False
 
     @classmethod
     def from_env(cls, env: Any, *, seed: int = 0, policy: str | None = None, device: str = "cpu") -> GlimpseAgent:

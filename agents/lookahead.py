@@ -75,6 +75,8 @@ class LookaheadAgent(GlimpseAgent):
             512 on CPU (measured fastest there: larger chunks spill the caches) and 8192 on an accelerator.
     """
 
+    heavy = True  # one TORE step per allowed position and env at every decision
+
     def __init__(self, engine: AVEEngine, score: str = "entropy", chunk: int | None = None) -> None:
         if engine.config.action_mode != "discrete":
             raise ValueError("the lookahead agent chooses discrete positions: make the env with action_mode='discrete'")

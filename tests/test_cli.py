@@ -120,3 +120,10 @@ def test_unknown_agent_is_refused_before_anything_is_built(capsys, monkeypatch) 
     monkeypatch.setattr(gym, "make", lambda *a, **k: pytest.fail("an env was built"))
     assert main(["benchmark", "--agents", "nope", "--episodes", "1"]) == 2
     assert "unknown agent 'nope'" in capsys.readouterr().err
+
+
+def test_heavy_agents_are_left_out_of_the_cpu_default_only() -> None:
+    from avex.cli.benchmark import default_agents
+
+    assert "lookahead" not in default_agents("cpu") and {"random", "entropy", "ppo"} <= set(default_agents("cpu"))
+    assert "lookahead" in default_agents("cuda")  # a name check only: no device is touched

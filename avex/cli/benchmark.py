@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import gymnasium as gym
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from agents import AGENTS, make_agent, play_episodes
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from envs.ave_env import AVEEnv
     from envs.vector import AVEVectorEnv
 
-__all__ = ["BenchmarkConfig", "add_arguments", "main_from_args", "run_benchmark"]
+__all__ = ["BenchmarkConfig", "add_arguments", "default_agents", "main_from_args", "run_benchmark"]
 
 
 WHAT, HOW = "what to compare", "how to run it"
@@ -44,7 +45,12 @@ class BenchmarkConfig:
 
     env: str = options.option("AVE-FashionMNIST-v0", WHAT, "environment id")
     agents: tuple[str, ...] | None = options.option(
-        None, WHAT, "registered agents to compare", nargs="+", metavar="AGENT", default_text="every registered agent"
+        None,
+        WHAT,
+        "registered agents to compare",
+        nargs="+",
+        metavar="AGENT",
+        default_text="every registered agent; on a CPU, those that are not heavy (lookahead runs on a GPU)",
     )
     K: tuple[int, ...] | None = options.option(
         None, WHAT, "split points", nargs="+", flag="--K", default_text="0, depth // 2 and depth"
@@ -69,6 +75,12 @@ class BenchmarkConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_arguments(p, BenchmarkConfig)
+
+
+def default_agents(device: str) -> tuple[str, ...]:
+    """Every registered agent; on a CPU, those that are not ``heavy`` (one model step per candidate)."""
+    on_cpu = torch.device(device).type == "cpu"
+    return tuple(name for name in AGENTS.names() if not (on_cpu and AGENTS.get(name).heavy))
 
 
 def _play(
@@ -116,7 +128,7 @@ def run_benchmark(args: BenchmarkConfig) -> dict[str, Any]:
     if args.split is None:
         args.split = evaluation_split(args.env, env_kwargs)
     if args.agents is None:
-        args.agents = tuple(AGENTS.names())
+        args.agents = default_agents(args.device)
     for name in args.agents:  # an unknown name is refused before anything is built
         AGENTS.get(name)
     probe = cast("AVEEnv", gym.make(args.env, split=args.split, device=args.device, **env_kwargs).unwrapped)
