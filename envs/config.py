@@ -19,6 +19,7 @@ import torch
 
 from avex.checks import brief, check_int
 from avex.data import DATASETS, CanvasSource, DatasetSpec, get_dataset
+from avex.data.registry import canvas_hw
 from avex.safeload import check_build_args
 from envs.rewards import REWARDS
 
@@ -202,18 +203,11 @@ class EnvConfig:
         check_int("glimpse", self.glimpse, 1)
         if self.K is not None:
             check_int("K", self.K, 0)
-        if self.image_size is not None:
-            size = self.image_size
-            sizes: tuple[Any, ...] = ()
-            if isinstance(size, (int, np.integer)):
-                sizes = (size,)
-            elif isinstance(size, (tuple, list)) and len(size) == 2:
-                sizes = tuple(size)
-            if not sizes or not all(_positive_int(s) and s <= MAX_IMAGE_SIDE for s in sizes):
-                raise ValueError(
-                    f"image_size must be a positive int or (H, W), each side at most {MAX_IMAGE_SIDE} px "
-                    f"(canvases and per-patch state grow with the area), got {brief(size)}"
-                )
+        if self.image_size is not None and max(canvas_hw(self.image_size)) > MAX_IMAGE_SIDE:
+            raise ValueError(
+                f"image_size must be a positive int or (H, W), each side at most {MAX_IMAGE_SIDE} px "
+                f"(canvases and per-patch state grow with the area), got {brief(self.image_size)}"
+            )
         if self.patch is not None:
             check_int("patch", self.patch, 1, min(self.resolved_image_size), " (at most the canvas side)")
         for flag in ("pretrained", "allow_repeats", "strict", "entropy", "cache_images"):
@@ -264,8 +258,7 @@ class EnvConfig:
 
     @property
     def resolved_image_size(self) -> tuple[int, int]:
-        size = self.image_size if self.image_size is not None else self.spec.image_size
-        return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+        return canvas_hw(self.image_size if self.image_size is not None else self.spec.image_size)
 
     def make_source(self) -> CanvasSource:
         """The canvas source of this config, on its device."""

@@ -22,24 +22,30 @@ from typing import Any
 import numpy as np
 import torch
 
+from avex.checks import brief
 from avex.data.source import CanvasSource
 from avex.registry import Registry
 
 __all__ = ["DATASETS", "DatasetSpec", "canvas_hw", "get_dataset", "register_dataset"]
 
 
-def canvas_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
+def canvas_hw(image_size: Any) -> tuple[int, int]:
     """A canvas size as ``(H, W)``: one int is a square.
 
     Raises:
-        ValueError: not a positive int or a pair of positive ints.
+        ValueError: not a positive int or a pair (tuple or list) of positive ints.
     """
-    sizes = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
+    if isinstance(image_size, (int, np.integer)):
+        sizes: tuple[Any, ...] = (image_size, image_size)
+    elif isinstance(image_size, (tuple, list)):
+        sizes = tuple(image_size)
+    else:
+        sizes = ()
     # bool is an int but never a size.
     if len(sizes) != 2 or not all(
         isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in sizes
     ):
-        raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+        raise ValueError(f"image_size must be a positive int or (H, W), got {brief(image_size)}")
     return int(sizes[0]), int(sizes[1])
 
 
