@@ -74,7 +74,8 @@ class ProgressCallback(BaseCallback):
         if self.eval_fn and self.eval_every and self.num_timesteps >= self._next_eval:
             self._next_eval += self.eval_every
             acc = self.eval_fn(self.model.policy)
-            self.history.append(dict(step=self.num_timesteps, accuracy=acc))
+            seconds = time.perf_counter() - self.t0  # training time so far, evaluations included
+            self.history.append(dict(step=self.num_timesteps, seconds=round(seconds, 1), accuracy=acc))
             self.bar.write(f"[eval] step {self.num_timesteps}: final-glimpse accuracy {acc:.4f}")
         if self.time_limit is not None and time.perf_counter() - self.t0 > self.time_limit:
             self.bar.write(
