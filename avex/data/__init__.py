@@ -9,6 +9,8 @@ One idea per module:
 * :mod:`~avex.data.cluttered` — :class:`FashionMNISTCanvas`: items on cluttered canvases (``"fashion-mnist"``).
 * :mod:`~avex.data.folder` — :class:`ImageFolderCanvas`: ``root/<class>/<images>`` (``"folder"``).
 * :mod:`~avex.data.imagenet` — :func:`imagenet_canvas`: ImageNet-1k in timm's label order (``"imagenet"``).
+* :mod:`~avex.data.store` — :class:`ImageStore`: a folder's canvases decoded once, read by memory map.
+* :mod:`~avex.data.prepare` — :func:`prepare_folder`: writes a store (``avex data prepare``).
 
 Importing this package registers the three built-in data sets. Canvases are always
 ``uint8 [B, H, W, C]`` and labels ``int64 [B]``.
@@ -19,8 +21,10 @@ from avex.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, 
 from avex.data.folder import IMAGE_EXTENSIONS, ImageFolderCanvas
 from avex.data.imagenet import imagenet_canvas
 from avex.data.install import install_fashion_mnist
+from avex.data.prepare import prepare_folder
 from avex.data.registry import DATASETS, DatasetSpec, get_dataset, register_dataset
 from avex.data.source import CanvasSource
+from avex.data.store import ImageStore
 
 __all__ = [
     "DATASETS",
@@ -32,10 +36,12 @@ __all__ = [
     "DatasetSpec",
     "FashionMNISTCanvas",
     "ImageFolderCanvas",
+    "ImageStore",
     "fashion_mnist_dirs",
     "get_dataset",
     "imagenet_canvas",
     "install_fashion_mnist",
     "load_fashion_mnist",
+    "prepare_folder",
     "register_dataset",
 ]

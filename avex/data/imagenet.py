@@ -42,6 +42,7 @@ def imagenet_canvas(
     image_size: int | tuple[int, int] = 224,
     device: str | torch.device = "cpu",
     cache_images: bool = False,
+    store: bool | str | os.PathLike[str] = True,
 ) -> ImageFolderCanvas:
     """ImageNet-1k as an :class:`ImageFolderCanvas` with timm's labels (0..999).
 
@@ -50,6 +51,10 @@ def imagenet_canvas(
         split: sub-folder (``"train"``/``"val"``), or ``None`` if ``root`` is the split itself.
         image_size: canvas side (or ``(H, W)``).
         device: where canvases are returned.
+        cache_images: keep decoded images in host memory (when there is no store).
+        store: read the split's prepared store (``avex data prepare <root> --split val``) when it is up to
+            date (True), never (False), or a given store directory. Rows follow the files, not the labels, so
+            one store serves this class order and the folder's own.
 
     The split may hold any subset of the 1000 classes; ``num_classes`` stays 1000
     and ``class_names`` are timm's descriptions (``"tench, Tinca tinca"``...).
@@ -87,6 +92,7 @@ def imagenet_canvas(
             class_names=descriptions,
             device=device,
             cache_images=cache_images,
+            store=store,
         )
     except ValueError as e:
         raise ValueError(f"{e}\nFor ImageNet the {_IMAGENET_LAYOUT}") from e
