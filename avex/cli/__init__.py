@@ -17,30 +17,20 @@ import gymnasium
 from avex import train as train_mod
 from avex.cli import benchmark as bench_cli
 from avex.cli import convert as convert_cli
+from avex.cli import data as data_cli
 from avex.cli import demo as demo_cli
 from avex.cli import ppo as ppo_cli
-from avex.data import install_fashion_mnist
 
 __all__ = ["main"]
-
-
-def _data(args: argparse.Namespace) -> int:
-    if args.dataset != "fashion-mnist":
-        raise SystemExit(f"avex data: only 'fashion-mnist' is installable offline; got {args.dataset!r}")
-    path = install_fashion_mnist(args.dest, quiet=args.quiet)
-    print(f"Fashion-MNIST ready in {path}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avex", description="Active Visual Exploration on a TORE-backed ViT.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("data", help="install a data set (Fashion-MNIST from Debian's package) if missing")
-    p.add_argument("dataset", choices=["fashion-mnist"])
-    p.add_argument("--dest", default=None, help="folder (default: $AVEX_DATA_DIR/fashion-mnist, ~/.cache/avex)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_data)
+    p = sub.add_parser("data", help="install Fashion-MNIST, or prepare an image folder's store (fast resets)")
+    data_cli.add_arguments(p)
+    p.set_defaults(func=data_cli.main_from_args)
 
     train = sub.add_parser("train", help="train the TORE classifier or a PPO glimpse policy")
     tsub = train.add_subparsers(dest="what", required=True)

@@ -31,7 +31,7 @@ from PIL import Image
 
 from avex.data.registry import DatasetSpec, canvas_hw, register_dataset
 from avex.data.source import CanvasSource, _check_indices
-from avex.data.store import ImageStore, find_store
+from avex.data.store import ImageStore, find_store, to_device
 
 __all__ = ["IMAGE_EXTENSIONS", "SPLIT_NAMES", "ImageFolderCanvas", "env_split"]
 
@@ -318,7 +318,7 @@ class ImageFolderCanvas(CanvasSource):
             canvases = self._store.take(used, self.device)
         else:
             canvases = torch.from_numpy(np.stack([img for img, _, _ in rows if img is not None])).to(self.device)
-        labels = torch.from_numpy(self.targets[used]).to(self.device)
+        labels = to_device(self.targets[used], self.device)
         return canvases, labels, used, np.array([n for _, _, n in rows], dtype=np.int64)
 
     def sample(
