@@ -39,6 +39,9 @@ class PPOConfig:
     # The dense reward telescopes to L_0 - L_T, so the undiscounted return is exactly the final loss drop.
     gamma: float = option(1.0, ALGO, "discount")
     seed: int = option(0, ALGO, "seed of the envs and the policy")
+    init: str | None = option(
+        None, ALGO, "start from this policy's weights (avex .safetensors or shipped:<name>; fresh optimiser)"
+    )
     eval_every: int = option(0, RUN, "env steps between greedy evaluations on the test split (0: at the end only)")
     eval_episodes: int = option(512, RUN, "episodes of each greedy evaluation")
     time_limit: float | None = option(None, RUN, "stop training after this many seconds (saved as usual)")

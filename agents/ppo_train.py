@@ -122,6 +122,10 @@ def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
         device=cfg.device,
         verbose=0,
     )
+    if cfg.init is not None:  # a warm start: the weights only (policy and value heads), a fresh optimiser
+        from agents.ppo import PPOAgent
+
+        model.policy.load_state_dict(PPOAgent.load(cfg.init, venv, device=cfg.device).policy.state_dict())
     model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default would create a /tmp/SB3-* folder per run
 
     eval_kwargs = dict(env_kwargs, split="test")
