@@ -16,13 +16,13 @@ from gymnasium import spaces
 
 from agents.adapters import PredictAgent
 from agents.base import register_agent
-from avex.checkpoint import resolve_file
+from avex.checkpoint import SHIPPED_POLICIES, SHIPPED_PREFIX, is_shipped, resolve_file
 from avex.safeload import read_header, read_json
 
 if TYPE_CHECKING:  # stable-baselines3 is imported only when a policy is built
     from stable_baselines3.common.policies import BasePolicy
 
-__all__ = ["DEFAULT_POLICY", "PPOAgent"]
+__all__ = ["DEFAULT_POLICY", "PPOAgent", "shipped_for_k"]
 
 DEFAULT_POLICY = "shipped:fashion-mnist"
 
@@ -39,7 +39,9 @@ class PPOAgent(PredictAgent):
 
     @classmethod
     def from_env(cls, env: Any, *, seed: int = 0, policy: str | None = None, device: str = "cpu") -> PPOAgent:
-        return cls.load(policy or DEFAULT_POLICY, env, device=device)
+        """The policy ``policy`` (default :data:`DEFAULT_POLICY`) for ``env``; a shipped name resolves to the
+        shipped specialist for the env's split point where there is one (:func:`shipped_for_k`)."""
+        return cls.load(shipped_for_k(policy or DEFAULT_POLICY, env), env, device=device)
 
     @classmethod
     def load(cls, path: str | Path, env: Any, device: str = "cpu") -> PPOAgent:
@@ -69,6 +71,19 @@ class PPOAgent(PredictAgent):
         else:
             policy, meta = _load_safetensors(path, obs_space, act_space)
         return cls(policy.to(device), meta)
+
+
+def shipped_for_k(policy: str | Path, env: Any) -> str | Path:
+    """``"shipped:<name>-k<K>"`` where the env runs at split point K and such a policy is shipped, else ``policy``.
+
+    A glimpse policy is trained at one K (the classifier's belief differs with K); the shipped set holds one per K
+    where a specialist measured better than the default policy there (``benchmarks/RESULTS.md`` section 2).
+    """
+    if not (isinstance(policy, str) and is_shipped(policy)):
+        return policy
+    K = getattr(getattr(env, "unwrapped", env), "K", None)
+    specialist = f"{policy}-k{K}"
+    return specialist if specialist[len(SHIPPED_PREFIX) :] in SHIPPED_POLICIES else policy
 
 
 def _load_safetensors(

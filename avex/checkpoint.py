@@ -72,7 +72,9 @@ FORMAT = "avex-tore/1"
 SHIPPED_PREFIX = "shipped:"
 # Files shipped inside the package, by kind and name: "shipped:<name>" refers to them.
 SHIPPED = {"fashion-mnist": "fashion_mnist_tore"}
-SHIPPED_POLICIES = {"fashion-mnist": "fashion_mnist_ppo"}
+# A policy named "<name>-k<K>" is a specialist for split point K: "shipped:<name>" resolves to it on an env at that K
+# (agents.ppo.PPOAgent.from_env); the plain name is the policy trained at the env's default K.
+SHIPPED_POLICIES = {"fashion-mnist": "fashion_mnist_ppo", "fashion-mnist-k6": "fashion_mnist_ppo_k6"}
 # The decoder position order of configs saved before it was recorded (see avex.model.create_tore).
 UNRECORDED_DECODER_POS = "row_col"
 

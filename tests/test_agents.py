@@ -121,3 +121,37 @@ def test_ppo_smoke_train_save_load(action_mode: str, env_kwargs: dict, tmp_path)
 def test_unknown_agent_name() -> None:
     with pytest.raises(ValueError, match="unknown agent"):
         make_agent("greedy", None)
+
+
+def test_shipped_ppo_resolves_to_the_specialist_of_the_envs_K() -> None:
+    """The shipped name picks the policy trained at the env's K where one is shipped, and leaves paths alone."""
+    from agents.ppo import shipped_for_k
+    from avex.checkpoint import SHIPPED_POLICIES, resolve_file
+
+    at = {K: gym.make("AVE-FashionMNIST-v0", K=K) for K in (3, 6)}
+    assert shipped_for_k("shipped:fashion-mnist", at[3]) == "shipped:fashion-mnist"
+    assert shipped_for_k("shipped:fashion-mnist", at[6]) == "shipped:fashion-mnist-k6"
+    assert shipped_for_k("runs/mine.safetensors", at[6]) == "runs/mine.safetensors"
+    for name in SHIPPED_POLICIES:  # every entry of the table is a file that loads for an env at its K
+        assert resolve_file(f"shipped:{name}", policy=True).exists(), name
+    agent = PPOAgent.from_env(at[6])
+    assert agent.meta["env_kwargs"]["K"] == 6
+    for env in at.values():
+        env.close()
+
+
+def test_ppo_init_starts_from_the_given_policy(env_kwargs: dict, tmp_path) -> None:
+    """``init`` loads a policy's weights before training: with a zero learning rate they come out unchanged."""
+    from safetensors.torch import load_file
+
+    common = dict(num_envs=4, total_steps=96, n_steps=24, batch_size=32, n_epochs=1, eval_episodes=4)
+    first = tmp_path / "first"
+    train_ppo(PPOConfig(**common, out=str(first), env_kwargs=env_kwargs, seed=1))
+    warm = tmp_path / "warm"
+    train_ppo(PPOConfig(**common, out=str(warm), env_kwargs=env_kwargs, seed=2, learning_rate=0.0, init=str(first)))
+    a, b = (load_file(str(p.with_suffix(".safetensors"))) for p in (first, warm))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = tmp_path / "fresh"  # and without init, seed 2 starts elsewhere: the check above can fail
+    train_ppo(PPOConfig(**common, out=str(fresh), env_kwargs=env_kwargs, seed=2, learning_rate=0.0))
+    c = load_file(str(fresh.with_suffix(".safetensors")))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
