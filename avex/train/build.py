@@ -22,6 +22,7 @@ __all__ = [
     "param_groups",
     "prepare_classifier",
     "start_from_checkpoint",
+    "warmup_steps",
 ]
 
 
@@ -128,13 +129,32 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """The warm-up of the learning rate schedule, in steps (at least one)."""
+    return max(1, round(cfg.warmup * total_steps))
+
+
 def make_optimizer(
-    model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device
+    model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device, capturable: bool = False
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW at the peak ``cfg.lr`` (fused on CUDA) and its schedule: ``cfg.warmup`` of ``total_steps``, then cosine."""
+    """AdamW at the peak ``cfg.lr`` (fused on CUDA) and its schedule: ``cfg.warmup`` of ``total_steps``, then cosine.
+
+    Args:
+        capturable: for a step captured as a CUDA graph: the learning rate is a tensor on ``device`` (the
+            scheduler writes into it) and the update reads its step counts on the device.
+    """
+    lr: float | torch.Tensor = need(cfg.lr, "lr")
+    if capturable:
+        if device.type != "cuda":
+            raise ValueError(f"a capturable optimiser needs a CUDA device, got {device}")
+        lr = torch.tensor(lr, device=device)
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=need(cfg.lr, "lr"), betas=(0.9, 0.999), fused=device.type == "cuda"
+        param_groups(model, cfg.weight_decay),
+        lr=lr,
+        betas=(0.9, 0.999),
+        fused=device.type == "cuda",
+        capturable=capturable,
     )
-    warmup = max(1, round(cfg.warmup * total_steps))
+    warmup = warmup_steps(cfg, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     return optimizer, scheduler

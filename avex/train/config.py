@@ -101,7 +101,19 @@ class TrainConfig:
     recon_weight: float = _opt(0.1, OPTIM, "weight of the masked reconstruction MSE")
     grad_clip: float = _opt(1.0, OPTIM, "gradient norm clip (0: off)")
     amp: bool = _opt(True, OPTIM, "bf16 autocast on CUDA (CPU always runs fp32)")
-    compile: bool = _opt(False, OPTIM, "torch.compile each ViT block (dynamic shapes; CUDA)")
+    compile: bool = _opt(False, OPTIM, "torch.compile each ViT block of the eager step (dynamic shapes; CUDA)")
+    fused_step: Literal["auto", "on", "off"] = _opt(
+        "auto",
+        OPTIM,
+        "the step in fewer, larger kernels: one compute dtype (bf16 under --amp), Triton attention for short rows, "
+        "a decoder that queries only the unseen patches (auto: on CUDA without --compile; the CPU runs the eager step)",
+    )
+    cuda_graphs: Literal["auto", "on", "off"] = _opt(
+        "auto",
+        OPTIM,
+        "capture the fused step (forward, backward, clipping, AdamW) as CUDA graphs, one per (K, T) "
+        "(auto: for one CUDA process; DDP runs the fused step eagerly)",
+    )
     seed: int = _opt(0, OPTIM, "seed of the model init and of every random draw of a step")
     device: str | None = _opt(None, OPTIM, "torch device", default_text="cuda:LOCAL_RANK if available, else cpu")
     # evaluation, logging, checkpoints

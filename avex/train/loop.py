@@ -30,15 +30,17 @@ from avex.checkpoint import save_tore
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT
 from avex.platform_info import device_name, synchronize
-from avex.train.build import make_optimizer, prepare_classifier
+from avex.train.build import lr_factor, make_optimizer, prepare_classifier, warmup_steps
 from avex.train.config import TrainConfig, add_arguments, config_from_args, need, resolve_config
 from avex.train.data import TrainData, load_train_data
 from avex.train.evaluate import eval_columns, eval_markdown, eval_summary, evaluate_classifier
-from avex.train.objective import TOREObjective, train_step
+from avex.train.fused import FusedObjective
+from avex.train.objective import TOREObjective
 from avex.train.policy import draw_k_and_t, n_tiles, sample_glimpses, step_rngs
 from avex.train.runtime import setup_distributed, teardown_distributed
+from avex.train.step import GraphedStep, Step, StepPlan, make_step, plan_step
 
-__all__ = ["main", "main_from_args", "train_classifier"]
+__all__ = ["Training", "main", "main_from_args", "start_training", "train_classifier"]
 
 
 @dataclass
@@ -56,6 +58,7 @@ class _Run:
     init_meta: dict[str, Any] | None  # the --init checkpoint's meta
     steps_per_epoch: int
     total_steps: int
+    plan: StepPlan  # eager, fused or graphed (avex.train.step)
 
     @property
     def main(self) -> bool:
@@ -79,6 +82,47 @@ class _Run:
         """Steps between events ``epochs`` apart (0: never)."""
         return max(1, round(epochs * self.steps_per_epoch)) if epochs and epochs > 0 else 0
 
+    def lr(self, step: int) -> float:
+        """The learning rate of ``step`` (as the scheduler sets it), computed on the host."""
+        return need(self.cfg.lr, "lr") * lr_factor(step, self.total_steps, warmup_steps(self.cfg, self.total_steps))
+
+
+@dataclass
+class Training:
+    """A run ready to step (:func:`start_training`): its processes, data, model, optimiser and step function."""
+
+    run: _Run
+    step_fn: Step
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def step(self, step: int) -> tuple[int, int, float, torch.Tensor]:
+        """Training step ``step`` (its draws come from (seed, step)); returns (K, T, lr, float [4] loss, ce, mse,
+        accuracy on this rank, on the device)."""
+        return _train_one_step(self.run, self.step_fn, self.scheduler, step)
+
+    @property
+    def graphs(self) -> int:
+        """CUDA graphs captured so far (0 unless the step is graphed)."""
+        return len(self.step_fn.graphs) if isinstance(self.step_fn, GraphedStep) else 0
+
+
+def start_training(cfg: TrainConfig) -> Training:
+    """Set up a run of ``cfg`` (resolved here): processes, data, model, objective, optimiser and step function."""
+    run = _set_up(resolve_config(cfg))
+    cfg, model = run.cfg, run.model
+    objective: nn.Module
+    if run.plan.fused:
+        dtype = run.plan.compute_dtype(run.device, cfg.amp)
+        objective = FusedObjective(model, run.geo, cfg.recon_weight, cfg.label_smoothing, dtype)
+    else:
+        objective = TOREObjective(model, run.geo, cfg.recon_weight, cfg.label_smoothing)
+    if run.world > 1:
+        device_ids = [run.device] if run.device.type == "cuda" else None
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
+    optimizer, scheduler = make_optimizer(model, cfg, run.total_steps, run.device, capturable=run.plan.graphs)
+    step_fn = make_step(run.plan, objective, model, optimizer, cfg.amp, cfg.grad_clip)
+    return Training(run, step_fn, scheduler)
+
 
 def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     """Train a TORE classifier, evaluate it and save it (rank 0).
@@ -87,19 +131,15 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
         dict(model, steps, train_time_s, images_per_s_per_process, final (the last interval's mean loss, ce,
         mse, acc), rank, world_size); on rank 0 also checkpoint, eval, eval_markdown, checkpoint_mib.
     """
-    run = _set_up(resolve_config(cfg))
+    training = start_training(cfg)
+    run = training.run
     cfg, model = run.cfg, run.model
-    objective: nn.Module = TOREObjective(model, run.geo, cfg.recon_weight, cfg.label_smoothing)
-    if run.world > 1:
-        device_ids = [run.device] if run.device.type == "cuda" else None
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
-    optimizer, scheduler = make_optimizer(model, cfg, run.total_steps, run.device)
     eval_every, save_every = run.every(cfg.eval_every), run.every(cfg.save_every)
     if run.main:
         _announce(run)
     meter = _Meter(run)
     for step in range(run.total_steps):
-        meter.add(step, *_train_one_step(run, objective, optimizer, scheduler, step))
+        meter.add(step, *training.step(step))
         done = step + 1
         last = done == run.total_steps
         if done % cfg.log_every == 0 or last:
@@ -118,6 +158,8 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
         final=meter.recent,
         rank=run.rank,
         world_size=run.world,
+        step=run.plan.name,
+        cuda_graphs=training.graphs,
     )
     if run.main:
         summary.update(_final_evaluation(run, train_time, img_s, meter.recent))
@@ -148,9 +190,10 @@ def _set_up(cfg: TrainConfig) -> _Run:
             f"--budget {cfg.budget} must be in 1..{tiles} "
             f"(non-overlapping {cfg.glimpse}x{cfg.glimpse} glimpses of the {geo.grid} grid)"
         )
+    plan = plan_step(cfg, model, world, device)
     steps_per_epoch = max(1, data.num_train // cfg.batch_size)
     total_steps = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
-    return _Run(cfg, rank, world, device, data, model, geo, tiles, init_meta, steps_per_epoch, total_steps)
+    return _Run(cfg, rank, world, device, data, model, geo, tiles, init_meta, steps_per_epoch, total_steps, plan)
 
 
 def _announce(run: _Run) -> None:
@@ -162,17 +205,13 @@ def _announce(run: _Run) -> None:
         f"{cfg.model} depth {model.depth} width {model.embed_dim}, {n_params / 1e6:.2f} M parameters; "
         f"grid {run.geo.grid}, glimpse {cfg.glimpse}, budget {cfg.budget}, {run.tiles} tiles; "
         f"{run.world} process(es) on {device_name(run.device)}; global batch {cfg.batch_size}, "
-        f"{run.total_steps} steps ({run.total_steps / run.steps_per_epoch:.1f} epochs)",
+        f"{run.total_steps} steps ({run.total_steps / run.steps_per_epoch:.1f} epochs), {run.plan.name} step",
         flush=True,
     )
 
 
 def _train_one_step(
-    run: _Run,
-    objective: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    step: int,
+    run: _Run, step_fn: Step, scheduler: torch.optim.lr_scheduler.LRScheduler, step: int
 ) -> tuple[int, int, float, torch.Tensor]:
     """One step of TORE's policy: K, T, this rank's batch and its glimpses from (seed, step); train; advance the LR.
 
@@ -184,12 +223,10 @@ def _train_one_step(
     K, T = draw_k_and_t(host_rng, run.model.depth, run.budget, run.tiles, cfg.train_k)
     canvases, labels = run.data.next_batch(step, gen)
     rows, cols = sample_glimpses(run.geo, cfg.batch_size, T, gen)  # for the global batch, after its canvases
-    batch = (canvases, labels, rows[part], cols[part])
-    loss, ce, mse, logits = train_step(objective, run.model, optimizer, batch, K, cfg.amp, cfg.grad_clip)
-    lr = float(optimizer.param_groups[0]["lr"])
+    stats = step_fn((canvases, labels, rows[part], cols[part]), K)
+    lr = run.lr(step)  # the host's copy: a graphed step's learning rate is a tensor on the device
     scheduler.step()
-    acc = (logits.argmax(-1) == labels).float().mean()
-    return K, T, lr, torch.stack([loss.detach().float(), ce.float(), mse.float(), acc])
+    return K, T, lr, stats
 
 
 class _Meter:

@@ -1,0 +1,317 @@
+"""The training loss of :class:`~avex.train.objective.TOREObjective` in fewer, larger kernels (``--fused-step``).
+
+The same function of the same weights, computed the way a GPU likes it:
+
+* **one compute dtype** (bf16 on CUDA under ``--amp``): every weight is cast once per step, all of them in
+  one kernel (:class:`_CastParams`, whose backward returns every fp32 gradient in one kernel too), and the
+  residual stream, the layer norms and the attention stay in it; PyTorch's autocast would instead run each
+  layer norm in fp32 and cast its input and output around every matrix product;
+* **attention** for the short rows of the iterator and the aggregator by the Triton kernels of
+  :mod:`avex.train.kernels` (forward and backward), PyTorch's fused SDPA for longer rows;
+* **glimpses** gathered as patch rows straight from the canvases (no copy of a canvas per glimpse), normalised
+  and cast in one kernel, embedded by one matrix product;
+* **the decoder** queries only the patches the loss reads: its last block attends from the unseen patches
+  (every key still counts) and the pixel head runs on them alone. The training glimpses never overlap
+  (:func:`~avex.train.policy.sample_glimpses`), so each image has exactly ``N - T*G`` unseen patches and the
+  shapes stay static (one CUDA graph per (K, T) captures it, :mod:`avex.train.graphs`).
+
+On the CPU in fp32 it gives :class:`TOREObjective`'s loss and gradients up to float rounding
+(``tests/test_train_step.py``). It covers the plain timm ViT that avex trains (:func:`fused_refusal` says why
+any other model is refused; ``--fused-step auto`` then runs the eager step).
+
+Shapes: B batch, T glimpses, G = g*g tokens per glimpse, L = T*G seen patches, M = N - L unseen, N grid
+patches, P prefix tokens, D width, Cpp = C*p*p pixels per patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention, Mlp
+from timm.models.vision_transformer import Block
+
+from avex.attention import _plain_block
+from avex.decoder import _DecoderBlock
+from avex.embedding import _is_patch_linear
+from avex.geometry import GlimpseGeometry
+from avex.model import TOREViT
+from avex.train.kernels import train_attention
+
+__all__ = ["FusedObjective", "fused_refusal"]
+
+
+@dataclass(frozen=True)
+class _BlockSpec:
+    """The parameter names of one pre-norm transformer block (timm's ``Block`` or the decoder's)."""
+
+    prefix: str  # "vit.blocks.3." or "decoder.blocks.0."
+    norm1: str
+    qkv: str
+    proj: str
+    norm2: str
+    fc1: str
+    fc2: str
+    eps1: float
+    eps2: float
+    heads: int
+
+
+def _spec(prefix: str, blk: nn.Module, qkv: str, proj: str, fc1: str, fc2: str, heads: int) -> _BlockSpec:
+    norm1, norm2 = cast(nn.LayerNorm, blk.norm1), cast(nn.LayerNorm, blk.norm2)
+    return _BlockSpec(prefix, "norm1", qkv, proj, "norm2", fc1, fc2, norm1.eps, norm2.eps, heads)
+
+
+def _inactive(*modules: nn.Module) -> bool:
+    """Whether every module is an Identity or a dropout of p=0 (what the fused step leaves out)."""
+    return all(isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0) for m in modules)
+
+
+def _block_refusal(i: int, blk: nn.Module) -> str | None:
+    if not _plain_block(blk):
+        return f"block {i} is a {type(blk).__name__} with other attention than timm's plain Attention"
+    b, attn = blk, cast(Attention, blk.attn)
+    mlp = b.mlp
+    if not (isinstance(b.norm1, nn.LayerNorm) and isinstance(b.norm2, nn.LayerNorm)):
+        return f"block {i} normalises with {type(b.norm1).__name__}, not LayerNorm"
+    if not (isinstance(mlp, Mlp) and isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"):
+        return f"block {i}'s MLP is not timm's Mlp with exact GELU"
+    inactive: list[nn.Module] = [b.ls1, b.ls2, b.drop_path1, b.drop_path2, attn.attn_drop, attn.proj_drop, attn.norm]
+    if not _inactive(*inactive, mlp.drop1, mlp.norm, mlp.drop2):
+        return f"block {i} has layer scale, drop path, dropout or an extra norm"
+    return None
+
+
+def fused_refusal(model: TOREViT) -> str | None:
+    """Why :class:`FusedObjective` cannot compute ``model``'s loss, or None when it can.
+
+    It covers timm ViTs with plain pre-norm blocks (LayerNorm, timm's Attention, an exact-GELU MLP, no layer
+    scale, no dropout or drop path), a plain stride-p patch projection, CLS pooling and no extra norms.
+    """
+    vit = model.vit
+    if not _is_patch_linear(vit.patch_embed.proj, model.patch):
+        return "the patch projection is not a plain stride-p convolution"
+    if vit.global_pool != "token":
+        return f"global_pool is {vit.global_pool!r}, not 'token'"
+    if not isinstance(vit.norm, nn.LayerNorm):
+        return f"the final norm is a {type(vit.norm).__name__}, not LayerNorm"
+    if not _inactive(vit.patch_embed.norm, vit.norm_pre, vit.pos_drop, vit.fc_norm, vit.head_drop):
+        return "the ViT has a patch norm, a pre-norm, an fc_norm or dropout"
+    for i, blk in enumerate(vit.blocks):
+        refusal = _block_refusal(i, blk)
+        if refusal:
+            return refusal
+    return None
+
+
+class _CastParams(torch.autograd.Function):
+    """Every parameter in the compute dtype, in one kernel; backward: every gradient in fp32, in one kernel.
+
+    The gradient of a parameter a step does not use arrives as zeros (autograd materialises it), as the
+    eager step gives it for a decoder whose loss term is zero.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, dtype: torch.dtype, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.shapes = [p.shape for p in params]
+        ctx.param_dtype = params[0].dtype
+        flat = torch.cat([p.reshape(-1) for p in params]).to(dtype)
+        return tuple(t.view(s) for t, s in zip(flat.split([p.numel() for p in params]), ctx.shapes))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(ctx.param_dtype)
+        parts = flat.split([s.numel() for s in ctx.shapes])
+        return (None, *(t.view(s) for t, s in zip(parts, ctx.shapes)))
+
+
+def _layer_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), w[name + ".weight"], w[name + ".bias"], eps)
+
+
+def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return F.linear(x, w[name + ".weight"], w[name + ".bias"])
+
+
+def _block(x: torch.Tensor, w: dict[str, torch.Tensor], s: _BlockSpec, first: int = 0) -> torch.Tensor:
+    """One pre-norm block on [B, S, D]; the rows before ``first`` are keys only. Returns [B, S - first, D]."""
+    p = s.prefix
+    qkv = _linear(_layer_norm(x, w, p + s.norm1, s.eps1), w, p + s.qkv)
+    x = x[:, first:] + _linear(train_attention(qkv, s.heads, first), w, p + s.proj)
+    h = F.gelu(_linear(_layer_norm(x, w, p + s.norm2, s.eps2), w, p + s.fc1))
+    return x + _linear(h, w, p + s.fc2)
+
+
+def _heads(blk: nn.Module) -> int:
+    """Attention heads of a timm Block or a decoder block."""
+    if isinstance(blk, _DecoderBlock):
+        return blk.heads
+    return int(cast(Attention, cast(Block, blk).attn).num_heads)
+
+
+class FusedObjective(nn.Module):
+    """:class:`~avex.train.objective.TOREObjective`'s loss with fewer, larger kernels (see the module doc).
+
+    ``forward(canvases [B,H,W,C] uint8, labels [B], rows [B,T], cols [B,T], K)`` returns ``(loss, ce, mse,
+    logits)``, the last three detached, as TOREObjective's does. The glimpses must not overlap (those of
+    :func:`~avex.train.policy.sample_glimpses` never do).
+
+    Args:
+        dtype: the compute dtype (bf16 on CUDA under ``--amp``, else the parameters' fp32).
+
+    Raises:
+        ValueError: a model :func:`fused_refusal` refuses.
+    """
+
+    _cell_offsets: torch.Tensor  # buffers, see __init__
+    _col_scale: torch.Tensor
+    _col_shift: torch.Tensor
+    _target_mean: torch.Tensor
+    _target_std: torch.Tensor
+
+    def __init__(
+        self,
+        model: TOREViT,
+        geo: GlimpseGeometry,
+        recon_weight: float = 0.1,
+        label_smoothing: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        refusal = fused_refusal(model)
+        if refusal:
+            raise ValueError(f"the fused training step cannot run this model: {refusal}; use --fused-step off")
+        self.model, self.geo, self.dtype = model, geo, dtype
+        self.recon_weight, self.label_smoothing = recon_weight, label_smoothing
+        vit = model.vit
+        self._specs = [
+            _spec(f"vit.blocks.{i}.", b, "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", _heads(b))
+            for i, b in enumerate(vit.blocks)
+        ]
+        dec = model.decoder
+        self._decoding = bool(recon_weight) and dec is not None
+        dec_blocks = list(dec.blocks) if dec is not None else []
+        self._dec_specs = [
+            _spec(f"decoder.blocks.{i}.", b, "qkv", "proj", "mlp.0", "mlp.2", _heads(b))
+            for i, b in enumerate(dec_blocks)
+        ]
+        # The parameters a step uses (the decoder's only when its loss term is on: the eager step leaves them
+        # without a gradient otherwise, and AdamW then skips them).
+        self._names = [n for n, p in model.named_parameters() if self._decoding or not n.startswith("decoder.")]
+        device = vit.pos_embed.device if vit.pos_embed is not None else torch.device("cpu")
+        g, gw = geo.glimpse, model.grid[1]
+        off = torch.arange(g, device=device)
+        # Grid cell of each glimpse token relative to its top-left, row-major (GlimpseGeometry.glimpse_coords).
+        self.register_buffer("_cell_offsets", off.repeat_interleave(g) * gw + off.repeat(g), persistent=False)
+        pp = model.patch * model.patch
+        # Normalisation per pixel column: channel-major in the patch projection's rows, channel-last in the
+        # decoder's targets (TOREViT.patchify).
+        self.register_buffer("_col_scale", model._pixel_scale_u8.flatten().repeat_interleave(pp), persistent=False)
+        self.register_buffer("_col_shift", model._pixel_shift.flatten().repeat_interleave(pp), persistent=False)
+        self.register_buffer("_target_mean", model.pixel_mean.flatten().repeat(pp), persistent=False)
+        self.register_buffer("_target_std", model.pixel_std.flatten().repeat(pp), persistent=False)
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """Name -> the parameter in the compute dtype (through one cast with autograd)."""
+        params = dict(self.model.named_parameters())
+        cast_ = _CastParams.apply(self.dtype, *(params[n] for n in self._names))
+        return dict(zip(self._names, cast_))
+
+    def _patches(self, canvases: torch.Tensor, channel_last: bool) -> torch.Tensor:
+        """uint8 [B, N, Cpp]: every patch's pixels, channel-major (the patch projection's order) or channel-last."""
+        b, c, p, (gh, gw) = canvases.shape[0], canvases.shape[-1], self.model.patch, self.model.grid
+        x = canvases.view(b, gh, p, gw, p, c)
+        x = x.permute(0, 1, 3, 2, 4, 5) if channel_last else x.permute(0, 1, 3, 5, 2, 4)
+        return x.reshape(b, gh * gw, c * p * p)
+
+    def _embed(self, w: dict[str, torch.Tensor], patches: torch.Tensor, cells: torch.Tensor, t: int) -> torch.Tensor:
+        """[B*T, P + G, D] the iterator's input: [prefix, glimpse tokens + their position embedding]."""
+        model, vit = self.model, self.model.vit
+        b, n_seen = cells.shape
+        pix = patches.gather(1, cells[..., None].expand(b, n_seen, patches.shape[-1]))  # [B, L, Cpp] uint8
+        x = torch.empty(pix.shape, dtype=self.dtype, device=pix.device)
+        affine = model._pixel_affine_scalars
+        if affine is not None:  # normalise and cast in one kernel, as GlimpseViT.embed_glimpses does
+            torch.add(affine.shift, pix, alpha=affine.scale_u8, out=x)
+        else:
+            torch.addcmul(self._col_shift, pix, self._col_scale, out=x)
+        d = model.embed_dim
+        x = F.linear(x, w["vit.patch_embed.proj.weight"].reshape(d, -1), w["vit.patch_embed.proj.bias"])
+        pos_all = w["vit.pos_embed"][0]
+        n_pre = model.num_prefix
+        table = pos_all if vit.no_embed_class else pos_all[n_pre:]
+        tokens = (x + F.embedding(cells, table)).view(b * t, n_seen // t, d)
+        prefix = w["vit.cls_token"]
+        if vit.reg_token is not None:
+            prefix = torch.cat([prefix, w["vit.reg_token"]], dim=1)
+        if not vit.no_embed_class:
+            prefix = prefix + pos_all[None, :n_pre]
+        return torch.cat([prefix.expand(b * t, -1, -1), tokens], dim=1)
+
+    def forward(
+        self, canvases: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, K: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        model = self.model
+        K = model.check_k(K)
+        if canvases.ndim != 4 or rows.ndim != 2 or rows.shape != cols.shape or rows.shape[0] != canvases.shape[0]:
+            raise ValueError(
+                f"expected canvases [B, H, W, C], rows and cols [B, T], got {tuple(canvases.shape)}, "
+                f"{tuple(rows.shape)} and {tuple(cols.shape)}"
+            )
+        w = self._weights()
+        b, t = rows.shape
+        n_pre, gw = model.num_prefix, model.grid[1]
+        cells = ((rows * gw + cols)[..., None] + self._cell_offsets).reshape(b, -1)  # [B, L]
+        patches = self._patches(canvases, channel_last=False)
+        x = self._embed(w, patches, cells, t)
+        for spec in self._specs[:K]:  # the iterator: each glimpse alone
+            x = _block(x, w, spec)
+        x = x.view(b, t, *x.shape[1:])
+        x = torch.cat([x[:, :, :n_pre].mean(dim=1), x[:, :, n_pre:].reshape(b, -1, x.shape[-1])], dim=1)
+        for spec in self._specs[K:]:  # the aggregator: [mean prefix, every glimpse's tokens]
+            x = _block(x, w, spec)
+        x = _layer_norm(x, w, "vit.norm", cast(nn.LayerNorm, model.vit.norm).eps)
+        logits = _linear(x[:, 0], w, "vit.head")
+        ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        mse = ce.new_zeros(())
+        if self._decoding and cells.shape[1] < model.grid[0] * model.grid[1]:  # some patch unseen
+            mse = self._recon_mse(w, x, canvases, patches, cells)
+        loss = ce + self.recon_weight * mse
+        return loss, ce.detach(), mse.detach(), logits.detach()
+
+    def _recon_mse(
+        self,
+        w: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        canvases: torch.Tensor,
+        patches: torch.Tensor,
+        cells: torch.Tensor,
+    ) -> torch.Tensor:
+        """The masked reconstruction MSE from the normalised aggregator tokens ``x`` [B, P + L, D].
+
+        The decoder's sequence is [CLS, seen tokens, mask tokens of the unseen cells], each grid row with its
+        cell's sin-cos position: attention does not depend on the order of its rows, so this is the eager
+        decoder's [CLS, grid] reordered. Its last block queries only the M unseen cells.
+        """
+        model, dec = self.model, cast(nn.Module, self.model.decoder)
+        b, n_seen = cells.shape
+        n_pre, n = model.num_prefix, model.grid[0] * model.grid[1]
+        rows = x if n_pre == 1 else torch.cat([x[:, :1], x[:, n_pre:]], dim=1)
+        e = _linear(rows, w, "decoder.embed")  # [B, 1 + L, dd]
+        pos = cast(torch.Tensor, dec.grid_pos)[0].to(e.dtype)  # [N, dd]
+        seen = torch.zeros(b, n, dtype=torch.uint8, device=cells.device).scatter_(1, cells, 1)
+        unseen = torch.sort(seen, dim=1, stable=True).indices[:, : n - n_seen]  # [B, M], ascending
+        mask = w["decoder.mask_token"]
+        seq = torch.cat([e[:, :1], e[:, 1:] + F.embedding(cells, pos), mask + F.embedding(unseen, pos)], dim=1)
+        for spec in self._dec_specs[:-1]:
+            seq = _block(seq, w, spec)
+        out = _block(seq, w, self._dec_specs[-1], first=1 + n_seen)  # [B, M, dd]
+        pred = _linear(_layer_norm(out, w, "decoder.norm", cast(nn.LayerNorm, dec.norm).eps), w, "decoder.pred")
+        if canvases.shape[-1] != 1:  # one channel: both pixel orders are the same
+            patches = self._patches(canvases, channel_last=True)
+        pix = patches.gather(1, unseen[..., None].expand(-1, -1, patches.shape[-1]))  # [B, M, Cpp] uint8
+        target = (pix.float() / 255.0 - self._target_mean) / self._target_std  # TOREViT.normalize's arithmetic
+        return (pred.float() - target).square().mean()
