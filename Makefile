@@ -1,11 +1,11 @@
-# avex developer tasks.  `make test` is what CI runs (.ci/run): lint, types, then the tests.
+# avex developer tasks.  `make test` is what CI runs (.ci/run): lint, types, the docs site, then the tests.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.avex-installed
 ARGS   ?=
 
-.PHONY: setup benchmark lint test clean
+.PHONY: setup benchmark lint docs test clean
 
 # Idempotent: venv if missing, install if pyproject/constraints changed, data.
 setup: $(STAMP)
@@ -30,7 +30,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: setup lint
+# The documentation site (avex docs): pages generated from the code into build/docs, then
+# `mkdocs build --strict` into build/site, so a broken reference or link fails.
+docs: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/avex docs
+
+test: setup lint docs
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
 
 clean:

@@ -19,6 +19,7 @@ from avex.cli import benchmark as bench_cli
 from avex.cli import convert as convert_cli
 from avex.cli import data as data_cli
 from avex.cli import demo as demo_cli
+from avex.cli import docs as docs_cli
 from avex.cli import ppo as ppo_cli
 
 __all__ = ["main"]
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         (sub, "benchmark", bench_cli, "agents x K on an env: accuracy per glimpse, FLOPs, time (the main job)"),
         (sub, "demo", demo_cli, "one episode with an agent; prints each step and writes a GIF"),
         (sub, "convert", convert_cli, "a MAE / AME / TORE PyTorch checkpoint -> an avex checkpoint"),
+        (sub, "docs", docs_cli, "the documentation site from the code: pages in build/docs, mkdocs build --strict"),
     ):
         p = parent.add_parser(name, help=text)
         module.add_arguments(p)
