@@ -5,13 +5,11 @@ Writes ``mkdocs.yml`` and Markdown pages into ``--out`` (default ``build/docs``)
 warning, so the build fails (``make test`` runs it). The pages:
 
 * the home page and the quick starts, hand-written in ``avex/cli/docs_pages/`` (``tests/test_docs.py``
-  runs every ``python`` block there), and a copy of the README;
-* one page per registered env id, generated from the registry: the defaults the id registers
-  (``gymnasium.spec(id).kwargs``, the rest :class:`envs.config.EnvConfig`'s), the sections of
-  :class:`envs.ave_env.AVEEnv`'s docstring, and, where the id's data are on this machine, the spaces of
-  the env built here and a GIF of one random-agent episode (otherwise the page says why not);
-* the command line (each subcommand's ``--help``) and the API reference: mkdocstrings reads the
-  docstrings by static analysis (griffe), importing and downloading nothing.
+  runs every code block there), and the README;
+* one page per registered env id: the defaults the id registers (``gymnasium.spec(id).kwargs``, the rest
+  :class:`envs.config.EnvConfig`'s), :class:`envs.ave_env.AVEEnv`'s docstring sections, and where the data
+  are here, the built env's spaces and a GIF of one random-agent episode (else the page says why not);
+* the command line (every ``--help``) and the API reference, read by static analysis (griffe).
 """
 
 from __future__ import annotations
@@ -114,12 +112,6 @@ def avex_env_ids() -> list[str]:
     return [i for i in env_ids().values() if i in gym.registry and gym.registry[i].entry_point == ENTRY_POINT]
 
 
-def _field_default(field: dataclasses.Field[Any]) -> Any:
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return field.default
-
-
 def env_arguments(env_id: str) -> list[Argument]:
     """Every keyword of ``gym.make(env_id, ...)`` with the default that id gets: its registered kwargs, then
     :class:`envs.config.EnvConfig`'s field defaults, the data set's options and ``render_mode``."""
@@ -130,8 +122,12 @@ def env_arguments(env_id: str) -> list[Argument]:
     for field in dataclasses.fields(EnvConfig):
         if field.name == "options":  # passed as plain keywords: the data set's options below
             continue
-        default, source = (registered.pop(field.name), "registered") if field.name in registered else (None, "")
-        rows.append(Argument(field.name, default if source else _field_default(field), source or "EnvConfig", ""))
+        if field.name in registered:
+            rows.append(Argument(field.name, registered.pop(field.name), "registered", ""))
+        else:
+            factory = field.default_factory
+            default = field.default if factory is dataclasses.MISSING else factory()
+            rows.append(Argument(field.name, default, "EnvConfig", ""))
     module = spec.build.__module__
     where = f"[`{module}`][{module}]" if module.split(".")[0] in PACKAGES else f"`{module}`"
     for name, value in spec.options.items():
@@ -290,10 +286,6 @@ def _readme_page() -> str:
     return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", unlink, readme.read_text())
 
 
-def _title(markdown: str, default: str) -> str:
-    return next((line[2:].strip() for line in markdown.splitlines() if line.startswith("# ")), default)
-
-
 def _claim(folder: Path) -> None:
     """Make ``folder`` ours: new, empty, or written by an earlier run (it holds :data:`MARKER`); else ValueError."""
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / MARKER).exists())):
@@ -330,7 +322,8 @@ def write_docs(out: str | Path, gifs: bool = True, seed: int = 0) -> Path:
     for page in sorted(PAGES.glob("quickstart-*.md")):
         text = page.read_text()
         (pages / page.name).write_text(text)
-        quick.append({_title(text, page.stem).removeprefix("Quick start: "): page.name})
+        title = next((line[2:] for line in text.splitlines() if line.startswith("# ")), page.stem)
+        quick.append({title.removeprefix("Quick start: "): page.name})
     nav.append({"Quick starts": quick})
     for env_id in ids:
         gif = pages / "envs" / f"{env_id}.gif" if gifs else None
@@ -342,30 +335,17 @@ def write_docs(out: str | Path, gifs: bool = True, seed: int = 0) -> Path:
     for name, modules in api.items():
         (pages / "api" / f"{name}.md").write_text(_api_page(name, modules))
     nav.append({"API reference": [{name: f"api/{name}.md"} for name in api]})
-    css = _pygments_css()
-    if css:
-        (pages / "css").mkdir()
-        (pages / "css" / "pygments.css").write_text(css)
-    config = _mkdocs_config(nav, extra_css=["css/pygments.css"] if css else [])
+    shutil.copy(PAGES / "pygments.css", pages)
+    config = _mkdocs_config(nav)
     path = out / "mkdocs.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def _pygments_css() -> str | None:
-    """Colours for code highlighted at build time (the theme's highlight.js would load from a CDN); None
-    without Pygments (the code is then plain)."""
-    try:
-        from pygments.formatters import HtmlFormatter
-    except ImportError:
-        return None
-    return str(HtmlFormatter(style="default").get_style_defs(".highlight"))
-
-
-def _mkdocs_config(nav: list[Any], extra_css: list[str]) -> dict[str, Any]:
+def _mkdocs_config(nav: list[Any]) -> dict[str, Any]:
     """``docs_pages/mkdocs-base.yml`` with the generated parts filled in."""
     config: dict[str, Any] = yaml.safe_load((PAGES / "mkdocs-base.yml").read_text())
-    config.update(nav=nav, extra_css=extra_css, site_description=(avex.__doc__ or "").strip().splitlines()[0])
+    config.update(nav=nav, site_description=(avex.__doc__ or "").strip().splitlines()[0])
     for plugin in config["plugins"]:
         if isinstance(plugin, dict) and "mkdocstrings" in plugin:
             python = plugin["mkdocstrings"]["handlers"]["python"]
