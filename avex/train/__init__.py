@@ -10,6 +10,9 @@ One idea per module:
 * :mod:`~avex.train.config` — :class:`TrainConfig`, which is also the command line; dataset defaults.
 * :mod:`~avex.train.policy` — the draws of a step: K, T, the glimpses.
 * :mod:`~avex.train.objective` — the loss and one optimisation step.
+* :mod:`~avex.train.fused` — the same loss in fewer, larger kernels (``--fused-step``), with
+  :mod:`~avex.train.kernels` (Triton attention with a backward for short rows).
+* :mod:`~avex.train.step` — how a step runs: eager, fused, or captured as CUDA graphs (``--cuda-graphs``).
 * :mod:`~avex.train.data` — everything the trainer reads, behind :func:`load_train_data`.
 * :mod:`~avex.train.build` — the classifier, its starting weights, AdamW and the LR schedule.
 * :mod:`~avex.train.evaluate` — accuracy per K x glimpse count, as a table.
@@ -39,15 +42,21 @@ from avex.train.build import (
 from avex.train.config import TrainConfig, add_arguments, config_from_args, resolve_config
 from avex.train.data import TrainData, eval_batches, load_train_data
 from avex.train.evaluate import EVAL_GLIMPSES, eval_columns, eval_markdown, evaluate_classifier
-from avex.train.loop import main, main_from_args, train_classifier
+from avex.train.fused import FusedObjective
+from avex.train.loop import Training, main, main_from_args, start_training, train_classifier
 from avex.train.objective import TOREObjective, masked_recon_mse, train_step
 from avex.train.policy import cut_glimpses, draw_k_and_t, n_tiles, sample_glimpses, step_rngs
+from avex.train.step import GraphedStep, StepPlan, make_step, plan_step
 
 __all__ = [
     "EVAL_GLIMPSES",
+    "FusedObjective",
+    "GraphedStep",
+    "StepPlan",
     "TOREObjective",
     "TrainConfig",
     "TrainData",
+    "Training",
     "add_arguments",
     "build_classifier",
     "config_from_args",
@@ -63,13 +72,16 @@ __all__ = [
     "main",
     "main_from_args",
     "make_optimizer",
+    "make_step",
     "masked_recon_mse",
     "n_tiles",
     "param_groups",
+    "plan_step",
     "prepare_classifier",
     "resolve_config",
     "sample_glimpses",
     "start_from_checkpoint",
+    "start_training",
     "step_rngs",
     "train_classifier",
     "train_step",

@@ -1,0 +1,170 @@
+"""Training-step speed of ``avex train classifier``: the eager step against the fused and the graphed one.
+
+Each mode builds the trainer's own run (:func:`avex.train.start_training`: data, model, optimiser, step function)
+from the same seed, so every mode draws the same K, T, canvases and glimpses at every step, and:
+
+1. runs ``--steps`` steps (the first pass: warm-up, allocations, autotuning, the graphed step's captures) and
+   keeps their losses, to compare the first losses across modes;
+2. runs the same step indices again (same K and T, every graph already captured) and times them: the
+   steady-state time per step and images/s;
+3. profiles ``--profile-steps`` of them with torch.profiler: how long the GPU's kernels take per step (their
+   summed durations), how many there are, and the kernels that take the most time.
+
+    python benchmarks/train_speed.py --device cuda --batch 1024 --steps 60 --modes eager graphed --out speed.md
+    python benchmarks/train_speed.py --device cpu --batch 8 --steps 3 --modes eager fused   # a smoke run
+
+The Markdown report (``--out``) has one table row per mode, the ratio to the first mode, and each mode's
+top kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import time
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from avex.platform_info import device_name, synchronize
+from avex.train import TrainConfig, start_training
+
+MODES = {"eager": ("off", "off"), "fused": ("on", "off"), "graphed": ("on", "on")}  # --fused-step, --cuda-graphs
+
+
+def _config(args: argparse.Namespace, mode: str) -> TrainConfig:
+    fused, graphs = MODES[mode]
+    return TrainConfig(
+        dataset="fashion-mnist",
+        data_root=args.data_root,
+        device=args.device,
+        batch_size=args.batch,
+        steps=args.total_steps,
+        lr=1e-3,
+        seed=0,
+        progress=False,
+        fused_step=fused,  # type: ignore[arg-type]  # a MODES value
+        cuda_graphs=graphs,  # type: ignore[arg-type]
+    )
+
+
+def _kernels(prof: Any, steps: int, rows: int) -> tuple[float, float, list[tuple[str, float, int]]]:
+    """(GPU kernel ms per step, kernels per step, top kernels (name, ms per step, count per step))."""
+    gpu = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in gpu:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)
+    top = sorted(((n, sum(v) / steps, len(v) // steps) for n, v in by_name.items()), key=lambda r: -r[1])[:rows]
+    return sum(sum(v) for v in by_name.values()) / steps, len(gpu) / steps, top
+
+
+def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """One mode: first-pass losses, steady-state time per step, kernel profile."""
+    training = start_training(_config(args, mode))
+    dev = training.run.device
+    t0 = time.perf_counter()
+    first = [training.step(s)[3] for s in range(args.steps)]
+    synchronize(dev)
+    first_pass = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for s in range(args.steps):
+        training.step(s)
+    synchronize(dev)
+    per_step = (time.perf_counter() - t0) / args.steps
+    busy, launches, top = float("nan"), float("nan"), []
+    if args.profile_steps and dev.type == "cuda":
+        try:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for s in range(args.profile_steps):
+                    training.step(s)
+                synchronize(dev)
+            busy, launches, top = _kernels(prof, args.profile_steps, args.rows)
+        except RuntimeError as err:  # a profiler that cannot trace here leaves the timings
+            print(f"{mode}: profiler failed: {err}", flush=True)
+    result = dict(
+        mode=mode,
+        step=training.run.plan.name,
+        ms=per_step * 1e3,
+        img_s=args.batch / per_step,
+        first_pass_s=first_pass,
+        graphs=training.graphs,
+        capture_s=getattr(training.step_fn, "capture_seconds", 0.0),
+        losses=[float(s[0]) for s in first[: args.compare]],
+        gpu_ms=busy,
+        kernels=launches,
+        top=top,
+        peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan"),
+    )
+    training.run.data.close()
+    del training, first
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    print(
+        f"{mode}: {result['ms']:.2f} ms/step, {result['img_s']:.0f} images/s, GPU kernels {busy:.2f} ms/step "
+        f"({launches:.0f}), first pass {first_pass:.1f} s ({result['graphs']} graphs), losses {result['losses']}",
+        flush=True,
+    )
+    return result
+
+
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    base = results[0]
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"## Training step, Fashion-MNIST (depth 6, width 192, 112 px, patch 8), batch {args.batch}, "
+        f"{device_name(args.device)}, torch {torch.__version__}, {when}",
+        "",
+        f"`python benchmarks/train_speed.py --device {args.device} --batch {args.batch} --steps {args.steps} "
+        f"--modes {' '.join(args.modes)}`: {args.steps} steps of the trainer's own draws, timed on their second "
+        "pass (every graph captured); GPU kernel time per step from torch.profiler "
+        f"({args.profile_steps} steps).",
+        "",
+        "| mode | ms per step | images/s | vs " + base["mode"] + " | GPU kernels ms per step | kernels per step "
+        "| first pass s (graphs captured, s capturing) | peak GiB | first losses |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        diff = max(abs(a - b) for a, b in zip(r["losses"], base["losses"])) if r["losses"] else float("nan")
+        lines.append(
+            f"| {r['mode']} | {r['ms']:.2f} | {r['img_s']:,.0f} | {r['img_s'] / base['img_s']:.2f}x "
+            f"| {r['gpu_ms']:.2f} | {r['kernels']:.0f} | {r['first_pass_s']:.1f} ({r['graphs']}, "
+            f"{r['capture_s']:.1f}) | {r['peak_gib']:.1f} | {', '.join(f'{v:.4f}' for v in r['losses'])} "
+            f"(max diff {diff:.4f}) |"
+        )
+    for r in results:
+        if r["top"]:
+            lines += ["", f"### Top kernels, {r['mode']} step (ms per step, launches per step)", ""]
+            lines += ["| kernel | ms | launches |", "|---|---|---|"]
+            lines += [f"| `{n[:110]}` | {ms:.3f} | {c} |" for n, ms, c in r["top"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: the installed one)")
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=60, help="steps per pass")
+    p.add_argument("--total-steps", type=int, default=10_000, help="the run length the LR schedule assumes")
+    p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["eager", "graphed"])
+    p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--compare", type=int, default=5, help="first losses compared across modes")
+    p.add_argument("--rows", type=int, default=15, help="top kernels listed per mode")
+    p.add_argument("--out", default=None, help="append the Markdown report to this file")
+    args = p.parse_args()
+    if args.device.startswith("cuda"):  # as the trainer sets them
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    report = markdown([measure(args, m) for m in args.modes], args)
+    print(report)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""The training step's fused and graphed forms (avex.train.fused, avex.train.kernels, avex.train.step).
+
+On the CPU: the fused objective gives the eager objective's losses and gradients up to fp32 rounding; the
+attention backward kernel runs under Triton's interpreter; ``--fused-step`` / ``--cuda-graphs`` ``auto`` run the
+eager step with identical numbers; the options are resolved and refused as documented; the optimiser state is
+created without moving anything; the batch sampler's torch composition equals a NumPy rendering. The CUDA tests
+(``-k cuda``) compare bf16 kernels and the graphed step with the eager ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from train_kit import single_config
+
+from avex.data import FashionMNISTCanvas
+from avex.model import create_tore
+from avex.train import (
+    FusedObjective,
+    StepPlan,
+    TOREObjective,
+    TrainConfig,
+    make_optimizer,
+    plan_step,
+    resolve_config,
+    sample_glimpses,
+    train_classifier,
+)
+from avex.train.fused import fused_refusal
+from avex.train.step import init_optimizer_state
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(__file__).resolve().parents[1]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _model(img_size: int = 48, in_chans: int = 1, **kw: Any):
+    kw = dict(dict(depth=2, embed_dim=32, num_heads=2), **kw)
+    return create_tore(
+        "vit_tiny_patch16_224",
+        img_size=img_size,
+        patch_size=8,
+        in_chans=in_chans,
+        num_classes=10,
+        mean=(0.1,) * in_chans,
+        std=(0.25,) * in_chans,
+        **kw,
+    )
+
+
+def _batch(model, batch: int, T: int, seed: int = 1, device: str = "cpu"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h, c = model.img_size[0], model.in_chans
+    canvases = torch.randint(0, 256, (batch, h, h, c), dtype=torch.uint8, generator=gen, device=device)
+    labels = torch.randint(0, 10, (batch,), generator=gen, device=device)
+    rows, cols = sample_glimpses(model.geometry(2), batch, T, gen)
+    return canvases, labels, rows, cols
+
+
+def _loss_and_grads(objective, model, batch, K: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = objective(*batch, K)
+    out[0].backward()
+    return list(out), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused objective equals the eager one (CPU, fp32)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("img_size", "in_chans", "T", "recon", "kw"),
+    [
+        (48, 1, 3, 0.1, {}),  # the reconstruction term on: 3 of 9 tiles seen
+        (48, 1, 9, 0.1, {}),  # every patch seen: the term is 0, the decoder still gets (zero) gradients
+        (56, 1, 5, 0.1, {}),  # a grid the glimpse does not divide (shifted lattices)
+        (48, 3, 4, 0.1, {}),  # channels: both pixel orders
+        (48, 1, 2, 0.0, {}),  # no reconstruction term: no decoder gradient at all
+        (48, 1, 4, 0.1, dict(reg_tokens=2, no_embed_class=True)),  # registers, position embedding without prefix
+        (48, 1, 3, 0.1, dict(decoder_depth=2)),  # decoder blocks before the last query every row
+    ],
+)
+def test_fused_objective_equals_eager_on_cpu(img_size: int, in_chans: int, T: int, recon: float, kw: dict) -> None:
+    torch.manual_seed(0)
+    model = _model(img_size, in_chans, **kw)
+    geo = model.geometry(2)
+    batch = _batch(model, 6, T)
+    eager = TOREObjective(model, geo, recon, label_smoothing=0.1)
+    fused = FusedObjective(model, geo, recon, label_smoothing=0.1)
+    for K in range(model.depth + 1):
+        want, want_grads = _loss_and_grads(eager, model, batch, K)
+        got, got_grads = _loss_and_grads(fused, model, batch, K)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+        assert got_grads.keys() == want_grads.keys()  # the same parameters get gradients (zeros included)
+        for name, g in want_grads.items():
+            torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=f"K={K} {name}")
+    assert (want[2] > 0) == (recon > 0 and T < geo.num_patches // 4), "the term is on while a patch is unseen"
+
+
+def test_fused_refusal_names_what_it_does_not_cover() -> None:
+    assert fused_refusal(_model()) is None
+    assert "global_pool" in str(fused_refusal(_model(global_pool="avg")))
+    assert "layer scale" in str(fused_refusal(_model(init_values=1e-5)))
+    assert "layer scale, drop path" in str(fused_refusal(_model(drop_path_rate=0.1)))
+    with pytest.raises(ValueError, match="--fused-step off"):
+        FusedObjective(_model(init_values=1e-5), _model().geometry(2))
+
+
+# ------------------------------------------------------------------------------------------------
+# The attention backward kernel (Triton's interpreter)
+# ------------------------------------------------------------------------------------------------
+
+
+def _interpreted(code: str) -> str:
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton")
+def test_train_attention_kernel_gradients_under_interpreter() -> None:
+    """Output and gradient of the Triton path equal SDPA's (fp32), 1..64 tokens; longer rows and first_query > 0
+    take SDPA."""
+    pytest.importorskip("triton")
+    out = _interpreted("""
+        import torch
+        from avex.attention import reference_attention
+        from avex.train.kernels import short_kernel_applies, train_attention
+        gen = torch.Generator().manual_seed(0)
+        for s in (1, 5, 16, 17, 49, 64, 65):
+            qkv = torch.randn(3, s, 3 * 2 * 32, generator=gen, requires_grad=True)
+            ref_in = qkv.detach().clone().requires_grad_()
+            assert short_kernel_applies(qkv, 2) == (s <= 64)
+            got, want = train_attention(qkv, 2), reference_attention(ref_in, 2)
+            g = torch.randn(got.shape, generator=gen)
+            got.backward(g)
+            want.backward(g)
+            assert (got - want).abs().max() < 1e-5 and (qkv.grad - ref_in.grad).abs().max() < 1e-5, s
+        qkv = torch.randn(2, 9, 3 * 2 * 32, generator=gen)
+        rows = train_attention(qkv, 2, first_query=4)
+        assert rows.shape == (2, 5, 64) and (rows - reference_attention(qkv, 2)[:, 4:]).abs().max() < 1e-5
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+# ------------------------------------------------------------------------------------------------
+# The options: resolution, refusals, and the CPU falling back to the eager step
+# ------------------------------------------------------------------------------------------------
+
+
+def test_plan_step_resolves_auto() -> None:
+    model = _model()
+    cfg = resolve_config(TrainConfig())
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # planning reads the device type only
+    assert plan_step(cfg, model, 1, cpu) == StepPlan(False, False)
+    assert plan_step(cfg, model, 1, gpu) == StepPlan(True, True)
+    assert plan_step(cfg, model, 2, gpu) == StepPlan(True, False)  # DDP: the fused step, eagerly
+    assert plan_step(replace(cfg, compile=True), model, 1, gpu) == StepPlan(False, False)
+    assert plan_step(replace(cfg, cuda_graphs="off"), model, 1, gpu) == StepPlan(True, False)
+    assert plan_step(replace(cfg, fused_step="on"), model, 1, cpu) == StepPlan(True, False)
+    assert plan_step(cfg, _model(global_pool="avg"), 1, gpu) == StepPlan(False, False)  # auto: what it can
+
+
+@pytest.mark.parametrize(
+    ("change", "world", "device", "message"),
+    [
+        (dict(cuda_graphs="on"), 1, "cpu", "--cuda-graphs on: they need a CUDA device"),
+        (dict(cuda_graphs="on"), 2, "cuda", "--cuda-graphs on: they run one process"),
+        (dict(cuda_graphs="on", fused_step="off"), 1, "cuda", "the fused step, which is off"),
+        (dict(fused_step="on", global_pool="avg"), 1, "cuda", "--fused-step on: global_pool"),
+        (dict(fused_step="yes"), 1, "cpu", "--fused-step must be auto, on or off, got 'yes'"),
+    ],
+)
+def test_plan_step_refuses_on_where_it_cannot_run(change: dict, world: int, device: str, message: str) -> None:
+    change = dict(change)
+    model = _model(global_pool=change.pop("global_pool", "token"))
+    cfg = replace(resolve_config(TrainConfig()), **change)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        plan_step(cfg, model, world, torch.device(device))
+
+
+def test_capturable_optimizer_needs_cuda() -> None:
+    cfg = resolve_config(TrainConfig())
+    with pytest.raises(ValueError, match="capturable optimiser needs a CUDA device"):
+        make_optimizer(_model(), cfg, 10, torch.device("cpu"), capturable=True)
+
+
+def _losses(log: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+
+
+def test_cpu_options_run_the_eager_step_with_identical_numbers(fmnist_root: Path, tmp_path: Path) -> None:
+    """auto/auto (the defaults) and off/off are the same eager step on the CPU; the fused step (on) gives the same
+    losses to fp32 rounding."""
+    runs = {}
+    for name, fused, graphs in (("off", "off", "off"), ("auto", "auto", "auto"), ("fused", "on", "off")):
+        cfg = replace(single_config(fmnist_root, tmp_path / name / "ck"), fused_step=fused, cuda_graphs=graphs)
+        cfg = replace(cfg, log_every=1, eval_size=8)
+        summary = train_classifier(cfg)
+        runs[name] = (summary["step"], _losses(tmp_path / name / "log.jsonl"), summary["model"].state_dict())
+    assert runs["off"][0] == runs["auto"][0] == "eager" and runs["fused"][0] == "fused"
+    assert runs["auto"][1] == runs["off"][1] and len(runs["off"][1]) == cfg.steps
+    assert all(torch.equal(v, runs["off"][2][k]) for k, v in runs["auto"][2].items())
+    np.testing.assert_allclose(runs["fused"][1], runs["off"][1], rtol=1e-5)
+    for k, v in runs["fused"][2].items():
+        torch.testing.assert_close(v, runs["off"][2][k], rtol=1e-4, atol=1e-5)
+
+
+def test_init_optimizer_state_changes_nothing_but_creates_the_state() -> None:
+    torch.manual_seed(0)
+    model, twin = _model(), _model()
+    twin.load_state_dict(model.state_dict())
+    cfg = resolve_config(TrainConfig(lr=1e-2))
+    opt, _ = make_optimizer(model, cfg, 10, torch.device("cpu"))
+    twin_opt, _ = make_optimizer(twin, cfg, 10, torch.device("cpu"))
+    params = list(model.parameters())
+    init_optimizer_state(opt, params, grad_clip=1.0)
+    assert len(opt.state) == len(params) and all(p.grad is None for p in params)
+    assert all(torch.equal(p, q) for p, q in zip(params, twin.parameters()))
+    for model_, opt_ in ((model, opt), (twin, twin_opt)):  # one real update: the same on both
+        for p in model_.parameters():
+            p.grad = torch.full_like(p, 0.5)
+        opt_.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twin.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# The batch sampler: torch composition (the device path) equals a NumPy rendering of the same draws
+# ------------------------------------------------------------------------------------------------
+
+
+def _numpy_canvas(images: np.ndarray, src: FashionMNISTCanvas, lay: dict[str, np.ndarray], row: int) -> np.ndarray:
+    s, S, F = src.scale, src.item_size, src.fragment
+    canvas = np.zeros((src.canvas_size, src.canvas_size), np.uint8)
+    y, x = lay["item_yx"][row]
+    canvas[y : y + S, x : x + S] = np.kron(images[lay["index"][row]], np.ones((s, s), np.uint8))
+    for k in range(src.n_clutter):
+        item = np.kron(images[lay["clutter"][row, k]], np.ones((s, s), np.uint8))
+        (sy, sx), (dy, dx) = lay["src"][row, k], lay["dst"][row, k]
+        win = canvas[dy : dy + F, dx : dx + F]
+        np.maximum(win, item[sy : sy + F, sx : sx + F], out=win)
+    return canvas
+
+
+def test_random_batch_torch_composition_equals_numpy(fmnist_root: Path) -> None:
+    """random_batch (what the trainer runs on the device) equals a NumPy rendering of its own draws, row by row."""
+    src = FashionMNISTCanvas("train", root=fmnist_root, n_clutter=4)
+    canvases, labels = src.random_batch(24, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the same draws, in random_batch's order
+
+    def draw(lo: int, hi: int, *size: int) -> np.ndarray:
+        return torch.randint(lo, hi + 1, size, generator=gen).numpy()
+
+    n, N, B = src.n_clutter, len(src), 24
+    lay = dict(index=draw(0, N - 1, B), item_yx=draw(0, src.canvas_size - src.item_size, B, 2))
+    clutter = draw(0, N - 2, B, n)
+    lay["clutter"] = clutter + (clutter >= lay["index"][:, None])
+    lay["src"] = draw(src._src_lo, src._src_hi, B, n, 2)
+    lay["dst"] = draw(0, src.canvas_size - src.fragment, B, n, 2)
+    images = src.images.numpy()
+    for row in range(B):
+        np.testing.assert_array_equal(canvases[row, :, :, 0].numpy(), _numpy_canvas(images, src, lay, row))
+    assert labels.tolist() == src.labels[torch.from_numpy(lay["index"])].tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: bf16 kernels against the eager step, the graphed step against the fused one
+# ------------------------------------------------------------------------------------------------
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_train_attention_matches_sdpa_on_cuda(dtype: torch.dtype) -> None:
+    from avex.attention import reference_attention
+    from avex.train.kernels import train_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for s in (5, 17, 49, 64):
+        qkv = torch.randn(257, s, 3 * 3 * 64, generator=gen, device="cuda").to(dtype).requires_grad_()
+        ref_in = qkv.detach().float().requires_grad_()
+        got, want = train_attention(qkv, 3), reference_attention(ref_in, 3)
+        g = torch.randn(got.shape, generator=gen, device="cuda")
+        got.backward(g.to(dtype))
+        want.backward(g)
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(qkv.grad.float(), ref_in.grad, rtol=tol, atol=tol)
+
+
+@cuda
+def test_fused_bf16_objective_close_to_eager_autocast_on_cuda() -> None:
+    from avex.train.runtime import autocast
+
+    torch.manual_seed(0)
+    model = _model(112, depth=6, embed_dim=192, num_heads=3).cuda()
+    geo = model.geometry(2)
+    fused = FusedObjective(model, geo, 0.1, 0.1, dtype=torch.bfloat16)
+    eager = TOREObjective(model, geo, 0.1, 0.1)
+    for T, K in ((3, 0), (12, 3), (30, 6), (49, 2)):
+        batch = _batch(model, 64, T, device="cuda")
+        with autocast(torch.device("cuda"), True):
+            want, want_grads = _loss_and_grads(eager, model, batch, K)
+        got, got_grads = _loss_and_grads(fused, model, batch, K)
+        for a, b in zip(got[:3], want[:3]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+        flat = [torch.cat([g[n].flatten() for n in want_grads]) for g in (got_grads, want_grads)]
+        assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99, (T, K)
+
+
+@cuda
+def test_graphed_step_equals_fused_step_on_cuda() -> None:
+    """Four steps (a repeated (K, T) replays its graph) give the fused eager step's losses and weights."""
+    from avex.train.step import make_step
+
+    torch.manual_seed(0)
+    models = [_model(112, depth=6, embed_dim=192, num_heads=3).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = resolve_config(TrainConfig(lr=1e-3))
+    stats = []
+    for model, graphs in zip(models, (False, True)):
+        opt, sched = make_optimizer(model, cfg, 100, torch.device("cuda"), capturable=graphs)
+        objective = FusedObjective(model, model.geometry(2), 0.1, 0.1, dtype=torch.bfloat16)
+        step = make_step(StepPlan(True, graphs), objective, model, opt, True, 1.0)
+        out = []
+        for i, (K, T) in enumerate(((2, 5), (4, 20), (2, 5), (0, 49))):
+            out.append(step(_batch(model, 128, T, seed=i, device="cuda"), K))
+            sched.step()
+        stats.append(torch.stack(out))
+    torch.testing.assert_close(stats[1], stats[0], rtol=2e-3, atol=2e-3)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4)
