@@ -238,12 +238,14 @@ class FusedObjective(nn.Module):
             torch.add(affine.shift, pix, alpha=affine.scale_u8, out=x)
         else:
             torch.addcmul(self._col_shift, pix, self._col_scale, out=x)
-        d = model.embed_dim
+        d, n_pre = model.embed_dim, model.num_prefix
         x = F.linear(x, w["vit.patch_embed.proj.weight"].reshape(d, -1), w["vit.patch_embed.proj.bias"])
+        # The position rows are read from the fp32 table and then cast, as in the eager step: their gradient is
+        # summed over the batch by fp32 atomics (index_add, no host sync), not in bf16.
+        table = model._patch_pos_table()
+        pos = table.index_select(0, cells.reshape(-1)).view(b, n_seen, d).to(x.dtype)
+        tokens = (x + pos).view(b * t, n_seen // t, d)
         pos_all = w["vit.pos_embed"][0]
-        n_pre = model.num_prefix
-        table = pos_all if vit.no_embed_class else pos_all[n_pre:]
-        tokens = (x + F.embedding(cells, table)).view(b * t, n_seen // t, d)
         prefix = w["vit.cls_token"]
         if vit.reg_token is not None:
             prefix = torch.cat([prefix, w["vit.reg_token"]], dim=1)

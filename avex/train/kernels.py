@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from avex.attention import _check_qkv, _interpreted, _kernel_refusal, _launch, short_attention, triton
 
@@ -24,7 +25,11 @@ if triton is not None:
 
     from avex.attention import _dot
 
-__all__ = ["short_attention_backward", "short_kernel_applies", "train_attention"]
+__all__ = ["SDPA_BACKENDS", "short_attention_backward", "short_kernel_applies", "train_attention"]
+
+# SDPA's backends for the rows the kernel does not take, in this order: flash, then memory-efficient (fp32), then
+# math. cuDNN is left out: it is not known to be safe inside a CUDA graph capture.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 if triton is not None:
@@ -159,5 +164,6 @@ def train_attention(qkv: torch.Tensor, heads: int, first_query: int = 0) -> torc
         return _ShortAttention.apply(qkv, heads)
     b, s, hd = _check_qkv(qkv, heads, None)
     q, k, v = qkv.view(b, s, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q[:, :, first_query:], k, v)  # [B, H, S', Dh]
+    with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+        out = F.scaled_dot_product_attention(q[:, :, first_query:], k, v)  # [B, H, S', Dh]
     return out.transpose(1, 2).reshape(b, s - first_query, heads * hd)
