@@ -23,6 +23,7 @@ import argparse
 import datetime
 import gc
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -159,7 +160,15 @@ def main() -> None:
     if args.device.startswith("cuda"):  # as the trainer sets them
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    report = markdown([measure(args, m) for m in args.modes], args)
+    results = []
+    for mode in args.modes:
+        try:
+            results.append(measure(args, mode))
+        except Exception:  # report the modes that ran; the failure's traceback goes to the log
+            print(f"{mode}: failed\n{traceback.format_exc()}", flush=True)
+    if not results:
+        raise SystemExit("every mode failed")
+    report = markdown(results, args)
     print(report)
     if args.out:
         with open(args.out, "a") as f:
