@@ -85,6 +85,10 @@ def test_store_holds_the_decoded_pixels_and_the_unreadable_files(root, in_chans,
     assert not list((root / "val" / ".avex-store").glob(".*"))  # no temporary left behind
 
 
+def _np(x: Any) -> np.ndarray:
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def _draw(source: ImageFolderCanvas, seeds: range) -> tuple[Any, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -97,12 +101,27 @@ def test_seeded_draws_are_the_same_with_and_without_the_store(root):
     plain, stored = _sources(root)
     (a, a_warned), (b, b_warned) = _draw(plain, range(200)), _draw(stored, range(200))
     for x, y in zip(a, b):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
+        assert np.array_equal(_np(x), _np(y))
     assert a[3].sum() > 0 and a_warned == b_warned and len(a_warned) == 1  # the broken file, warned about once
     assert plain.bad_files == stored.bad_files and plain.skipped == stored.skipped > 0
     given = [0, 5, len(plain) - 1]  # indices given, as training and evaluation draw them
     rngs = [np.random.default_rng(0)] * 3
     assert torch.equal(plain.sample(rngs, given)[0], stored.sample(rngs, given)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("on_device", ["1", "0"])
+def test_cuda_canvases_from_the_store_on_the_device_or_the_host(root, monkeypatch, on_device):
+    monkeypatch.setenv("AVEX_STORE_ON_DEVICE", on_device)
+    prepare_folder(root, "val", SIZE, workers=1, progress=False)
+    plain, stored = _sources(root)
+    stored.to("cuda")
+    (a, _), (b, _) = _draw(plain, range(300)), _draw(stored, range(300))
+    assert b[0].is_cuda and b[1].is_cuda
+    for x, y in zip(a, b):
+        assert np.array_equal(_np(x), _np(y))
+    resident = stored.store._device[torch.device("cuda", torch.cuda.current_device())]
+    assert (resident is not None) == (on_device == "1")
 
 
 def _episodes(root: Path) -> list[Any]:

@@ -302,7 +302,8 @@ def _fits(nbytes: int, device: torch.device) -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     free, _ = torch.cuda.mem_get_info(device)
-    return nbytes <= _DEVICE_SHARE * free
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # free to torch, not to CUDA
+    return nbytes <= _DEVICE_SHARE * (free + cached)
 
 
 def _threads() -> int:

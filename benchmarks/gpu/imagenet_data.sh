@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One device-tool call (about 4 minutes on one H200 with 16 cores): AVE-ImageNet-v0 at ImageNet sizes, default settings.
+#   0. the CUDA tests of tests/test_store.py;
 #   1. a synthetic ImageNet-layout folder of $FILES real JPEGs of about 500x375 (benchmarks/make_jpeg_folder.py) in /tmp;
 #   2. env-steps/s WITHOUT a store (every reset decodes on the host): ViT-B/16 K=8, 1,024 envs, a short run;
 #   3. `avex data prepare` of the folder, timed;
@@ -75,6 +76,7 @@ elif what == "report":
 EOF
 
 export DTYPE DEVICE
+[ "$DEVICE" = cpu ] || cuda_tests tests/test_store.py  # the store on the GPU and through pinned memory
 rm -rf $ROOT
 timeout 100 python3 benchmarks/make_jpeg_folder.py --out $ROOT --files $FILES --workers $WORKERS | tee $R/folder.txt
 pack
