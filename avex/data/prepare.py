@@ -137,14 +137,15 @@ def _open_target(path: Path, shape: tuple[int, ...], max_pixels: int | None) -> 
 
 
 def _decode_chunk(load: Callable[[Path], np.ndarray], paths: Sequence[Path], start: int) -> list[tuple[int, str]]:
-    """Decode ``paths`` into rows ``start...`` of the output; returns (index, error) of those that fail."""
+    """Decode ``paths`` into rows ``start...`` of the output; returns (index, error) of those that fail.
+
+    No flush: the rows are in the page cache the file shares (an msync per chunk would wait for the disk)."""
     target, bad = _TARGET[0], []
     for offset, path in enumerate(paths):
         try:
             target[start + offset] = load(path)
         except Exception as err:  # PIL plugins raise many types on bad input; the folder source catches the same
             bad.append((start + offset, str(err)))
-    target.flush()
     return bad
 
 
