@@ -17,8 +17,9 @@ from PIL import Image
 import avex  # noqa: F401  (registers the env ids)
 import avex.data.store as store_mod
 from avex.cli import build_parser, main
-from avex.data import ImageFolderCanvas, ImageStore, get_dataset, prepare_folder
+from avex.data import ImageFolderCanvas, ImageStore, get_dataset, imagenet_canvas, prepare_folder
 from avex.data.folder import _load_image
+from avex.data.imagenet import imagenet_classes
 from avex.data.store import STORE_DIR_ENV
 from avex.train.config import TrainConfig, resolve_config
 from avex.train.data import load_train_data
@@ -183,6 +184,21 @@ def test_training_batches_are_the_same_with_and_without_the_store(root):
     assert get_dataset("folder").make_source(root=root, split="val", image_size=32).store is not None
     for x, y in zip(decoded, batches()):
         assert torch.equal(x, y)
+
+
+def test_imagenet_reads_the_folder_store_in_its_own_label_order(tmp_path):
+    wnids = imagenet_classes()[0]
+    for name in (wnids[500], wnids[7]):  # sorted folders: 7 then 500
+        for i in range(2):
+            _jpeg(tmp_path / "val" / name / f"{i}.JPEG", seed=i, size=(30, 20))
+    prepare_folder(tmp_path, "val", 16, workers=1, progress=False)
+    plain = imagenet_canvas(tmp_path, "val", 16, store=False)
+    source = imagenet_canvas(tmp_path, "val", 16)
+    assert source.store is not None and source.store.meta["targets"] == [0, 0, 1, 1]  # the folder's own order
+    rngs = [np.random.default_rng(0)] * 4
+    for x, y in zip(plain.sample(rngs, [0, 1, 2, 3]), source.sample(rngs, [0, 1, 2, 3])):
+        assert np.array_equal(_np(x), _np(y))
+    assert source.sample(rngs, [0, 1, 2, 3])[1].tolist() == [7, 7, 500, 500]  # timm's labels
 
 
 def test_a_changed_folder_makes_the_store_stale(root):
