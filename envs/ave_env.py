@@ -9,9 +9,15 @@ import numpy as np
 
 from envs.config import EnvConfig, check_options, check_seed
 from envs.engine import AVEEngine
+from envs.transfer import tree_to_host
 from envs.views import EngineViews, row_info
 
 __all__ = ["AVEEnv"]
+
+
+def _row(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The single env's observation: row 0 of the engine's batch."""
+    return {k: v[0] for k, v in obs.items()}
 
 
 class AVEEnv(EngineViews, gym.Env):
@@ -55,7 +61,9 @@ class AVEEnv(EngineViews, gym.Env):
     | `cls`     | `Box(-inf, inf, (D,), float32)`  | the aggregator's pooled CLS features                        |
     | `entropy` | `Box(0, inf, (gh, gw), float32)` | AME attention-entropy map from the decoder                  |
 
-    The entropy map is raw (seen patches are not zeroed), and all zeros if `entropy=False`.
+    The entropy map is raw (seen patches are not zeroed), and all zeros if `entropy=False`. `obs_keys`
+    keeps some keys only (the space too); a key left out is never computed: without `entropy` the decoder
+    never runs, without `canvas` no revealed canvas is composed or copied.
 
     ## Rewards
 
@@ -82,7 +90,8 @@ class AVEEnv(EngineViews, gym.Env):
 
     ``prediction`` (int), ``correct`` (bool), ``label`` (int), ``index`` (int, image of the split),
     ``step_flops`` / ``cumulative_flops`` (int, analytic FLOPs = 2 x multiply-accumulates of this step and
-    of the episode so far, decoder included iff ``entropy``; the reset info holds the empty pass's),
+    of the episode so far, decoder included iff the observation holds the entropy map, ``entropy=True`` and
+    ``"entropy"`` in ``obs_keys``; the reset info holds the empty pass's),
     ``glimpse_box`` (float32 ``(y0, x0, y1, x1)`` pixels, NaN at reset), ``action_mask`` (int8 ``[A]``),
     ``skipped_images`` (int, unreadable files passed over while drawing this episode's image), ``repeated``
     (bool, this step's discrete position was already taken this episode; False at reset and in continuous mode).
@@ -128,7 +137,11 @@ class AVEEnv(EngineViews, gym.Env):
     - `allow_repeats` (**bool**, default `False`): masks allow taken positions too (and `budget` up to the patches)
     - `strict` (**bool**, default `False`): refuse a masked action (a repeat) instead of taking and flagging it
     - `reward` (**str**, default `"dense"`): `"dense"` or `"sparse"`
-    - `entropy` (**bool**, default `True`): run the decoder for the entropy map
+    - `entropy` (**bool**, default `True`): the decoder may compute the entropy map, lazily: a step only marks
+      it stale and the decoder runs when the observation (or an agent) reads it; `False`: the map is zeros and a
+      model without a decoder is accepted
+    - `obs_keys` (**list of str**, default `None`: all six): the observation's keys, e.g. `["probs", "cls",
+      "entropy", "visited", "step"]` (what the PPO policy reads); unknown or repeated keys raise `ValueError`
     - `cache_images` (**bool**, default `False`): keep decoded images of a folder in memory
     - `render_mode` (**str**, default `None`): `"rgb_array"`
 
@@ -144,7 +157,8 @@ class AVEEnv(EngineViews, gym.Env):
     ``gym.make_vec(id, num_envs=N)`` builds :class:`envs.vector.AVEVectorEnv`: one batched model call
     for all N environments per step; same-step autoreset by default, next-step with
     ``autoreset_mode="next_step"`` (what Gymnasium's vector wrappers need); ``torch_obs=True`` returns every
-    per-env array as a tensor on the model's device.
+    per-env array as a tensor on the model's device. A step waits for the device once, for the one copy of
+    its NumPy outputs, and never with ``torch_obs`` (actions given as NumPy arrays).
 
     ## Version History
 
@@ -153,7 +167,9 @@ class AVEEnv(EngineViews, gym.Env):
       ``patch`` is registered as None, so a named timm model keeps its own patch (a dinov2: 14, where it
       was rebuilt at 16) while the defaults keep theirs; timm models TORE cannot wrap are refused by name
       before timm builds them; a folder root of split folders reads one split; the vector env gained
-      next-step autoreset and all-tensor ``torch_obs``.
+      next-step autoreset and all-tensor ``torch_obs``; the entropy map is computed only when read, and
+      ``obs_keys`` leaves keys out of the observation (never computed, FLOPs without the decoder when the
+      entropy map is left out).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
@@ -177,7 +193,8 @@ class AVEEnv(EngineViews, gym.Env):
             index = self.engine.check_index(index)  # before seeding: a bad option changes nothing
         super().reset(seed=check_seed(seed))  # numpy integers as ints; -1, 1.5, "1": ValueError, nothing changed
         self.engine.reset_rows([0], [self.np_random], [index])
-        return self._obs(), row_info(self.engine.infos(), 0)
+        out = tree_to_host(dict(obs=self.engine.observation(), info=self.engine.info()))  # one transfer
+        return _row(out["obs"]), row_info(out["info"], 0)
 
     def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         """One glimpse. Returns (obs, reward: float, terminated: bool, truncated: False, info)."""
@@ -187,10 +204,8 @@ class AVEEnv(EngineViews, gym.Env):
         elif a.shape == (3,):
             a = a[None]
         rewards, terminated = self.engine.step(a)
-        return self._obs(), float(rewards[0]), bool(terminated[0]), False, row_info(self.engine.infos(), 0)
-
-    def _obs(self) -> dict[str, np.ndarray]:
-        return {k: v[0] for k, v in self.engine.observe().items()}
+        out = tree_to_host(dict(obs=self.engine.observation(), reward=rewards, info=self.engine.info()))
+        return _row(out["obs"]), float(out["reward"][0]), bool(terminated[0]), False, row_info(out["info"], 0)
 
     def action_masks(self) -> np.ndarray:
         """bool [A]: True where a discrete action is allowed now (for sb3-contrib's MaskablePPO)."""

@@ -27,17 +27,20 @@ __all__ = [
     "ACTION_MODES",
     "MAX_IMAGE_SIDE",
     "MAX_PATCHES",
+    "OBS_KEYS",
     "POSITIONS",
     "EnvConfig",
     "check_flag",
     "check_grid",
     "check_int",
+    "check_obs_keys",
     "check_options",
     "check_seed",
 ]
 
 ACTION_MODES = ("discrete", "continuous")
 POSITIONS = ("overlapping", "grid")
+OBS_KEYS = ("canvas", "visited", "step", "probs", "cls", "entropy")  # the observation's keys, in its order
 # Size bounds, checked before anything is allocated. Every env holds its canvas (H x W x C bytes) and per
 # patch state (position tables, the visited map, the decoder's grid, whose attention grows with the square
 # of the patch count): 2048 px and a 128 x 128 patch grid are far above any ViT set-up and far below sizes
@@ -73,6 +76,22 @@ def check_options(options: Any, allowed: Sequence[str]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown reset option(s) {unknown}; allowed: {sorted(allowed)}")
     return dict(options)
+
+
+def check_obs_keys(value: Any) -> tuple[str, ...]:
+    """The observation keys to return, in :data:`OBS_KEYS`' order; ValueError for anything but a non-empty list
+    or tuple of distinct known keys (a bare string would read as its letters)."""
+    keys = list(value) if isinstance(value, (list, tuple)) else None
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise ValueError(
+            f"obs_keys must be a non-empty list of observation keys (of {list(OBS_KEYS)}) or None for all, "
+            f"got {brief(value)}"
+        )
+    unknown = [k for k in keys if k not in OBS_KEYS]
+    if unknown or len(set(keys)) != len(keys):
+        what = f"unknown key(s) {unknown}" if unknown else "a key twice"
+        raise ValueError(f"obs_keys has {what}: {brief(value)}; choose among {list(OBS_KEYS)}, each once")
+    return tuple(k for k in OBS_KEYS if k in keys)
 
 
 def check_grid(grid: tuple[int, int]) -> None:
@@ -138,7 +157,13 @@ class EnvConfig:
             is flagged in ``info["repeated"]``.
         reward: a registered reward (``envs.rewards.REWARDS``): "dense" (drop in the true class's
             cross-entropy per glimpse) or "sparse" (1 at the end if the final prediction is right).
-        entropy: run the decoder for AME's attention-entropy map (False: the "entropy" observation is zeros).
+        entropy: whether the env may run the decoder for AME's attention-entropy map (False: a model without a
+            decoder is accepted and the "entropy" observation is zeros). The map is computed lazily: a step only
+            marks it stale, and the decoder runs the first time something reads it (the observation's
+            "entropy" key, an agent reading ``engine.entropy``).
+        obs_keys: the observation's keys, a subset of :data:`OBS_KEYS` (None: all of them). A key left out is
+            never computed nor transferred: without "entropy" the decoder never runs for the observation,
+            without "canvas" no revealed canvas is composed. The observation space has exactly these keys.
     """
 
     dataset: str = "fashion-mnist"
@@ -164,6 +189,7 @@ class EnvConfig:
     strict: bool = False
     reward: str = "dense"
     entropy: bool = True
+    obs_keys: tuple[str, ...] | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EnvConfig:
@@ -212,6 +238,8 @@ class EnvConfig:
             check_int("patch", self.patch, 1, min(self.resolved_image_size), " (at most the canvas side)")
         for flag in ("pretrained", "allow_repeats", "strict", "entropy", "cache_images"):
             check_flag(flag, getattr(self, flag))
+        if self.obs_keys is not None:
+            object.__setattr__(self, "obs_keys", check_obs_keys(self.obs_keys))
         ratio = self.max_ratio
         if (
             isinstance(ratio, (bool, np.bool_))
@@ -231,6 +259,16 @@ class EnvConfig:
         if self.spec.needs_root and self.root is None:
             raise ValueError(f"dataset={self.dataset!r} needs root= ({self.spec.description or 'its data folder'})")
         _check_device(self.device)
+
+    @property
+    def observed(self) -> tuple[str, ...]:
+        """The observation's keys (:attr:`obs_keys`, or all of :data:`OBS_KEYS`)."""
+        return OBS_KEYS if self.obs_keys is None else self.obs_keys
+
+    @property
+    def observes_entropy(self) -> bool:
+        """Whether every observation holds a computed entropy map (so every step runs the decoder)."""
+        return self.entropy and "entropy" in self.observed
 
     @property
     def spec(self) -> DatasetSpec:

@@ -18,25 +18,38 @@ from typing import Any
 import numpy as np
 import torch
 
+from avex.cache import AggregatorOutput
 from avex.checkpoint import built_digest, weights_digest
 from avex.checks import brief
-from avex.geometry import GlimpseGeometry
 from envs.config import EnvConfig, check_int
-from envs.engine_setup import EngineSetup
+from envs.engine_outputs import EngineOutputs
 from envs.rewards import Belief
+from envs.transfer import to_device
 
 __all__ = ["AVEEngine"]
 
 
-def _visited(geometry: GlimpseGeometry, boxes: torch.Tensor) -> torch.Tensor:
-    """``geometry.visited_patches`` of a batch of torch boxes: bool [B, gh, gw] on their device."""
-    visited = geometry.visited_patches(boxes)
-    assert isinstance(visited, torch.Tensor), "visited_patches returns torch for torch boxes"
-    return visited
+def _covered(centres: tuple[torch.Tensor, torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+    """bool [B, gh, gw]: the cells whose centre lies inside each box (``GlimpseGeometry.visited_patches``' rule,
+    with the centres already on the device).
+
+    Args:
+        centres: float32 [gh] and [gw], the cells' centres in pixels.
+        boxes: float32 [B, 4] pixel boxes (y0, x0, y1, x1).
+    """
+    cy, cx = centres
+    inside_y = (cy[None, :] >= boxes[:, 0:1]) & (cy[None, :] < boxes[:, 2:3])  # [B, gh]
+    inside_x = (cx[None, :] >= boxes[:, 1:2]) & (cx[None, :] < boxes[:, 3:4])  # [B, gw]
+    return inside_y[:, :, None] & inside_x[:, None, :]
 
 
-class AVEEngine(EngineSetup):
+class AVEEngine(EngineOutputs):
     """B independent AVE episodes over one shared model, stepped together.
+
+    A step moves nothing to the host: rewards, predictions and the model's belief stay on the device, and
+    what the device needs of the host (the glimpse positions) goes in one non-blocking copy
+    (:mod:`envs.transfer`). The entropy map is computed lazily (:attr:`entropy`). What the environments
+    read off the engine, and the one transfer of it, is in :class:`envs.engine_outputs.EngineOutputs`.
 
     Args:
         config: the environment's arguments.
@@ -68,20 +81,57 @@ class AVEEngine(EngineSetup):
             self.logits = self._empty_logits.expand(B, -1).clone()  # the belief the next reward starts from
             self.probs = self._empty_probs.expand(B, -1).clone()
             self.cls = self._empty_cls.expand(B, -1).clone()
-            self.entropy = self._empty_entropy.expand(B, -1, -1).clone()
+            self.pred = torch.full((B,), self._empty_pred, dtype=torch.int64, device=dev)
+            self._entropy = self._empty_entropy.expand(B, -1, -1).clone()
+            self._arange = torch.arange(B, device=dev)
+        self._no_pending()
+        self._used_t = None  # a device copy of ``used``, made when device infos ask for it
+        self._rows_memo: tuple[np.ndarray, torch.Tensor] | None = None
         self.used = np.zeros((B, self.num_actions), dtype=bool)
         self.repeated = np.zeros(B, dtype=bool)  # the last glimpse took a position already taken this episode
         self.boxes = np.full((B, cfg.budget, 4), np.nan, dtype=np.float32)
-        self.labels_np = np.zeros(B, dtype=np.int64)
         self.index_np = np.zeros(B, dtype=np.int64)
-        self.pred_np = np.full(B, self._empty_pred, dtype=np.int64)
         self.skipped_np = np.zeros(B, dtype=np.int64)  # unreadable files passed over drawing this episode's image
         self.started = np.zeros(B, dtype=bool)
+
+    def _no_pending(self) -> None:
+        """No entropy map waits to be computed (see :attr:`entropy`)."""
+        self._pending: AggregatorOutput | None = None  # the step output the next map is computed from
+        self._cleared: list[slice | torch.Tensor] = []  # rows put back to their start since that step
 
     @property
     def steps(self) -> np.ndarray:
         """int64 [B] glimpses taken in each row's episode (the token cache's count)."""
         return self.cache.counts
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """float32 [B, gh, gw]: every row's AME entropy map (zeros with ``entropy=False``), on the device.
+
+        Computed on first read after a step, from that step's aggregator output (the decoder reads its
+        tokens and their coordinates, which stay as they are until the next step), and kept until the next
+        step; a step that nobody reads the map of never runs the decoder.
+        """
+        if self._pending is not None:
+            with torch.inference_mode():
+                entropy = self._entropy_map(self._pending)
+                for rows in self._cleared:  # reset since the step: the empty pass's map
+                    entropy[rows] = self._empty_entropy
+            self._entropy = entropy
+            self._no_pending()
+        return self._entropy
+
+    def device_rows(self, rows: np.ndarray) -> slice | torch.Tensor:
+        """Row indices as the device indexes with them: a slice for every row in order, else an int64 tensor
+        sent without blocking (the last one is kept: a step indexes the same rows several times)."""
+        if rows.size == self.batch_size and (rows == np.arange(rows.size)).all():
+            return slice(None)
+        memo = self._rows_memo
+        if memo is not None and np.array_equal(memo[0], rows):
+            return memo[1]
+        index = to_device({"rows": rows.astype(np.int64)}, self.device)["rows"]
+        self._rows_memo = (rows.copy(), index)
+        return index
 
     # ---------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -99,7 +149,8 @@ class AVEEngine(EngineSetup):
                 "pickle rebuilds the model from the environment's arguments; save the model with "
                 "avex.checkpoint.save_tore and make the environment with checkpoint=<that file>"
             )
-        state = {k: v for k, v in self.__dict__.items() if k not in _REBUILT}
+        self.entropy  # noqa: B018  # computes a pending map: the step output it comes from is not pickled
+        state = {k: v for k, v in self.__dict__.items() if k not in _REBUILT and k not in _TRANSIENT}
         state["_source_state"] = {
             k: getattr(self.source, k) for k in ("skipped", "bad_files") if hasattr(self.source, k)
         }
@@ -115,6 +166,8 @@ class AVEEngine(EngineSetup):
         source_state = state.pop("_source_state", {})
         digest = state.pop("_model_digest", None)
         self.__dict__.update(state)
+        self._no_pending()
+        self._used_t, self._rows_memo = None, None
         self._build()
         if digest is not None and weights_digest(self.model) != digest:
             raise ValueError(
@@ -156,14 +209,13 @@ class AVEEngine(EngineSetup):
             canvases, labels, used_idx, skipped = counting(list(rngs), indices)
         else:
             (canvases, labels, used_idx), skipped = self.source.sample(list(rngs), indices), 0
-        r = torch.as_tensor(rows, device=self.device)
+        r = self.device_rows(rows)
         self.hidden[r] = canvases.to(self.device)
         self.labels[r] = labels.to(self.device)
-        self.labels_np[rows] = labels.cpu().numpy()
         self.index_np[rows] = used_idx
         self.skipped_np[rows] = skipped
         self.started[rows] = True
-        self.clear_rows(rows)
+        self._clear(rows, r)
 
     @torch.inference_mode()
     def clear_rows(self, rows: np.ndarray) -> None:
@@ -172,19 +224,30 @@ class AVEEngine(EngineSetup):
         Args:
             rows: int [R] rows (their canvas, label and image index stay).
         """
-        r = torch.as_tensor(rows, device=self.device)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size:
+            self._clear(rows, self.device_rows(rows))
+
+    def _clear(self, rows: np.ndarray, r: slice | torch.Tensor) -> None:
+        """:meth:`clear_rows` with the rows' device index ``r`` (nothing waits for the device)."""
         self.seen[r] = False
         self.visited[r] = False
-        self.model.reset_cache(self.cache, rows)
-        n = len(rows)
-        self.probs[r] = self._empty_probs.expand(n, -1)
-        self.cls[r] = self._empty_cls.expand(n, -1)
-        self.entropy[r] = self._empty_entropy.expand(n, -1, -1)
-        self.logits[r] = self._empty_logits.expand(n, -1)
+        cache = self.cache
+        cache.counts[rows] = 0  # TOREViT.reset_cache, with the empty prefix computed once
+        cache.buf[r, : cache.num_prefix] = self._empty_prefix.to(cache.buf.dtype)
+        self.probs[r] = self._empty_probs
+        self.cls[r] = self._empty_cls
+        self.logits[r] = self._empty_logits
+        self.pred[r] = self._empty_pred
+        if self._pending is not None:
+            self._cleared.append(r)  # the map is not computed yet: these rows get the empty pass's when it is
+        else:
+            self._entropy[r] = self._empty_entropy
+        if self._used_t is not None:
+            self._used_t[r] = False
         self.used[rows] = False
         self.repeated[rows] = False
         self.boxes[rows] = np.nan
-        self.pred_np[rows] = self._empty_pred
 
     # -------------------------------------------------------------------- step
     def parse_actions(self, actions: Any, ignore: np.ndarray | None = None) -> np.ndarray:
@@ -256,120 +319,53 @@ class AVEEngine(EngineSetup):
         return f" (env {', '.join(map(str, rows[:10].tolist()))}{more})"
 
     @torch.inference_mode()
-    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray]:
-        """One glimpse in every row: cut, TORE step, reveal, reward.
+    def step(self, actions: Any) -> tuple[torch.Tensor, np.ndarray]:
+        """One glimpse in every row: cut, TORE step, reveal, reward; nothing waits for the device.
 
         Args:
             actions: see :meth:`parse_actions`. A rejected batch leaves every row unchanged.
 
         Returns:
-            rewards float32 [B] and terminated bool [B] (budget spent).
+            rewards float32 [B] on the model's device, and terminated bool [B] (budget spent) on the host.
         """
         a = self.parse_actions(actions)
-        cfg, geo, m = self.config, self.geometry, self.model
-        B, dev = self.batch_size, self.device
+        cfg, geo, m, B = self.config, self.geometry, self.model, self.batch_size
         t = self.steps.copy()  # glimpses before this one
-        if cfg.action_mode == "discrete":
-            rows_np, cols_np = geo.action_to_patch(a)
-            boxes_np = geo.boxes(rows_np, cols_np)
-            rows_t = torch.from_numpy(rows_np).to(dev)
-            cols_t = torch.from_numpy(cols_np).to(dev)
-            pixels = geo.cut(self.hidden, rows_t, cols_t)
-            coords = geo.glimpse_coords(rows_t, cols_t)
-            boxes = torch.from_numpy(boxes_np).to(dev)
+        terminated = t + 1 >= cfg.budget
+        discrete = cfg.action_mode == "discrete"
+        if discrete:
+            rows, cols = geo.action_to_patch(a)
+            boxes_np = geo.boxes(rows, cols)
+            sent = to_device(dict(rows=rows, cols=cols, boxes=boxes_np, final=terminated, actions=a), self.device)
+            pixels = geo.cut(self.hidden, sent["rows"], sent["cols"])
+            coords = geo.glimpse_coords(sent["rows"], sent["cols"])
         else:
-            boxes = geo.continuous_boxes(torch.from_numpy(a).to(dev))
-            pixels = geo.cut_continuous(self.hidden, boxes) / 255.0  # the model reads floats as [0, 1]
-            coords = geo.continuous_coords(boxes)
-            boxes_np = boxes.cpu().numpy()
+            # Boxes on the host (the geometry checks the actions' values there), then sent with the rest.
+            boxes_np = geo.continuous_boxes(torch.from_numpy(a)).numpy()
+            sent = to_device(dict(boxes=boxes_np, final=terminated), self.device)
+            pixels = geo.cut_continuous(self.hidden, sent["boxes"]) / 255.0  # the model reads floats as [0, 1]
+            coords = geo.continuous_coords(sent["boxes"])
+        self._no_pending()  # the last step's map, if nobody read it, is never needed
         out = m.step(self.cache, pixels, coords)
-        self.seen |= _visited(self._pixels, boxes)
-        self.visited |= _visited(geo, boxes)
+        self.seen |= _covered(self._pixel_centres, sent["boxes"])
+        self.visited |= _covered(self._patch_centres, sent["boxes"])
         logits = out.logits.float()
         self.probs = logits.softmax(-1)
         self.cls = out.features.float()
         if cfg.entropy:
-            self.entropy = self._entropy_map(out)
-        pred = logits.argmax(-1)
-        terminated = self.steps >= cfg.budget
-        final = torch.from_numpy(terminated).to(dev)
+            self._pending = out  # the entropy map, when something reads it
+        self.pred = logits.argmax(-1)
+        final = sent["final"]
         before = Belief(self.logits, self.labels, torch.zeros_like(final))
-        rewards = self.reward_fn(before, Belief(logits, self.labels, final))
+        rewards = self.reward_fn(before, Belief(logits, self.labels, final)).float()
         self.logits = logits
-        # One host transfer for what the infos need.
-        host = torch.cat([rewards.float()[:, None], pred.float()[:, None]], dim=1).cpu().numpy()
-        self.pred_np = host[:, 1].astype(np.int64)
-        if cfg.action_mode == "discrete":
+        if discrete:
             self.repeated = self.used[np.arange(B), a]  # a fresh array: infos hold no view of it
             self.used[np.arange(B), a] = True
+            if self._used_t is not None:
+                self._used_t[self._arange, sent["actions"]] = True
         self.boxes[np.arange(B), t] = boxes_np
-        return host[:, 0].astype(np.float32), terminated
-
-    # --------------------------------------------------------------- outputs
-    def action_masks(self) -> np.ndarray:
-        """bool [B, A]: False at positions taken this episode (advice, or a refusal with ``strict``); all True in
-        continuous mode or with ``allow_repeats``."""
-        if self.config.action_mode == "continuous" or self.config.allow_repeats:
-            return np.ones((self.batch_size, self.num_actions), dtype=bool)
-        return ~self.used
-
-    @torch.inference_mode()
-    def observe(self, rows: np.ndarray | None = None, as_torch: bool = False) -> dict[str, Any]:
-        """Observations of some rows (None: all), fresh copies.
-
-        Returns:
-            {"canvas": uint8 [R, H, W, C] revealed pixels (unseen = 0), "visited": uint8 [R, gh, gw],
-            "step": int64 [R, 1], "probs": float32 [R, classes], "cls": float32 [R, D],
-            "entropy": float32 [R, gh, gw]}; numpy arrays, or tensors on the model's device if ``as_torch``.
-        """
-        idx = slice(None) if rows is None else torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
-        steps = self.steps if rows is None else self.steps[np.asarray(rows, dtype=np.int64)]
-        obs = {
-            "canvas": self.hidden[idx] * self.seen[idx].unsqueeze(-1),
-            "visited": self.visited[idx].to(torch.uint8),
-            "step": torch.from_numpy(steps.astype(np.int64)[:, None]).to(self.device),
-            "probs": self.probs[idx].clone(),
-            "cls": self.cls[idx].clone(),
-            "entropy": self.entropy[idx].float().clone(),
-        }
-        if as_torch:
-            return obs
-        return {k: v.cpu().numpy() for k, v in obs.items()}
-
-    def infos(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Batched info of some rows (None: all); see the environment's docstring for the keys."""
-        idx = np.arange(self.batch_size) if rows is None else np.asarray(rows, dtype=np.int64)
-        t = self.steps[idx]
-        box = self.boxes[idx, np.maximum(t - 1, 0)]
-        box[t == 0] = np.nan  # no glimpse yet
-        pred = self.pred_np[idx]
-        label = self.labels_np[idx]
-        return {
-            "prediction": pred.copy(),
-            "correct": pred == label,
-            "label": label.copy(),
-            "index": self.index_np[idx].copy(),
-            "step_flops": self.flops_per_step[t],
-            "cumulative_flops": self.flops_cumulative[t],
-            "glimpse_box": box,
-            "action_mask": self.action_masks()[idx].astype(np.int8),
-            "skipped_images": self.skipped_np[idx].copy(),
-            "repeated": self.repeated[idx],
-        }
-
-    def frame(self, row: int = 0) -> np.ndarray:
-        """An RGB picture of one row's episode: uint8 [H', W', 3] (see :func:`envs.render.render_frame`)."""
-        from envs.render import render_frame  # drawing code only when asked for
-
-        t = int(self.steps[row])
-        return render_frame(
-            hidden=self.hidden[row].cpu().numpy(),
-            seen=self.seen[row].cpu().numpy(),
-            boxes=self.boxes[row, :t],
-            probs=self.probs[row].float().cpu().numpy(),
-            class_names=self.class_names,
-            label=int(self.labels_np[row]) if self.started[row] else None,
-        )
+        return rewards, terminated
 
 
 _REBUILT = frozenset(
@@ -392,5 +388,10 @@ _REBUILT = frozenset(
         "_empty_cls",
         "_empty_entropy",
         "_empty_pred",
+        "_empty_prefix",
+        "_patch_centres",
+        "_pixel_centres",
     }
 )
+# Per-step helpers, remade empty on unpickling: a pending map (computed before pickling), caches of device copies.
+_TRANSIENT = frozenset({"_pending", "_cleared", "_used_t", "_rows_memo"})

@@ -8,7 +8,7 @@ image-independent empty pass; all of it is rebuilt from the config on unpickling
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,8 +58,9 @@ class EngineSetup:
         self.reward_fn = REWARDS.get(cfg.reward)
         G = self.geometry.tokens_per_glimpse
         flops = [
-            step_flops(ViTDims.of(m), t, G, self.K, decoder=cfg.entropy, recon=False) for t in range(cfg.budget + 1)
-        ]  # what step() runs
+            step_flops(ViTDims.of(m), t, G, self.K, decoder=cfg.observes_entropy, recon=False)
+            for t in range(cfg.budget + 1)
+        ]  # what a step and its observation run
         self.flops_per_step = np.asarray(flops, dtype=np.int64)  # [budget + 1], index t = glimpses after the step
         self.flops_cumulative = np.cumsum(self.flops_per_step)
         self.observation_space = self._observation_space()
@@ -77,6 +78,12 @@ class EngineSetup:
             self._empty_cls = out.features.float()
             self._empty_entropy = self._entropy_map(out) if cfg.entropy else torch.zeros(1, *m.grid, device=self.device)
             self._empty_pred = int(self._empty_logits.argmax(-1).item())
+            # What a reset writes into a cache row, computed once (TOREViT.reset_cache recomputes it per call).
+            self._empty_prefix = m.empty_prefix(self.K)  # [1, P, D]
+        # Patch and pixel centres (GlimpseGeometry.visited_patches' rule) on the device once: a step reads them
+        # without a host-to-device copy.
+        self._patch_centres = _centres(self.geometry, self.device)
+        self._pixel_centres = _centres(self._pixels, self.device)
 
     def _check_budget(self) -> None:
         """Bound the budget by the geometry before anything sized by it (token cache, FLOP tables) exists."""
@@ -100,18 +107,18 @@ class EngineSetup:
             )
 
     def _observation_space(self) -> spaces.Dict:
+        """The Dict space of one row's observation: the keys of ``config.obs_keys``."""
         h, w, c = self.source.canvas_shape
         gh, gw = self.geometry.grid
-        return spaces.Dict(
-            {
-                "canvas": spaces.Box(0, 255, (h, w, c), np.uint8),
-                "visited": spaces.Box(0, 1, (gh, gw), np.uint8),
-                "step": spaces.Box(0, self.config.budget, (1,), np.int64),
-                "probs": spaces.Box(0.0, 1.0, (self.model.num_classes,), np.float32),
-                "cls": spaces.Box(-np.inf, np.inf, (self.model.embed_dim,), np.float32),
-                "entropy": spaces.Box(0.0, self._entropy_bound(), (gh, gw), np.float32),
-            }
-        )
+        every: dict[str, spaces.Space[Any]] = {
+            "canvas": spaces.Box(0, 255, (h, w, c), np.uint8),
+            "visited": spaces.Box(0, 1, (gh, gw), np.uint8),
+            "step": spaces.Box(0, self.config.budget, (1,), np.int64),
+            "probs": spaces.Box(0.0, 1.0, (self.model.num_classes,), np.float32),
+            "cls": spaces.Box(-np.inf, np.inf, (self.model.embed_dim,), np.float32),
+            "entropy": spaces.Box(0.0, self._entropy_bound(), (gh, gw), np.float32),
+        }
+        return spaces.Dict({k: every[k] for k in self.config.observed})
 
     def _entropy_bound(self) -> float:
         """Largest possible entropy value: per head at most log2 of the number of keys (bits)."""
@@ -122,8 +129,18 @@ class EngineSetup:
         heads = cast(int, dec.blocks[-1].heads)  # a plain int attribute; nn.Module types it Tensor | Module
         return float(heads * math.log2(keys))
 
-    def _entropy_map(self, out: AggregatorOutput) -> torch.Tensor:
+    def _entropy_map(self, out: AggregatorOutput) -> torch.Tensor:  # tests count its calls
         """The decoder's AME entropy map, float [B, gh, gw] (the env never reads the reconstruction)."""
         _, entropy = self.model.decode(out, recon=False)
         assert entropy is not None, "decode(entropy=True) returns the entropy map"
         return entropy
+
+
+def _centres(geometry: GlimpseGeometry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [gh] and [gw]: the pixel centres of a geometry's patch rows and columns, on ``device`` (the values
+    :meth:`GlimpseGeometry.visited_patches` compares a box with)."""
+    gh, gw = geometry.grid
+    return (
+        ((torch.arange(gh) + 0.5) * geometry.patch).to(device),
+        ((torch.arange(gw) + 0.5) * geometry.patch).to(device),
+    )

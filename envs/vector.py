@@ -26,21 +26,58 @@ from gymnasium.vector.utils import batch_space
 from avex.checks import brief
 from envs.config import EnvConfig, check_flag, check_int, check_options, check_seed
 from envs.engine import AVEEngine
+from envs.transfer import tree_to_device, tree_to_host
 from envs.views import EngineViews
 
 __all__ = ["AVEVectorEnv"]
 
 
-def _masked_infos(rows_info: dict[str, np.ndarray], rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
-    """Spread the infos of some rows over all n envs: each key gets an [n, ...] array and a ``_key`` mask."""
-    out: dict[str, np.ndarray] = {}
+def _masked_infos(
+    rows_info: dict[str, Any], rows: np.ndarray | None, n: int, index: slice | torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Spread the infos of some rows over all n envs: each key gets an [n, ...] array (zeros elsewhere) and a
+    ``_key`` mask.
+
+    Args:
+        rows_info: raw infos (NumPy arrays and device tensors) of the rows, in their order.
+        rows: int [R] ascending rows, or None for all n envs (nothing to spread).
+        index: the rows' device index (:meth:`AVEEngine.device_rows`), for the tensors.
+    """
+    out: dict[str, Any] = {}
     mask = np.zeros(n, dtype=bool)
-    mask[rows] = True
+    mask[slice(None) if rows is None else rows] = True
+    every = rows is None or rows.size == n
     for key, value in rows_info.items():
-        full = np.zeros((n, *value.shape[1:]), dtype=value.dtype)
-        full[rows] = value
+        if every:
+            full = value
+        elif isinstance(value, torch.Tensor):
+            assert index is not None, "a tensor is spread with the rows' device index"
+            full = value.new_zeros((n, *value.shape[1:]))
+            full[index] = value
+        else:
+            full = np.zeros((n, *value.shape[1:]), dtype=value.dtype)
+            full[rows] = value
         out[key] = full
         out[f"_{key}"] = mask.copy()
+    return out
+
+
+def _take_rows(values: dict[str, Any], rows: np.ndarray, index: slice | torch.Tensor) -> dict[str, Any]:
+    """Some rows of raw values (NumPy arrays and device tensors): fresh copies, or the values for every row."""
+    return {k: v[index] if isinstance(v, torch.Tensor) else v[rows] for k, v in values.items()}
+
+
+def _put_rows(
+    values: dict[str, Any], fresh: dict[str, Any], rows: np.ndarray, index: slice | torch.Tensor
+) -> dict[str, Any]:
+    """Copies of raw values with some rows replaced by ``fresh`` (``values`` is not changed)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(index, slice):  # every row
+            out[k] = fresh[k]
+            continue
+        out[k] = v.clone() if isinstance(v, torch.Tensor) else v.copy()
+        out[k][index if isinstance(v, torch.Tensor) else rows] = fresh[k]
     return out
 
 
@@ -196,11 +233,15 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         self._pending[rows] = False
         if isinstance(seed, (int, np.integer)):
             super().reset(seed=seeds[0])
-        return self._observe(), self._tensors(_masked_infos(self.engine.infos(rows), rows, self.num_envs))
+        out = self._convert(dict(obs=self.engine.observation(), infos=self._infos(rows)))
+        return out["obs"], out["infos"]
 
     # ------------------------------------------------------------------- step
     def step(self, actions: Any) -> tuple[dict[str, Any], Any, Any, Any, dict[str, Any]]:
         """One glimpse in every env (one model call); ended episodes restart as :attr:`autoreset_mode` says.
+
+        The step waits for the device once, for the one copy of its NumPy outputs; with ``torch_obs`` never
+        (pass the actions as NumPy: a device tensor of actions is copied to the host, where they are checked).
 
         Returns:
             observations, rewards float64 [N], terminated bool [N], truncated bool [N], infos (NumPy arrays, or
@@ -209,18 +250,32 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         if isinstance(actions, torch.Tensor):
             actions = actions.detach().cpu().numpy()
         if self.autoreset_mode is AutoresetMode.NEXT_STEP:
-            obs, rewards, terminated, truncated, infos = self._step_next(actions)
+            raw = self._step_next(actions)
         else:
-            obs, rewards, terminated, truncated, infos = self._step_same(actions)
-        flags = self._tensors({"r": rewards.astype(np.float64), "term": terminated, "trunc": truncated})
-        return obs, flags["r"], flags["term"], flags["trunc"], self._tensors(infos)
+            raw = self._step_same(actions)
+        out = self._convert(raw)
+        infos = out["infos"]
+        if "final_obs" in infos and not self.torch_obs:
+            # Gymnasium's convention: an object array of per-env observations (NumPy views: cheap).
+            done = np.flatnonzero(infos["_final_obs"])
+            final_obs = np.full(self.num_envs, None, dtype=object)
+            for j, i in enumerate(done):
+                final_obs[i] = {k: v[j] for k, v in infos["final_obs"].items()}
+            infos["final_obs"] = final_obs
+        return out["obs"], out["reward"], out["terminated"], out["truncated"], infos
 
     def _truncated(self, terminated: np.ndarray) -> np.ndarray:
         steps = self.engine.steps
         limit = self.max_episode_steps
         return (steps >= limit) & ~terminated if limit else np.zeros_like(terminated)
 
-    def _step_next(self, actions: Any) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    def _infos(self, rows: np.ndarray | None = None) -> dict[str, Any]:
+        """The raw infos of some rows (None: all), spread over every env with ``_key`` masks."""
+        raw = self.engine.info(rows, device_masks=self.torch_obs)
+        index = None if rows is None else self.engine.device_rows(rows)
+        return _masked_infos(raw, rows, self.num_envs, index)
+
+    def _step_next(self, actions: Any) -> dict[str, Any]:
         """Next-step autoreset: envs that ended last step start their next episode and ignore their action."""
         pending = np.flatnonzero(self._pending)
         a = self.engine.parse_actions(actions, ignore=self._pending)  # refused here: nothing has changed
@@ -229,64 +284,45 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         # One batched call for every row: the restarted rows take a placeholder glimpse that is undone below,
         # which costs less than splitting the batch.
         rewards, terminated = self.engine.step(a)
+        rewards = rewards.double()
         if pending.size:
             self.engine.clear_rows(pending)
-            rewards[pending] = 0.0
+            rewards[self.engine.device_rows(pending)] = 0.0
             terminated[pending] = False
         truncated = self._truncated(terminated)
         self._pending = terminated | truncated
-        infos = _masked_infos(self.engine.infos(), np.arange(self.num_envs), self.num_envs)
-        return self._observe(), rewards, terminated, truncated, infos
+        obs = self.engine.observation()
+        return dict(obs=obs, reward=rewards, terminated=terminated, truncated=truncated, infos=self._infos())
 
-    def _step_same(self, actions: Any) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    def _step_same(self, actions: Any) -> dict[str, Any]:
         """Same-step autoreset: ended envs restart at once; their last observation and info go in the infos."""
-        rewards, terminated = self.engine.step(actions)
+        eng = self.engine
+        rewards, terminated = eng.step(actions)
         truncated = self._truncated(terminated)
-        obs = self._observe()
-        infos: dict[str, Any] = _masked_infos(self.engine.infos(), np.arange(self.num_envs), self.num_envs)
+        obs = eng.observation()
+        infos = self._infos()
+        raw = dict(obs=obs, reward=rewards.double(), terminated=terminated, truncated=truncated, infos=infos)
         done = np.flatnonzero(terminated | truncated)
-        if done.size:
-            final_obs: dict[str, Any] | np.ndarray
-            if self.torch_obs:  # batched tensors (rows in _final_obs): a per-env dict is slow at many thousand envs
-                final_obs = dict(obs)  # obs entries are replaced (not written into) below
-            else:  # gymnasium's convention: an object array of per-env observations (numpy views: cheap)
-                final_obs = np.full(self.num_envs, None, dtype=object)
-                for i in done:
-                    final_obs[i] = {k: v[i] for k, v in obs.items()}
-            mask = np.zeros(self.num_envs, dtype=bool)
-            mask[done] = True
-            infos["final_obs"], infos["_final_obs"] = final_obs, mask
-            infos["final_info"] = _masked_infos(self.engine.infos(done), done, self.num_envs)
-            infos["_final_info"] = mask.copy()
-            self.engine.reset_rows(done, [self._rng(i) for i in done])
-            fresh = self._observe(done)
-            for k in obs:
-                if self.torch_obs:
-                    obs[k] = obs[k].clone()
-                    obs[k][torch.as_tensor(done, device=obs[k].device)] = fresh[k]
-                else:
-                    obs[k] = obs[k].copy()
-                    obs[k][done] = fresh[k]
-            for k, v in self.engine.infos(done).items():
-                infos[k][done] = v
-        return obs, rewards, terminated, truncated, infos
+        if not done.size:
+            return raw
+        index = eng.device_rows(done)
+        # The ending rows' last observation: batched, every row, with torch_obs (a per-env dict is slow at many
+        # thousand envs); else only the ending rows, made per-env dicts after the transfer.
+        final_obs = obs if self.torch_obs else _take_rows(obs, done, index)
+        values = {k: v for k, v in infos.items() if not k.startswith("_")}
+        final_info = _masked_infos(_take_rows(values, done, index), done, self.num_envs, index)
+        eng.reset_rows(done, [self._rng(i) for i in done])
+        raw["obs"] = _put_rows(obs, eng.observation(done), done, index)
+        infos.update(_put_rows(values, eng.info(done, device_masks=self.torch_obs), done, index))
+        mask = np.zeros(self.num_envs, dtype=bool)
+        mask[done] = True
+        infos.update(final_obs=final_obs, _final_obs=mask, final_info=final_info, _final_info=mask.copy())
+        return raw
 
-    def _tensors(self, tree: dict[str, Any]) -> dict[str, Any]:
-        """With ``torch_obs``, every NumPy array of ``tree`` (nested dicts too) as a tensor on the model's device."""
-        if not self.torch_obs:
-            return tree
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out[key] = self._tensors(value)
-            elif isinstance(value, np.ndarray) and value.dtype != object:
-                out[key] = torch.from_numpy(value).to(self.engine.device)
-            else:
-                out[key] = value
-        return out
-
-    def _observe(self, rows: np.ndarray | None = None) -> dict[str, Any]:
-        return self.engine.observe(rows, as_torch=self.torch_obs)
+    def _convert(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Raw outputs in one transfer: every array a tensor on the model's device with ``torch_obs``, else every
+        tensor a NumPy array."""
+        return tree_to_device(raw, self.engine.device) if self.torch_obs else tree_to_host(raw)
 
     # ---------------------------------------------------------------- extras
     def action_masks(self) -> np.ndarray:
