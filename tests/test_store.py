@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import namedtuple
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from avex.train.config import TrainConfig, resolve_config
 from avex.train.data import load_train_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DiskUsage = namedtuple("DiskUsage", "total used free")
 
 SIZE = (12, 16)  # (H, W): not square, so a swapped side would show
 TINY: dict[str, Any] = dict(
@@ -250,6 +252,17 @@ def test_bad_arguments_are_refused(root):
         ImageFolderCanvas(root, SIZE, split="val", store=3)  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match="no image store"):
         ImageFolderCanvas(root, SIZE, split="val", store=root)
+
+
+def test_no_room_for_the_store_is_refused_before_decoding(root, monkeypatch, capsys):
+    import avex.data.prepare as prepare_mod
+
+    monkeypatch.setattr(prepare_mod.shutil, "disk_usage", lambda _: DiskUsage(total=1, used=1, free=0))
+    with pytest.raises(ValueError, match=f"needs .* GB .* free: pass --out DIR or set {STORE_DIR_ENV}"):
+        prepare_folder(root, "val", SIZE, workers=1, progress=False)
+    assert not any((root / "val" / ".avex-store").iterdir())  # nothing half-written
+    assert main(["data", "prepare", str(root), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("avex data prepare: error: the store needs")
 
 
 def test_cli_prepares_every_split_and_refuses_a_missing_root(root, tmp_path, capsys):

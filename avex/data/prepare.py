@@ -90,22 +90,7 @@ def write_store(
     shape = (len(files), *image_size, channels)
     fingerprint = folder_fingerprint(folder, files)  # before decoding: a file changed meanwhile makes it stale
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        free, need = shutil.disk_usage(tmp).free, int(np.prod(shape))
-        if free < need:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ValueError(
-                f"the store needs {need / 1e9:.1f} GB and {dest.parent} has {free / 1e9:.1f} GB free: pass --out DIR "
-                f"or set {STORE_DIR_ENV} to a folder with room"
-            )
-        with open(tmp / IMAGES, "wb") as f:
-            f.truncate(need)
-    except OSError as err:
-        raise ValueError(
-            f"cannot write an image store in {dest.parent} ({err.strerror or err}): pass --out DIR or set "
-            f"{STORE_DIR_ENV} to a writable folder"
-        ) from err
+    _allocate(tmp, int(np.prod(shape)))
     try:
         bad = _decode_all(load, files, tmp / IMAGES, shape, workers, progress)
         meta = dict(
@@ -128,6 +113,30 @@ def write_store(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _allocate(tmp: Path, nbytes: int) -> None:
+    """A new folder ``tmp`` holding a zero-filled (sparse) rows file of ``nbytes``.
+
+    Raises:
+        ValueError: the folder cannot be written, or its disk has less than ``nbytes`` free.
+    """
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(tmp).free
+        if free < nbytes:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ValueError(
+                f"the store needs {nbytes / 1e9:.1f} GB and {tmp.parent} has {free / 1e9:.1f} GB free: pass --out DIR "
+                f"or set {STORE_DIR_ENV} to a folder with room"
+            )
+        with open(tmp / IMAGES, "wb") as f:
+            f.truncate(nbytes)
+    except OSError as err:
+        raise ValueError(
+            f"cannot write an image store in {tmp.parent} ({err.strerror or err}): pass --out DIR or set "
+            f"{STORE_DIR_ENV} to a writable folder"
+        ) from err
 
 
 def _open_target(path: Path, shape: tuple[int, ...], max_pixels: int | None) -> None:
