@@ -149,7 +149,7 @@ class AVEEngine(EngineOutputs):
                 "pickle rebuilds the model from the environment's arguments; save the model with "
                 "avex.checkpoint.save_tore and make the environment with checkpoint=<that file>"
             )
-        self.entropy  # noqa: B018  # computes a pending map: the step output it comes from is not pickled
+        _ = self.entropy  # computes a pending map: the step output it comes from is not pickled
         state = {k: v for k, v in self.__dict__.items() if k not in _REBUILT and k not in _TRANSIENT}
         state["_source_state"] = {
             k: getattr(self.source, k) for k in ("skipped", "bad_files") if hasattr(self.source, k)

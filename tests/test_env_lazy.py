@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-import avex  # noqa: F401  # registers the ids
 from envs.ave_env import AVEEnv
 from envs.config import OBS_KEYS
 from envs.engine import AVEEngine
@@ -55,7 +54,7 @@ def make_eager(engine: AVEEngine) -> None:
 
     def eager(actions: Any) -> Any:
         out = step(actions)
-        engine.entropy  # noqa: B018
+        _ = engine.entropy
         return out
 
     engine.step = eager  # type: ignore[method-assign]
@@ -133,7 +132,7 @@ def test_map_not_computed_unless_read(kw: dict[str, Any]) -> None:
         obs, *_ = venv.step(np.array([t, t + 20, t + 40]))
     assert calls == [] and set(obs) == {"canvas", "probs", "step"}
     entropy = venv.engine.entropy  # something reads it after all: computed now, once
-    venv.engine.entropy  # noqa: B018
+    _ = venv.engine.entropy
     assert calls == [3]
     # Every row restarted after the step's output was made: the map is the empty pass's.
     torch.testing.assert_close(entropy, venv.engine._empty_entropy.expand(3, -1, -1), rtol=0, atol=0)
@@ -277,7 +276,7 @@ def test_vector_step_synchronises_only_for_its_outputs_on_cuda(kw: dict[str, Any
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             continue
-        count, _ = _syncs(lambda: venv.step(action))  # noqa: B023  # called at once
+        count, _ = _syncs(lambda a=action: venv.step(a))
         assert count == own + (source_syncs if restarts else 0), (t, count, source_syncs)
 
 
