@@ -317,7 +317,7 @@ class ImageFolderCanvas(CanvasSource):
         if self._store is not None:
             canvases = self._store.take(used, self.device)
         else:
-            canvases = torch.from_numpy(np.stack([img for img, _, _ in rows if img is not None])).to(self.device)
+            canvases = to_device(np.stack([img for img, _, _ in rows if img is not None]), self.device)
         labels = to_device(self.targets[used], self.device)
         return canvases, labels, used, np.array([n for _, _, n in rows], dtype=np.int64)
 
