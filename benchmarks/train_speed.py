@@ -7,8 +7,9 @@ from the same seed, so every mode draws the same K, T, canvases and glimpses at 
    keeps their losses, to compare the first losses across modes;
 2. runs the same step indices again (same K and T, every graph already captured) and times them: the
    steady-state time per step and images/s;
-3. profiles ``--profile-steps`` of them with torch.profiler: how long the GPU's kernels take per step (their
-   summed durations), how many there are, and the kernels that take the most time.
+3. runs them a third time under torch.profiler: how long the GPU's kernels take per step (their summed
+   durations, against the second pass's wall time: how busy the GPU is), how many there are, and the kernels
+   that take the most time.
 
     python benchmarks/train_speed.py --device cuda --batch 1024 --steps 60 --modes eager graphed --out speed.md
     python benchmarks/train_speed.py --device cpu --batch 8 --steps 3 --modes eager fused   # a smoke run
@@ -75,13 +76,13 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     synchronize(dev)
     per_step = (time.perf_counter() - t0) / args.steps
     busy, launches, top = float("nan"), float("nan"), []
-    if args.profile_steps and dev.type == "cuda":
+    if args.profile and dev.type == "cuda":
         try:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for s in range(args.profile_steps):
+                for s in range(args.steps):
                     training.step(s)
                 synchronize(dev)
-            busy, launches, top = _kernels(prof, args.profile_steps, args.rows)
+            busy, launches, top = _kernels(prof, args.steps, args.rows)
         except RuntimeError as err:  # a profiler that cannot trace here leaves the timings
             print(f"{mode}: profiler failed: {err}", flush=True)
     result = dict(
@@ -121,10 +122,10 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         f"`python benchmarks/train_speed.py --device {args.device} --batch {args.batch} --steps {args.steps} "
         f"--modes {' '.join(args.modes)}`: {args.steps} steps of the trainer's own draws, timed on their second "
-        "pass (every graph captured); GPU kernel time per step from torch.profiler "
-        f"({args.profile_steps} steps).",
+        "pass (every graph captured); GPU kernel time per step: the summed durations of the kernels of the same "
+        "steps, from torch.profiler (busy: that time over the wall time).",
         "",
-        "| mode | ms per step | images/s | vs " + base["mode"] + " | GPU kernels ms per step | kernels per step "
+        "| mode | ms per step | images/s | vs " + base["mode"] + " | GPU kernels ms per step (busy) | kernels per step "
         "| first pass s (graphs captured, s capturing) | peak GiB | first losses |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -132,9 +133,9 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         diff = max(abs(a - b) for a, b in zip(r["losses"], base["losses"])) if r["losses"] else float("nan")
         lines.append(
             f"| {r['mode']} | {r['ms']:.2f} | {r['img_s']:,.0f} | {r['img_s'] / base['img_s']:.2f}x "
-            f"| {r['gpu_ms']:.2f} | {r['kernels']:.0f} | {r['first_pass_s']:.1f} ({r['graphs']}, "
-            f"{r['capture_s']:.1f}) | {r['peak_gib']:.1f} | {', '.join(f'{v:.4f}' for v in r['losses'])} "
-            f"(max diff {diff:.4f}) |"
+            f"| {r['gpu_ms']:.2f} ({100 * r['gpu_ms'] / r['ms']:.0f}%) | {r['kernels']:.0f} "
+            f"| {r['first_pass_s']:.1f} ({r['graphs']}, {r['capture_s']:.1f}) | {r['peak_gib']:.1f} "
+            f"| {', '.join(f'{v:.4f}' for v in r['losses'])} (max diff {diff:.4f}) |"
         )
     for r in results:
         if r["top"]:
@@ -152,7 +153,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="steps per pass")
     p.add_argument("--total-steps", type=int, default=10_000, help="the run length the LR schedule assumes")
     p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["eager", "graphed"])
-    p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="no kernel profile (CUDA)")
     p.add_argument("--compare", type=int, default=5, help="first losses compared across modes")
     p.add_argument("--rows", type=int, default=15, help="top kernels listed per mode")
     p.add_argument("--out", default=None, help="append the Markdown report to this file")

@@ -135,27 +135,50 @@ def _interpreted(code: str) -> str:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton")
-def test_train_attention_kernel_gradients_under_interpreter() -> None:
-    """Output and gradient of the Triton path equal SDPA's (fp32), 1..64 tokens; longer rows and first_query > 0
-    take SDPA."""
+def test_train_kernels_under_interpreter() -> None:
+    """Attention: output and gradient of the Triton path equal SDPA's (fp32), 1..TRAIN_SHORT tokens through
+    train_attention and up to 128 through the kernels; longer rows and first_query > 0 take SDPA. Layer norm: the
+    Triton backward's three gradients equal PyTorch's; so do the linear layer's with the Triton bias gradient."""
     pytest.importorskip("triton")
     out = _interpreted("""
         import torch
+        import torch.nn.functional as F
         from avex.attention import reference_attention
-        from avex.train.kernels import short_kernel_applies, train_attention
+        from avex.train import kernels as K
         gen = torch.Generator().manual_seed(0)
-        for s in (1, 5, 16, 17, 49, 64, 65):
+        for s in (1, 5, 16, 17, 49, 64, K.TRAIN_SHORT + 1, 100, 128):
             qkv = torch.randn(3, s, 3 * 2 * 32, generator=gen, requires_grad=True)
             ref_in = qkv.detach().clone().requires_grad_()
-            assert short_kernel_applies(qkv, 2) == (s <= 64)
-            got, want = train_attention(qkv, 2), reference_attention(ref_in, 2)
+            assert K.short_kernel_applies(qkv, 2) == (s <= K.TRAIN_SHORT)
+            got, want = K.train_attention(qkv, 2), reference_attention(ref_in, 2)
             g = torch.randn(got.shape, generator=gen)
             got.backward(g)
             want.backward(g)
             assert (got - want).abs().max() < 1e-5 and (qkv.grad - ref_in.grad).abs().max() < 1e-5, s
+            direct = K.short_attention_backward(qkv.detach(), g, 2)
+            assert (K.short_attention_forward(qkv.detach(), 2) - want).abs().max() < 1e-5, s
+            assert (direct - ref_in.grad).abs().max() < 1e-5, s
         qkv = torch.randn(2, 9, 3 * 2 * 32, generator=gen)
-        rows = train_attention(qkv, 2, first_query=4)
+        rows = K.train_attention(qkv, 2, first_query=4)
         assert rows.shape == (2, 5, 64) and (rows - reference_attention(qkv, 2)[:, 4:]).abs().max() < 1e-5
+        x, w, b = (torch.randn(*sh, generator=gen, requires_grad=True) for sh in ((2, 70, 33), (40, 33), (40,)))
+        ref = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        y, y_ref = K.train_linear(x, w, b), F.linear(*ref)
+        y.backward(torch.ones_like(y))
+        y_ref.backward(torch.ones_like(y))
+        assert (y - y_ref).abs().max() < 1e-5
+        assert all((got.grad - want.grad).abs().max() < 1e-4 for got, want in zip((x, w, b), ref))
+        for shape in ((3, 5, 192), (70, 128), (2, 37, 100)):  # one, several and a partial block of 64 rows
+            n = shape[-1]
+            x, w, b = (torch.randn(*sh, generator=gen, requires_grad=True) for sh in (shape, (n,), (n,)))
+            ref = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+            y, y_ref = K.train_layer_norm(x, w, b, 1e-6), F.layer_norm(ref[0], (n,), ref[1], ref[2], 1e-6)
+            g = torch.randn(shape, generator=gen)
+            y.backward(g)
+            y_ref.backward(g)
+            assert (y - y_ref).abs().max() < 1e-6
+            for got, want in zip((x, w, b), ref):
+                assert (got.grad - want.grad).abs().max() < 2e-5, (shape, (got.grad - want.grad).abs().max())
         print("ok")
     """)
     assert out.strip() == "ok"
@@ -303,6 +326,26 @@ def test_train_attention_matches_sdpa_on_cuda(dtype: torch.dtype) -> None:
         want.backward(g)
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
         torch.testing.assert_close(qkv.grad.float(), ref_in.grad, rtol=tol, atol=tol)
+
+
+@cuda
+def test_train_layer_norm_matches_pytorch_on_cuda() -> None:
+    from avex.train.kernels import train_layer_norm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for rows, n in ((95_000, 192), (1024 * 197, 128), (37, 100)):
+        x = torch.randn(rows, n, generator=gen, device="cuda").bfloat16().requires_grad_()
+        w, b = (torch.randn(n, generator=gen, device="cuda").bfloat16().requires_grad_() for _ in range(2))
+        ref = [t.detach().float().requires_grad_() for t in (x, w, b)]
+        y = train_layer_norm(x, w, b, 1e-6)
+        y_ref = torch.nn.functional.layer_norm(ref[0], (n,), ref[1], ref[2], 1e-6)
+        g = torch.randn(rows, n, generator=gen, device="cuda")
+        y.backward(g.bfloat16())
+        y_ref.backward(g)
+        torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=3e-2)
+        for got, want in zip((x, w, b), ref):
+            scale = want.grad.abs().max()
+            assert (got.grad.float() - want.grad).abs().max() < 2e-2 * scale, (rows, n)
 
 
 @cuda

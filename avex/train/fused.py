@@ -39,7 +39,7 @@ from avex.decoder import _DecoderBlock
 from avex.embedding import _is_patch_linear
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT
-from avex.train.kernels import train_attention
+from avex.train.kernels import train_attention, train_layer_norm, train_linear
 
 __all__ = ["FusedObjective", "fused_refusal"]
 
@@ -107,33 +107,56 @@ def fused_refusal(model: TOREViT) -> str | None:
     return None
 
 
-class _CastParams(torch.autograd.Function):
-    """Every parameter in the compute dtype, in one kernel; backward: every gradient in fp32, in one kernel.
+_ALIGN = 64  # elements: every cast parameter starts 128 bytes apart (vectorised kernels need aligned pointers)
 
-    The gradient of a parameter a step does not use arrives as zeros (autograd materialises it), as the
-    eager step gives it for a decoder whose loss term is zero.
+
+def _padded(tensors: tuple[torch.Tensor, ...], shapes: list[torch.Size]) -> list[torch.Tensor]:
+    """The tensors flattened, each followed by zeros up to a multiple of :data:`_ALIGN` elements."""
+    zeros = tensors[0].new_zeros(_ALIGN)
+    parts = []
+    for t, shape in zip(tensors, shapes):
+        parts.append(t.reshape(-1))
+        if shape.numel() % _ALIGN:
+            parts.append(zeros[: -shape.numel() % _ALIGN])
+    return parts
+
+
+def _unpadded(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    """Views of ``flat`` (as :func:`_padded` laid it out) in the given shapes."""
+    views, at = [], 0
+    for shape in shapes:
+        views.append(flat[at : at + shape.numel()].view(shape))
+        at += -(-shape.numel() // _ALIGN) * _ALIGN
+    return views
+
+
+class _CastParams(torch.autograd.Function):
+    """Every parameter in the compute dtype, in one copy; backward: every gradient in fp32, in one copy.
+
+    The copies live in one flat buffer in which each tensor starts at a multiple of :data:`_ALIGN` elements
+    (a layer norm's vectorised kernel, for one, needs its weights aligned). The gradient of a parameter a step
+    does not use arrives as zeros (autograd materialises it), as the eager step gives it for a decoder whose
+    loss term is zero.
     """
 
     @staticmethod
     def forward(ctx: Any, dtype: torch.dtype, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.shapes = [p.shape for p in params]
         ctx.param_dtype = params[0].dtype
-        flat = torch.cat([p.reshape(-1) for p in params]).to(dtype)
-        return tuple(t.view(s) for t, s in zip(flat.split([p.numel() for p in params]), ctx.shapes))
+        return tuple(_unpadded(torch.cat(_padded(params, ctx.shapes)).to(dtype), ctx.shapes))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(ctx.param_dtype)
-        parts = flat.split([s.numel() for s in ctx.shapes])
-        return (None, *(t.view(s) for t, s in zip(parts, ctx.shapes)))
+        flat = torch.cat(_padded(grads, ctx.shapes)).to(ctx.param_dtype)
+        return (None, *_unpadded(flat, ctx.shapes))
 
 
 def _layer_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), w[name + ".weight"], w[name + ".bias"], eps)
+    return train_layer_norm(x, w[name + ".weight"], w[name + ".bias"], eps)
 
 
 def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    return F.linear(x, w[name + ".weight"], w[name + ".bias"])
+    return train_linear(x, w[name + ".weight"], w[name + ".bias"])
 
 
 def _block(x: torch.Tensor, w: dict[str, torch.Tensor], s: _BlockSpec, first: int = 0) -> torch.Tensor:
