@@ -23,6 +23,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.adapters import PolicyLike
+from agents.belief import BELIEF_KEYS
 from agents.evaluate import evaluate_accuracy
 from agents.ppo_config import PPOConfig
 from agents.sb3_policy import POLICY_KWARGS, BeliefKeys, save_policy
@@ -97,7 +98,9 @@ def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
     env_kwargs = cfg.make_env_kwargs()
     # VecMonitor sits right on the env, under any wrapper that could change rewards (SB3's rule: before
     # VecNormalize); BeliefKeys only drops observation keys.
-    venv = BeliefKeys(VecMonitor(SB3VecEnv(gym.make_vec(cfg.env_id, num_envs=cfg.num_envs, **env_kwargs))))
+    # The policy reads the belief keys only: the envs never compose or copy the revealed canvas.
+    obs_kwargs = {"obs_keys": BELIEF_KEYS, **env_kwargs}
+    venv = BeliefKeys(VecMonitor(SB3VecEnv(gym.make_vec(cfg.env_id, num_envs=cfg.num_envs, **obs_kwargs))))
     venv.seed(cfg.seed)
     continuous = isinstance(venv.action_space, spaces.Box)
     algo: type[PPO] | type[MaskablePPO]
@@ -128,7 +131,7 @@ def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
         model.policy.load_state_dict(PPOAgent.load(cfg.init, venv, device=cfg.device).policy.state_dict())
     model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default would create a /tmp/SB3-* folder per run
 
-    eval_kwargs = dict(env_kwargs, split="test")
+    eval_kwargs = dict(obs_kwargs, split="test")
 
     def evaluate(policy: BasePolicy) -> float:
         acc = evaluate_accuracy(policy, cfg.env_id, cfg.eval_episodes, cfg.num_envs, cfg.seed + 10_000, **eval_kwargs)

@@ -316,3 +316,16 @@ def test_training_computes_the_reconstruction_only(monkeypatch: pytest.MonkeyPat
     objective = TOREObjective(model, geo, recon_weight=0.1)
     _, _, mse, _ = train_step(objective, model, torch.optim.SGD(model.parameters(), lr=0.01), batch, K=1, amp=False)
     assert asked == [(True, False)] and mse > 0
+
+
+def test_ppo_training_env_leaves_the_canvas_out(kw: dict[str, Any]) -> None:
+    """avex train ppo's envs observe the belief keys only: no revealed canvas is composed or copied."""
+    from agents.belief import BELIEF_KEYS
+    from agents.ppo_train import PPOConfig, train_ppo
+
+    env_kwargs = {k: kw[k] for k in ("root", *TINY)}
+    cfg = PPOConfig(num_envs=2, total_steps=24, n_steps=12, batch_size=24, n_epochs=1, eval_episodes=2, out=None)
+    cfg.env_kwargs = env_kwargs
+    model, _ = train_ppo(cfg)
+    native = model.get_env().unwrapped.venv  # BeliefKeys -> VecMonitor -> SB3VecEnv -> the native vector env
+    assert set(native.single_observation_space.spaces) == set(BELIEF_KEYS)
