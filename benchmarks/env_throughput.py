@@ -8,6 +8,7 @@ valid random positions drawn once per env (a permutation, so no repeat) and are 
     python benchmarks/env_throughput.py --env AVE-ImageNet-v0 --fake-imagenet 32 --device cuda \
         --env-kwargs '{"model": "vit_small_patch16_224", "pretrained": false, "cache_images": true}'
     python benchmarks/env_throughput.py --single --device cpu     # per-step latency of one env
+    python benchmarks/env_throughput.py --device cuda --obs-keys probs cls entropy visited step  # PPO's keys only
 
 ``--fake-imagenet N`` writes N random JPEGs for each of 16 real WordNet ids to a temporary folder (no
 ImageNet here; random weights and random images time the same work).
@@ -108,12 +109,16 @@ def main() -> None:
         "--fake-imagenet", type=int, default=0, help="images per class of a fake ImageNet folder (16 classes)"
     )
     p.add_argument("--single", action="store_true", help="per-step latency of one env instead")
+    p.add_argument("--obs-keys", nargs="+", default=None, help="the env's obs_keys (default: the env's own, all)")
     p.add_argument("--out", default=None, help="append a Markdown section to this file")
+    p.add_argument("--json", default=None, help="append each measurement as one JSON line to this file")
     args = p.parse_args()
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     kwargs = json.loads(args.env_kwargs)
+    if args.obs_keys:
+        kwargs["obs_keys"] = args.obs_keys
     if args.fake_imagenet:
         kwargs["root"] = fake_imagenet(args.fake_imagenet)
     command = "python benchmarks/env_throughput.py " + " ".join(sys.argv[1:])
@@ -134,6 +139,9 @@ def main() -> None:
         lines = header + ["| num_envs | ms per vector step | env-steps/s |", "|---:|---:|---:|"]
         for n in args.num_envs:
             r = measure(args.env, n, args.steps, args.device, kwargs)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(dict(r, env=args.env, device=args.device, env_kwargs=kwargs)) + "\n")
             lines.append(f"| {n} | {r['ms_per_step']:.2f} | {r['env_steps_per_s']:,.0f} |")
             print(lines[-1], flush=True)
         lines.append("")

@@ -2,12 +2,18 @@
 
 Three targets, each one table of device time per op (self time, sorted) and one of host Python time:
 
-    python benchmarks/profile_step.py env   --device cuda --num-envs 16384     # one vector-env cycle
+    python benchmarks/profile_step.py env   --device cuda --num-envs 16384     # one vector step, as a table
     python benchmarks/profile_step.py tore  --device cuda --K 12 --batch 256   # eager TORE episode, ViT-B/16
     python benchmarks/profile_step.py train --device cuda --batch 512 --steps 20  # Fashion-MNIST training steps
 
 ``env`` profiles ``budget`` steps of the batched vector env (one full episode of every env, so exactly one
-autoreset); ``tore`` profiles one eager episode of ``TOREViT.step`` (bf16, random weights). Use it to find
+autoreset), each step annotated, and writes one Markdown table of a vector step, plain and with its autoreset:
+host time, time waiting for the device (synchronising runtime calls), kernels, host-to-device copies (pageable
+ones counted apart), device-to-host copies; then the kernels and host functions that take the time, the
+unprofiled ms per step and the synchronising calls per episode (PyTorch's sync debug mode). It uses only the
+Gymnasium API, so it profiles any tree put first on ``PYTHONPATH`` (``benchmarks/gpu/env_step.sh`` runs it on
+the trees before and after a change); ``--fake-imagenet N`` as in ``env_throughput.py``.
+``tore`` profiles one eager episode of ``TOREViT.step`` (bf16, random weights). Use it to find
 the next lever; the speed figures themselves come from ``env_throughput.py`` and ``tore_speed.py``. ``train``
 profiles ``--steps`` steps of ``avex train classifier``'s loop on Fashion-MNIST (the trainer's own K and T
 draws, bf16 autocast, fused AdamW) and adds how many kernels a step launches and how busy they keep the GPU.
@@ -20,13 +26,19 @@ import cProfile
 import io
 import json
 import pstats
+import sys
+import tempfile
 import time
+import warnings
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from avex.platform_info import synchronize
+from avex.platform_info import device_name, synchronize
 
 
 def _report(title: str, run, device: str, rows: int) -> str:
@@ -70,30 +82,184 @@ def _report(title: str, run, device: str, rows: int) -> str:
     )
 
 
+# Runtime calls that make the host wait for the device.
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def _trace_events(prof: profile) -> list[dict]:
+    """The profiler's Chrome-trace events (complete events only): kernels, copies, runtime calls, annotations."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    return [e for e in events if e.get("ph") == "X"]
+
+
+def _per_step(events: list[dict], label: str) -> tuple[list[dict[str, float]], dict[str, list[float]]]:
+    """Per annotated step (``label`` i): host time, waits, kernels and copies; plus GPU time per kernel name.
+
+    Host-side events fall in a step by time; device events by the runtime call that launched them.
+    """
+    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e["name"].startswith(label))
+    steps: list[dict[str, float]] = [defaultdict(float, host_ms=(b - a) / 1e3) for a, b, _ in spans]
+    step_of: dict[int, int] = {}
+    for e in events:
+        if e.get("cat") not in ("cuda_runtime", "cuda_driver"):
+            continue
+        i = next((k for k, (a, b, _) in enumerate(spans) if a <= e["ts"] < b), None)
+        if i is None:
+            continue
+        step_of[e.get("args", {}).get("correlation", -1)] = i
+        if e["name"] in SYNC_CALLS:
+            steps[i]["syncs"] += 1
+            steps[i]["sync_ms"] += e["dur"] / 1e3
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # name: [calls, ms] over all steps
+    for e in events:
+        cat, i = e.get("cat"), step_of.get(e.get("args", {}).get("correlation", -2))
+        if i is None or cat not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        ms, st = e["dur"] / 1e3, steps[i]
+        st["gpu_ms"] += ms
+        if cat == "kernel":
+            st["kernels"] += 1
+            st["kernel_ms"] += ms
+            kernels[e["name"]][0] += 1
+            kernels[e["name"]][1] += ms
+        elif cat == "gpu_memset":
+            st["memsets"] += 1
+        else:
+            kind = "h2d" if "HtoD" in e["name"] else "d2h" if "DtoH" in e["name"] else "d2d"
+            st[kind] += 1
+            st[f"{kind}_ms"] += ms
+            st[f"{kind}_mb"] += e.get("args", {}).get("bytes", 0) / 1e6
+            st["pageable"] += kind != "d2d" and "Pageable" in e["name"]
+    return [dict(st) for st in steps], dict(kernels)
+
+
+def _mean(steps: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for st in steps for k in st}
+    return {k: sum(st.get(k, 0.0) for st in steps) / max(len(steps), 1) for k in keys}
+
+
+def _sync_count(run) -> int:
+    """Synchronising CUDA calls PyTorch makes in ``run()`` (its sync debug mode, warning per call)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+ROWS = (
+    ("host time of `step()`, ms", "{host_ms:.2f}"),
+    ("of which waiting for the device: calls, ms", "{syncs:.1f}, {sync_ms:.2f}"),
+    ("GPU kernels: count, ms", "{kernels:.0f}, {kernel_ms:.2f}"),
+    ("host-to-device copies: count (pageable), MB, ms", "{h2d:.1f} ({pageable:.1f}), {h2d_mb:.2f}, {h2d_ms:.3f}"),
+    ("device-to-host copies: count, MB, ms", "{d2h:.1f}, {d2h_mb:.2f}, {d2h_ms:.3f}"),
+    ("device-to-device copies, memsets", "{d2d:.1f}, {memsets:.1f}"),
+    ("GPU time (kernels + copies), ms", "{gpu_ms:.2f}"),
+)
+
+
 def profile_env(args: argparse.Namespace) -> str:
+    """One vector step, plain and with its autoreset: a table of host time, waits, kernels and copies."""
     import gymnasium as gym
 
+    import envs
+
     kwargs = json.loads(args.env_kwargs)
-    venv = gym.make_vec(
-        args.env, num_envs=args.num_envs, device=args.device, torch_obs=args.device.startswith("cuda"), **kwargs
-    )
+    if args.fake_imagenet:
+        from env_throughput import fake_imagenet
+
+        kwargs["root"] = fake_imagenet(args.fake_imagenet)
+    cuda = args.device.startswith("cuda")
+    venv = gym.make_vec(args.env, num_envs=args.num_envs, device=args.device, torch_obs=cuda, **kwargs)
     env = venv.unwrapped
     budget = env.budget
     plan = np.argsort(np.random.default_rng(0).random((args.num_envs, env.geometry.num_actions)), axis=1)[:, :budget]
     venv.reset(seed=0)
-    for t in range(2 * budget):  # warm-up, autoresets included
-        venv.step(plan[:, t % budget])
+    clock = [0]
+
+    def step() -> bool:
+        """One vector step; whether it restarted episodes (same-step autoreset at the budget)."""
+        restarts = bool((env.engine.steps + 1 >= budget).any())
+        venv.step(plan[:, clock[0] % budget])
+        clock[0] += 1
+        return restarts
 
     def cycle() -> None:
-        for t in range(budget):
-            venv.step(plan[:, t])
+        for _ in range(budget):
+            step()
 
-    return _report(
-        f"{args.env}: {budget} vector steps of {args.num_envs} envs on {args.device} ({kwargs})",
-        cycle,
-        args.device,
-        args.rows,
+    for _ in range(2):  # warm-up: two episodes of every env, autoresets included
+        cycle()
+    synchronize(args.device)
+    t0 = time.perf_counter()
+    cycle()
+    cycle()
+    synchronize(args.device)
+    wall = (time.perf_counter() - t0) / (2 * budget)
+    syncs = _sync_count(cycle) if cuda else 0
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    restarted = []
+    with profile(activities=acts) as prof:
+        for i in range(budget):
+            with record_function(f"vector step {i:02d}"):
+                restarted.append(step())
+        synchronize(args.device)
+    steps, kernels = _per_step(_trace_events(prof), "vector step ")
+    plain = _mean([st for st, r in zip(steps, restarted) if not r])
+    reset = _mean([st for st, r in zip(steps, restarted) if r])
+    pr = cProfile.Profile()
+    pr.enable()
+    cycle()
+    synchronize(args.device)
+    pr.disable()
+    host = pstats.Stats(pr).stats  # (file, line, name): (calls, ncalls, tottime, cumtime, callers)
+    tree = Path(envs.__file__).resolve().parents[1]
+    title = f"{args.env}, {args.num_envs} envs, {args.device}, torch_obs={cuda}, {json.dumps(args.env_kwargs_raw)}"
+    lines = [
+        f"## {title}",
+        "",
+        f"- tree: `{tree}`; command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`",
+        f"- {device_name(args.device)}, torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- unprofiled: **{1e3 * wall:.2f} ms per vector step**, {args.num_envs / wall:,.0f} env-steps/s (mean over "
+        f"two episodes of every env, autoresets included); synchronising calls per episode ({budget} steps, "
+        f"PyTorch's sync debug mode): **{syncs}**",
+        "",
+        f"| one vector step (torch.profiler) | plain (mean of {sum(not r for r in restarted)}) | with autoreset |",
+        "|---|---:|---:|",
+    ]
+    for name, fmt in ROWS:
+        cells = [fmt.format_map(defaultdict(float, part)) if part else "-" for part in (plain, reset)]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    total = sum(ms for _, ms in kernels.values()) or 1.0
+    lines += ["", "| kernel (whole episode) | calls per step | GPU ms per step | share |", "|---|---:|---:|---:|"]
+    for name, (calls, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[: args.rows]:
+        short = name if len(name) <= 70 else name[:67] + "..."
+        lines.append(f"| `{short}` | {calls / budget:.1f} | {ms / budget:.3f} | {100 * ms / total:.0f}% |")
+    lines += ["", "| host function (cProfile, whole episode) | calls per step | own ms per step |", "|---|---:|---:|"]
+    for (file, line, name), (_, ncalls, own, _, _) in sorted(host.items(), key=lambda kv: -kv[1][2])[: args.rows]:
+        lines.append(f"| `{Path(file).name}:{line}({name})` | {ncalls / budget:.1f} | {1e3 * own / budget:.3f} |")
+    report = dict(
+        env=args.env,
+        num_envs=args.num_envs,
+        device=args.device,
+        env_kwargs=args.env_kwargs_raw,
+        tree=str(tree),
+        ms_per_step=1e3 * wall,
+        env_steps_per_s=args.num_envs / wall,
+        syncs_per_episode=syncs,
+        plain_step=plain,
+        autoreset_step=reset,
+        kernels={k: v for k, v in kernels.items()},
     )
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(report) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def profile_tore(args: argparse.Namespace) -> str:
@@ -185,6 +351,8 @@ def main() -> None:
     p.add_argument("--env", default="AVE-FashionMNIST-v0")
     p.add_argument("--num-envs", type=int, default=1024)
     p.add_argument("--env-kwargs", default="{}")
+    p.add_argument("--fake-imagenet", type=int, default=0, help="env: images per class of a fake ImageNet folder")
+    p.add_argument("--json", default=None, help="env: append the figures as one JSON line to this file")
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--K", type=int, default=12)
@@ -192,6 +360,7 @@ def main() -> None:
     p.add_argument("--glimpses", type=int, default=12)
     p.add_argument("--steps", type=int, default=20, help="training steps (train)")
     args = p.parse_args()
+    args.env_kwargs_raw = json.loads(args.env_kwargs)
     report = {"env": profile_env, "tore": profile_tore, "train": profile_train}[args.target](args)
     print(report)
     if args.out:
