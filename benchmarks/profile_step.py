@@ -4,7 +4,7 @@ Three targets, each one table of device time per op (self time, sorted) and one 
 
     python benchmarks/profile_step.py env   --device cuda --num-envs 16384     # one vector step, as a table
     python benchmarks/profile_step.py tore  --device cuda --K 12 --batch 256   # eager TORE episode, ViT-B/16
-    python benchmarks/profile_step.py train --device cuda --batch 512 --steps 20  # Fashion-MNIST training steps
+    python benchmarks/profile_step.py train --device cuda --batch 1024 --steps 20 --step graphed  # training steps
 
 ``env`` profiles ``budget`` steps of the batched vector env (one full episode of every env, so exactly one
 autoreset), each step annotated, and writes one Markdown table of a vector step, plain and with its autoreset:
@@ -15,8 +15,11 @@ Gymnasium API, so it profiles any tree put first on ``PYTHONPATH`` (``benchmarks
 the trees before and after a change); ``--fake-imagenet N`` as in ``env_throughput.py``.
 ``tore`` profiles one eager episode of ``TOREViT.step`` (bf16, random weights). Use it to find
 the next lever; the speed figures themselves come from ``env_throughput.py`` and ``tore_speed.py``. ``train``
-profiles ``--steps`` steps of ``avex train classifier``'s loop on Fashion-MNIST (the trainer's own K and T
-draws, bf16 autocast, fused AdamW) and adds how many kernels a step launches and how busy they keep the GPU.
+profiles ``--steps`` steps of ``avex train classifier``'s own run on Fashion-MNIST (``avex.train.start_training``:
+its draws of K, T, canvases and glimpses, its optimiser and LR schedule) with the step ``--step`` (``eager``:
+bf16 autocast; ``fused``; ``graphed``: the fused step as CUDA graphs) and adds how many kernels a step launches
+and how busy they keep the GPU. The same step indices run in the warm-up (graph captures included), the timed
+and the profiled runs.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -296,46 +300,27 @@ def profile_tore(args: argparse.Namespace) -> str:
 
 
 def profile_train(args: argparse.Namespace) -> str:
-    from avex.train import (
-        TOREObjective,
-        TrainConfig,
-        build_classifier,
-        draw_k_and_t,
-        load_train_data,
-        n_tiles,
-        param_groups,
-        resolve_config,
-        sample_glimpses,
-        step_rngs,
-        train_step,
-    )
+    from avex.train import TrainConfig, start_training
 
-    dev = torch.device(args.device)
-    cfg = resolve_config(TrainConfig(dataset="fashion-mnist", device=args.device))
-    model = build_classifier(cfg, 10).to(dev).train()
-    geo = model.geometry(cfg.glimpse)
-    objective = TOREObjective(model, geo, cfg.recon_weight, cfg.label_smoothing)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, fused=dev.type == "cuda")
-    source = load_train_data(cfg, 0, 1, dev).train
-    counter = iter(range(10**9))
+    fused, graphs = {"eager": ("off", "off"), "fused": ("on", "off"), "graphed": ("on", "on")}[args.step]
+    cfg = TrainConfig(
+        dataset="fashion-mnist", device=args.device, batch_size=args.batch, steps=10_000, lr=1e-3, progress=False
+    )
+    training = start_training(replace(cfg, fused_step=fused, cuda_graphs=graphs))
 
     def steps() -> None:
-        for _ in range(args.steps):  # avex.train.train_classifier's loop body, less logging and the LR schedule
-            host_rng, gen = step_rngs(0, next(counter), dev)
-            K, T = draw_k_and_t(host_rng, model.depth, cfg.budget, n_tiles(geo))
-            canvases, labels = source.random_batch(args.batch, gen)
-            rows, cols = sample_glimpses(geo, args.batch, T, gen)
-            train_step(objective, model, opt, (canvases, labels, rows, cols), K, True, cfg.grad_clip)
+        for step in range(args.steps):  # avex.train.train_classifier's loop body, less logging
+            training.step(step)
 
-    steps()  # warm-up (allocator, autotuning)
+    steps()  # warm-up (allocator, autotuning, graph captures)
     synchronize(args.device)
     t0 = time.perf_counter()
     steps()
     synchronize(args.device)
     plain = (time.perf_counter() - t0) / args.steps
     return _report(
-        f"avex train classifier, Fashion-MNIST: {args.steps} steps at batch {args.batch} on {args.device} "
-        f"({plain * 1e3:.1f} ms per step unprofiled)",
+        f"avex train classifier, Fashion-MNIST: {args.steps} steps at batch {args.batch} on {args.device}, "
+        f"{training.run.plan.name} step ({plain * 1e3:.1f} ms per step unprofiled)",
         steps,
         args.device,
         args.rows,
@@ -359,6 +344,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--glimpses", type=int, default=12)
     p.add_argument("--steps", type=int, default=20, help="training steps (train)")
+    p.add_argument("--step", choices=("eager", "fused", "graphed"), default="eager", help="the training step (train)")
     args = p.parse_args()
     args.env_kwargs_raw = json.loads(args.env_kwargs)
     report = {"env": profile_env, "tore": profile_tore, "train": profile_train}[args.target](args)

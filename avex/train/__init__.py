@@ -11,7 +11,8 @@ One idea per module:
 * :mod:`~avex.train.policy` — the draws of a step: K, T, the glimpses.
 * :mod:`~avex.train.objective` — the loss and one optimisation step.
 * :mod:`~avex.train.fused` — the same loss in fewer, larger kernels (``--fused-step``), with
-  :mod:`~avex.train.kernels` (Triton attention with a backward for short rows).
+  :mod:`~avex.train.kernels` (Triton attention with a backward for short rows) and :mod:`~avex.train.rows`
+  (layer norm and bias gradients over many short rows).
 * :mod:`~avex.train.step` — how a step runs: eager, fused, or captured as CUDA graphs (``--cuda-graphs``).
 * :mod:`~avex.train.data` — everything the trainer reads, behind :func:`load_train_data`.
 * :mod:`~avex.train.build` — the classifier, its starting weights, AdamW and the LR schedule.

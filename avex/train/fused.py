@@ -39,7 +39,8 @@ from avex.decoder import _DecoderBlock
 from avex.embedding import _is_patch_linear
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT
-from avex.train.kernels import train_attention, train_layer_norm, train_linear
+from avex.train.kernels import train_attention
+from avex.train.rows import train_layer_norm, train_linear
 
 __all__ = ["FusedObjective", "fused_refusal"]
 

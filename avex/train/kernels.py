@@ -1,4 +1,4 @@
-"""Training kernels: self-attention on TORE's short sequences with a backward, and a layer norm backward.
+"""Self-attention for training on TORE's short sequences: the Triton kernel of :mod:`avex.attention` with a backward.
 
 A training step attends over thousands of short rows: the iterator's ``P + G`` tokens per glimpse (5 for a
 CLS token and a 2x2 glimpse) and the aggregator's ``P + T*G``. PyTorch's fused attention kernels pay a large
@@ -7,17 +7,13 @@ fixed cost per (row, head) on such rows, forward and backward. :func:`train_atte
 (row, head), the whole row in registers, the softmax recomputed rather than stored), and anything longer,
 masked or on a device without the kernel through PyTorch's SDPA.
 
-:func:`train_layer_norm` is PyTorch's layer norm forward with a Triton backward: PyTorch's own computes the
-weight and bias gradients in a separate kernel that spreads a reduction over ~100k rows across few blocks (an
-eighth of the memory bandwidth on an H200); here one pass over the rows gives the input gradient and per-program
-partial sums of the other two.
-
-Shapes: B rows, S tokens, H heads, Dh head width, ``qkv`` [B, S, 3*H*Dh] with its last axis ordered (3, H, Dh);
-M rows and N features of a layer norm.
+Shapes: B rows, S tokens, H heads, Dh head width, ``qkv`` [B, S, 3*H*Dh] with its last axis ordered (3, H, Dh).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,14 +30,10 @@ if triton is not None:
 __all__ = [
     "SDPA_BACKENDS",
     "TRAIN_SHORT",
-    "column_sum",
-    "layer_norm_backward",
     "short_attention_backward",
     "short_attention_forward",
     "short_kernel_applies",
     "train_attention",
-    "train_layer_norm",
-    "train_linear",
 ]
 
 TRAIN_SHORT = 64  # tokens: up to this many, train_attention takes the Triton kernels (forward and backward)
@@ -99,65 +91,6 @@ if triton is not None:
         tl.store(dqkv_ptr + offs, dq.to(ty), mask=in_seq[:, None])
         tl.store(dqkv_ptr + offs + HEADS * HEAD_DIM, dk.to(ty), mask=in_seq[:, None])
         tl.store(dqkv_ptr + offs + 2 * HEADS * HEAD_DIM, dv.to(ty), mask=in_seq[:, None])
-
-    @triton.jit
-    def _layer_norm_bwd_kernel(
-        x_ptr,
-        dy_ptr,
-        w_ptr,
-        mean_ptr,
-        rstd_ptr,
-        dx_ptr,
-        partial_ptr,
-        M,
-        N,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        CHUNKS: tl.constexpr,
-    ):
-        # Program p takes rows [p * CHUNKS * BLOCK_M, (p + 1) * CHUNKS * BLOCK_M) of the contiguous [M, N] tensors,
-        # BLOCK_M at a time, and keeps its own fp32 sums of dy * xhat and dy, written to partial[p, 0 or 1, :].
-        pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_N)
-        in_cols = cols < N
-        w = tl.load(w_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-        db = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for i in tl.static_range(CHUNKS):
-            rows = (pid * CHUNKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-            in_rows = rows < M
-            mask = in_rows[:, None] & in_cols[None, :]
-            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(mean_ptr + rows, mask=in_rows, other=0.0)
-            rstd = tl.load(rstd_ptr + rows, mask=in_rows, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            wdy = w[None, :] * dy
-            c1 = tl.sum(xhat * wdy, axis=1) / N
-            c2 = tl.sum(wdy, axis=1) / N
-            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            dw += tl.sum(dy * xhat, axis=0)
-            db += tl.sum(dy, axis=0)
-        tl.store(partial_ptr + pid * 2 * N + cols, dw, mask=in_cols)
-        tl.store(partial_ptr + pid * 2 * N + N + cols, db, mask=in_cols)
-
-    @triton.jit
-    def _column_sum_kernel(
-        x_ptr, partial_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr
-    ):
-        # partial[p, :] = fp32 sum of rows [p * CHUNKS * BLOCK_M, (p + 1) * CHUNKS * BLOCK_M) of x [M, N].
-        pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_N)
-        in_cols = cols < N
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for i in tl.static_range(CHUNKS):
-            rows = (pid * CHUNKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-            mask = (rows < M)[:, None] & in_cols[None, :]
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
-            acc += tl.sum(x.to(tl.float32), axis=0)
-        tl.store(partial_ptr + pid * N + cols, acc, mask=in_cols)
 
 
 def _train_refusal(seq_len: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -229,102 +162,6 @@ def short_attention_backward(
     return dqkv
 
 
-_LN_ROWS = 64  # rows per program of the layer norm backward: few enough programs that their partial sums are small
-
-
-def layer_norm_backward(
-    x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of a layer norm over the last axis, by one Triton pass over the rows.
-
-    Args:
-        x, dy: [..., N] the forward's input and the output's gradient (same dtype).
-        weight: [N]. mean, rstd: fp32, one per row (``torch.native_layer_norm``'s second and third outputs).
-
-    Returns:
-        dx like ``x``; dweight and dbias [N] in ``weight``'s dtype (summed over the rows in fp32).
-    """
-    if triton is None:
-        raise RuntimeError("layer_norm_backward needs Triton (it ships with PyTorch's CUDA wheels)")
-    n = x.shape[-1]
-    x2, dy2 = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
-    m = x2.shape[0]
-    block_n, block_m = _row_blocks(n)
-    programs = triton.cdiv(m, _LN_ROWS)
-    dx = torch.empty_like(x2)
-    partial = torch.empty(programs, 2, n, dtype=torch.float32, device=x.device)
-    _layer_norm_bwd_kernel[(programs,)](
-        x2, dy2, weight, mean.reshape(-1), rstd.reshape(-1), dx, partial, m, n,
-        BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_LN_ROWS // block_m,
-    )  # fmt: skip
-    sums = partial.sum(dim=0).to(weight.dtype)
-    return dx.view(x.shape), sums[0], sums[1]
-
-
-def _row_blocks(n: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_M) of the row-walking kernels: a tile of at most 2048 elements."""
-    block_n = triton.next_power_of_2(n)
-    return block_n, max(1, min(_LN_ROWS, 2048 // block_n))
-
-
-def column_sum(x: torch.Tensor) -> torch.Tensor:
-    """fp32 sums over the rows of a contiguous [M, N] tensor, in x's dtype: a bias gradient, in one Triton pass
-    and a small second sum (PyTorch's own column reduction reads such tensors at a third of the bandwidth)."""
-    m, n = x.shape
-    block_n, block_m = _row_blocks(n)
-    programs = triton.cdiv(m, _LN_ROWS)
-    partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)
-    _column_sum_kernel[(programs,)](x, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_LN_ROWS // block_m)
-    return partial.sum(dim=0).to(x.dtype)
-
-
-class _Linear(torch.autograd.Function):
-    """``F.linear`` with a bias; backward: two matrix products and :func:`column_sum` for the bias."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        x, weight = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
-        dx = (dy2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None  # pixels need none
-        dw = dy2.t() @ x.reshape(-1, x.shape[-1])
-        return dx, dw, column_sum(dy2)
-
-
-def train_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with autograd; its bias gradient by :func:`column_sum` on CUDA (or Triton's
-    interpreter)."""
-    if triton is not None and (x.is_cuda or _interpreted()) and x.dtype == weight.dtype == bias.dtype:
-        return _Linear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-class _LayerNorm(torch.autograd.Function):
-    """PyTorch's layer norm forward; :func:`layer_norm_backward` backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        x, weight, mean, rstd = ctx.saved_tensors
-        return (*layer_norm_backward(x, dy, weight, mean, rstd), None)
-
-
-def train_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Layer norm over the last axis with autograd; the Triton backward on CUDA (or Triton's interpreter)."""
-    if triton is not None and (x.is_cuda or _interpreted()) and x.dtype == weight.dtype:
-        return _LayerNorm.apply(x, weight, bias, eps)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-
 class _ShortAttention(torch.autograd.Function):
     """short_attention_forward forward, short_attention_backward backward (saves only ``qkv``)."""
 
@@ -341,13 +178,47 @@ class _ShortAttention(torch.autograd.Function):
         return short_attention_backward(qkv, dout, ctx.heads), None
 
 
+# ------------------------------------------------------------------------------ fallbacks
+_WORKING: dict[tuple[str, str, torch.dtype], bool] = {}  # (kernel family, device, dtype) -> built and ran here
+
+
+def _works(name: str, like: torch.Tensor, trial: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether a family of kernels builds and runs here: ``trial`` (a tiny forward and backward in ``like``'s dtype
+    and device) is run once; a failure (Triton compiles a C launcher at first use, and a machine may lack a
+    compiler) leaves PyTorch's ops in their place, with one warning."""
+    key = (name, str(like.device), like.dtype)
+    if key not in _WORKING:
+        if like.is_cuda and torch.cuda.is_current_stream_capturing():
+            return True  # a capture follows a warm-up (avex.train.step), which has run the trial
+        try:
+            with torch.enable_grad():
+                x = torch.linspace(-1.0, 1.0, 480, device=like.device).view(2, 5, 48)  # no draw from a generator
+                x = x.to(like.dtype).requires_grad_()
+                trial(x).float().sum().backward()
+            _WORKING[key] = True
+        except Exception as err:  # deliberately broad: Triton's build and driver errors have no common type
+            _WORKING[key] = False
+            warnings.warn(
+                f"avex: the Triton {name} kernels failed on this machine ({type(err).__name__}: {str(err)[:300]}); "
+                "the training step uses PyTorch's instead (same results, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _WORKING[key]
+
+
+def _attention_trial(x: torch.Tensor) -> torch.Tensor:
+    return _ShortAttention.apply(x, 1)  # one head of 16
+
+
 def short_kernel_applies(qkv: torch.Tensor, heads: int) -> bool:
     """Whether :func:`train_attention` takes the Triton kernels for ``qkv`` (CUDA or Triton's interpreter, at most
     :data:`TRAIN_SHORT` tokens, a head width and dtype the kernels take)."""
     if triton is None or not (qkv.is_cuda or _interpreted()):
         return False
     b, s, hd = _check_qkv(qkv, heads, None)
-    return s <= TRAIN_SHORT and _train_refusal(s, hd, qkv.dtype) is None
+    usable = s <= TRAIN_SHORT and _train_refusal(s, hd, qkv.dtype) is None
+    return usable and _works("attention", qkv, _attention_trial)
 
 
 def train_attention(qkv: torch.Tensor, heads: int, first_query: int = 0) -> torch.Tensor:

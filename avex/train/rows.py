@@ -1,0 +1,243 @@
+"""Training kernels over many short rows: layer norm forward and backward, bias gradients.
+
+A training step normalises and projects ~100k rows of 128 or 192 features. PyTorch's layer norm forward takes
+one row per block (its fixed cost per row, not the bandwidth, sets the pace), and its backward computes the
+weight and bias gradients in a separate kernel that spreads the reduction over the rows across few blocks (an
+eighth of the memory bandwidth on an H200); its bias gradient of a linear layer is a column reduction at a
+third of the bandwidth. Here every program takes many rows: :func:`layer_norm_forward`, one backward pass that
+gives the input gradient and per-program partial sums of the weight and bias gradients
+(:func:`layer_norm_backward`), and :func:`column_sum` for bias gradients; :func:`train_layer_norm` and
+:func:`train_linear` put them under autograd, with PyTorch's ops where Triton cannot run.
+
+Shapes: M rows, N features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from avex.attention import _interpreted, triton
+from avex.train.kernels import _works
+
+if triton is not None:
+    import triton.language as tl
+
+__all__ = ["column_sum", "layer_norm_backward", "layer_norm_forward", "train_layer_norm", "train_linear"]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _layer_norm_bwd_kernel(
+        x_ptr,
+        dy_ptr,
+        w_ptr,
+        mean_ptr,
+        rstd_ptr,
+        dx_ptr,
+        partial_ptr,
+        M,
+        N,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CHUNKS: tl.constexpr,
+    ):
+        # Program p takes rows [p * CHUNKS * BLOCK_M, (p + 1) * CHUNKS * BLOCK_M) of the contiguous [M, N] tensors,
+        # BLOCK_M at a time (a row per warp lane group: its sums stay inside a warp), and keeps its own fp32 sums of
+        # dy * xhat and dy per tile element, summed over the tile's rows once at the end into partial[p, 0 or 1, :].
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        in_cols = cols < N
+        w = tl.load(w_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(CHUNKS):
+            rows = (pid * CHUNKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+            in_rows = rows < M
+            mask = in_rows[:, None] & in_cols[None, :]
+            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + rows, mask=in_rows, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=in_rows, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            wdy = w[None, :] * dy
+            c1 = tl.sum(xhat * wdy, axis=1) / N
+            c2 = tl.sum(wdy, axis=1) / N
+            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dw += dy * xhat
+            db += dy
+        tl.store(partial_ptr + pid * 2 * N + cols, tl.sum(dw, axis=0), mask=in_cols)
+        tl.store(partial_ptr + pid * 2 * N + N + cols, tl.sum(db, axis=0), mask=in_cols)
+
+    @triton.jit
+    def _column_sum_kernel(
+        x_ptr, partial_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr
+    ):
+        # partial[p, :] = fp32 sum of rows [p * CHUNKS * BLOCK_M, (p + 1) * CHUNKS * BLOCK_M) of x [M, N].
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        in_cols = cols < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # summed over its rows once, at the end
+        for i in tl.static_range(CHUNKS):
+            rows = (pid * CHUNKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask = (rows < M)[:, None] & in_cols[None, :]
+            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+            acc += x.to(tl.float32)
+        tl.store(partial_ptr + pid * N + cols, tl.sum(acc, axis=0), mask=in_cols)
+
+    @triton.jit
+    def _layer_norm_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    ):
+        # BLOCK_M rows per program of the contiguous [M, N] x and y; mean and 1/std per row in fp32 (two passes
+        # over the row in registers).
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        in_rows, in_cols = rows < M, cols < N
+        mask = in_rows[:, None] & in_cols[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        w = tl.load(w_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
+        y = xc * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + rows, mean, mask=in_rows)
+        tl.store(rstd_ptr + rows, rstd, mask=in_rows)
+
+
+_ROWS = 128  # rows per program of the reductions over rows: few enough programs that their partial sums are small
+
+
+def layer_norm_backward(
+    x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of a layer norm over the last axis, by one Triton pass over the rows.
+
+    Args:
+        x, dy: [..., N] the forward's input and the output's gradient (same dtype).
+        weight: [N]. mean, rstd: fp32, one per row (:func:`layer_norm_forward`'s or ``torch.native_layer_norm``'s).
+
+    Returns:
+        dx like ``x``; dweight and dbias [N] in ``weight``'s dtype (summed over the rows in fp32).
+    """
+    if triton is None:
+        raise RuntimeError("layer_norm_backward needs Triton (it ships with PyTorch's CUDA wheels)")
+    n = x.shape[-1]
+    x2, dy2 = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
+    m = x2.shape[0]
+    block_n, block_m = _row_blocks(n, 2048)
+    programs = triton.cdiv(m, _ROWS)
+    dx = torch.empty_like(x2)
+    partial = torch.empty(programs, 2, n, dtype=torch.float32, device=x.device)
+    _layer_norm_bwd_kernel[(programs,)](
+        x2, dy2, weight, mean.reshape(-1), rstd.reshape(-1), dx, partial, m, n,
+        BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m,
+    )  # fmt: skip
+    sums = partial.sum(dim=0, dtype=weight.dtype)
+    return dx.view(x.shape), sums[0], sums[1]
+
+
+def _row_blocks(n: int, tile: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_M) of the kernels over rows of n features: a tile of about ``tile`` elements."""
+    block_n = triton.next_power_of_2(n)
+    return block_n, max(1, min(_ROWS, tile // block_n))
+
+
+def column_sum(x: torch.Tensor) -> torch.Tensor:
+    """fp32 sums over the rows of a contiguous [M, N] tensor, in x's dtype: a bias gradient, in one Triton pass
+    and a small second sum (PyTorch's own column reduction reads such tensors at a third of the bandwidth)."""
+    m, n = x.shape
+    block_n, block_m = _row_blocks(n, 4096)
+    programs = triton.cdiv(m, _ROWS)
+    partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)
+    _column_sum_kernel[(programs,)](x, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m)
+    return partial.sum(dim=0, dtype=x.dtype)
+
+
+def layer_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer norm over the last axis by a Triton kernel that takes many short rows per program (PyTorch's takes
+    one row per block: at 192 features its fixed cost per row, not the bandwidth, sets the pace).
+
+    Returns:
+        y like ``x``; mean and 1/std, fp32, one per row (as ``torch.native_layer_norm``'s, flattened).
+    """
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    m = x2.shape[0]
+    block_n, block_m = _row_blocks(n, 4096)
+    y = torch.empty_like(x2)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        x2, weight, bias, y, mean, rstd, m, n, eps, BLOCK_M=block_m, BLOCK_N=block_n
+    )
+    return y.view(x.shape), mean, rstd
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` with a bias; backward: two matrix products and :func:`column_sum` for the bias."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        x, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        dx = (dy2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None  # pixels need none
+        dw = dy2.t() @ x.reshape(-1, x.shape[-1])
+        return dx, dw, column_sum(dy2)
+
+
+def train_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with autograd; its bias gradient by :func:`column_sum` on CUDA (or Triton's
+    interpreter)."""
+    if triton is not None and (x.is_cuda or _interpreted()) and x.dtype == weight.dtype == bias.dtype:
+        if _works("bias gradient", x, _linear_trial):
+            return _Linear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class _LayerNorm(torch.autograd.Function):
+    """:func:`layer_norm_forward` forward; :func:`layer_norm_backward` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        y, mean, rstd = layer_norm_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        return (*layer_norm_backward(x, dy, weight, mean, rstd), None)
+
+
+def train_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Layer norm over the last axis with autograd; the Triton backward on CUDA (or Triton's interpreter)."""
+    if triton is not None and (x.is_cuda or _interpreted()) and x.dtype == weight.dtype:
+        if _works("layer norm", x, _layer_norm_trial):
+            return _LayerNorm.apply(x, weight, bias, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _layer_norm_trial(x: torch.Tensor) -> torch.Tensor:
+    w = torch.ones(48, device=x.device, dtype=x.dtype, requires_grad=True)
+    return _LayerNorm.apply(x, w, torch.zeros_like(w), 1e-6)
+
+
+def _linear_trial(x: torch.Tensor) -> torch.Tensor:
+    w = torch.ones(8, 48, device=x.device, dtype=x.dtype, requires_grad=True)
+    return _Linear.apply(x, w, torch.zeros(8, device=x.device, dtype=x.dtype, requires_grad=True))
