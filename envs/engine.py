@@ -359,12 +359,18 @@ class AVEEngine(EngineOutputs):
         before = Belief(self.logits, self.labels, torch.zeros_like(final))
         rewards = self.reward_fn(before, Belief(logits, self.labels, final)).float()
         self.logits = logits
+        rows_at = np.arange(B)
         if discrete:
-            self.repeated = self.used[np.arange(B), a]  # a fresh array: infos hold no view of it
-            self.used[np.arange(B), a] = True
+            taken = rows_at * self.num_actions + a  # flat indices: faster than indexing two axes
+            used = self.used.reshape(-1)  # a view
+            self.repeated = used[taken]  # a fresh array: infos hold no view of it
+            used[taken] = True
             if self._used_t is not None:
                 self._used_t[self._arange, sent["actions"]] = True
-        self.boxes[np.arange(B), t] = boxes_np
+        if (t == t[0]).all():  # rows in step (every row started together): one slice
+            self.boxes[:, t[0]] = boxes_np
+        else:
+            self.boxes.reshape(-1, 4)[rows_at * cfg.budget + t] = boxes_np
         return rewards, terminated
 
 

@@ -105,24 +105,30 @@ class EngineOutputs(EngineSetup):
             ``device_masks``), the other keys as fresh NumPy arrays.
         """
         host, i = self._index(rows)
+        every = rows is None
+
+        def rows_of(a: np.ndarray) -> np.ndarray:  # a fresh copy (every row: a plain copy, faster than indexing)
+            return a.copy() if every else a[host]
+
         with torch.inference_mode():
             pred = self.pred.clone() if isinstance(i, slice) else self.pred[i]
             label = self.labels.clone() if isinstance(i, slice) else self.labels[i]
-            mask = self._device_masks(i) if device_masks else self._host_masks(host, rows is None)
-            t = self.steps[host]
-            box = self.boxes[host, np.maximum(t - 1, 0)]
+            mask = self._device_masks(i) if device_masks else self._host_masks(host, every)
+            t = rows_of(self.steps)
+            budget = self.boxes.shape[1]
+            box = self.boxes.reshape(-1, 4).take(host * budget + np.maximum(t - 1, 0), axis=0)  # each row's last box
             box[t == 0] = np.nan  # no glimpse yet
             return {
                 "prediction": pred,
                 "correct": pred == label,
                 "label": label,
-                "index": self.index_np[host],
-                "step_flops": self.flops_per_step[t],
-                "cumulative_flops": self.flops_cumulative[t],
+                "index": rows_of(self.index_np),
+                "step_flops": self.flops_per_step.take(t),
+                "cumulative_flops": self.flops_cumulative.take(t),
                 "glimpse_box": box,
                 "action_mask": mask,
-                "skipped_images": self.skipped_np[host],
-                "repeated": self.repeated[host],
+                "skipped_images": rows_of(self.skipped_np),
+                "repeated": rows_of(self.repeated),
             }
 
     def infos(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:

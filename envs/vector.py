@@ -14,7 +14,7 @@ that mode:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -215,6 +215,12 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
             raise RuntimeError(f"env {i} has no generator yet: call reset() first")
         return rng
 
+    def _rngs_of(self, rows: np.ndarray) -> list[np.random.Generator]:
+        """The generators of some envs, each started (a list of every env's without a loop when all restart)."""
+        if rows.size == self.num_envs and self.engine.started.all():  # started: reset once, so a generator each
+            return cast(list[np.random.Generator], self._rngs)
+        return [self._rng(i) for i in rows]
+
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -280,7 +286,7 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         pending = np.flatnonzero(self._pending)
         a = self.engine.parse_actions(actions, ignore=self._pending)  # refused here: nothing has changed
         if pending.size:
-            self.engine.reset_rows(pending, [self._rng(i) for i in pending])
+            self.engine.reset_rows(pending, self._rngs_of(pending))
         # One batched call for every row: the restarted rows take a placeholder glimpse that is undone below,
         # which costs less than splitting the batch.
         rewards, terminated = self.engine.step(a)
@@ -311,7 +317,7 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         final_obs = obs if self.torch_obs else _take_rows(obs, done, index)
         values = {k: v for k, v in infos.items() if not k.startswith("_")}
         final_info = _masked_infos(_take_rows(values, done, index), done, self.num_envs, index)
-        eng.reset_rows(done, [self._rng(i) for i in done])
+        eng.reset_rows(done, self._rngs_of(done))
         raw["obs"] = _put_rows(obs, eng.observation(done), done, index)
         infos.update(_put_rows(values, eng.info(done, device_masks=self.torch_obs), done, index))
         mask = np.zeros(self.num_envs, dtype=bool)
