@@ -81,16 +81,19 @@ def worker(args: argparse.Namespace) -> None:
         print(json.dumps(times), flush=True)
 
 
-def _spawn(tree: Path, args: argparse.Namespace) -> subprocess.Popen[str]:
+def _spawn(tree: Path) -> subprocess.Popen[str]:
+    """A worker on ``tree``; it says "ready" once warm (:func:`_ready`)."""
     # The tree first: its packages shadow any other avex on the path (an editable install, this tree's root).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *sys.argv[1:]]
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tree)
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tree)
+
+
+def _ready(proc: subprocess.Popen[str], tree: Path) -> None:
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if line != "ready":
         raise RuntimeError(f"the worker of {tree} did not start (said {line!r}); run it alone to see why")
-    return proc
 
 
 def _ask(proc: subprocess.Popen[str], steps: int) -> list[float]:
@@ -120,7 +123,9 @@ def main() -> None:
     from avex.platform_info import device_name
 
     trees = {"before": Path(args.before).resolve(), "after": Path(args.after).resolve()}
-    procs = {name: _spawn(tree, args) for name, tree in trees.items()}
+    procs = {name: _spawn(tree) for name, tree in trees.items()}  # both start (and warm up) at once
+    for name, proc in procs.items():
+        _ready(proc, trees[name])
     times: dict[str, list[float]] = {name: [] for name in trees}
     rounds: list[dict[str, float]] = []
     for r in range(args.rounds):
