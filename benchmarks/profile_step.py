@@ -34,9 +34,11 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -167,11 +169,10 @@ ROWS = (
 )
 
 
-def profile_env(args: argparse.Namespace) -> str:
-    """One vector step, plain and with its autoreset: a table of host time, waits, kernels and copies."""
+def _env_stepper(args: argparse.Namespace) -> tuple[Callable[[], bool], int]:
+    """The vector env of ``args``, reset: a function taking one step (valid, non-repeating random positions)
+    that says whether the step restarted episodes, and the budget."""
     import gymnasium as gym
-
-    import envs
 
     kwargs = json.loads(args.env_kwargs)
     if args.fake_imagenet:
@@ -187,11 +188,52 @@ def profile_env(args: argparse.Namespace) -> str:
     clock = [0]
 
     def step() -> bool:
-        """One vector step; whether it restarted episodes (same-step autoreset at the budget)."""
-        restarts = bool((env.engine.steps + 1 >= budget).any())
+        restarts = bool((env.engine.steps + 1 >= budget).any())  # same-step autoreset at the budget
         venv.step(plan[:, clock[0] % budget])
         clock[0] += 1
         return restarts
+
+    return step, budget
+
+
+def _env_tables(args: argparse.Namespace, m: dict[str, Any], budget: int, host: dict) -> list[str]:
+    """The Markdown of :func:`profile_env`'s measurements ``m``: header, step table, kernels, host functions."""
+    cuda = args.device.startswith("cuda")
+    title = f"{args.env}, {args.num_envs} envs, {args.device}, torch_obs={cuda}, {json.dumps(args.env_kwargs_raw)}"
+    lines = [
+        f"## {title}",
+        "",
+        f"- tree: `{m['tree']}`; command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`",
+        f"- {device_name(args.device)}, torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- unprofiled: **{m['ms_per_step']:.2f} ms per vector step**, {m['env_steps_per_s']:,.0f} env-steps/s (mean "
+        f"over two episodes of every env, autoresets included); synchronising calls per episode ({budget} steps, "
+        f"PyTorch's sync debug mode): **{m['syncs_per_episode']}**",
+        "",
+        f"| one vector step (torch.profiler) | plain (mean of {m['plain_steps']}) | with autoreset |",
+        "|---|---:|---:|",
+    ]
+    for name, fmt in ROWS:
+        parts = (m["plain_step"], m["autoreset_step"])
+        cells = [fmt.format_map(defaultdict(float, part)) if part else "-" for part in parts]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    kernels = m["kernels"]
+    total = sum(ms for _, ms in kernels.values()) or 1.0
+    lines += ["", "| kernel (whole episode) | calls per step | GPU ms per step | share |", "|---|---:|---:|---:|"]
+    for name, (calls, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[: args.rows]:
+        short = name if len(name) <= 70 else name[:67] + "..."
+        lines.append(f"| `{short}` | {calls / budget:.1f} | {ms / budget:.3f} | {100 * ms / total:.0f}% |")
+    lines += ["", "| host function (cProfile, whole episode) | calls per step | own ms per step |", "|---|---:|---:|"]
+    for (file, line, name), (_, ncalls, own, _, _) in sorted(host.items(), key=lambda kv: -kv[1][2])[: args.rows]:
+        lines.append(f"| `{Path(file).name}:{line}({name})` | {ncalls / budget:.1f} | {1e3 * own / budget:.3f} |")
+    return lines
+
+
+def profile_env(args: argparse.Namespace) -> str:
+    """One vector step, plain and with its autoreset: a table of host time, waits, kernels and copies."""
+    import envs
+
+    step, budget = _env_stepper(args)
+    cuda = args.device.startswith("cuda")
 
     def cycle() -> None:
         for _ in range(budget):
@@ -206,64 +248,37 @@ def profile_env(args: argparse.Namespace) -> str:
     synchronize(args.device)
     wall = (time.perf_counter() - t0) / (2 * budget)
     syncs = _sync_count(cycle) if cuda else 0
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     restarted = []
-    with profile(activities=acts) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for i in range(budget):
             with record_function(f"vector step {i:02d}"):
                 restarted.append(step())
         synchronize(args.device)
     steps, kernels = _per_step(_trace_events(prof), "vector step ")
-    plain = _mean([st for st, r in zip(steps, restarted) if not r])
-    reset = _mean([st for st, r in zip(steps, restarted) if r])
     pr = cProfile.Profile()
     pr.enable()
     cycle()
     synchronize(args.device)
     pr.disable()
-    host = pstats.Stats(pr).stats  # (file, line, name): (calls, ncalls, tottime, cumtime, callers)
-    tree = Path(envs.__file__).resolve().parents[1]
-    title = f"{args.env}, {args.num_envs} envs, {args.device}, torch_obs={cuda}, {json.dumps(args.env_kwargs_raw)}"
-    lines = [
-        f"## {title}",
-        "",
-        f"- tree: `{tree}`; command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`",
-        f"- {device_name(args.device)}, torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- unprofiled: **{1e3 * wall:.2f} ms per vector step**, {args.num_envs / wall:,.0f} env-steps/s (mean over "
-        f"two episodes of every env, autoresets included); synchronising calls per episode ({budget} steps, "
-        f"PyTorch's sync debug mode): **{syncs}**",
-        "",
-        f"| one vector step (torch.profiler) | plain (mean of {sum(not r for r in restarted)}) | with autoreset |",
-        "|---|---:|---:|",
-    ]
-    for name, fmt in ROWS:
-        cells = [fmt.format_map(defaultdict(float, part)) if part else "-" for part in (plain, reset)]
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    total = sum(ms for _, ms in kernels.values()) or 1.0
-    lines += ["", "| kernel (whole episode) | calls per step | GPU ms per step | share |", "|---|---:|---:|---:|"]
-    for name, (calls, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[: args.rows]:
-        short = name if len(name) <= 70 else name[:67] + "..."
-        lines.append(f"| `{short}` | {calls / budget:.1f} | {ms / budget:.3f} | {100 * ms / total:.0f}% |")
-    lines += ["", "| host function (cProfile, whole episode) | calls per step | own ms per step |", "|---|---:|---:|"]
-    for (file, line, name), (_, ncalls, own, _, _) in sorted(host.items(), key=lambda kv: -kv[1][2])[: args.rows]:
-        lines.append(f"| `{Path(file).name}:{line}({name})` | {ncalls / budget:.1f} | {1e3 * own / budget:.3f} |")
-    report = dict(
+    m = dict(
         env=args.env,
         num_envs=args.num_envs,
         device=args.device,
         env_kwargs=args.env_kwargs_raw,
-        tree=str(tree),
+        tree=str(Path(envs.__file__).resolve().parents[1]),
         ms_per_step=1e3 * wall,
         env_steps_per_s=args.num_envs / wall,
         syncs_per_episode=syncs,
-        plain_step=plain,
-        autoreset_step=reset,
-        kernels={k: v for k, v in kernels.items()},
+        plain_steps=sum(not r for r in restarted),
+        plain_step=_mean([st for st, r in zip(steps, restarted) if not r]),
+        autoreset_step=_mean([st for st, r in zip(steps, restarted) if r]),
+        kernels=kernels,
     )
     if args.json:
         with open(args.json, "a") as f:
-            f.write(json.dumps(report) + "\n")
-    return "\n".join(lines) + "\n"
+            f.write(json.dumps(m) + "\n")
+    host = pstats.Stats(pr).stats  # (file, line, name): (calls, ncalls, tottime, cumtime, callers)
+    return "\n".join(_env_tables(args, m, budget, host)) + "\n"
 
 
 def profile_tore(args: argparse.Namespace) -> str:

@@ -23,24 +23,11 @@ from avex.checkpoint import built_digest, weights_digest
 from avex.checks import brief
 from envs.config import EnvConfig, check_int
 from envs.engine_outputs import EngineOutputs
+from envs.engine_setup import covered
 from envs.rewards import Belief
 from envs.transfer import to_device
 
 __all__ = ["AVEEngine"]
-
-
-def _covered(centres: tuple[torch.Tensor, torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-    """bool [B, gh, gw]: the cells whose centre lies inside each box (``GlimpseGeometry.visited_patches``' rule,
-    with the centres already on the device).
-
-    Args:
-        centres: float32 [gh] and [gw], the cells' centres in pixels.
-        boxes: float32 [B, 4] pixel boxes (y0, x0, y1, x1).
-    """
-    cy, cx = centres
-    inside_y = (cy[None, :] >= boxes[:, 0:1]) & (cy[None, :] < boxes[:, 2:3])  # [B, gh]
-    inside_x = (cx[None, :] >= boxes[:, 1:2]) & (cx[None, :] < boxes[:, 3:4])  # [B, gw]
-    return inside_y[:, :, None] & inside_x[:, None, :]
 
 
 class AVEEngine(EngineOutputs):
@@ -347,8 +334,8 @@ class AVEEngine(EngineOutputs):
             coords = geo.continuous_coords(sent["boxes"])
         self._no_pending()  # the last step's map, if nobody read it, is never needed
         out = m.step(self.cache, pixels, coords)
-        self.seen |= _covered(self._pixel_centres, sent["boxes"])
-        self.visited |= _covered(self._patch_centres, sent["boxes"])
+        self.seen |= covered(self._pixel_centres, sent["boxes"])
+        self.visited |= covered(self._patch_centres, sent["boxes"])
         logits = out.logits.float()
         self.probs = logits.softmax(-1)
         self.cls = out.features.float()

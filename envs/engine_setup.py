@@ -21,7 +21,7 @@ from envs.config import EnvConfig, check_grid
 from envs.models import check_model, env_model
 from envs.rewards import REWARDS
 
-__all__ = ["EngineSetup"]
+__all__ = ["EngineSetup", "covered"]
 
 
 class EngineSetup:
@@ -144,3 +144,17 @@ def _centres(geometry: GlimpseGeometry, device: torch.device) -> tuple[torch.Ten
         ((torch.arange(gh) + 0.5) * geometry.patch).to(device),
         ((torch.arange(gw) + 0.5) * geometry.patch).to(device),
     )
+
+
+def covered(centres: tuple[torch.Tensor, torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+    """bool [B, gh, gw]: the cells whose centre lies inside each box (``GlimpseGeometry.visited_patches``' rule,
+    with the centres already on the device).
+
+    Args:
+        centres: float32 [gh] and [gw], the cells' centres in pixels (:func:`_centres`).
+        boxes: float32 [B, 4] pixel boxes (y0, x0, y1, x1).
+    """
+    cy, cx = centres
+    inside_y = (cy[None, :] >= boxes[:, 0:1]) & (cy[None, :] < boxes[:, 2:3])  # [B, gh]
+    inside_x = (cx[None, :] >= boxes[:, 1:2]) & (cx[None, :] < boxes[:, 3:4])  # [B, gw]
+    return inside_y[:, :, None] & inside_x[:, None, :]
