@@ -103,6 +103,28 @@ def _ask(proc: subprocess.Popen[str], steps: int) -> list[float]:
     return json.loads(proc.stdout.readline())
 
 
+def _alternate(trees: dict[str, Path], args: argparse.Namespace) -> tuple[dict[str, list[float]], list[dict]]:
+    """Step times (ms) per tree, and each round's median per tree: ``args.rounds`` rounds in each of
+    ``args.restarts`` pairs of fresh workers (a worker's own placement on the machine biases all its rounds)."""
+    times: dict[str, list[float]] = {name: [] for name in trees}
+    rounds: list[dict[str, float]] = []
+    for _ in range(args.restarts):
+        procs = {name: _spawn(tree) for name, tree in trees.items()}  # both start (and warm up) at once
+        for name, proc in procs.items():
+            _ready(proc, trees[name])
+        for r in range(args.rounds):
+            order = list(trees) if r % 2 == 0 else list(reversed(trees))
+            medians = {}
+            for name in order:
+                got = _ask(procs[name], args.steps)
+                times[name] += got
+                medians[name] = float(np.median(got))
+            rounds.append(medians)
+        for proc in procs.values():
+            proc.communicate("")
+    return times, rounds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True, help="root of the tree before the change (avex, envs, agents)")
@@ -114,6 +136,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each worker")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--steps", type=int, default=48, help="steps per tree and round")
+    p.add_argument("--restarts", type=int, default=1, help="pairs of fresh workers, each running all the rounds")
     p.add_argument("--out", default=None, help="append a Markdown section to this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -123,28 +146,15 @@ def main() -> None:
     from avex.platform_info import device_name
 
     trees = {"before": Path(args.before).resolve(), "after": Path(args.after).resolve()}
-    procs = {name: _spawn(tree) for name, tree in trees.items()}  # both start (and warm up) at once
-    for name, proc in procs.items():
-        _ready(proc, trees[name])
-    times: dict[str, list[float]] = {name: [] for name in trees}
-    rounds: list[dict[str, float]] = []
-    for r in range(args.rounds):
-        order = list(trees) if r % 2 == 0 else list(reversed(trees))
-        medians = {}
-        for name in order:
-            got = _ask(procs[name], args.steps)
-            times[name] += got
-            medians[name] = float(np.median(got))
-        rounds.append(medians)
-    for proc in procs.values():
-        proc.communicate("")
+    times, rounds = _alternate(trees, args)
     what = f"vector env of {args.num_envs} envs" if args.num_envs else "single env"
     lines = [
         f"### {args.env}, {what}: one step, two trees alternating on {device_name(args.device)}",
         "",
         f"- command: `python benchmarks/ab_step.py {' '.join(sys.argv[1:])}`",
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.threads} torch thread(s) per worker; "
-        f"{args.rounds} rounds of {args.steps} steps per tree, first tree alternating",
+        f"{args.restarts} x {args.rounds} rounds of {args.steps} steps per tree (fresh workers for each of the "
+        f"{args.restarts}), first tree alternating",
         "",
         "| tree | median ms | mean ms | p90 ms | rounds faster |",
         "|---|---:|---:|---:|---:|",
@@ -157,7 +167,11 @@ def main() -> None:
             f"{wins} of {len(rounds)} |"
         )
     ratio = np.median(times["after"]) / np.median(times["before"])
-    lines += ["", f"after / before, median step: {ratio:.3f}", ""]
+    pairs = [rounds[i : i + args.rounds] for i in range(0, len(rounds), args.rounds)]
+    per_pair = [np.median([m["after"] for m in pair]) / np.median([m["before"] for m in pair]) for pair in pairs]
+    lines += ["", f"after / before, median step: {ratio:.3f}; per pair of workers: "]
+    lines[-1] += ", ".join(f"{x:.3f}" for x in per_pair)
+    lines.append("")
     text = "\n".join(lines)
     print(text)
     if args.out:
