@@ -12,15 +12,27 @@
 #   single    the single default env's step on the GPU (batch 1), both trees alternating (benchmarks/ab_step.py)
 # Then summary.md / summary.json: before and after side by side. Everything under $OUT/results.tar.gz.
 #
-# Make the tree before the change first (runs/ is ignored by git, so it travels with carry):
-#   rm -rf runs/before && mkdir -p runs/before && git archive <base commit> avex envs agents | tar -x -C runs/before
-# Usage (device tool, carry .whl, data and runs/before):  bash benchmarks/gpu/env_step.sh   (about 6 minutes on an H200)
+# Make the tree before the change first (runs/ is ignored by git, so it travels with carry): this tree's avex and agents
+# with envs/ as it was before issue 15's items 2 and 5 (the parent of b5ada68), so that only the env differs:
+#   rm -rf runs/before && mkdir -p runs/before && git archive HEAD avex agents | tar -x -C runs/before \
+#     && git archive b5ada68^ envs | tar -x -C runs/before
+# Usage (device tool, carry .whl, data and runs/before):  bash benchmarks/gpu/env_step.sh   (about 7 minutes on an H200;
+# two calls keep well inside one call's 10: STAGES="tests profile single", then STAGES="fmnist imagenet")
 #   BEFORE (runs/before); STAGES ("tests profile fmnist imagenet single"); FMNIST_ENVS ("1 4096 16384 65536 131072");
 #   IMAGENET_ENVS ("1024 4096"); PROFILE_FMNIST (16384); PROFILE_IMAGENET (1024); STEPS (36); DEVICE (cuda).
-# On a CPU, with tiny sizes, it checks itself (SETUP names a replacement for setup.sh that installs nothing), e.g.
-#   OUT=/tmp/o SETUP=/tmp/cpu_setup.sh DEVICE=cpu BEFORE=/tmp/before FMNIST_ENVS="1 8" IMAGENET_ENVS=2 \
+# DEVICE=cpu checks the job itself with tiny sizes (no set-up, no GPU; the CUDA tests skip), e.g.
+#   PATH=.venv/bin:$PATH OUT=/tmp/o DEVICE=cpu BEFORE=/tmp/before FMNIST_ENVS="1 8" IMAGENET_ENVS=2 \
 #     PROFILE_FMNIST=8 PROFILE_IMAGENET=2 STEPS=3 bash benchmarks/gpu/env_step.sh
-source "${SETUP:-$(dirname "$0")/setup.sh}"
+if [ "${DEVICE:-cuda}" = cpu ]; then
+  set -uo pipefail
+  cd "$(dirname "$0")/../.." || exit 1
+  R=/tmp/results-env-step
+  rm -rf $R && mkdir -p $R
+  pack() { tar -czf "$OUT/results.tar.gz" -C $R . 2>/dev/null; }
+  cuda_tests() { timeout 120 python3 -m pytest -q -p no:cacheprovider "$@" -k cuda 2>&1 | tail -2; }
+else
+  source "$(dirname "$0")/setup.sh"
+fi
 BEFORE=${BEFORE:-runs/before}
 [ -d "$BEFORE/envs" ] && [ -d "$BEFORE/avex" ] || { echo "no tree before the change at $BEFORE: see this file's header"; exit 2; }
 declare -A TREE=([before]=$(cd "$BEFORE" && pwd) [after]=$PWD)
@@ -67,7 +79,7 @@ for stage in $STAGES; do
         pack
       done ;;
     single)
-      timeout 150 python3 benchmarks/ab_step.py --before ${TREE[before]} --device $DEVICE --rounds 10 --steps 48 \
+      timeout 150 python3 benchmarks/ab_step.py --before ${TREE[before]} --device $DEVICE --restarts 2 --rounds 6 --steps 48 \
         --out $R/single_cuda.md 2>&1 | tail -8
       pack ;;
     *) echo "unknown stage $stage (tests profile fmnist imagenet single)" ;;
