@@ -334,7 +334,12 @@ class AVEEngine(EngineOutputs):
             coords = geo.continuous_coords(sent["boxes"])
         self._no_pending()  # the last step's map, if nobody read it, is never needed
         out = m.step(self.cache, pixels, coords)
-        self.seen |= covered(self._pixel_centres, sent["boxes"])
+        if discrete:  # the glimpse's own pixels, as the centre rule gives for an aligned box: B x s x s writes
+            ys = sent["rows"][:, None] * geo.patch + self._sensor_offsets  # [B, s] pixel rows, as geo.cut reads
+            xs = sent["cols"][:, None] * geo.patch + self._sensor_offsets
+            self.seen[self._arange[:, None, None], ys[:, :, None], xs[:, None, :]] = True
+        else:  # a box anywhere: every pixel's centre tested (B x H x W)
+            self.seen |= covered(self._pixel_centres, sent["boxes"])
         self.visited |= covered(self._patch_centres, sent["boxes"])
         logits = out.logits.float()
         self.probs = logits.softmax(-1)
@@ -384,6 +389,7 @@ _REBUILT = frozenset(
         "_empty_prefix",
         "_patch_centres",
         "_pixel_centres",
+        "_sensor_offsets",
     }
 )
 # Per-step helpers, remade empty on unpickling: a pending map (computed before pickling), caches of device copies.

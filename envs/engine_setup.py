@@ -84,6 +84,7 @@ class EngineSetup:
         # without a host-to-device copy.
         self._patch_centres = _centres(self.geometry, self.device)
         self._pixel_centres = _centres(self._pixels, self.device)
+        self._sensor_offsets = torch.arange(self.geometry.sensor_pixels, device=self.device)  # pixels along a glimpse
 
     def _check_budget(self) -> None:
         """Bound the budget by the geometry before anything sized by it (token cache, FLOP tables) exists."""
