@@ -105,7 +105,11 @@ def _per_step(events: list[dict], label: str) -> tuple[list[dict[str, float]], d
 
     Host-side events fall in a step by time; device events by the runtime call that launched them.
     """
-    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e["name"].startswith(label))
+    spans = sorted(
+        (e["ts"], e["ts"] + e["dur"], e["name"])
+        for e in events
+        if e["name"].startswith(label) and e.get("cat") == "user_annotation"  # not the GPU-side copy of the range
+    )
     steps: list[dict[str, float]] = [defaultdict(float, host_ms=(b - a) / 1e3) for a, b, _ in spans]
     step_of: dict[int, int] = {}
     for e in events:
@@ -117,13 +121,13 @@ def _per_step(events: list[dict], label: str) -> tuple[list[dict[str, float]], d
         step_of[e.get("args", {}).get("correlation", -1)] = i
         if e["name"] in SYNC_CALLS:
             steps[i]["syncs"] += 1
-            steps[i]["sync_ms"] += e["dur"] / 1e3
+            steps[i]["sync_ms"] += e.get("dur", 0) / 1e3
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # name: [calls, ms] over all steps
     for e in events:
         cat, i = e.get("cat"), step_of.get(e.get("args", {}).get("correlation", -2))
         if i is None or cat not in ("kernel", "gpu_memcpy", "gpu_memset"):
             continue
-        ms, st = e["dur"] / 1e3, steps[i]
+        ms, st = e.get("dur", 0) / 1e3, steps[i]
         st["gpu_ms"] += ms
         if cat == "kernel":
             st["kernels"] += 1

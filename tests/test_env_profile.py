@@ -40,6 +40,7 @@ def test_trace_events_go_to_the_step_that_launched_them(profile_step: ModuleType
     events = [
         event("vector step 00", "user_annotation", 0, 1000),
         event("vector step 01", "user_annotation", 1000, 1000),
+        event("vector step 01", "gpu_user_annotation", 2400, 400),  # the range on the GPU's timeline: not a step
         event("cudaLaunchKernel", "cuda_runtime", 10, 5, 1),
         event("cudaMemcpyAsync", "cuda_runtime", 20, 5, 2),
         event("cudaStreamSynchronize", "cuda_runtime", 30, 300, 3),
@@ -50,6 +51,7 @@ def test_trace_events_go_to_the_step_that_launched_them(profile_step: ModuleType
         event("orphan", "kernel", 3000, 50, 99),  # no launch in a step: left out
     ]
     steps, kernels = profile_step._per_step(events, "vector step ")
+    assert len(steps) == 2
     assert steps[0]["syncs"] == 1 and steps[0]["sync_ms"] == pytest.approx(0.3)
     assert steps[0]["h2d"] == 1 and steps[0]["pageable"] == 1 and steps[0]["h2d_mb"] == pytest.approx(4)
     assert steps[0]["kernels"] == 1 and steps[1]["kernels"] == 1 and steps[1]["kernel_ms"] == pytest.approx(0.2)
