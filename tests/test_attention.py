@@ -7,20 +7,15 @@ hence the subprocesses); its bf16 matmul is only right on a GPU, so bf16 is chec
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from script_kit import interpreted
 
 from avex.attention import block_forward, reference_attention, run_blocks, short_attention_available
 from avex.model import create_tore
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
@@ -67,21 +62,10 @@ def test_run_blocks_on_cpu_is_plain_timm() -> None:
         torch.testing.assert_close(run_blocks(blocks, x), expect, atol=0, rtol=0)
 
 
-def _interpreted(code: str) -> str:
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 @needs_triton
 def test_kernel_matches_sdpa_under_interpreter() -> None:
     """fp32 and fp16, 1..64 tokens, default and wider padding (block_s), with and without padding masks."""
-    out = _interpreted("""
+    out = interpreted("""
         import torch
         from avex.attention import short_attention, reference_attention
         gen = torch.Generator().manual_seed(0)
@@ -103,7 +87,7 @@ def test_kernel_matches_sdpa_under_interpreter() -> None:
 
 @needs_triton
 def test_kernel_rejects_what_it_cannot_run() -> None:
-    out = _interpreted("""
+    out = interpreted("""
         import torch
         from avex.attention import short_attention
         cases = [(torch.zeros(1, 65, 96), "1..64 tokens"), (torch.zeros(1, 5, 3 * 2 * 24), "power of two"),
@@ -125,7 +109,7 @@ def test_kernel_rejects_what_it_cannot_run() -> None:
 def test_tore_episode_with_kernel_equals_sdpa() -> None:
     """A whole cached episode (iterator, aggregator, uneven rows with a key mask) through the kernel gives
     the logits of PyTorch's attention, and the kernel really ran (every block of every step)."""
-    out = _interpreted("""
+    out = interpreted("""
         import os
         import numpy as np
         import torch

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from script_kit import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -20,12 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def train_folder_speed() -> ModuleType:
-    """``benchmarks/train_folder_speed.py`` as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_folder_speed", ROOT / "benchmarks" / "train_folder_speed.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_folder_speed")
 
 
 @pytest.fixture(scope="module")

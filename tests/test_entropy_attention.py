@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from script_kit import interpreted
 
 from avex.attention import short_attention_available
 from avex.entropy_attention import entropy_attention, reference_entropy_attention
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
@@ -42,17 +37,6 @@ def materialised(qkv: torch.Tensor, heads: int, first_query: int = 0, skip_keys:
     p = attn[..., skip_keys:]
     ent = -(p * p.log2()).nan_to_num().sum(dim=(1, 3))  # AME: NaN (0 log 0) -> 0
     return (attn @ v).transpose(1, 2).reshape(b, s - first_query, heads * hd), ent
-
-
-def _interpreted(code: str) -> str:
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
 
 
 # ----------------------------------------------------------------------------- PyTorch reference (CPU)
@@ -118,7 +102,7 @@ def test_dispatch_on_cpu_runs_the_reference_and_checks_arguments(monkeypatch: py
 def test_kernel_matches_the_map_under_interpreter() -> None:
     """fp32 and fp16; 1 to 70 keys (several key blocks, so the running max moves); every flag; block sizes;
     edge cases: all-equal scores, one key, one-hot rows, scores sharing an offset of ~1e4."""
-    out = _interpreted("""
+    out = interpreted("""
         import math
         import torch
         from avex.entropy_attention import entropy_attention_kernel as kernel
@@ -163,7 +147,7 @@ def test_kernel_matches_the_map_under_interpreter() -> None:
 def test_decoder_uses_the_kernel_and_keeps_its_entropy_map() -> None:
     """decode(recon=False) goes through the kernel (under the interpreter) and gives the PyTorch path's map
     and reconstruction; AVEX_ENTROPY_KERNEL=0 turns it off."""
-    out = _interpreted("""
+    out = interpreted("""
         import os
         import numpy as np
         import torch

@@ -4,7 +4,6 @@ on the CPU: the trace is attributed to the right step, the table is written, two
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from script_kit import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -20,12 +20,7 @@ TINY = {"checkpoint": None, "model_kwargs": {"depth": 1, "embed_dim": 16, "num_h
 
 @pytest.fixture(scope="module")
 def profile_step() -> ModuleType:
-    """``benchmarks/profile_step.py`` as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("profile_step")
 
 
 def event(name: str, cat: str, ts: float, dur: float, corr: int | None = None, **args: float) -> dict:
