@@ -16,8 +16,10 @@ The same function of the same weights, computed the way a GPU likes it:
   shapes stay static (one CUDA graph per (K, T) captures it, :mod:`avex.train.graphs`).
 
 On the CPU in fp32 it gives :class:`TOREObjective`'s loss and gradients up to float rounding
-(``tests/test_train_step.py``). It covers the plain timm ViT that avex trains (:func:`fused_refusal` says why
-any other model is refused; ``--fused-step auto`` then runs the eager step).
+(``tests/test_train_step.py``, ``tests/test_train_fused_ls.py``). It covers the plain timm ViT that avex trains
+and DeiT-III's, whose blocks scale each branch by a learned per-channel ``gamma`` (timm's LayerScale,
+``x + ls(branch(norm(x)))``): gamma is cast with the other weights and applied with the residual add
+(:func:`fused_refusal` says why any other model is refused; ``--fused-step auto`` then runs the eager step).
 
 Shapes: B batch, T glimpses, G = g*g tokens per glimpse, L = T*G seen patches, M = N - L unseen, N grid
 patches, P prefix tokens, D width, Cpp = C*p*p pixels per patch.
@@ -31,7 +33,7 @@ from typing import Any, cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Attention, Mlp
+from timm.layers import Attention, DropPath, LayerScale, Mlp
 from timm.models.vision_transformer import Block
 
 from avex.attention import _plain_block
@@ -59,16 +61,38 @@ class _BlockSpec:
     eps1: float
     eps2: float
     heads: int
+    ls1: str | None = None  # "ls1.gamma" where the block has timm's LayerScale after its attention, else None
+    ls2: str | None = None  # "ls2.gamma": after its MLP
 
 
 def _spec(prefix: str, blk: nn.Module, qkv: str, proj: str, fc1: str, fc2: str, heads: int) -> _BlockSpec:
     norm1, norm2 = cast(nn.LayerNorm, blk.norm1), cast(nn.LayerNorm, blk.norm2)
-    return _BlockSpec(prefix, "norm1", qkv, proj, "norm2", fc1, fc2, norm1.eps, norm2.eps, heads)
+    ls1, ls2 = (f"{n}.gamma" if isinstance(getattr(blk, n, None), LayerScale) else None for n in ("ls1", "ls2"))
+    return _BlockSpec(prefix, "norm1", qkv, proj, "norm2", fc1, fc2, norm1.eps, norm2.eps, heads, ls1, ls2)
 
 
-def _inactive(*modules: nn.Module) -> bool:
-    """Whether every module is an Identity or a dropout of p=0 (what the fused step leaves out)."""
-    return all(isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0) for m in modules)
+def _active(m: nn.Module) -> str | None:
+    """How ``m`` changes its input in training (``"Dropout(p=0.1)"``), or None for what the fused step leaves
+    out: an Identity, a dropout of p=0 or a drop path of drop_prob=0."""
+    if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0):
+        return None
+    if isinstance(m, DropPath) and m.drop_prob == 0:
+        return None
+    if isinstance(m, nn.Dropout):
+        return f"Dropout(p={m.p:g})"
+    if isinstance(m, DropPath):
+        return f"DropPath(drop_prob={m.drop_prob:g})"
+    return f"a {type(m).__name__}"
+
+
+def _first_active(owner: str, checks: list[tuple[str, nn.Module, str]]) -> str | None:
+    """The refusal for the first active module of ``checks`` (attribute, module, the timm argument that
+    leaves it out), or None."""
+    for attr, m, fix in checks:
+        what = _active(m)
+        if what:
+            return f"{owner}'s {attr} is {what}, which the fused step does not compute; build the model with {fix}"
+    return None
 
 
 def _block_refusal(i: int, blk: nn.Module) -> str | None:
@@ -80,27 +104,49 @@ def _block_refusal(i: int, blk: nn.Module) -> str | None:
         return f"block {i} normalises with {type(b.norm1).__name__}, not LayerNorm"
     if not (isinstance(mlp, Mlp) and isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"):
         return f"block {i}'s MLP is not timm's Mlp with exact GELU"
-    inactive: list[nn.Module] = [b.ls1, b.ls2, b.drop_path1, b.drop_path2, attn.attn_drop, attn.proj_drop, attn.norm]
-    if not _inactive(*inactive, mlp.drop1, mlp.norm, mlp.drop2):
-        return f"block {i} has layer scale, drop path, dropout or an extra norm"
-    return None
+    for name in ("ls1", "ls2"):  # timm's LayerScale (x * gamma) is computed; anything else there is not
+        ls = getattr(b, name)
+        if not isinstance(ls, (nn.Identity, LayerScale)):
+            return f"block {i}'s {name} is a {type(ls).__name__}; the fused step computes timm's LayerScale only"
+    # timm's Block passes proj_drop_rate to the MLP's dropouts too.
+    checks: list[tuple[str, nn.Module, str]] = [
+        ("drop_path1", b.drop_path1, "timm's drop_path_rate=0"),
+        ("drop_path2", b.drop_path2, "timm's drop_path_rate=0"),
+        ("attn.attn_drop", attn.attn_drop, "timm's attn_drop_rate=0"),
+        ("attn.proj_drop", attn.proj_drop, "timm's proj_drop_rate=0"),
+        ("mlp.drop1", mlp.drop1, "timm's proj_drop_rate=0"),
+        ("mlp.drop2", mlp.drop2, "timm's proj_drop_rate=0"),
+        ("attn.norm", attn.norm, "timm's scale_attn_norm=False"),
+        ("mlp.norm", mlp.norm, "timm's scale_mlp_norm=False"),
+    ]
+    return _first_active(f"block {i}", checks)
 
 
 def fused_refusal(model: TOREViT) -> str | None:
     """Why :class:`FusedObjective` cannot compute ``model``'s loss, or None when it can.
 
-    It covers timm ViTs with plain pre-norm blocks (LayerNorm, timm's Attention, an exact-GELU MLP, no layer
-    scale, no dropout or drop path), a plain stride-p patch projection, CLS pooling and no extra norms.
+    It covers timm ViTs with plain pre-norm blocks (LayerNorm, timm's Attention, an exact-GELU MLP, timm's
+    LayerScale or none, no dropout or drop path), a plain stride-p patch projection, CLS pooling and no extra
+    norms: DeiT-III (``deit3_*``) among them. A refusal names the module, its setting and the timm argument
+    that leaves it out (``drop_path_rate=0``, ...).
     """
     vit = model.vit
     if not _is_patch_linear(vit.patch_embed.proj, model.patch):
         return "the patch projection is not a plain stride-p convolution"
     if vit.global_pool != "token":
         return f"global_pool is {vit.global_pool!r}, not 'token'"
+    checks: list[tuple[str, nn.Module, str]] = [
+        ("patch_embed.norm", vit.patch_embed.norm, "timm's embed_norm_layer=None"),
+        ("norm_pre", vit.norm_pre, "timm's pre_norm=False"),
+        ("pos_drop", vit.pos_drop, "timm's pos_drop_rate=0"),
+        ("fc_norm", vit.fc_norm, "timm's fc_norm=False"),
+        ("head_drop", vit.head_drop, "timm's drop_rate=0"),
+    ]
+    refusal = _first_active("the ViT", checks)
+    if refusal:
+        return refusal
     if not isinstance(vit.norm, nn.LayerNorm):
-        return f"the final norm is a {type(vit.norm).__name__}, not LayerNorm"
-    if not _inactive(vit.patch_embed.norm, vit.norm_pre, vit.pos_drop, vit.fc_norm, vit.head_drop):
-        return "the ViT has a patch norm, a pre-norm, an fc_norm or dropout"
+        return f"the final norm is {type(vit.norm).__name__}, not LayerNorm"
     for i, blk in enumerate(vit.blocks):
         refusal = _block_refusal(i, blk)
         if refusal:
@@ -164,9 +210,14 @@ def _block(x: torch.Tensor, w: dict[str, torch.Tensor], s: _BlockSpec, first: in
     """One pre-norm block on [B, S, D]; the rows before ``first`` are keys only. Returns [B, S - first, D]."""
     p = s.prefix
     qkv = _linear(_layer_norm(x, w, p + s.norm1, s.eps1), w, p + s.qkv)
-    x = x[:, first:] + _linear(train_attention(qkv, s.heads, first), w, p + s.proj)
+    x = _residual(x[:, first:], _linear(train_attention(qkv, s.heads, first), w, p + s.proj), w, p, s.ls1)
     h = F.gelu(_linear(_layer_norm(x, w, p + s.norm2, s.eps2), w, p + s.fc1))
-    return x + _linear(h, w, p + s.fc2)
+    return _residual(x, _linear(h, w, p + s.fc2), w, p, s.ls2)
+
+
+def _residual(x: torch.Tensor, y: torch.Tensor, w: dict[str, torch.Tensor], p: str, ls: str | None) -> torch.Tensor:
+    """``x + y``, or with layer scale ``x + y * gamma`` (gamma [D], as timm's LayerScale) in one kernel."""
+    return x + y if ls is None else torch.addcmul(x, y, w[p + ls])
 
 
 def _heads(blk: nn.Module) -> int:
