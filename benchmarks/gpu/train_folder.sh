@@ -9,8 +9,8 @@
 #   4. plain and TORE without the store: every batch decoded on the host by $WORKERS read-ahead threads;
 #   5. plain and TORE with the store on the host (AVEX_STORE_ON_DEVICE=0: rows gathered into pinned memory, as a store too
 #      large for the GPU, ImageNet-train's 190 GB, is read);
-#   6. plain and TORE for $GRAPHED_MODEL (vit_small_patch16_224: DeiT-III's layer scale keeps TORE on the eager step,
-#      a plain ViT-S takes the graphed one), store on the GPU.
+#   6. plain and TORE for $GRAPHED_MODEL (vit_small_patch16_224: a ViT without layer scale, beside DeiT-III; both take
+#      the graphed step now), store on the GPU.
 # Results: $R/train_folder.md (all tables) and one .md + .json per run, copied to $OUT -> $OUT/results.tar.gz
 # Usage (device tool, carry .whl and data):  bash benchmarks/gpu/train_folder.sh
 # Settings: FILES (20000), WORKERS (all cores), BATCH (256), STEPS (100 timed; decoding: 4 x WORKERS), WARMUP (20),
