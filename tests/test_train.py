@@ -14,12 +14,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from train_kit import RUN_BATCH, RUN_STEPS, TINY, assert_same_weights_as_one, torchrun_command, torchrun_env
+from train_kit import RUN_BATCH, RUN_STEPS, TINY, assert_same_weights_as_one, tiny_tore, torchrun_command, torchrun_env
 
 from avex.checkpoint import load_tore
 from avex.data import FashionMNISTCanvas
 from avex.geometry import GlimpseGeometry
-from avex.model import create_tore
 from avex.train import (
     TOREObjective,
     TrainConfig,
@@ -34,20 +33,7 @@ from avex.train import (
     train_step,
 )
 
-
-def _tiny_model(img_size: int = 48, in_chans: int = 1):
-    return create_tore(
-        "vit_tiny_patch16_224",
-        img_size=img_size,
-        patch_size=8,
-        in_chans=in_chans,
-        num_classes=10,
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
-        mean=(0.1,) * in_chans,
-        std=(0.25,) * in_chans,
-    )
+_tiny_model = tiny_tore
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,15 +16,13 @@ import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from train_kit import single_config
+from train_kit import single_config, tiny_tore
 
 from avex.data import FashionMNISTCanvas
-from avex.model import create_tore
 from avex.train import (
     FusedObjective,
     StepPlan,
@@ -44,18 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _model(img_size: int = 48, in_chans: int = 1, **kw: Any):
-    kw = dict(dict(depth=2, embed_dim=32, num_heads=2), **kw)
-    return create_tore(
-        "vit_tiny_patch16_224",
-        img_size=img_size,
-        patch_size=8,
-        in_chans=in_chans,
-        num_classes=10,
-        mean=(0.1,) * in_chans,
-        std=(0.25,) * in_chans,
-        **kw,
-    )
+_model = tiny_tore
 
 
 def _batch(model, batch: int, T: int, seed: int = 1, device: str = "cpu"):

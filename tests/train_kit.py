@@ -91,3 +91,20 @@ def assert_same_weights_as_one(one_checkpoint: str, out: Path, world: int) -> No
     for k in one:
         torch.testing.assert_close(many[k], one[k], atol=1e-5, rtol=1e-5, msg=_prefixed(k))
     assert json.loads(Path(f"{out}.json").read_text())["meta"]["world_size"] == world
+
+
+def tiny_tore(img_size: int = 48, in_chans: int = 1, **kw: Any) -> Any:
+    """A 2-block, 32-wide TORE ViT (patch 8, 10 classes) for the training tests; ``kw`` overrides timm's arguments."""
+    from avex.model import create_tore
+
+    arch = dict(dict(depth=2, embed_dim=32, num_heads=2), **kw)
+    return create_tore(
+        "vit_tiny_patch16_224",
+        img_size=img_size,
+        patch_size=8,
+        in_chans=in_chans,
+        num_classes=10,
+        mean=(0.1,) * in_chans,
+        std=(0.25,) * in_chans,
+        **arch,
+    )
