@@ -25,7 +25,7 @@ from envs.config import EnvConfig, check_int
 from envs.engine_outputs import EngineOutputs
 from envs.engine_setup import covered
 from envs.rewards import Belief
-from envs.transfer import to_device
+from envs.transfer import fill_rows, to_device
 
 __all__ = ["AVEEngine"]
 
@@ -71,6 +71,9 @@ class AVEEngine(EngineOutputs):
             self.pred = torch.full((B,), self._empty_pred, dtype=torch.int64, device=dev)
             self._entropy = self._empty_entropy.expand(B, -1, -1).clone()
             self._arange = torch.arange(B, device=dev)
+            # True on the device: marking cells at tensor indices with a Python True would copy it there first,
+            # and CUDA's index_put_ waits for that copy.
+            self._true = torch.ones((), dtype=torch.bool, device=dev)
         self._no_pending()
         self._used_t = None  # a device copy of ``used``, made when device infos ask for it
         self._rows_memo: tuple[np.ndarray, torch.Tensor] | None = None
@@ -217,21 +220,21 @@ class AVEEngine(EngineOutputs):
 
     def _clear(self, rows: np.ndarray, r: slice | torch.Tensor) -> None:
         """:meth:`clear_rows` with the rows' device index ``r`` (nothing waits for the device)."""
-        self.seen[r] = False
-        self.visited[r] = False
+        fill_rows(self.seen, r, False)
+        fill_rows(self.visited, r, False)
         cache = self.cache
         cache.counts[rows] = 0  # TOREViT.reset_cache, with the empty prefix computed once
         cache.buf[r, : cache.num_prefix] = self._empty_prefix.to(cache.buf.dtype)
         self.probs[r] = self._empty_probs
         self.cls[r] = self._empty_cls
         self.logits[r] = self._empty_logits
-        self.pred[r] = self._empty_pred
+        fill_rows(self.pred, r, self._empty_pred)
         if self._pending is not None:
             self._cleared.append(r)  # the map is not computed yet: these rows get the empty pass's when it is
         else:
             self._entropy[r] = self._empty_entropy
         if self._used_t is not None:
-            self._used_t[r] = False
+            fill_rows(self._used_t, r, False)
         self.used[rows] = False
         self.repeated[rows] = False
         self.boxes[rows] = np.nan
@@ -337,7 +340,7 @@ class AVEEngine(EngineOutputs):
         if discrete:  # the glimpse's own pixels, as the centre rule gives for an aligned box: B x s x s writes
             ys = sent["rows"][:, None] * geo.patch + self._sensor_offsets  # [B, s] pixel rows, as geo.cut reads
             xs = sent["cols"][:, None] * geo.patch + self._sensor_offsets
-            self.seen[self._arange[:, None, None], ys[:, :, None], xs[:, None, :]] = True
+            self.seen.index_put_((self._arange[:, None, None], ys[:, :, None], xs[:, None, :]), self._true)
         else:  # a box anywhere: every pixel's centre tested (B x H x W)
             self.seen |= covered(self._pixel_centres, sent["boxes"])
         self.visited |= covered(self._patch_centres, sent["boxes"])
@@ -358,7 +361,7 @@ class AVEEngine(EngineOutputs):
             self.repeated = used[taken]  # a fresh array: infos hold no view of it
             used[taken] = True
             if self._used_t is not None:
-                self._used_t[self._arange, sent["actions"]] = True
+                self._used_t.index_put_((self._arange, sent["actions"]), self._true)
         if (t == t[0]).all():  # rows in step (every row started together): one slice
             self.boxes[:, t[0]] = boxes_np
         else:

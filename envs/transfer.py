@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["to_device", "to_host", "tree_to_device", "tree_to_host"]
+__all__ = ["fill_rows", "to_device", "to_host", "tree_to_device", "tree_to_host"]
 
 
 def _packed(device: torch.device, pack: bool | None) -> bool:
@@ -87,6 +87,22 @@ def to_host(tensors: dict[str, torch.Tensor], pack: bool | None = None) -> dict[
         t = tensors[k]
         out[k] = data[start:stop].view(_NUMPY[t.dtype]).reshape(tuple(t.shape))
     return {k: out[k] for k in tensors}
+
+
+def fill_rows(t: torch.Tensor, rows: slice | torch.Tensor, value: bool | int | float) -> None:
+    """``t[rows] = value`` without a copy to the device: a Python number written at a tensor of row indices
+    (``index_put_``) is first copied to the device, and on CUDA that copy waits for the device; ``index_fill_``
+    takes the number as a kernel argument.
+
+    Args:
+        t: [R, ...] on any device.
+        rows: a slice, or int64 row indices on ``t``'s device.
+        value: the number every element of those rows gets.
+    """
+    if isinstance(rows, slice):
+        t[rows] = value  # a fill kernel
+    else:
+        t.index_fill_(0, rows, value)
 
 
 def _leaves(tree: dict[str, Any], kind: type, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

@@ -26,7 +26,7 @@ from gymnasium.vector.utils import batch_space
 from avex.checks import brief
 from envs.config import EnvConfig, check_flag, check_int, check_options, check_seed
 from envs.engine import AVEEngine
-from envs.transfer import tree_to_device, tree_to_host
+from envs.transfer import fill_rows, tree_to_device, tree_to_host
 from envs.views import EngineViews
 
 __all__ = ["AVEVectorEnv"]
@@ -293,7 +293,7 @@ class AVEVectorEnv(EngineViews, gym.vector.VectorEnv):
         rewards = rewards.double()
         if pending.size:
             self.engine.clear_rows(pending)
-            rewards[self.engine.device_rows(pending)] = 0.0
+            fill_rows(rewards, self.engine.device_rows(pending), 0.0)
             terminated[pending] = False
         truncated = self._truncated(terminated)
         self._pending = terminated | truncated
