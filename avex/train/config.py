@@ -8,6 +8,7 @@ set's value (:func:`resolve_config`).
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import Field, asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -99,6 +100,24 @@ class TrainConfig:
     warmup: float = _opt(0.05, OPTIM, "linear warm-up as a fraction of all steps (then half-cosine to 0)")
     label_smoothing: float = _opt(0.0, OPTIM, "label smoothing (the flag alone: 0.1)", nargs="?", const=0.1)
     recon_weight: float = _opt(0.1, OPTIM, "weight of the masked reconstruction MSE")
+    distill: float = _opt(
+        0.0,
+        OPTIM,
+        "self-distillation weight W: the loss adds W x KL(teacher || student), the teacher being the model's own "
+        "prediction on the full view (every patch, K=0) without gradient, the student its prediction after the "
+        "batch's glimpses (0: off; the eager step computes it)",
+        metavar="W",
+    )
+    distill_temp: float = _opt(
+        1.0, OPTIM, "distillation temperature: both predictions softened by it, the KL scaled by its square"
+    )
+    continuous_glimpses: float = _opt(
+        0.0,
+        OPTIM,
+        "fraction of batches whose glimpses are random continuous (y, x, z) boxes, cut as the env's continuous "
+        "mode cuts them, instead of grid glimpses (0: off; the eager step computes it)",
+        metavar="P",
+    )
     grad_clip: float = _opt(1.0, OPTIM, "gradient norm clip (0: off)")
     amp: bool = _opt(True, OPTIM, "bf16 autocast on CUDA (CPU always runs fp32)")
     compile: bool = _opt(False, OPTIM, "torch.compile each ViT block of the eager step (dynamic shapes; CUDA)")
@@ -175,7 +194,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     into a copy of ``cfg``; canonical data-set name, sorted train_k.
 
     Raises:
-        ValueError: a data set that is not registered (the message lists the registered ones).
+        ValueError: a data set that is not registered (the message lists the registered ones); a distillation
+            weight, temperature or continuous-glimpse fraction out of range.
     """
     name = DATASETS.canonical(cfg.dataset)
     values = asdict(cfg)
@@ -188,7 +208,20 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
             values[key] = tuple(float(v) for v in values[key])
     if values["train_k"] is not None:
         values["train_k"] = tuple(sorted({int(k) for k in values["train_k"]}))
+    _check_objective(cfg)
     return TrainConfig(**values)
+
+
+def _check_objective(cfg: TrainConfig) -> None:
+    """ValueError for a distillation or continuous-glimpse setting out of range, naming the flag and the fix."""
+    if not (math.isfinite(cfg.distill) and cfg.distill >= 0):
+        raise ValueError(f"--distill {cfg.distill}: the distillation weight must be a number >= 0 (0: off)")
+    if not (math.isfinite(cfg.distill_temp) and cfg.distill_temp > 0):
+        raise ValueError(f"--distill-temp {cfg.distill_temp}: the temperature must be a number > 0 (1: plain KL)")
+    if not 0 <= cfg.continuous_glimpses <= 1:
+        raise ValueError(
+            f"--continuous-glimpses {cfg.continuous_glimpses}: the fraction of batches must lie in [0, 1] (0: off)"
+        )
 
 
 def need(value: _T | None, name: str) -> _T:

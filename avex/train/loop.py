@@ -36,7 +36,7 @@ from avex.train.data import TrainData, load_train_data
 from avex.train.evaluate import eval_columns, eval_markdown, eval_summary, evaluate_classifier
 from avex.train.fused import FusedObjective
 from avex.train.objective import TOREObjective
-from avex.train.policy import draw_k_and_t, n_tiles, sample_glimpses, step_rngs
+from avex.train.policy import draw_continuous, draw_k_and_t, n_tiles, sample_continuous, sample_glimpses, step_rngs
 from avex.train.runtime import setup_distributed, teardown_distributed
 from avex.train.step import GraphedStep, Step, StepPlan, make_step, plan_step
 
@@ -115,7 +115,7 @@ def start_training(cfg: TrainConfig) -> Training:
         dtype = run.plan.compute_dtype(run.device, cfg.amp)
         objective = FusedObjective(model, run.geo, cfg.recon_weight, cfg.label_smoothing, dtype)
     else:
-        objective = TOREObjective(model, run.geo, cfg.recon_weight, cfg.label_smoothing)
+        objective = TOREObjective(model, run.geo, cfg.recon_weight, cfg.label_smoothing, cfg.distill, cfg.distill_temp)
     if run.world > 1:
         device_ids = [run.device] if run.device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
@@ -208,6 +208,8 @@ def _announce(run: _Run) -> None:
         f"{run.total_steps} steps ({run.total_steps / run.steps_per_epoch:.1f} epochs), {run.plan.name} step",
         flush=True,
     )
+    if run.plan.note:
+        print(f"[avex.train] {run.plan.note}", flush=True)
 
 
 def _train_one_step(
@@ -221,9 +223,13 @@ def _train_one_step(
     cfg, part = run.cfg, run.part
     host_rng, gen = step_rngs(cfg.seed, step, run.device)
     K, T = draw_k_and_t(host_rng, run.model.depth, run.budget, run.tiles, cfg.train_k)
+    continuous = draw_continuous(host_rng, cfg.continuous_glimpses)
     canvases, labels = run.data.next_batch(step, gen)
     rows, cols = sample_glimpses(run.geo, cfg.batch_size, T, gen)  # for the global batch, after its canvases
-    stats = step_fn((canvases, labels, rows[part], cols[part]), K)
+    batch: tuple[torch.Tensor, ...] = (canvases, labels, rows[part], cols[part])
+    if continuous:  # drawn last, so the grid glimpses stay those of a run without the option
+        batch += (sample_continuous(cfg.batch_size, T, gen)[part],)
+    stats = step_fn(batch, K)
     lr = run.lr(step)  # the host's copy: a graphed step's learning rate is a tensor on the device
     scheduler.step()
     return K, T, lr, stats

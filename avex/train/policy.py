@@ -8,7 +8,11 @@ follows TORE's policy (see ``tore-method.md``):
    uniform in budget..n_tiles (n_tiles: the non-overlapping tiles that cover the grid, so T=n_tiles
    with shift 0 reveals every patch);
 3. per image, T random NON-overlapping g x g glimpses: a random shift (dy, dx) in {0..g-1}^2, then T
-   distinct positions of the shifted stride-g lattice that fit in the grid.
+   distinct positions of the shifted stride-g lattice that fit in the grid;
+4. with ``--continuous-glimpses P`` (:func:`draw_continuous`), a fraction P of the batches instead takes T
+   random continuous (y, x, z) glimpses per image (AdaGlimpse's boxes, :func:`sample_continuous`), cut as the
+   env's continuous mode cuts them (:func:`cut_continuous_glimpses`), so one set of weights serves both
+   action modes.
 
 Every draw of a step comes from generators seeded by (seed, step) (:func:`step_rngs`) and is made for
 the GLOBAL batch on every rank, so each rank can keep its slice and all ranks agree.
@@ -27,7 +31,16 @@ import torch
 
 from avex.geometry import GlimpseGeometry
 
-__all__ = ["cut_glimpses", "draw_k_and_t", "n_tiles", "sample_glimpses", "step_rngs"]
+__all__ = [
+    "cut_continuous_glimpses",
+    "cut_glimpses",
+    "draw_continuous",
+    "draw_k_and_t",
+    "n_tiles",
+    "sample_continuous",
+    "sample_glimpses",
+    "step_rngs",
+]
 
 
 def step_rngs(seed: int, step: int, device: torch.device) -> tuple[np.random.Generator, torch.Generator]:
@@ -46,6 +59,14 @@ def draw_k_and_t(
     K = int(rng.integers(0, depth + 1)) if ks is None else int(ks[int(rng.integers(0, len(ks)))])
     T = int(rng.integers(1, budget + 1)) if rng.random() < 0.5 else int(rng.integers(budget, n_tiles + 1))
     return K, T
+
+
+def draw_continuous(rng: np.random.Generator, fraction: float) -> bool:
+    """Whether this batch's glimpses are continuous, with probability ``fraction``; drawn after K and T.
+
+    ``fraction`` 0 draws nothing, so every later draw of the step stays what it was without the option.
+    """
+    return fraction > 0 and bool(rng.random() < fraction)
 
 
 def n_tiles(geo: GlimpseGeometry) -> int:
@@ -101,5 +122,44 @@ def cut_glimpses(
     pixels = geo.cut(rep, r, c).reshape(b, t, canvases.shape[-1], s, s)
     coords = geo.glimpse_coords(r, c).reshape(b, t, geo.tokens_per_glimpse, 2)
     boxes = torch.stack([r * p, c * p, r * p + s, c * p + s], dim=-1).float()
+    visited = cast(torch.Tensor, geo.visited_patches(boxes))  # a tensor for tensor boxes
+    return pixels, coords, visited.reshape(b, t, geo.num_patches).any(dim=1)
+
+
+def sample_continuous(batch: int, T: int, generator: torch.Generator) -> torch.Tensor:
+    """T random continuous glimpses per image: (y, x, z) uniform in [0, 1)^3, the env's continuous actions.
+
+    Returns:
+        float32 [batch, T, 3] on the generator's device.
+    """
+    return torch.rand(batch, T, 3, generator=generator, device=generator.device)
+
+
+def cut_continuous_glimpses(
+    geo: GlimpseGeometry, canvases: torch.Tensor, yxz: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixels, token coordinates and revealed patches of T continuous glimpses per image, as the env makes them.
+
+    The env's continuous step (``envs/engine.py``) turns (y, x, z) into a box
+    (:meth:`~GlimpseGeometry.continuous_boxes`), resamples it onto the ``s x s`` sensor
+    (:meth:`~GlimpseGeometry.cut_continuous`) and hands the model those pixels divided by 255 (floats, which the
+    model reads as [0, 1]) with float token coordinates (:meth:`~GlimpseGeometry.continuous_coords`); this does
+    the same for every glimpse at once. A patch counts as revealed when its centre lies inside a box (the env's
+    ``visited``): a zoomed-out glimpse reveals every patch it spans, at the sensor's lower resolution, and the
+    reconstruction loss then reads only the patches no box reached.
+
+    Args:
+        canvases: [B, H, W, C] uint8.
+        yxz: float [B, T, 3] in [0, 1].
+
+    Returns:
+        pixels float32 [B, T, C, s, s] in [0, 1], coords float32 [B, T, G, 2], seen bool [B, N].
+    """
+    b, t = yxz.shape[:2]
+    boxes = geo.continuous_boxes(yxz.reshape(b * t, 3))  # [B*T, 4]
+    rep = canvases[:, None].expand(b, t, *canvases.shape[1:]).reshape(b * t, *canvases.shape[1:])
+    s = geo.sensor_pixels
+    pixels = (geo.cut_continuous(rep, boxes) / 255.0).reshape(b, t, canvases.shape[-1], s, s)
+    coords = geo.continuous_coords(boxes).reshape(b, t, geo.tokens_per_glimpse, 2)
     visited = cast(torch.Tensor, geo.visited_patches(boxes))  # a tensor for tensor boxes
     return pixels, coords, visited.reshape(b, t, geo.num_patches).any(dim=1)

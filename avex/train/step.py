@@ -14,6 +14,9 @@ update. Three ways, one interface (:func:`make_step`):
 
 ``auto`` (both options' default) picks the graphed step for one CUDA process, the fused step under DDP and
 the eager step on the CPU, where the fused and graphed options fall back to it (same numbers as ``off``).
+The fused step computes neither self-distillation (``--distill``) nor continuous glimpses
+(``--continuous-glimpses``): with either, ``auto`` runs the eager step (the plan's ``note`` says why, and the
+run prints it) and ``on`` is refused (:func:`option_refusal`).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from avex.train.config import TrainConfig
 from avex.train.fused import fused_refusal
 from avex.train.objective import train_step
 
-__all__ = ["GraphedStep", "StepPlan", "init_optimizer_state", "make_step", "plan_step"]
+__all__ = ["GraphedStep", "StepPlan", "init_optimizer_state", "make_step", "option_refusal", "plan_step"]
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # canvases, labels, rows, cols
+# canvases, labels, rows, cols; the eager step also takes continuous glimpses' yxz [B, T, 3] after them
+Batch = tuple[torch.Tensor, ...]
 Step = Callable[[Batch, int], torch.Tensor]  # (batch, K) -> float [4] loss, ce, mse, accuracy
 
 
@@ -41,6 +45,7 @@ class StepPlan(NamedTuple):
 
     fused: bool
     graphs: bool
+    note: str = ""  # why ``auto`` did not take the fused step it would otherwise take ("": nothing to say)
 
     @property
     def name(self) -> str:
@@ -60,9 +65,10 @@ def plan_step(cfg: TrainConfig, model: TOREViT, world: int, device: torch.device
     for name in ("fused_step", "cuda_graphs"):
         if getattr(cfg, name) not in ("auto", "on", "off"):
             raise ValueError(f"--{name.replace('_', '-')} must be auto, on or off, got {getattr(cfg, name)!r}")
-    refusal = fused_refusal(model)
+    model_refusal, options = fused_refusal(model), option_refusal(cfg)
+    refusal = options or model_refusal
     if cfg.fused_step == "on" and refusal:
-        raise ValueError(f"--fused-step on: {refusal}; use --fused-step off")
+        raise ValueError(f"--fused-step on: {refusal}; use --fused-step {'auto or off' if options else 'off'}")
     if cfg.cuda_graphs == "on":
         why = (
             "they need a CUDA device"
@@ -79,7 +85,22 @@ def plan_step(cfg: TrainConfig, model: TOREViT, world: int, device: torch.device
     # --compile compiles the eager step's blocks: auto then keeps the eager step.
     fused = cfg.fused_step == "on" or (cfg.fused_step == "auto" and cuda and not refusal and not cfg.compile)
     graphs = fused and cuda and world == 1 and (cfg.cuda_graphs == "on" or cfg.cuda_graphs == "auto")
-    return StepPlan(fused, graphs)
+    # Say so where only the options kept auto from the fused step.
+    would_fuse = cfg.fused_step == "auto" and cuda and not model_refusal and not cfg.compile
+    note = f"the eager step: {options}" if options and would_fuse else ""
+    return StepPlan(fused, graphs, note)
+
+
+def option_refusal(cfg: TrainConfig) -> str | None:
+    """Why the fused step cannot run ``cfg``'s objective (the options it does not compute), or None."""
+    on = [
+        f"--{flag} {value:g}"
+        for flag, value in (("distill", cfg.distill), ("continuous-glimpses", cfg.continuous_glimpses))
+        if value
+    ]
+    if not on:
+        return None
+    return f"{' and '.join(on)} {'is' if len(on) == 1 else 'are'} computed by the eager step only"
 
 
 def eager_step(
