@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from avex.transfer import send
+
 __all__ = ["AggregatorOutput", "TokenCache"]
 
 
@@ -93,7 +95,7 @@ class TokenCache:
         ):  # all rows: a slice, no index copy (no sync; capturable)
             self.buf[:, : self.num_prefix] = prefix
         else:
-            self.buf[_sent(idx, self.buf.device), : self.num_prefix] = prefix
+            self.buf[send(idx, self.buf.device), : self.num_prefix] = prefix
 
     def take(self, rows: np.ndarray, capacity: int | None = None) -> TokenCache:
         """A new cache holding copies of some rows (a row may be taken several times); ``self`` is not changed.
@@ -113,7 +115,7 @@ class TokenCache:
         if held > cap:
             raise ValueError(f"capacity={cap} glimpses cannot hold rows that already cache {held}")
         g2, p = self.tokens_per_glimpse, self.num_prefix
-        t = _sent(idx, self.buf.device)
+        t = send(idx, self.buf.device)
         # Only the filled slots are copied: a copy made to try one more glimpse needs little more room.
         buf = self.buf.new_zeros(idx.size, p + cap * g2, self.buf.shape[2])
         buf[:, : p + held * g2] = self.buf[t, : p + held * g2]
@@ -138,10 +140,10 @@ class TokenCache:
         else:  # rows reset at different times: scatter at per-row offsets (sent without waiting for the device)
             dev = self.buf.device
             b = torch.arange(self.batch_size, device=dev)[:, None]
-            slots = _sent(n[:, None] * g2 + np.arange(g2)[None], dev)
+            slots = send(n[:, None] * g2 + np.arange(g2)[None], dev)
             self.buf[b, p + slots] = x[:, p:]
             self.coords[b, slots] = coords.float()
-            weight = _sent(1.0 / (n + 1), dev).to(self.buf.dtype)[:, None, None]
+            weight = send(1.0 / (n + 1), dev).to(self.buf.dtype)[:, None, None]
             self.buf[:, :p].lerp_(x[:, :p], weight)
         self.counts += 1
 
@@ -157,18 +159,6 @@ class TokenCache:
         length = int(n.max()) * g2
         valid = None
         if not (n == n[0]).all():
-            lengths = _sent(p + n * g2, self.buf.device)
+            lengths = send(p + n * g2, self.buf.device)
             valid = torch.arange(p + length, device=self.buf.device)[None] < lengths[:, None]
         return self.buf[:, : p + length], self.coords[:, :length], valid
-
-
-def _sent(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A fresh host array as a tensor on ``device``, without waiting for the device: on CUDA from pinned memory
-    with a non-blocking copy (``torch.as_tensor(a, device=...)`` copies from pageable memory, which waits).
-
-    Args:
-        a: any shape and dtype; not changed later (on the CPU the tensor shares its memory).
-    """
-    t = torch.as_tensor(a)
-    # On CUDA the caching host allocator keeps the pinned block until the copy is done.
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

@@ -7,9 +7,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from avex.transfer import tree_to_host
 from envs.config import EnvConfig, check_options, check_seed
 from envs.engine import AVEEngine
-from envs.transfer import tree_to_host
 from envs.views import EngineViews, row_info
 
 __all__ = ["AVEEnv"]

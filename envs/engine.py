@@ -21,11 +21,11 @@ import torch
 from avex.cache import AggregatorOutput
 from avex.checkpoint import built_digest, weights_digest
 from avex.checks import brief
+from avex.transfer import fill_rows, to_device
 from envs.config import EnvConfig, check_int
 from envs.engine_outputs import EngineOutputs
 from envs.engine_setup import covered
 from envs.rewards import Belief
-from envs.transfer import fill_rows, to_device
 
 __all__ = ["AVEEngine"]
 

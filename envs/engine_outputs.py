@@ -4,8 +4,8 @@ the keys asked for, and moved in one transfer.
 :meth:`EngineOutputs.observation` and :meth:`EngineOutputs.info` return *raw* dicts: device tensors for what
 the device holds (canvas, maps, belief, predictions) and fresh NumPy arrays for what the host holds (steps,
 boxes, masks, FLOPs). An env gathers the raw dicts of a step (observations, infos, rewards, the ending
-episodes' ones) and converts them all at once with :func:`envs.transfer.tree_to_host` (one device-to-host
-copy) or :func:`envs.transfer.tree_to_device` (one non-blocking host-to-device copy, ``torch_obs``).
+episodes' ones) and converts them all at once with :func:`avex.transfer.tree_to_host` (one device-to-host
+copy) or :func:`avex.transfer.tree_to_device` (one non-blocking host-to-device copy, ``torch_obs``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from avex.cache import TokenCache
+from avex.transfer import to_device, tree_to_device, tree_to_host
 from envs.engine_setup import EngineSetup
-from envs.transfer import to_device, tree_to_device, tree_to_host
 
 __all__ = ["EngineOutputs"]
 

@@ -24,9 +24,9 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from avex.checks import brief
+from avex.transfer import fill_rows, tree_to_device, tree_to_host
 from envs.config import EnvConfig, check_flag, check_int, check_options, check_seed
 from envs.engine import AVEEngine
-from envs.transfer import fill_rows, tree_to_device, tree_to_host
 from envs.views import EngineViews
 
 __all__ = ["AVEVectorEnv"]

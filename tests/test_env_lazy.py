@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from avex.transfer import to_device, to_host, tree_to_device, tree_to_host
 from envs.ave_env import AVEEnv
 from envs.config import OBS_KEYS
 from envs.engine import AVEEngine
-from envs.transfer import to_device, to_host, tree_to_device, tree_to_host
 from envs.vector import AVEVectorEnv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

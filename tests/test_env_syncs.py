@@ -10,7 +10,7 @@ data-dependent shape (``nonzero``, ``masked_select``, ``unique``, indexing with 
 ``index_put_`` copies the number to the device with a blocking copy), a tensor built from host data straight
 on a device (``torch.as_tensor(array, device=...)``: a blocking copy from pageable memory) and
 ``torch.cuda.synchronize``. A step with ``torch_obs=True`` makes none of them; a step with NumPy outputs only
-its one transfer (``envs.transfer.to_host``).
+its one transfer (``avex.transfer.to_host``).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def test_plain_vector_step_makes_no_synchronising_call(
         assert len(set(venv.engine.steps.tolist())) == 2
     calls = _plain_steps(venv, monkeypatch, 2)
     # The one transfer: to_host reads its packed buffer (on CUDA, the copy into it is the step's one wait).
-    own = [c for c in calls if c.startswith("Tensor.numpy at envs/transfer.py:") and c.endswith("(to_host)")]
+    own = [c for c in calls if c.startswith("Tensor.numpy at avex/transfer.py:") and c.endswith("(to_host)")]
     assert len(own) == (0 if torch_obs else 2)
     assert [c for c in calls if c not in own] == [], "\n".join(calls)
 

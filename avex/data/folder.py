@@ -31,7 +31,8 @@ from PIL import Image
 
 from avex.data.registry import DatasetSpec, canvas_hw, register_dataset
 from avex.data.source import CanvasSource, _check_indices
-from avex.data.store import ImageStore, find_store, to_device
+from avex.data.store import ImageStore, find_store
+from avex.transfer import send
 
 __all__ = ["IMAGE_EXTENSIONS", "SPLIT_NAMES", "ImageFolderCanvas", "env_split"]
 
@@ -317,8 +318,8 @@ class ImageFolderCanvas(CanvasSource):
         if self._store is not None:
             canvases = self._store.take(used, self.device)
         else:
-            canvases = to_device(np.stack([img for img, _, _ in rows if img is not None]), self.device)
-        labels = to_device(self.targets[used], self.device)
+            canvases = send(np.stack([img for img, _, _ in rows if img is not None]), self.device)
+        labels = send(self.targets[used], self.device)
         return canvases, labels, used, np.array([n for _, _, n in rows], dtype=np.int64)
 
     def sample(

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from avex.transfer import send
+
 __all__ = [
     "STORE_DIR_ENV",
     "ImageStore",
@@ -45,7 +47,6 @@ __all__ = [
     "prepare_command",
     "store_candidates",
     "store_dir",
-    "to_device",
 ]
 
 STORE_DIR_ENV = "AVEX_STORE_DIR"
@@ -180,7 +181,7 @@ class ImageStore:
         if device.type == "cuda":
             resident = self._on_device(device)
             if resident is not None:
-                return resident[to_device(indices, device)]
+                return resident[send(indices, device)]
             # Pinned pages from torch's caching allocator: reused only after the copy that reads them is done.
             host = torch.empty((len(indices), *self.shape[1:]), dtype=torch.uint8, pin_memory=True)
             self._gather(indices, host.numpy())
@@ -222,15 +223,6 @@ class ImageStore:
             self._gather(np.arange(a, b), buffer.numpy()[: b - a])
             out[a:b].copy_(buffer[: b - a])  # synchronous: the buffer is refilled next
         return out
-
-
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``array`` as a tensor on ``device``; to CUDA through pinned memory without waiting (a copy from pageable
-    memory would wait for the device to finish its queued work)."""
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def prepare_command(folder: Path, image_size: tuple[int, int], channels: int) -> str:

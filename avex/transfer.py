@@ -1,4 +1,5 @@
-"""Host <-> device transfers of a step's outputs: every array of a call in ONE copy.
+"""Host <-> device transfers without waiting for the device: one array (:func:`send`), or every array of a call in
+ONE copy (an env step's outputs).
 
 A vector step on a GPU must not wait for the GPU more than once: every small ``tensor.to("cuda")`` from
 pageable memory and every ``.cpu()`` is a stream synchronisation. :func:`to_device` packs a call's NumPy
@@ -18,7 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["fill_rows", "to_device", "to_host", "tree_to_device", "tree_to_host"]
+__all__ = ["fill_rows", "send", "to_device", "to_host", "tree_to_device", "tree_to_host"]
+
+
+def send(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One fresh host array as a tensor on ``device``, without waiting for the device: on CUDA from pinned memory
+    with a non-blocking copy (a copy from pageable memory waits for the device's queued work).
+
+    Args:
+        array: any shape and dtype; not changed later (on the CPU the tensor shares its memory).
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    # On CUDA the caching host allocator keeps the pinned block until the copy that reads it is done.
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
 def _packed(device: torch.device, pack: bool | None) -> bool:
