@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from fused_kit import fused_equals_eager, loss_and_grads, random_batch
 
 from avex.model import TOREViT, create_tore
 from avex.train import (
@@ -23,7 +24,6 @@ from avex.train import (
     TrainConfig,
     plan_step,
     resolve_config,
-    sample_glimpses,
 )
 from avex.train.build import param_groups
 from avex.train.fused import fused_refusal
@@ -32,6 +32,10 @@ from avex.train.step import make_step
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dict(depth=3, embed_dim=32, num_heads=2, num_classes=10)
+
+
+_batch = random_batch
+_loss_and_grads = loss_and_grads
 
 
 def _deit3(img_size: int = 48, in_chans: int = 1, **kw: Any) -> TOREViT:
@@ -68,22 +72,6 @@ def _gammas(model: TOREViT) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.endswith(".gamma")]
 
 
-def _batch(model: TOREViT, batch: int, T: int, glimpse: int = 2, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    h, c = model.img_size[0], model.in_chans
-    canvases = torch.randint(0, 256, (batch, h, h, c), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, 10, (batch,), generator=gen)
-    rows, cols = sample_glimpses(model.geometry(glimpse), batch, T, gen)
-    return canvases, labels, rows, cols
-
-
-def _loss_and_grads(objective, model, batch, K: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    out = objective(*batch, K)
-    out[0].backward()
-    return [t.detach() for t in out], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 # ------------------------------------------------------------------------------------------------
 # Loss and gradients equal the eager objective's
 # ------------------------------------------------------------------------------------------------
@@ -105,19 +93,8 @@ def test_fused_objective_equals_eager_with_layer_scale(build, T: int, recon: flo
     assert fused_refusal(model) is None
     gammas = _gammas(model)
     assert len(gammas) == 2 * model.depth  # ls1 and ls2 in every block
-    geo = model.geometry(2)
-    batch = _batch(model, 6, T)
-    eager = TOREObjective(model, geo, recon, label_smoothing=0.1)
-    fused = FusedObjective(model, geo, recon, label_smoothing=0.1)
-    for K in range(model.depth + 1):
-        want, want_grads = _loss_and_grads(eager, model, batch, K)
-        got, got_grads = _loss_and_grads(fused, model, batch, K)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
-        assert got_grads.keys() == want_grads.keys()
+    for _K, _want, want_grads in fused_equals_eager(model, _batch(model, 6, T), recon):
         assert set(gammas) <= want_grads.keys()
-        for name, g in want_grads.items():
-            torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=f"K={K} {name}")
         assert all(want_grads[n].abs().max() > 1e-4 for n in gammas), "every gamma gets a real gradient"
 
 

@@ -10,16 +10,15 @@ created without moving anything; the batch sampler's torch composition equals a 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fused_kit import fused_equals_eager, loss_and_grads, random_batch
+from script_kit import interpreted
 from train_kit import single_config, tiny_tore
 
 from avex.data import FashionMNISTCanvas
@@ -31,7 +30,6 @@ from avex.train import (
     make_optimizer,
     plan_step,
     resolve_config,
-    sample_glimpses,
     train_classifier,
 )
 from avex.train.fused import fused_refusal
@@ -43,22 +41,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 _model = tiny_tore
-
-
-def _batch(model, batch: int, T: int, seed: int = 1, device: str = "cpu"):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    h, c = model.img_size[0], model.in_chans
-    canvases = torch.randint(0, 256, (batch, h, h, c), dtype=torch.uint8, generator=gen, device=device)
-    labels = torch.randint(0, 10, (batch,), generator=gen, device=device)
-    rows, cols = sample_glimpses(model.geometry(2), batch, T, gen)
-    return canvases, labels, rows, cols
-
-
-def _loss_and_grads(objective, model, batch, K: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    out = objective(*batch, K)
-    out[0].backward()
-    return list(out), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+_batch = random_batch
+_loss_and_grads = loss_and_grads
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,17 +66,7 @@ def test_fused_objective_equals_eager_on_cpu(img_size: int, in_chans: int, T: in
     torch.manual_seed(0)
     model = _model(img_size, in_chans, **kw)
     geo = model.geometry(2)
-    batch = _batch(model, 6, T)
-    eager = TOREObjective(model, geo, recon, label_smoothing=0.1)
-    fused = FusedObjective(model, geo, recon, label_smoothing=0.1)
-    for K in range(model.depth + 1):
-        want, want_grads = _loss_and_grads(eager, model, batch, K)
-        got, got_grads = _loss_and_grads(fused, model, batch, K)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
-        assert got_grads.keys() == want_grads.keys()  # the same parameters get gradients (zeros included)
-        for name, g in want_grads.items():
-            torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=f"K={K} {name}")
+    want = [out for _K, out, _grads in fused_equals_eager(model, _batch(model, 6, T), recon)][-1]  # K = depth
     assert (want[2] > 0) == (recon > 0 and T < geo.num_patches // 4), "the term is on while a patch is unseen"
 
 
@@ -111,24 +85,13 @@ def test_fused_refusal_names_what_it_does_not_cover() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _interpreted(code: str) -> str:
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton")
 def test_train_kernels_under_interpreter() -> None:
     """Attention: output and gradient of the Triton path equal SDPA's (fp32), 1..TRAIN_SHORT tokens through
     train_attention and up to 128 through the kernels; longer rows and first_query > 0 take SDPA. Layer norm: the
     Triton backward's three gradients equal PyTorch's; so do the linear layer's with the Triton bias gradient."""
     pytest.importorskip("triton")
-    out = _interpreted("""
+    out = interpreted("""
         import torch
         import torch.nn.functional as F
         from avex.attention import reference_attention
