@@ -47,9 +47,20 @@ class EntropyAgent(GlimpseAgent):
 
     @classmethod
     def from_env(cls, env: Any, *, seed: int = 0, policy: str | None = None, device: str = "cpu") -> EntropyAgent:
-        """Read the glimpse size and position stride off an avex env (single, vector or wrapped)."""
-        geo = env.unwrapped.geometry if hasattr(env, "unwrapped") else env.geometry
-        return cls(geo.glimpse, geo.stride)
+        """Read the glimpse size and position stride off an avex env (single, vector or wrapped).
+
+        Raises:
+            ValueError: the env's observation leaves out the entropy map or the visited patches (``obs_keys``).
+        """
+        u = env.unwrapped if hasattr(env, "unwrapped") else env
+        space = getattr(u, "single_observation_space", getattr(u, "observation_space", None))
+        missing = [k for k in ("entropy", "visited") if k not in getattr(space, "spaces", {})]
+        if missing:
+            raise ValueError(
+                f"the entropy agent reads the observation keys 'entropy' and 'visited', and this env's obs_keys "
+                f"leave out {missing}: make the env with obs_keys=None (every key) or with both keys in obs_keys"
+            )
+        return cls(u.geometry.glimpse, u.geometry.stride)
 
     def act(self, obs: dict[str, np.ndarray], action_mask: np.ndarray) -> np.ndarray:
         scores = ame_scores(obs["entropy"], obs["visited"], self.glimpse, self.stride)

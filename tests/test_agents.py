@@ -155,3 +155,18 @@ def test_ppo_init_starts_from_the_given_policy(env_kwargs: dict, tmp_path) -> No
     train_ppo(PPOConfig(**common, out=str(fresh), env_kwargs=env_kwargs, seed=2, learning_rate=0.0))
     c = load_file(str(fresh.with_suffix(".safetensors")))
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_entropy_agent_refuses_an_env_without_the_entropy_map() -> None:
+    """An env whose obs_keys leave the map out is refused by name when the agent is made, not with a KeyError later."""
+    for make in (
+        lambda **kw: gym.make("AVE-FashionMNIST-v0", **kw),
+        lambda **kw: gym.make_vec("AVE-FashionMNIST-v0", 2, **kw),
+    ):
+        env = make(obs_keys=["probs", "visited"])
+        with pytest.raises(ValueError, match=r"obs_keys leave out \['entropy'\]"):
+            make_agent("entropy", env)
+        env.close()
+        ok = make(obs_keys=["entropy", "visited"])
+        assert isinstance(make_agent("entropy", ok), EntropyAgent)
+        ok.close()

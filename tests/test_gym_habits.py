@@ -287,3 +287,28 @@ def test_a_root_of_split_folders_reads_one_split(split_root):
         warnings.simplefilter("error")  # an explicit split says nothing
         assert gym.make("AVE-ImageFolder-v0", split="train", **kw).unwrapped.engine.source.num_classes == 2
         assert gym.make("AVE-ImageFolder-v0", split="", **kw).unwrapped.class_names == ["train", "val"]
+
+
+def test_env_docstring_defaults_are_envconfigs() -> None:
+    """Every default that AVEEnv's docstring states for an EnvConfig field is the field's default (the docs site
+    generates its tables from the code; the docstring is what ``help(env)`` shows, so it must not drift)."""
+    import dataclasses
+    import json
+    import re
+
+    from envs.ave_env import AVEEnv
+    from envs.config import EnvConfig
+
+    meaning_of_none = {"K": "depth // 2"}  # None documented by what it means
+    stated = dict(re.findall(r"- `(\w+)` \(\*\*[^*]+\*\*, default `([^`]+)`", AVEEnv.__doc__ or ""))
+    fields = {f.name: f for f in dataclasses.fields(EnvConfig)}
+    checked = 0
+    for name, text in stated.items():
+        if name not in fields:
+            continue
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        want = json.dumps(default) if isinstance(default, str) else repr(default)
+        assert text in (want, meaning_of_none.get(name) if default is None else None), (name, text, want)
+        checked += 1
+    assert checked >= 10, stated  # the pattern still finds the Arguments list
