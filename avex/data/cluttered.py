@@ -191,8 +191,8 @@ class FashionMNISTCanvas(CanvasSource):
         indices = _check_indices(rngs, indices)
         n, N, B = self.n_clutter, len(self), len(rngs)
         u = np.empty((B, 3 + 5 * n))
-        for row, rng in zip(u, rngs):  # written in place: a third faster than stacking B arrays at 16k rows
-            rng.random(out=row)
+        for u_row, rng in zip(u, rngs):  # written in place: a third faster than stacking B arrays at 16k rows
+            rng.random(out=u_row)
 
         def ints(cols: np.ndarray, lo: int, hi_inclusive: int) -> np.ndarray:
             return lo + np.floor(cols * (hi_inclusive - lo + 1)).astype(np.int64)
