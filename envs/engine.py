@@ -21,7 +21,7 @@ import torch
 from avex.cache import AggregatorOutput
 from avex.checkpoint import built_digest, weights_digest
 from avex.checks import brief
-from avex.transfer import fill_rows, to_device
+from avex.transfer import fill_rows, send, to_device
 from envs.config import EnvConfig, check_int
 from envs.engine_outputs import EngineOutputs
 from envs.engine_setup import covered
@@ -119,7 +119,7 @@ class AVEEngine(EngineOutputs):
         memo = self._rows_memo
         if memo is not None and np.array_equal(memo[0], rows):
             return memo[1]
-        index = to_device({"rows": rows.astype(np.int64)}, self.device)["rows"]
+        index = send(rows.astype(np.int64), self.device)
         self._rows_memo = (rows.copy(), index)
         return index
 

@@ -16,10 +16,15 @@ import numpy as np
 import torch
 
 from avex.cache import TokenCache
-from avex.transfer import to_device, tree_to_device, tree_to_host
+from avex.transfer import send, tree_to_device, tree_to_host
 from envs.engine_setup import EngineSetup
 
 __all__ = ["EngineOutputs"]
+
+
+def _fresh_rows(t: torch.Tensor, i: slice | torch.Tensor) -> torch.Tensor:
+    """A fresh copy of rows ``i`` of ``t`` (indexing with a tensor copies already; a slice is cloned)."""
+    return t.clone() if isinstance(i, slice) else t[i]
 
 
 class EngineOutputs(EngineSetup):
@@ -73,17 +78,14 @@ class EngineOutputs(EngineSetup):
         """
         host, i = self._index(rows)
 
-        def take(t: torch.Tensor) -> torch.Tensor:  # a fresh copy of the rows (indexing with a tensor copies)
-            return t.clone() if isinstance(i, slice) else t[i]
-
         with torch.inference_mode():
             make = {
                 "canvas": lambda: self.hidden[i] * self.seen[i].unsqueeze(-1),
                 "visited": lambda: self.visited[i].to(torch.uint8),
                 "step": lambda: self.steps[host].astype(np.int64)[:, None],
-                "probs": lambda: take(self.probs),
-                "cls": lambda: take(self.cls),
-                "entropy": lambda: take(self.entropy),
+                "probs": lambda: _fresh_rows(self.probs, i),
+                "cls": lambda: _fresh_rows(self.cls, i),
+                "entropy": lambda: _fresh_rows(self.entropy, i),
             }
             return {k: make[k]() for k in self.config.observed}
 
@@ -111,8 +113,7 @@ class EngineOutputs(EngineSetup):
             return a.copy() if every else a[host]
 
         with torch.inference_mode():
-            pred = self.pred.clone() if isinstance(i, slice) else self.pred[i]
-            label = self.labels.clone() if isinstance(i, slice) else self.labels[i]
+            pred, label = _fresh_rows(self.pred, i), _fresh_rows(self.labels, i)
             mask = self._device_masks(i) if device_masks else self._host_masks(host, every)
             t = rows_of(self.steps)
             budget = self.boxes.shape[1]
@@ -151,7 +152,7 @@ class EngineOutputs(EngineSetup):
             n = self.batch_size if isinstance(i, slice) else i.numel()
             return torch.ones((n, self.num_actions), dtype=torch.int8, device=self.device)
         if self._used_t is None:
-            self._used_t = to_device({"used": self.used.copy()}, self.device)["used"]
+            self._used_t = send(self.used.copy(), self.device)
         return (~self._used_t[i]).to(torch.int8)
 
     def action_masks(self) -> np.ndarray:
