@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from gymnasium import spaces
 
-from agents.base import GlimpseAgent
+from agents.base import GlimpseAgent, require_keys
 from avex.checks import brief
 
 __all__ = ["CallableAgent", "PolicyLike", "PredictAgent", "SupportsPredict", "as_agent"]
@@ -61,9 +61,7 @@ class PredictAgent(GlimpseAgent):
 
     def act(self, obs: dict[str, np.ndarray], action_mask: np.ndarray) -> np.ndarray:
         if self.keys is not None:
-            missing = [k for k in self.keys if k not in obs]
-            if missing:
-                raise ValueError(f"{type(self.model).__name__} reads {missing}, which this env's observation lacks")
+            require_keys(obs, self.keys, type(self.model).__name__)
             obs = {k: obs[k] for k in self.keys}
         kwargs = {"action_masks": np.asarray(action_mask, dtype=bool)} if self.masked else {}
         actions, _ = self.model.predict(obs, deterministic=True, **kwargs)

@@ -8,14 +8,28 @@ file once; ``make_agent``, ``avex benchmark --agents`` and ``avex demo --agent``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
 from avex.registry import Registry
 
-__all__ = ["AGENTS", "GlimpseAgent", "make_agent", "register_agent"]
+__all__ = ["AGENTS", "GlimpseAgent", "make_agent", "register_agent", "require_keys"]
+
+
+def require_keys(present: Collection[str], keys: Sequence[str], reader: str) -> None:
+    """Refuse an observation (its keys, or its space's) that lacks keys ``reader`` reads.
+
+    Raises:
+        ValueError: naming the missing keys and the fix (the env's ``obs_keys``).
+    """
+    missing = [k for k in keys if k not in present]
+    if missing:
+        raise ValueError(
+            f"{reader} reads the observation keys {list(keys)}; this env's observation lacks {missing} (its obs_keys "
+            f"leave out {missing}): make the env with obs_keys=None (every key) or with those keys in obs_keys"
+        )
 
 
 class GlimpseAgent(ABC):

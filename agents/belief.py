@@ -18,6 +18,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from agents.base import require_keys
+
 __all__ = ["BELIEF_KEYS", "BeliefObservation", "belief_space"]
 
 BELIEF_KEYS = ("probs", "cls", "entropy", "visited", "step")
@@ -31,9 +33,7 @@ def belief_space(space: spaces.Space[Any]) -> spaces.Dict:
     """
     if not isinstance(space, spaces.Dict):
         raise ValueError(f"a belief policy needs the env's Dict observation space, got {space}")
-    missing = [k for k in BELIEF_KEYS if k not in space.spaces]
-    if missing:
-        raise ValueError(f"the env's observation lacks {missing}: a belief policy needs {BELIEF_KEYS}")
+    require_keys(space.spaces, BELIEF_KEYS, "a belief policy")
     return spaces.Dict({k: space[k] for k in BELIEF_KEYS})
 
 

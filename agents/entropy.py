@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import GlimpseAgent, register_agent
+from agents.base import GlimpseAgent, register_agent, require_keys
 
 __all__ = ["EntropyAgent", "ame_scores"]
 
@@ -54,12 +54,7 @@ class EntropyAgent(GlimpseAgent):
         """
         u = env.unwrapped if hasattr(env, "unwrapped") else env
         space = getattr(u, "single_observation_space", getattr(u, "observation_space", None))
-        missing = [k for k in ("entropy", "visited") if k not in getattr(space, "spaces", {})]
-        if missing:
-            raise ValueError(
-                f"the entropy agent reads the observation keys 'entropy' and 'visited', and this env's obs_keys "
-                f"leave out {missing}: make the env with obs_keys=None (every key) or with both keys in obs_keys"
-            )
+        require_keys(getattr(space, "spaces", {}), ("entropy", "visited"), "the entropy agent")
         return cls(u.geometry.glimpse, u.geometry.stride)
 
     def act(self, obs: dict[str, np.ndarray], action_mask: np.ndarray) -> np.ndarray:
