@@ -25,7 +25,7 @@ for v in "${LIST[@]}"; do
   cp runs/ppo_$tag.json $R/ 2>/dev/null; cp runs/ppo_$tag.safetensors $R/ 2>/dev/null
 done
 pack
-for v in "${LIST[@]:0:3}"; do  # $OUT takes at most 8 files
+for v in "${LIST[@]:0:${TO_OUT:-3}}"; do  # $OUT takes at most 8 files (TO_OUT: how many variants go there)
   tag=$(echo ${v%%:*})
   cp runs/ppo_$tag.safetensors runs/ppo_$tag.json $OUT/ 2>/dev/null || echo "variant $tag: no policy"
 done

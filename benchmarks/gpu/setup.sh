@@ -9,11 +9,16 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1  # the repository root
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AVEX_FASHION_MNIST=$PWD/data/fashion-mnist
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# Once per machine: a second job started beside the first (benchmarks/gpu/policies.sh) must not reinstall under it.
+if [ ! -f /tmp/site/.avex-wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  touch /tmp/site/.avex-wheels
+fi
 export PYTHONPATH=/tmp/site:$PWD
-R=/tmp/results
+# R and PACK may be set by a caller that runs two jobs side by side in one call (benchmarks/gpu/policies.sh).
+R=${R:-/tmp/results}
 rm -rf $R && mkdir -p $R  # fresh per job: a warm machine keeps /tmp between calls
-pack() { tar -czf "$OUT/results.tar.gz" -C $R . 2>/dev/null; }
+pack() { tar -czf "$OUT/${PACK:-results}.tar.gz" -C $R . 2>/dev/null; }
 trap 'pack; echo "job done"' EXIT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $R/gpu.txt
 
