@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
 from agents.base import GlimpseAgent, register_agent
@@ -26,7 +27,9 @@ class RandomAgent(GlimpseAgent):
 
     @classmethod
     def from_env(cls, env: Any, *, seed: int = 0, policy: str | None = None, device: str = "cpu") -> RandomAgent:
-        return cls(seed)
+        # The env's action space says the mode: a Box of (y, x, z) glimpses, or Discrete positions.
+        space = getattr(env, "single_action_space", None) or env.action_space
+        return cls(seed, continuous=isinstance(space, gym.spaces.Box))
 
     def reset(self, seed: int | None = None) -> None:
         self.rng = np.random.default_rng(seed)

@@ -79,6 +79,18 @@ def test_random_agent_is_seeded() -> None:
     assert not all(np.array_equal(a.act({}, mask), b.act({}, mask)) for _ in range(3))
 
 
+def test_random_agent_takes_the_envs_action_mode(env_kwargs: dict) -> None:
+    """make_agent("random") on a continuous env emits (y, x, z) glimpses the env accepts (the main job builds it so)."""
+    for mode, shape, dtype in (("continuous", (3, 3), np.float32), ("discrete", (3,), np.int64)):
+        venv = gym.make_vec("AVE-FashionMNIST-v0", num_envs=3, **dict(env_kwargs, action_mode=mode))
+        agent = make_agent("random", venv.unwrapped, seed=1)
+        obs, _ = venv.reset(seed=0)
+        action = agent.act(obs, venv.unwrapped.action_masks())
+        assert action.shape == shape and action.dtype == dtype
+        venv.step(action)
+        venv.close()
+
+
 @pytest.mark.parametrize("action_mode", ["discrete", "continuous"])
 def test_ppo_smoke_train_save_load(action_mode: str, env_kwargs: dict, tmp_path) -> None:
     torch.manual_seed(0)
