@@ -1,0 +1,118 @@
+"""The fused step's own data parallelism (avex.train.allreduce): one all-reduce of its flat gradient buffer.
+
+Two gloo processes on the CPU: the flat-buffer average gives exactly DDP's gradients and weights (DDP wrapped
+around a twin fused objective), and those of one process on the whole global batch up to fp32 rounding;
+``broadcast_state`` starts every rank from rank 0's weights. Then the trainer itself: ``torchrun`` with two
+processes and ``--fused-step on`` (the path a CUDA run graphs) trains the same weights as one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from fused_kit import random_batch
+from train_kit import RUN_STEPS, assert_same_weights_as_one, single_config, tiny_tore, torchrun_command, torchrun_env
+
+from avex.train import FusedObjective, TrainConfig, make_optimizer, resolve_config, train_classifier
+from avex.train.allreduce import average_gradients, broadcast_state
+
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"),
+]
+WORLD, BATCH = 2, 8
+STEPS = ((2, 3), (0, 9), (1, 4))  # (K, T): a decoder term, every patch seen, another K
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _step(objective: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, batch: tuple, K: int) -> torch.Tensor:
+    """One fused step as the trainer runs it (avex.train.objective.train_step's order); returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss = objective(*batch, K)[0]
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+
+def _worker(rank: int, rendezvous: str) -> None:
+    """Per rank: the flat-buffer average (a), DDP around a twin (b) and one process on the global batch (c)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(rank)  # different weights per rank: broadcast_state must give every rank rank 0's
+        model = tiny_tore(init_values=0.5)  # layer scale, as DeiT-III's blocks
+        geo = model.geometry(2)
+        flat = FusedObjective(model, geo, 0.1, 0.1, grad_reduce=average_gradients)
+        broadcast_state(flat)
+        torch.manual_seed(0)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), tiny_tore(init_values=0.5).parameters()))
+        twin, whole = copy.deepcopy(model), copy.deepcopy(model)
+        ddp = nn.parallel.DistributedDataParallel(FusedObjective(twin, geo, 0.1, 0.1))
+        single = FusedObjective(whole, geo, 0.1, 0.1)
+        cfg = resolve_config(TrainConfig(lr=3e-3))
+        opts = [make_optimizer(m, cfg, 10, torch.device("cpu"))[0] for m in (model, twin, whole)]
+        part = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        for i, (K, T) in enumerate(STEPS):
+            batch = random_batch(model, BATCH, T, seed=i)
+            mine = tuple(t[part] for t in batch)
+            loss = _step(flat, model, opts[0], mine, K)
+            _step(ddp, twin, opts[1], mine, K)
+            want = _step(single, whole, opts[2], batch, K)
+            for (name, g), d, w in zip(_grads(model).items(), _grads(twin).values(), _grads(whole).values()):
+                assert torch.equal(g, d), f"step {i} {name}: the flat average differs from DDP's"
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=f"step {i} {name}: not the global batch's")
+            dist.all_reduce(loss)
+            torch.testing.assert_close(loss / WORLD, want, rtol=1e-5, atol=1e-6)
+        for p, d, w in zip(model.parameters(), twin.parameters(), whole.parameters()):
+            assert torch.equal(p, d)
+            torch.testing.assert_close(p, w, rtol=1e-4, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_flat_average_equals_ddp_and_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+
+
+def test_average_gradients_divides_then_sums_as_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process's view: the gradient divided by the world size, then one SUM all-reduce on the buffer itself."""
+    calls: list[tuple[torch.Tensor, object]] = []
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=dist.ReduceOp.SUM: calls.append((t, op)))
+    flat = torch.arange(8.0)
+    average_gradients(flat)
+    assert len(calls) == 1 and calls[0][0] is flat and calls[0][1] == dist.ReduceOp.SUM
+    assert torch.equal(flat, torch.arange(8.0) / 4)
+
+
+def test_two_gloo_processes_with_the_fused_step_train_the_same_weights_as_one(
+    fmnist_root: Path, tmp_path: Path
+) -> None:
+    one = single_config(fmnist_root, tmp_path / "one" / "ck")
+    summary = train_classifier(replace(one, fused_step="on"))
+    assert summary["step"] == "fused"
+    out = tmp_path / "two" / "ck"
+    log = tmp_path / "two" / "log.jsonl"
+    cmd = torchrun_command(["--standalone", f"--nproc_per_node={WORLD}"], fmnist_root, out)
+    cmd += ["--fused-step", "on", "--log-json", str(log), "--log-every", "2"]
+    proc = subprocess.run(cmd, env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fused step" in proc.stdout
+    assert_same_weights_as_one(summary["checkpoint"], out, world=WORLD)
+    logs = (tmp_path / "one" / "log.jsonl", log)  # the trainer's logs: rank 0 writes the ranks' mean
+    losses = [[json.loads(line)["loss"] for line in p.read_text().splitlines()] for p in logs]
+    assert len(losses[0]) == RUN_STEPS
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
