@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 from fused_kit import random_batch
+from script_kit import load_benchmark
 from train_kit import RUN_STEPS, assert_same_weights_as_one, single_config, tiny_tore, torchrun_command, torchrun_env
 
 from avex.train import FusedObjective, TrainConfig, make_optimizer, resolve_config, train_classifier
@@ -116,3 +117,18 @@ def test_two_gloo_processes_with_the_fused_step_train_the_same_weights_as_one(
     losses = [[json.loads(line)["loss"] for line in p.read_text().splitlines()] for p in logs]
     assert len(losses[0]) == RUN_STEPS
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_report_gives_the_scaling_efficiency_and_the_loss_difference(tmp_path: Path) -> None:
+    """benchmarks/ddp_report.py on two train_speed.py JSON files (1 and 2 GPUs) as ddp.sh names them."""
+    report = load_benchmark("ddp_report")
+    for world, img_s, losses in ((1, 1000.0, [2.0, 1.5, 1.0]), (2, 1800.0, [2.0, 1.6, 0.9])):
+        run = dict(mode="graphed", step="graphed", arch="tiny", world=world, batch=64, ms=64e3 / img_s)
+        run.update(img_s=img_s, img_s_per_gpu=img_s / world, all_losses=losses)
+        data = dict(command=f"torchrun {world}", device="H200", date="today", results=[run])
+        (tmp_path / f"speed_tiny_b64_np{world}.json").write_text(json.dumps(data))
+    text = report.speed_report(tmp_path, tmp_path / "out")
+    two = [line for line in text.splitlines() if line.startswith("| tiny_b64 |") and "| 2 |" in line]
+    assert len(two) == 1 and "**0.90**" in two[0] and "0.0667 (0.1000) over 3 steps" in two[0]
+    assert (tmp_path / "out" / "ddp_speed.md").read_text() in text
+    assert report.trainer_report(tmp_path, tmp_path / "out", "") is None
