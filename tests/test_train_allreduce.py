@@ -88,6 +88,46 @@ def test_flat_average_equals_ddp_and_one_process_on_the_global_batch(tmp_path: P
     mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
 
 
+def _cuda_worker(rank: int, rendezvous: str) -> None:
+    """Per GPU: the graphed fused step with the all-reduce in its graphs against the same step without graphs."""
+    from avex.train import StepPlan
+    from avex.train.step import make_step
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=rendezvous, rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(rank)
+        models = [tiny_tore(112, depth=6, embed_dim=192, num_heads=3).cuda() for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        cfg = resolve_config(TrainConfig(lr=1e-3))
+        stats = []
+        for model, graphs in zip(models, (False, True)):
+            objective = FusedObjective(model, model.geometry(2), 0.1, 0.1, torch.bfloat16, average_gradients)
+            broadcast_state(objective)  # rank 0's weights on both ranks, for both twins
+            opt, sched = make_optimizer(model, cfg, 100, torch.device("cuda"), capturable=graphs)
+            step = make_step(StepPlan(True, graphs), objective, model, opt, True, 1.0)
+            out = []
+            for i, (K, T) in enumerate(((2, 5), (4, 20), (2, 5), (0, 49))):  # (2, 5) again: a replay
+                batch = random_batch(model, 128, T, seed=i, device="cuda")
+                part = slice(rank * 64, (rank + 1) * 64)
+                out.append(step(tuple(t[part] for t in batch), K))
+                sched.step()
+            stats.append(torch.stack(out))
+        torch.testing.assert_close(stats[1], stats[0], rtol=2e-3, atol=2e-3)
+        for p, q in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4)
+        mine = [p.detach().clone() for p in models[1].parameters()]
+        broadcast_state(models[1])  # rank 0's result: the ranks' weights are the same
+        assert all(torch.equal(a, b) for a, b in zip(mine, models[1].parameters()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_graphed_step_with_the_all_reduce_equals_the_fused_step_on_two_cuda_gpus(tmp_path: Path) -> None:
+    mp.spawn(_cuda_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+
+
 def test_average_gradients_divides_then_sums_as_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
     """One process's view: the gradient divided by the world size, then one SUM all-reduce on the buffer itself."""
     calls: list[tuple[torch.Tensor, object]] = []

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call on nvidia-h200-x2 (about 4 minutes): DDP scaling of the training step (RESULTS.md section 7,
 # issue 19 item 3), 1 GPU then 2 GPUs at the same global batch, the graphed step (the all-reduce inside each graph).
+#   0. the CUDA tests of tests/test_train_allreduce.py: on 2 GPUs (NCCL) the graphed step with the all-reduce in its
+#      graphs gives the fused step's losses and weights without graphs -> $R/pytest_cuda.txt;
 #   1. benchmarks/train_speed.py under torchrun, the shipped architecture at global batch $BATCH (1024), $STEPS (300)
 #      steps: a first pass captures a graph per (K, T), a second over the same step indices is timed;
 #   2. the same for DeiT-III-S (deit3_small_patch16_224, random weights, layer scale, 224 px, patch 16, on
@@ -18,6 +20,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 python3 -c "import torch; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count(), 'NCCL', torch.cuda.nccl.version())" \
     | tee $R/versions.txt
 DEVICE=${DEVICE:-cuda} MODE=${MODE:-graphed}
+[ $DEVICE = cuda ] && cuda_tests tests/test_train_allreduce.py
 quiet() { grep -v -i warn | tee "$1" | grep -E "^(graphed|fused):|Error|error" | cut -c1-400; }
 
 # speed NAME STEPS GLOBAL_BATCH [train_speed.py flags]: 1 GPU, then 2 GPUs -> $R/speed_NAME_np{1,2}.json
