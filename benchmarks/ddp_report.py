@@ -96,20 +96,32 @@ def speed_report(folder: Path, out: Path) -> str | None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     runs: list[dict[str, Any]] = []
-    panels = []
+    panels, notes = [], []
     for name in names:
         one, two = (read_speed(folder / f"speed_{name}_np{p}.json") for p in (1, 2))
-        for r in (one, two):
+        local = folder / f"speed_{name}_local.json"  # one GPU at the per-GPU batch (ddp.sh's LOCAL=1)
+        alone = read_speed(local) if local.exists() else None
+        for r in (one, two, alone):
+            if r is None:
+                continue
             eff = r["img_s_per_gpu"] / one["img_s"]
+            bold = "**" * (r is two)
             rows.append(
-                f"| {name} | {r['arch']} ({r['step']} step) | {r['batch']} | {r['world']} | {r['ms']:.2f} "
-                f"| {r['img_s']:,.0f} | {r['img_s_per_gpu']:,.0f} | {'**' * (r is two)}{eff:.2f}{'**' * (r is two)} "
+                f"| {name} | {r['arch']} ({r['step']} step) | {r['batch']} | {r['world']}{' (alone)' * (r is alone)} "
+                f"| {r['ms']:.2f} | {r['img_s']:,.0f} | {r['img_s_per_gpu']:,.0f} | {bold}{eff:.2f}{bold} "
                 f"| {_diff(one['loss'], r['loss']) if r is two else ''} |"
             )
-        runs += [one, two]
+            runs.append(r)
         panels.append((f"{name}: global batch {one['batch']}", one, two))
+        if alone is not None:
+            notes.append(
+                f"- {name}: one GPU alone at the per-GPU batch {alone['batch']} keeps "
+                f"{alone['img_s'] / one['img_s']:.2f} of its images/s at {one['batch']} (the smaller batch's share of "
+                f"the loss); the 2-GPU step minus that GPU's step alone: {two['ms'] - alone['ms']:+.2f} ms (the "
+                "all-reduce and the ranks waiting for each other)."
+            )
     head = f"{runs[0]['device']}, {runs[0]['date']}: steady state (every graph captured), the same step indices.\n\n"
-    return head + _write(out, "ddp_speed", rows, runs, panels)
+    return head + _write(out, "ddp_speed", rows + [""] * bool(notes) + notes, runs, panels)
 
 
 def trainer_report(folder: Path, out: Path, tag: str) -> str | None:

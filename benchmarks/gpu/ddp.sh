@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device-tool call on nvidia-h200-x2 (about 4 minutes): DDP scaling of the training step (RESULTS.md section 7,
+# One device-tool call on nvidia-h200-x2 (about 5 minutes): DDP scaling of the training step (RESULTS.md section 7,
 # issue 19 item 3), 1 GPU then 2 GPUs at the same global batch, the graphed step (the all-reduce inside each graph).
 #   0. the CUDA tests of tests/test_train_allreduce.py: on 2 GPUs (NCCL) the graphed step with the all-reduce in its
 #      graphs gives the fused step's losses and weights without graphs -> $R/pytest_cuda.txt;
@@ -13,6 +13,7 @@
 #   4. optional, BATCHES="1024 2048": the trainer's own command (`torchrun -m avex.train`, $TRAIN_STEPS steps) per
 #      global batch on 1 and 2 GPUs, its images/s after the first 50 steps (graph captures included) -> ddp$TAG.md.
 # Usage (device tool, kind nvidia-h200-x2, carry .whl and data):  bash benchmarks/gpu/ddp.sh   -> $OUT/results.tar.gz
+#   LOCAL (1: each of 1. and 2. also runs one GPU alone at the per-GPU batch, half the global one; 0: not),
 #   BATCH, STEPS, DEIT_BATCH, DEIT_STEPS (0: skip 2.), BATCHES (""), TRAIN_STEPS (400), TAG, EXTRA (more trainer flags);
 #   DEVICE=cpu MODE=fused with tiny BATCH, STEPS, DEIT_BATCH and DEIT_STEPS checks the job itself (gloo, no graphs).
 source "$(dirname "$0")/setup.sh"
@@ -37,6 +38,12 @@ speed() {
     fi
     pack
   done
+  if [ "${LOCAL:-1}" = 1 ]; then  # one GPU at the per-GPU batch: the smaller batch's cost apart from the all-reduce
+    run=(torchrun --standalone --nproc_per_node=1 benchmarks/train_speed.py --device $DEVICE --batch $((batch / 2))
+         --steps $steps --no-profile --json $R/speed_${name}_local.json "${@:4}")
+    timeout 150 "${run[@]}" --modes $MODE 2>&1 | quiet $R/speed_${name}_local.log
+    pack
+  fi
 }
 speed shipped_b${BATCH:-1024} ${STEPS:-300} ${BATCH:-1024}
 DEIT=(--model deit3_small_patch16_224 --img-size 224 --patch 16 --depth 12 --embed-dim 384 --num-heads 6)
