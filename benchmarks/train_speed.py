@@ -14,8 +14,17 @@ from the same seed, so every mode draws the same K, T, canvases and glimpses at 
     python benchmarks/train_speed.py --device cuda --batch 1024 --steps 60 --modes eager graphed --out speed.md
     python benchmarks/train_speed.py --device cpu --batch 8 --steps 3 --modes eager fused   # a smoke run
 
-The Markdown report (``--out``) has one table row per mode, the ratio to the first mode, and each mode's
-top kernels.
+Under ``torchrun`` every process runs the same: ``--batch`` is the GLOBAL batch, each rank steps on its part and
+the step averages the gradients (DDP), the losses are the ranks' means and rank 0 times and reports (images/s in
+total and per GPU). ``benchmarks/gpu/ddp.sh`` runs it on 1 and 2 GPUs (``benchmarks/ddp_report.py`` compares):
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/train_speed.py --device cuda --batch 1024 --steps 300 \
+        --modes graphed --no-profile --json speed_np2.json
+
+The model is the data set's (Fashion-MNIST: the shipped architecture) unless ``--model`` and the size flags say
+otherwise (e.g. DeiT-III-S: ``--model deit3_small_patch16_224 --img-size 224 --patch 16 --depth 12 --embed-dim 384
+--num-heads 6``, random weights, on one-channel Fashion-MNIST canvases). The Markdown report (``--out``) has one
+table row per mode, the ratio to the first mode, and each mode's top kernels; ``--json`` also every step's loss.
 """
 
 from __future__ import annotations
@@ -23,17 +32,23 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
+import shlex
+import sys
 import time
 import traceback
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from avex.platform_info import device_name, synchronize
 from avex.train import TrainConfig, start_training
+from avex.train.runtime import teardown_distributed
 
 MODES = {"eager": ("off", "off"), "fused": ("on", "off"), "graphed": ("on", "on")}  # --fused-step, --cuda-graphs
+ARCH = ("model", "img_size", "patch", "depth", "embed_dim", "num_heads")  # flags over the data set's defaults
 
 
 def _config(args: argparse.Namespace, mode: str) -> TrainConfig:
@@ -49,7 +64,25 @@ def _config(args: argparse.Namespace, mode: str) -> TrainConfig:
         progress=False,
         fused_step=fused,  # type: ignore[arg-type]  # a MODES value
         cuda_graphs=graphs,  # type: ignore[arg-type]
+        **{k: getattr(args, k) for k in ARCH},
     )
+
+
+def _ranks_mean(stats: list[torch.Tensor], world: int) -> list[float]:
+    """Every step's loss, averaged over the processes (one sync)."""
+    losses = torch.stack([s[0] for s in stats])
+    if world > 1:
+        dist.all_reduce(losses)
+        losses /= world
+    return [float(v) for v in losses.tolist()]
+
+
+def _wait(device: torch.device, world: int) -> None:
+    """This device's queued work done; with several processes, every process there too."""
+    synchronize(device)
+    if world > 1:
+        dist.barrier()
+        synchronize(device)
 
 
 def _kernels(prof: Any, steps: int, rows: int) -> tuple[float, float, list[tuple[str, float, int]]]:
@@ -65,16 +98,18 @@ def _kernels(prof: Any, steps: int, rows: int) -> tuple[float, float, list[tuple
 def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """One mode: first-pass losses, steady-state time per step, kernel profile."""
     training = start_training(_config(args, mode))
-    dev = training.run.device
+    run = training.run
+    dev, world = run.device, run.world
+    _wait(dev, world)
     t0 = time.perf_counter()
     first = [training.step(s)[3] for s in range(args.steps)]
-    synchronize(dev)
+    _wait(dev, world)
     first_pass = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for s in range(args.steps):
-        training.step(s)
-    synchronize(dev)
+    second = [training.step(s)[3] for s in range(args.steps)]
+    _wait(dev, world)
     per_step = (time.perf_counter() - t0) / args.steps
+    losses = _ranks_mean(first + second, world)
     busy, launches, top = float("nan"), float("nan"), []
     if args.profile and dev.type == "cuda":
         try:
@@ -85,54 +120,67 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             busy, launches, top = _kernels(prof, args.steps, args.rows)
         except RuntimeError as err:  # a profiler that cannot trace here leaves the timings
             print(f"{mode}: profiler failed: {err}", flush=True)
+    cfg = run.cfg
     result = dict(
         mode=mode,
-        step=training.run.plan.name,
+        step=run.plan.name,
+        arch=f"{cfg.model}, depth {cfg.depth}, width {cfg.embed_dim}, {cfg.img_size} px, patch {cfg.patch}",
+        world=world,
+        batch=args.batch,
         ms=per_step * 1e3,
         img_s=args.batch / per_step,
+        img_s_per_gpu=args.batch / per_step / world,
         first_pass_s=first_pass,
         graphs=training.graphs,
         capture_s=getattr(training.step_fn, "capture_seconds", 0.0),
-        losses=[float(s[0]) for s in first[: args.compare]],
+        losses=losses[: args.compare],
+        all_losses=losses,  # both passes: the steps' losses, then the same step indices again
         gpu_ms=busy,
         kernels=launches,
         top=top,
         peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan"),
     )
-    training.run.data.close()
-    del training, first
+    run.data.close()
+    del training, run, first, second
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    print(
-        f"{mode}: {result['ms']:.2f} ms/step, {result['img_s']:.0f} images/s, GPU kernels {busy:.2f} ms/step "
-        f"({launches:.0f}), first pass {first_pass:.1f} s ({result['graphs']} graphs), losses {result['losses']}",
-        flush=True,
-    )
+    if run_main(world):
+        print(
+            f"{mode}: {result['ms']:.2f} ms/step, {result['img_s']:.0f} images/s ({world} process(es)), GPU kernels "
+            f"{busy:.2f} ms/step ({launches:.0f}), first pass {first_pass:.1f} s ({result['graphs']} graphs), "
+            f"losses {result['losses']}",
+            flush=True,
+        )
     return result
+
+
+def run_main(world: int) -> bool:
+    """Whether this process reports: the only one, or rank 0 of several."""
+    return world == 1 or dist.get_rank() == 0
 
 
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     base = results[0]
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    world = base["world"]
     lines = [
-        f"## Training step, Fashion-MNIST (depth 6, width 192, 112 px, patch 8), batch {args.batch}, "
-        f"{device_name(args.device)}, torch {torch.__version__}, {when}",
+        f"## Training step, Fashion-MNIST ({base['arch']}), global batch {args.batch}, {world} x "
+        f"{device_name(args.device)}, torch {torch.__version__}, {_now()}",
         "",
-        f"`python benchmarks/train_speed.py --device {args.device} --batch {args.batch} --steps {args.steps} "
-        f"--modes {' '.join(args.modes)}`: {args.steps} steps of the trainer's own draws, timed on their second "
-        "pass (every graph captured); GPU kernel time per step: the summed durations of the kernels of the same "
-        "steps, from torch.profiler (busy: that time over the wall time).",
+        f"`{command(world)}`: {args.steps} steps of the trainer's own draws, timed on their second pass (every graph "
+        "captured); GPU kernel time per step: the summed durations of the kernels of the same steps, from "
+        "torch.profiler (busy: that time over the wall time).",
         "",
-        "| mode | ms per step | images/s | vs " + base["mode"] + " | GPU kernels ms per step (busy) | kernels per step "
-        "| first pass s (graphs captured, s capturing) | peak GiB | first losses |",
+        "| mode | ms per step | images/s (per GPU) | vs " + base["mode"] + " | GPU kernels ms per step (busy) "
+        "| kernels per step | first pass s (graphs captured, s capturing) | peak GiB | first losses |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         diff = max(abs(a - b) for a, b in zip(r["losses"], base["losses"])) if r["losses"] else float("nan")
         lines.append(
-            f"| {r['mode']} | {r['ms']:.2f} | {r['img_s']:,.0f} | {r['img_s'] / base['img_s']:.2f}x "
+            f"| {r['mode']} | {r['ms']:.2f} | {r['img_s']:,.0f} ({r['img_s_per_gpu']:,.0f}) "
+            f"| {r['img_s'] / base['img_s']:.2f}x "
             f"| {r['gpu_ms']:.2f} ({100 * r['gpu_ms'] / r['ms']:.0f}%) | {r['kernels']:.0f} "
             f"| {r['first_pass_s']:.1f} ({r['graphs']}, {r['capture_s']:.1f}) | {r['peak_gib']:.1f} "
             f"| {', '.join(f'{v:.4f}' for v in r['losses'])} (max diff {diff:.4f}) |"
@@ -143,6 +191,16 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             lines += ["| kernel | ms | launches |", "|---|---|---|"]
             lines += [f"| `{n[:110]}` | {ms:.3f} | {c} |" for n, ms, c in r["top"]]
     return "\n".join(lines) + "\n"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command(world: int) -> str:
+    """This run's command line (under torchrun: with its number of processes)."""
+    line = shlex.join(["python", *sys.argv])
+    return line if world == 1 else line.replace("python", f"torchrun --standalone --nproc_per_node={world}", 1)
 
 
 def main() -> None:
@@ -157,6 +215,10 @@ def main() -> None:
     p.add_argument("--compare", type=int, default=5, help="first losses compared across modes")
     p.add_argument("--rows", type=int, default=15, help="top kernels listed per mode")
     p.add_argument("--out", default=None, help="append the Markdown report to this file")
+    p.add_argument("--json", default=None, help="write the results, every step's loss included, to this JSON file")
+    for name in ARCH:
+        kind = str if name == "model" else int
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help="default: the data set's")
     args = p.parse_args()
     if args.device.startswith("cuda"):  # as the trainer sets them
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -166,14 +228,23 @@ def main() -> None:
         try:
             results.append(measure(args, mode))
         except Exception:  # report the modes that ran; the failure's traceback goes to the log
+            if dist.is_initialized():  # the other processes would wait for this one's collectives
+                raise
             print(f"{mode}: failed\n{traceback.format_exc()}", flush=True)
     if not results:
         raise SystemExit("every mode failed")
-    report = markdown(results, args)
-    print(report)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(report + "\n")
+    world = results[0]["world"]
+    if run_main(world):
+        report = markdown(results, args)
+        print(report)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(report + "\n")
+        if args.json:
+            info = dict(command=command(world), device=device_name(args.device), torch=torch.__version__, date=_now())
+            with open(args.json, "w") as f:
+                json.dump(dict(info, results=results), f, indent=1)
+    teardown_distributed(world)
 
 
 if __name__ == "__main__":

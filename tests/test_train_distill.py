@@ -294,15 +294,15 @@ def test_fused_step_auto_falls_back_and_on_refuses_naming_the_option() -> None:
     model = tiny_tore()
     cfg = resolve_config(TrainConfig(img_size=48, **TINY))
     gpu = torch.device("cuda", 0)  # plan_step only reads the device's type
-    assert plan_step(cfg, model, 1, gpu) == StepPlan(True, True)
+    assert plan_step(cfg, model, gpu) == StepPlan(True, True)
     for change, flag in ((dict(distill=0.5), "--distill 0.5"), (dict(continuous_glimpses=0.25), "--continuous")):
-        plan = plan_step(replace(cfg, **change), model, 1, gpu)
+        plan = plan_step(replace(cfg, **change), model, gpu)
         assert (plan.fused, plan.graphs) == (False, False) and flag in plan.note
-        assert plan_step(replace(cfg, **change), model, 1, CPU) == StepPlan(False, False)  # eager anyway: no note
+        assert plan_step(replace(cfg, **change), model, CPU) == StepPlan(False, False)  # eager anyway: no note
         with pytest.raises(ValueError, match=f"--fused-step on: {flag}.*eager step only"):
-            plan_step(replace(cfg, fused_step="on", **change), model, 1, gpu)
+            plan_step(replace(cfg, fused_step="on", **change), model, gpu)
         with pytest.raises(ValueError, match=f"--cuda-graphs on: {flag}"):
-            plan_step(replace(cfg, cuda_graphs="on", **change), model, 1, gpu)
+            plan_step(replace(cfg, cuda_graphs="on", **change), model, gpu)
 
 
 @pytest.mark.parametrize(

@@ -170,8 +170,8 @@ def test_deit3_and_dinov2_are_taken_and_plan_the_graphed_step() -> None:
     assert fused_refusal(create_tore("deit3_small_patch16_224", pretrained=False)) is None  # AVE-ImageNet-v0's
     assert fused_refusal(_dinov2()) is None
     cfg = resolve_config(TrainConfig())
-    assert plan_step(cfg, _deit3(), 1, torch.device("cuda", 0)) == StepPlan(True, True)  # reads the device type
-    assert plan_step(cfg, _deit3(drop_path_rate=0.1), 1, torch.device("cuda", 0)) == StepPlan(False, False)
+    assert plan_step(cfg, _deit3(), torch.device("cuda", 0)) == StepPlan(True, True)  # reads the device type
+    assert plan_step(cfg, _deit3(drop_path_rate=0.1), torch.device("cuda", 0)) == StepPlan(False, False)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def test_refusals_name_the_attribute_its_value_and_the_fix(kw: dict, message: st
         FusedObjective(model, model.geometry(2))
     cfg = replace(resolve_config(TrainConfig()), fused_step="on")
     with pytest.raises(ValueError, match="--fused-step on: " + pattern + "; use --fused-step off"):
-        plan_step(cfg, model, 1, torch.device("cpu"))
+        plan_step(cfg, model, torch.device("cpu"))
 
 
 def test_mlp_dropout_and_other_layer_scales_are_refused() -> None:

@@ -158,31 +158,29 @@ def test_plan_step_resolves_auto() -> None:
     model = _model()
     cfg = resolve_config(TrainConfig())
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # planning reads the device type only
-    assert plan_step(cfg, model, 1, cpu) == StepPlan(False, False)
-    assert plan_step(cfg, model, 1, gpu) == StepPlan(True, True)
-    assert plan_step(cfg, model, 2, gpu) == StepPlan(True, False)  # DDP: the fused step, eagerly
-    assert plan_step(replace(cfg, compile=True), model, 1, gpu) == StepPlan(False, False)
-    assert plan_step(replace(cfg, cuda_graphs="off"), model, 1, gpu) == StepPlan(True, False)
-    assert plan_step(replace(cfg, fused_step="on"), model, 1, cpu) == StepPlan(True, False)
-    assert plan_step(cfg, _model(global_pool="avg"), 1, gpu) == StepPlan(False, False)  # auto: what it can
+    assert plan_step(cfg, model, cpu) == StepPlan(False, False)
+    assert plan_step(cfg, model, gpu) == StepPlan(True, True)  # one process or DDP's several: the same plan
+    assert plan_step(replace(cfg, compile=True), model, gpu) == StepPlan(False, False)
+    assert plan_step(replace(cfg, cuda_graphs="off"), model, gpu) == StepPlan(True, False)
+    assert plan_step(replace(cfg, fused_step="on"), model, cpu) == StepPlan(True, False)
+    assert plan_step(cfg, _model(global_pool="avg"), gpu) == StepPlan(False, False)  # auto: what it can
 
 
 @pytest.mark.parametrize(
-    ("change", "world", "device", "message"),
+    ("change", "device", "message"),
     [
-        (dict(cuda_graphs="on"), 1, "cpu", "--cuda-graphs on: they need a CUDA device"),
-        (dict(cuda_graphs="on"), 2, "cuda", "--cuda-graphs on: they run one process"),
-        (dict(cuda_graphs="on", fused_step="off"), 1, "cuda", "the fused step, which is off"),
-        (dict(fused_step="on", global_pool="avg"), 1, "cuda", "--fused-step on: global_pool"),
-        (dict(fused_step="yes"), 1, "cpu", "--fused-step must be auto, on or off, got 'yes'"),
+        (dict(cuda_graphs="on"), "cpu", "--cuda-graphs on: they need a CUDA device"),
+        (dict(cuda_graphs="on", fused_step="off"), "cuda", "the fused step, which is off"),
+        (dict(fused_step="on", global_pool="avg"), "cuda", "--fused-step on: global_pool"),
+        (dict(fused_step="yes"), "cpu", "--fused-step must be auto, on or off, got 'yes'"),
     ],
 )
-def test_plan_step_refuses_on_where_it_cannot_run(change: dict, world: int, device: str, message: str) -> None:
+def test_plan_step_refuses_on_where_it_cannot_run(change: dict, device: str, message: str) -> None:
     change = dict(change)
     model = _model(global_pool=change.pop("global_pool", "token"))
     cfg = replace(resolve_config(TrainConfig()), **change)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        plan_step(cfg, model, world, torch.device(device))
+        plan_step(cfg, model, torch.device(device))
 
 
 def test_capturable_optimizer_needs_cuda() -> None:

@@ -131,7 +131,8 @@ class TrainConfig:
         "auto",
         OPTIM,
         "capture the fused step (forward, backward, clipping, AdamW) as CUDA graphs, one per (K, T) "
-        "(auto: for one CUDA process; DDP runs the fused step eagerly)",
+        "(auto: on CUDA, one process or DDP's several, each graph holding the gradients' all-reduce; "
+        "off: the fused step without graphs)",
     )
     seed: int = _opt(0, OPTIM, "seed of the model init and of every random draw of a step")
     device: str | None = _opt(None, OPTIM, "torch device", default_text="cuda:LOCAL_RANK if available, else cpu")

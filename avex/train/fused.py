@@ -3,7 +3,8 @@
 The same function of the same weights, computed the way a GPU likes it:
 
 * **one compute dtype** (bf16 on CUDA under ``--amp``): every weight is cast once per step, all of them in
-  one kernel (:class:`_CastParams`, whose backward returns every fp32 gradient in one kernel too), and the
+  one kernel (:func:`~avex.train.flat.cast_params`, whose backward returns every fp32 gradient in one buffer,
+  where a run of several processes averages them: ``grad_reduce``), and the
   residual stream, the layer norms and the attention stay in it; PyTorch's autocast would instead run each
   layer norm in fp32 and cast its input and output around every matrix product;
 * **attention** for the short rows of the iterator and the aggregator by the Triton kernels of
@@ -28,7 +29,7 @@ patches, P prefix tokens, D width, Cpp = C*p*p pixels per patch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -41,6 +42,7 @@ from avex.decoder import _DecoderBlock
 from avex.embedding import _is_patch_linear
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT
+from avex.train.flat import GradReduce, cast_params
 from avex.train.kernels import train_attention
 from avex.train.rows import train_layer_norm, train_linear
 
@@ -154,48 +156,7 @@ def fused_refusal(model: TOREViT) -> str | None:
     return None
 
 
-_ALIGN = 64  # elements: every cast parameter starts 128 bytes apart (vectorised kernels need aligned pointers)
-
-
-def _padded(tensors: tuple[torch.Tensor, ...], shapes: list[torch.Size]) -> list[torch.Tensor]:
-    """The tensors flattened, each followed by zeros up to a multiple of :data:`_ALIGN` elements."""
-    zeros = tensors[0].new_zeros(_ALIGN)
-    parts = []
-    for t, shape in zip(tensors, shapes):
-        parts.append(t.reshape(-1))
-        if shape.numel() % _ALIGN:
-            parts.append(zeros[: -shape.numel() % _ALIGN])
-    return parts
-
-
-def _unpadded(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
-    """Views of ``flat`` (as :func:`_padded` laid it out) in the given shapes."""
-    views, at = [], 0
-    for shape in shapes:
-        views.append(flat[at : at + shape.numel()].view(shape))
-        at += -(-shape.numel() // _ALIGN) * _ALIGN
-    return views
-
-
-class _CastParams(torch.autograd.Function):
-    """Every parameter in the compute dtype, in one copy; backward: every gradient in fp32, in one copy.
-
-    The copies live in one flat buffer in which each tensor starts at a multiple of :data:`_ALIGN` elements
-    (a layer norm's vectorised kernel, for one, needs its weights aligned). The gradient of a parameter a step
-    does not use arrives as zeros (autograd materialises it), as the eager step gives it for a decoder whose
-    loss term is zero.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, dtype: torch.dtype, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.shapes = [p.shape for p in params]
-        ctx.param_dtype = params[0].dtype
-        return tuple(_unpadded(torch.cat(_padded(params, ctx.shapes)).to(dtype), ctx.shapes))
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
-        flat = torch.cat(_padded(grads, ctx.shapes)).to(ctx.param_dtype)
-        return (None, *_unpadded(flat, ctx.shapes))
+_POS32 = "vit.pos_embed in fp32"  # FusedObjective._weights' key of the fp32 position embedding
 
 
 def _layer_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, eps: float) -> torch.Tensor:
@@ -236,6 +197,8 @@ class FusedObjective(nn.Module):
 
     Args:
         dtype: the compute dtype (bf16 on CUDA under ``--amp``, else the parameters' fp32).
+        grad_reduce: called in backward on the flat fp32 gradient of every parameter, in place, before the
+            parameters get it (:func:`avex.train.allreduce.average_gradients` under DDP); None: nothing.
 
     Raises:
         ValueError: a model :func:`fused_refusal` refuses.
@@ -254,12 +217,13 @@ class FusedObjective(nn.Module):
         recon_weight: float = 0.1,
         label_smoothing: float = 0.0,
         dtype: torch.dtype = torch.float32,
+        grad_reduce: GradReduce | None = None,
     ) -> None:
         super().__init__()
         refusal = fused_refusal(model)
         if refusal:
             raise ValueError(f"the fused training step cannot run this model: {refusal}; use --fused-step off")
-        self.model, self.geo, self.dtype = model, geo, dtype
+        self.model, self.geo, self.dtype, self.grad_reduce = model, geo, dtype, grad_reduce
         self.recon_weight, self.label_smoothing = recon_weight, label_smoothing
         vit = model.vit
         self._specs = [
@@ -290,10 +254,12 @@ class FusedObjective(nn.Module):
         self.register_buffer("_target_std", model.pixel_std.flatten().repeat(pp), persistent=False)
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        """Name -> the parameter in the compute dtype (through one cast with autograd)."""
+        """Name -> the parameter in the compute dtype (through one cast with autograd); :data:`_POS32`: the
+        position embedding in fp32, whose gradient joins the others in the one flat buffer."""
         params = dict(self.model.named_parameters())
-        cast_ = _CastParams.apply(self.dtype, *(params[n] for n in self._names))
-        return dict(zip(self._names, cast_))
+        keep = [self._names.index("vit.pos_embed")]
+        cast_, (pos32,) = cast_params([params[n] for n in self._names], self.dtype, keep, self.grad_reduce)
+        return {**dict(zip(self._names, cast_)), _POS32: pos32}
 
     def _patches(self, canvases: torch.Tensor, channel_last: bool) -> torch.Tensor:
         """uint8 [B, N, Cpp]: every patch's pixels, channel-major (the patch projection's order) or channel-last."""
@@ -317,7 +283,8 @@ class FusedObjective(nn.Module):
         x = F.linear(x, w["vit.patch_embed.proj.weight"].reshape(d, -1), w["vit.patch_embed.proj.bias"])
         # The position rows are read from the fp32 table and then cast, as in the eager step: their gradient is
         # summed over the batch by fp32 atomics (index_add, no host sync), not in bf16.
-        table = model._patch_pos_table()
+        pos32 = w[_POS32][0]  # [N (+ P), D]: as GlimpseViT._patch_pos_table
+        table = pos32 if vit.no_embed_class else pos32[n_pre:]
         pos = table.index_select(0, cells.reshape(-1)).view(b, n_seen, d).to(x.dtype)
         tokens = (x + pos).view(b * t, n_seen // t, d)
         pos_all = w["vit.pos_embed"][0]

@@ -6,8 +6,9 @@ many epochs; then evaluate on the whole evaluation set and save the checkpoint (
 
 Every random draw of a step (canvases, K, T, glimpses, flips) comes from generators seeded by
 (seed, step) and is made for the GLOBAL batch on every rank; each rank keeps its slice. With DDP's
-gradient averaging of per-rank mean losses, N processes then train the same weights as one process
-on the same global batch.
+gradient averaging of per-rank mean losses (DDP's wrapper for the eager step; for the fused step, one
+all-reduce of its flat gradient buffer inside the step, :mod:`avex.train.allreduce`), N processes then
+train the same weights as one process on the same global batch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from avex.checkpoint import save_tore
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT
 from avex.platform_info import device_name, synchronize
+from avex.train.allreduce import average_gradients, broadcast_state
 from avex.train.build import lr_factor, make_optimizer, prepare_classifier, warmup_steps
 from avex.train.config import TrainConfig, add_arguments, config_from_args, need, resolve_config
 from avex.train.data import TrainData, load_train_data
@@ -113,10 +115,13 @@ def start_training(cfg: TrainConfig) -> Training:
     objective: nn.Module
     if run.plan.fused:
         dtype = run.plan.compute_dtype(run.device, cfg.amp)
-        objective = FusedObjective(model, run.geo, cfg.recon_weight, cfg.label_smoothing, dtype)
+        reduce = average_gradients if run.world > 1 else None
+        objective = FusedObjective(model, run.geo, cfg.recon_weight, cfg.label_smoothing, dtype, reduce)
     else:
         objective = TOREObjective(model, run.geo, cfg.recon_weight, cfg.label_smoothing, cfg.distill, cfg.distill_temp)
-    if run.world > 1:
+    if run.world > 1 and run.plan.fused:  # the gradients averaged inside the step (graphs can hold it)
+        broadcast_state(objective)  # DDP's start: rank 0's weights
+    elif run.world > 1:
         device_ids = [run.device] if run.device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
     optimizer, scheduler = make_optimizer(model, cfg, run.total_steps, run.device, capturable=run.plan.graphs)
@@ -190,7 +195,7 @@ def _set_up(cfg: TrainConfig) -> _Run:
             f"--budget {cfg.budget} must be in 1..{tiles} "
             f"(non-overlapping {cfg.glimpse}x{cfg.glimpse} glimpses of the {geo.grid} grid)"
         )
-    plan = plan_step(cfg, model, world, device)
+    plan = plan_step(cfg, model, device)
     steps_per_epoch = max(1, data.num_train // cfg.batch_size)
     total_steps = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
     return _Run(cfg, rank, world, device, data, model, geo, tiles, init_meta, steps_per_epoch, total_steps, plan)

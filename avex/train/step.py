@@ -6,14 +6,17 @@ update. Three ways, one interface (:func:`make_step`):
 * **eager** — :func:`~avex.train.objective.train_step` on :class:`~avex.train.objective.TOREObjective`
   under autocast: one kernel launch per PyTorch op, about 930 a step, each paid for by the host;
 * **fused** — the same step on :class:`~avex.train.fused.FusedObjective` (fewer, larger kernels, one
-  compute dtype); under DDP too;
-* **graphed** — the fused step, backward, gradient clipping and the fused AdamW update captured once per
-  (K, T) as a CUDA graph (:class:`GraphedStep`) and replayed: the host copies the batch into the graph's
-  input buffers and launches one graph. The batch itself is drawn on the device before (canvases,
-  labels, glimpses: :mod:`avex.train.policy`, :meth:`~avex.data.CanvasSource.random_batch`).
+  compute dtype); with several processes, its backward averages every gradient over them in one flat
+  buffer (:mod:`avex.train.allreduce`) instead of DDP's wrapper;
+* **graphed** — the fused step, backward (with that average: one ``all_reduce`` under DDP), gradient
+  clipping and the fused AdamW update captured once per (K, T) as a CUDA graph (:class:`GraphedStep`) and
+  replayed: the host copies the batch into the graph's input buffers and launches one graph. The batch
+  itself is drawn on the device before (canvases, labels, glimpses: :mod:`avex.train.policy`,
+  :meth:`~avex.data.CanvasSource.random_batch`).
 
-``auto`` (both options' default) picks the graphed step for one CUDA process, the fused step under DDP and
-the eager step on the CPU, where the fused and graphed options fall back to it (same numbers as ``off``).
+``auto`` (both options' default) picks the graphed step on CUDA, for one process or several (DDP), and
+the eager step on the CPU, where the fused and graphed options fall back to it (same numbers as ``off``);
+``--cuda-graphs off`` keeps the fused step without graphs.
 The fused step computes neither self-distillation (``--distill``) nor continuous glimpses
 (``--continuous-glimpses``): with either, ``auto`` runs the eager step (the plan's ``note`` says why, and the
 run prints it) and ``on`` is refused (:func:`option_refusal`).
@@ -56,7 +59,7 @@ class StepPlan(NamedTuple):
         return torch.bfloat16 if device.type == "cuda" and amp else torch.float32
 
 
-def plan_step(cfg: TrainConfig, model: TOREViT, world: int, device: torch.device) -> StepPlan:
+def plan_step(cfg: TrainConfig, model: TOREViT, device: torch.device) -> StepPlan:
     """Resolve ``--fused-step`` and ``--cuda-graphs`` for this run.
 
     Raises:
@@ -73,8 +76,6 @@ def plan_step(cfg: TrainConfig, model: TOREViT, world: int, device: torch.device
         why = (
             "they need a CUDA device"
             if device.type != "cuda"
-            else "they run one process (DDP runs the fused step eagerly)"
-            if world > 1
             else "they capture the fused step, which is off"
             if cfg.fused_step == "off"
             else refusal
@@ -84,7 +85,7 @@ def plan_step(cfg: TrainConfig, model: TOREViT, world: int, device: torch.device
     cuda = device.type == "cuda"
     # --compile compiles the eager step's blocks: auto then keeps the eager step.
     fused = cfg.fused_step == "on" or (cfg.fused_step == "auto" and cuda and not refusal and not cfg.compile)
-    graphs = fused and cuda and world == 1 and (cfg.cuda_graphs == "on" or cfg.cuda_graphs == "auto")
+    graphs = fused and cuda and cfg.cuda_graphs in ("on", "auto")
     # Say so where only the options kept auto from the fused step.
     would_fuse = cfg.fused_step == "auto" and cuda and not model_refusal and not cfg.compile
     note = f"the eager step: {options}" if options and would_fuse else ""
@@ -162,8 +163,12 @@ class GraphedStep:
     The warm-up changes no weight: the first update of every graph is its first replay. Inputs are copied
     into static buffers (canvases and labels for all graphs, glimpses per T); the statistics are cloned out.
 
+    Under DDP every rank captures and replays the same graphs in the same order (a step's (K, T) is drawn for
+    the global batch), each holding the objective's gradient average (one NCCL ``all_reduce``), which the
+    warm-up also runs once, eagerly, before the capture.
+
     Args:
-        objective: a :class:`~avex.train.fused.FusedObjective` (no DDP).
+        objective: a :class:`~avex.train.fused.FusedObjective` (with ``grad_reduce`` under DDP, no wrapper).
         optimizer: AdamW with ``capturable=True`` and a tensor learning rate (its scheduler updates the tensor).
     """
 
