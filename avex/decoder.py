@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from avex.entropy_attention import entropy_attention
+from avex.layer_norm import norm_forward
 from avex.posembed import grid_sincos
 
 __all__ = ["GlimpseDecoder"]
@@ -45,7 +46,7 @@ class _DecoderBlock(nn.Module):
             keys but key 0 (CLS), summed over heads, in bits: float32 [B, S - first_query] or None.
         """
         b, s, d = x.shape
-        qkv = self.qkv(self.norm1(x))  # [B, S, 3 * dim], last axis (3, heads, dim / heads)
+        qkv = self.qkv(norm_forward(self.norm1, x))  # [B, S, 3 * dim], last axis (3, heads, dim / heads)
         ent = None
         if entropy:
             # Attention and entropy in one pass that never writes the attention map (a Triton kernel on CUDA;
@@ -58,7 +59,7 @@ class _DecoderBlock(nn.Module):
         if attended is None:
             return None, ent
         x = x[:, first_query:] + self.proj(attended)
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.mlp(norm_forward(self.norm2, x))
         return x, ent
 
 
@@ -162,5 +163,5 @@ class GlimpseDecoder(nn.Module):
             x, _ = blk(x, entropy=False)
         # Only the grid's rows of the last block are read (reconstruction, entropy): query just those.
         x, ent = self.blocks[-1](x, first_query=1, output=recon, entropy=entropy)
-        pixels = self.pred(self.norm(x)) if recon else None
+        pixels = self.pred(norm_forward(self.norm, x)) if recon else None
         return pixels, None if ent is None else ent.view(b, *self.grid)
