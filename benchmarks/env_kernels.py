@@ -265,7 +265,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grid", type=int, default=14, help="entropy: the decoder's grid side (S = 1 + grid**2)")
     p.add_argument("--batch", type=int, nargs="+", default=[16384, 256], help="entropy: batches (the first decides)")
     p.add_argument("--block-m", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--block-n", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4], help="entropy: stages tried on the best")
     p.add_argument("--out", default=None, help="Markdown tables")
@@ -287,19 +287,18 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     report: dict[str, Any] = {"device": device_name(device), "dtype": args.dtype, "torch": torch.__version__}
-    with torch.inference_mode():
-        if "layer-norm" in args.parts:
-            table, report["layer_norm"] = layer_norm_tables(args, device, dtype)
-            lines += table
-        if "entropy" in args.parts:
-            table, report["entropy"] = entropy_tables(args, device, dtype)
-            lines += table
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    parts = {"layer-norm": ("layer_norm", layer_norm_tables), "entropy": ("entropy", entropy_tables)}
+    for part in args.parts:
+        key, tables = parts[part]
+        with torch.inference_mode():
+            table, report[key] = tables(args, device, dtype)
+        print("\n".join(table))
+        lines += table
+        # Written after every part: a job's time-out keeps what finished.
+        if args.out:
+            Path(args.out).write_text("\n".join(lines) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
     return 0
 
 
