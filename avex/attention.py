@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
-from collections.abc import Callable, Iterable
-from typing import TypeGuard, TypeVar, cast
+from collections.abc import Iterable
+from typing import TypeGuard, cast
 
 import torch
 import torch.nn as nn
@@ -35,11 +34,13 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-try:  # Triton ships with PyTorch's CUDA wheels; CPU-only installs simply never use the kernel.
-    import triton
+# The Triton plumbing every kernel shares; _interpreted is imported from here by the training kernels.
+from avex.kernel_fallback import _interpreted as _interpreted
+from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback, triton
+from avex.layer_norm import norm_forward
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
 
 __all__ = [
     "SHORT_SEQUENCE",
@@ -65,17 +66,11 @@ _SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_T = TypeVar("_T")
 
 
 def short_attention_available() -> bool:
     """Whether the Triton kernel can run here (Triton importable; on CPU only under ``TRITON_INTERPRET=1``)."""
     return triton is not None
-
-
-def _interpreted() -> bool:
-    """Triton's interpreter (``TRITON_INTERPRET=1`` before import) runs the kernel on CPU tensors: tests use it."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------- the Triton kernel
@@ -155,11 +150,6 @@ def _kernel_refusal(seq_len: int, head_dim: int, dtype: torch.dtype) -> str | No
             f"got Dh={head_dim}, {dtype}"
         )
     return None
-
-
-def _kernel_may_run(x: torch.Tensor) -> bool:
-    """Whether the kernel can run on ``x``'s device and mode: Triton present, no autograd, CUDA or the interpreter."""
-    return triton is not None and not torch.is_grad_enabled() and (x.is_cuda or _interpreted())
 
 
 def short_attention(
@@ -253,36 +243,6 @@ def _plain_block(blk: nn.Module) -> TypeGuard[Block]:
     )
 
 
-# Why a Triton kernel could not build or launch on this machine, by kernel name: set on its first failure.
-_kernel_failures: dict[str, str] = {}
-
-
-def kernel_or_fallback(name: str, kernel: Callable[[], _T], fallback: Callable[[], _T], advice: str) -> _T:
-    """``kernel()``, or ``fallback()`` (with one warning per kernel name) once the kernel has failed to build or
-    launch here: Triton compiles a small C launcher at first use, and an image without a C compiler should
-    still run, only slower. A ValueError (a shape or dtype the kernel refuses: a caller's bug, not the
-    machine's) is raised, not hidden.
-
-    Args:
-        name: the kernel, as the warning names it ("attention", "entropy attention").
-        kernel, fallback: the two computations, same results.
-        advice: what the warning says after the failure (what runs instead, how to skip the kernel).
-    """
-    if name not in _kernel_failures:
-        try:
-            return kernel()
-        except ValueError:
-            raise
-        except Exception as err:  # deliberately broad: Triton's build and driver errors have no common type
-            _kernel_failures[name] = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"avex: the Triton {name} kernel failed on this machine ({_kernel_failures[name][:300]}); {advice}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return fallback()
-
-
 def _kernel_or_reference(qkv: torch.Tensor, heads: int, valid: torch.Tensor | None) -> torch.Tensor:
     """:func:`short_attention`, or :func:`reference_attention` once the kernel has failed here."""
     return kernel_or_fallback(
@@ -297,7 +257,8 @@ def _kernel_or_reference(qkv: torch.Tensor, heads: int, valid: torch.Tensor | No
 def block_forward(blk: Block, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """timm's ``Block.forward`` (pre-norm attention and MLP, layer scale, drop path) with attention by
     :func:`short_attention` where it applies (CUDA or the Triton interpreter, no autograd, short
-    sequence), else :func:`reference_attention`.
+    sequence), else :func:`reference_attention`; both norms by :func:`avex.layer_norm.norm_forward` (many
+    rows per program on CUDA; the modules themselves elsewhere).
 
     Args:
         blk: a plain timm ``Block`` (see :func:`run_blocks`).
@@ -308,11 +269,11 @@ def block_forward(blk: Block, x: torch.Tensor, valid: torch.Tensor | None = None
         [B, S, D].
     """
     attn = cast(Attention, blk.attn)  # timm types it Module; a plain Block's is an Attention (_plain_block)
-    qkv = attn.qkv(blk.norm1(x))
+    qkv = attn.qkv(norm_forward(blk.norm1, x))
     usable = _kernel_may_run(qkv) and _kernel_refusal(qkv.shape[1], attn.head_dim, qkv.dtype) is None
     a = _kernel_or_reference(qkv, attn.num_heads, valid) if usable else reference_attention(qkv, attn.num_heads, valid)
     x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(a)))))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(norm_forward(blk.norm2, x))))
 
 
 def attention_choice() -> tuple[str, ...]:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from avex.layer_norm import norm_forward
 from avex.transfer import send
 
 __all__ = ["AggregatorOutput", "TokenCache"]
@@ -42,7 +43,7 @@ class AggregatorOutput:
     @property
     def tokens(self) -> torch.Tensor:
         if self._tokens is None:
-            self._tokens = self.norm(self.hidden)
+            self._tokens = norm_forward(self.norm, self.hidden)  # the Triton kernel on CUDA
         return self._tokens
 
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from avex.entropy_attention import entropy_attention
+from avex.layer_norm import norm_forward
 from avex.posembed import grid_sincos
 
 __all__ = ["GlimpseDecoder"]
@@ -45,7 +46,7 @@ class _DecoderBlock(nn.Module):
             keys but key 0 (CLS), summed over heads, in bits: float32 [B, S - first_query] or None.
         """
         b, s, d = x.shape
-        qkv = self.qkv(self.norm1(x))  # [B, S, 3 * dim], last axis (3, heads, dim / heads)
+        qkv = self.qkv(norm_forward(self.norm1, x))  # [B, S, 3 * dim], last axis (3, heads, dim / heads)
         ent = None
         if entropy:
             # Attention and entropy in one pass that never writes the attention map (a Triton kernel on CUDA;
@@ -58,7 +59,7 @@ class _DecoderBlock(nn.Module):
         if attended is None:
             return None, ent
         x = x[:, first_query:] + self.proj(attended)
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.mlp(norm_forward(self.norm2, x))
         return x, ent
 
 
@@ -100,6 +101,12 @@ class GlimpseDecoder(nn.Module):
         self.register_buffer("grid_pos", grid_sincos(grid, dim, pos_order)[None], persistent=False)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def _token_cells(self, coords: torch.Tensor) -> torch.Tensor:
+        """int64 [B, L]: the grid cell (row-major) of every token, its coordinates rounded and clamped to the grid."""
+        gh, gw = self.grid
+        rc = coords.round().long()
+        return rc[..., 0].clamp(0, gh - 1) * gw + rc[..., 1].clamp(0, gw - 1)
+
     def cells(self, coords: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Which observed token each grid cell holds: its latest one, or -1 where none.
 
@@ -109,17 +116,55 @@ class GlimpseDecoder(nn.Module):
         Returns:
             int64 [B, N] token index per cell (row-major), -1 for unseen cells.
         """
-        b, n_obs = coords.shape[:2]
-        gh, gw = self.grid
-        rc = coords.round().long()
-        cell = rc[..., 0].clamp(0, gh - 1) * gw + rc[..., 1].clamp(0, gw - 1)  # [B, L]
-        order = torch.arange(n_obs, device=coords.device).expand(b, n_obs)
+        return self._held(self._token_cells(coords), valid)
+
+    def _held(self, cell: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`cells` from the tokens' cells [B, L]."""
+        b, n_obs = cell.shape
+        order = torch.arange(n_obs, device=cell.device).expand(b, n_obs)
         if valid is not None:
             order = torch.where(valid, order, -1)
         # amax over token order: deterministic where one cell gets several tokens (a plain scatter is not).
-        return torch.full((b, gh * gw), -1, dtype=torch.long, device=coords.device).scatter_reduce(
+        return torch.full((b, self.grid_pos.shape[1]), -1, dtype=torch.long, device=cell.device).scatter_reduce(
             1, cell, order, "amax"
         )
+
+    def _sequence(
+        self, cls: torch.Tensor, tokens: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The decoder's input ``[CLS, grid + position]``: [B, 1 + N, dim].
+
+        Without autograd, by one gather of rows computed first (the embedded CLS tokens, every observed token plus
+        its cell's position, the mask token plus each cell's position): the same sums as adding the positions to
+        the whole grid, bit for bit, written in one pass over the sequence instead of four (a gather, a select,
+        the addition, a concatenation). With autograd, those four: their backward needs no atomic sums over rows
+        that many cells share (the mask token's).
+        """
+        b, n_obs = tokens.shape[:2]
+        n = self.grid_pos.shape[1]
+        head = self.embed(cls)  # [B, dim]
+        pos = self.grid_pos[0].to(head.dtype)  # [N, dim]
+        mask = self.mask_token.to(head.dtype)[0]  # [1, dim]
+        cell = self._token_cells(coords) if n_obs else None
+        held = self._held(cell, valid) if cell is not None else None  # [B, N]
+        if torch.is_grad_enabled():
+            if held is None:  # the empty pass: nothing seen yet
+                grid = mask.expand(b, n, -1)
+            else:
+                picked = self.embed(tokens).gather(1, held.clamp(min=0)[..., None].expand(b, n, self.dim))
+                grid = torch.where((held >= 0)[..., None], picked, mask)
+            return torch.cat([head[:, None], grid + pos], dim=1)
+        rows = [head]
+        index = torch.empty(b, 1 + n, dtype=torch.long, device=head.device)
+        index[:, 0] = torch.arange(b, device=head.device)
+        unseen = b + b * n_obs + torch.arange(n, device=head.device)  # the mask token's row of each cell
+        index[:, 1:] = unseen
+        if held is not None and cell is not None:
+            rows.append((self.embed(tokens) + pos[cell]).view(b * n_obs, self.dim))
+            seen = b + torch.arange(b, device=head.device)[:, None] * n_obs + held  # the row of the cell's token
+            index[:, 1:] = torch.where(held >= 0, seen, unseen)
+        rows.append(mask + pos)
+        return torch.cat(rows).index_select(0, index.view(-1)).view(b, 1 + n, self.dim)
 
     def forward(
         self,
@@ -147,20 +192,10 @@ class GlimpseDecoder(nn.Module):
         """
         if not (recon or entropy):
             raise ValueError("ask the decoder for recon, entropy or both")
-        b, n_obs = tokens.shape[:2]
-        n = self.grid_pos.shape[1]
-        head = self.embed(cls)[:, None]  # [B, 1, dim]
-        mask = self.mask_token.to(head.dtype)
-        if n_obs:
-            held = self.cells(coords, valid)  # [B, N]
-            picked = self.embed(tokens).gather(1, held.clamp(min=0)[..., None].expand(b, n, self.dim))
-            grid = torch.where((held >= 0)[..., None], picked, mask)
-        else:  # the empty pass: nothing seen yet
-            grid = mask.expand(b, n, -1)
-        x = torch.cat([head, grid + self.grid_pos.to(head.dtype)], dim=1)  # [B, 1 + N, dim]
+        x = self._sequence(cls, tokens, coords, valid)
         for blk in self.blocks[:-1]:
             x, _ = blk(x, entropy=False)
         # Only the grid's rows of the last block are read (reconstruction, entropy): query just those.
         x, ent = self.blocks[-1](x, first_query=1, output=recon, entropy=entropy)
-        pixels = self.pred(self.norm(x)) if recon else None
-        return pixels, None if ent is None else ent.view(b, *self.grid)
+        pixels = self.pred(norm_forward(self.norm, x)) if recon else None
+        return pixels, None if ent is None else ent.view(cls.shape[0], *self.grid)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,10 @@ if triton is not None:
     from avex.attention import _dot
 
 __all__ = [
+    "DEFAULT_LAUNCH",
     "ENTROPY_KERNEL_ENV",
+    "LAUNCHES",
+    "Launch",
     "entropy_attention",
     "entropy_attention_kernel",
     "reference_entropy_attention",
@@ -160,11 +164,26 @@ def _kernel_refusal(seq_len: int, head_dim: int, dtype: torch.dtype) -> str | No
     return None
 
 
+class Launch(NamedTuple):
+    """Launch settings of the kernel: query rows and keys per block (powers of two >= 16), warps, pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+DEFAULT_LAUNCH = Launch(64, 64, 4, 3)  # 3 stages: Triton's default on NVIDIA GPUs
+# Launch settings by (sequence length S, head width Dh, dtype) where a GPU sweep found better ones than
+# DEFAULT_LAUNCH for batches that fill the GPU (``python benchmarks/env_kernels.py entropy`` times the candidates
+# on the decoder's shapes and prints the entries to put here). BLOCK_M is still lowered for small batches (_launch).
+LAUNCHES: dict[tuple[int, int, torch.dtype], Launch] = {}
 _sm_count: dict[int, int] = {}
 
 
-def _launch(batch: int, queries: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): the largest query block that still gives every SM two programs."""
+def _launch(batch: int, queries: int, seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> Launch:
+    """:data:`LAUNCHES`' settings for the shape (else :data:`DEFAULT_LAUNCH`), with BLOCK_M lowered (to 16 at
+    least) until every SM gets two programs."""
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         if idx not in _sm_count:
@@ -172,8 +191,10 @@ def _launch(batch: int, queries: int, device: torch.device) -> tuple[int, int, i
         want = 2 * _sm_count[idx]
     else:  # the interpreter: small blocks run fastest
         want = 1 << 30
-    block_m = next((m for m in (64, 32) if batch * triton.cdiv(queries, m) >= want), 16)
-    return block_m, 64, 4
+    launch = LAUNCHES.get((seq_len, head_dim, dtype), DEFAULT_LAUNCH)
+    sizes = [launch.block_m >> i for i in range(8) if launch.block_m >> i >= 32]  # block_m, block_m / 2, ..., 32
+    block_m = next((m for m in sizes if batch * triton.cdiv(queries, m) >= want), 16)
+    return launch._replace(block_m=block_m)
 
 
 def entropy_attention_kernel(
@@ -184,9 +205,7 @@ def entropy_attention_kernel(
     skip_keys: int = 1,
     output: bool = True,
     entropy: bool = True,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
+    launch: Launch | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Softmax attention of the query rows ``first_query..S-1`` over all S keys, and the entropy of each
     query row's attention summed over heads, by the Triton kernel (no autograd; no attention map written).
@@ -200,8 +219,8 @@ def entropy_attention_kernel(
         skip_keys: the first ``skip_keys`` keys stay in the softmax's normaliser but out of the entropy sum
             (1: AME's "every key but CLS").
         output, entropy: which results to compute (at least one).
-        block_m, block_n, num_warps: launch settings (powers of two >= 16 for the blocks); None: a choice by
-            batch and length.
+        launch: the launch settings, as given (a sweep's candidates); None: :func:`_launch`'s choice by shape
+            and batch.
 
     Returns:
         out: [B, Q, H*Dh] in qkv's dtype (heads side by side, ready for the output projection), or None;
@@ -221,14 +240,13 @@ def entropy_attention_kernel(
     ent = torch.empty(b, n_q, device=qkv.device, dtype=torch.float32) if entropy else None
     if n_q == 0:
         return out, ent
-    default_m, default_n, default_warps = _launch(b, n_q, qkv.device)
-    block_m, block_n, num_warps = block_m or default_m, block_n or default_n, num_warps or default_warps
-    for name, block in (("block_m", block_m), ("block_n", block_n)):
+    launch = launch or _launch(b, n_q, s, hd, qkv.dtype, qkv.device)
+    for name, block in (("block_m", launch.block_m), ("block_n", launch.block_n)):
         if block < 16 or block & (block - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {block}")
+            raise ValueError(f"launch.{name} must be a power of two >= 16, got {block}")
     out_arg = out if out is not None else qkv  # never touched when its flag is off
     ent_arg = ent if ent is not None else qkv
-    _entropy_attention_kernel[(b, triton.cdiv(n_q, block_m))](
+    _entropy_attention_kernel[(b, triton.cdiv(n_q, launch.block_m))](
         qkv,
         out_arg,
         ent_arg,
@@ -243,13 +261,14 @@ def entropy_attention_kernel(
         ent.stride(0) if ent is not None else 0,
         HEADS=heads,
         HEAD_DIM=hd,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        KEY_BLOCKS=triton.cdiv(s, block_n),
+        BLOCK_M=launch.block_m,
+        BLOCK_N=launch.block_n,
+        KEY_BLOCKS=triton.cdiv(s, launch.block_n),
         OUTPUT=output,
         ENTROPY=entropy,
         IEEE=qkv.dtype == torch.float32,
-        num_warps=num_warps,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     return out, ent
 

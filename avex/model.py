@@ -36,6 +36,7 @@ from avex.cache import AggregatorOutput, TokenCache
 from avex.decoder import GlimpseDecoder
 from avex.embedding import GlimpseViT
 from avex.geometry import GlimpseGeometry
+from avex.layer_norm import norm_forward
 from avex.posembed import POS_ORDERS
 
 __all__ = ["TOREViT", "create_tore"]
@@ -125,23 +126,24 @@ class TOREViT(GlimpseViT):
             valid: [B, P + L] bool key mask (padding of rows with fewer glimpses); None: all valid.
 
         Returns:
-            The logits, pooled features and tokens. The final norm is a per-token LayerNorm: with CLS pooling
-            only the CLS token's is computed here, the rest when ``tokens`` is first read.
+            The logits, pooled features and tokens. The final norm is a per-token LayerNorm (by
+            :func:`~avex.layer_norm.norm_forward`): with CLS pooling only the CLS token's is computed here, the
+            rest when ``tokens`` is first read.
         """
         vit = self.vit
         hidden = run_blocks(self._blocks(K), seq, valid)
         tokens = None
         if vit.global_pool == "token":
-            pooled = vit.norm(hidden[:, 0])
+            pooled = norm_forward(vit.norm, hidden[:, 0])
         else:  # masked mean over patch tokens
-            tokens = vit.norm(hidden)
+            tokens = norm_forward(vit.norm, hidden)
             patches = tokens[:, self.num_prefix :]
             if valid is None:
                 pooled = patches.mean(dim=1)
             else:
                 w = valid[:, self.num_prefix :, None].to(tokens.dtype)
                 pooled = (patches * w).sum(1) / w.sum(1).clamp(min=1)
-        features = vit.fc_norm(pooled)
+        features = norm_forward(vit.fc_norm, pooled)
         return AggregatorOutput(vit.head(vit.head_drop(features)), features, hidden, valid, coords, vit.norm, tokens)
 
     def forward_glimpses(self, pixels: torch.Tensor, coords: torch.Tensor, K: int) -> AggregatorOutput:

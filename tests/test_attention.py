@@ -172,13 +172,14 @@ def test_kernel_matches_sdpa_on_cuda(dtype: torch.dtype) -> None:
 def test_kernel_failure_falls_back_to_sdpa_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     """A machine where Triton cannot build the kernel (no C compiler, say) still runs: SDPA's result, one warning."""
     import avex.attention as att
+    import avex.kernel_fallback as kf
 
     def broken(*args, **kwargs):
         raise RuntimeError("Failed to find C compiler")
 
     monkeypatch.setattr(att, "short_attention", broken)
-    monkeypatch.setattr(att, "_kernel_failures", {})
-    monkeypatch.setattr(att, "triton", att.triton or object())  # "Triton importable", even where it is not
+    monkeypatch.setattr(kf, "_kernel_failures", {})
+    monkeypatch.setattr(kf, "triton", kf.triton or object())  # "Triton importable", even where it is not
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # let CPU tensors take the kernel path
     blocks = _vit_blocks("vit_tiny_patch16_224")
     x = torch.randn(2, 5, 192)
@@ -195,6 +196,6 @@ def test_kernel_failure_falls_back_to_sdpa_with_one_warning(monkeypatch: pytest.
         raise ValueError("short_attention takes 1..64 tokens")
 
     monkeypatch.setattr(att, "short_attention", refused)
-    monkeypatch.setattr(att, "_kernel_failures", {})
+    monkeypatch.setattr(kf, "_kernel_failures", {})
     with torch.no_grad(), pytest.raises(ValueError, match="1..64 tokens"):  # a refusal is a bug: it is raised
         att.block_forward(blocks[0], x)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -84,3 +88,28 @@ def test_train_folder_speed_refuses_bad_counts(train_folder_speed: ModuleType, c
     with pytest.raises(SystemExit):
         train_folder_speed.parse_args(["--root", "x", "--steps", "0"])
     assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_env_kernels_script_under_interpreter(tmp_path: Path) -> None:
+    """benchmarks/env_kernels.py end to end on tiny shapes under Triton's interpreter: every table, a sweep whose
+    candidates all ran, and a LAUNCHES entry for the decoder's sequence length."""
+    out, js = tmp_path / "k.md", tmp_path / "k.json"
+    argv = ["layer-norm", "entropy", "--device", "cpu", "--dtype", "fp32", "--calls", "1", "--reps", "1"]
+    argv += ["--envs", "2", "--tokens", "5", "--vitb-batch", "1", "--small-rows", "64", "--norm-rows", "16"]
+    argv += ["--norm-warps", "4", "--grid", "2", "--batch", "2", "1", "--block-m", "16", "--block-n", "16", "32"]
+    argv += ["--warps", "4", "--stages", "1", "--out", str(out), "--json", str(js)]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "benchmarks/env_kernels.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(js.read_text())
+    norms = report["layer_norm"]
+    assert [tuple(r["shape"]) for r in norms] == [(2, 5, 192), (2, 197, 128), (1, 197, 768), (64, 192)]
+    assert all(r["torch_us"] > 0 and r["kernel_us"] > 0 and None not in r["sweep"].values() for r in norms[:3])
+    ent = report["entropy"]
+    assert ent["seq_len"] == 5 and len(ent["times"]) == 3  # 2 block sizes at the default stages, then 1 stage
+    assert all(None not in t["us"] for t in ent["times"])
+    assert ent["entry"].startswith("LAUNCHES[(5, 32, torch.float32)] = Launch(16, ")
+    assert "## Entropy kernel launch settings" in out.read_text()

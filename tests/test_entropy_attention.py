@@ -97,6 +97,26 @@ def test_dispatch_on_cpu_runs_the_reference_and_checks_arguments(monkeypatch: py
         entropy_attention(qkv, 5)
 
 
+@needs_triton
+def test_launch_table_keyed_by_shape_and_lowered_for_small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A (S, Dh, dtype) entry of LAUNCHES replaces DEFAULT_LAUNCH for that shape only; BLOCK_M halves (to 16 at the
+    least) until a batch gives every SM two programs, the other settings stay."""
+    import avex.entropy_attention as ea
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(ea, "_sm_count", {0: 100})  # a GPU of 100 SMs: 200 programs wanted
+    monkeypatch.setattr(ea, "LAUNCHES", {(197, 32, torch.bfloat16): ea.Launch(128, 256, 8, 2)})
+    assert ea._launch(16384, 196, 197, 32, torch.float16, gpu) == ea.DEFAULT_LAUNCH
+    assert ea._launch(16384, 196, 197, 32, torch.bfloat16, gpu) == ea.Launch(128, 256, 8, 2)
+    assert ea._launch(100, 196, 197, 32, torch.bfloat16, gpu).block_m == 128  # 100 x 2 programs: enough
+    assert ea._launch(60, 196, 197, 32, torch.bfloat16, gpu) == ea.Launch(64, 256, 8, 2)  # 60 x 4 programs
+    assert ea._launch(1, 196, 197, 32, torch.bfloat16, gpu) == ea.Launch(16, 256, 8, 2)
+    assert ea._launch(4, 196, 197, 32, torch.float32, gpu) == ea.DEFAULT_LAUNCH._replace(block_m=16)
+    assert ea._launch(16384, 196, 197, 32, torch.bfloat16, torch.device("cpu")).block_m == 16  # the interpreter
+    with pytest.raises(ValueError, match="launch.block_n must be a power of two >= 16, got 24"):
+        ea.entropy_attention_kernel(torch.randn(1, 5, 3 * 16), 1, launch=ea.Launch(16, 24, 4, 3))
+
+
 # ------------------------------------------------------------------------------ the kernel (interpreter)
 @needs_triton
 def test_kernel_matches_the_map_under_interpreter() -> None:
@@ -105,7 +125,7 @@ def test_kernel_matches_the_map_under_interpreter() -> None:
     out = interpreted("""
         import math
         import torch
-        from avex.entropy_attention import entropy_attention_kernel as kernel
+        from avex.entropy_attention import Launch, entropy_attention_kernel as kernel
         from tests.test_entropy_attention import materialised
         gen = torch.Generator().manual_seed(0)
         H, DH = 2, 16
@@ -113,29 +133,29 @@ def test_kernel_matches_the_map_under_interpreter() -> None:
         for dtype, s, fq, skip in ((f32, 1, 0, 1), (f32, 5, 1, 1), (f32, 17, 0, 0), (f32, 70, 1, 1), (f16, 70, 3, 2)):
             qkv = (torch.randn(2, s, 3 * H * DH, generator=gen) * 2).to(dtype)
             want_out, want_ent = materialised(qkv.float(), H, fq, skip)
-            for blocks in ((16, 16), (None, None)):  # the defaults last: compared below
-                o, e = kernel(qkv, H, first_query=fq, skip_keys=skip, block_m=blocks[0], block_n=blocks[1])
+            for launch in (Launch(16, 16, 2, 1), None):  # the defaults last: compared below
+                o, e = kernel(qkv, H, first_query=fq, skip_keys=skip, launch=launch)
                 assert o.dtype == dtype and o.shape == (2, s - fq, H * DH) and e.shape == (2, s - fq)
                 err_o = (o.float() - want_out).abs().max().item()
                 err_e = (e - want_ent).abs().max().item()
                 tol = 1e-4 if dtype == f32 else 3e-3
-                assert err_o < tol and err_e < 1e-4, (dtype, s, fq, skip, blocks, err_o, err_e)
+                assert err_o < tol and err_e < 1e-4, (dtype, s, fq, skip, launch, err_o, err_e)
             none, e_only = kernel(qkv, H, first_query=fq, skip_keys=skip, output=False)
             o_only, none2 = kernel(qkv, H, first_query=fq, skip_keys=skip, entropy=False)
             assert none is None and none2 is None
             assert torch.equal(e_only, e) and torch.equal(o_only, o)  # same arithmetic whatever is asked
         qkv = torch.randn(2, 40, 3 * H * DH, generator=gen)
         qkv[..., : H * DH] = 0  # all-equal scores
-        e = kernel(qkv, H, first_query=1, block_n=16)[1]
+        e = kernel(qkv, H, first_query=1, launch=Launch(16, 16, 4, 3))[1]
         assert (e - 2 * 39 / 40 * math.log2(40)).abs().max() < 1e-4, e
         assert kernel(qkv[:, :1], H)[1].eq(0).all() and kernel(qkv[:, :1], H, skip_keys=0)[1].eq(0).all()
         big = torch.randn(2, 40, 3 * H * DH, generator=gen) * 100  # one-hot rows
-        o, e = kernel(big, H, first_query=1, block_n=16)
+        o, e = kernel(big, H, first_query=1, launch=Launch(16, 16, 4, 3))
         want_out, want_ent = materialised(big, H, 1)
         assert torch.isfinite(e).all() and (e - want_ent).abs().max() < 1e-4 and (o - want_out).abs().max() < 1e-3
         shifted = torch.randn(2, 40, 3 * H * DH, generator=gen)
         shifted[..., H * DH : 2 * H * DH] += 3000 * torch.randn(1, 1, H * DH, generator=gen)  # scores ~1e4
-        e = kernel(shifted, H, first_query=1, block_n=16)[1]
+        e = kernel(shifted, H, first_query=1, launch=Launch(16, 16, 4, 3))[1]
         want_ent = materialised(shifted.double(), H, 1)[1]
         assert want_ent.min() > 1 and (e - want_ent).abs().max() < 2e-3, (e - want_ent).abs().max()
         print("ok")

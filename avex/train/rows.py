@@ -4,10 +4,10 @@ A training step normalises and projects ~100k rows of 128 or 192 features. PyTor
 one row per block (its fixed cost per row, not the bandwidth, sets the pace), and its backward computes the
 weight and bias gradients in a separate kernel that spreads the reduction over the rows across few blocks (an
 eighth of the memory bandwidth on an H200); its bias gradient of a linear layer is a column reduction at a
-third of the bandwidth. Here every program takes many rows: :func:`layer_norm_forward`, one backward pass that
-gives the input gradient and per-program partial sums of the weight and bias gradients
-(:func:`layer_norm_backward`), and :func:`column_sum` for bias gradients; :func:`train_layer_norm` and
-:func:`train_linear` put them under autograd, with PyTorch's ops where Triton cannot run.
+third of the bandwidth. Here every program takes many rows: :func:`avex.layer_norm.layer_norm_forward` (shared
+with inference), one backward pass that gives the input gradient and per-program partial sums of the weight and
+bias gradients (:func:`layer_norm_backward`), and :func:`column_sum` for bias gradients; :func:`train_layer_norm`
+and :func:`train_linear` put them under autograd, with PyTorch's ops where Triton cannot run.
 
 Shapes: M rows, N features.
 """
@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from avex.attention import _interpreted, triton
+from avex.layer_norm import _ROWS, _row_blocks, layer_norm_forward
 from avex.train.kernels import _works
 
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["column_sum", "layer_norm_backward", "layer_norm_forward", "train_layer_norm", "train_linear"]
+__all__ = ["column_sum", "layer_norm_backward", "train_layer_norm", "train_linear"]
 
 
 if triton is not None:
@@ -90,31 +91,6 @@ if triton is not None:
             acc += x.to(tl.float32)
         tl.store(partial_ptr + pid * N + cols, tl.sum(acc, axis=0), mask=in_cols)
 
-    @triton.jit
-    def _layer_norm_fwd_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
-    ):
-        # BLOCK_M rows per program of the contiguous [M, N] x and y; mean and 1/std per row in fp32 (two passes
-        # over the row in registers).
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_N)
-        in_rows, in_cols = rows < M, cols < N
-        mask = in_rows[:, None] & in_cols[None, :]
-        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / N
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
-        w = tl.load(w_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
-        y = xc * rstd[:, None] * w[None, :] + b[None, :]
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(mean_ptr + rows, mean, mask=in_rows)
-        tl.store(rstd_ptr + rows, rstd, mask=in_rows)
-
-
-_ROWS = 128  # rows per program of the reductions over rows: few enough programs that their partial sums are small
-
 
 def layer_norm_backward(
     x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
@@ -145,12 +121,6 @@ def layer_norm_backward(
     return dx.view(x.shape), sums[0], sums[1]
 
 
-def _row_blocks(n: int, tile: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_M) of the kernels over rows of n features: a tile of about ``tile`` elements."""
-    block_n = triton.next_power_of_2(n)
-    return block_n, max(1, min(_ROWS, tile // block_n))
-
-
 def column_sum(x: torch.Tensor) -> torch.Tensor:
     """fp32 sums over the rows of a contiguous [M, N] tensor, in x's dtype: a bias gradient, in one Triton pass
     and a small second sum (PyTorch's own column reduction reads such tensors at a third of the bandwidth)."""
@@ -160,28 +130,6 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
     partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)
     _column_sum_kernel[(programs,)](x, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m)
     return partial.sum(dim=0, dtype=x.dtype)
-
-
-def layer_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Layer norm over the last axis by a Triton kernel that takes many short rows per program (PyTorch's takes
-    one row per block: at 192 features its fixed cost per row, not the bandwidth, sets the pace).
-
-    Returns:
-        y like ``x``; mean and 1/std, fp32, one per row (as ``torch.native_layer_norm``'s, flattened).
-    """
-    n = x.shape[-1]
-    x2 = x.reshape(-1, n).contiguous()
-    m = x2.shape[0]
-    block_n, block_m = _row_blocks(n, 4096)
-    y = torch.empty_like(x2)
-    mean = torch.empty(m, dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
-    _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
-        x2, weight, bias, y, mean, rstd, m, n, eps, BLOCK_M=block_m, BLOCK_N=block_n
-    )
-    return y.view(x.shape), mean, rstd
 
 
 class _Linear(torch.autograd.Function):

@@ -1,0 +1,205 @@
+"""Fast layer norm for many short rows: a Triton forward that takes many rows per program.
+
+An env step normalises ~1M rows of 192 features at once (16,384 envs x 49 aggregator tokens), and the decoder
+~3M rows of 128. PyTorch's layer norm kernel takes one row per block: at such widths its fixed cost per row,
+not the memory bandwidth, sets the pace (a fifth to a quarter of the H200's bandwidth; a third of an env
+step's kernel time). :func:`layer_norm_forward` gives every program a tile of about 4,096 elements (16 rows of
+192, 4 of 768), mean and variance in fp32. Training puts it under autograd (:mod:`avex.train.rows`);
+inference calls :func:`norm_forward` on a norm module, which takes the kernel where it applies (CUDA or
+Triton's interpreter, no autograd, at least :data:`MIN_ROWS` rows, a plain affine LayerNorm) and the module
+itself everywhere else: on CPU the results are the module's, bit for bit.
+
+Shapes: M rows, N features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm as TimmLayerNorm
+
+from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback, triton
+
+if triton is not None:
+    import triton.language as tl
+
+__all__ = ["MAX_FEATURES", "MIN_ROWS", "layer_norm", "layer_norm_forward", "norm_forward"]
+
+MAX_FEATURES = 8192  # the widest row norm_forward sends to the kernel (one row then fills a program's tile)
+# Fewer rows go to PyTorch's kernel: both kernels are then a few microseconds on the GPU, and PyTorch's launches
+# faster from eager Python (a single env, batch 1).
+MIN_ROWS = 2048
+_ROWS = 128  # the most rows per program (the reductions over rows of avex.train.rows take this many)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NORMS = (nn.LayerNorm, TimmLayerNorm)  # F.layer_norm over the last axis: the kernel's arithmetic
+
+
+if triton is not None:
+
+    @triton.jit
+    def _layer_norm_fwd_kernel(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        y_ptr,
+        mean_ptr,
+        rstd_ptr,
+        M,
+        N,
+        stride_x,
+        eps,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        STATS: tl.constexpr,
+    ):
+        # BLOCK_M rows per program of x (rows stride_x apart, unit column stride) into the contiguous [M, N] y;
+        # mean and 1/std per row in fp32 (two passes over the row in registers), stored when STATS.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        in_rows, in_cols = rows < M, cols < N
+        mask = in_rows[:, None] & in_cols[None, :]
+        rows64 = rows.to(tl.int64)  # 64-bit offsets: rows x N passes 2**31 at large batches
+        x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        w = tl.load(w_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
+        y = xc * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(y_ptr + rows64[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        if STATS:
+            tl.store(mean_ptr + rows, mean, mask=in_rows)
+            tl.store(rstd_ptr + rows, rstd, mask=in_rows)
+
+
+def _row_blocks(n: int, tile: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_M) of the kernels over rows of n features: a tile of about ``tile`` elements."""
+    block_n = triton.next_power_of_2(n)
+    return block_n, max(1, min(_ROWS, tile // block_n))
+
+
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    stats: bool,
+    block_m: int | None,
+    num_warps: int | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """y like ``x`` (contiguous), and fp32 mean and 1/std per row when ``stats``; see :func:`layer_norm_forward`."""
+    if triton is None:
+        raise RuntimeError("layer_norm_forward needs Triton (it ships with PyTorch's CUDA wheels)")
+    n = x.shape[-1]
+    if weight.shape != (n,) or bias.shape != (n,):
+        got = f"{tuple(weight.shape)} and {tuple(bias.shape)}"
+        raise ValueError(f"weight and bias must be [{n}] (x's last axis), got {got}")
+    x2 = x.reshape(-1, n)  # a view where rows lie a fixed stride apart (a CLS token's rows): no copy
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    block_n, default_m = _row_blocks(n, 4096)
+    block_m = block_m or default_m
+    if block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two, got {block_m}")
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device) if stats else None
+    rstd = torch.empty_like(mean) if mean is not None else None
+    if m:
+        _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+            x2, weight.contiguous(), bias.contiguous(), y, mean if stats else y, rstd if stats else y,
+            m, n, x2.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, STATS=stats, num_warps=num_warps or 4,
+        )  # fmt: skip
+    return y.view(x.shape), mean, rstd
+
+
+def layer_norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    *,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer norm over the last axis by a Triton kernel that takes many short rows per program (PyTorch's takes
+    one row per block: at 192 features its fixed cost per row, not the bandwidth, sets the pace). No autograd
+    (:func:`avex.train.rows.train_layer_norm` adds it).
+
+    Args:
+        x: [..., N] fp16, bf16 or fp32 on CUDA (or CPU under Triton's interpreter); any strides (rows a fixed
+            stride apart are read in place, others copied first).
+        weight, bias: [N].
+        eps: added to the variance.
+        block_m, num_warps: launch settings (rows per program, a power of two; warps); None: a tile of about
+            4,096 elements, 4 warps.
+
+    Returns:
+        y like ``x`` (contiguous, x's dtype); mean and 1/std, fp32, one per row (as ``torch.native_layer_norm``'s,
+        flattened).
+    """
+    y, mean, rstd = _forward(x, weight, bias, eps, True, block_m, num_warps)
+    assert mean is not None and rstd is not None
+    return y, mean, rstd
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    *,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """:func:`layer_norm_forward`'s y alone (no per-row statistics written): inference.
+
+    Args and y as :func:`layer_norm_forward`.
+    """
+    return _forward(x, weight, bias, eps, False, block_m, num_warps)[0]
+
+
+def _applies(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`layer_norm` computes ``norm(x)``: a plain affine LayerNorm over x's last axis, in x's dtype,
+    enough rows, no autocast (which would make the module's output fp32), and a kernel that may run on x."""
+    if type(norm) not in _NORMS or not _kernel_may_run(x) or x.dtype not in _DTYPES:
+        return False
+    ln = norm
+    assert isinstance(ln, nn.LayerNorm)
+    return (
+        ln.weight is not None
+        and ln.bias is not None
+        and ln.weight.dtype == x.dtype == ln.bias.dtype
+        and ln.normalized_shape == (x.shape[-1],)
+        and x.shape[-1] <= MAX_FEATURES
+        and x.numel() >= MIN_ROWS * x.shape[-1]
+        and not getattr(ln, "_fast_norm", False)  # timm's apex / fp32 variant: not F.layer_norm
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+def norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``, by :func:`layer_norm` where it applies: a ``torch.nn.LayerNorm`` or timm's ``LayerNorm``
+    (affine, over the last axis, in x's dtype), x on CUDA (or Triton's interpreter) with autograd off and at
+    least :data:`MIN_ROWS` rows of at most :data:`MAX_FEATURES`; anything else (CPU, training, other norms) runs
+    the module itself. If the kernel fails to build or launch here, the module from then on, with one warning.
+
+    Args:
+        norm: the norm module (a ViT block's ``norm1`` / ``norm2``, the final ``norm``, the decoder's).
+        x: [..., N].
+
+    Returns:
+        norm(x): [..., N] in x's dtype (fp32 statistics; within rounding of PyTorch's kernel, not bit-equal).
+    """
+    if not _applies(norm, x):
+        return norm(x)
+    ln = norm
+    assert isinstance(ln, nn.LayerNorm) and ln.weight is not None and ln.bias is not None
+    weight, bias = ln.weight, ln.bias
+    return kernel_or_fallback(
+        "layer norm",
+        lambda: layer_norm(x, weight, bias, ln.eps),
+        lambda: norm(x),
+        "layer norms now use PyTorch's kernel, with the same results but slower. Fix the Triton install (it "
+        "needs a C compiler at first use).",
+    )
