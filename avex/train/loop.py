@@ -195,7 +195,7 @@ def _set_up(cfg: TrainConfig) -> _Run:
             f"--budget {cfg.budget} must be in 1..{tiles} "
             f"(non-overlapping {cfg.glimpse}x{cfg.glimpse} glimpses of the {geo.grid} grid)"
         )
-    plan = plan_step(cfg, model, device)
+    plan = plan_step(cfg, model, device, world)
     steps_per_epoch = max(1, data.num_train // cfg.batch_size)
     total_steps = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
     return _Run(cfg, rank, world, device, data, model, geo, tiles, init_meta, steps_per_epoch, total_steps, plan)
