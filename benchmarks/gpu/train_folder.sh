@@ -16,7 +16,8 @@
 # Settings: FILES (20000), WORKERS (all cores), BATCH (256), STEPS (100 timed; decoding: 4 x WORKERS), WARMUP (20),
 # MODEL (deit3_small_patch16_224), GRAPHED_MODEL (vit_small_patch16_224; empty: skip 6.), DEVICE (cuda; cpu with tiny
 # FILES, BATCH and STEPS, IMG_SIZE=128 and MODEL=vit_tiny_patch16_224 checks the job itself), IMG_SIZE (224), EXTRA (more
-# flags).
+# flags), STAGES (after the folder and its store; default "store_gpu decode store_host graphed"; "env" adds
+# AVE-ImageNet-v0's env-steps/s on the store, ViT-S/16 and ViT-B/16 K=8 at ENV_ENVS, "4096 16384").
 source "$(dirname "$0")/setup.sh"
 FILES=${FILES:-20000} WORKERS=${WORKERS:-$(nproc)} BATCH=${BATCH:-256} STEPS=${STEPS:-100} WARMUP=${WARMUP:-20}
 MODEL=${MODEL:-deit3_small_patch16_224} GRAPHED_MODEL=${GRAPHED_MODEL-vit_small_patch16_224} DEVICE=${DEVICE:-cuda}
@@ -37,23 +38,40 @@ AVEX_STORE_DIR=$STORES timeout 90 python3 -m avex.cli data prepare $ROOT --split
     | tee $R/prepare.txt
 echo "avex data prepare: $(( ($(date +%s%N) - start) / 1000000 )) ms with start-up" | tee -a $R/prepare.txt
 pack
-AVEX_STORE_DIR=$STORES timeout 100 "${S[@]}" --model $MODEL --steps $STEPS --out $R/store_gpu.md 2>&1 | quiet
-pack
+on() { [[ " ${STAGES:-store_gpu decode store_host graphed} " == *" $1 "* ]]; }
+if on store_gpu; then
+  AVEX_STORE_DIR=$STORES timeout 100 "${S[@]}" --model $MODEL --steps $STEPS --out $R/store_gpu.md 2>&1 | quiet
+  pack
+fi
+if on env; then  # AVE-ImageNet-v0 on this folder's store (train split), default settings but bf16, as RESULTS.md 11
+  for m in "deit3_small_patch16_224 -" "vit_base_patch16_224 8"; do
+    set -- $m
+    kw="{\"root\": \"$ROOT\", \"split\": \"train\", \"model\": \"$1\", \"pretrained\": false, \"dtype\": \"bfloat16\""
+    [ "$2" != - ] && kw="$kw, \"K\": $2"
+    AVEX_STORE_DIR=$STORES timeout 100 python3 benchmarks/env_throughput.py --env AVE-ImageNet-v0 --device $DEVICE \
+        --steps 36 --num-envs ${ENV_ENVS:-4096 16384} --env-kwargs "$kw}" --out $R/env_imagenet.md 2>&1 | tail -3
+    pack
+  done
+fi
 # No AVEX_STORE_DIR: the store is not found (the folder holds none), so every batch is decoded.
 # Each read-ahead thread decodes a whole batch: time 4 rounds of $WORKERS batches after one round of warm-up.
-timeout 100 "${S[@]}" --model $MODEL --steps $((4 * WORKERS)) --warmup $WORKERS --workers $WORKERS \
-    --variants plain tore --out $R/decode.md 2>&1 | quiet
-pack
-AVEX_STORE_DIR=$STORES AVEX_STORE_ON_DEVICE=0 timeout 60 "${S[@]}" --model $MODEL --steps $STEPS --variants plain tore \
-    --out $R/store_host.md 2>&1 | quiet
-pack
-if [ -n "$GRAPHED_MODEL" ]; then
+if on decode; then
+  timeout 100 "${S[@]}" --model $MODEL --steps $((4 * WORKERS)) --warmup $WORKERS --workers $WORKERS \
+      --variants plain tore --out $R/decode.md 2>&1 | quiet
+  pack
+fi
+if on store_host; then
+  AVEX_STORE_DIR=$STORES AVEX_STORE_ON_DEVICE=0 timeout 60 "${S[@]}" --model $MODEL --steps $STEPS --variants plain tore \
+      --out $R/store_host.md 2>&1 | quiet
+  pack
+fi
+if [ -n "$GRAPHED_MODEL" ] && on graphed; then
   AVEX_STORE_DIR=$STORES timeout 90 "${S[@]}" --model $GRAPHED_MODEL --steps $STEPS --variants plain tore \
       --out $R/store_gpu_graphed.md 2>&1 | quiet
 fi
 { echo "# Training on a folder of JPEGs, $(tail -n +2 $R/gpu.txt | head -1)"; echo;
   echo "- folder: $(cat $R/folder.txt)"; echo "- $(tr '\n' ' ' < $R/prepare.txt)"; echo;
-  for f in store_gpu decode store_host store_gpu_graphed; do [ -f $R/$f.md ] && cat $R/$f.md && echo; done
+  for f in store_gpu decode store_host store_gpu_graphed env_imagenet; do [ -f $R/$f.md ] && cat $R/$f.md && echo; done
 } > $R/train_folder.md
 cp $R/*.md $R/*.json "$OUT"/ 2>/dev/null
 cat $R/train_folder.md
