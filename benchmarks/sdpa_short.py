@@ -17,7 +17,6 @@ writes those layouts directly).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -25,6 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script's timer, as a test loads it by path
+from env_kernels import per_call_us  # noqa: E402
 
 from avex.attention import SHORT_SEQUENCE, _launch, reference_attention, short_attention, short_attention_available
 from avex.platform_info import device_name
@@ -41,22 +43,7 @@ MODELS = [("ViT-B/16, batch 256", 256, 12, 64), ("depth-6 width-192 ViT, 16,384 
 
 def time_call(fn, reps: int = 20, calls: int = 20) -> float:
     """Median microseconds per call of ``fn`` (a CUDA graph of ``calls`` calls, ``reps`` replays)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times)
+    return per_call_us(fn, torch.device("cuda"), calls, reps)
 
 
 def tune(seqs: list[int]) -> list[str]:
