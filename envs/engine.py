@@ -256,10 +256,12 @@ class AVEEngine(EngineOutputs):
         """
         B = self.batch_size
         skip = np.zeros(B, dtype=bool) if ignore is None else np.asarray(ignore, dtype=bool)
-        unready = np.flatnonzero(~self.started & ~skip)
+        # The common case, every row started and within budget, costs two reductions and no index arrays.
+        unready = np.zeros(0, dtype=np.int64) if self.started.all() else np.flatnonzero(~self.started & ~skip)
         if unready.size:
             raise ValueError(f"call reset() before step(){self._rows_text(unready)}")
-        over = np.flatnonzero((self.steps >= self.config.budget) & ~skip)
+        spent = self.steps >= self.config.budget
+        over = np.flatnonzero(spent & ~skip) if spent.any() else np.zeros(0, dtype=np.int64)
         if over.size:
             raise ValueError(
                 f"the episode is over (budget of {self.config.budget} glimpses spent){self._rows_text(over)}: "
@@ -273,7 +275,8 @@ class AVEEngine(EngineOutputs):
                 f"expected {B} continuous action(s) (y, x, z) as floats of shape ({B}, 3), "
                 f"got {a.dtype} shape {a.shape}: {brief(actions)}"
             )
-        a = np.where(skip[:, None], 0, a)
+        if skip.any():
+            a = np.where(skip[:, None], 0, a)
         if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
             raise ValueError(f"continuous actions (y, x, z) must lie in [0, 1], got {brief(a.tolist())}")
         return a.astype(np.float32)
@@ -288,7 +291,8 @@ class AVEEngine(EngineOutputs):
             raise ValueError(
                 f"action must be an integer in [0, {A - 1}] ({ph}x{pw} glimpse positions), got {brief(actions)}"
             )
-        a = np.where(skip, 0, a)
+        if skip.any():
+            a = np.where(skip, 0, a)
         self.geometry.action_to_patch(a)  # raises ValueError for an action off the grid (before a cast wraps it)
         a = a.astype(np.int64)
         if self.config.strict and not self.config.allow_repeats:

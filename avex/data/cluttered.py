@@ -188,7 +188,7 @@ class FashionMNISTCanvas(CanvasSource):
         Returns:
             A :class:`CanvasLayout` of B rows.
         """
-        indices = _check_indices(rngs, indices)
+        fixed = None if indices is None else _check_indices(rngs, indices)  # None: no per-row loop below
         n, N, B = self.n_clutter, len(self), len(rngs)
         u = np.empty((B, 3 + 5 * n))
         for u_row, rng in zip(u, rngs):  # written in place: a third faster than stacking B arrays at 16k rows
@@ -198,7 +198,7 @@ class FashionMNISTCanvas(CanvasSource):
             return lo + np.floor(cols * (hi_inclusive - lo + 1)).astype(np.int64)
 
         index = ints(u[:, 0], 0, N - 1)
-        for row, i in enumerate(indices):
+        for row, i in enumerate(fixed or ()):
             if i is not None:
                 if not 0 <= i < N:
                     raise IndexError(f"index {i} out of range for {N} items")
@@ -247,7 +247,10 @@ class FashionMNISTCanvas(CanvasSource):
         """
         lay = layouts if isinstance(layouts, CanvasLayout) else CanvasLayout.stack(layouts)
         self._check_layout(lay)
+        return self._send_and_compose(lay)
 
+    def _send_and_compose(self, lay: CanvasLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`compose` of a layout known to be valid (checked, or drawn by :meth:`sample_layouts`)."""
         # One copy of the five arrays, non-blocking from pinned memory on CUDA (five pageable copies each waited).
         names = ("index", "item_yx", "clutter_index", "clutter_src_yx", "clutter_dst_yx")
         sent = to_device({f: np.asarray(getattr(lay, f), dtype=np.int64) for f in names}, self.device)
@@ -335,7 +338,9 @@ class FashionMNISTCanvas(CanvasSource):
             canvases uint8 ``[B, H, W, 1]``, labels int64 ``[B]`` (on device), indices int64 ``[B]``.
         """
         lay = self.sample_layouts(rngs, indices)
-        canvases, labels = self.compose(lay)
+        # In range by construction (floor(u * m) of uniforms u < 1, given indices checked): no host check at each
+        # autoreset (min/max over every field: a few ms at 16k envs).
+        canvases, labels = self._send_and_compose(lay)
         return canvases, labels, lay.index
 
 
