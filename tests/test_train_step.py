@@ -353,5 +353,12 @@ def test_graphed_step_equals_fused_step_on_cuda() -> None:
             sched.step()
         stats.append(torch.stack(out))
     torch.testing.assert_close(stats[1], stats[0], rtol=2e-3, atol=2e-3)
-    for p, q in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        if name.endswith("qkv.bias"):
+            # The key bias adds q.b_k to every score of a query, which the softmax cancels: its gradient is zero
+            # but for rounding, which AdamW normalises to steps of up to lr either way (the H200 run of
+            # 2026-12-01 saw 9e-4 there): 4 steps of at most lr = 1e-3 each, both ways.
+            d = p.numel() // 3
+            torch.testing.assert_close(q[d : 2 * d], p[d : 2 * d], rtol=0, atol=8e-3)
+            p, q = torch.cat([p[:d], p[2 * d :]]), torch.cat([q[:d], q[2 * d :]])
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
