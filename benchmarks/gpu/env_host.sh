@@ -10,19 +10,10 @@
 # Everything under $OUT/results.tar.gz. Usage (device tool, carry .whl and data):  bash benchmarks/gpu/env_host.sh
 # (about 3 minutes on an H200). STAGES ("tests profile throughput host"), ENVS ("4096 16384 65536 131072"),
 # PROFILE_ENVS (16384), STEPS (36), DEVICE (cuda).
-# DEVICE=cpu checks the job itself with tiny sizes (no set-up, no GPU; the CUDA tests skip), e.g.
+# DEVICE=cpu checks the job itself with tiny sizes (setup.sh installs nothing, no GPU; the CUDA tests skip), e.g.
 #   PATH=/work/main/.venv/bin:$PATH OUT=/tmp/o DEVICE=cpu ENVS="4 8" PROFILE_ENVS=8 STEPS=3 HOST_ENVS="8 16" \
 #     bash benchmarks/gpu/env_host.sh
-if [ "${DEVICE:-cuda}" = cpu ]; then
-  set -uo pipefail
-  cd "$(dirname "$0")/../.." || exit 1
-  R=/tmp/results-env-host
-  rm -rf $R && mkdir -p $R
-  pack() { tar -czf "$OUT/results.tar.gz" -C $R . 2>/dev/null; }
-  cuda_tests() { timeout 120 python3 -m pytest -q -p no:cacheprovider "$@" -k cuda 2>&1 | tail -2 | tee $R/pytest_cuda.txt; pack; }
-else
-  source "$(dirname "$0")/setup.sh"
-fi
+source "$(dirname "$0")/setup.sh"
 STAGES=${STAGES:-tests profile throughput host}
 ENVS=${ENVS:-4096 16384 65536 131072}
 STEPS=${STEPS:-36}

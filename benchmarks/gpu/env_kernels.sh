@@ -12,17 +12,11 @@
 # Usage (device tool, carry .whl and data):  bash benchmarks/gpu/env_kernels.sh   -> $OUT/results.tar.gz
 # (about 4 minutes on one H200; the stages' time-outs add up to 8.5). STAGES ("tests kernels tore env") picks
 # stages: STAGES="tests kernels" and STAGES="tore env" split it into two calls.
-# DEVICE=cpu checks the job itself with tiny sizes (no set-up, no GPU; the CUDA tests skip; the kernels run under
+# DEVICE=cpu checks the job itself with tiny sizes (setup.sh installs nothing, no GPU; the CUDA tests skip; the kernels run under
 # Triton's interpreter; TORE in eager mode), e.g.
 #   PATH=/work/main/.venv/bin:$PATH OUT=/tmp/o DEVICE=cpu bash benchmarks/gpu/env_kernels.sh
-if [ "${DEVICE:-cuda}" = cpu ]; then
-  set -uo pipefail
-  cd "$(dirname "$0")/../.." || exit 1
-  R=/tmp/results-env-kernels
-  rm -rf $R && mkdir -p $R
-  pack() { tar -czf "$OUT/results.tar.gz" -C $R . 2>/dev/null; }
-  cuda_tests() { timeout 120 python3 -m pytest -q -p no:cacheprovider "$@" -k cuda 2>&1 | tail -2 | tee $R/pytest_cuda.txt; }
-  export PYTHONPATH=$PWD
+source "$(dirname "$0")/setup.sh"
+if [ "$DEVICE" = cpu ]; then
   RUN_KERNELS=(env TRITON_INTERPRET=1 python3)  # the kernels under Triton's interpreter; TORE and the env as on CPU
   KERNELS=(--device cpu --dtype fp32 --calls 1 --reps 1 --envs 2 --tokens 5 --vitb-batch 1 --small-rows 64
            --norm-rows 16 --norm-warps 4 --grid 2 --batch 2 1 --block-m 16 --block-n 16 32 --warps 4 --stages 1)
@@ -30,7 +24,6 @@ if [ "${DEVICE:-cuda}" = cpu ]; then
         --num-classes 10 --warmup 0 --mode eager --K 0 2 --batch 1 2)
   ENVS=(--device cpu --steps 3 --num-envs 2 4)
 else
-  source "$(dirname "$0")/setup.sh"
   RUN_KERNELS=(python3)
   KERNELS=(--device cuda --dtype bf16)
   TORE=("${TORE_SPEED[@]}" --mode graph --K 0 4 8 12 --batch 1 256)

@@ -20,19 +20,10 @@
 # two calls keep well inside one call's 10: STAGES="tests profile single", then STAGES="fmnist imagenet")
 #   BEFORE (runs/before); STAGES ("tests profile fmnist imagenet single"); FMNIST_ENVS ("1 4096 16384 65536 131072");
 #   IMAGENET_ENVS ("1024 4096"); PROFILE_FMNIST (16384); PROFILE_IMAGENET (1024); STEPS (36); DEVICE (cuda).
-# DEVICE=cpu checks the job itself with tiny sizes (no set-up, no GPU; the CUDA tests skip), e.g.
+# DEVICE=cpu checks the job itself with tiny sizes (setup.sh installs nothing, no GPU; the CUDA tests skip), e.g.
 #   PATH=.venv/bin:$PATH OUT=/tmp/o DEVICE=cpu BEFORE=/tmp/before FMNIST_ENVS="1 8" IMAGENET_ENVS=2 \
 #     PROFILE_FMNIST=8 PROFILE_IMAGENET=2 STEPS=3 bash benchmarks/gpu/env_step.sh
-if [ "${DEVICE:-cuda}" = cpu ]; then
-  set -uo pipefail
-  cd "$(dirname "$0")/../.." || exit 1
-  R=/tmp/results-env-step
-  rm -rf $R && mkdir -p $R
-  pack() { tar -czf "$OUT/results.tar.gz" -C $R . 2>/dev/null; }
-  cuda_tests() { timeout 120 python3 -m pytest -q -p no:cacheprovider "$@" -k cuda 2>&1 | tail -2; }
-else
-  source "$(dirname "$0")/setup.sh"
-fi
+source "$(dirname "$0")/setup.sh"
 BEFORE=${BEFORE:-runs/before}
 [ -d "$BEFORE/envs" ] && [ -d "$BEFORE/avex" ] || { echo "no tree before the change at $BEFORE: see this file's header"; exit 2; }
 declare -A TREE=([before]=$(cd "$BEFORE" && pwd) [after]=$PWD)

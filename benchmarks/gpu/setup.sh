@@ -9,18 +9,26 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1  # the repository root
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AVEX_FASHION_MNIST=$PWD/data/fashion-mnist
-# Once per machine: a second job started beside the first (benchmarks/gpu/policies.sh) must not reinstall under it.
-if [ ! -f /tmp/site/.avex-wheels ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  touch /tmp/site/.avex-wheels
+# DEVICE=cpu: a job checked here with tiny sizes, on this machine's own packages (no wheels, no GPU).
+DEVICE=${DEVICE:-cuda}
+if [ "$DEVICE" = cpu ]; then
+  export PYTHONPATH=$PWD
+else
+  # Once per machine: a second job started beside the first (benchmarks/gpu/policies.sh) must not reinstall under it.
+  if [ ! -f /tmp/site/.avex-wheels ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || exit 1
+    touch /tmp/site/.avex-wheels
+  fi
+  export PYTHONPATH=/tmp/site:$PWD
 fi
-export PYTHONPATH=/tmp/site:$PWD
 # R and PACK may be set by a caller that runs two jobs side by side in one call (benchmarks/gpu/policies.sh).
 R=${R:-/tmp/results}
 rm -rf $R && mkdir -p $R  # fresh per job: a warm machine keeps /tmp between calls
 pack() { tar -czf "$OUT/${PACK:-results}.tar.gz" -C $R . 2>/dev/null; }
 trap 'pack; echo "job done"' EXIT
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $R/gpu.txt
+if [ "$DEVICE" = cpu ]; then echo "cpu" > $R/gpu.txt; else
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $R/gpu.txt; fi
 
 # ViT-B/16 TORE episodes in bf16 (benchmarks/tore_speed.py, RESULTS.md section 3); add --mode, --K, --batch, --out.
 TORE_SPEED=(python3 benchmarks/tore_speed.py --device cuda --dtype bf16 --model vit_base_patch16_224)
