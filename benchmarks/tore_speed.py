@@ -84,11 +84,19 @@ def make_inputs(model, geo, batch: int, glimpses: int, sets: int, seed: int, dev
     return out
 
 
+# How the report names --decoder's choice.
+_DECODER_WORDS = {
+    None: "not run",
+    "both": "included (entropy map and reconstruction)",
+    "entropy": "the entropy map only (what an env step runs)",
+}
+
+
 # ------------------------------------------------------------------------------------------ episodes
 class EagerEpisode:
     """T plain ``model.step`` calls on one preallocated cache."""
 
-    def __init__(self, model, cache, glimpses: int, decoder: bool, inputs) -> None:
+    def __init__(self, model, cache, glimpses: int, decoder: str | None, inputs) -> None:
         self.model, self.cache, self.T, self.decoder = model, cache, glimpses, decoder
         self.pix, self.coords = inputs[0]
 
@@ -103,7 +111,7 @@ class EagerEpisode:
         for t in range(self.T):
             out = self.model.step(self.cache, self.pix[t], self.coords[t])
             if self.decoder:
-                self.model.decode(out)
+                self.model.decode(out, recon=self.decoder != "entropy")
             logits.append(out.logits)
             if mark is not None:
                 mark()
@@ -118,7 +126,7 @@ class GraphEpisode:
     replay, copying into the static outputs: it checks this class's buffer logic, not speed.
     """
 
-    def __init__(self, model, cache, glimpses: int, decoder: bool, inputs, emulate: bool = False) -> None:
+    def __init__(self, model, cache, glimpses: int, decoder: str | None, inputs, emulate: bool = False) -> None:
         self.model, self.cache, self.T, self.decoder, self.emulate = model, cache, glimpses, decoder, emulate
         pix, coords = inputs[0]
         self.pix = pix.clone()  # static inputs: [T, B, ...], graph t reads slice t
@@ -130,7 +138,7 @@ class GraphEpisode:
     def _step(self, t: int) -> torch.Tensor:
         out = self.model.step(self.cache, self.pix[t], self.coords[t])
         if self.decoder:
-            self.model.decode(out)  # recon and entropy stay in the graph's pool
+            self.model.decode(out, recon=self.decoder != "entropy")  # its outputs stay in the graph's pool
         return out.logits
 
     def _capture(self) -> None:
@@ -274,7 +282,7 @@ def run_benchmark(
     modes: tuple[str, ...] | list[str] | None = None,
     repeats: int | None = None,
     warmup: int | None = None,
-    decoder: bool = False,
+    decoder: bool | str | None = False,
     num_classes: int = 1000,
     seed: int = 0,
     sets: int = 3,
@@ -292,6 +300,9 @@ def run_benchmark(
     ``check_rel_err_vs_fp32``) or ``error`` when the configuration could not run.
     K=0 is always measured (added if missing): it is the reference of every ratio.
     """
+    decoder = {False: None, True: "both"}.get(decoder, decoder)  # type: ignore[arg-type]
+    if decoder not in (None, "both", "entropy"):
+        raise ValueError(f"decoder must be False, True, 'both' or 'entropy', got {decoder!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
@@ -470,7 +481,7 @@ def _summarise(by_t: list[list[float]], dims, batch, K, T, G, decoder) -> dict:
     episodes = [sum(iv) for iv in by_t]
     episode_ms = statistics.median(episodes)
     step_by_t = [statistics.median(col) for col in zip(*by_t)]
-    flops_img = episode_flops(dims, T, G, K, decoder=decoder, empty_pass=False)[-1]
+    flops_img = episode_flops(dims, T, G, K, decoder=bool(decoder), empty_pass=False, recon=decoder != "entropy")[-1]
     return dict(
         episode_ms=episode_ms,
         step_ms=episode_ms / T,
@@ -505,7 +516,7 @@ def format_markdown(results: list[dict], meta: dict) -> str:
         f"{meta['host_load'][0]} / {meta['host_load'][1]}",
         f"- episode: {meta['glimpses']} sequential steps, glimpses of {meta['glimpse']}x{meta['glimpse']} patches "
         f"({meta['img_size']} px image, patch {meta['patch']}), random weights, random uint8 glimpses; decoder "
-        f"{'included' if meta['decoder'] else 'not run'}",
+        f"{_DECODER_WORDS[meta['decoder']]}",
         f"- timing: median of {meta['repeats']} episodes after {meta['warmup']} warm-up, "
         f"{'CUDA events' if meta['device_kind'] == 'cuda' else 'time.perf_counter'}, the K values interleaved; "
         "the cache reset is outside the timed region"
@@ -584,7 +595,14 @@ def _parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=None, help="timed episodes per configuration (default 30 cuda, 10 cpu)"
     )
     p.add_argument("--warmup", type=int, default=None, help="untimed episodes first (default 3 cuda, 1 cpu)")
-    p.add_argument("--decoder", action="store_true", help="also run the glimpse decoder every step")
+    p.add_argument(
+        "--decoder",
+        nargs="?",
+        const="both",
+        choices=["both", "entropy"],
+        default=None,
+        help="also run the glimpse decoder every step: both outputs (the default) or the entropy map alone (as an env)",
+    )
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

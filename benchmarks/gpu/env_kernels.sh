@@ -42,6 +42,9 @@ for stage in ${STAGES:-tests kernels tore env}; do
       timeout 80 "${TORE[@]}" --out $R/tore_speed.md 2>&1 | grep -E "(graph|eager) \|"
       pack
       timeout 80 "${TORE[@]}" --decoder --out $R/tore_speed_decoder.md 2>&1 | grep -E "(graph|eager) \|"
+      pack
+      # The decoder as an env step runs it: the entropy map alone.
+      timeout 80 "${TORE[@]}" --decoder entropy --out $R/tore_speed_entropy.md 2>&1 | grep -E "(graph|eager) \|"
       pack ;;
     env)
       timeout 70 python3 benchmarks/env_throughput.py "${ENVS[@]}" --out $R/env_throughput.md 2>&1 | tail -6
