@@ -34,8 +34,6 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# The Triton plumbing every kernel shares; _interpreted is imported from here by the training kernels.
-from avex.kernel_fallback import _interpreted as _interpreted
 from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback, triton
 from avex.layer_norm import norm_forward
 

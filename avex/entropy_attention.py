@@ -40,7 +40,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from avex.attention import _KERNEL_DTYPES, _check_qkv, _kernel_may_run, kernel_or_fallback, triton
+from avex.attention import _KERNEL_DTYPES, _check_qkv
+from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback, triton
 
 if triton is not None:
     import triton.language as tl

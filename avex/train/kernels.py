@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from avex.attention import _KERNEL_DTYPES, _check_qkv, _interpreted, triton
+from avex.attention import _KERNEL_DTYPES, _check_qkv
+from avex.kernel_fallback import _interpreted, triton
 
 if triton is not None:
     import triton.language as tl

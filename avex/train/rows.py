@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from avex.attention import _interpreted, triton
+from avex.kernel_fallback import _interpreted, triton
 from avex.layer_norm import _ROWS, _row_blocks, layer_norm_forward
 from avex.train.kernels import _works
 
