@@ -14,7 +14,15 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from train_kit import RUN_BATCH, RUN_STEPS, TINY, assert_same_weights_as_one, tiny_tore, torchrun_command, torchrun_env
+from train_kit import (
+    RUN_STEPS,
+    TINY,
+    assert_same_weights_as_one,
+    cpu_config,
+    tiny_tore,
+    torchrun_command,
+    torchrun_env,
+)
 
 from avex.checkpoint import load_tore
 from avex.data import FashionMNISTCanvas
@@ -207,45 +215,18 @@ def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(
         start_from_checkpoint(other, path)
     # A continued run records where it started.
     out = tmp_path / "continued"
-    cfg = TrainConfig(
-        device="cpu",
-        dataset="fashion-mnist",
-        data_root=str(fmnist_root),
-        img_size=48,
-        steps=1,
-        batch_size=RUN_BATCH,
-        eval_size=8,
-        eval_batch_size=8,
-        out=str(out),
-        progress=False,
-        init=path,
-        **TINY,
-    )
-    result = train_classifier(cfg)
+    result = train_classifier(cpu_config(fmnist_root, out, steps=1, init=path))
     chain = load_tore(result["checkpoint"]).meta["init_from"]
     assert chain["steps"] == RUN_STEPS and chain["train_args"]["seed"] == 5 and "eval" in chain
 
 
 def test_train_k_restricts_the_split_points_and_refuses_bad_ones(fmnist_root: Path, tmp_path: Path) -> None:
-    base = dict(
-        device="cpu",
-        dataset="fashion-mnist",
-        data_root=str(fmnist_root),
-        img_size=48,
-        steps=3,
-        batch_size=RUN_BATCH,
-        eval_size=8,
-        eval_batch_size=8,
-        progress=False,
-        log_every=1,
-        **TINY,
-    )
     log = tmp_path / "log.jsonl"
-    result = train_classifier(TrainConfig(out=str(tmp_path / "k2"), log_json=str(log), train_k=(2,), **base))
+    result = train_classifier(cpu_config(fmnist_root, tmp_path / "k2", log_every=1, log_json=str(log), train_k=(2,)))
     assert [json.loads(line)["K"] for line in log.read_text().splitlines()] == [2, 2, 2]
     assert load_tore(result["checkpoint"]).meta["train_args"]["train_k"] == [2]
     with pytest.raises(ValueError, match=r"--train-k \[3\].*0\.\.2"):
-        train_classifier(TrainConfig(out=str(tmp_path / "bad"), train_k=(3,), **base))
+        train_classifier(cpu_config(fmnist_root, tmp_path / "bad", log_every=1, train_k=(3,)))
 
 
 def test_a_run_shorter_than_an_epoch_evaluates_the_subset(fmnist_root: Path, tmp_path: Path) -> None:

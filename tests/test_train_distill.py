@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from train_kit import RUN_BATCH, TINY, tiny_tore
+from train_kit import RUN_BATCH, TINY, cpu_config, tiny_tore
 
 from avex.cli import main as cli_main
 from avex.train.config import TrainConfig, resolve_config
@@ -239,23 +239,6 @@ def test_continuous_batches_train_and_their_seen_mask_is_the_boxes_centres() -> 
 # ------------------------------------------------------------------------------------------------
 
 
-def _config(root: Path, out: Path, **kw: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(
-        device="cpu",
-        dataset="fashion-mnist",
-        data_root=str(root),
-        img_size=48,
-        steps=3,
-        batch_size=RUN_BATCH,
-        eval_size=8,
-        eval_batch_size=8,
-        progress=False,
-        out=str(out),
-        **TINY,
-    )
-    return TrainConfig(**dict(base, **kw))
-
-
 def test_drawing_is_deterministic_per_seed_and_step_and_follows_the_fraction() -> None:
     def draws(seed: int, step: int, fraction: float) -> tuple[int, int, bool, torch.Tensor]:
         host, gen = step_rngs(seed, step, CPU)
@@ -274,7 +257,7 @@ def test_drawing_is_deterministic_per_seed_and_step_and_follows_the_fraction() -
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no optimiser step here
 def test_the_loop_hands_the_step_the_same_continuous_batch_for_the_same_step(fmnist_root: Path, tmp_path: Path) -> None:
-    training = start_training(_config(fmnist_root, tmp_path / "ck", continuous_glimpses=0.5, seed=4))
+    training = start_training(cpu_config(fmnist_root, tmp_path / "ck", continuous_glimpses=0.5, seed=4))
     batches: list[tuple[torch.Tensor, ...]] = []
     training.step_fn = lambda batch, K: batches.append(batch) or torch.zeros(4)  # type: ignore[assignment, func-returns-value]
     kinds = []

@@ -42,6 +42,24 @@ def write_learnable_fmnist(root: Path) -> Path:
     return root
 
 
+def cpu_config(root: Path, out: Path, **kw: Any) -> TrainConfig:
+    """A short run of the tiny model on the CPU over fake Fashion-MNIST in ``root``; ``kw`` sets or overrides fields."""
+    base: dict[str, Any] = dict(
+        device="cpu",
+        dataset="fashion-mnist",
+        data_root=str(root),
+        img_size=48,
+        steps=3,
+        batch_size=RUN_BATCH,
+        eval_size=8,
+        eval_batch_size=8,
+        progress=False,
+        out=str(out),
+        **TINY,
+    )
+    return TrainConfig(**dict(base, **kw))
+
+
 def single_config(fmnist_root: Path, out: Path) -> TrainConfig:
     """The run in one process, on the CPU even where CUDA exists (the DDP tests' gloo processes run there)."""
     return TrainConfig(
