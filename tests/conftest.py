@@ -26,6 +26,25 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def break_kernel(monkeypatch: pytest.MonkeyPatch):
+    """``break_kernel(module, name)``: the Triton kernel entry ``module.name`` fails as on a machine without a C
+    compiler, Triton counts as importable, CPU tensors take the kernel path (its interpreter), and no kernel has
+    failed yet (:mod:`avex.kernel_fallback`'s record starts empty)."""
+    import avex.kernel_fallback as kf
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler")
+
+    def apply(module: object, name: str) -> None:
+        monkeypatch.setattr(module, name, broken)
+        monkeypatch.setattr(kf, "_kernel_failures", {})
+        monkeypatch.setattr(kf, "triton", kf.triton or object())
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    return apply
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a gzip'd IDX file (magic 0x0800 + ndim: 2051 images, 2049 labels)."""
     header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)

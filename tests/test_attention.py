@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -169,18 +170,12 @@ def test_kernel_matches_sdpa_on_cuda(dtype: torch.dtype) -> None:
                 assert (got - want).abs().max().item() < tol, (dtype, s, block_s, v is not None)
 
 
-def test_kernel_failure_falls_back_to_sdpa_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_failure_falls_back_to_sdpa_with_one_warning(monkeypatch: pytest.MonkeyPatch, break_kernel: Any) -> None:
     """A machine where Triton cannot build the kernel (no C compiler, say) still runs: SDPA's result, one warning."""
     import avex.attention as att
     import avex.kernel_fallback as kf
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("Failed to find C compiler")
-
-    monkeypatch.setattr(att, "short_attention", broken)
-    monkeypatch.setattr(kf, "_kernel_failures", {})
-    monkeypatch.setattr(kf, "triton", kf.triton or object())  # "Triton importable", even where it is not
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # let CPU tensors take the kernel path
+    break_kernel(att, "short_attention")
     blocks = _vit_blocks("vit_tiny_patch16_224")
     x = torch.randn(2, 5, 192)
     with torch.no_grad():
