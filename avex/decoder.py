@@ -62,6 +62,24 @@ class _DecoderBlock(nn.Module):
         x = x + self.mlp(norm_forward(self.norm2, x))
         return x, ent
 
+    def entropy_from_table(self, table: torch.Tensor, index: torch.Tensor, first_query: int = 0) -> torch.Tensor:
+        """:meth:`forward`'s entropy alone, for sequences given as a table of distinct rows and an index.
+
+        The norm and the qkv projection act on each row alone, so they run once per distinct row (the mask
+        token's rows are shared by every sequence) and the kernel reads each sequence through ``index``:
+        the [B, S, dim] sequence and its [B, S, 3 * dim] projection are never written.
+
+        Args:
+            table: [R, dim] distinct rows; index: int64 [B, S], token s of sequence b is ``table[index[b, s]]``.
+
+        Returns:
+            float32 [B, S - first_query]: the entropy of :meth:`forward`, from the same arithmetic per row.
+        """
+        qkv = self.qkv(norm_forward(self.norm1, table))  # [R, 3 * dim]
+        _, ent = entropy_attention(qkv, self.heads, first_query=first_query, skip_keys=1, output=False, rows=index)
+        assert ent is not None
+        return ent
+
 
 class GlimpseDecoder(nn.Module):
     """TORE's one-block MAE-style decoder: reconstruction of every patch and AME's entropy map.
@@ -129,31 +147,47 @@ class GlimpseDecoder(nn.Module):
             1, cell, order, "amax"
         )
 
+    def _placed(
+        self, cls: torch.Tensor, tokens: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The embedded CLS tokens [B, dim], each token's cell [B, L] and the token each cell holds [B, N]
+        (both None when nothing is observed yet: the empty pass)."""
+        cell = self._token_cells(coords) if tokens.shape[1] else None
+        return self.embed(cls), cell, self._held(cell, valid) if cell is not None else None
+
     def _sequence(
         self, cls: torch.Tensor, tokens: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor | None
     ) -> torch.Tensor:
         """The decoder's input ``[CLS, grid + position]``: [B, 1 + N, dim].
 
-        Without autograd, by one gather of rows computed first (the embedded CLS tokens, every observed token plus
-        its cell's position, the mask token plus each cell's position): the same sums as adding the positions to
-        the whole grid, bit for bit, written in one pass over the sequence instead of four (a gather, a select,
-        the addition, a concatenation). With autograd, those four: their backward needs no atomic sums over rows
+        Without autograd, one gather from :meth:`_table`'s rows: the same sums as adding the positions to the
+        whole grid, bit for bit, written in one pass over the sequence instead of four (a gather, a select, the
+        addition, a concatenation). With autograd, those four: their backward needs no atomic sums over rows
         that many cells share (the mask token's).
         """
+        b, n = cls.shape[0], self.grid_pos.shape[1]
+        if not torch.is_grad_enabled():
+            table, index = self._table(cls, tokens, coords, valid)
+            return table.index_select(0, index.view(-1)).view(b, 1 + n, self.dim)
+        head, _, held = self._placed(cls, tokens, coords, valid)
+        mask = self.mask_token.to(head.dtype)[0]  # [1, dim]
+        if held is None:
+            grid = mask.expand(b, n, -1)
+        else:
+            picked = self.embed(tokens).gather(1, held.clamp(min=0)[..., None].expand(b, n, self.dim))
+            grid = torch.where((held >= 0)[..., None], picked, mask)
+        return torch.cat([head[:, None], grid + self.grid_pos.to(head.dtype)], dim=1)
+
+    def _table(
+        self, cls: torch.Tensor, tokens: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's input as distinct rows and an index: the table [B + B * L + N, dim] (the embedded CLS
+        tokens, every observed token plus its cell's position, the mask token plus each cell's position) and
+        int64 [B, 1 + N], the table's row of every token of every sequence."""
+        head, cell, held = self._placed(cls, tokens, coords, valid)
         b, n_obs = tokens.shape[:2]
         n = self.grid_pos.shape[1]
-        head = self.embed(cls)  # [B, dim]
         pos = self.grid_pos[0].to(head.dtype)  # [N, dim]
-        mask = self.mask_token.to(head.dtype)[0]  # [1, dim]
-        cell = self._token_cells(coords) if n_obs else None
-        held = self._held(cell, valid) if cell is not None else None  # [B, N]
-        if torch.is_grad_enabled():
-            if held is None:  # the empty pass: nothing seen yet
-                grid = mask.expand(b, n, -1)
-            else:
-                picked = self.embed(tokens).gather(1, held.clamp(min=0)[..., None].expand(b, n, self.dim))
-                grid = torch.where((held >= 0)[..., None], picked, mask)
-            return torch.cat([head[:, None], grid + pos], dim=1)
         rows = [head]
         index = torch.empty(b, 1 + n, dtype=torch.long, device=head.device)
         index[:, 0] = torch.arange(b, device=head.device)
@@ -163,8 +197,8 @@ class GlimpseDecoder(nn.Module):
             rows.append((self.embed(tokens) + pos[cell]).view(b * n_obs, self.dim))
             seen = b + torch.arange(b, device=head.device)[:, None] * n_obs + held  # the row of the cell's token
             index[:, 1:] = torch.where(held >= 0, seen, unseen)
-        rows.append(mask + pos)
-        return torch.cat(rows).index_select(0, index.view(-1)).view(b, 1 + n, self.dim)
+        rows.append(self.mask_token.to(head.dtype)[0] + pos)
+        return torch.cat(rows), index
 
     def forward(
         self,
@@ -192,6 +226,13 @@ class GlimpseDecoder(nn.Module):
         """
         if not (recon or entropy):
             raise ValueError("ask the decoder for recon, entropy or both")
+        if not recon and len(self.blocks) == 1 and not torch.is_grad_enabled():
+            # The entropy alone of a one-block decoder reads only q and k of each token: computed per distinct
+            # row, read through an index (see _DecoderBlock.entropy_from_table).
+            block = self.blocks[0]
+            assert isinstance(block, _DecoderBlock)
+            ent = block.entropy_from_table(*self._table(cls, tokens, coords, valid), first_query=1)
+            return None, ent.view(cls.shape[0], *self.grid)
         x = self._sequence(cls, tokens, coords, valid)
         for blk in self.blocks[:-1]:
             x, _ = blk(x, entropy=False)

@@ -70,6 +70,7 @@ if triton is not None:
     @triton.jit
     def _entropy_attention_kernel(
         qkv_ptr,
+        rows_ptr,
         out_ptr,
         ent_ptr,
         seq_len,
@@ -78,6 +79,7 @@ if triton is not None:
         scale_log2,
         stride_qkv_b,
         stride_qkv_s,
+        stride_rows_b,
         stride_out_b,
         stride_out_s,
         stride_ent_b,
@@ -88,6 +90,7 @@ if triton is not None:
         KEY_BLOCKS: tl.constexpr,
         OUTPUT: tl.constexpr,
         ENTROPY: tl.constexpr,
+        INDEXED: tl.constexpr,
         IEEE: tl.constexpr,
     ):
         # One program = one row b and BLOCK_M query rows, every head (the entropy is summed over heads here).
@@ -96,8 +99,13 @@ if triton is not None:
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # query index, 0..Q-1
         d = tl.arange(0, HEAD_DIM)
         in_q = rows + first_query < seq_len
-        base = qkv_ptr + b * stride_qkv_b + d[None, :]  # qkv's last axis is (3, H, Dh), as timm's
-        q_ptrs = base + (rows + first_query)[:, None] * stride_qkv_s
+        if INDEXED:  # token s of row b is the table's row rows[b, s]
+            base = qkv_ptr + d[None, :]
+            q_at = tl.load(rows_ptr + b * stride_rows_b + rows + first_query, mask=in_q, other=0).to(tl.int64)
+        else:
+            base = qkv_ptr + b * stride_qkv_b + d[None, :]  # qkv's last axis is (3, H, Dh), as timm's
+            q_at = (rows + first_query).to(tl.int64)
+        q_ptrs = base + q_at[:, None] * stride_qkv_s
         ent_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for h in tl.static_range(HEADS):
             q = tl.load(q_ptrs + h * HEAD_DIM, mask=in_q[:, None], other=0.0)
@@ -111,7 +119,11 @@ if triton is not None:
             for kb in range(KEY_BLOCKS):
                 keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
                 in_k = keys < seq_len
-                kv_ptrs = base + keys[:, None] * stride_qkv_s
+                if INDEXED:
+                    k_at = tl.load(rows_ptr + b * stride_rows_b + keys, mask=in_k, other=0).to(tl.int64)
+                else:
+                    k_at = keys.to(tl.int64)
+                kv_ptrs = base + k_at[:, None] * stride_qkv_s
                 k = tl.load(kv_ptrs + (HEADS + h) * HEAD_DIM, mask=in_k[:, None], other=0.0)
                 s = _dot(q, tl.trans(k), IEEE) * scale_log2  # [BLOCK_M, BLOCK_N] fp32, log2 units
                 s = tl.where(in_k[None, :], s, float("-inf"))
@@ -142,10 +154,32 @@ if triton is not None:
 
 
 def _check(
-    qkv: torch.Tensor, heads: int, first_query: int, skip_keys: int, output: bool, entropy: bool
+    qkv: torch.Tensor,
+    heads: int,
+    first_query: int,
+    skip_keys: int,
+    output: bool,
+    entropy: bool,
+    rows: torch.Tensor | None = None,
 ) -> tuple[int, int, int]:
     """(B, S, Dh) of a valid call; ValueError naming what is wrong otherwise."""
-    b, s, hd = _check_qkv(qkv, heads, None)
+    if rows is None:
+        b, s, hd = _check_qkv(qkv, heads, None)
+    else:
+        if qkv.ndim != 2:
+            raise ValueError(f"with rows, qkv must be a table [R, 3*H*Dh], got {tuple(qkv.shape)}")
+        hd = _check_qkv(qkv[None], heads, None)[2]
+        if rows.ndim != 2 or rows.dtype not in (torch.int32, torch.int64) or rows.device != qkv.device:
+            raise ValueError(
+                f"rows must be int32/int64 [B, S] on qkv's device ({qkv.device}), "
+                f"got {rows.dtype} {tuple(rows.shape)} on {rows.device}"
+            )
+        # The range is checked where that costs no wait for the device (a CUDA check would synchronise).
+        if rows.device.type != "cuda" and rows.numel():
+            low, high = int(rows.min()), int(rows.max())
+            if low < 0 or high >= len(qkv):
+                raise ValueError(f"rows must index qkv's {len(qkv)} rows, got values in {low}..{high}")
+        b, s = rows.shape
     if not 0 <= first_query <= s:
         raise ValueError(f"first_query must be in 0..{s} (the sequence length), got {first_query}")
     if skip_keys < 0:
@@ -206,6 +240,7 @@ def entropy_attention_kernel(
     skip_keys: int = 1,
     output: bool = True,
     entropy: bool = True,
+    rows: torch.Tensor | None = None,
     launch: Launch | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Softmax attention of the query rows ``first_query..S-1`` over all S keys, and the entropy of each
@@ -220,6 +255,9 @@ def entropy_attention_kernel(
         skip_keys: the first ``skip_keys`` keys stay in the softmax's normaliser but out of the entropy sum
             (1: AME's "every key but CLS").
         output, entropy: which results to compute (at least one).
+        rows: int32/int64 [B, S], or None. Given, ``qkv`` is a table [R, 3*H*Dh] of distinct rows and token s of
+            sequence b is ``qkv[rows[b, s]]``: sequences that share most of their rows (the decoder's mask
+            rows) are read from the table, never written out whole. On CUDA the indices are not range-checked.
         launch: the launch settings, as given (a sweep's candidates); None: :func:`_launch`'s choice by shape
             and batch.
 
@@ -230,12 +268,16 @@ def entropy_attention_kernel(
     """
     if triton is None:
         raise RuntimeError("entropy_attention_kernel needs Triton (it ships with PyTorch's CUDA wheels)")
-    b, s, hd = _check(qkv, heads, first_query, skip_keys, output, entropy)
+    b, s, hd = _check(qkv, heads, first_query, skip_keys, output, entropy, rows)
     refusal = _kernel_refusal(s, hd, qkv.dtype)
     if refusal:
         raise ValueError(refusal)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
+    if rows is not None and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    # Strides of the sequences: (row, token) of qkv itself, or (table row) and rows' row stride when indexed.
+    stride_b, stride_s = (qkv.stride(0), qkv.stride(1)) if rows is None else (0, qkv.stride(0))
     n_q = s - first_query
     out = torch.empty(b, n_q, heads * hd, device=qkv.device, dtype=qkv.dtype) if output else None
     ent = torch.empty(b, n_q, device=qkv.device, dtype=torch.float32) if entropy else None
@@ -249,14 +291,16 @@ def entropy_attention_kernel(
     ent_arg = ent if ent is not None else qkv
     _entropy_attention_kernel[(b, triton.cdiv(n_q, launch.block_m))](
         qkv,
+        rows if rows is not None else qkv,  # never read when not INDEXED
         out_arg,
         ent_arg,
         s,
         first_query,
         skip_keys,
         hd**-0.5 * _LOG2E,
-        qkv.stride(0),
-        qkv.stride(1),
+        stride_b,
+        stride_s,
+        rows.stride(0) if rows is not None else 0,
         out.stride(0) if out is not None else 0,
         out.stride(1) if out is not None else 0,
         ent.stride(0) if ent is not None else 0,
@@ -267,6 +311,7 @@ def entropy_attention_kernel(
         KEY_BLOCKS=triton.cdiv(s, launch.block_n),
         OUTPUT=output,
         ENTROPY=entropy,
+        INDEXED=rows is not None,
         IEEE=qkv.dtype == torch.float32,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
@@ -283,6 +328,7 @@ def reference_entropy_attention(
     skip_keys: int = 1,
     output: bool = True,
     entropy: bool = True,
+    rows: torch.Tensor | None = None,
     chunk_elements: int = _CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """What :func:`entropy_attention_kernel` computes, in PyTorch (any device, any length, autograd).
@@ -292,18 +338,21 @@ def reference_entropy_attention(
     ``chunk_elements`` probabilities ([B, H, rows, S]), so the whole map never exists at once. Output alone
     is one fused ``scaled_dot_product_attention``.
 
-    Args and returns as :func:`entropy_attention_kernel` (``chunk_elements`` aside).
+    Args and returns as :func:`entropy_attention_kernel` (``chunk_elements`` aside; with ``rows`` the
+    sequences are gathered from the table first).
     """
-    b, s, hd = _check(qkv, heads, first_query, skip_keys, output, entropy)
+    b, s, hd = _check(qkv, heads, first_query, skip_keys, output, entropy, rows)
+    if rows is not None:
+        qkv = qkv[rows]  # [B, S, 3*H*Dh]
     q, k, v = qkv.view(b, s, 3, heads, hd).permute(2, 0, 3, 1, 4)  # each [B, H, S, Dh]
     q = q[:, :, first_query:]
     n_q = s - first_query
     if not entropy:
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n_q, heads * hd), None
-    rows = max(1, chunk_elements // max(1, b * heads * s))
+    chunk = max(1, chunk_elements // max(1, b * heads * s))  # query rows per chunk
     outs, ents = [], []
-    for start in range(0, n_q, rows):
-        scores = (q[:, :, start : start + rows] * hd**-0.5) @ k.transpose(-2, -1)  # [B, H, rows, S]
+    for start in range(0, n_q, chunk):
+        scores = (q[:, :, start : start + chunk] * hd**-0.5) @ k.transpose(-2, -1)  # [B, H, rows, S]
         attn = scores.softmax(dim=-1, dtype=torch.float32)  # fp32 straight from the scores: no upcast pass
         ents.append(torch.special.entr(attn[..., skip_keys:]).sum(dim=(1, 3)))  # [B, rows], nats
         if output:
@@ -324,6 +373,7 @@ def entropy_attention(
     skip_keys: int = 1,
     output: bool = True,
     entropy: bool = True,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """:func:`entropy_attention_kernel` where it can run (Triton, CUDA or the interpreter, no autograd, a
     shape and dtype it takes, ``AVEX_ENTROPY_KERNEL`` not ``0``), else :func:`reference_entropy_attention`;
@@ -331,11 +381,11 @@ def entropy_attention(
 
     Args and returns as :func:`entropy_attention_kernel`.
     """
-    b, s, hd = _check(qkv, heads, first_query, skip_keys, output, entropy)
+    b, s, hd = _check(qkv, heads, first_query, skip_keys, output, entropy, rows)
 
     def reference() -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return reference_entropy_attention(
-            qkv, heads, first_query=first_query, skip_keys=skip_keys, output=output, entropy=entropy
+            qkv, heads, first_query=first_query, skip_keys=skip_keys, output=output, entropy=entropy, rows=rows
         )
 
     usable = (
@@ -349,7 +399,7 @@ def entropy_attention(
     return kernel_or_fallback(
         "entropy attention",
         lambda: entropy_attention_kernel(
-            qkv, heads, first_query=first_query, skip_keys=skip_keys, output=output, entropy=entropy
+            qkv, heads, first_query=first_query, skip_keys=skip_keys, output=output, entropy=entropy, rows=rows
         ),
         reference,
         "the decoder's attention entropy now uses PyTorch, with the same results but slower (and its "

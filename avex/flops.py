@@ -87,7 +87,9 @@ def decoder_macs(d: ViTDims, observed_tokens: int, recon: bool = True) -> int:
 
     Every block computes q, k, v for all rows (one fused projection). The last block computes outputs for
     the N grid rows only, and with ``recon=False`` (the entropy map alone, as an env runs it) nothing after
-    Q K^T: no A V, output projection, MLP or pixel head.
+    Q K^T: no A V, output projection, MLP or pixel head. This counts the algorithm for one image; a one-block
+    decoder's entropy alone is computed from its distinct rows (:meth:`GlimpseDecoder.forward`): a batch of
+    B projects 1 + L + N / B rows per image (the N mask rows are shared) where this counts 1 + N.
     """
     if not d.decoder_depth:
         return 0

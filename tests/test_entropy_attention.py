@@ -76,6 +76,45 @@ def test_reference_edge_cases_and_autograd() -> None:
     assert qkv.grad is not None and torch.isfinite(qkv.grad).all() and qkv.grad.abs().sum() > 0
 
 
+def test_reference_reads_sequences_through_a_row_table_and_checks_it() -> None:
+    """``rows``: a table of distinct rows and an index give what the gathered sequences give; bad indices are
+    refused with their range (on the CPU, where checking costs no wait for the device)."""
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randn(12, 3 * 2 * 8, generator=gen) * 2
+    index = torch.randint(0, 12, (3, 9), generator=gen)
+    for dtype in (torch.int64, torch.int32):
+        got = reference_entropy_attention(table, 2, first_query=1, rows=index.to(dtype))
+        want = reference_entropy_attention(table[index], 2, first_query=1)
+        assert all(g is not None and w is not None and torch.equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(ValueError, match=r"rows must index qkv's 12 rows, got values in 0\.\.12"):
+        entropy_attention(table, 2, rows=torch.cat([index, torch.full((3, 1), 12)], dim=1))
+    with pytest.raises(ValueError, match="rows must be int32/int64"):
+        entropy_attention(table, 2, rows=index.float())
+    with pytest.raises(ValueError, match=r"with rows, qkv must be a table \[R, 3\*H\*Dh\]"):
+        entropy_attention(table[None], 2, rows=index)
+
+
+def test_decoder_entropy_from_its_row_table_equals_the_whole_sequence_on_cpu() -> None:
+    """A one-block decoder's entropy alone (norm and qkv per distinct row, read through an index) against the
+    same block over the whole [B, 1 + N, dim] sequence (what decode(recon=True) runs), on the CPU."""
+    from tests.test_model import G, canvases, glimpses, make, random_actions
+
+    model = make()
+    assert model.decoder is not None and len(model.decoder.blocks) == 1
+    with torch.no_grad():
+        model.decoder.blocks[-1].qkv.weight.mul_(3)  # sharper attention: a map far from uniform
+    geo = model.geometry(G)
+    pix, coords = glimpses(model, canvases(3), random_actions(3, 4, geo), geo)
+    with torch.no_grad():
+        empty = model.aggregate_cache(model.init_cache(3, 4, 2, geo.tokens_per_glimpse))  # nothing seen yet
+        one, four = (model.forward_glimpses(pix[:, :t], coords[:, :t], 2) for t in (1, 4))
+        for out in (empty, one, four):
+            table = model.decode(out, recon=False)[1]
+            whole = model.decode(out)[1]
+            assert table is not None and whole is not None and whole.std() > 0.1
+            torch.testing.assert_close(table, whole, atol=1e-5, rtol=1e-6)
+
+
 def test_dispatch_on_cpu_runs_the_reference_and_checks_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     import avex.entropy_attention as ea
 
@@ -158,6 +197,14 @@ def test_kernel_matches_the_map_under_interpreter() -> None:
         e = kernel(shifted, H, first_query=1, launch=Launch(16, 16, 4, 3))[1]
         want_ent = materialised(shifted.double(), H, 1)[1]
         assert want_ent.min() > 1 and (e - want_ent).abs().max() < 2e-3, (e - want_ent).abs().max()
+        # Sequences read from a table of rows through an index (the decoder's shared mask rows), int64 and int32.
+        table = torch.randn(30, 3 * H * DH, generator=gen) * 2
+        index = torch.randint(0, 30, (3, 37), generator=gen)
+        want_out, want_ent = materialised(table[index], H, 1)
+        for rows in (index, index.int()):
+            o, e = kernel(table, H, first_query=1, rows=rows, launch=Launch(16, 16, 4, 3))
+            assert o.shape == (3, 36, H * DH) and e.shape == (3, 36)
+            assert (o - want_out).abs().max() < 1e-4 and (e - want_ent).abs().max() < 1e-4
         print("ok")
     """)
     assert out.strip() == "ok"
@@ -192,6 +239,18 @@ def test_decoder_uses_the_kernel_and_keeps_its_entropy_map() -> None:
         assert torch.equal(ent, ent_both)
         assert (ent - ent_ref).abs().max() < 1e-4 and ent_ref.std() > 0.02, ((ent - ent_ref).abs().max(), ent_ref.std())
         assert (recon - recon_ref).abs().max() < 1e-4
+        # A one-block decoder's entropy alone reads its row table through an index (the kernel's rows argument).
+        model = make()
+        with torch.no_grad():
+            model.decoder.blocks[-1].qkv.weight.mul_(3)
+            out = model.forward_glimpses(pix, coords, 2)
+            seen = []
+            ea.entropy_attention_kernel = lambda *a, **k: seen.append(k.get("rows") is not None) or kernel(*a, **k)
+            os.environ["AVEX_ENTROPY_KERNEL"] = "1"
+            _, ent = model.decode(out, recon=False)
+            _, ent_whole = model.decode(out)
+            assert seen == [True, False], seen
+        assert (ent - ent_whole).abs().max() < 1e-4 and ent.std() > 0.02
         print("ok")
     """)
     assert out.strip() == "ok"
@@ -215,6 +274,15 @@ def test_kernel_matches_the_map_on_cuda(dtype: torch.dtype) -> None:
         assert err_o < tol and err_e < 1e-4, (b, s, heads, hd, err_o, err_e)
         _, ent_only = entropy_attention_kernel(qkv, heads, first_query=1, output=False)
         torch.testing.assert_close(ent_only, ent, atol=1e-5, rtol=1e-6)  # other code, other rounding
+        # The same sequences read from a table through an index: the decoder's mask rows, shared by every row.
+        table = qkv.view(b * s, -1)
+        rows = torch.arange(b * s, device="cuda").view(b, s)
+        rows[:, s // 2 :] = rows[0, s // 2 :]  # the second half of every sequence: row 0's rows
+        want_out, want_ent = materialised(table[rows].float(), heads, 1)
+        out, ent = entropy_attention_kernel(table, heads, first_query=1, rows=rows.int())
+        assert out is not None and ent is not None
+        err_o, err_e = (out.float() - want_out).abs().max().item(), (ent - want_ent).abs().max().item()
+        assert err_o < tol and err_e < 1e-4, ("rows", b, s, heads, hd, err_o, err_e)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not short_attention_available(), reason="needs CUDA and Triton")

@@ -8,6 +8,7 @@ NumPy outputs, and never with ``torch_obs``.
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -236,16 +237,26 @@ def test_obs_keys_refused_with_the_fix(kw: dict[str, Any], value: Any, why: str)
 
 
 # ------------------------------------------------------------------ CUDA: no host synchronisation
-def _syncs(fn: Any) -> tuple[int, Any]:
-    """Run ``fn`` under torch's sync debug mode; return how many synchronising CUDA calls it made."""
-    with warnings.catch_warnings(record=True) as caught:
+def _syncs(fn: Any, where: list[str] | None = None) -> tuple[int, Any]:
+    """Run ``fn`` under torch's sync debug mode; return how many synchronising CUDA calls it made. ``where``
+    collects the Python stack of each (so that a failing count names its calls)."""
+    stacks: list[str] = []
+
+    def record(message: Any, *args: Any, **kwargs: Any) -> None:
+        if "synchronizing" in str(message):
+            stacks.append("".join(traceback.format_stack(limit=14)[:-1]))
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record  # catch_warnings puts the original back
         torch.cuda.set_sync_debug_mode("warn")
         try:
             out = fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught), out
+    if where is not None:
+        where.extend(stacks)
+    return len(stacks), out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -276,8 +287,9 @@ def test_vector_step_synchronises_only_for_its_outputs_on_cuda(kw: dict[str, Any
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             continue
-        count, _ = _syncs(lambda a=action: venv.step(a))
-        assert count == own + (source_syncs if restarts else 0), (t, count, source_syncs)
+        where: list[str] = []
+        count, _ = _syncs(lambda a=action: venv.step(a), where)
+        assert count == own + (source_syncs if restarts else 0), (t, count, source_syncs, "\n---\n".join(where))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
