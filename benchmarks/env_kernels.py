@@ -10,6 +10,8 @@
               BLOCK_M x BLOCK_N x warps at the default stages, then the stages of the best. Prints the
               ``LAUNCHES`` entry to put in avex/entropy_attention.py (the best by geometric mean over the batches)
               and times it with the attention output too (the decoder with reconstruction).
+  decoder     the decoder's whole entropy map alone (what an env step runs: its row table read through an index)
+              against the path it replaced (the whole sequence gathered, normed, projected), and the gather alone.
 
 Times: CUDA graphs of --calls calls, median of --reps replays (device time, no launch overhead). On CPU (Triton's
 interpreter, ``TRITON_INTERPRET=1``: for checking this script with tiny sizes) wall time.
@@ -242,10 +244,52 @@ def _cells(ts: list[float | None]) -> str:
     return " | ".join("-" if t is None else f"{t:.1f}" for t in ts)
 
 
+# ------------------------------------------------------------------------------------------- whole decoder
+def decoder_tables(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[list[str], dict]:
+    """The decoder's entropy map alone, as an env step computes it, against the path it replaced: the whole
+    ``[B, 1 + N, 128]`` sequence gathered, normed and projected (``_sequence`` and the block), and the gather
+    alone. Observed tokens: --observed (12 glimpses of 2x2: 48)."""
+    from avex.decoder import GlimpseDecoder
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    n = args.grid * args.grid
+    lines = [
+        f"## The decoder's entropy map alone: {args.grid}x{args.grid} grid, width 128, 4 heads, encoder width "
+        f"{args.decoder_embed}, {args.observed} observed tokens, us per call",
+        "",
+        "| batch | row table (now) | whole sequence (before) | sequence gather alone | now / before |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    record: dict[str, Any] = {}
+    dec = GlimpseDecoder(args.decoder_embed, (args.grid, args.grid), 8, 1).to(device, dtype).eval()
+    block = dec.blocks[0]
+    timed = partial(per_call_us, device=device, calls=args.calls, reps=args.reps)
+    for b in args.batch:
+        cls = torch.randn(b, args.decoder_embed, device=device, generator=gen).to(dtype)
+        tokens = torch.randn(b, args.observed, args.decoder_embed, device=device, generator=gen).to(dtype)
+        cells = torch.rand(b, n, device=device, generator=gen).argsort(1)[:, : args.observed]
+        coords = torch.stack([cells // args.grid, cells % args.grid], -1).float()
+
+        def now(cls=cls, tokens=tokens, coords=coords) -> torch.Tensor | None:
+            return dec(cls, tokens, coords, recon=False)[1]
+
+        def before(cls=cls, tokens=tokens, coords=coords) -> torch.Tensor | None:
+            return block(dec._sequence(cls, tokens, coords, None), first_query=1, output=False)[1]
+
+        a, c = now(), before()
+        assert a is not None and c is not None and torch.allclose(a.flatten(1), c, atol=1e-2, rtol=0)
+        t_now, t_before = _try(lambda: timed(now)), _try(lambda: timed(before))
+        t_gather = _try(lambda: timed(partial(dec._sequence, cls, tokens, coords, None)))
+        ratio = f"{t_now / t_before:.2f}" if t_now and t_before else "-"
+        lines.append(f"| {b} | {_cells([t_now, t_before, t_gather])} | {ratio} |")
+        record[b] = dict(now=t_now, before=t_before, gather=t_gather)
+    return lines + [""], record
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="+", choices=["layer-norm", "entropy"])
+    p.add_argument("parts", nargs="+", choices=["layer-norm", "entropy", "decoder"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--calls", type=int, default=10, help="calls per CUDA graph (CPU: calls timed)")
@@ -268,6 +312,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-n", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4], help="entropy: stages tried on the best")
+    p.add_argument("--observed", type=int, default=48, help="decoder: observed tokens per row")
+    p.add_argument("--decoder-embed", type=int, default=768, help="decoder: the encoder's width (ViT-B/16: 768)")
     p.add_argument("--out", default=None, help="Markdown tables")
     p.add_argument("--json", default=None, help="the same as JSON")
     args = p.parse_args(argv)
@@ -287,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     report: dict[str, Any] = {"device": device_name(device), "dtype": args.dtype, "torch": torch.__version__}
-    parts = {"layer-norm": ("layer_norm", layer_norm_tables), "entropy": ("entropy", entropy_tables)}
+    parts = {
+        "layer-norm": ("layer_norm", layer_norm_tables),
+        "entropy": ("entropy", entropy_tables),
+        "decoder": ("decoder", decoder_tables),
+    }
     for part in args.parts:
         key, tables = parts[part]
         with torch.inference_mode():

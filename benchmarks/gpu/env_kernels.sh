@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # One device-tool call (issue 15: an env step at the GPU's pace): the inference layer norm over many short rows
 # (avex/layer_norm.py) and the entropy kernel's launch settings (avex/entropy_attention.py), then what they buy.
-#   1. the CUDA tests of tests/test_layer_norm.py and tests/test_entropy_attention.py        -> $R/pytest_cuda.txt
+#   1. the CUDA tests of tests/test_layer_norm.py, test_entropy_attention.py, test_env_lazy.py, test_env_syncs.py and
+#      test_train_step.py -> $R/pytest_cuda.txt; the sync-count test's report (it names the calls) -> $R/sync_detail.txt
 #   2. benchmarks/env_kernels.py: F.layer_norm against the kernel on the env's shapes (16,384 x {5, 17, 49, 197} x
 #      192, the decoder's 16,384 x 197 x 128, ViT-B's 256 x 197 x 768), bf16; the entropy kernel's candidate
 #      launches on the decoder's 14x14 grid at batch 16,384 and 256 (4 heads of 32); the LAUNCHES entry to adopt
 #                                                                                   -> $R/env_kernels.md, .json
 #   3. TORE episodes, ViT-B/16 bf16, CUDA graphs, K 0 4 8 12, batch 1 and 256, without and with --decoder
 #                                                                        -> $R/tore_speed.md, tore_speed_decoder.md
+#   3b. decoder: the decoder's entropy map alone from its row table against the whole-sequence path it replaced,
+#      and the sequence gather alone, 14x14 grid, 48 observed tokens, batch 256, 1,024, 16,384  -> $R/env_decoder.md
 #   4. env-steps/s of AVE-FashionMNIST-v0 (shipped model, bf16) at 4,096 and 16,384 envs -> $R/env_throughput.md
 # Usage (device tool, carry .whl and data):  bash benchmarks/gpu/env_kernels.sh   -> $OUT/results.tar.gz
 # (about 4 minutes on one H200; the stages' time-outs add up to 8.5). STAGES ("tests kernels tore env") picks
-# stages: STAGES="tests kernels" and STAGES="tore env" split it into two calls.
+# stages: STAGES="tests kernels" and STAGES="decoder tore env" split it into two calls.
 # DEVICE=cpu checks the job itself with tiny sizes (setup.sh installs nothing, no GPU; the CUDA tests skip; the kernels run under
 # Triton's interpreter; TORE in eager mode), e.g.
 #   PATH=/work/main/.venv/bin:$PATH OUT=/tmp/o DEVICE=cpu bash benchmarks/gpu/env_kernels.sh
@@ -23,17 +26,29 @@ if [ "$DEVICE" = cpu ]; then
   TORE=(python3 benchmarks/tore_speed.py --device cpu --model vit_tiny_patch16_224 --img-size 64 --glimpses 3
         --num-classes 10 --warmup 0 --mode eager --K 0 2 --batch 1 2)
   ENVS=(--device cpu --steps 3 --num-envs 2 4)
+  DECODER=(--device cpu --dtype fp32 --calls 1 --reps 1 --grid 4 --batch 2 --observed 5 --decoder-embed 32)
 else
   RUN_KERNELS=(python3)
   KERNELS=(--device cuda --dtype bf16)
   TORE=("${TORE_SPEED[@]}" --mode graph --K 0 4 8 12 --batch 1 256)
   ENVS=("${ENV_FMNIST[@]}" --num-envs 4096 16384)
+  DECODER=(--device cuda --dtype bf16 --batch 256 1024 16384)
 fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee $R/versions.txt
 
-for stage in ${STAGES:-tests kernels tore env}; do
+for stage in ${STAGES:-tests kernels decoder tore env}; do
   case $stage in
-    tests) cuda_tests tests/test_layer_norm.py tests/test_entropy_attention.py ;;
+    tests)
+      cuda_tests tests/test_layer_norm.py tests/test_entropy_attention.py tests/test_env_lazy.py tests/test_env_syncs.py \
+        tests/test_train_step.py
+      # The sync-count test names the calls that synchronise when it fails: keep its report.
+      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_env_lazy.py -k "synchronises and cuda" --tb=short \
+        > $R/sync_detail.txt 2>&1; tail -3 $R/sync_detail.txt
+      pack ;;
+    decoder)
+      timeout 90 "${RUN_KERNELS[@]}" benchmarks/env_kernels.py decoder "${DECODER[@]}" --out $R/env_decoder.md \
+        --json $R/env_decoder.json 2>$R/env_decoder.err | grep -E "^\| [0-9]"
+      pack ;;
     kernels)
       timeout 150 "${RUN_KERNELS[@]}" benchmarks/env_kernels.py layer-norm entropy "${KERNELS[@]}" --out $R/env_kernels.md \
         --json $R/env_kernels.json 2>$R/env_kernels.err | grep -E "^\| (env|decoder|ViT)|^Best|current choice|, best"
@@ -49,7 +64,7 @@ for stage in ${STAGES:-tests kernels tore env}; do
     env)
       timeout 70 python3 benchmarks/env_throughput.py "${ENVS[@]}" --out $R/env_throughput.md 2>&1 | tail -6
       pack ;;
-    *) echo "unknown stage $stage (tests kernels tore env)" ;;
+    *) echo "unknown stage $stage (tests kernels decoder tore env)" ;;
   esac
 done
 pack
