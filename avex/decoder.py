@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from avex.decoder_index import held_tokens, sequence_index, token_cells
 from avex.entropy_attention import entropy_attention
 from avex.layer_norm import norm_forward
 from avex.posembed import grid_sincos
@@ -119,12 +120,6 @@ class GlimpseDecoder(nn.Module):
         self.register_buffer("grid_pos", grid_sincos(grid, dim, pos_order)[None], persistent=False)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def _token_cells(self, coords: torch.Tensor) -> torch.Tensor:
-        """int64 [B, L]: the grid cell (row-major) of every token, its coordinates rounded and clamped to the grid."""
-        gh, gw = self.grid
-        rc = coords.round().long()
-        return rc[..., 0].clamp(0, gh - 1) * gw + rc[..., 1].clamp(0, gw - 1)
-
     def cells(self, coords: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Which observed token each grid cell holds: its latest one, or -1 where none.
 
@@ -134,26 +129,7 @@ class GlimpseDecoder(nn.Module):
         Returns:
             int64 [B, N] token index per cell (row-major), -1 for unseen cells.
         """
-        return self._held(self._token_cells(coords), valid)
-
-    def _held(self, cell: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """:meth:`cells` from the tokens' cells [B, L]."""
-        b, n_obs = cell.shape
-        order = torch.arange(n_obs, device=cell.device).expand(b, n_obs)
-        if valid is not None:
-            order = torch.where(valid, order, -1)
-        # amax over token order: deterministic where one cell gets several tokens (a plain scatter is not).
-        return torch.full((b, self.grid_pos.shape[1]), -1, dtype=torch.long, device=cell.device).scatter_reduce(
-            1, cell, order, "amax"
-        )
-
-    def _placed(
-        self, cls: torch.Tensor, tokens: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The embedded CLS tokens [B, dim], each token's cell [B, L] and the token each cell holds [B, N]
-        (both None when nothing is observed yet: the empty pass)."""
-        cell = self._token_cells(coords) if tokens.shape[1] else None
-        return self.embed(cls), cell, self._held(cell, valid) if cell is not None else None
+        return held_tokens(token_cells(coords, self.grid), valid, self.grid_pos.shape[1])
 
     def _sequence(
         self, cls: torch.Tensor, tokens: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor | None
@@ -169,11 +145,12 @@ class GlimpseDecoder(nn.Module):
         if not torch.is_grad_enabled():
             table, index = self._table(cls, tokens, coords, valid)
             return table.index_select(0, index.view(-1)).view(b, 1 + n, self.dim)
-        head, _, held = self._placed(cls, tokens, coords, valid)
+        head = self.embed(cls)
         mask = self.mask_token.to(head.dtype)[0]  # [1, dim]
-        if held is None:
+        if not tokens.shape[1]:  # the empty pass: nothing seen yet
             grid = mask.expand(b, n, -1)
         else:
+            held = self.cells(coords, valid)
             picked = self.embed(tokens).gather(1, held.clamp(min=0)[..., None].expand(b, n, self.dim))
             grid = torch.where((held >= 0)[..., None], picked, mask)
         return torch.cat([head[:, None], grid + self.grid_pos.to(head.dtype)], dim=1)
@@ -181,24 +158,15 @@ class GlimpseDecoder(nn.Module):
     def _table(
         self, cls: torch.Tensor, tokens: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder's input as distinct rows and an index: the table [B + B * L + N, dim] (the embedded CLS
-        tokens, every observed token plus its cell's position, the mask token plus each cell's position) and
-        int64 [B, 1 + N], the table's row of every token of every sequence."""
-        head, cell, held = self._placed(cls, tokens, coords, valid)
+        """The decoder's input as distinct rows and an index (:mod:`avex.decoder_index`): the table
+        [B + B * L + N, dim] (the embedded CLS tokens, every observed token plus its cell's position, the mask
+        token plus each cell's position) and int64 [B, 1 + N], the table's row of every token of every sequence."""
         b, n_obs = tokens.shape[:2]
-        n = self.grid_pos.shape[1]
+        head = self.embed(cls)  # [B, dim]
         pos = self.grid_pos[0].to(head.dtype)  # [N, dim]
-        rows = [head]
-        index = torch.empty(b, 1 + n, dtype=torch.long, device=head.device)
-        index[:, 0] = torch.arange(b, device=head.device)
-        unseen = b + b * n_obs + torch.arange(n, device=head.device)  # the mask token's row of each cell
-        index[:, 1:] = unseen
-        if held is not None and cell is not None:
-            rows.append((self.embed(tokens) + pos[cell]).view(b * n_obs, self.dim))
-            seen = b + torch.arange(b, device=head.device)[:, None] * n_obs + held  # the row of the cell's token
-            index[:, 1:] = torch.where(held >= 0, seen, unseen)
-        rows.append(self.mask_token.to(head.dtype)[0] + pos)
-        return torch.cat(rows), index
+        cell, index = sequence_index(coords, valid, self.grid)
+        seen = (self.embed(tokens) + pos[cell]).view(b * n_obs, self.dim)
+        return torch.cat([head, seen, self.mask_token.to(head.dtype)[0] + pos]), index
 
     def forward(
         self,

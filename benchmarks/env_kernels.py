@@ -246,9 +246,9 @@ def _cells(ts: list[float | None]) -> str:
 
 # ------------------------------------------------------------------------------------------- whole decoder
 def decoder_tables(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[list[str], dict]:
-    """The decoder's entropy map alone, as an env step computes it, against the path it replaced: the whole
-    ``[B, 1 + N, 128]`` sequence gathered, normed and projected (``_sequence`` and the block), and the gather
-    alone. Observed tokens: --observed (12 glimpses of 2x2: 48)."""
+    """The decoder's entropy map alone, as an env step computes it, against the path the row table replaced: the
+    whole ``[B, 1 + N, 128]`` sequence gathered, normed and projected (``_sequence`` and the block; its index by the
+    same kernel now), and that gather alone. Observed tokens: --observed (12 glimpses of 2x2: 48)."""
     from avex.decoder import GlimpseDecoder
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -278,8 +278,8 @@ def decoder_tables(args: argparse.Namespace, device: torch.device, dtype: torch.
 
         a, c = now(), before()
         assert a is not None and c is not None and torch.allclose(a.flatten(1), c, atol=1e-2, rtol=0)
-        t_now, t_before = _try(lambda: timed(now)), _try(lambda: timed(before))
-        t_gather = _try(lambda: timed(partial(dec._sequence, cls, tokens, coords, None)))
+        gather = partial(dec._sequence, cls, tokens, coords, None)
+        t_now, t_before, t_gather = (_try(partial(timed, fn)) for fn in (now, before, gather))
         ratio = f"{t_now / t_before:.2f}" if t_now and t_before else "-"
         lines.append(f"| {b} | {_cells([t_now, t_before, t_gather])} | {ratio} |")
         record[b] = dict(now=t_now, before=t_before, gather=t_gather)

@@ -289,7 +289,9 @@ def test_vector_step_synchronises_only_for_its_outputs_on_cuda(kw: dict[str, Any
             continue
         where: list[str] = []
         count, _ = _syncs(lambda a=action: venv.step(a), where)
-        assert count == own + (source_syncs if restarts else 0), (t, count, source_syncs, "\n---\n".join(where))
+        # A restarting step may wait less than a bare sample (measured on the H200: 0 against 1), never more.
+        most = own + (source_syncs if restarts else 0)
+        assert count == own if not restarts else own <= count <= most, (t, count, most, "\n---\n".join(where))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
