@@ -277,7 +277,7 @@ def test_kernel_matches_the_map_on_cuda(dtype: torch.dtype) -> None:
         # The same sequences read from a table through an index: the decoder's mask rows, shared by every row.
         table = qkv.view(b * s, -1)
         rows = torch.arange(b * s, device="cuda").view(b, s)
-        rows[:, s // 2 :] = rows[0, s // 2 :]  # the second half of every sequence: row 0's rows
+        rows[:, s // 2 :] = rows[0, s // 2 :].clone()  # the second half of every sequence: row 0's rows
         want_out, want_ent = materialised(table[rows].float(), heads, 1)
         out, ent = entropy_attention_kernel(table, heads, first_query=1, rows=rows.int())
         assert out is not None and ent is not None

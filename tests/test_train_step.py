@@ -353,12 +353,16 @@ def test_graphed_step_equals_fused_step_on_cuda() -> None:
             sched.step()
         stats.append(torch.stack(out))
     torch.testing.assert_close(stats[1], stats[0], rtol=2e-3, atol=2e-3)
+    # AdamW normalises each gradient element, so where a gradient is zero but for rounding (the capturable and the
+    # plain optimiser round differently) it still steps by up to lr, either way: the H200 runs of 2026-12-01 saw the
+    # attention's key bias (the softmax cancels q.b_k: all of it) and a few elements of fc1's weight move apart by
+    # 9e-4. So every element stays within 4 steps of lr = 1e-3 both ways, and all but 0.1% of each tensor (all
+    # but the key bias) within 1e-4 + 1e-3 |w|: a graph that replays stale inputs moves whole tensors.
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        diff = (q - p).abs()
+        assert diff.max() <= 2 * 4 * 1e-3, (name, diff.max().item())
+        off = diff > 1e-4 + 1e-3 * p.abs()
         if name.endswith("qkv.bias"):
-            # The key bias adds q.b_k to every score of a query, which the softmax cancels: its gradient is zero
-            # but for rounding, which AdamW normalises to steps of up to lr either way (the H200 run of
-            # 2026-12-01 saw 9e-4 there): 4 steps of at most lr = 1e-3 each, both ways.
             d = p.numel() // 3
-            torch.testing.assert_close(q[d : 2 * d], p[d : 2 * d], rtol=0, atol=8e-3)
-            p, q = torch.cat([p[:d], p[2 * d :]]), torch.cat([q[:d], q[2 * d :]])
-        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+            off = torch.cat([off[:d], off[2 * d :]])
+        assert off.float().mean() <= 1e-3, (name, int(off.sum()), off.numel(), diff.max().item())
