@@ -39,8 +39,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for stage in ${STAGES:-tests kernels decoder tore env}; do
   case $stage in
     tests)
-      cuda_tests tests/test_layer_norm.py tests/test_entropy_attention.py tests/test_env_lazy.py tests/test_env_syncs.py \
-        tests/test_train_step.py
+      cuda_tests tests/test_layer_norm.py tests/test_entropy_attention.py tests/test_decoder_index.py \
+        tests/test_env_lazy.py tests/test_env_syncs.py tests/test_train_step.py
       # The sync-count test names the calls that synchronise when it fails: keep its report.
       timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_env_lazy.py -k "synchronises and cuda" --tb=short \
         > $R/sync_detail.txt 2>&1; tail -3 $R/sync_detail.txt

@@ -40,7 +40,9 @@ ENV_IMAGENET=(--env AVE-ImageNet-v0 --fake-imagenet 24 --device cuda --num-envs 
 
 # The CUDA tests (pytest -k cuda) of the given test files, all by default.
 cuda_tests() {
-  timeout 120 python3 -m pytest -q -p no:cacheprovider "${@:-tests}" -k cuda 2>&1 | tail -2 | tee $R/pytest_cuda.txt
+  # -rf --tb=line: each failure's test and the line and message it failed with.
+  timeout 120 python3 -m pytest -q -rf --tb=line -p no:cacheprovider "${@:-tests}" -k cuda 2>&1 \
+    | grep -E "^(FAILED|ERROR|/|E )|passed|failed" | cut -c1-400 | tee $R/pytest_cuda.txt
   pack
 }
 
