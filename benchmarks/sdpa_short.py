@@ -12,6 +12,9 @@ transpose-and-copy) against ``avex.attention.short_attention`` (avex's Triton ke
 writes those layouts directly).
 
     python benchmarks/sdpa_short.py --out results/sdpa_short.md
+
+``--train`` adds training's attention (forward and backward of ``avex.train.kernels.train_attention``): its Triton
+kernels against the SDPA path it takes above ``TRAIN_SHORT`` tokens, on a training step's aggregator rows.
 """
 
 from __future__ import annotations
@@ -70,10 +73,50 @@ def tune(seqs: list[int]) -> list[str]:
     return lines
 
 
+# (label, rows, heads, head_dim) of a training step's aggregator: 1,024 images of the shipped architecture (width
+# 192) and of DeiT-III-S (width 384).
+TRAIN_MODELS = [("shipped architecture, batch 1,024", 1024, 3, 64), ("DeiT-III-S, batch 1,024", 1024, 6, 64)]
+
+
+def train_tables(seqs: list[int]) -> list[str]:
+    """Forward and backward of ``avex.train.kernels.train_attention`` per call, its Triton kernels against the SDPA
+    path it takes above ``TRAIN_SHORT`` tokens (each forced by setting ``TRAIN_SHORT``), bf16."""
+    import avex.train.kernels as kernels
+
+    lines = ["## Training attention, forward and backward, microseconds per call", ""]
+    keep = kernels.TRAIN_SHORT
+    for label, rows, heads, hd in TRAIN_MODELS:
+        lines += [f"### {label}: qkv [{rows}, S, {3 * heads * hd}]", "", "| S | Triton | SDPA | SDPA / Triton |"]
+        lines.append("|---:|---:|---:|---:|")
+        for s in seqs:
+            qkv = torch.randn(rows, s, 3 * heads * hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dout = torch.randn(rows, s, heads * hd, device="cuda", dtype=torch.bfloat16)
+
+            def step(qkv=qkv, dout=dout, heads=heads) -> torch.Tensor:
+                return torch.autograd.grad(kernels.train_attention(qkv, heads), qkv, dout)[0]
+
+            times = []
+            for short in (s, 0):  # the kernels take it, then they do not
+                kernels.TRAIN_SHORT = short
+                try:
+                    times.append(time_call(step) if s <= 128 or short == 0 else None)
+                except RuntimeError:
+                    times.append(None)
+            kernels.TRAIN_SHORT = keep
+            tri, sdpa = times
+            ratio = f"{sdpa / tri:.2f}" if tri and sdpa else "-"
+            cells = " | ".join("-" if t is None else f"{t:.1f}" for t in times)
+            lines.append(f"| {s} | {cells} | {ratio} |")
+            del qkv, dout
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, nargs="+", default=[5, 9, 17, 33, 49, 65, 197])
     p.add_argument("--out", default=None)
+    p.add_argument("--train", action="store_true", help="also time training's attention, forward and backward")
     p.add_argument(
         "--tune", action="store_true", help="also time the Triton kernel's launch settings (block_s, num_warps)"
     )
@@ -116,6 +159,8 @@ def main() -> None:
         lines.append("")
     if args.tune and short_attention_available():
         lines += tune(args.seq)
+    if args.train and short_attention_available():
+        lines += train_tables(args.seq)
     text = "\n".join(lines)
     print(text)
     if args.out:
