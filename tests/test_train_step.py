@@ -97,7 +97,7 @@ def test_train_kernels_under_interpreter() -> None:
         from avex.attention import reference_attention
         from avex.train import kernels as K, rows as R
         gen = torch.Generator().manual_seed(0)
-        for s in (1, 5, 16, 17, 49, 64, K.TRAIN_SHORT + 1, 100, 128):
+        for s in (1, 5, 16, 17, 49, 64, 65, 100, 128, K.TRAIN_SHORT + 1):
             qkv = torch.randn(3, s, 3 * 2 * 32, generator=gen, requires_grad=True)
             ref_in = qkv.detach().clone().requires_grad_()
             assert K.short_kernel_applies(qkv, 2) == (s <= K.TRAIN_SHORT)
@@ -106,6 +106,8 @@ def test_train_kernels_under_interpreter() -> None:
             got.backward(g)
             want.backward(g)
             assert (got - want).abs().max() < 1e-5 and (qkv.grad - ref_in.grad).abs().max() < 1e-5, s
+            if s > 128:  # more than the kernels take
+                continue
             direct = K.short_attention_backward(qkv.detach(), g, 2)
             assert (K.short_attention_forward(qkv.detach(), 2) - want).abs().max() < 1e-5, s
             assert (direct - ref_in.grad).abs().max() < 1e-5, s

@@ -37,8 +37,10 @@ __all__ = [
     "train_attention",
 ]
 
-TRAIN_SHORT = 64  # tokens: up to this many, train_attention takes the Triton kernels (forward and backward)
 _MAX_TOKENS = 128  # the most the kernels take (one program holds a row's whole sequence in registers)
+# Tokens: up to this many, train_attention takes the Triton kernels (forward and backward). All they take: forward and
+# backward on an H200 at 65 to 128 tokens, 2.7-3.2x faster than SDPA's flash kernel (RESULTS.md section 7.1).
+TRAIN_SHORT = _MAX_TOKENS
 _WARPS = {16: 1, 32: 2, 64: 4, 128: 8}  # padded length -> warps per program (fwd+bwd timed on an H200 at 16, 64)
 
 # SDPA's backends for the rows the kernel does not take, in this order: flash, then memory-efficient (fp32), then
