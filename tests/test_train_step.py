@@ -358,8 +358,9 @@ def test_graphed_step_equals_fused_step_on_cuda() -> None:
     # AdamW normalises each gradient element, so where a gradient is zero but for rounding (the capturable and the
     # plain optimiser round differently) it still steps by up to lr, either way: the H200 runs of 2026-12-01 saw the
     # attention's key bias (the softmax cancels q.b_k: all of it) and a few elements of fc1's weight move apart by
-    # 9e-4. So every element stays within 4 steps of lr = 1e-3 both ways, and all but 0.1% of each tensor (all
-    # but the key bias) within 1e-4 + 1e-3 |w|: a graph that replays stale inputs moves whole tensors.
+    # 9e-4, and one of block 2's 192 projection biases 2e-4. So every element stays within 4 steps of lr = 1e-3
+    # both ways, and all but 0.1% of each tensor, or 2 elements of a small one (all but the key bias), within
+    # 1e-4 + 1e-3 |w|: a graph that replays stale inputs moves whole tensors.
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         diff = (q - p).abs()
         assert diff.max() <= 2 * 4 * 1e-3, (name, diff.max().item())
@@ -367,4 +368,4 @@ def test_graphed_step_equals_fused_step_on_cuda() -> None:
         if name.endswith("qkv.bias"):
             d = p.numel() // 3
             off = torch.cat([off[:d], off[2 * d :]])
-        assert off.float().mean() <= 1e-3, (name, int(off.sum()), off.numel(), diff.max().item())
+        assert off.sum() <= max(2, 1e-3 * off.numel()), (name, int(off.sum()), off.numel(), diff.max().item())
