@@ -28,6 +28,9 @@ Three functions, same arguments and results:
 * :func:`entropy_attention`: the kernel where it can run, else the reference. ``AVEX_ENTROPY_KERNEL=0``
   forces the reference (an A/B switch for benchmarks).
 
+All three take ``rows=``: sequences read through an index from a table of distinct rows (the decoder's
+mask-token rows are the same in every sequence, so they are projected once and never copied per row).
+
 Shapes: B rows, S tokens (keys), Q = S - first_query query rows, H heads, Dh head width.
 """
 
