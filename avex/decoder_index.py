@@ -24,7 +24,7 @@ from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback, triton
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["reference_sequence_index", "sequence_index", "sequence_index_kernel", "token_cells"]
+__all__ = ["held_tokens", "reference_sequence_index", "sequence_index", "sequence_index_kernel", "token_cells"]
 
 
 # ----------------------------------------------------------------------------------------- the kernel

@@ -99,7 +99,7 @@ def train_tables(seqs: list[int]) -> list[str]:
             for short in (s, 0):  # the kernels take it, then they do not
                 kernels.TRAIN_SHORT = short
                 try:
-                    times.append(time_call(step) if s <= 128 or short == 0 else None)
+                    times.append(time_call(step) if s <= kernels._MAX_TOKENS or short == 0 else None)
                 except RuntimeError:
                     times.append(None)
             kernels.TRAIN_SHORT = keep

@@ -40,11 +40,12 @@ ENV_IMAGENET=(--env AVE-ImageNet-v0 --fake-imagenet 24 --device cuda --num-envs 
 
 # The CUDA tests (pytest -k cuda) of the given test files, all by default.
 cuda_tests() {
-  # -rfE --tb=line: each failure's test and the line and message it failed with. A fresh machine compiles every
-  # Triton kernel first (minutes), hence the time-out; the whole output stays in pytest_cuda_full.txt.
-  timeout ${CUDA_TESTS_TIMEOUT:-300} python3 -m pytest -q -rfE --tb=line -p no:cacheprovider "${@:-tests}" -k cuda \
+  # The whole report (short tracebacks, each failure's message whole: the sync-count test names its calls there) stays
+  # in pytest_cuda_full.txt; printed: each failure's test and message (-rfE) and the counts. A fresh machine compiles
+  # every Triton kernel first (minutes), hence the time-out.
+  timeout ${CUDA_TESTS_TIMEOUT:-300} python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${@:-tests}" -k cuda \
     > $R/pytest_cuda_full.txt 2>&1 || echo "pytest exit status $?" >> $R/pytest_cuda_full.txt
-  { grep -E "^(FAILED|ERROR|/|E )|exit status" $R/pytest_cuda_full.txt; tail -1 $R/pytest_cuda_full.txt; } \
+  { grep -E "^(FAILED|ERROR) |exit status" $R/pytest_cuda_full.txt; tail -1 $R/pytest_cuda_full.txt; } \
     | cut -c1-400 | tee $R/pytest_cuda.txt
   pack
 }
