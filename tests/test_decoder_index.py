@@ -28,6 +28,15 @@ def cases(device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor | None, 
     return out
 
 
+def kernel_equals_reference(device: str) -> None:
+    """The kernel's cells and index equal the reference's in every case (under the interpreter and on CUDA)."""
+    from avex.decoder_index import sequence_index_kernel
+
+    for coords, valid, grid in cases(device):
+        got, want = sequence_index_kernel(coords, valid, grid), reference_sequence_index(coords, valid, grid)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (tuple(coords.shape), grid)
+
+
 def test_reference_index_by_hand() -> None:
     """Two rows of three tokens on a 2 x 3 grid: the latest valid token of a cell wins, ties round to even, off-grid
     coordinates clamp; unseen cells read the mask rows after the B CLS rows and the B * L token rows."""
@@ -56,12 +65,8 @@ def test_dispatch_on_cpu_is_the_reference_and_checks_arguments() -> None:
 @needs_triton
 def test_kernel_equals_the_reference_under_interpreter() -> None:
     out = interpreted("""
-        import torch
-        from avex.decoder_index import reference_sequence_index, sequence_index_kernel
-        from tests.test_decoder_index import cases
-        for coords, valid, grid in cases():
-            got, want = sequence_index_kernel(coords, valid, grid), reference_sequence_index(coords, valid, grid)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (tuple(coords.shape), grid)
+        from tests.test_decoder_index import kernel_equals_reference
+        kernel_equals_reference("cpu")
         print("ok")
     """)
     assert out.strip() == "ok"
@@ -71,9 +76,7 @@ def test_kernel_equals_the_reference_under_interpreter() -> None:
 def test_kernel_equals_the_reference_on_cuda() -> None:
     from avex.decoder_index import sequence_index_kernel
 
-    for coords, valid, grid in cases("cuda"):
-        got, want = sequence_index_kernel(coords, valid, grid), reference_sequence_index(coords, valid, grid)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (tuple(coords.shape), grid)
+    kernel_equals_reference("cuda")
     big = torch.rand(70_000, 48, 2, device="cuda") * 14  # more rows than a grid axis beyond the first takes
     got, want = sequence_index_kernel(big, None, (14, 14)), reference_sequence_index(big, None, (14, 14))
     assert torch.equal(got[1], want[1])
