@@ -18,6 +18,7 @@ import numpy as np
 from gymnasium import spaces
 
 from agents.base import GlimpseAgent, require_keys
+from agents.belief import INK, belief, env_keys
 from avex.checks import brief
 
 __all__ = ["CallableAgent", "PolicyLike", "PredictAgent", "SupportsPredict", "as_agent"]
@@ -37,9 +38,10 @@ class PredictAgent(GlimpseAgent):
     """An object with SB3's ``predict`` acting deterministically on a batch of envs.
 
     It gets the observation keys of its own ``observation_space`` (a policy trained on
-    :class:`agents.belief.BeliefObservation` gets the belief keys, one trained on the whole observation
-    gets it whole; without an ``observation_space``, everything), and the action masks when its
-    ``predict`` takes ``action_masks`` (sb3-contrib's maskable models and policies).
+    :class:`agents.belief.BeliefObservation` gets the belief keys, and the ink map pooled from the canvas
+    where its space holds :data:`agents.belief.INK`; one trained on the whole observation gets it whole;
+    without an ``observation_space``, everything), and the action masks when its ``predict`` takes
+    ``action_masks`` (sb3-contrib's maskable models and policies).
 
     Raises:
         ValueError: ``observation_space`` is not a Dict space (avex observations are Dicts).
@@ -56,10 +58,14 @@ class PredictAgent(GlimpseAgent):
                 "train it on the env itself, or on agents.belief.BeliefObservation(env)"
             )
         self.keys: tuple[str, ...] | None = None if space is None else tuple(space.spaces)
+        self.ink = self.keys is not None and INK in self.keys  # derived from the canvas, as in training
         self.masked = "action_masks" in inspect.signature(model.predict).parameters
         self.continuous = isinstance(getattr(model, "action_space", None), spaces.Box)
 
     def act(self, obs: dict[str, np.ndarray], action_mask: np.ndarray) -> np.ndarray:
+        if self.ink:
+            require_keys(obs, env_keys(ink=True), f"{type(self.model).__name__} (it reads the ink map)")
+            obs = belief(obs, ink=True)
         if self.keys is not None:
             require_keys(obs, self.keys, type(self.model).__name__)
             obs = {k: obs[k] for k in self.keys}

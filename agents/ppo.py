@@ -29,8 +29,9 @@ DEFAULT_POLICY = "shipped:fashion-mnist"
 
 @register_agent("ppo")
 class PPOAgent(PredictAgent):
-    """A trained PPO policy acting deterministically (mode of its action distribution) on the belief keys,
-    with the action masks in discrete mode (sb3-contrib's maskable policy)."""
+    """A trained PPO policy acting deterministically (mode of its action distribution) on the belief keys (and the
+    ink map, for a policy trained with it), with the action masks in discrete mode (sb3-contrib's maskable policy).
+    """
 
     def __init__(self, policy: BasePolicy, meta: dict[str, Any] | None = None) -> None:
         super().__init__(policy.eval())
@@ -98,15 +99,17 @@ def _load_safetensors(
     weights = resolve_file(path, policy=True)
     read_header(weights, "PPO policy")  # a regular safetensors file, before anything is built
     meta = read_json(weights.with_suffix(".json"), "PPO policy config")
-    if meta.get("format") != FORMAT or not isinstance(meta.get("continuous"), bool):
+    ink = meta.get("ink", False)  # policies saved before the ink map have no such field
+    if meta.get("format") != FORMAT or not isinstance(meta.get("continuous"), bool) or not isinstance(ink, bool):
         raise ValueError(
             f"{weights.with_suffix('.json')} is not an avex PPO policy "
-            f"(format {meta.get('format')!r}, expected {FORMAT!r}, with 'continuous': true or false)"
+            f"(format {meta.get('format')!r}, expected {FORMAT!r}, with 'continuous' and, if present, 'ink': "
+            "true or false)"
         )
     if isinstance(act_space, spaces.Box) != meta["continuous"]:
         trained = "continuous" if meta["continuous"] else "discrete"
         raise ValueError(f"policy {weights} was trained for {trained} actions; this env's are {act_space}")
-    policy = build_policy(obs_space, act_space)
+    policy = build_policy(obs_space, act_space, ink)
     try:
         load_model(policy, str(weights), strict=True)
     except (RuntimeError, SafetensorError) as err:

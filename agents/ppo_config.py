@@ -39,6 +39,7 @@ class PPOConfig:
     # The dense reward telescopes to L_0 - L_T, so the undiscounted return is exactly the final loss drop.
     gamma: float = option(1.0, ALGO, "discount")
     seed: int = option(0, ALGO, "seed of the envs and the policy")
+    ink: bool = option(False, ALGO, "the policy also reads the revealed canvas pooled per patch (agents.belief.INK)")
     init: str | None = option(
         None, ALGO, "start from this policy's weights (avex .safetensors or shipped:<name>; fresh optimiser)"
     )

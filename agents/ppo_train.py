@@ -23,7 +23,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.adapters import PolicyLike
-from agents.belief import BELIEF_KEYS
+from agents.belief import env_keys
 from agents.evaluate import evaluate_accuracy
 from agents.ppo_config import PPOConfig
 from agents.sb3_policy import POLICY_KWARGS, BeliefKeys, save_policy
@@ -98,9 +98,11 @@ def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
     env_kwargs = cfg.make_env_kwargs()
     # VecMonitor sits right on the env, under any wrapper that could change rewards (SB3's rule: before
     # VecNormalize); BeliefKeys only drops observation keys.
-    # The policy reads the belief keys only: the envs never compose or copy the revealed canvas.
-    obs_kwargs = {"obs_keys": BELIEF_KEYS, **env_kwargs}
-    venv = BeliefKeys(VecMonitor(SB3VecEnv(gym.make_vec(cfg.env_id, num_envs=cfg.num_envs, **obs_kwargs))))
+    # The policy reads the belief keys only (and the canvas its ink map pools): without it, the envs never compose
+    # or copy the revealed canvas.
+    obs_kwargs = {"obs_keys": env_keys(cfg.ink), **env_kwargs}
+    vec = gym.make_vec(cfg.env_id, num_envs=cfg.num_envs, **obs_kwargs)
+    venv = BeliefKeys(VecMonitor(SB3VecEnv(vec)), ink=cfg.ink)
     venv.seed(cfg.seed)
     continuous = isinstance(venv.action_space, spaces.Box)
     algo: type[PPO] | type[MaskablePPO]
@@ -120,7 +122,7 @@ def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
         ent_coef=cfg.ent_coef,
         gamma=cfg.gamma,
         gae_lambda=0.95,
-        policy_kwargs=POLICY_KWARGS,
+        policy_kwargs=POLICY_KWARGS,  # the ink map, when on, is in the observation space the extractor reads
         seed=cfg.seed,
         device=cfg.device,
         verbose=0,

@@ -1,7 +1,8 @@
 """The stable-baselines3 side of avex's PPO policies: what the policy reads and how it is built.
 
-The policy never looks at pixels: it reads what the TORE model already computed for the env - class
-probabilities, the aggregator's CLS embedding, the AME entropy map, the visited patches and the step.
+The policy reads what the TORE model already computed for the env - class probabilities, the aggregator's
+CLS embedding, the AME entropy map, the visited patches and the step - and, if built with ``ink=True``, the
+revealed canvas pooled to the patch grid (:data:`agents.belief.INK`), never the pixels themselves.
 Discrete mode uses sb3-contrib's maskable policy (repeats are masked), continuous (y, x, z) mode SB3's
 plain one. This module imports stable-baselines3, so :mod:`agents.ppo` imports it only when a policy
 is built.
@@ -23,7 +24,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
-from agents.belief import BELIEF_KEYS, belief_space
+from agents.belief import INK, belief, belief_space
 
 if TYPE_CHECKING:  # sb3-contrib is imported only for discrete actions
     from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
@@ -42,15 +43,17 @@ FORMAT = "avex-ppo/1"  # the "format" field of a saved policy's JSON
 
 
 class BeliefKeys(VecEnvWrapper):
-    """SB3 VecEnv wrapper that passes on only :data:`BELIEF_KEYS` of the Dict observation."""
+    """SB3 VecEnv wrapper that passes on a belief policy's observation (:func:`agents.belief.belief`): the belief
+    keys of the Dict observation, and the ink map with ``ink``."""
 
-    def __init__(self, venv: VecEnv) -> None:
-        super().__init__(venv, observation_space=belief_space(venv.observation_space))
+    def __init__(self, venv: VecEnv, ink: bool = False) -> None:
+        super().__init__(venv, observation_space=belief_space(venv.observation_space, ink))
+        self.ink = ink
 
     def _filter(self, obs: VecEnvObs) -> dict[str, np.ndarray]:
         if not isinstance(obs, dict):
             raise TypeError(f"BeliefKeys needs Dict observations, got {type(obs).__name__}")
-        return {k: obs[k] for k in BELIEF_KEYS}
+        return belief(obs, self.ink)
 
     def reset(self) -> dict[str, np.ndarray]:
         return self._filter(self.venv.reset())
@@ -74,16 +77,17 @@ def _shape(space: spaces.Dict, key: str) -> tuple[int, ...]:
 
 
 class BeliefExtractor(BaseFeaturesExtractor):
-    """Features from the belief: a small CNN over [unseen entropy, visited] maps and an MLP over
-    [probabilities, normalised CLS embedding, step]. Output [B, features_dim]."""
+    """Features from the belief: a small CNN over the [unseen entropy, visited(, ink)] maps [B, 2 or 3, gh, gw] and
+    an MLP over [probabilities, normalised CLS embedding, step]. Output [B, features_dim]."""
 
     def __init__(self, observation_space: spaces.Dict, features_dim: int = 256) -> None:
         super().__init__(observation_space, features_dim)
         gh, gw = _shape(observation_space, "entropy")
         n_vec = sum(int(np.prod(_shape(observation_space, k))) for k in ("probs", "cls", "step"))
         self.cls_norm = nn.LayerNorm(_shape(observation_space, "cls")[0])
+        self.ink = INK in observation_space.spaces
         self.maps = nn.Sequential(
-            nn.Conv2d(2, 32, 3, padding=1),
+            nn.Conv2d(3 if self.ink else 2, 32, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(32, 32, 3, padding=1),
             nn.ReLU(),
@@ -101,7 +105,8 @@ class BeliefExtractor(BaseFeaturesExtractor):
         visited = obs["visited"].float()
         ent = obs["entropy"].float() * (1 - visited)
         ent = ent / ent.flatten(1).amax(dim=1).clamp(min=1e-6)[:, None, None]
-        maps = self.maps(torch.stack([ent, visited], dim=1))
+        planes = [ent, visited, obs[INK].float()] if self.ink else [ent, visited]
+        maps = self.maps(torch.stack(planes, dim=1))
         vec = torch.cat(
             [obs["probs"].float(), self.cls_norm(obs["cls"].float()), obs["step"].float().flatten(1) / self.budget],
             dim=1,
@@ -128,14 +133,18 @@ def policy_class(
     return MaskableMultiInputActorCriticPolicy
 
 
-def build_policy(observation_space: spaces.Space[Any], action_space: spaces.Space[Any]) -> BasePolicy:
-    """A fresh (untrained) policy for an env's spaces: maskable for discrete actions, plain for (y, x, z).
+def build_policy(
+    observation_space: spaces.Space[Any], action_space: spaces.Space[Any], ink: bool = False
+) -> BasePolicy:
+    """A fresh (untrained) policy for an env's spaces: maskable for discrete actions, plain for (y, x, z); with
+    ``ink`` it also reads the ink map (:data:`agents.belief.INK`).
 
     Raises:
-        ValueError: the observation space is not an avex env's Dict with the belief keys.
+        ValueError: the observation space is not an avex env's Dict with the keys the policy reads.
     """
     continuous = isinstance(action_space, spaces.Box)
-    return policy_class(continuous)(belief_space(observation_space), action_space, lambda _: 0.0, **POLICY_KWARGS)
+    space = belief_space(observation_space, ink)
+    return policy_class(continuous)(space, action_space, lambda _: 0.0, **POLICY_KWARGS)
 
 
 def save_policy(policy: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path:

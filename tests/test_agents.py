@@ -130,6 +130,58 @@ def test_ppo_smoke_train_save_load(action_mode: str, env_kwargs: dict, tmp_path)
         PPOAgent.load(out.with_suffix(".safetensors"), other)
 
 
+def test_ink_map_is_each_patchs_mean_revealed_intensity() -> None:
+    """The pooled canvas against a per-patch loop, for one observation and a batch alike."""
+    from agents.belief import ink_map
+
+    rng = np.random.default_rng(0)
+    canvas = rng.integers(0, 256, size=(2, 12, 18, 3), dtype=np.uint8)
+    got = ink_map(canvas, (3, 6))  # patches of 4 x 3 pixels
+    want = np.array(
+        [
+            [[canvas[b, 4 * r : 4 * r + 4, 3 * c : 3 * c + 3].mean() / 255 for c in range(6)] for r in range(3)]
+            for b in range(2)
+        ]
+    )
+    assert got.dtype == np.float32 and got.shape == (2, 3, 6)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(ink_map(canvas[1], (3, 6)), got[1])
+
+
+def test_a_ppo_policy_with_the_ink_map_trains_saves_and_acts_on_the_pooled_canvas(env_kwargs: dict, tmp_path) -> None:
+    """``ink=True``: the saved policy reads the canvas pooled per patch, is rebuilt with it from its JSON, and an env
+    without the canvas is refused by name."""
+    from agents.belief import INK, belief
+
+    torch.manual_seed(0)
+    out = tmp_path / "ink"
+    common = dict(num_envs=4, total_steps=96, n_steps=24, batch_size=32, n_epochs=1, eval_episodes=4)
+    _, summary = train_ppo(PPOConfig(**common, out=str(out), env_kwargs=env_kwargs, ink=True))
+    assert summary["ink"] is True
+    venv = gym.make_vec("AVE-FashionMNIST-v0", num_envs=3, **env_kwargs)
+    agent = PPOAgent.load(out.with_suffix(".safetensors"), venv)
+    assert agent.ink and INK in agent.policy.observation_space.spaces
+    obs, _ = venv.reset(seed=0)
+    for a in (0, 5):  # a glimpse so that the map is not all zeros
+        obs, *_ = venv.step(np.full(3, a))
+    mask = venv.unwrapped.action_masks()
+    seen = belief(obs, ink=True)
+    assert seen[INK].shape == (3, *obs["visited"].shape[1:]) and seen[INK].max() > 0
+    want, _ = agent.policy.predict(seen, deterministic=True, action_masks=mask)
+    assert np.array_equal(agent.act(obs, mask), want)
+    # The map changes what the policy does: the same belief with the ink map zeroed scores the actions otherwise.
+    obs_t = {k: torch.as_tensor(v) for k, v in seen.items()}
+    blank = dict(obs_t, **{INK: torch.zeros_like(obs_t[INK])})
+    with torch.no_grad():
+        logits = [agent.policy.get_distribution(o).distribution.logits for o in (obs_t, blank)]
+    assert not torch.allclose(*logits)
+    narrow = gym.make_vec("AVE-FashionMNIST-v0", num_envs=1, obs_keys=["probs", "cls", "entropy", "visited", "step"])
+    with pytest.raises(ValueError, match="canvas"):
+        PPOAgent.load(out.with_suffix(".safetensors"), narrow)
+    for env in (venv, narrow):
+        env.close()
+
+
 def test_unknown_agent_name() -> None:
     with pytest.raises(ValueError, match="unknown agent"):
         make_agent("greedy", None)
