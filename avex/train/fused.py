@@ -7,6 +7,9 @@ The same function of the same weights, computed the way a GPU likes it:
   where a run of several processes averages them: ``grad_reduce``), and the
   residual stream, the layer norms and the attention stay in it; PyTorch's autocast would instead run each
   layer norm in fp32 and cast its input and output around every matrix product;
+* **residual adds** in the pass of the layer norm that reads the sum next (the block's second norm, the next
+  block's first, the final norm), with the bias of the layer before them and the layer scale, forward and
+  backward (:mod:`avex.train.epilogue`): a block hands its last add, pending, to the next;
 * **attention** for the short rows of the iterator and the aggregator by the Triton kernels of
   :mod:`avex.train.kernels` (forward and backward), PyTorch's fused SDPA for longer rows;
 * **glimpses** gathered as patch rows straight from the canvases (no copy of a canvas per glimpse), normalised
@@ -29,7 +32,7 @@ patches, P prefix tokens, D width, Cpp = C*p*p pixels per patch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeAlias, cast
 
 import torch
 import torch.nn as nn
@@ -42,6 +45,7 @@ from avex.decoder import _DecoderBlock
 from avex.embedding import _is_patch_linear
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT
+from avex.train.epilogue import train_residual, train_residual_norm
 from avex.train.flat import GradReduce, cast_params
 from avex.train.kernels import train_attention
 from avex.train.rows import train_layer_norm, train_linear
@@ -167,18 +171,55 @@ def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Ten
     return train_linear(x, w[name + ".weight"], w[name + ".bias"])
 
 
-def _block(x: torch.Tensor, w: dict[str, torch.Tensor], s: _BlockSpec, first: int = 0) -> torch.Tensor:
-    """One pre-norm block on [B, S, D]; the rows before ``first`` are keys only. Returns [B, S - first, D]."""
+def _product(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """Linear layer ``name`` without its bias: the pass that follows adds it (:mod:`avex.train.epilogue`)."""
+    return F.linear(x, w[name + ".weight"])
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A branch's residual add, not yet done: ``x + (y + b) * gamma`` (gamma None: ``x + y + b``), y a linear
+    layer's product without its bias b. What reads the sum next does the add in its own pass: a layer norm
+    (:func:`_norm`) or, where the sum itself is read first, :func:`_settle`."""
+
+    x: torch.Tensor  # [B, S, D] the residual stream
+    y: torch.Tensor  # [B, S, D]
+    b: torch.Tensor  # [D]
+    gamma: torch.Tensor | None  # [D] timm's LayerScale, or None
+
+
+_Stream: TypeAlias = torch.Tensor | _Pending  # the residual stream [B, S, D], or the add that makes it
+
+
+def _branch(
+    x: torch.Tensor, y: torch.Tensor, w: dict[str, torch.Tensor], p: str, linear: str, ls: str | None
+) -> _Pending:
+    """The add to x of y, the product of block ``p``'s layer ``linear``, with that layer's bias and the block's
+    layer scale ``ls`` (None: none)."""
+    return _Pending(x, y, w[p + linear + ".bias"], w[p + ls] if ls else None)
+
+
+def _norm(x: _Stream, w: dict[str, torch.Tensor], name: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the residual stream, layer norm ``name`` of it) [B, S, D], a pending add done in the norm's pass."""
+    if isinstance(x, torch.Tensor):
+        return x, _layer_norm(x, w, name, eps)
+    return train_residual_norm(x.x, x.y, x.b, x.gamma, w[name + ".weight"], w[name + ".bias"], eps)
+
+
+def _settle(x: _Stream) -> torch.Tensor:
+    """The residual stream [B, S, D] itself, a pending add done."""
+    return x if isinstance(x, torch.Tensor) else train_residual(x.x, x.y, x.b, x.gamma)
+
+
+def _block(x: _Stream, w: dict[str, torch.Tensor], s: _BlockSpec, first: int = 0) -> _Pending:
+    """One pre-norm block on [B, S, D] (or the previous block's pending add); the rows before ``first`` are keys
+    only. Returns its MLP branch's add, pending, over [B, S - first, D]."""
     p = s.prefix
-    qkv = _linear(_layer_norm(x, w, p + s.norm1, s.eps1), w, p + s.qkv)
-    x = _residual(x[:, first:], _linear(train_attention(qkv, s.heads, first), w, p + s.proj), w, p, s.ls1)
-    h = F.gelu(_linear(_layer_norm(x, w, p + s.norm2, s.eps2), w, p + s.fc1))
-    return _residual(x, _linear(h, w, p + s.fc2), w, p, s.ls2)
-
-
-def _residual(x: torch.Tensor, y: torch.Tensor, w: dict[str, torch.Tensor], p: str, ls: str | None) -> torch.Tensor:
-    """``x + y``, or with layer scale ``x + y * gamma`` (gamma [D], as timm's LayerScale) in one kernel."""
-    return x + y if ls is None else torch.addcmul(x, y, w[p + ls])
+    x, n = _norm(x, w, p + s.norm1, s.eps1)
+    a = _product(train_attention(_linear(n, w, p + s.qkv), s.heads, first), w, p + s.proj)
+    x, n = _norm(_branch(x[:, first:], a, w, p, s.proj, s.ls1), w, p + s.norm2, s.eps2)
+    h = F.gelu(_linear(n, w, p + s.fc1))
+    return _branch(x, _product(h, w, p + s.fc2), w, p, s.fc2, s.ls2)
 
 
 def _heads(blk: nn.Module) -> int:
@@ -310,14 +351,15 @@ class FusedObjective(nn.Module):
         n_pre, gw = model.num_prefix, model.grid[1]
         cells = ((rows * gw + cols)[..., None] + self._cell_offsets).reshape(b, -1)  # [B, L]
         patches = self._patches(canvases, channel_last=False)
-        x = self._embed(w, patches, cells, t)
+        stream: _Stream = self._embed(w, patches, cells, t)
         for spec in self._specs[:K]:  # the iterator: each glimpse alone
-            x = _block(x, w, spec)
+            stream = _block(stream, w, spec)
+        x = _settle(stream)
         x = x.view(b, t, *x.shape[1:])
-        x = torch.cat([x[:, :, :n_pre].mean(dim=1), x[:, :, n_pre:].reshape(b, -1, x.shape[-1])], dim=1)
+        stream = torch.cat([x[:, :, :n_pre].mean(dim=1), x[:, :, n_pre:].reshape(b, -1, x.shape[-1])], dim=1)
         for spec in self._specs[K:]:  # the aggregator: [mean prefix, every glimpse's tokens]
-            x = _block(x, w, spec)
-        x = _layer_norm(x, w, "vit.norm", cast(nn.LayerNorm, model.vit.norm).eps)
+            stream = _block(stream, w, spec)
+        _, x = _norm(stream, w, "vit.norm", cast(nn.LayerNorm, model.vit.norm).eps)
         logits = _linear(x[:, 0], w, "vit.head")
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         mse = ce.new_zeros(())
@@ -349,11 +391,11 @@ class FusedObjective(nn.Module):
         seen = torch.zeros(b, n, dtype=torch.uint8, device=cells.device).scatter_(1, cells, 1)
         unseen = torch.sort(seen, dim=1, stable=True).indices[:, : n - n_seen]  # [B, M], ascending
         mask = w["decoder.mask_token"]
-        seq = torch.cat([e[:, :1], e[:, 1:] + F.embedding(cells, pos), mask + F.embedding(unseen, pos)], dim=1)
+        seq: _Stream = torch.cat([e[:, :1], e[:, 1:] + F.embedding(cells, pos), mask + F.embedding(unseen, pos)], 1)
         for spec in self._dec_specs[:-1]:
             seq = _block(seq, w, spec)
-        out = _block(seq, w, self._dec_specs[-1], first=1 + n_seen)  # [B, M, dd]
-        pred = _linear(_layer_norm(out, w, "decoder.norm", cast(nn.LayerNorm, dec.norm).eps), w, "decoder.pred")
+        out = _block(seq, w, self._dec_specs[-1], first=1 + n_seen)  # [B, M, dd], pending
+        pred = _linear(_norm(out, w, "decoder.norm", cast(nn.LayerNorm, dec.norm).eps)[1], w, "decoder.pred")
         if canvases.shape[-1] != 1:  # one channel: both pixel orders are the same
             patches = self._patches(canvases, channel_last=True)
         pix = patches.gather(1, unseen[..., None].expand(-1, -1, patches.shape[-1]))  # [B, M, Cpp] uint8

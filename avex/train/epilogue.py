@@ -1,0 +1,392 @@
+"""Training's passes after a matrix product, each fused with the next pass over the same rows.
+
+A pre-norm block ends each branch with a residual add, ``z = x + (y + b) * gamma`` (y a linear layer's product
+without its bias b; gamma timm's LayerScale, where the block has one), and the next to read z is a layer norm:
+the block's second, the next block's first, or the final norm. As PyTorch ops that is, forward, the add and the
+norm (which reads z again); backward, the norm's backward, the sum of z's two gradients (the norm's and the
+residual stream's), and a column sum for the bias (and another pass and sum for gamma): separate passes over
+the same ~100k rows. :func:`train_residual_norm` does the forward in one pass and the whole backward in
+another, its column sums kept per program in fp32 and summed once; :func:`train_residual` is the add alone
+(the iterator's last block, whose sum is averaged before any norm). Where Triton cannot run they are PyTorch's
+ops under autograd.
+
+The MLP's bias and GELU stay with cuBLAS and PyTorch: a Triton pass for gelu(y + b) forward and one for its
+backward with the bias's column sums took 0.94 and 1.68 ms per step on an H200, against 0.69 and 0.93 for
+PyTorch's GELU kernels with the bias in cuBLAS's epilogue (benchmarks/RESULTS.md section 7.1).
+
+Shapes: M rows, N features (D, the residual width).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from avex.kernel_fallback import _interpreted, triton
+from avex.layer_norm import _ROWS, MAX_FEATURES, _row_blocks
+from avex.train.kernels import _works
+from avex.train.rows import column_sum
+
+if triton is not None:
+    import triton.language as tl
+
+__all__ = ["train_residual", "train_residual_norm"]
+
+# Elements per tile (a program's BLOCK_M x BLOCK_N) of the residual norm's forward and backward. Chosen so that
+# neither spills registers compiled for sm_90 (ptxas -v) at widths 128 to 1024: the backward kernel loops over its
+# CHUNKS tiles without unrolling them, as unrolled (tl.static_range, like rows.py's kernels with their fewer loads)
+# ptxas kept later tiles' loads in registers and spilled.
+_FWD_TILE, _BWD_TILE = 2048, 1024
+
+
+if triton is not None:
+
+    @triton.jit
+    def _residual_norm_fwd_kernel(
+        x_ptr,
+        y_ptr,
+        b_ptr,
+        g_ptr,
+        w_ptr,
+        nb_ptr,
+        z_ptr,
+        n_ptr,
+        mean_ptr,
+        rstd_ptr,
+        M,
+        N,
+        seq,
+        stride_xb,
+        stride_xs,
+        eps,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        GAMMA: tl.constexpr,
+        NORM: tl.constexpr,
+    ):
+        # BLOCK_M rows per program. Row r of x lies at (r // seq) * stride_xb + (r % seq) * stride_xs (a slice of
+        # tokens x[:, first:] read in place); y, z and n are contiguous [M, N]. z is rounded to its dtype once and
+        # the norm (NORM) taken of that rounded z: backward reads the stored z, and so saw the eager step's norm.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        in_rows, in_cols = rows < M, cols < N
+        mask = in_rows[:, None] & in_cols[None, :]
+        rows64 = rows.to(tl.int64)  # 64-bit offsets: rows x N passes 2**31 at large batches
+        x_rows = (rows64 // seq) * stride_xb + (rows64 % seq) * stride_xs
+        x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs = rows64[:, None] * N + cols[None, :]
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y += tl.load(b_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
+        if GAMMA:
+            y *= tl.load(g_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
+        z = (x + y).to(z_ptr.dtype.element_ty)
+        tl.store(z_ptr + offs, z, mask=mask)
+        if NORM:
+            zf = z.to(tl.float32)
+            mean = tl.sum(zf, axis=1) / N
+            zc = tl.where(mask, zf - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / N + eps)
+            w = tl.load(w_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
+            nb = tl.load(nb_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
+            out = zc * rstd[:, None] * w[None, :] + nb[None, :]
+            tl.store(n_ptr + offs, out.to(n_ptr.dtype.element_ty), mask=mask)
+            tl.store(mean_ptr + rows, mean, mask=in_rows)
+            tl.store(rstd_ptr + rows, rstd, mask=in_rows)
+
+    @triton.jit
+    def _residual_norm_bwd_kernel(
+        z_ptr,
+        dn_ptr,
+        dz_ptr,
+        w_ptr,
+        mean_ptr,
+        rstd_ptr,
+        y_ptr,
+        b_ptr,
+        g_ptr,
+        dx_ptr,
+        dy_ptr,
+        partial_ptr,
+        M,
+        N,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CHUNKS: tl.constexpr,
+        SLOTS: tl.constexpr,
+        GAMMA: tl.constexpr,
+        NORM: tl.constexpr,
+        DZ: tl.constexpr,
+    ):
+        # Rows as _layer_norm_bwd_kernel takes them (CHUNKS tiles of BLOCK_M rows per program). dx = dz (zero where
+        # not DZ) + the norm's input gradient (NORM), written where NORM (else dx is dz itself); dy = dx * gamma,
+        # written where GAMMA. Per tile element fp32 sums, summed over the tile's rows once at the end into
+        # partial[p, slot, :]: slot 0 dy (the bias gradient); 1 and 2 dn * zhat and dn (the norm's weight and
+        # bias, where NORM); the last dx * (y + b) (gamma's, where GAMMA).
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        in_cols = cols < N
+        w = tl.load(w_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)  # (a stand-in [N] where absent)
+        b = tl.load(b_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
+        acc_db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_dnb = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_dg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for i in range(CHUNKS):  # a loop, not unrolled: see _BWD_TILE
+            rows = (pid * CHUNKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+            in_rows = rows < M
+            mask = in_rows[:, None] & in_cols[None, :]
+            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if DZ:
+                dx += tl.load(dz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if NORM:
+                z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                dn = tl.load(dn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                mean = tl.load(mean_ptr + rows, mask=in_rows, other=0.0)
+                rstd = tl.load(rstd_ptr + rows, mask=in_rows, other=0.0)
+                zhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+                wdn = w[None, :] * dn
+                c1 = tl.sum(zhat * wdn, axis=1) / N
+                c2 = tl.sum(wdn, axis=1) / N
+                dx += (wdn - (zhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+                tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                acc_dw += dn * zhat
+                acc_dnb += dn
+            if GAMMA:
+                y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
+                acc_dg += dx * y
+                dy = dx * g[None, :]
+                tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+                acc_db += dy
+            else:
+                acc_db += dx
+        out = partial_ptr + pid * SLOTS * N + cols
+        tl.store(out, tl.sum(acc_db, axis=0), mask=in_cols)
+        if NORM:
+            tl.store(out + N, tl.sum(acc_dw, axis=0), mask=in_cols)
+            tl.store(out + 2 * N, tl.sum(acc_dnb, axis=0), mask=in_cols)
+        if GAMMA:
+            tl.store(out + (SLOTS - 1) * N, tl.sum(acc_dg, axis=0), mask=in_cols)
+
+
+# ------------------------------------------------------------------------------ launches (no autograd)
+def _rows_in_place(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """x [..., N] for the forward kernel: (x, or a contiguous copy where its rows are not regular, rows per group,
+    group stride, row stride), row r at (r // group) * group stride + (r % group) * row stride. A [B, S, N] with
+    unit feature stride is read in place (a slice of tokens ``x[:, first:]`` of the residual stream among them)."""
+    if x.dim() == 3 and x.stride(-1) == 1 and x.shape[1]:
+        return x, x.shape[1], x.stride(0), x.stride(1)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return x2, max(1, x2.shape[0]), 0, x2.shape[1]
+
+
+def _residual_norm_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    b: torch.Tensor,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z = x + (y + b) * gamma and, where ``weight`` is given, n = its layer norm, by one Triton pass.
+
+    Args:
+        x: [..., N] (any strides; see :func:`_rows_in_place`). y: like x, contiguous or copied. b, gamma: [N].
+        weight, bias: the norm's [N], or None: z alone.
+
+    Returns:
+        z and n [M, N] in y's dtype (n is z without a norm); fp32 mean and 1/std [M] (empty without a norm).
+    """
+    assert triton is not None
+    n = y.shape[-1]
+    x2, seq, stride_xb, stride_xs = _rows_in_place(x)
+    y2 = y.reshape(-1, n).contiguous()
+    m = y2.shape[0]
+    norm = weight is not None
+    z = torch.empty_like(y2)
+    out = torch.empty_like(y2) if norm else z
+    mean = torch.empty(m if norm else 0, dtype=torch.float32, device=y.device)
+    rstd = torch.empty_like(mean)
+    block_n, block_m = _row_blocks(n, _FWD_TILE)
+    if m:
+        _residual_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+            x2, y2, b, b if gamma is None else gamma, b if weight is None else weight, b if bias is None else bias,
+            z, out, mean, rstd, m, n, seq, stride_xb, stride_xs, eps,
+            BLOCK_M=block_m, BLOCK_N=block_n, GAMMA=gamma is not None, NORM=norm,
+        )  # fmt: skip
+    return z, out, mean, rstd
+
+
+def _residual_norm_backward(
+    z: torch.Tensor,
+    dn: torch.Tensor | None,
+    dz: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor | None,
+    y: torch.Tensor | None,
+    b: torch.Tensor,
+    gamma: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`_residual_norm_forward` by one Triton pass and one sum of per-program partials.
+
+    Args:
+        z: [M, N] the forward's. dn: n's gradient (with a norm: ``weight`` given). dz: z's own, or None (zeros).
+            Where there is no norm, dz must be given.
+        mean, rstd: the forward's (with a norm). y: [M, N] (with gamma; else None). b, gamma: [N].
+
+    Returns:
+        dx and dy [M, N] (the same tensor without gamma); the column sums [slots, N] in z's dtype: the bias
+        gradient, then the norm's weight and bias gradients (with a norm), then gamma's (with gamma).
+    """
+    assert triton is not None
+    m, n = z.shape
+    norm, scaled = weight is not None, gamma is not None
+    dz2 = None if dz is None else dz.reshape(m, n).contiguous()
+    if not norm:
+        assert dz2 is not None
+        if not scaled:  # dx = dy = dz: only the bias gradient to sum
+            return dz2, dz2, column_sum(dz2)[None]
+    dn2 = None if dn is None else dn.reshape(m, n).contiguous()
+    dx = torch.empty_like(z) if norm else dz2
+    assert dx is not None
+    dy = torch.empty_like(z) if scaled else dx
+    slots = 1 + 2 * norm + scaled
+    block_n, block_m = _row_blocks(n, _BWD_TILE)
+    programs = triton.cdiv(m, _ROWS)
+    partial = torch.empty(programs, slots, n, dtype=torch.float32, device=z.device)
+    if m:
+        _residual_norm_bwd_kernel[(programs,)](
+            z, z if dn2 is None else dn2, z if dz2 is None else dz2, b if weight is None else weight,
+            z if mean is None else mean, z if rstd is None else rstd,
+            z if y is None else y.reshape(m, n).contiguous(), b, b if gamma is None else gamma,
+            dx, dy, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m, SLOTS=slots,
+            GAMMA=scaled, NORM=norm, DZ=dz2 is not None,
+        )  # fmt: skip
+    return dx, dy, partial.sum(dim=0).to(z.dtype)  # fp32 sums, rounded once
+
+
+def _split(sums: torch.Tensor, norm: bool, scaled: bool) -> tuple[torch.Tensor | None, ...]:
+    """:func:`_residual_norm_backward`'s column sums as (db, dgamma or None, dweight, dbias) (the last two with a
+    norm)."""
+    dgamma = sums[-1] if scaled else None
+    return (sums[0], dgamma, sums[1], sums[2]) if norm else (sums[0], dgamma)
+
+
+# ------------------------------------------------------------------------------ under autograd
+class _ResidualNorm(torch.autograd.Function):
+    """:func:`train_residual_norm` by the Triton kernels; saves z, not x (and y only for gamma's gradient)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        b: torch.Tensor,
+        gamma: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        z, n, mean, rstd = _residual_norm_forward(x, y, b, gamma, weight, bias, eps)
+        ctx.set_materialize_grads(False)  # dz None where nothing reads z again (the final norm's): no zeros made
+        ctx.save_for_backward(z, None if gamma is None else y, b, gamma, weight, mean, rstd)
+        ctx.x_shape = x.shape
+        return z.view(y.shape), n.view(y.shape)
+
+    @staticmethod
+    def backward(ctx: Any, dz: torch.Tensor | None, dn: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        z, y, b, gamma, weight, mean, rstd = ctx.saved_tensors
+        if dn is None:  # never in the step (every norm feeds a linear layer)
+            dn = torch.zeros_like(z)
+        dx, dy, sums = _residual_norm_backward(z, dn, dz, weight, mean, rstd, y, b, gamma)
+        db, dgamma, dweight, dbias = _split(sums, True, gamma is not None)
+        return dx.view(ctx.x_shape), dy.view(ctx.x_shape), db, dgamma, dweight, dbias, None
+
+
+class _Residual(torch.autograd.Function):
+    """:func:`train_residual` by the Triton kernels (the bias gradient by :func:`column_sum` without gamma)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor | None
+    ) -> torch.Tensor:
+        z = _residual_norm_forward(x, y, b, gamma, None, None, 0.0)[0]
+        ctx.save_for_backward(z, None if gamma is None else y, b, gamma)
+        ctx.x_shape = x.shape
+        return z.view(y.shape)
+
+    @staticmethod
+    def backward(ctx: Any, dz: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        z, y, b, gamma = ctx.saved_tensors
+        dx, dy, sums = _residual_norm_backward(z, None, dz, None, None, None, y, b, gamma)
+        db, dgamma = _split(sums, False, gamma is not None)
+        return dx.view(ctx.x_shape), dy.view(ctx.x_shape), db, dgamma
+
+
+# ------------------------------------------------------------------------------ the functions the step calls
+def _kernels_take(name: str, y: torch.Tensor, params: list[torch.Tensor | None], trial: Any) -> bool:
+    """Whether the ``name`` kernels compute this call: Triton on CUDA (or its interpreter), rows of at most
+    :data:`~avex.layer_norm.MAX_FEATURES` (one row to a program's tile), one dtype, and the kernels built here."""
+    if triton is None or not (y.is_cuda or _interpreted()) or y.shape[-1] > MAX_FEATURES:
+        return False
+    return all(p is None or p.dtype == y.dtype for p in params) and _works(name, y, trial)
+
+
+def train_residual_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    b: torch.Tensor,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A branch's residual add and the layer norm that reads it next, with autograd; one Triton pass each way on
+    CUDA (or Triton's interpreter), PyTorch's ops elsewhere.
+
+    Backward takes z's own gradient (none where nothing reads z again, as after the last block) and n's, and
+    gives every gradient from one pass over the rows: x's (z's and the norm's summed), y's, and the column sums
+    of b, gamma and the norm's weight and bias in fp32 per program, summed once.
+
+    Args:
+        x: [..., N] the residual stream (rows at any strides; a slice of tokens ``x[:, first:]`` is read in place).
+        y: like x, a linear layer's output without its bias.
+        b: [N] that bias. gamma: [N] the layer scale (timm's LayerScale), or None.
+        weight, bias, eps: the layer norm's ([N], [N]; added to the variance).
+
+    Returns:
+        z = x + (y + b) * gamma and n = layer_norm(z), both shaped as y, in y's dtype (fp32 arithmetic, rounded
+        once; n is the norm of the rounded z).
+    """
+    if _kernels_take("residual norm", y, [x, b, gamma, weight, bias], _residual_norm_trial):
+        z, n = _ResidualNorm.apply(x, y, b, gamma, weight, bias, eps)
+        return z, n
+    z = _residual_torch(x, y, b, gamma)
+    return z, F.layer_norm(z, (z.shape[-1],), weight, bias, eps)
+
+
+def train_residual(x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    """z = x + (y + b) * gamma (gamma None: x + y + b) with autograd, as :func:`train_residual_norm` without the
+    norm: where the sum is read before any norm.
+
+    Args and shapes as :func:`train_residual_norm`'s; returns z shaped as y.
+    """
+    if _kernels_take("residual norm", y, [x, b, gamma], _residual_norm_trial):
+        z: torch.Tensor = _Residual.apply(x, y, b, gamma)
+        return z
+    return _residual_torch(x, y, b, gamma)
+
+
+def _residual_torch(x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    return x + (y + b) if gamma is None else torch.addcmul(x, y + b, gamma)
+
+
+def _residual_norm_trial(x: torch.Tensor) -> torch.Tensor:
+    w = torch.ones(48, device=x.device, dtype=x.dtype, requires_grad=True)
+    z, n = _ResidualNorm.apply(x, x * 2, w, w, w, torch.zeros_like(w), 1e-6)
+    return z + n + _Residual.apply(x, x * 2, w, w)
