@@ -1,9 +1,9 @@
 """Training a PPO glimpse policy on the batched vector env: ``avex train ppo``.
 
 Discrete envs train sb3-contrib's ``MaskablePPO``, continuous (y, x, z) ones SB3's ``PPO``, both on the
-belief keys only (:mod:`agents.sb3_policy`), with progress, a periodic greedy evaluation on the test
-split and a safetensors + JSON policy at the end. The vec env is wrapped in ``VecMonitor``, so SB3 logs
-``rollout/ep_rew_mean`` and ``ep_len_mean`` and ``model.ep_info_buffer`` fills.
+belief keys only, and the ink map with ``--ink`` (:mod:`agents.sb3_policy`), with progress, a periodic greedy
+evaluation on the test split and a safetensors + JSON policy at the end. The vec env is wrapped in
+``VecMonitor``, so SB3 logs ``rollout/ep_rew_mean`` and ``ep_len_mean`` and ``model.ep_info_buffer`` fills.
 """
 
 from __future__ import annotations

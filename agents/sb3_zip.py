@@ -28,7 +28,7 @@ import torch
 from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
 
-from agents.belief import BELIEF_KEYS
+from agents.belief import BELIEF_KEYS, INK
 from agents.sb3_policy import POLICY_KWARGS, build_policy, policy_class
 from avex.checks import brief
 from avex.safeload import check_file, load_state
@@ -117,8 +117,9 @@ def _class_name(saved: Any) -> str | None:
     return f"{fields['__module__']}.{match.group(1)}"
 
 
-def _check_architecture(data: dict[str, Any], path: Path, action_space: spaces.Space[Any]) -> None:
-    """Refuse a saved model whose policy is not avex's for this action space, naming what differs."""
+def _check_architecture(data: dict[str, Any], path: Path, action_space: spaces.Space[Any]) -> bool:
+    """Refuse a saved model whose policy is not avex's for this action space, naming what differs; return whether
+    it reads the ink map (:data:`agents.belief.INK`)."""
     continuous = isinstance(action_space, spaces.Box)
     saved_action = data.get("action_space")
     saved_type = str(saved_action.get(":type:", "")) if isinstance(saved_action, dict) else ""
@@ -150,6 +151,7 @@ def _check_architecture(data: dict[str, Any], path: Path, action_space: spaces.S
         problems.append(f"observation keys {saved_keys or 'unknown'} lack {missing}")
     if problems:
         raise ValueError(f"{path} is not an avex-architecture policy: {'; '.join(problems)}. To load it, {_FOREIGN}")
+    return INK in saved_keys
 
 
 def load_sb3_zip(
@@ -158,8 +160,8 @@ def load_sb3_zip(
     """Rebuild the policy of a MaskablePPO / PPO ``.zip`` for an env's spaces; return it and its meta.
 
     Only avex's architecture loads (``MultiInputPolicy`` with :data:`agents.sb3_policy.POLICY_KWARGS`,
-    trained on the belief keys); ``data``'s pickled fields are never decoded and ``policy.pth`` is read with
-    ``torch.load(weights_only=True)`` (see the module docstring).
+    trained on the belief keys, with or without the ink map); ``data``'s pickled fields are never decoded and
+    ``policy.pth`` is read with ``torch.load(weights_only=True)`` (see the module docstring).
 
     Raises:
         FileNotFoundError: no such file.
@@ -168,8 +170,8 @@ def load_sb3_zip(
     """
     path = Path(path)
     data, state = read_sb3_zip(path)
-    _check_architecture(data, path, action_space)
-    policy = build_policy(observation_space, action_space)
+    ink = _check_architecture(data, path, action_space)
+    policy = build_policy(observation_space, action_space, ink)
     load_state(policy, state, f"policy {path}")
     meta = dict(
         format=SB3_ZIP_FORMAT,

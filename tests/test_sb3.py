@@ -77,6 +77,26 @@ def test_a_maskable_ppo_zip_loads_and_acts_like_the_model(trained, env_kwargs) -
     venv.close()
 
 
+def test_a_zip_trained_with_the_ink_map_loads_and_acts_like_the_model(env_kwargs, tmp_path) -> None:
+    """A MaskablePPO trained on BeliefObservation(env, ink=True) and saved by model.save(): rebuilt with the ink map,
+    it acts as the model does on the pooled canvas."""
+    from agents.belief import belief
+
+    torch.manual_seed(0)
+    env = BeliefObservation(gym.make(ENV, **env_kwargs), ink=True)
+    model = MaskablePPO("MultiInputPolicy", env, policy_kwargs=POLICY_KWARGS, n_steps=24, batch_size=24, n_epochs=1)
+    model.learn(24)
+    model.save(tmp_path / "ink.zip")
+    venv = gym.make_vec(ENV, num_envs=3, **env_kwargs)
+    agent = PPOAgent.load(tmp_path / "ink.zip", venv)
+    obs, _ = venv.reset(seed=1)
+    obs, *_ = venv.step(np.array([0, 7, 30]))
+    mask = venv.unwrapped.action_masks()
+    want, _ = model.predict(belief(obs, ink=True), deterministic=True, action_masks=mask)
+    assert np.array_equal(agent.act(obs, mask), want)
+    venv.close()
+
+
 def test_a_zip_of_another_architecture_is_refused(env_kwargs, tmp_path) -> None:
     env = gym.make(ENV, **env_kwargs)
     default = MaskablePPO("MultiInputPolicy", BeliefObservation(env), n_steps=24, batch_size=24)
