@@ -141,7 +141,8 @@ class AVEEnv(EngineViews, gym.Env):
       it stale and the decoder runs when the observation (or an agent) reads it; `False`: the map is zeros and a
       model without a decoder is accepted
     - `obs_keys` (**list of str**, default `None`: all six): the observation's keys, e.g. `["probs", "cls",
-      "entropy", "visited", "step"]` (what the PPO policy reads); unknown or repeated keys raise `ValueError`
+      "entropy", "visited", "step"]` (what a PPO policy reads; one with the ink map, as the shipped ones, also reads
+      `"canvas"`); unknown or repeated keys raise `ValueError`
     - `cache_images` (**bool**, default `False`): keep decoded images of a folder in memory
     - `render_mode` (**str**, default `None`): `"rgb_array"`
 
