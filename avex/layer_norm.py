@@ -37,6 +37,18 @@ _NORMS = (nn.LayerNorm, TimmLayerNorm)  # F.layer_norm over the last axis: the k
 if triton is not None:
 
     @triton.jit
+    def _normalize_rows(x, mask, w_ptr, b_ptr, cols, in_cols, N, eps):
+        """A layer norm of the rows of an fp32 tile x [BLOCK_M, BLOCK_N] whose masked elements are 0: (the normed
+        tile times the weight plus the bias, each row's mean, each row's 1/std), all fp32, two passes over each row
+        in registers. Shared with the training kernels that norm a tile they computed (avex.train.epilogue)."""
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        w = tl.load(w_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
+        return xc * rstd[:, None] * w[None, :] + b[None, :], mean, rstd
+
+    @triton.jit
     def _layer_norm_fwd_kernel(
         x_ptr,
         w_ptr,
@@ -53,19 +65,14 @@ if triton is not None:
         STATS: tl.constexpr,
     ):
         # BLOCK_M rows per program of x (rows stride_x apart, unit column stride) into the contiguous [M, N] y;
-        # mean and 1/std per row in fp32 (two passes over the row in registers), stored when STATS.
+        # mean and 1/std per row in fp32 (_normalize_rows), stored when STATS.
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         in_rows, in_cols = rows < M, cols < N
         mask = in_rows[:, None] & in_cols[None, :]
         rows64 = rows.to(tl.int64)  # 64-bit offsets: rows x N passes 2**31 at large batches
         x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / N
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
-        w = tl.load(w_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
-        y = xc * rstd[:, None] * w[None, :] + b[None, :]
+        y, mean, rstd = _normalize_rows(x, mask, w_ptr, b_ptr, cols, in_cols, N, eps)
         tl.store(y_ptr + rows64[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
         if STATS:
             tl.store(mean_ptr + rows, mean, mask=in_rows)

@@ -32,6 +32,9 @@ from avex.train.rows import column_sum
 if triton is not None:
     import triton.language as tl
 
+    from avex.layer_norm import _normalize_rows  # the Triton helpers exist only with Triton
+    from avex.train.rows import _norm_input_grad
+
 __all__ = ["train_residual", "train_residual_norm"]
 
 # Elements per tile (a program's BLOCK_M x BLOCK_N) of the residual norm's forward and backward. Chosen so that
@@ -84,13 +87,7 @@ if triton is not None:
         z = (x + y).to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + offs, z, mask=mask)
         if NORM:
-            zf = z.to(tl.float32)
-            mean = tl.sum(zf, axis=1) / N
-            zc = tl.where(mask, zf - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / N + eps)
-            w = tl.load(w_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
-            nb = tl.load(nb_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)
-            out = zc * rstd[:, None] * w[None, :] + nb[None, :]
+            out, mean, rstd = _normalize_rows(z.to(tl.float32), mask, w_ptr, nb_ptr, cols, in_cols, N, eps)
             tl.store(n_ptr + offs, out.to(n_ptr.dtype.element_ty), mask=mask)
             tl.store(mean_ptr + rows, mean, mask=in_rows)
             tl.store(rstd_ptr + rows, rstd, mask=in_rows)
@@ -147,11 +144,8 @@ if triton is not None:
                 dn = tl.load(dn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 mean = tl.load(mean_ptr + rows, mask=in_rows, other=0.0)
                 rstd = tl.load(rstd_ptr + rows, mask=in_rows, other=0.0)
-                zhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
-                wdn = w[None, :] * dn
-                c1 = tl.sum(zhat * wdn, axis=1) / N
-                c2 = tl.sum(wdn, axis=1) / N
-                dx += (wdn - (zhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+                dx_norm, zhat = _norm_input_grad(z, dn, w, mean, rstd, mask, N)
+                dx += dx_norm
                 tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
                 acc_dw += dn * zhat
                 acc_dnb += dn

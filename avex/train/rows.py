@@ -32,6 +32,17 @@ __all__ = ["column_sum", "layer_norm_backward", "train_layer_norm", "train_linea
 if triton is not None:
 
     @triton.jit
+    def _norm_input_grad(x, dy, w, mean, rstd, mask, N):
+        """A layer norm's input gradient for an fp32 tile: x and the output's gradient dy [BLOCK_M, BLOCK_N], the
+        weight w [BLOCK_N] in fp32, each row's mean and 1/std. Returns (dx, xhat), xhat 0 at masked elements.
+        Shared with the fused residual norm's backward (avex.train.epilogue)."""
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        c2 = tl.sum(wdy, axis=1) / N
+        return (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None], xhat
+
+    @triton.jit
     def _layer_norm_bwd_kernel(
         x_ptr,
         dy_ptr,
@@ -64,11 +75,7 @@ if triton is not None:
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(mean_ptr + rows, mask=in_rows, other=0.0)
             rstd = tl.load(rstd_ptr + rows, mask=in_rows, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            wdy = w[None, :] * dy
-            c1 = tl.sum(xhat * wdy, axis=1) / N
-            c2 = tl.sum(wdy, axis=1) / N
-            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            dx, xhat = _norm_input_grad(x, dy, w, mean, rstd, mask, N)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             dw += dy * xhat
             db += dy
