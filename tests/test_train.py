@@ -120,6 +120,10 @@ def test_k_and_t_draws_cover_their_ranges_and_repeat_by_seed() -> None:
     assert {k for k, _ in only} == {6}
     pair = [draw_k_and_t(step_rngs(0, s, torch.device("cpu"))[0], 6, 12, 49, ks=(0, 6))[0] for s in range(200)]
     assert set(pair) == {0, 6} and 0.35 < np.mean(pair) / 6 < 0.65
+    # A restricted T set (--train-t) draws only from it, uniformly, and leaves the K draws as they were.
+    t_only = [draw_k_and_t(step_rngs(0, s, torch.device("cpu"))[0], 6, 12, 49, ts=(3, 12)) for s in range(400)]
+    assert [k for k, _ in t_only] == list(ks[:400])
+    assert {t for _, t in t_only} == {3, 12} and 0.4 < np.mean([t == 12 for _, t in t_only]) < 0.6
     a = torch.rand(4, generator=step_rngs(3, 7, torch.device("cpu"))[1])
     b = torch.rand(4, generator=step_rngs(3, 7, torch.device("cpu"))[1])
     c = torch.rand(4, generator=step_rngs(3, 8, torch.device("cpu"))[1])
@@ -220,13 +224,20 @@ def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(
     assert chain["steps"] == RUN_STEPS and chain["train_args"]["seed"] == 5 and "eval" in chain
 
 
-def test_train_k_restricts_the_split_points_and_refuses_bad_ones(fmnist_root: Path, tmp_path: Path) -> None:
+def test_train_k_and_t_restrict_the_draws_and_refuse_bad_ones(fmnist_root: Path, tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
-    result = train_classifier(cpu_config(fmnist_root, tmp_path / "k2", log_every=1, log_json=str(log), train_k=(2,)))
-    assert [json.loads(line)["K"] for line in log.read_text().splitlines()] == [2, 2, 2]
-    assert load_tore(result["checkpoint"]).meta["train_args"]["train_k"] == [2]
+    cfg = cpu_config(fmnist_root, tmp_path / "k2", log_every=1, log_json=str(log), train_k=(2,), train_t=(3, 3, 1))
+    result = train_classifier(cfg)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["K"] for r in records] == [2, 2, 2] and {r["T"] for r in records} <= {1, 3}
+    args = load_tore(result["checkpoint"]).meta["train_args"]
+    assert args["train_k"] == [2] and args["train_t"] == [1, 3]
     with pytest.raises(ValueError, match=r"--train-k \[3\].*0\.\.2"):
         train_classifier(cpu_config(fmnist_root, tmp_path / "bad", log_every=1, train_k=(3,)))
+    for bad in ((0,), (1000,)):
+        with pytest.raises(ValueError, match=r"--train-t \[" + str(bad[0]) + r"\].*1\.\."):
+            train_classifier(cpu_config(fmnist_root, tmp_path / "bad_t", log_every=1, train_t=bad))
+    assert not (tmp_path / "bad_t.safetensors").exists()
 
 
 def test_a_run_shorter_than_an_epoch_evaluates_the_subset(fmnist_root: Path, tmp_path: Path) -> None:

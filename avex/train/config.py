@@ -91,6 +91,14 @@ class TrainConfig:
         metavar="K",
         default_text="every K in 0..depth, TORE's policy",
     )
+    train_t: tuple[int, ...] | None = _opt(
+        None,
+        MODEL,
+        "glimpse counts to draw per batch, uniformly (e.g. 12 to fine-tune for the budget)",
+        nargs="+",
+        metavar="T",
+        default_text="TORE's policy: U{1..budget} or U{budget..tiles}, half the batches each",
+    )
     # optimisation
     epochs: float = _opt(30.0, OPTIM, "passes over the training images")
     steps: int | None = _opt(None, OPTIM, "fixed number of optimisation steps (overrides --epochs)")
@@ -192,7 +200,7 @@ def _default_text(f: Field[Any]) -> str | None:
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill the data set's training defaults (model, sizes, lr: :meth:`avex.data.DatasetSpec.train_defaults`)
-    into a copy of ``cfg``; canonical data-set name, sorted train_k.
+    into a copy of ``cfg``; canonical data-set name, sorted train_k and train_t.
 
     Raises:
         ValueError: a data set that is not registered (the message lists the registered ones); a distillation
@@ -209,6 +217,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
             values[key] = tuple(float(v) for v in values[key])
     if values["train_k"] is not None:
         values["train_k"] = tuple(sorted({int(k) for k in values["train_k"]}))
+    if values["train_t"] is not None:
+        values["train_t"] = tuple(sorted({int(t) for t in values["train_t"]}))
     _check_objective(cfg)
     return TrainConfig(**values)
 

@@ -190,6 +190,11 @@ def _set_up(cfg: TrainConfig) -> _Run:
         raise ValueError(
             f"--train-k {list(cfg.train_k)}: every split point must be in 0..{model.depth} (the model's depth)"
         )
+    if cfg.train_t is not None and (not cfg.train_t or not all(1 <= t <= tiles for t in cfg.train_t)):
+        raise ValueError(
+            f"--train-t {list(cfg.train_t)}: every glimpse count must be in 1..{tiles} "
+            f"(non-overlapping {cfg.glimpse}x{cfg.glimpse} glimpses of the {geo.grid} grid)"
+        )
     if not 1 <= need(cfg.budget, "budget") <= tiles:
         raise ValueError(
             f"--budget {cfg.budget} must be in 1..{tiles} "
@@ -227,7 +232,7 @@ def _train_one_step(
     """
     cfg, part = run.cfg, run.part
     host_rng, gen = step_rngs(cfg.seed, step, run.device)
-    K, T = draw_k_and_t(host_rng, run.model.depth, run.budget, run.tiles, cfg.train_k)
+    K, T = draw_k_and_t(host_rng, run.model.depth, run.budget, run.tiles, cfg.train_k, cfg.train_t)
     continuous = draw_continuous(host_rng, cfg.continuous_glimpses)
     canvases, labels = run.data.next_batch(step, gen)
     rows, cols = sample_glimpses(run.geo, cfg.batch_size, T, gen)  # for the global batch, after its canvases

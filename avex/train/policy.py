@@ -6,7 +6,7 @@ follows TORE's policy (see ``tore-method.md``):
 1. one K drawn uniformly from 0..depth for the whole batch;
 2. one glimpse count T for the whole batch: with probability 1/2 uniform in 1..budget, otherwise
    uniform in budget..n_tiles (n_tiles: the non-overlapping tiles that cover the grid, so T=n_tiles
-   with shift 0 reveals every patch);
+   with shift 0 reveals every patch); ``--train-k`` and ``--train-t`` restrict K and T to given sets;
 3. per image, T random NON-overlapping g x g glimpses: a random shift (dy, dx) in {0..g-1}^2, then T
    distinct positions of the shifted stride-g lattice that fit in the grid;
 4. with ``--continuous-glimpses P`` (:func:`draw_continuous`), a fraction P of the batches instead takes T
@@ -52,11 +52,18 @@ def step_rngs(seed: int, step: int, device: torch.device) -> tuple[np.random.Gen
 
 
 def draw_k_and_t(
-    rng: np.random.Generator, depth: int, budget: int, n_tiles: int, ks: Sequence[int] | None = None
+    rng: np.random.Generator,
+    depth: int,
+    budget: int,
+    n_tiles: int,
+    ks: Sequence[int] | None = None,
+    ts: Sequence[int] | None = None,
 ) -> tuple[int, int]:
     """One split point K ~ U{0..depth} (TORE's policy; or uniform over ``ks``); T ~ U{1..budget} or
-    U{budget..n_tiles} with probability 1/2 each."""
+    U{budget..n_tiles} with probability 1/2 each (TORE's policy; or uniform over ``ts``)."""
     K = int(rng.integers(0, depth + 1)) if ks is None else int(ks[int(rng.integers(0, len(ks)))])
+    if ts is not None:
+        return K, int(ts[int(rng.integers(0, len(ts)))])
     T = int(rng.integers(1, budget + 1)) if rng.random() < 0.5 else int(rng.integers(budget, n_tiles + 1))
     return K, T
 
