@@ -46,22 +46,7 @@ for tag in "${TAGS[@]}"; do
   cp runs/$tag.eval.md runs/$tag.eval.json $R/ 2>/dev/null || echo "variant $tag: no final evaluation"
 done
 # One row per variant: every patch and 12 glimpses at each K (from each run's final evaluation table).
-python3 - "$R" "${TAGS[@]}" <<'EOF' | tee $R/summary.md
-import json, sys
-from pathlib import Path
-root, tags = Path(sys.argv[1]), sys.argv[2:]
-print("| variant | K=0 all | K=3 all | K=6 all | K=0 @12 | K=3 @12 | K=6 @12 | images |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
-for tag in tags:
-    path = root / f"{tag}.eval.json"
-    if not path.exists():
-        print(f"| {tag} | no final evaluation (timed out?) | | | | | | |")
-        continue
-    table = json.loads(path.read_text())
-    cell = lambda k, c: f"{table['acc'][f'K={k}'][c]:.2f}" if c in table["acc"].get(f"K={k}", {}) else "-"
-    cells = [cell(k, "all") for k in (0, 3, 6)] + [cell(k, "12") for k in (0, 3, 6)]
-    print(f"| {tag} | " + " | ".join(cells) + f" | {table['n']} |")
-EOF
+python3 benchmarks/eval_summary.py "$R" "${TAGS[@]}" | tee $R/summary.md
 pack
 n=0
 for tag in "${TAGS[@]}"; do  # $OUT takes at most 8 files: two checkpoints besides the results
