@@ -14,7 +14,10 @@ writes those layouts directly).
     python benchmarks/sdpa_short.py --out results/sdpa_short.md
 
 ``--train`` adds training's attention (forward and backward of ``avex.train.kernels.train_attention``): its Triton
-kernels against the SDPA path it takes above ``TRAIN_SHORT`` tokens, on a training step's aggregator rows.
+kernels (register ones up to ``TRAIN_SHORT`` tokens, blocked ones up to ``TRAIN_BLOCKED``) against the SDPA path it
+takes beyond, on a training step's aggregator rows, and on the glimpse decoder's (first_query > 0).
+
+    python benchmarks/sdpa_short.py --train --seq 65 128 129 197 256 --out results/sdpa_train.md
 """
 
 from __future__ import annotations
@@ -76,37 +79,70 @@ def tune(seqs: list[int]) -> list[str]:
 # (label, rows, heads, head_dim) of a training step's aggregator: 1,024 images of the shipped architecture (width
 # 192) and of DeiT-III-S (width 384).
 TRAIN_MODELS = [("shipped architecture, batch 1,024", 1024, 3, 64), ("DeiT-III-S, batch 1,024", 1024, 6, 64)]
+# (label, rows, tokens, heads, head_dim, first_query values) of the glimpse decoder's last block in a training step:
+# CLS + a 14x14 grid, the unseen patches (from first_query on) as queries.
+DECODER_ROWS = [("glimpse decoder, batch 1,024", 1024, 197, 4, 32, (49, 1))]
+
+
+def _train_us(
+    qkv: torch.Tensor, dout: torch.Tensor, heads: int, first_query: int, short: int, blocked: int
+) -> float | None:
+    """Microseconds per forward and backward of ``train_attention`` with ``TRAIN_SHORT`` and ``TRAIN_BLOCKED`` set to
+    ``short`` and ``blocked`` (0: that family off), or None where the family meant to run does not take the call."""
+    import avex.train.kernels as kernels
+
+    keep = kernels.TRAIN_SHORT, kernels.TRAIN_BLOCKED
+    kernels.TRAIN_SHORT, kernels.TRAIN_BLOCKED = short, blocked
+    try:
+        if short and not (first_query == 0 and kernels.short_kernel_applies(qkv, heads)):
+            return None
+        if blocked and not kernels.blocked_kernel_applies(qkv, heads, first_query):
+            return None
+
+        def step() -> torch.Tensor:
+            return torch.autograd.grad(kernels.train_attention(qkv, heads, first_query), qkv, dout)[0]
+
+        return time_call(step)
+    except RuntimeError:
+        return None
+    finally:
+        kernels.TRAIN_SHORT, kernels.TRAIN_BLOCKED = keep
+
+
+def _cells(times: list[float | None]) -> str:
+    """The table cells of ``times`` (SDPA's last), then SDPA's time over the fastest Triton kernel's."""
+    *tri, sdpa = times
+    best = min((t for t in tri if t), default=None)
+    ratio = f"{sdpa / best:.2f}" if best and sdpa else "-"
+    return " | ".join("-" if t is None else f"{t:.1f}" for t in times) + f" | {ratio} |"
 
 
 def train_tables(seqs: list[int]) -> list[str]:
-    """Forward and backward of ``avex.train.kernels.train_attention`` per call, its Triton kernels against the SDPA
-    path it takes above ``TRAIN_SHORT`` tokens (each forced by setting ``TRAIN_SHORT``), bf16."""
-    import avex.train.kernels as kernels
-
+    """Forward and backward of ``avex.train.kernels.train_attention`` per call, bf16: its register kernels (up to
+    128 tokens) and its blocked kernels (up to 256) against the SDPA path it takes beyond (each forced by setting
+    ``TRAIN_SHORT`` and ``TRAIN_BLOCKED``); then the glimpse decoder's rows (first_query > 0: blocked or SDPA)."""
     lines = ["## Training attention, forward and backward, microseconds per call", ""]
-    keep = kernels.TRAIN_SHORT
     for label, rows, heads, hd in TRAIN_MODELS:
-        lines += [f"### {label}: qkv [{rows}, S, {3 * heads * hd}]", "", "| S | Triton | SDPA | SDPA / Triton |"]
-        lines.append("|---:|---:|---:|---:|")
+        lines += [f"### {label}: qkv [{rows}, S, {3 * heads * hd}]", ""]
+        lines += [
+            "| S | Triton, register | Triton, blocked | SDPA | SDPA / fastest Triton |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         for s in seqs:
             qkv = torch.randn(rows, s, 3 * heads * hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             dout = torch.randn(rows, s, heads * hd, device="cuda", dtype=torch.bfloat16)
-
-            def step(qkv=qkv, dout=dout, heads=heads) -> torch.Tensor:
-                return torch.autograd.grad(kernels.train_attention(qkv, heads), qkv, dout)[0]
-
-            times = []
-            for short in (s, 0):  # the kernels take it, then they do not
-                kernels.TRAIN_SHORT = short
-                try:
-                    times.append(time_call(step) if s <= kernels._MAX_TOKENS or short == 0 else None)
-                except RuntimeError:
-                    times.append(None)
-            kernels.TRAIN_SHORT = keep
-            tri, sdpa = times
-            ratio = f"{sdpa / tri:.2f}" if tri and sdpa else "-"
-            cells = " | ".join("-" if t is None else f"{t:.1f}" for t in times)
-            lines.append(f"| {s} | {cells} | {ratio} |")
+            times = [_train_us(qkv, dout, heads, 0, *mode) for mode in ((s, 0), (0, s), (0, 0))]
+            lines.append(f"| {s} | {_cells(times)}")
+            del qkv, dout
+        lines.append("")
+    for label, rows, s, heads, hd, firsts in DECODER_ROWS:
+        lines += [f"### {label}: qkv [{rows}, {s}, {3 * heads * hd}], queries from first_query on", ""]
+        lines += ["| first_query | Triton, blocked | SDPA | SDPA / Triton |", "|---:|---:|---:|---:|"]
+        for fq in firsts:
+            qkv = torch.randn(rows, s, 3 * heads * hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dout = torch.randn(rows, s - fq, heads * hd, device="cuda", dtype=torch.bfloat16)
+            times = [_train_us(qkv, dout, heads, fq, *mode) for mode in ((0, s), (0, 0))]
+            lines.append(f"| {fq} | {_cells(times)}")
             del qkv, dout
         lines.append("")
     return lines
@@ -139,7 +175,7 @@ def main() -> None:
         ]
         for s in args.seq:
             q, k, v = (torch.randn(rows, heads, s, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            row = {}
+            row: dict[str, float | None] = {}
             for name, backend in BACKENDS.items():
                 try:
                     with sdpa_kernel([backend]):

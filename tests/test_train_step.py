@@ -88,8 +88,9 @@ def test_fused_refusal_names_what_it_does_not_cover() -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton")
 def test_train_kernels_under_interpreter() -> None:
     """Attention: output and gradient of the Triton path equal SDPA's (fp32), 1..TRAIN_SHORT tokens through
-    train_attention and up to 128 through the kernels; longer rows and first_query > 0 take SDPA. Layer norm: the
-    Triton backward's three gradients equal PyTorch's; so do the linear layer's with the Triton bias gradient."""
+    train_attention and up to 128 through the register kernels; longer rows and first_query > 0 leave them (for the
+    blocked kernels: test_blocked_train_attention_under_interpreter). Layer norm: the Triton backward's three
+    gradients equal PyTorch's; so do the linear layer's with the Triton bias gradient."""
     pytest.importorskip("triton")
     out = interpreted("""
         import torch
@@ -101,6 +102,7 @@ def test_train_kernels_under_interpreter() -> None:
             qkv = torch.randn(3, s, 3 * 2 * 32, generator=gen, requires_grad=True)
             ref_in = qkv.detach().clone().requires_grad_()
             assert K.short_kernel_applies(qkv, 2) == (s <= K.TRAIN_SHORT)
+            assert K.blocked_kernel_applies(qkv, 2) == (s <= K.TRAIN_BLOCKED)  # the rows past TRAIN_SHORT
             got, want = K.train_attention(qkv, 2), reference_attention(ref_in, 2)
             g = torch.randn(got.shape, generator=gen)
             got.backward(g)
@@ -132,6 +134,97 @@ def test_train_kernels_under_interpreter() -> None:
             assert (y - y_ref).abs().max() < 1e-5
             for got, want in zip((x, w, b), ref):
                 assert (got.grad - want.grad).abs().max() < 2e-5, (shape, (got.grad - want.grad).abs().max())
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton")
+def test_blocked_train_attention_under_interpreter() -> None:
+    """The blocked kernels (fp32, Triton's interpreter): train_attention's output and qkv gradient equal
+    reference_attention's sliced from first_query to 1e-5 (absolute; the values and gradients are O(1)) for S in
+    1..TRAIN_BLOCKED and first_query 0, 1, 49, through the path the routing rule names (register kernels for
+    first_query 0 and S <= TRAIN_SHORT, blocked kernels up to TRAIN_BLOCKED, SDPA beyond); where the register
+    kernels take the call, the blocked functions called directly agree too. Edge cases: identical keys (all scores
+    equal), and queries scaled by 1e3: finite (the running maximum is subtracted before exp), and within 1e-3 of
+    each tensor's largest magnitude of a float64 reference (scores in the thousands carry fp32 rounding of ~1e-4,
+    which the softmax passes on: the fp32 reference is off from float64 by as much); fp16 at the decoder's shape, to
+    5e-3; the refusals' messages."""
+    pytest.importorskip("triton")
+    out = interpreted("""
+        import torch
+        from avex.attention import reference_attention
+        from avex.train import kernels as K
+        assert K.TRAIN_SHORT == 128 and K.TRAIN_BLOCKED == 256
+        warm = torch.zeros(1, 5, 3 * 2 * 32)
+        assert K.short_kernel_applies(warm, 2) and K.blocked_kernel_applies(warm, 2, 1)  # their trials, run once
+        taken = []  # which path each train_attention call took
+        for name, cls in (("register", K._ShortAttention), ("blocked", K._BlockedAttention)):
+            def counted(*args, _apply=cls.apply, _name=name):
+                taken.append(_name)
+                return _apply(*args)
+            cls.apply = counted
+        gen = torch.Generator().manual_seed(0)
+
+        def close(a, b, relative):
+            assert torch.isfinite(a).all()
+            err, tol = (a.double() - b.double()).abs().max().item(), 1e-3 * b.abs().max().item() if relative else 1e-5
+            assert err < tol, (err, tol)
+
+        def check(qkv, heads, fq, want_path, relative=False):
+            qkv = qkv.detach().requires_grad_()
+            ref_in = qkv.detach().clone().to(torch.float64 if relative else qkv.dtype).requires_grad_()
+            taken.clear()
+            got, want = K.train_attention(qkv, heads, first_query=fq), reference_attention(ref_in, heads)[:, fq:]
+            assert taken == ([want_path] if want_path != "sdpa" else []), (qkv.shape, fq, taken)
+            g = torch.randn(got.shape, generator=gen)
+            got.backward(g)
+            want.backward(g.to(want.dtype))
+            close(got, want, relative)
+            for a, b in zip(qkv.grad.chunk(3, dim=-1), ref_in.grad.chunk(3, dim=-1)):  # q, k, v apart
+                close(a, b, relative)
+            assert not qkv.grad[:, :fq, : qkv.shape[2] // 3].any()  # rows before first_query are no queries
+            if want_path == "register":  # the blocked functions directly where train_attention did not take them
+                o, lse = K.blocked_attention_forward(qkv.detach(), heads, fq)
+                assert lse.shape == (qkv.shape[0], heads, qkv.shape[1] - fq)
+                close(o, want, relative)
+                close(K.blocked_attention_backward(qkv.detach(), o, lse, g, heads, fq), ref_in.grad, relative)
+
+        for s in (1, 5, 64, 65, 129, 197, 256):
+            for fq in (f for f in (0, 1, 49) if f < s):
+                path = "register" if fq == 0 and s <= K.TRAIN_SHORT else "blocked"
+                check(torch.randn(2, s, 3 * 2 * 32, generator=gen), 2, fq, path)
+        check(torch.randn(2, 197, 3 * 3 * 64, generator=gen), 3, 0, "blocked")  # the aggregator's heads at T = 49
+        check(torch.randn(2, K.TRAIN_BLOCKED + 1, 3 * 2 * 32, generator=gen), 2, 1, "sdpa")
+        for fq in (0, 49):
+            qkv = torch.randn(2, 197, 3, 2, 32, generator=gen)
+            same = qkv.clone()
+            same[:, :, 1] = qkv[:, :1, 1]  # every key equal: every score of a row equal, a uniform softmax
+            check(same.flatten(2), 2, fq, "blocked")
+            loud = qkv.clone()
+            loud[:, :, 0] *= 1e3  # scores in the thousands: exp overflows unless the maximum is subtracted
+            check(loud.flatten(2), 2, fq, "blocked", relative=True)
+        # fp16 (tensor-core dots, P and dS cast to the input dtype) against the fp32 reference, to 5e-3 absolute. bf16
+        # is left to the CUDA test: this Triton's interpreter gets bf16 dots wrong (the register kernels' too).
+        x = torch.randn(2, 197, 3 * 2 * 32, generator=gen).half().requires_grad_()
+        ref_in = x.detach().float().requires_grad_()
+        got, want = K.train_attention(x, 2, first_query=49), reference_attention(ref_in, 2)[:, 49:]
+        g = torch.randn(got.shape, generator=gen)
+        got.backward(g.half())
+        want.backward(g)
+        assert (got.float() - want).abs().max() < 5e-3 and (x.grad.float() - ref_in.grad).abs().max() < 5e-3
+        qkv = torch.randn(1, 300, 3 * 2 * 32)
+        for args, message in (
+            ((qkv, 2), "take 1..256 tokens, got 300: use train_attention"),
+            ((qkv[:, :9], 2, 9), "first_query must be in 0..8 .* got 9"),
+            ((torch.randn(1, 9, 3 * 2 * 24), 2), "power of two >= 16 .* got Dh=24"),
+        ):
+            try:
+                K.blocked_attention_forward(*args)
+            except ValueError as err:
+                assert __import__("re").search(message, str(err)), str(err)
+            else:
+                raise AssertionError(message)
         print("ok")
     """)
     assert out.strip() == "ok"
@@ -293,6 +386,38 @@ def test_train_attention_matches_sdpa_on_cuda(dtype: torch.dtype) -> None:
         want.backward(g)
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
         torch.testing.assert_close(qkv.grad.float(), ref_in.grad, rtol=tol, atol=tol)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_blocked_train_attention_matches_reference_on_cuda(dtype: torch.dtype) -> None:
+    """The blocked kernels through train_attention (129..256 tokens, or first_query > 0) against the fp32 reference,
+    output and qkv gradient; the routing rule sends exactly these calls to them."""
+    from avex.attention import reference_attention
+    from avex.train import kernels as K
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for s in (129, 197, 256):
+        for fq in (0, 50):
+            qkv = torch.randn(257, s, 3 * 3 * 64, generator=gen, device="cuda").to(dtype).requires_grad_()
+            assert K.blocked_kernel_applies(qkv, 3, fq) and not K.short_kernel_applies(qkv, 3)
+            ref_in = qkv.detach().float().requires_grad_()
+            got, want = K.train_attention(qkv, 3, first_query=fq), reference_attention(ref_in, 3)[:, fq:]
+            g = torch.randn(got.shape, generator=gen, device="cuda")
+            got.backward(g.to(dtype))
+            want.backward(g)
+            torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+            torch.testing.assert_close(qkv.grad.float(), ref_in.grad, rtol=tol, atol=tol)
+    # The glimpse decoder's shape: 4 heads of 32, CLS + a 14x14 grid, the unseen patches as queries.
+    qkv = torch.randn(64, 197, 3 * 4 * 32, generator=gen, device="cuda").to(dtype).requires_grad_()
+    ref_in = qkv.detach().float().requires_grad_()
+    got, want = K.train_attention(qkv, 4, first_query=49), reference_attention(ref_in, 4)[:, 49:]
+    g = torch.randn(got.shape, generator=gen, device="cuda")
+    got.backward(g.to(dtype))
+    want.backward(g)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(qkv.grad.float(), ref_in.grad, rtol=tol, atol=tol)
 
 
 @cuda
