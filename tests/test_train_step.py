@@ -255,7 +255,8 @@ def test_plan_step_resolves_auto() -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # planning reads the device type only
     assert plan_step(cfg, model, cpu) == StepPlan(False, False)
     assert plan_step(cfg, model, gpu) == StepPlan(True, True)
-    assert plan_step(cfg, model, gpu, world=2) == StepPlan(True, False)  # DDP: graphs only with --cuda-graphs on
+    assert plan_step(cfg, model, gpu, world=2) == StepPlan(True, True)  # DDP: the all-reduce inside the graphs
+    assert plan_step(replace(cfg, cuda_graphs="off"), model, gpu, world=2) == StepPlan(True, False)
     assert plan_step(replace(cfg, cuda_graphs="on"), model, gpu, world=2) == StepPlan(True, True)
     assert plan_step(replace(cfg, compile=True), model, gpu) == StepPlan(False, False)
     assert plan_step(replace(cfg, cuda_graphs="off"), model, gpu) == StepPlan(True, False)

@@ -14,10 +14,10 @@ update. Three ways, one interface (:func:`make_step`):
   itself is drawn on the device before (canvases, labels, glimpses: :mod:`avex.train.policy`,
   :meth:`~avex.data.CanvasSource.random_batch`).
 
-``auto`` (both options' default) picks the graphed step on CUDA for one process, the fused step without
-graphs under DDP (``--cuda-graphs on`` graphs it there, the all-reduce inside each graph: not yet measured on
-several GPUs), and the eager step on the CPU, where the fused and graphed options fall back to it (same
-numbers as ``off``); ``--cuda-graphs off`` keeps the fused step without graphs.
+``auto`` (both options' default) picks the graphed step on CUDA, for one process and under DDP alike (there the
+all-reduce inside each graph; measured on 2 H200s, RESULTS.md section 7.1), and the eager step on the CPU,
+where the fused and graphed options fall back to it (same numbers as ``off``); ``--cuda-graphs off`` keeps the
+fused step without graphs.
 The fused step computes neither self-distillation (``--distill``) nor continuous glimpses
 (``--continuous-glimpses``): with either, ``auto`` runs the eager step (the plan's ``note`` says why, and the
 run prints it) and ``on`` is refused (:func:`option_refusal`).
@@ -63,8 +63,7 @@ class StepPlan(NamedTuple):
 def plan_step(cfg: TrainConfig, model: TOREViT, device: torch.device, world: int = 1) -> StepPlan:
     """Resolve ``--fused-step`` and ``--cuda-graphs`` for this run of ``world`` processes.
 
-    Under DDP (``world > 1``) ``auto`` keeps the fused step without graphs: graphs with the all-reduce inside
-    are taken with ``--cuda-graphs on`` only, until they are measured on several GPUs (benchmarks/gpu/ddp.sh).
+    ``world`` (the processes) does not change the choice: under DDP the graphs hold the gradients' all-reduce.
 
     Raises:
         ValueError: ``on`` where it cannot run (naming why and what to pass instead).
@@ -89,7 +88,7 @@ def plan_step(cfg: TrainConfig, model: TOREViT, device: torch.device, world: int
     cuda = device.type == "cuda"
     # --compile compiles the eager step's blocks: auto then keeps the eager step.
     fused = cfg.fused_step == "on" or (cfg.fused_step == "auto" and cuda and not refusal and not cfg.compile)
-    graphs = fused and cuda and (cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and world == 1))
+    graphs = fused and cuda and cfg.cuda_graphs in ("on", "auto")
     # Say so where only the options kept auto from the fused step.
     would_fuse = cfg.fused_step == "auto" and cuda and not model_refusal and not cfg.compile
     note = f"the eager step: {options}" if options and would_fuse else ""
