@@ -29,9 +29,14 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _device_may_run(x: torch.Tensor) -> bool:
+    """Whether a Triton kernel can run on ``x``'s device: Triton present, and CUDA or Triton's interpreter."""
+    return triton is not None and (x.is_cuda or _interpreted())
+
+
 def _kernel_may_run(x: torch.Tensor) -> bool:
-    """Whether a kernel can run on ``x``'s device and mode: Triton present, no autograd, CUDA or the interpreter."""
-    return triton is not None and not torch.is_grad_enabled() and (x.is_cuda or _interpreted())
+    """Whether an inference kernel can run on ``x``'s device and mode: :func:`_device_may_run`, no autograd."""
+    return not torch.is_grad_enabled() and _device_may_run(x)
 
 
 # Why a Triton kernel could not build or launch on this machine, by kernel name: set on its first failure.

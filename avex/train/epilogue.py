@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from avex.kernel_fallback import _interpreted, triton
+from avex.kernel_fallback import _device_may_run, triton
 from avex.layer_norm import _ROWS, MAX_FEATURES, _row_blocks
 from avex.train.kernels import _works
 from avex.train.rows import column_sum
@@ -326,7 +326,7 @@ class _Residual(torch.autograd.Function):
 def _kernels_take(name: str, y: torch.Tensor, params: list[torch.Tensor | None], trial: Any) -> bool:
     """Whether the ``name`` kernels compute this call: Triton on CUDA (or its interpreter), rows of at most
     :data:`~avex.layer_norm.MAX_FEATURES` (one row to a program's tile), one dtype, and the kernels built here."""
-    if triton is None or not (y.is_cuda or _interpreted()) or y.shape[-1] > MAX_FEATURES:
+    if not _device_may_run(y) or y.shape[-1] > MAX_FEATURES:
         return False
     return all(p is None or p.dtype == y.dtype for p in params) and _works(name, y, trial)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from avex.attention import _KERNEL_DTYPES, _check_qkv
-from avex.kernel_fallback import _interpreted, triton
+from avex.kernel_fallback import _device_may_run, triton
 
 if triton is not None:
     import triton.language as tl
@@ -301,24 +301,41 @@ if triton is not None:
         tl.store(out, (dq * scale).to(dqkv_ptr.dtype.element_ty), mask=in_q[:, None])
 
 
-def _train_refusal(seq_len: int, head_dim: int, dtype: torch.dtype) -> str | None:
-    """Why the training kernels cannot take this shape or dtype, or None when they can."""
+def _head_refused(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether both kernel families refuse this head width or dtype (they take powers of two >= 16, fp16/bf16/fp32)."""
+    return head_dim < 16 or bool(head_dim & (head_dim - 1)) or dtype not in _KERNEL_DTYPES
+
+
+def _train_refusal(seq_len: int, head_dim: int, dtype: torch.dtype, first_query: int = 0) -> str | None:
+    """Why the register kernels cannot take this shape or dtype, or None when they can (``first_query`` unused:
+    the signature of :func:`_checked`'s refusals)."""
     if not 1 <= seq_len <= _MAX_TOKENS:
         return f"the training attention kernels take 1..{_MAX_TOKENS} tokens, got {seq_len}"
-    if head_dim < 16 or head_dim & (head_dim - 1) or dtype not in _KERNEL_DTYPES:
+    if _head_refused(head_dim, dtype):
         return f"they need a head width that is a power of two >= 16 and fp16/bf16/fp32, got Dh={head_dim}, {dtype}"
     return None
 
 
-def _checked(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int]:
-    """(B, S, Dh, padded length) of a qkv the kernels take; ValueError otherwise."""
+def _checked(
+    qkv: torch.Tensor,
+    heads: int,
+    refusal: Callable[[int, int, torch.dtype, int], str | None] = _train_refusal,
+    first_query: int = 0,
+) -> tuple[int, int, int]:
+    """(B, S, Dh) of a qkv that ``refusal``'s kernels take from ``first_query`` on; ValueError otherwise."""
     if triton is None:
         raise RuntimeError("the training attention kernels need Triton (it ships with PyTorch's CUDA wheels)")
     b, s, hd = _check_qkv(qkv, heads, None)
-    refusal = _train_refusal(s, hd, qkv.dtype)
-    if refusal:
-        raise ValueError(refusal)
-    return b, s, hd, max(16, triton.next_power_of_2(s))
+    why = refusal(s, hd, qkv.dtype, first_query)
+    if why:
+        raise ValueError(why)
+    return b, s, hd
+
+
+def _padded(s: int) -> int:
+    """The register kernels' block: the sequence padded to a power of two >= 16."""
+    assert triton is not None
+    return max(16, triton.next_power_of_2(s))
 
 
 def short_attention_forward(qkv: torch.Tensor, heads: int, *, num_warps: int | None = None) -> torch.Tensor:
@@ -332,7 +349,8 @@ def short_attention_forward(qkv: torch.Tensor, heads: int, *, num_warps: int | N
     Returns:
         [B, S, H*Dh] in qkv's dtype.
     """
-    b, s, hd, block_s = _checked(qkv, heads)
+    b, s, hd = _checked(qkv, heads)
+    block_s = _padded(s)
     qkv = qkv.contiguous()
     out = torch.empty(b, s, heads * hd, device=qkv.device, dtype=qkv.dtype)
     _short_attention_kernel[(b * heads,)](
@@ -357,7 +375,8 @@ def short_attention_backward(
     Returns:
         dqkv [B, S, 3*H*Dh] in qkv's dtype, contiguous.
     """
-    b, s, hd, block_s = _checked(qkv, heads)
+    b, s, hd = _checked(qkv, heads)
+    block_s = _padded(s)
     if dout.shape != (b, s, heads * hd) or dout.dtype != qkv.dtype:
         raise ValueError(f"dout must be {qkv.dtype} [{b}, {s}, {heads * hd}], got {dout.dtype} {tuple(dout.shape)}")
     qkv, dout = qkv.contiguous(), dout.contiguous()
@@ -398,7 +417,7 @@ def _blocked_refusal(seq_len: int, head_dim: int, dtype: torch.dtype, first_quer
             f"first_query must be in 0..{seq_len - 1} (at least one query row of the {seq_len}), got {first_query}: "
             "use train_attention, which sends an empty query range to PyTorch's SDPA"
         )
-    if head_dim < 16 or head_dim & (head_dim - 1) or dtype not in _KERNEL_DTYPES:
+    if _head_refused(head_dim, dtype):
         return (
             "the blocked training attention kernels need a head width that is a power of two >= 16 and "
             f"fp16/bf16/fp32, got Dh={head_dim}, {dtype}: use train_attention, which sends the rest to PyTorch's SDPA"
@@ -408,12 +427,7 @@ def _blocked_refusal(seq_len: int, head_dim: int, dtype: torch.dtype, first_quer
 
 def _blocked_checked(qkv: torch.Tensor, heads: int, first_query: int, blocks: tuple[int, int]) -> tuple[int, int, int]:
     """(B, S, Dh) of a qkv the blocked kernels take with these (query, key) blocks; ValueError otherwise."""
-    if triton is None:
-        raise RuntimeError("the training attention kernels need Triton (it ships with PyTorch's CUDA wheels)")
-    b, s, hd = _check_qkv(qkv, heads, None)
-    refusal = _blocked_refusal(s, hd, qkv.dtype, first_query)
-    if refusal:
-        raise ValueError(refusal)
+    b, s, hd = _checked(qkv, heads, _blocked_refusal, first_query)
     if any(n < 16 or n & (n - 1) for n in blocks):
         raise ValueError(f"block_q and block_k must be powers of two >= 16 (tl.dot's minimum), got {blocks}")
     return b, s, hd
@@ -572,7 +586,7 @@ def _blocked_trial(x: torch.Tensor) -> torch.Tensor:
 def short_kernel_applies(qkv: torch.Tensor, heads: int) -> bool:
     """Whether :func:`train_attention` takes the Triton kernels for ``qkv`` (CUDA or Triton's interpreter, at most
     :data:`TRAIN_SHORT` tokens, a head width and dtype the kernels take)."""
-    if triton is None or not (qkv.is_cuda or _interpreted()):
+    if not _device_may_run(qkv):
         return False
     b, s, hd = _check_qkv(qkv, heads, None)
     usable = s <= TRAIN_SHORT and _train_refusal(s, hd, qkv.dtype) is None
@@ -582,7 +596,7 @@ def short_kernel_applies(qkv: torch.Tensor, heads: int) -> bool:
 def blocked_kernel_applies(qkv: torch.Tensor, heads: int, first_query: int = 0) -> bool:
     """Whether the blocked kernels can take ``qkv`` from ``first_query`` on (CUDA or Triton's interpreter, at most
     :data:`TRAIN_BLOCKED` tokens, at least one query row, a head width and dtype the kernels take)."""
-    if triton is None or not (qkv.is_cuda or _interpreted()):
+    if not _device_may_run(qkv):
         return False
     b, s, hd = _check_qkv(qkv, heads, None)
     usable = s <= TRAIN_BLOCKED and _blocked_refusal(s, hd, qkv.dtype, first_query) is None

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from avex.kernel_fallback import _interpreted, triton
+from avex.kernel_fallback import _device_may_run, triton
 from avex.layer_norm import _ROWS, _row_blocks, layer_norm_forward
 from avex.train.kernels import _works
 
@@ -159,7 +159,7 @@ class _Linear(torch.autograd.Function):
 def train_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with autograd; its bias gradient by :func:`column_sum` on CUDA (or Triton's
     interpreter)."""
-    if triton is not None and (x.is_cuda or _interpreted()) and x.dtype == weight.dtype == bias.dtype:
+    if _device_may_run(x) and x.dtype == weight.dtype == bias.dtype:
         if _works("bias gradient", x, _linear_trial):
             return _Linear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -182,7 +182,7 @@ class _LayerNorm(torch.autograd.Function):
 
 def train_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """Layer norm over the last axis with autograd; the Triton backward on CUDA (or Triton's interpreter)."""
-    if triton is not None and (x.is_cuda or _interpreted()) and x.dtype == weight.dtype:
+    if _device_may_run(x) and x.dtype == weight.dtype:
         if _works("layer norm", x, _layer_norm_trial):
             return _LayerNorm.apply(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
