@@ -11,9 +11,7 @@ source "$(dirname "$0")/setup.sh"
 if [ -n "${VARIANTS:-}" ]; then
   (cd benchmarks/gpu && R=/tmp/r_variants PACK=variants bash variants.sh > /tmp/variants_job.log 2>&1) &
 fi
-timeout ${BENCH_S:-300} python3 -m avex.cli benchmark --device $DEVICE --episodes ${EPISODES:-2000} --num-envs 1000 \
-  --env-kwargs "{\"checkpoint\": \"${CKPT:?set CKPT=<candidate .safetensors>}\"}" --out $R/benchmark 2>&1 \
-  | tr '\r' '\n' | grep -v "^benchmark: " | tail -40
-pack
+MAIN_S=${BENCH_S:-300} main_job --episodes ${EPISODES:-2000} \
+  --env-kwargs "{\"checkpoint\": \"${CKPT:?set CKPT=<candidate .safetensors>}\"}"
 wait
 [ -f /tmp/variants_job.log ] && grep -A12 "^| variant" /tmp/variants_job.log

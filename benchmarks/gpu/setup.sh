@@ -52,7 +52,8 @@ cuda_tests() {
 
 # The main job (`avex benchmark`: agents x K, 2000 episodes each) into $R/benchmark; extra arguments go to it.
 main_job() {
-  timeout 130 python3 -m avex.cli benchmark --device cuda --episodes 2000 --num-envs 1000 "$@" --out $R/benchmark 2>&1 \
+  timeout ${MAIN_S:-130} python3 -m avex.cli benchmark --device $DEVICE --episodes 2000 --num-envs 1000 "$@" \
+    --out $R/benchmark 2>&1 \
     | tr '\r' '\n' | grep -v "^benchmark: " | tail -40
   pack
 }
