@@ -213,14 +213,26 @@ def test_blocked_train_attention_under_interpreter() -> None:
         got.backward(g.half())
         want.backward(g)
         assert (got.float() - want).abs().max() < 5e-3 and (x.grad.float() - ref_in.grad).abs().max() < 5e-3
+        # Launch settings other than the table's (many small blocks: 16-row query and key blocks over 197 tokens)
+        # give the same results.
+        qkv = torch.randn(2, 197, 3 * 2 * 32, generator=gen)
+        ref_in = qkv.clone().requires_grad_()
+        want = reference_attention(ref_in, 2)[:, 49:]
+        g = torch.randn(want.shape, generator=gen)
+        want.backward(g)
+        o, lse = K.blocked_attention_forward(qkv, 2, 49, launch=(16, 32, 2, 1))
+        close(o, want.detach(), False)
+        dqkv = K.blocked_attention_backward(qkv, o, lse, g, 2, 49, launch=((32, 16, 2, 1), (16, 16, 1, 2)))
+        close(dqkv, ref_in.grad, False)
         qkv = torch.randn(1, 300, 3 * 2 * 32)
         for args, message in (
             ((qkv, 2), "take 1..256 tokens, got 300: use train_attention"),
             ((qkv[:, :9], 2, 9), "first_query must be in 0..8 .* got 9"),
             ((torch.randn(1, 9, 3 * 2 * 24), 2), "power of two >= 16 .* got Dh=24"),
+            ((qkv[:, :9], 2, 0, (48, 64, 4, 3)), "launch must be .* got .48, 64, 4, 3."),
         ):
             try:
-                K.blocked_attention_forward(*args)
+                K.blocked_attention_forward(*args[:3], launch=args[3] if len(args) > 3 else None)
             except ValueError as err:
                 assert __import__("re").search(message, str(err)), str(err)
             else:

@@ -57,7 +57,18 @@ _WARPS = {16: 1, 32: 2, 64: 4, 128: 8}  # padded length -> warps per program (fw
 # interpreter needs, so one build per count: the bound is kept to what training attends over), and the default
 # query and key block.
 _MAX_BLOCKED = 256
-_BLOCK = 64
+# (kernel, head width) -> (block_q, block_k, num_warps, num_stages) of the blocked kernels: the fastest of 73 settings
+# for each kernel alone, summed over the decoder's rows (Dh 32: 4 heads, 197 keys) or the aggregator's past 128
+# tokens (Dh 64) on an H200 (benchmarks/blocked_sweep.py, RESULTS.md 7.1: dK/dV 1.97x and 1.37x faster than the
+# first, untimed 64, 64, 4 warps; the others 1.0-1.12x). Wider heads take Dh 64's.
+_BLOCKED_LAUNCH = {
+    ("fwd", 32): (64, 32, 2, 3),
+    ("fwd", 64): (64, 64, 4, 3),
+    ("dkdv", 32): (64, 64, 2, 3),
+    ("dkdv", 64): (32, 64, 4, 3),
+    ("dq", 32): (64, 32, 4, 3),
+    ("dq", 64): (64, 32, 4, 3),
+}
 # Tokens: above TRAIN_SHORT (or from a first_query > 0) and up to this many, train_attention takes the blocked
 # kernels. Not yet timed against SDPA's flash kernel (benchmarks/sdpa_short.py --train).
 TRAIN_BLOCKED = _MAX_BLOCKED
@@ -425,12 +436,21 @@ def _blocked_refusal(seq_len: int, head_dim: int, dtype: torch.dtype, first_quer
     return None
 
 
-def _blocked_checked(qkv: torch.Tensor, heads: int, first_query: int, blocks: tuple[int, int]) -> tuple[int, int, int]:
-    """(B, S, Dh) of a qkv the blocked kernels take with these (query, key) blocks; ValueError otherwise."""
-    b, s, hd = _checked(qkv, heads, _blocked_refusal, first_query)
-    if any(n < 16 or n & (n - 1) for n in blocks):
-        raise ValueError(f"block_q and block_k must be powers of two >= 16 (tl.dot's minimum), got {blocks}")
-    return b, s, hd
+Launch = tuple[int, int, int, int]  # (block_q, block_k, num_warps, num_stages)
+
+
+def _blocked_launch(kernel: str, head_dim: int, launch: Launch | None) -> Launch:
+    """The launch settings of blocked kernel ``kernel`` ("fwd", "dkdv", "dq"): ``launch`` if given (checked), else
+    the timed table's for this head width."""
+    if launch is None:
+        return _BLOCKED_LAUNCH[kernel, 32 if head_dim <= 32 else 64]
+    bq, bk, warps, stages = launch
+    if any(n < 16 or n & (n - 1) for n in (bq, bk)) or warps < 1 or warps & (warps - 1) or stages < 1:
+        raise ValueError(
+            "launch must be (block_q, block_k, num_warps, num_stages): blocks powers of two >= 16 (tl.dot's "
+            f"minimum), warps a power of two, stages >= 1; got {launch}"
+        )
+    return launch
 
 
 def blocked_attention_forward(
@@ -438,9 +458,7 @@ def blocked_attention_forward(
     heads: int,
     first_query: int = 0,
     *,
-    block_q: int = _BLOCK,
-    block_k: int = _BLOCK,
-    num_warps: int = 4,
+    launch: Launch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of the query rows ``first_query..S-1`` of every (row, head) of ``qkv`` over all S keys,
     blockwise (online softmax over key blocks), and the log-sum-exp its backward needs.
@@ -449,15 +467,16 @@ def blocked_attention_forward(
         qkv: [B, S, 3*H*Dh] (S <= 256, Dh a power of two >= 16; fp16, bf16 or fp32).
         heads: H.
         first_query: rows before it are keys only (0 <= first_query < S).
-        block_q, block_k: query and key rows per block (powers of two >= 16).
-        num_warps: warps per program.
+        launch: (block_q, block_k, num_warps, num_stages): query and key rows per block (powers of two >= 16),
+            warps per program, software pipelining stages; None: the timed table's (``_BLOCKED_LAUNCH``).
 
     Returns:
         out [B, S_q, H*Dh] in qkv's dtype, and lse [B, H, S_q] float32: the natural log of each query row's
         softmax denominator over its scaled scores.
     """
-    b, s, hd = _blocked_checked(qkv, heads, first_query, (block_q, block_k))
-    assert triton is not None  # _blocked_checked raised otherwise
+    b, s, hd = _checked(qkv, heads, _blocked_refusal, first_query)
+    block_q, block_k, warps, stages = _blocked_launch("fwd", hd, launch)
+    assert triton is not None  # _checked raised otherwise
     qkv = qkv.contiguous()
     n_q = s - first_query
     out = torch.empty(b, n_q, heads * hd, device=qkv.device, dtype=qkv.dtype)
@@ -465,7 +484,7 @@ def blocked_attention_forward(
     _blocked_attention_fwd_kernel[(b * heads, triton.cdiv(n_q, block_q))](
         qkv, out, lse, s, first_query, hd**-0.5 * _LOG2E, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         HEADS=heads, HEAD_DIM=hd, BLOCK_Q=block_q, BLOCK_K=block_k, KEY_BLOCKS=triton.cdiv(s, block_k),
-        IEEE=qkv.dtype == torch.float32, num_warps=num_warps,
+        IEEE=qkv.dtype == torch.float32, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
 
@@ -478,9 +497,7 @@ def blocked_attention_backward(
     heads: int,
     first_query: int = 0,
     *,
-    block_q: int = _BLOCK,
-    block_k: int = _BLOCK,
-    num_warps: int = 4,
+    launch: tuple[Launch | None, Launch | None] = (None, None),
 ) -> torch.Tensor:
     """The gradient of :func:`blocked_attention_forward`'s output with respect to ``qkv``.
 
@@ -490,14 +507,15 @@ def blocked_attention_backward(
         dout: [B, S_q, H*Dh] the gradient of its output.
         heads: H.
         first_query: the forward's.
-        block_q, block_k, num_warps: as the forward's.
+        launch: the (dK/dV, dQ) kernels' settings, each as the forward's ``launch``.
 
     Returns:
         dqkv [B, S, 3*H*Dh] in qkv's dtype, contiguous: the q part zero in the rows before ``first_query`` (they
         are no queries), the k and v parts in every row.
     """
-    b, s, hd = _blocked_checked(qkv, heads, first_query, (block_q, block_k))
-    assert triton is not None  # _blocked_checked raised otherwise
+    b, s, hd = _checked(qkv, heads, _blocked_refusal, first_query)
+    kv_launch, q_launch = _blocked_launch("dkdv", hd, launch[0]), _blocked_launch("dq", hd, launch[1])
+    assert triton is not None  # _checked raised otherwise
     n_q = s - first_query
     for name, t, shape, dtype in (
         ("out", out, (b, n_q, heads * hd), qkv.dtype),
@@ -511,19 +529,19 @@ def blocked_attention_backward(
     if first_query:
         dqkv[:, :first_query, : heads * hd].zero_()  # the dQ kernel writes only the query rows
     delta = torch.empty_like(lse)  # [B, H, S_q] rowsum(dO * O), fp32
-    q_blocks = triton.cdiv(n_q, block_q)
-    _blocked_attention_delta_kernel[(b * heads, q_blocks)](
-        out, dout, delta, n_q, out.stride(0), out.stride(1), HEADS=heads, HEAD_DIM=hd, BLOCK_Q=block_q,
-        num_warps=num_warps,
+    _blocked_attention_delta_kernel[(b * heads, triton.cdiv(n_q, 64))](
+        out, dout, delta, n_q, out.stride(0), out.stride(1), HEADS=heads, HEAD_DIM=hd, BLOCK_Q=64, num_warps=4,
     )  # fmt: skip
     strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1))
     args = (qkv, dout, lse, delta, dqkv, s, first_query, hd**-0.5, *strides)
-    meta = dict(HEADS=heads, HEAD_DIM=hd, BLOCK_Q=block_q, BLOCK_K=block_k, IEEE=qkv.dtype == torch.float32)
-    _blocked_attention_dkdv_kernel[(b * heads, triton.cdiv(s, block_k))](
-        *args, QUERY_BLOCKS=q_blocks, num_warps=num_warps, **meta
+    meta = dict(HEADS=heads, HEAD_DIM=hd, IEEE=qkv.dtype == torch.float32)
+    bq, bk, warps, stages = kv_launch
+    _blocked_attention_dkdv_kernel[(b * heads, triton.cdiv(s, bk))](
+        *args, BLOCK_Q=bq, BLOCK_K=bk, QUERY_BLOCKS=triton.cdiv(n_q, bq), num_warps=warps, num_stages=stages, **meta
     )
-    _blocked_attention_dq_kernel[(b * heads, q_blocks)](
-        *args, KEY_BLOCKS=triton.cdiv(s, block_k), num_warps=num_warps, **meta
+    bq, bk, warps, stages = q_launch
+    _blocked_attention_dq_kernel[(b * heads, triton.cdiv(n_q, bq))](
+        *args, BLOCK_Q=bq, BLOCK_K=bk, KEY_BLOCKS=triton.cdiv(s, bk), num_warps=warps, num_stages=stages, **meta
     )
     return dqkv
 

@@ -124,7 +124,7 @@ def layer_norm_backward(
         x2, dy2, weight, mean.reshape(-1), rstd.reshape(-1), dx, partial, m, n,
         BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m,
     )  # fmt: skip
-    sums = partial.sum(dim=0, dtype=weight.dtype)
+    sums = partial.sum(dim=0).to(weight.dtype)  # fp32 sums, rounded once (sum's dtype= would round each partial)
     return dx.view(x.shape), sums[0], sums[1]
 
 
@@ -136,7 +136,7 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
     programs = triton.cdiv(m, _ROWS)
     partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)
     _column_sum_kernel[(programs,)](x, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m)
-    return partial.sum(dim=0, dtype=x.dtype)
+    return partial.sum(dim=0).to(x.dtype)  # fp32 sums, rounded once
 
 
 class _Linear(torch.autograd.Function):
