@@ -123,6 +123,15 @@ def test_train_kernels_under_interpreter() -> None:
         y_ref.backward(torch.ones_like(y))
         assert (y - y_ref).abs().max() < 1e-5
         assert all((got.grad - want.grad).abs().max() < 1e-4 for got, want in zip((x, w, b), ref))
+        x = torch.randn(3, 70, 33, generator=gen, requires_grad=True)
+        row = torch.randn(1, 1, 33, generator=gen, requires_grad=True)  # a token, as the decoder's mask token
+        ref = [t.detach().clone().requires_grad_() for t in (x, row)]
+        y, y_ref = R.train_add_row(x, row), ref[0] + ref[1]
+        g = torch.randn(y.shape, generator=gen)
+        y.backward(g)
+        y_ref.backward(g)
+        assert (y - y_ref).abs().max() < 1e-6 and row.grad.shape == (1, 1, 33)
+        assert all((got.grad - want.grad).abs().max() < 1e-4 for got, want in zip((x, row), ref))
         for shape in ((3, 5, 192), (70, 128), (2, 37, 100)):  # one, several and a partial block of 64 rows
             n = shape[-1]
             x, w, b = (torch.randn(*sh, generator=gen, requires_grad=True) for sh in (shape, (n,), (n,)))

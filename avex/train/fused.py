@@ -48,7 +48,7 @@ from avex.model import TOREViT
 from avex.train.epilogue import train_residual, train_residual_norm
 from avex.train.flat import GradReduce, cast_params
 from avex.train.kernels import train_attention
-from avex.train.rows import train_layer_norm, train_linear
+from avex.train.rows import train_add_row, train_layer_norm, train_linear
 
 __all__ = ["FusedObjective", "fused_refusal"]
 
@@ -321,7 +321,7 @@ class FusedObjective(nn.Module):
         else:
             torch.addcmul(self._col_shift, pix, self._col_scale, out=x)
         d, n_pre = model.embed_dim, model.num_prefix
-        x = F.linear(x, w["vit.patch_embed.proj.weight"].reshape(d, -1), w["vit.patch_embed.proj.bias"])
+        x = train_linear(x, w["vit.patch_embed.proj.weight"].reshape(d, -1), w["vit.patch_embed.proj.bias"])
         # The position rows are read from the fp32 table and then cast, as in the eager step: their gradient is
         # summed over the batch by fp32 atomics (index_add, no host sync), not in bf16.
         pos32 = w[_POS32][0]  # [N (+ P), D]: as GlimpseViT._patch_pos_table
@@ -391,7 +391,8 @@ class FusedObjective(nn.Module):
         seen = torch.zeros(b, n, dtype=torch.uint8, device=cells.device).scatter_(1, cells, 1)
         unseen = torch.sort(seen, dim=1, stable=True).indices[:, : n - n_seen]  # [B, M], ascending
         mask = w["decoder.mask_token"]
-        seq: _Stream = torch.cat([e[:, :1], e[:, 1:] + F.embedding(cells, pos), mask + F.embedding(unseen, pos)], 1)
+        masked = train_add_row(F.embedding(unseen, pos), mask)  # [B, M, dd]
+        seq: _Stream = torch.cat([e[:, :1], e[:, 1:] + F.embedding(cells, pos), masked], 1)
         for spec in self._dec_specs[:-1]:
             seq = _block(seq, w, spec)
         out = _block(seq, w, self._dec_specs[-1], first=1 + n_seen)  # [B, M, dd], pending

@@ -6,8 +6,8 @@ weight and bias gradients in a separate kernel that spreads the reduction over t
 eighth of the memory bandwidth on an H200); its bias gradient of a linear layer is a column reduction at a
 third of the bandwidth. Here every program takes many rows: :func:`avex.layer_norm.layer_norm_forward` (shared
 with inference), one backward pass that gives the input gradient and per-program partial sums of the weight and
-bias gradients (:func:`layer_norm_backward`), and :func:`column_sum` for bias gradients; :func:`train_layer_norm`
-and :func:`train_linear` put them under autograd, with PyTorch's ops where Triton cannot run.
+bias gradients (:func:`layer_norm_backward`), and :func:`column_sum` for bias gradients; :func:`train_layer_norm`,
+:func:`train_linear` and :func:`train_add_row` put them under autograd, with PyTorch's ops where Triton cannot run.
 
 Shapes: M rows, N features.
 """
@@ -26,7 +26,7 @@ from avex.train.kernels import _works
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["column_sum", "layer_norm_backward", "train_layer_norm", "train_linear"]
+__all__ = ["column_sum", "layer_norm_backward", "train_add_row", "train_layer_norm", "train_linear"]
 
 
 if triton is not None:
@@ -154,6 +154,29 @@ class _Linear(torch.autograd.Function):
         dx = (dy2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None  # pixels need none
         dw = dy2.t() @ x.reshape(-1, x.shape[-1])
         return dx, dw, column_sum(dy2)
+
+
+class _AddRow(torch.autograd.Function):
+    """``x + row``, the row broadcast over x's rows; backward: the row's gradient by :func:`column_sum`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        ctx.row_shape = row.shape
+        return x + row
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return dy, column_sum(dy.reshape(-1, dy.shape[-1]).contiguous()).view(ctx.row_shape)
+
+
+def train_add_row(x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """``x + row`` with autograd, x [..., N] and row [N] (or [1, .., 1, N]): a learned token added to many rows (the
+    decoder's mask token), its gradient by :func:`column_sum` on CUDA (or Triton's interpreter), where PyTorch's
+    broadcast backward would sum bf16 columns at a fraction of the bandwidth."""
+    if _device_may_run(x) and x.dtype == row.dtype and row.shape[-1] == x.shape[-1] == row.numel():
+        if _works("bias gradient", x, _linear_trial):
+            return _AddRow.apply(x, row)
+    return x + row
 
 
 def train_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
