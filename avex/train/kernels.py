@@ -204,6 +204,18 @@ if triton is not None:
         tl.store(delta_ptr + pid.to(tl.int64) * n_q + rows, tl.sum(o * do, axis=1), mask=in_q)
 
     @triton.jit
+    def _probs_and_dscores(a, b, u, w, lse, delta, valid, scale, IEEE: tl.constexpr):
+        """The forward's probabilities again and the scores' gradient, for one tile of the blocked backward.
+
+        Both backward kernels need P = exp(scale * a b^T - lse) and dS = P * (u w^T - delta); the dK/dV kernel in
+        transposed tiles ([keys, queries]: a = K, b = Q, u = V, w = dO), the dQ kernel as they are (a = Q, b = K,
+        u = dO, w = V). ``lse`` and ``delta`` come broadcast to the tile, ``valid`` masks padded keys and queries
+        (P = 0 there). Returns (P, dS), fp32.
+        """
+        p = tl.where(valid, tl.exp(_dot(a, tl.trans(b), IEEE) * scale - lse), 0.0)
+        return p, p * (_dot(u, tl.trans(w), IEEE) - delta)
+
+    @triton.jit
     def _blocked_attention_dkdv_kernel(
         qkv_ptr,
         dout_ptr,
@@ -248,12 +260,10 @@ if triton is not None:
             do = tl.load(dout_ptr + do_offs, mask=in_q[:, None], other=0.0)
             lse = tl.load(lse_ptr + row_stats + rows, mask=in_q, other=0.0)
             delta = tl.load(delta_ptr + row_stats + rows, mask=in_q, other=0.0)
-            # The forward's probabilities again, P^T [BLOCK_K, BLOCK_Q]; padded keys and queries give 0.
-            s_t = _dot(k, tl.trans(q), IEEE) * scale
-            p_t = tl.where(in_k[:, None] & in_q[None, :], tl.exp(s_t - lse[None, :]), 0.0)
+            # P^T and dS^T [BLOCK_K, BLOCK_Q]; padded keys and queries give 0.
+            valid = in_k[:, None] & in_q[None, :]
+            p_t, ds_t = _probs_and_dscores(k, q, v, do, lse[None, :], delta[None, :], valid, scale, IEEE)
             dv += _dot(p_t.to(do.dtype), do, IEEE)
-            dp_t = _dot(v, tl.trans(do), IEEE)
-            ds_t = p_t * (dp_t - delta[None, :])  # dS = P * (dP - delta), fp32
             dk += _dot(ds_t.to(q.dtype), q, IEEE)
         ty = dqkv_ptr.dtype.element_ty
         out = dqkv_ptr + b * stride_qkv_b + keys[:, None] * stride_qkv_s + h * HEAD_DIM + d[None, :]
@@ -303,10 +313,8 @@ if triton is not None:
             kv = base + keys[:, None] * stride_qkv_s
             k = tl.load(kv + HEADS * HEAD_DIM, mask=in_k[:, None], other=0.0)
             v = tl.load(kv + 2 * HEADS * HEAD_DIM, mask=in_k[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), IEEE) * scale
-            p = tl.where(in_k[None, :], tl.exp(s - lse[:, None]), 0.0)  # padded query rows have dO = 0: dS = 0
-            dp = _dot(do, tl.trans(v), IEEE)
-            ds = p * (dp - delta[:, None])
+            # Padded query rows have dO = 0, so dS = 0 there: only the keys are masked.
+            _, ds = _probs_and_dscores(q, k, do, v, lse[:, None], delta[:, None], in_k[None, :], scale, IEEE)
             dq += _dot(ds.to(k.dtype), k, IEEE)
         out = dqkv_ptr + b * stride_qkv_b + q_offs + h * HEAD_DIM + d[None, :]
         tl.store(out, (dq * scale).to(dqkv_ptr.dtype.element_ty), mask=in_q[:, None])
