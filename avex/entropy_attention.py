@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from avex.attention import _KERNEL_DTYPES, _check_qkv
-from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback, triton
+from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback, sm_count, triton
 
 if triton is not None:
     import triton.language as tl
@@ -213,19 +213,13 @@ DEFAULT_LAUNCH = Launch(64, 64, 4, 3)  # 3 stages: Triton's default on NVIDIA GP
 # DEFAULT_LAUNCH for batches that fill the GPU (``python benchmarks/env_kernels.py entropy`` times the candidates
 # on the decoder's shapes and prints the entries to put here). BLOCK_M is still lowered for small batches (_launch).
 LAUNCHES: dict[tuple[int, int, torch.dtype], Launch] = {}
-_sm_count: dict[int, int] = {}
 
 
 def _launch(batch: int, queries: int, seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> Launch:
     """:data:`LAUNCHES`' settings for the shape (else :data:`DEFAULT_LAUNCH`), with BLOCK_M lowered (to 16 at
     least) until every SM gets two programs."""
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _sm_count:
-            _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        want = 2 * _sm_count[idx]
-    else:  # the interpreter: small blocks run fastest
-        want = 1 << 30
+    sms = sm_count(device)
+    want = 1 << 30 if sms is None else 2 * sms  # the interpreter: small blocks run fastest
     launch = LAUNCHES.get((seq_len, head_dim, dtype), DEFAULT_LAUNCH)
     sizes = [launch.block_m >> i for i in range(8) if launch.block_m >> i >= 32]  # block_m, block_m / 2, ..., 32
     block_m = next((m for m in sizes if batch * triton.cdiv(queries, m) >= want), 16)

@@ -39,6 +39,20 @@ def _kernel_may_run(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and _device_may_run(x)
 
 
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int | None:
+    """The streaming multiprocessors of a CUDA device (cached), or None elsewhere (Triton's interpreter): launch
+    settings that size a grid to fill the GPU read it."""
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_counts:
+        _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_counts[idx]
+
+
 # Why a Triton kernel could not build or launch on this machine, by kernel name: set on its first failure.
 _kernel_failures: dict[str, str] = {}
 

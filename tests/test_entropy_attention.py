@@ -141,9 +141,10 @@ def test_launch_table_keyed_by_shape_and_lowered_for_small_batches(monkeypatch: 
     """A (S, Dh, dtype) entry of LAUNCHES replaces DEFAULT_LAUNCH for that shape only; BLOCK_M halves (to 16 at the
     least) until a batch gives every SM two programs, the other settings stay."""
     import avex.entropy_attention as ea
+    import avex.kernel_fallback as kf
 
     gpu = torch.device("cuda", 0)
-    monkeypatch.setattr(ea, "_sm_count", {0: 100})  # a GPU of 100 SMs: 200 programs wanted
+    monkeypatch.setattr(kf, "_sm_counts", {0: 100})  # a GPU of 100 SMs: 200 programs wanted
     monkeypatch.setattr(ea, "LAUNCHES", {(197, 32, torch.bfloat16): ea.Launch(128, 256, 8, 2)})
     assert ea._launch(16384, 196, 197, 32, torch.float16, gpu) == ea.DEFAULT_LAUNCH
     assert ea._launch(16384, 196, 197, 32, torch.bfloat16, gpu) == ea.Launch(128, 256, 8, 2)

@@ -143,6 +143,13 @@ def test_train_kernels_under_interpreter() -> None:
             assert (y - y_ref).abs().max() < 1e-5
             for got, want in zip((x, w, b), ref):
                 assert (got.grad - want.grad).abs().max() < 2e-5, (shape, (got.grad - want.grad).abs().max())
+        # The partials' second stage: P over several blocks of 64 and W over a partial block of 32; none at all.
+        part = torch.randn(130, 3, 50, generator=gen)
+        assert (R.sum_partials(part, torch.float32) - part.double().sum(0)).abs().max() < 1e-4  # fp32 rounding of ~1e-5
+        assert R.sum_partials(part, torch.float16).dtype == torch.float16
+        assert R.sum_partials(torch.empty(0, 7), torch.float32).eq(0).all()
+        x = torch.randn(1000, 100, generator=gen)  # the first stage over 8 programs, the last partial
+        assert (R.column_sum(x) - x.double().sum(0)).abs().max() < 1e-3 and R.column_sum(x[:0]).eq(0).all()  # a row: ~1
         print("ok")
     """)
     assert out.strip() == "ok"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from avex.kernel_fallback import _device_may_run, triton
 from avex.layer_norm import _ROWS, MAX_FEATURES, _row_blocks
 from avex.train.kernels import _works
-from avex.train.rows import column_sum
+from avex.train.rows import column_sum, sum_partials
 
 if triton is not None:
     import triton.language as tl
@@ -253,7 +253,7 @@ def _residual_norm_backward(
     block_n, block_m = _row_blocks(n, _BWD_TILE)
     programs = triton.cdiv(m, _ROWS)
     partial = torch.empty(programs, slots, n, dtype=torch.float32, device=z.device)
-    if m:
+    if programs:
         _residual_norm_bwd_kernel[(programs,)](
             z, z if dn2 is None else dn2, z if dz2 is None else dz2, b if weight is None else weight,
             z if mean is None else mean, z if rstd is None else rstd,
@@ -261,7 +261,7 @@ def _residual_norm_backward(
             dx, dy, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m, SLOTS=slots,
             GAMMA=scaled, NORM=norm, DZ=dz2 is not None,
         )  # fmt: skip
-    return dx, dy, partial.sum(dim=0).to(z.dtype)  # fp32 sums, rounded once
+    return dx, dy, sum_partials(partial, z.dtype)  # fp32 sums, rounded once
 
 
 def _split(sums: torch.Tensor, norm: bool, scaled: bool) -> tuple[torch.Tensor | None, ...]:

@@ -6,7 +6,8 @@ weight and bias gradients in a separate kernel that spreads the reduction over t
 eighth of the memory bandwidth on an H200); its bias gradient of a linear layer is a column reduction at a
 third of the bandwidth. Here every program takes many rows: :func:`avex.layer_norm.layer_norm_forward` (shared
 with inference), one backward pass that gives the input gradient and per-program partial sums of the weight and
-bias gradients (:func:`layer_norm_backward`), and :func:`column_sum` for bias gradients; :func:`train_layer_norm`,
+bias gradients (:func:`layer_norm_backward`), and :func:`column_sum` for bias gradients (their per-program
+partials summed by :func:`sum_partials`); :func:`train_layer_norm`,
 :func:`train_linear` and :func:`train_add_row` put them under autograd, with PyTorch's ops where Triton cannot run.
 
 Shapes: M rows, N features.
@@ -26,7 +27,14 @@ from avex.train.kernels import _works
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["column_sum", "layer_norm_backward", "train_add_row", "train_layer_norm", "train_linear"]
+__all__ = [
+    "column_sum",
+    "layer_norm_backward",
+    "sum_partials",
+    "train_add_row",
+    "train_layer_norm",
+    "train_linear",
+]
 
 
 if triton is not None:
@@ -98,6 +106,36 @@ if triton is not None:
             acc += x.to(tl.float32)
         tl.store(partial_ptr + pid * N + cols, tl.sum(acc, axis=0), mask=in_cols)
 
+    @triton.jit
+    def _sum_partials_kernel(
+        partial_ptr, out_ptr, P, W, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, P_BLOCKS: tl.constexpr
+    ):
+        # out[w] = the fp32 sum over p of partial[p, w] (a fixed order: deterministic), rounded once to out's dtype.
+        cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+        in_cols = cols < W
+        acc = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.float32)
+        for i in range(P_BLOCKS):
+            rows = i * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask = (rows < P)[:, None] & in_cols[None, :]
+            acc += tl.load(partial_ptr + rows.to(tl.int64)[:, None] * W + cols[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=in_cols)
+
+
+# The second stage's tile (BLOCK_P partials x BLOCK_W columns): timed by benchmarks/partials_sweep.py.
+SUM_LAUNCH = (256, 8)
+
+
+def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """partial [P, ...] fp32 (a first stage's per-program sums) summed over P in fp32 and rounded once to ``dtype``,
+    in one launch (PyTorch's ``sum(0).to(dtype)`` takes two, the first about 10 us on an H200 however small)."""
+    out = torch.empty(partial.shape[1:], dtype=dtype, device=partial.device)
+    w = out.numel()
+    block_p, block_w = SUM_LAUNCH
+    p = partial.shape[0]
+    grid = (triton.cdiv(w, block_w),)
+    _sum_partials_kernel[grid](partial, out, p, w, BLOCK_P=block_p, BLOCK_W=block_w, P_BLOCKS=triton.cdiv(p, block_p))
+    return out
+
 
 def layer_norm_backward(
     x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
@@ -120,11 +158,12 @@ def layer_norm_backward(
     programs = triton.cdiv(m, _ROWS)
     dx = torch.empty_like(x2)
     partial = torch.empty(programs, 2, n, dtype=torch.float32, device=x.device)
-    _layer_norm_bwd_kernel[(programs,)](
-        x2, dy2, weight, mean.reshape(-1), rstd.reshape(-1), dx, partial, m, n,
-        BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m,
-    )  # fmt: skip
-    sums = partial.sum(dim=0).to(weight.dtype)  # fp32 sums, rounded once (sum's dtype= would round each partial)
+    if programs:
+        _layer_norm_bwd_kernel[(programs,)](
+            x2, dy2, weight, mean.reshape(-1), rstd.reshape(-1), dx, partial, m, n,
+            BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m,
+        )  # fmt: skip
+    sums = sum_partials(partial, weight.dtype)  # fp32 sums, rounded once (sum's dtype= would round each partial)
     return dx.view(x.shape), sums[0], sums[1]
 
 
@@ -135,8 +174,9 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
     block_n, block_m = _row_blocks(n, 4096)
     programs = triton.cdiv(m, _ROWS)
     partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)
-    _column_sum_kernel[(programs,)](x, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m)
-    return partial.sum(dim=0).to(x.dtype)  # fp32 sums, rounded once
+    if programs:
+        _column_sum_kernel[(programs,)](x, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m)
+    return sum_partials(partial, x.dtype)  # fp32 sums, rounded once
 
 
 class _Linear(torch.autograd.Function):

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device-tool call: the second stage of the row kernels' column sums (avex.train.rows.sum_partials).
+# 1. SWEEP=1: benchmarks/partials_sweep.py, column_sum, layer_norm_backward and the residual-norm backward timed
+#    alone with the second stage by PyTorch or by sum_partials with each tile -> $R/partials_sweep.md;
+# 2. cuda_tests over TESTS (the training kernels' test files; TESTS=none skips them);
+# 3. the graphed step (benchmarks/train_speed.py, batch 1024, STEPS=200 steps) with the tree before (BEFORE, made as
+#    train_ab.sh's header says) and this tree -> $R/train_before.md, train_after.md.
+# Usage (device tool, carry .whl, data and runs/before_train):  bash benchmarks/gpu/partials.sh   (about 6 minutes)
+source "$(dirname "$0")/setup.sh"
+BEFORE=${BEFORE:-runs/before_train}
+[ -d "$BEFORE/avex" ] || { echo "no tree before the change at $BEFORE: see train_ab.sh's header"; exit 2; }
+if [ "${SWEEP:-1}" = 1 ]; then
+  timeout ${SWEEP_S:-200} python3 benchmarks/partials_sweep.py --out $R/partials_sweep.md 2>&1 | grep -v -i warn \
+    | tee $R/partials_sweep.log | grep -E "total|fastest|Error|error" | tail -8
+  pack
+fi
+[ "${TESTS:-}" != none ] && cuda_tests ${TESTS:-tests/test_train_step.py tests/test_train_fused_norm.py tests/test_layer_norm.py}
+for tag in before after; do
+  tree=$PWD; [ $tag = before ] && tree=$(cd "$BEFORE" && pwd)
+  PYTHONPATH=/tmp/site:$tree timeout 150 python3 benchmarks/train_speed.py --device $DEVICE --batch 1024 \
+    --steps ${STEPS:-200} --modes graphed --out $R/train_$tag.md 2>&1 | grep -v -i warn \
+    | grep -E "^graphed:|Error|error" | cut -c1-300 | sed "s/^/$tag: /"
+  pack
+done
+grep -h -E "^\| graphed" $R/train_before.md $R/train_after.md
