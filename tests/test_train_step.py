@@ -150,6 +150,19 @@ def test_train_kernels_under_interpreter() -> None:
         assert R.sum_partials(torch.empty(0, 7), torch.float32).eq(0).all()
         x = torch.randn(1000, 100, generator=gen)  # the first stage over 8 programs, the last partial
         assert (R.column_sum(x) - x.double().sum(0)).abs().max() < 1e-3 and R.column_sum(x[:0]).eq(0).all()  # a row: ~1
+        # Other launch settings (as benchmarks/rows_sweep.py sets them): 32 and 256 rows per program, small tiles.
+        R.ROW_LAUNCH.update(column_sum=R.RowLaunch(512, 2, 32), layer_norm_backward=R.RowLaunch(512, 8, 256))
+        assert R.row_blocks("column_sum", 1000, 100) == (128, 4, 8, 32)
+        assert R.row_blocks("layer_norm_backward", 999, 64) == (64, 8, 32, 4)
+        assert (R.column_sum(x) - x.double().sum(0)).abs().max() < 1e-3
+        x, w, b = (torch.randn(*sh, generator=gen, requires_grad=True) for sh in ((999, 64), (64,), (64,)))
+        ref = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        y, y_ref = R.train_layer_norm(x, w, b, 1e-6), F.layer_norm(ref[0], (64,), ref[1], ref[2], 1e-6)
+        g = torch.randn(y.shape, generator=gen)
+        y.backward(g)
+        y_ref.backward(g)
+        for got, want in zip((x, w, b), ref):
+            assert (got.grad - want.grad).abs().max() < 1e-4, (got.grad - want.grad).abs().max()
         print("ok")
     """)
     assert out.strip() == "ok"

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from avex.kernel_fallback import _device_may_run, triton
-from avex.layer_norm import _ROWS, MAX_FEATURES, _row_blocks
+from avex.layer_norm import MAX_FEATURES, _row_blocks
 from avex.train.kernels import _works
-from avex.train.rows import column_sum, sum_partials
+from avex.train.rows import ROW_LAUNCH, column_sum, row_blocks, sum_partials
 
 if triton is not None:
     import triton.language as tl
@@ -36,13 +36,6 @@ if triton is not None:
     from avex.train.rows import _norm_input_grad
 
 __all__ = ["train_residual", "train_residual_norm"]
-
-# Elements per tile (a program's BLOCK_M x BLOCK_N) of the residual norm's forward and backward. Chosen so that
-# neither spills registers compiled for sm_90 (ptxas -v) at widths 128 to 1024: the backward kernel loops over its
-# CHUNKS tiles without unrolling them, as unrolled (tl.static_range, like rows.py's kernels with their fewer loads)
-# ptxas kept later tiles' loads in registers and spilled.
-_FWD_TILE, _BWD_TILE = 2048, 1024
-
 
 if triton is not None:
 
@@ -131,7 +124,9 @@ if triton is not None:
         acc_dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_dnb = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_dg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for i in range(CHUNKS):  # a loop, not unrolled: see _BWD_TILE
+        # A loop, not unrolled: unrolled (tl.static_range, like rows.py's kernels with their fewer loads), ptxas kept
+        # later tiles' loads in registers and spilled.
+        for i in range(CHUNKS):
             rows = (pid * CHUNKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
             in_rows = rows < M
             mask = in_rows[:, None] & in_cols[None, :]
@@ -205,12 +200,13 @@ def _residual_norm_forward(
     out = torch.empty_like(y2) if norm else z
     mean = torch.empty(m if norm else 0, dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
-    block_n, block_m = _row_blocks(n, _FWD_TILE)
+    launch = ROW_LAUNCH["residual_norm_forward"]
+    block_n, block_m = _row_blocks(n, launch.tile)
     if m:
         _residual_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
             x2, y2, b, b if gamma is None else gamma, b if weight is None else weight, b if bias is None else bias,
             z, out, mean, rstd, m, n, seq, stride_xb, stride_xs, eps,
-            BLOCK_M=block_m, BLOCK_N=block_n, GAMMA=gamma is not None, NORM=norm,
+            BLOCK_M=block_m, BLOCK_N=block_n, GAMMA=gamma is not None, NORM=norm, num_warps=launch.num_warps,
         )  # fmt: skip
     return z, out, mean, rstd
 
@@ -250,16 +246,15 @@ def _residual_norm_backward(
     assert dx is not None
     dy = torch.empty_like(z) if scaled else dx
     slots = 1 + 2 * norm + scaled
-    block_n, block_m = _row_blocks(n, _BWD_TILE)
-    programs = triton.cdiv(m, _ROWS)
+    block_n, block_m, chunks, programs = row_blocks("residual_norm_backward", m, n)
     partial = torch.empty(programs, slots, n, dtype=torch.float32, device=z.device)
     if programs:
         _residual_norm_bwd_kernel[(programs,)](
             z, z if dn2 is None else dn2, z if dz2 is None else dz2, b if weight is None else weight,
             z if mean is None else mean, z if rstd is None else rstd,
             z if y is None else y.reshape(m, n).contiguous(), b, b if gamma is None else gamma,
-            dx, dy, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m, SLOTS=slots,
-            GAMMA=scaled, NORM=norm, DZ=dz2 is not None,
+            dx, dy, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks, SLOTS=slots,
+            GAMMA=scaled, NORM=norm, DZ=dz2 is not None, num_warps=ROW_LAUNCH["residual_norm_backward"].num_warps,
         )  # fmt: skip
     return dx, dy, sum_partials(partial, z.dtype)  # fp32 sums, rounded once
 

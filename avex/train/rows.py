@@ -15,7 +15,7 @@ Shapes: M rows, N features.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,11 @@ if triton is not None:
     import triton.language as tl
 
 __all__ = [
+    "ROW_LAUNCH",
+    "RowLaunch",
     "column_sum",
     "layer_norm_backward",
+    "row_blocks",
     "sum_partials",
     "train_add_row",
     "train_layer_norm",
@@ -121,8 +124,35 @@ if triton is not None:
         tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=in_cols)
 
 
-# The second stage's tile (BLOCK_P partials x BLOCK_W columns): timed by benchmarks/partials_sweep.py.
+# The second stage's tile (BLOCK_P partials x BLOCK_W columns): timed by benchmarks/rows_sweep.py.
 SUM_LAUNCH = (256, 8)
+
+
+class RowLaunch(NamedTuple):
+    """Launch settings of a kernel over many short rows."""
+
+    tile: int  # elements of a program's BLOCK_M x BLOCK_N tile (BLOCK_N: the width's power of two)
+    num_warps: int
+    rows: int  # rows per program of a pass that writes per-program partial sums (a power of two)
+
+
+# By kernel (the residual norm's are avex.train.epilogue's). Tiles chosen so that no kernel spills registers
+# compiled for sm_90 (ptxas -v) at widths 128 to 1024; benchmarks/rows_sweep.py times the alternatives.
+ROW_LAUNCH: dict[str, RowLaunch] = {
+    "layer_norm_backward": RowLaunch(2048, 4, _ROWS),
+    "column_sum": RowLaunch(4096, 4, _ROWS),
+    "residual_norm_forward": RowLaunch(2048, 4, _ROWS),  # one tile per program: rows unused
+    "residual_norm_backward": RowLaunch(1024, 4, _ROWS),
+}
+
+
+def row_blocks(kernel: str, m: int, n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, CHUNKS, programs) of ``kernel``'s pass over m rows of n features, by :data:`ROW_LAUNCH`:
+    each program takes CHUNKS tiles of BLOCK_M consecutive rows (``rows`` rows in all)."""
+    launch = ROW_LAUNCH[kernel]
+    block_n, block_m = _row_blocks(n, launch.tile)
+    block_m = min(block_m, launch.rows)
+    return block_n, block_m, launch.rows // block_m, triton.cdiv(m, launch.rows)
 
 
 def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -154,14 +184,13 @@ def layer_norm_backward(
     n = x.shape[-1]
     x2, dy2 = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
     m = x2.shape[0]
-    block_n, block_m = _row_blocks(n, 2048)
-    programs = triton.cdiv(m, _ROWS)
+    block_n, block_m, chunks, programs = row_blocks("layer_norm_backward", m, n)
     dx = torch.empty_like(x2)
     partial = torch.empty(programs, 2, n, dtype=torch.float32, device=x.device)
     if programs:
         _layer_norm_bwd_kernel[(programs,)](
             x2, dy2, weight, mean.reshape(-1), rstd.reshape(-1), dx, partial, m, n,
-            BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m,
+            BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks, num_warps=ROW_LAUNCH["layer_norm_backward"].num_warps,
         )  # fmt: skip
     sums = sum_partials(partial, weight.dtype)  # fp32 sums, rounded once (sum's dtype= would round each partial)
     return dx.view(x.shape), sums[0], sums[1]
@@ -171,11 +200,13 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
     """fp32 sums over the rows of a contiguous [M, N] tensor, in x's dtype: a bias gradient, in one Triton pass
     and a small second sum (PyTorch's own column reduction reads such tensors at a third of the bandwidth)."""
     m, n = x.shape
-    block_n, block_m = _row_blocks(n, 4096)
-    programs = triton.cdiv(m, _ROWS)
+    block_n, block_m, chunks, programs = row_blocks("column_sum", m, n)
     partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)
     if programs:
-        _column_sum_kernel[(programs,)](x, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=_ROWS // block_m)
+        _column_sum_kernel[(programs,)](
+            x, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks,
+            num_warps=ROW_LAUNCH["column_sum"].num_warps,
+        )  # fmt: skip
     return sum_partials(partial, x.dtype)  # fp32 sums, rounded once
 
 

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# One device-tool call: the second stage of the row kernels' column sums (avex.train.rows.sum_partials).
-# 1. SWEEP=1: benchmarks/partials_sweep.py, column_sum, layer_norm_backward and the residual-norm backward timed
-#    alone with the second stage by PyTorch or by sum_partials with each tile -> $R/partials_sweep.md;
+# One device-tool call: launch settings of training's row kernels (avex.train.rows: ROW_LAUNCH, SUM_LAUNCH), and the
+# graphed step before and after a change to them.
+# 1. SWEEP=1: benchmarks/rows_sweep.py (STAGES: first second), each row kernel alone over a grid of (tile, warps,
+#    rows per program), and the column sums' second stage by PyTorch or sum_partials -> $R/rows_sweep.md;
 # 2. cuda_tests over TESTS (the training kernels' test files; TESTS=none skips them);
 # 3. the graphed step (benchmarks/train_speed.py, batch 1024, STEPS=200 steps) with the tree before (BEFORE, made as
 #    train_ab.sh's header says) and this tree -> $R/train_before.md, train_after.md.
-# Usage (device tool, carry .whl, data and runs/before_train):  bash benchmarks/gpu/partials.sh   (about 6 minutes)
+# Usage (device tool, carry .whl, data and runs/before_train):  bash benchmarks/gpu/rows_tune.sh   (about 8 minutes)
 source "$(dirname "$0")/setup.sh"
 BEFORE=${BEFORE:-runs/before_train}
 [ -d "$BEFORE/avex" ] || { echo "no tree before the change at $BEFORE: see train_ab.sh's header"; exit 2; }
 if [ "${SWEEP:-1}" = 1 ]; then
-  timeout ${SWEEP_S:-200} python3 benchmarks/partials_sweep.py --out $R/partials_sweep.md 2>&1 | grep -v -i warn \
-    | tee $R/partials_sweep.log | grep -E "total|fastest|Error|error" | tail -8
+  timeout ${SWEEP_S:-300} python3 benchmarks/rows_sweep.py --stages ${STAGES:-first second} --out $R/rows_sweep.md \
+    2>&1 | grep -v -i warn | tee $R/rows_sweep.log | grep -E "^\||compiled|Error|error" | tail -14
   pack
 fi
 [ "${TESTS:-}" != none ] && cuda_tests ${TESTS:-tests/test_train_step.py tests/test_train_fused_norm.py tests/test_layer_norm.py}
