@@ -63,11 +63,12 @@ def _shapes(kernel: str) -> list[tuple[int, int]]:
 
 
 def _settings(kernel: str) -> list[R.RowLaunch]:
-    """The grid for ``kernel``: rows per program only where a program loops over tiles (not the forward), and at
-    most 64 tiles per program where the loop is unrolled (rows.py's kernels), at every width of its shapes."""
-    per_program = [R.ROW_LAUNCH[kernel].rows] if kernel == "residual_norm_forward" else PER_PROGRAM
-    out = []
-    for launch in (R.RowLaunch(t, w, r) for t, w, r in itertools.product(TILES, WARPS, per_program)):
+    """The grid for ``kernel``, its default first: rows per program only where a program loops over tiles (not the
+    forward), and at most 64 tiles per program where the loop is unrolled (rows.py's kernels), at every width."""
+    per_program = [DEFAULTS[kernel].rows] if kernel == "residual_norm_forward" else PER_PROGRAM
+    grid = (R.RowLaunch(t, w, r) for t, w, r in itertools.product(TILES, WARPS, per_program))
+    out = [DEFAULTS[kernel]]
+    for launch in (g for g in grid if g != DEFAULTS[kernel]):
         old, R.ROW_LAUNCH[kernel] = R.ROW_LAUNCH[kernel], launch
         chunks = max(R.row_blocks(kernel, 1, n)[2] for _, n in _shapes(kernel))
         R.ROW_LAUNCH[kernel] = old
@@ -113,7 +114,8 @@ def _compile(job: tuple[str, int]) -> int:
     return bad
 
 
-def _first_stages(lines: list[str], workers: int) -> None:
+def _first_stages(lines: list[str], workers: int) -> dict[str, tuple[int, int, int]]:
+    """Times every kernel's grid; appends the table to ``lines``; returns each kernel's fastest setting."""
     jobs = [(k, n) for k in DEFAULTS for n in sorted({n for _, n in _shapes(k)})]
     with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
         bad = sum(pool.map(_compile, jobs))
@@ -122,6 +124,7 @@ def _first_stages(lines: list[str], workers: int) -> None:
         "| kernel | default (tile, warps, rows) | us | fastest | us | gain | per shape, m x n: default -> fastest us |",
         "|---|---|---:|---|---:|---:|---|",
     ]
+    fastest = {}
     for kernel, default in DEFAULTS.items():
         calls = {shape: _cases(kernel, *shape) for shape in _shapes(kernel)}
         per: dict[R.RowLaunch, dict[tuple[int, int], float]] = {}
@@ -137,9 +140,12 @@ def _first_stages(lines: list[str], workers: int) -> None:
         shapes = ", ".join(f"{m}x{n}: {per[default][(m, n)]:.1f} -> {per[best][(m, n)]:.1f}" for m, n in calls)
         lines.append(f"| {kernel} | {tuple(default)} | {d:.1f} | {tuple(best)} | {f:.1f} | {d / f:.2f}x | {shapes} |")
         print(lines[-1], flush=True)
+        fastest[kernel] = tuple(best)
+    return fastest
 
 
-def _second_stage(lines: list[str]) -> None:
+def _second_stage(lines: list[str]) -> tuple[int, int]:
+    """Times PyTorch's second stage and each of SUM_TILES; appends the table to ``lines``; returns the fastest tile."""
     calls = {(k, shape): _cases(k, *shape) for k in ("column_sum", "layer_norm_backward") for shape in _shapes(k)}
     lines += ["", "| second stage | (BLOCK_P, BLOCK_W) | us, summed | gain over PyTorch's |", "|---|---|---:|---:|"]
     totals = {}
@@ -153,6 +159,7 @@ def _second_stage(lines: list[str]) -> None:
         name = "PyTorch: sum(0), then the cast" if tile is None else "sum_partials"
         lines.append(f"| {name} | {tile or ''} | {us:.1f} | {totals[None] / us:.2f}x |")
         print(lines[-1], flush=True)
+    return min((t for t in totals if t is not None), key=totals.__getitem__)
 
 
 def main() -> None:
@@ -165,12 +172,15 @@ def main() -> None:
         sys.exit("rows_sweep.py times CUDA kernels: run it on a GPU")
     lines = [f"## Row kernels' launch settings, {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, us "
              f"per call (CUDA graphs), summed over rows {ROWS}", ""]  # fmt: skip
+    fastest: dict[str, object] = {}
     if "first" in args.stages:
-        _first_stages(lines, args.workers)
+        fastest["ROW_LAUNCH"] = _first_stages(lines, args.workers)
     if "second" in args.stages:
-        _second_stage(lines)
+        fastest["SUM_LAUNCH"] = _second_stage(lines)
     text = "\n".join(lines) + "\n"
     print(text)
+    # One line for jobs (gpu/rows_tune.sh): Python literals to set in avex.train.rows for a run of the step.
+    print(f"fastest: {fastest}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

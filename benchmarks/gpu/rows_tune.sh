@@ -5,7 +5,8 @@
 #    rows per program), and the column sums' second stage by PyTorch or sum_partials -> $R/rows_sweep.md;
 # 2. cuda_tests over TESTS (the training kernels' test files; TESTS=none skips them);
 # 3. the graphed step (benchmarks/train_speed.py, batch 1024, STEPS=200 steps) with the tree before (BEFORE, made as
-#    train_ab.sh's header says) and this tree -> $R/train_before.md, train_after.md.
+#    train_ab.sh's header says), this tree, and this tree with the sweep's fastest settings set for the run
+#    -> $R/train_before.md, train_after.md, train_fastest.md (put those settings into avex/train/rows.py if it wins).
 # Usage (device tool, carry .whl, data and runs/before_train):  bash benchmarks/gpu/rows_tune.sh   (about 8 minutes)
 source "$(dirname "$0")/setup.sh"
 BEFORE=${BEFORE:-runs/before_train}
@@ -16,11 +17,20 @@ if [ "${SWEEP:-1}" = 1 ]; then
   pack
 fi
 [ "${TESTS:-}" != none ] && cuda_tests ${TESTS:-tests/test_train_step.py tests/test_train_fused_norm.py tests/test_layer_norm.py}
-for tag in before after; do
-  tree=$PWD; [ $tag = before ] && tree=$(cd "$BEFORE" && pwd)
-  PYTHONPATH=/tmp/site:$tree timeout 150 python3 benchmarks/train_speed.py --device $DEVICE --batch 1024 \
-    --steps ${STEPS:-200} --modes graphed --out $R/train_$tag.md 2>&1 | grep -v -i warn \
-    | grep -E "^graphed:|Error|error" | cut -c1-300 | sed "s/^/$tag: /"
+fastest=$(grep -oP "^fastest: \K.*" $R/rows_sweep.log 2>/dev/null)  # {'ROW_LAUNCH': {...}, 'SUM_LAUNCH': (...)}
+speed() {  # tag, tree, Python run before the step's script (-P: the tree given, not the working directory, first)
+  PYTHONPATH=/tmp/site:$2 timeout 150 python3 -P -c "import runpy, sys; import avex.train.rows as R; $3
+sys.argv = ['train_speed.py', '--device', '$DEVICE', '--batch', '1024', '--steps', '${STEPS:-200}', '--modes',
+            'graphed', '--out', '$R/train_$1.md']
+runpy.run_path('benchmarks/train_speed.py', run_name='__main__')" 2>&1 | grep -v -i warn \
+    | grep -E "^graphed:|Error|error" | cut -c1-300 | sed "s/^/$1: /"
   pack
-done
-grep -h -E "^\| graphed" $R/train_before.md $R/train_after.md
+}
+speed before "$(cd "$BEFORE" && pwd)" ""
+speed after "$PWD" ""
+if [ -n "$fastest" ]; then
+  speed fastest "$PWD" "f = $fastest
+R.ROW_LAUNCH.update({k: R.RowLaunch(*v) for k, v in f.get('ROW_LAUNCH', {}).items()})
+R.SUM_LAUNCH = f.get('SUM_LAUNCH', R.SUM_LAUNCH)"
+fi
+grep -h -E "^\| graphed" $R/train_*.md
