@@ -285,6 +285,20 @@ def test_kernel_family_that_fails_falls_back_with_one_warning() -> None:
     kernels._WORKING.clear()
 
 
+def test_row_kernel_helpers_refuse_bad_input() -> None:
+    """sum_partials takes fp32 partials only (a bf16 one would have been rounded per program already) and says so
+    before any launch; row_blocks names the kernels it knows."""
+    pytest.importorskip("triton")
+    from avex.train import rows as R
+
+    with pytest.raises(ValueError, match=r"partial must be fp32 per-program sums \[P, \.\.\.\], got torch.bfloat16"):
+        R.sum_partials(torch.zeros(3, 4, dtype=torch.bfloat16), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"got torch.float32 of shape \(\)"):
+        R.sum_partials(torch.zeros(()), torch.float32)
+    with pytest.raises(ValueError, match=r"kernel must be one of \['column_sum', .*got 'layer_norm'"):
+        R.row_blocks("layer_norm", 10, 10)
+
+
 # ------------------------------------------------------------------------------------------------
 # The options: resolution, refusals, and the CPU falling back to the eager step
 # ------------------------------------------------------------------------------------------------

@@ -149,6 +149,8 @@ ROW_LAUNCH: dict[str, RowLaunch] = {
 def row_blocks(kernel: str, m: int, n: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_M, CHUNKS, programs) of ``kernel``'s pass over m rows of n features, by :data:`ROW_LAUNCH`:
     each program takes CHUNKS tiles of BLOCK_M consecutive rows (``rows`` rows in all)."""
+    if kernel not in ROW_LAUNCH:
+        raise ValueError(f"row_blocks: kernel must be one of {sorted(ROW_LAUNCH)}, got {kernel!r}")
     launch = ROW_LAUNCH[kernel]
     block_n, block_m = _row_blocks(n, launch.tile)
     block_m = min(block_m, launch.rows)
@@ -158,6 +160,12 @@ def row_blocks(kernel: str, m: int, n: int) -> tuple[int, int, int, int]:
 def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """partial [P, ...] fp32 (a first stage's per-program sums) summed over P in fp32 and rounded once to ``dtype``,
     in one launch (PyTorch's ``sum(0).to(dtype)`` takes two, the first about 10 us on an H200 however small)."""
+    if partial.dtype != torch.float32 or partial.dim() < 1:
+        raise ValueError(
+            f"sum_partials: partial must be fp32 per-program sums [P, ...], got {partial.dtype} of shape "
+            f"{tuple(partial.shape)}; pass partial.float() (the sums stay fp32 until the one rounding to dtype)"
+        )
+    partial = partial.contiguous()  # the kernel reads rows of W consecutive elements
     out = torch.empty(partial.shape[1:], dtype=dtype, device=partial.device)
     w = out.numel()
     block_p, block_w = SUM_LAUNCH
