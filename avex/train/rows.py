@@ -136,8 +136,9 @@ class RowLaunch(NamedTuple):
     rows: int  # rows per program of a pass that writes per-program partial sums (a power of two)
 
 
-# By kernel (the residual norm's are avex.train.epilogue's). Tiles chosen so that no kernel spills registers
-# compiled for sm_90 (ptxas -v) at widths 128 to 1024; benchmarks/rows_sweep.py times the alternatives.
+# By kernel (the residual norm's kernels are in avex.train.epilogue). The settings as first chosen, untimed (the
+# residual norm's tiles so that ptxas spills no registers for sm_90 at widths 128 to 1024); benchmarks/rows_sweep.py
+# times the alternatives.
 ROW_LAUNCH: dict[str, RowLaunch] = {
     "layer_norm_backward": RowLaunch(2048, 4, _ROWS),
     "column_sum": RowLaunch(4096, 4, _ROWS),
