@@ -3,14 +3,16 @@ second stage of the column sums.
 
 A training step's layer norms and residual adds (``avex.train.rows``, ``avex.train.epilogue``) run over ~10k to
 ~200k rows of 128 or 192 features; the backward passes write per-program fp32 partial sums, which ``sum_partials``
-sums. Their first settings (``ROW_LAUNCH``) were chosen so that ptxas spills no registers, not by timing. This
-script times each function alone at a training step's row counts and widths (CUDA graphs, bf16), for every
-(tile, warps, rows per program) of a grid, changing one kernel's entry of ``ROW_LAUNCH`` at a time, and then the
-second stage's tiles (``SUM_LAUNCH``, against PyTorch's ``sum(0).to(dtype)``). It prints, per kernel, the default's
-and the fastest setting's time summed over the shapes. The kernels are compiled first in parallel processes
-(Triton's on-disk cache), then timed in this one.
+sums. Their first settings (``ROW_LAUNCH``) were not chosen by timing. This script times each function alone at a
+training step's row counts and widths (CUDA graphs, bf16), for every (tile, warps, rows per program) of a grid,
+changing one kernel's entry of ``ROW_LAUNCH`` at a time, and then the second stage's tiles (``SUM_LAUNCH``, against
+PyTorch's ``sum(0).to(dtype)``). It prints, per kernel, the default's and the fastest setting's time summed over
+the shapes, and a last line ``fastest: {...}`` of Python literals that ``benchmarks/gpu/rows_tune.sh`` sets for a
+run of the step. On a GPU the kernels are compiled first in parallel processes (Triton's on-disk cache).
+``--device cpu`` runs the same under Triton's interpreter (``TRITON_INTERPRET=1``) with wall-clock timing: a check
+of the script on tiny shapes, not a measurement.
 
-    python benchmarks/rows_sweep.py --out results/rows_sweep.md              # CUDA only
+    python benchmarks/rows_sweep.py --out results/rows_sweep.md
     python benchmarks/rows_sweep.py --stages second --out results/sums.md    # the second stage alone
 """
 
@@ -20,65 +22,81 @@ import argparse
 import itertools
 import os
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from avex.layer_norm import layer_norm_forward  # noqa: E402
+from avex.platform_info import device_name, synchronize  # noqa: E402
 from avex.train import epilogue as E  # noqa: E402
 from avex.train import rows as R  # noqa: E402
 
-ROWS = [16384, 196608]  # the iterator's few tokens per image up to the decoder's ~190 per image, x 1,024
-NORM_WIDTHS = [128, 192, 384]  # the decoder's, the shipped encoder's, DeiT-III-S's
-SUM_WIDTHS = [128, 192, 576, 768]  # bias gradients: also the shipped encoder's qkv and fc1 outputs
-TILES, WARPS, PER_PROGRAM = [512, 1024, 2048, 4096, 8192], [2, 4, 8], [64, 128, 256, 512]
-SUM_TILES = [(256, 8), (128, 16), (512, 4), (64, 32)]
 DEFAULTS = dict(R.ROW_LAUNCH)
 DEFAULT_SUM = R.SUM_LAUNCH
 REAL_SUM = R.sum_partials
 
 
-def _cases(kernel: str, m: int, n: int) -> Callable[[], object]:
-    """The call that runs ``kernel`` (a ROW_LAUNCH key, or "sums": the three backward passes) at m x n, bf16."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x, y, dy = (torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    w, b = torch.ones(n, device="cuda", dtype=torch.bfloat16), torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+class Grid(NamedTuple):
+    """What to time: row counts, widths (norms; column sums), and the settings' axes."""
+
+    rows: tuple[int, ...] = (16384, 196608)  # the iterator's few tokens per image up to the decoder's ~190, x 1,024
+    norm_widths: tuple[int, ...] = (128, 192, 384)  # the decoder's, the shipped encoder's, DeiT-III-S's
+    sum_widths: tuple[int, ...] = (128, 192, 576, 768)  # bias gradients: also the encoder's qkv and fc1 outputs
+    tiles: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
+    warps: tuple[int, ...] = (2, 4, 8)
+    per_program: tuple[int, ...] = (64, 128, 256, 512)
+    sum_tiles: tuple[tuple[int, int], ...] = ((256, 8), (128, 16), (512, 4), (64, 32))
+
+
+def _case(kernel: str, m: int, n: int, device: str) -> Callable[[], object]:
+    """The call that runs ``kernel`` (a ROW_LAUNCH key) at m x n, bf16 (the step's common case of each)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x, y, dy = (torch.randn(m, n, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    w, b = torch.ones(n, device=device, dtype=torch.bfloat16), torch.zeros(n, device=device, dtype=torch.bfloat16)
     _, mean, rstd = layer_norm_forward(x, w, b, 1e-6)
     if kernel == "column_sum":
         return lambda: R.column_sum(dy)
     if kernel == "layer_norm_backward":
         return lambda: R.layer_norm_backward(x, dy, w, mean, rstd)
-    if kernel == "residual_norm_forward":  # z = x + (y + b) * gamma, then its norm: the step's common case
+    if kernel == "residual_norm_forward":  # z = x + (y + b) * gamma, then its norm
         return lambda: E._residual_norm_forward(x, y, b, w, w, b, 1e-6)
-    if kernel == "residual_norm_backward":
+    if kernel == "residual_norm_backward":  # with the norm, z's own gradient and gamma: every slot
         return lambda: E._residual_norm_backward(x, dy, y, w, mean, rstd, y, b, w)
-    raise ValueError(kernel)
+    raise ValueError(f"no case for kernel {kernel!r}")
 
 
-def _shapes(kernel: str) -> list[tuple[int, int]]:
-    return [(m, n) for m in ROWS for n in (SUM_WIDTHS if kernel == "column_sum" else NORM_WIDTHS)]
+def _shapes(kernel: str, grid: Grid) -> list[tuple[int, int]]:
+    return [(m, n) for m in grid.rows for n in (grid.sum_widths if kernel == "column_sum" else grid.norm_widths)]
 
 
-def _settings(kernel: str) -> list[R.RowLaunch]:
+def _settings(kernel: str, grid: Grid) -> list[R.RowLaunch]:
     """The grid for ``kernel``, its default first: rows per program only where a program loops over tiles (not the
     forward), and at most 64 tiles per program where the loop is unrolled (rows.py's kernels), at every width."""
-    per_program = [DEFAULTS[kernel].rows] if kernel == "residual_norm_forward" else PER_PROGRAM
-    grid = (R.RowLaunch(t, w, r) for t, w, r in itertools.product(TILES, WARPS, per_program))
+    per_program = (DEFAULTS[kernel].rows,) if kernel == "residual_norm_forward" else grid.per_program
     out = [DEFAULTS[kernel]]
-    for launch in (g for g in grid if g != DEFAULTS[kernel]):
-        old, R.ROW_LAUNCH[kernel] = R.ROW_LAUNCH[kernel], launch
-        chunks = max(R.row_blocks(kernel, 1, n)[2] for _, n in _shapes(kernel))
-        R.ROW_LAUNCH[kernel] = old
+    for launch in itertools.starmap(R.RowLaunch, itertools.product(grid.tiles, grid.warps, per_program)):
+        if launch == DEFAULTS[kernel]:
+            continue
+        R.ROW_LAUNCH[kernel] = launch
+        chunks = max(R.row_blocks(kernel, 1, n)[2] for _, n in _shapes(kernel, grid))
+        R.ROW_LAUNCH[kernel] = DEFAULTS[kernel]
         if chunks <= 64 or kernel.startswith("residual"):
             out.append(launch)
     return out
 
 
-def _graph_us(fn: Callable[[], object], reps: int = 20, calls: int = 10) -> float:
-    """us per call of fn, replayed from a CUDA graph of ``calls`` calls (as the graphed step runs them)."""
+def _time_us(fn: Callable[[], object], device: str, reps: int = 20, calls: int = 10) -> float:
+    """us per call of fn: on CUDA replayed from a graph of ``calls`` calls (as the graphed step runs them), elsewhere
+    by the wall clock around one call (the interpreter's time says nothing of a GPU's)."""
+    if device != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -91,47 +109,48 @@ def _graph_us(fn: Callable[[], object], reps: int = 20, calls: int = 10) -> floa
             fn()
     graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start_ev.record()
     for _ in range(reps):
         graph.replay()
-    end.record()
+    end_ev.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * calls)
+    return start_ev.elapsed_time(end_ev) * 1e3 / (reps * calls)
 
 
-def _compile(job: tuple[str, int]) -> int:
+def _compile(job: tuple[str, int, Grid]) -> int:
     """Build (and run once, on a few rows) every setting of one (kernel, width); the failures' count."""
-    kernel, n = job
+    kernel, n, grid = job
     bad = 0
-    for launch in _settings(kernel):
+    for launch in _settings(kernel, grid):
         R.ROW_LAUNCH[kernel] = launch
         try:
-            _cases(kernel, 4096, n)()
+            _case(kernel, 4096, n, "cuda")()
         except Exception:  # out of registers or shared memory: skipped when timed too
             bad += 1
     torch.cuda.synchronize()
     return bad
 
 
-def _first_stages(lines: list[str], workers: int) -> dict[str, tuple[int, int, int]]:
-    """Times every kernel's grid; appends the table to ``lines``; returns each kernel's fastest setting."""
-    jobs = [(k, n) for k in DEFAULTS for n in sorted({n for _, n in _shapes(k)})]
-    with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-        bad = sum(pool.map(_compile, jobs))
-    print(f"compiled; {bad} settings failed to build or run", flush=True)
+def _first_stages(lines: list[str], grid: Grid, device: str, workers: int) -> dict[str, tuple[int, int, int]]:
+    """Times every kernel's settings; appends the table to ``lines``; returns each kernel's fastest setting."""
+    if device == "cuda":
+        jobs = [(k, n, grid) for k in DEFAULTS for n in sorted({n for _, n in _shapes(k, grid)})]
+        with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+            bad = sum(pool.map(_compile, jobs))
+        print(f"compiled; {bad} settings failed to build or run", flush=True)
     lines += [
         "| kernel | default (tile, warps, rows) | us | fastest | us | gain | per shape, m x n: default -> fastest us |",
         "|---|---|---:|---|---:|---:|---|",
     ]
     fastest = {}
     for kernel, default in DEFAULTS.items():
-        calls = {shape: _cases(kernel, *shape) for shape in _shapes(kernel)}
+        calls = {shape: _case(kernel, *shape, device) for shape in _shapes(kernel, grid)}
         per: dict[R.RowLaunch, dict[tuple[int, int], float]] = {}
-        for launch in _settings(kernel):
+        for launch in _settings(kernel, grid):
             R.ROW_LAUNCH[kernel] = launch
             try:
-                per[launch] = {shape: _graph_us(fn) for shape, fn in calls.items()}
+                per[launch] = {shape: _time_us(fn, device) for shape, fn in calls.items()}
             except Exception:
                 continue
         R.ROW_LAUNCH[kernel] = default
@@ -144,16 +163,21 @@ def _first_stages(lines: list[str], workers: int) -> dict[str, tuple[int, int, i
     return fastest
 
 
-def _second_stage(lines: list[str]) -> tuple[int, int]:
-    """Times PyTorch's second stage and each of SUM_TILES; appends the table to ``lines``; returns the fastest tile."""
-    calls = {(k, shape): _cases(k, *shape) for k in ("column_sum", "layer_norm_backward") for shape in _shapes(k)}
+def _torch_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return partial.sum(dim=0).to(dtype)
+
+
+def _second_stage(lines: list[str], grid: Grid, device: str) -> tuple[int, int]:
+    """Times PyTorch's second stage and each of the grid's tiles; appends the table to ``lines``; returns the fastest
+    tile."""
+    kernels = ("column_sum", "layer_norm_backward")
+    calls = [_case(k, *shape, device) for k in kernels for shape in _shapes(k, grid)]
     lines += ["", "| second stage | (BLOCK_P, BLOCK_W) | us, summed | gain over PyTorch's |", "|---|---|---:|---:|"]
     totals = {}
-    for tile in [None, *SUM_TILES]:
-        summer = REAL_SUM if tile else (lambda partial, dtype: partial.sum(dim=0).to(dtype))
+    for tile in [None, *grid.sum_tiles]:
         R.SUM_LAUNCH = tile or DEFAULT_SUM
-        R.sum_partials = E.sum_partials = summer  # the name both modules call
-        totals[tile] = sum(_graph_us(fn) for fn in calls.values())
+        R.sum_partials = E.sum_partials = REAL_SUM if tile else _torch_sum  # the name both modules call
+        totals[tile] = sum(_time_us(fn, device) for fn in calls)
     R.SUM_LAUNCH, R.sum_partials, E.sum_partials = DEFAULT_SUM, REAL_SUM, REAL_SUM
     for tile, us in sorted(totals.items(), key=lambda kv: kv[1]):
         name = "PyTorch: sum(0), then the cast" if tile is None else "sum_partials"
@@ -162,21 +186,36 @@ def _second_stage(lines: list[str]) -> tuple[int, int]:
     return min((t for t in totals if t is not None), key=totals.__getitem__)
 
 
-def main() -> None:
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--stages", nargs="+", choices=["first", "second"], default=["first", "second"])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("rows_sweep.py times CUDA kernels: run it on a GPU")
-    lines = [f"## Row kernels' launch settings, {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, us "
-             f"per call (CUDA graphs), summed over rows {ROWS}", ""]  # fmt: skip
+    d = Grid()
+    for name in ("rows", "norm_widths", "sum_widths", "tiles", "warps", "per_program"):
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, nargs="+", default=getattr(d, name), help=f"default: {getattr(d, name)}")
+    parser.add_argument("--sum-tiles", type=_ints, nargs="+", default=d.sum_tiles, help="BLOCK_P,BLOCK_W ...")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (--device cpu runs the check under Triton's interpreter)")
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--device cpu runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
+    grid = Grid(*(tuple(getattr(args, name)) for name in Grid._fields))
+    lines = [f"## Row kernels' launch settings, {device_name(args.device)}, torch {torch.__version__}, bf16, us per "
+             f"call ({'CUDA graphs' if args.device == 'cuda' else 'the interpreter: not a GPU measure'}), summed over "
+             f"rows {list(grid.rows)}", ""]  # fmt: skip
     fastest: dict[str, object] = {}
     if "first" in args.stages:
-        fastest["ROW_LAUNCH"] = _first_stages(lines, args.workers)
+        fastest["ROW_LAUNCH"] = _first_stages(lines, grid, args.device, args.workers)
     if "second" in args.stages:
-        fastest["SUM_LAUNCH"] = _second_stage(lines)
+        fastest["SUM_LAUNCH"] = _second_stage(lines, grid, args.device)
+    synchronize(args.device)
     text = "\n".join(lines) + "\n"
     print(text)
     # One line for jobs (gpu/rows_tune.sh): Python literals to set in avex.train.rows for a run of the step.
@@ -184,7 +223,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

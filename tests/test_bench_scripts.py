@@ -113,3 +113,34 @@ def test_env_kernels_script_under_interpreter(tmp_path: Path) -> None:
     assert all(None not in t["us"] for t in ent["times"])
     assert ent["entry"].startswith("LAUNCHES[(5, 32, torch.float32)] = Launch(16, ")
     assert "## Entropy kernel launch settings" in out.read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_rows_sweep_script_under_interpreter(tmp_path: Path) -> None:
+    """benchmarks/rows_sweep.py end to end on tiny shapes under Triton's interpreter: a row per kernel with its
+    default among the timed settings, the second stage's table, and a last line that gpu/rows_tune.sh can read back
+    as RowLaunch and SUM_LAUNCH values."""
+    import ast
+
+    out = tmp_path / "rows.md"
+    argv = ["--device", "cpu", "--rows", "300", "--norm-widths", "48", "--sum-widths", "48", "100"]
+    argv += ["--tiles", "512", "2048", "--warps", "4", "--per-program", "64", "128", "--sum-tiles", "256,8", "64,32"]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "benchmarks/rows_sweep.py", *argv, "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = out.read_text()
+    for kernel in ("layer_norm_backward", "column_sum", "residual_norm_forward", "residual_norm_backward"):
+        assert f"| {kernel} | " in table
+    assert "| PyTorch: sum(0), then the cast |  |" in table and "| sum_partials | (64, 32) |" in table
+    fastest = ast.literal_eval(done.stdout.strip().splitlines()[-1].removeprefix("fastest: "))
+    from avex.train.rows import RowLaunch
+
+    assert set(fastest["ROW_LAUNCH"]) == {"layer_norm_backward", "column_sum", "residual_norm_forward",
+                                          "residual_norm_backward"}  # fmt: skip
+    for setting in fastest["ROW_LAUNCH"].values():
+        launch = RowLaunch(*setting)
+        assert launch.tile in (512, 2048, 4096, 1024) and launch.num_warps == 4  # the grid's, or a default's
+    assert fastest["SUM_LAUNCH"] in [(256, 8), (64, 32)]
