@@ -22,7 +22,6 @@ import argparse
 import itertools
 import os
 import sys
-import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -31,6 +30,9 @@ from typing import NamedTuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script's timer, as sdpa_short.py takes it
+from env_kernels import per_call_us  # noqa: E402
+
 from avex.layer_norm import layer_norm_forward  # noqa: E402
 from avex.platform_info import device_name, synchronize  # noqa: E402
 from avex.train import epilogue as E  # noqa: E402
@@ -90,32 +92,11 @@ def _settings(kernel: str, grid: Grid) -> list[R.RowLaunch]:
     return out
 
 
-def _time_us(fn: Callable[[], object], device: str, reps: int = 20, calls: int = 10) -> float:
-    """us per call of fn: on CUDA replayed from a graph of ``calls`` calls (as the graphed step runs them), elsewhere
-    by the wall clock around one call (the interpreter's time says nothing of a GPU's)."""
-    if device != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e6
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start_ev.record()
-    for _ in range(reps):
-        graph.replay()
-    end_ev.record()
-    torch.cuda.synchronize()
-    return start_ev.elapsed_time(end_ev) * 1e3 / (reps * calls)
+def _time_us(fn: Callable[[], object], device: str) -> float:
+    """us per call of fn: on CUDA a graph of 10 calls replayed 20 times (as the graphed step runs them); elsewhere
+    the wall clock around one call (the interpreter's time says nothing of a GPU's)."""
+    on_gpu = device == "cuda"
+    return per_call_us(fn, torch.device(device), calls=10 if on_gpu else 1, reps=20)
 
 
 def _compile(job: tuple[str, int, Grid]) -> int:
