@@ -152,8 +152,8 @@ def test_train_kernels_under_interpreter() -> None:
         assert (R.column_sum(x) - x.double().sum(0)).abs().max() < 1e-3 and R.column_sum(x[:0]).eq(0).all()  # a row: ~1
         # Other launch settings (as benchmarks/rows_sweep.py sets them): 32 and 256 rows per program, small tiles.
         R.ROW_LAUNCH.update(column_sum=R.RowLaunch(512, 2, 32), layer_norm_backward=R.RowLaunch(512, 8, 256))
-        assert R.row_blocks("column_sum", 1000, 100) == (128, 4, 8, 32)
-        assert R.row_blocks("layer_norm_backward", 999, 64) == (64, 8, 32, 4)
+        assert R.row_blocks("column_sum", 1000, 100) == (128, 4, 8, 32, 2)
+        assert R.row_blocks("layer_norm_backward", 999, 64) == (64, 8, 32, 4, 8)
         assert (R.column_sum(x) - x.double().sum(0)).abs().max() < 1e-3
         x, w, b = (torch.randn(*sh, generator=gen, requires_grad=True) for sh in ((999, 64), (64,), (64,)))
         ref = [t.detach().clone().requires_grad_() for t in (x, w, b)]

@@ -246,7 +246,7 @@ def _residual_norm_backward(
     assert dx is not None
     dy = torch.empty_like(z) if scaled else dx
     slots = 1 + 2 * norm + scaled
-    block_n, block_m, chunks, programs = row_blocks("residual_norm_backward", m, n)
+    block_n, block_m, chunks, programs, warps = row_blocks("residual_norm_backward", m, n)
     partial = torch.empty(programs, slots, n, dtype=torch.float32, device=z.device)
     if programs:
         _residual_norm_bwd_kernel[(programs,)](
@@ -254,7 +254,7 @@ def _residual_norm_backward(
             z if mean is None else mean, z if rstd is None else rstd,
             z if y is None else y.reshape(m, n).contiguous(), b, b if gamma is None else gamma,
             dx, dy, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks, SLOTS=slots,
-            GAMMA=scaled, NORM=norm, DZ=dz2 is not None, num_warps=ROW_LAUNCH["residual_norm_backward"].num_warps,
+            GAMMA=scaled, NORM=norm, DZ=dz2 is not None, num_warps=warps,
         )  # fmt: skip
     return dx, dy, sum_partials(partial, z.dtype)  # fp32 sums, rounded once
 

@@ -147,15 +147,15 @@ ROW_LAUNCH: dict[str, RowLaunch] = {
 }
 
 
-def row_blocks(kernel: str, m: int, n: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_M, CHUNKS, programs) of ``kernel``'s pass over m rows of n features, by :data:`ROW_LAUNCH`:
-    each program takes CHUNKS tiles of BLOCK_M consecutive rows (``rows`` rows in all)."""
+def row_blocks(kernel: str, m: int, n: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, CHUNKS, programs, num_warps) of ``kernel``'s pass over m rows of n features, by
+    :data:`ROW_LAUNCH`: each program takes CHUNKS tiles of BLOCK_M consecutive rows (``rows`` rows in all)."""
     if kernel not in ROW_LAUNCH:
         raise ValueError(f"row_blocks: kernel must be one of {sorted(ROW_LAUNCH)}, got {kernel!r}")
     launch = ROW_LAUNCH[kernel]
     block_n, block_m = _row_blocks(n, launch.tile)
     block_m = min(block_m, launch.rows)
-    return block_n, block_m, launch.rows // block_m, triton.cdiv(m, launch.rows)
+    return block_n, block_m, launch.rows // block_m, triton.cdiv(m, launch.rows), launch.num_warps
 
 
 def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -193,13 +193,13 @@ def layer_norm_backward(
     n = x.shape[-1]
     x2, dy2 = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
     m = x2.shape[0]
-    block_n, block_m, chunks, programs = row_blocks("layer_norm_backward", m, n)
+    block_n, block_m, chunks, programs, warps = row_blocks("layer_norm_backward", m, n)
     dx = torch.empty_like(x2)
     partial = torch.empty(programs, 2, n, dtype=torch.float32, device=x.device)
     if programs:
         _layer_norm_bwd_kernel[(programs,)](
             x2, dy2, weight, mean.reshape(-1), rstd.reshape(-1), dx, partial, m, n,
-            BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks, num_warps=ROW_LAUNCH["layer_norm_backward"].num_warps,
+            BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks, num_warps=warps,
         )  # fmt: skip
     sums = sum_partials(partial, weight.dtype)  # fp32 sums, rounded once (sum's dtype= would round each partial)
     return dx.view(x.shape), sums[0], sums[1]
@@ -209,13 +209,12 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
     """fp32 sums over the rows of a contiguous [M, N] tensor, in x's dtype: a bias gradient, in one Triton pass
     and a small second sum (PyTorch's own column reduction reads such tensors at a third of the bandwidth)."""
     m, n = x.shape
-    block_n, block_m, chunks, programs = row_blocks("column_sum", m, n)
+    block_n, block_m, chunks, programs, warps = row_blocks("column_sum", m, n)
     partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)
     if programs:
         _column_sum_kernel[(programs,)](
-            x, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks,
-            num_warps=ROW_LAUNCH["column_sum"].num_warps,
-        )  # fmt: skip
+            x, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks, num_warps=warps
+        )
     return sum_partials(partial, x.dtype)  # fp32 sums, rounded once
 
 
