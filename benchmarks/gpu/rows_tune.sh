@@ -2,7 +2,8 @@
 # One device-tool call: launch settings of training's row kernels (avex.train.rows: ROW_LAUNCH, SUM_LAUNCH), and the
 # graphed step before and after a change to them.
 # 1. SWEEP=1: benchmarks/rows_sweep.py (STAGES: first second), each row kernel alone over a grid of (tile, warps,
-#    rows per program), and the column sums' second stage by PyTorch or sum_partials -> $R/rows_sweep.md;
+#    rows per program), and the column sums' second stage by PyTorch or sum_partials -> $R/rows_sweep.md; SWEEP_ARGS
+#    go to the script (e.g. a smaller grid, so that compiling and timing fit SWEEP_S on a fresh machine);
 # 2. cuda_tests over TESTS (the training kernels' test files; TESTS=none skips them);
 # 3. the graphed step (benchmarks/train_speed.py, batch 1024, STEPS=200 steps) with the tree before (BEFORE, made as
 #    train_ab.sh's header says), this tree, and this tree with the sweep's fastest settings set for the run
@@ -12,7 +13,8 @@ source "$(dirname "$0")/setup.sh"
 BEFORE=${BEFORE:-runs/before_train}
 [ -d "$BEFORE/avex" ] || { echo "no tree before the change at $BEFORE: see train_ab.sh's header"; exit 2; }
 if [ "${SWEEP:-1}" = 1 ]; then
-  timeout ${SWEEP_S:-300} python3 benchmarks/rows_sweep.py --stages ${STAGES:-first second} --out $R/rows_sweep.md \
+  timeout ${SWEEP_S:-300} python3 benchmarks/rows_sweep.py --stages ${STAGES:-first second} ${SWEEP_ARGS:-} \
+    --out $R/rows_sweep.md \
     2>&1 | grep -v -i warn | tee $R/rows_sweep.log | grep -E "^\||compiled|Error|error" | tail -14
   pack
 fi
