@@ -144,28 +144,3 @@ def test_rows_sweep_script_under_interpreter(tmp_path: Path) -> None:
         launch = RowLaunch(*setting)
         assert launch.tile in (512, 2048, 4096, 1024) and launch.num_warps == 4  # the grid's, or a default's
     assert fastest["SUM_LAUNCH"] in [(256, 8), (64, 32)]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-def test_mlp_sweep_script_under_interpreter(tmp_path: Path) -> None:
-    """benchmarks/mlp_sweep.py end to end on a tiny shape under Triton's interpreter: a row per kernel and for the
-    whole branch, and a last line that gpu/rows_tune.sh reads back as MlpLaunch values of the timed grid."""
-    import ast
-
-    out = tmp_path / "mlp.md"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run(
-        [sys.executable, "benchmarks/mlp_sweep.py", "--device", "cpu", "--rows", "40", "--widths", "48",
-         "--settings", "2", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    table = out.read_text()
-    for kernel in ("fc1_gelu", "gelu_grad", "branch"):
-        assert f"| {kernel} | 40 x 48 | " in table
-    fastest = ast.literal_eval(done.stdout.strip().splitlines()[-1].removeprefix("fastest: "))
-    from avex.train.mlp import MlpLaunch
-
-    assert set(fastest["MLP_LAUNCH"]) == {"fc1_gelu", "gelu_grad"}
-    grid = [MlpLaunch(128, 128, 64, 8, 3), MlpLaunch(128, 128, 64, 4, 3)]  # the script's first two settings
-    assert all(MlpLaunch(*s) in grid for s in fastest["MLP_LAUNCH"].values())

@@ -10,9 +10,6 @@ The same function of the same weights, computed the way a GPU likes it:
 * **residual adds** in the pass of the layer norm that reads the sum next (the block's second norm, the next
   block's first, the final norm), with the bias of the layer before them and the layer scale, forward and
   backward (:mod:`avex.train.epilogue`): a block hands its last add, pending, to the next;
-* **the MLP's GELU** inside its two products (:mod:`avex.train.mlp`): fc1 writes the pre-activation and its
-  GELU in one pass, and the backward's product through fc2 multiplies by the GELU's slope and sums fc1's bias
-  gradient in its epilogue;
 * **attention** for the short rows of the iterator and the aggregator by the Triton kernels of
   :mod:`avex.train.kernels` (forward and backward), PyTorch's fused SDPA for longer rows;
 * **glimpses** gathered as patch rows straight from the canvases (no copy of a canvas per glimpse), normalised
@@ -51,7 +48,6 @@ from avex.model import TOREViT
 from avex.train.epilogue import train_residual, train_residual_norm
 from avex.train.flat import GradReduce, cast_params
 from avex.train.kernels import train_attention
-from avex.train.mlp import train_mlp
 from avex.train.rows import train_add_row, train_layer_norm, train_linear
 
 __all__ = ["FusedObjective", "fused_refusal"]
@@ -222,8 +218,8 @@ def _block(x: _Stream, w: dict[str, torch.Tensor], s: _BlockSpec, first: int = 0
     x, n = _norm(x, w, p + s.norm1, s.eps1)
     a = _product(train_attention(_linear(n, w, p + s.qkv), s.heads, first), w, p + s.proj)
     x, n = _norm(_branch(x[:, first:], a, w, p, s.proj, s.ls1), w, p + s.norm2, s.eps2)
-    y = train_mlp(n, w[p + s.fc1 + ".weight"], w[p + s.fc1 + ".bias"], w[p + s.fc2 + ".weight"])
-    return _branch(x, y, w, p, s.fc2, s.ls2)
+    h = F.gelu(_linear(n, w, p + s.fc1))
+    return _branch(x, _product(h, w, p + s.fc2), w, p, s.fc2, s.ls2)
 
 
 def _heads(blk: nn.Module) -> int:
