@@ -3,12 +3,14 @@
 # graphed step before and after a change to them.
 # 1. SWEEP=1: benchmarks/rows_sweep.py (STAGES: first second), each row kernel alone over a grid of (tile, warps,
 #    rows per program), and the column sums' second stage by PyTorch or sum_partials -> $R/rows_sweep.md; SWEEP_ARGS
-#    go to the script (e.g. a smaller grid, so that compiling and timing fit SWEEP_S on a fresh machine);
+#    go to the script (its default grid with STAGES=first, and the three step runs, took 408 s in one call on a fresh
+#    H200);
 # 2. cuda_tests over TESTS (the training kernels' test files; TESTS=none skips them);
 # 3. the graphed step (benchmarks/train_speed.py, batch 1024, STEPS=200 steps) with the tree before (BEFORE, made as
 #    train_ab.sh's header says), this tree, and this tree with the sweep's fastest settings set for the run
 #    -> $R/train_before.md, train_after.md, train_fastest.md (put those settings into avex/train/rows.py if it wins).
-# Usage (device tool, carry .whl, data and runs/before_train):  bash benchmarks/gpu/rows_tune.sh   (about 8 minutes)
+# Usage (device tool, carry .whl, data and runs/before_train):  TESTS=none bash benchmarks/gpu/rows_tune.sh
+# (about 7 minutes; the CUDA tests add about 3)
 source "$(dirname "$0")/setup.sh"
 BEFORE=${BEFORE:-runs/before_train}
 [ -d "$BEFORE/avex" ] || { echo "no tree before the change at $BEFORE: see train_ab.sh's header"; exit 2; }
