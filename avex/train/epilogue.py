@@ -13,7 +13,7 @@ ops under autograd.
 The MLP's bias and GELU stay with cuBLAS and PyTorch: a Triton pass for gelu(y + b) forward and one for its
 backward with the bias's column sums took 0.94 and 1.68 ms per step on an H200, against 0.69 and 0.93 for
 PyTorch's GELU kernels with the bias in cuBLAS's epilogue; the GELU inside Triton matrix products (fc1's forward,
-the backward's product through fc2) slowed the step by 4% (benchmarks/RESULTS.md section 7.1).
+the backward's product through fc2) slowed the step by 2-4% (benchmarks/RESULTS.md section 7.1).
 
 Shapes: M rows, N features (D, the residual width).
 """
