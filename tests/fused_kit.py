@@ -37,7 +37,8 @@ def fused_equals_eager(
     model: Any, batch: Batch, recon: float, grad_atol: float = 1e-6
 ) -> Iterator[tuple[int, list[torch.Tensor], dict[str, torch.Tensor]]]:
     """For every K: assert the fused objective's outputs and gradients equal the eager one's (fp32 tolerances:
-    outputs 1e-5 relative / 2e-6 absolute, gradients 1e-4 / ``grad_atol``), the same parameters getting gradients;
+    outputs 1e-5 relative / 2e-6 absolute, gradients 1e-4 / ``grad_atol`` plus 2e-6 of the tensor's largest entry), the
+    same parameters getting gradients;
     then yield (K, the eager outputs, the eager gradients) for the caller's own checks."""
     geo = model.geometry(2)
     eager = TOREObjective(model, geo, recon, label_smoothing=0.1)
@@ -49,5 +50,8 @@ def fused_equals_eager(
             torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
         assert got_grads.keys() == want_grads.keys()  # the same parameters get gradients (zeros included)
         for name, g in want_grads.items():
-            torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=grad_atol, msg=f"K={K} {name}")
+            # plus 2e-6 of the tensor's largest entry: a sum over every row of the batch (a register token's, a
+            # position's) rounds differently with the order, which differs between CPUs' matrix kernels
+            atol = grad_atol + 2e-6 * float(g.abs().max())
+            torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=atol, msg=f"K={K} {name}")
         yield K, want, want_grads
