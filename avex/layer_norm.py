@@ -23,7 +23,7 @@ from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback, triton
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["MAX_FEATURES", "MIN_ROWS", "layer_norm", "layer_norm_forward", "norm_forward"]
+__all__ = ["MAX_FEATURES", "MIN_ROWS", "ONES_COLUMNS", "layer_norm", "layer_norm_forward", "norm_forward"]
 
 MAX_FEATURES = 8192  # the widest row norm_forward sends to the kernel (one row then fills a program's tile)
 # Fewer rows go to PyTorch's kernel: both kernels are then a few microseconds on the GPU, and PyTorch's launches
@@ -32,6 +32,10 @@ MIN_ROWS = 2048
 _ROWS = 128  # the most rows per program (the reductions over rows of avex.train.rows take this many)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NORMS = (nn.LayerNorm, TimmLayerNorm)  # F.layer_norm over the last axis: the kernel's arithmetic
+# Columns stored beside each row of an output asked for ``ones=True``: a 1, then zeros (16-byte aligned rows in
+# any dtype). A linear layer that reads such rows gets its bias gradient as one more column of its weight gradient's
+# product (avex.train.rows.train_linear), instead of a separate pass over its output's gradient.
+ONES_COLUMNS = 8
 
 
 if triton is not None:
@@ -49,6 +53,15 @@ if triton is not None:
         return xc * rstd[:, None] * w[None, :] + b[None, :], mean, rstd
 
     @triton.jit
+    def _store_ones(y_ptr, rows64, in_rows, stride_y, N, BLOCK_M: tl.constexpr, ONES: tl.constexpr):
+        """Columns N .. N + ONES - 1 of the given rows of y: a 1, then zeros (see :data:`ONES_COLUMNS`). Shared with
+        the residual norm's forward (avex.train.epilogue)."""
+        pad = tl.arange(0, ONES)
+        ones = tl.zeros([BLOCK_M, ONES], dtype=tl.float32) + tl.where(pad == 0, 1.0, 0.0)[None, :]
+        offs = rows64[:, None] * stride_y + N + pad[None, :]
+        tl.store(y_ptr + offs, ones.to(y_ptr.dtype.element_ty), mask=in_rows[:, None])
+
+    @triton.jit
     def _layer_norm_fwd_kernel(
         x_ptr,
         w_ptr,
@@ -59,13 +72,15 @@ if triton is not None:
         M,
         N,
         stride_x,
+        stride_y,
         eps,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         STATS: tl.constexpr,
+        ONES: tl.constexpr,
     ):
-        # BLOCK_M rows per program of x (rows stride_x apart, unit column stride) into the contiguous [M, N] y;
-        # mean and 1/std per row in fp32 (_normalize_rows), stored when STATS.
+        # BLOCK_M rows per program of x (rows stride_x apart, unit column stride) into y (rows stride_y apart);
+        # mean and 1/std per row in fp32 (_normalize_rows), stored when STATS; ONES columns after each row's N.
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         in_rows, in_cols = rows < M, cols < N
@@ -73,7 +88,9 @@ if triton is not None:
         rows64 = rows.to(tl.int64)  # 64-bit offsets: rows x N passes 2**31 at large batches
         x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y, mean, rstd = _normalize_rows(x, mask, w_ptr, b_ptr, cols, in_cols, N, eps)
-        tl.store(y_ptr + rows64[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        if ONES > 0:
+            _store_ones(y_ptr, rows64, in_rows, stride_y, N, BLOCK_M, ONES)
         if STATS:
             tl.store(mean_ptr + rows, mean, mask=in_rows)
             tl.store(rstd_ptr + rows, rstd, mask=in_rows)
@@ -93,8 +110,9 @@ def _forward(
     stats: bool,
     block_m: int | None,
     num_warps: int | None,
+    ones: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """y like ``x`` (contiguous), and fp32 mean and 1/std per row when ``stats``; see :func:`layer_norm_forward`."""
+    """y shaped as ``x``, and fp32 mean and 1/std per row when ``stats``; see :func:`layer_norm_forward`."""
     if triton is None:
         raise RuntimeError("layer_norm_forward needs Triton (it ships with PyTorch's CUDA wheels)")
     n = x.shape[-1]
@@ -109,13 +127,15 @@ def _forward(
     block_m = block_m or default_m
     if block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two, got {block_m}")
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    pad = ONES_COLUMNS if ones else 0
+    y = torch.empty(m, n + pad, device=x.device, dtype=x.dtype)[:, :n]
     mean = torch.empty(m, dtype=torch.float32, device=x.device) if stats else None
     rstd = torch.empty_like(mean) if mean is not None else None
     if m:
         _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
             x2, weight.contiguous(), bias.contiguous(), y, mean if stats else y, rstd if stats else y,
-            m, n, x2.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, STATS=stats, num_warps=num_warps or 4,
+            m, n, x2.stride(0), y.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, STATS=stats, ONES=pad,
+            num_warps=num_warps or 4,
         )  # fmt: skip
     return y.view(x.shape), mean, rstd
 
@@ -128,6 +148,7 @@ def layer_norm_forward(
     *,
     block_m: int | None = None,
     num_warps: int | None = None,
+    ones: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Layer norm over the last axis by a Triton kernel that takes many short rows per program (PyTorch's takes
     one row per block: at 192 features its fixed cost per row, not the bandwidth, sets the pace). No autograd
@@ -140,12 +161,14 @@ def layer_norm_forward(
         eps: added to the variance.
         block_m, num_warps: launch settings (rows per program, a power of two; warps); None: a tile of about
             4,096 elements, 4 warps.
+        ones: store y's rows N + :data:`ONES_COLUMNS` apart, each followed by a 1 and zeros (y is then a view of
+            those rows; see :data:`ONES_COLUMNS`); False: y contiguous.
 
     Returns:
-        y like ``x`` (contiguous, x's dtype); mean and 1/std, fp32, one per row (as ``torch.native_layer_norm``'s,
+        y shaped as ``x`` in x's dtype; mean and 1/std, fp32, one per row (as ``torch.native_layer_norm``'s,
         flattened).
     """
-    y, mean, rstd = _forward(x, weight, bias, eps, True, block_m, num_warps)
+    y, mean, rstd = _forward(x, weight, bias, eps, True, block_m, num_warps, ones)
     assert mean is not None and rstd is not None
     return y, mean, rstd
 

@@ -9,6 +9,10 @@ against an fp32 reference, and on the CPU without the interpreter (PyTorch's ops
 128 rows. Then the whole fused step with the kernels equals the
 eager objective, with and without layer scale.
 
+The norms' outputs stored beside a column of ones (``ones=True``) feed ``train_linear(..., ones=True)``, whose bias
+gradient is then that column of its weight gradient's product: checked the same way against ``F.layer_norm`` and
+``F.linear``, with a stored column of 2s in place of the ones failing the check.
+
 fp32 tolerances: outputs 1e-5 relative / 2e-5 absolute (the summation order differs), gradients the same plus
 1e-6 of the largest entry (a column sum over hundreds of rows is far larger than one element).
 """
@@ -94,6 +98,67 @@ def check_residual_norm(
     )
 
 
+def ones_case(
+    device: str, dtype: torch.dtype, d: int, rows: tuple[int, int], residual: bool, tol: float, tamper: bool = False
+) -> bool:
+    """A norm asked for ``ones=True`` (train_residual_norm, or train_layer_norm) into ``train_linear(..., ones=True)``,
+    the linear layer's output and every gradient against a reference, the stored columns a 1 then zeros where the
+    kernels ran. The reference: in fp32, ``F.layer_norm`` then ``F.linear``; in a lower dtype, the same ops without
+    the ones column on the same inputs (a product over hundreds of rows of bf16 gradients is itself far from fp32; the
+    ones column must not move it). ``tamper``: the stored 1s made 2s before the linear layer reads them (the bias
+    gradient then doubles). Returns whether the ones column was used."""
+    from avex.layer_norm import ONES_COLUMNS
+    from avex.train.epilogue import train_residual_norm
+    from avex.train.rows import ones_rows, train_layer_norm, train_linear
+
+    def norm_linear(x, y, b, w, nb, lw, lb, ones: bool):  # type: ignore[no-untyped-def]
+        if dtype == torch.float32 and not ones:
+            z = x + (y + b) if residual else x
+            return F.linear(F.layer_norm(z, (d,), w, nb, 1e-6), lw, lb), None
+        if residual:
+            n = train_residual_norm(x, y, b, None, w, nb, 1e-6, ones=ones)[1]
+        else:
+            n = train_layer_norm(x, w, nb, 1e-6, ones=ones)
+        stored = ones_rows(n) if ones else None
+        if stored is not None and tamper:  # through a tensor of its own on the same memory: autograd does not see it
+            raw = n.new_empty(0).set_(n.untyped_storage(), stored.storage_offset(), stored.shape, stored.stride())
+            raw[:, d] = 2
+        return train_linear(n, lw, lb, ones=ones), stored
+
+    gen = torch.Generator(device=device).manual_seed(d + rows[1] + residual)
+    x = torch.randn(*rows, d, generator=gen, device=device) * 2 + 0.5
+    y = torch.randn(*rows, d, generator=gen, device=device)
+    vecs = [torch.randn(d, generator=gen, device=device) for _ in range(3)]  # b, the norm's weight and bias
+    lw = torch.randn(3 * d, d, generator=gen, device=device) / d**0.5
+    lb = torch.randn(3 * d, generator=gen, device=device)
+    leaves = [t.to(dtype).requires_grad_() for t in (x, y, *vecs, lw, lb)]
+    refs = [t.detach().clone().requires_grad_() for t in leaves]
+    got, stored = norm_linear(*leaves, ones=True)
+    if stored is not None and not tamper:
+        assert torch.equal(stored[:, d], torch.ones_like(stored[:, d])), "the stored column is not all ones"
+        assert not stored[:, d + 1 : d + ONES_COLUMNS].any(), "the stored columns after the ones are not zeros"
+    want = norm_linear(*refs, ones=False)[0]
+    case = f"D={d} rows={rows} residual={residual}"
+    _close(got, want, tol, f"{case} out")
+    grad = torch.randn(want.shape, generator=gen, device=device).to(dtype)
+    got.backward(grad)
+    want.backward(grad)
+    for name, leaf, ref in zip(("x", "y", "b", "weight", "bias", "linear weight", "linear bias"), leaves, refs):
+        if ref.grad is None:  # y and b without the residual add
+            assert leaf.grad is None, (case, name)
+        else:
+            _close(leaf.grad, ref.grad, tol, f"{case} d{name}")
+    return stored is not None and type(got.grad_fn).__name__ == "_LinearBackward"
+
+
+def check_ones(
+    device: str, dtype: torch.dtype, widths: tuple[int, ...], shapes: tuple[tuple[int, int], ...], tol: float
+) -> int:
+    """:func:`ones_case` for every width and shape, after a residual add's norm and a plain norm. Returns how many
+    used the ones column."""
+    return sum(ones_case(device, dtype, d, rows, res, tol) for d in widths for rows in shapes for res in (True, False))
+
+
 # ------------------------------------------------------------------------------ the kernels (interpreter)
 @needs_triton
 def test_residual_norm_kernels_match_pytorch_under_interpreter() -> None:
@@ -120,6 +185,26 @@ def test_residual_norm_kernels_match_pytorch_under_interpreter() -> None:
 
 
 @needs_triton
+def test_bias_gradient_from_the_ones_column_under_interpreter() -> None:
+    """fp32: every case stores the ones column and takes the bias gradient from it, equal to PyTorch's composition; a
+    column of 2s doubles the bias gradient, and the check fails on it, naming the bias."""
+    out = interpreted("""
+        import torch
+        from tests.test_train_fused_norm import SHAPES, check_ones, ones_case
+        assert check_ones("cpu", torch.float32, (192, 128, 48), SHAPES, 1e-5) == 3 * len(SHAPES) * 2
+        assert check_ones("cpu", torch.bfloat16, (192,), ((2, 150),), 1e-2) == 2
+        try:
+            ones_case("cpu", torch.float32, 48, (2, 150), True, 1e-5, tamper=True)
+        except AssertionError as err:
+            assert "dlinear bias" in str(err), err
+        else:
+            raise AssertionError("the check missed a bias gradient read from a column of 2s")
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_triton
 def test_fused_step_with_the_kernels_equals_eager_under_interpreter() -> None:
     """The whole fused step with every Triton kernel (attention, layer norms, the epilogues) against the eager
     objective at every K, with the fp32 tolerances of tests/test_train_step.py: a plain ViT with two decoder
@@ -130,11 +215,20 @@ def test_fused_step_with_the_kernels_equals_eager_under_interpreter() -> None:
         from fused_kit import fused_equals_eager, random_batch
         from test_train_fused_ls import _deit3
         from train_kit import tiny_tore
-        from avex.train import kernels
+        from avex.train import kernels, rows
+        found = set()  # the widths of the linear layers' inputs stored beside the ones column
+        ones_rows = rows.ones_rows
+        def counting(x):
+            stored = ones_rows(x)
+            if stored is not None:
+                found.add(x.shape[-1])
+            return stored
+        rows.ones_rows = counting
         torch.manual_seed(0)
         for model in (tiny_tore(decoder_depth=2), _deit3()):
             assert len(list(fused_equals_eager(model, random_batch(model, 4, 3), 0.1))) == model.depth + 1
         assert kernels._WORKING[("residual norm", "cpu", torch.float32)]
+        assert found == {32, 128}, found  # the ViTs' linear layers (width 32) and the decoders' (128) read the column
         print("ok")
     """)
     assert out.strip() == "ok"
@@ -155,3 +249,4 @@ def test_epilogue_kernels_match_pytorch_on_cuda(dtype: torch.dtype) -> None:
     fp32 (2e-2 of each tensor's largest entry, as the layer norm's CUDA test)."""
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     assert check_residual_norm("cuda", dtype, (192, 128), ((1000, 98), (37, 5)), tol) == 2 * 2 * 6
+    assert check_ones("cuda", dtype, (192, 128), ((1000, 98), (37, 5)), tol / 2) == 2 * 2 * 2

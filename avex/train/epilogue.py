@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from avex.kernel_fallback import _device_may_run, triton
-from avex.layer_norm import MAX_FEATURES, _row_blocks
+from avex.layer_norm import MAX_FEATURES, ONES_COLUMNS, _row_blocks
 from avex.train.kernels import _works
 from avex.train.rows import ROW_LAUNCH, column_sum, row_blocks, sum_partials
 
 if triton is not None:
     import triton.language as tl
 
-    from avex.layer_norm import _normalize_rows  # the Triton helpers exist only with Triton
+    from avex.layer_norm import _normalize_rows, _store_ones  # the Triton helpers exist only with Triton
     from avex.train.rows import _norm_input_grad
 
 __all__ = ["train_residual", "train_residual_norm"]
@@ -57,15 +57,18 @@ if triton is not None:
         seq,
         stride_xb,
         stride_xs,
+        stride_n,
         eps,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         GAMMA: tl.constexpr,
         NORM: tl.constexpr,
+        ONES: tl.constexpr,
     ):
         # BLOCK_M rows per program. Row r of x lies at (r // seq) * stride_xb + (r % seq) * stride_xs (a slice of
-        # tokens x[:, first:] read in place); y, z and n are contiguous [M, N]. z is rounded to its dtype once and
-        # the norm (NORM) taken of that rounded z: backward reads the stored z, and so saw the eager step's norm.
+        # tokens x[:, first:] read in place); y and z are contiguous [M, N], n's rows stride_n apart, each followed
+        # by ONES columns (a 1, then zeros: avex.layer_norm.ONES_COLUMNS). z is rounded to its dtype once and the
+        # norm (NORM) taken of that rounded z: backward reads the stored z, and so saw the eager step's norm.
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         in_rows, in_cols = rows < M, cols < N
@@ -82,7 +85,9 @@ if triton is not None:
         tl.store(z_ptr + offs, z, mask=mask)
         if NORM:
             out, mean, rstd = _normalize_rows(z.to(tl.float32), mask, w_ptr, nb_ptr, cols, in_cols, N, eps)
-            tl.store(n_ptr + offs, out.to(n_ptr.dtype.element_ty), mask=mask)
+            tl.store(n_ptr + rows64[:, None] * stride_n + cols[None, :], out.to(n_ptr.dtype.element_ty), mask=mask)
+            if ONES > 0:
+                _store_ones(n_ptr, rows64, in_rows, stride_n, N, BLOCK_M, ONES)
             tl.store(mean_ptr + rows, mean, mask=in_rows)
             tl.store(rstd_ptr + rows, rstd, mask=in_rows)
 
@@ -181,15 +186,18 @@ def _residual_norm_forward(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
+    ones: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """z = x + (y + b) * gamma and, where ``weight`` is given, n = its layer norm, by one Triton pass.
 
     Args:
         x: [..., N] (any strides; see :func:`_rows_in_place`). y: like x, contiguous or copied. b, gamma: [N].
         weight, bias: the norm's [N], or None: z alone.
+        ones: n's rows stored each beside a column of ones (:data:`~avex.layer_norm.ONES_COLUMNS`; with a norm).
 
     Returns:
-        z and n [M, N] in y's dtype (n is z without a norm); fp32 mean and 1/std [M] (empty without a norm).
+        z [M, N] and n [M, N] (a view of rows N + ONES_COLUMNS apart with ``ones``) in y's dtype (n is z without a
+        norm); fp32 mean and 1/std [M] (empty without a norm).
     """
     assert triton is not None
     n = y.shape[-1]
@@ -198,7 +206,8 @@ def _residual_norm_forward(
     m = y2.shape[0]
     norm = weight is not None
     z = torch.empty_like(y2)
-    out = torch.empty_like(y2) if norm else z
+    pad = ONES_COLUMNS if ones and norm else 0
+    out = y2.new_empty(m, n + pad)[:, :n] if norm else z
     mean = torch.empty(m if norm else 0, dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
     launch = ROW_LAUNCH["residual_norm_forward"]
@@ -206,8 +215,8 @@ def _residual_norm_forward(
     if m:
         _residual_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
             x2, y2, b, b if gamma is None else gamma, b if weight is None else weight, b if bias is None else bias,
-            z, out, mean, rstd, m, n, seq, stride_xb, stride_xs, eps,
-            BLOCK_M=block_m, BLOCK_N=block_n, GAMMA=gamma is not None, NORM=norm, num_warps=launch.num_warps,
+            z, out, mean, rstd, m, n, seq, stride_xb, stride_xs, out.stride(0), eps, BLOCK_M=block_m,
+            BLOCK_N=block_n, GAMMA=gamma is not None, NORM=norm, ONES=pad, num_warps=launch.num_warps,
         )  # fmt: skip
     return z, out, mean, rstd
 
@@ -281,8 +290,9 @@ class _ResidualNorm(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor,
         eps: float,
+        ones: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        z, n, mean, rstd = _residual_norm_forward(x, y, b, gamma, weight, bias, eps)
+        z, n, mean, rstd = _residual_norm_forward(x, y, b, gamma, weight, bias, eps, ones)
         ctx.set_materialize_grads(False)  # dz None where nothing reads z again (the final norm's): no zeros made
         ctx.save_for_backward(z, None if gamma is None else y, b, gamma, weight, mean, rstd)
         ctx.x_shape = x.shape
@@ -295,7 +305,7 @@ class _ResidualNorm(torch.autograd.Function):
             dn = torch.zeros_like(z)
         dx, dy, sums = _residual_norm_backward(z, dn, dz, weight, mean, rstd, y, b, gamma)
         db, dgamma, dweight, dbias = _split(sums, True, gamma is not None)
-        return dx.view(ctx.x_shape), dy.view(ctx.x_shape), db, dgamma, dweight, dbias, None
+        return dx.view(ctx.x_shape), dy.view(ctx.x_shape), db, dgamma, dweight, dbias, None, None
 
 
 class _Residual(torch.autograd.Function):
@@ -335,6 +345,7 @@ def train_residual_norm(
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
+    ones: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A branch's residual add and the layer norm that reads it next, with autograd; one Triton pass each way on
     CUDA (or Triton's interpreter), PyTorch's ops elsewhere.
@@ -348,13 +359,15 @@ def train_residual_norm(
         y: like x, a linear layer's output without its bias.
         b: [N] that bias. gamma: [N] the layer scale (timm's LayerScale), or None.
         weight, bias, eps: the layer norm's ([N], [N]; added to the variance).
+        ones: where the kernels run, n is stored beside a column of ones, for a linear layer to read with
+            :func:`~avex.train.rows.train_linear`'s ``ones=True`` (see :data:`~avex.layer_norm.ONES_COLUMNS`).
 
     Returns:
         z = x + (y + b) * gamma and n = layer_norm(z), both shaped as y, in y's dtype (fp32 arithmetic, rounded
         once; n is the norm of the rounded z).
     """
     if _kernels_take("residual norm", y, [x, b, gamma, weight, bias], _residual_norm_trial):
-        z, n = _ResidualNorm.apply(x, y, b, gamma, weight, bias, eps)
+        z, n = _ResidualNorm.apply(x, y, b, gamma, weight, bias, eps, ones)
         return z, n
     z = _residual_torch(x, y, b, gamma)
     return z, F.layer_norm(z, (z.shape[-1],), weight, bias, eps)
@@ -378,5 +391,5 @@ def _residual_torch(x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, gamma: to
 
 def _residual_norm_trial(x: torch.Tensor) -> torch.Tensor:
     w = torch.ones(48, device=x.device, dtype=x.dtype, requires_grad=True)
-    z, n = _ResidualNorm.apply(x, x * 2, w, w, w, torch.zeros_like(w), 1e-6)
+    z, n = _ResidualNorm.apply(x, x * 2, w, w, w, torch.zeros_like(w), 1e-6, False)
     return z + n + _Residual.apply(x, x * 2, w, w)

@@ -163,12 +163,10 @@ def fused_refusal(model: TOREViT) -> str | None:
 _POS32 = "vit.pos_embed in fp32"  # FusedObjective._weights' key of the fp32 position embedding
 
 
-def _layer_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, eps: float) -> torch.Tensor:
-    return train_layer_norm(x, w[name + ".weight"], w[name + ".bias"], eps)
-
-
-def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    return train_linear(x, w[name + ".weight"], w[name + ".bias"])
+def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, ones: bool = False) -> torch.Tensor:
+    """Linear layer ``name``; ``ones``: x is a norm's output (:func:`_norm`), its bias gradient then inside the
+    weight gradient's product (:func:`~avex.train.rows.train_linear`)."""
+    return train_linear(x, w[name + ".weight"], w[name + ".bias"], ones=ones)
 
 
 def _product(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -200,10 +198,13 @@ def _branch(
 
 
 def _norm(x: _Stream, w: dict[str, torch.Tensor], name: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the residual stream, layer norm ``name`` of it) [B, S, D], a pending add done in the norm's pass."""
+    """(the residual stream, layer norm ``name`` of it) [B, S, D], a pending add done in the norm's pass. Every
+    norm of the step feeds a linear layer, so its output is stored beside a column of ones (``ones=True``): that
+    layer's bias gradient is then a column of its weight gradient's product (``_linear(..., ones=True)``)."""
+    weight, bias = w[name + ".weight"], w[name + ".bias"]
     if isinstance(x, torch.Tensor):
-        return x, _layer_norm(x, w, name, eps)
-    return train_residual_norm(x.x, x.y, x.b, x.gamma, w[name + ".weight"], w[name + ".bias"], eps)
+        return x, train_layer_norm(x, weight, bias, eps, ones=True)
+    return train_residual_norm(x.x, x.y, x.b, x.gamma, weight, bias, eps, ones=True)
 
 
 def _settle(x: _Stream) -> torch.Tensor:
@@ -216,9 +217,9 @@ def _block(x: _Stream, w: dict[str, torch.Tensor], s: _BlockSpec, first: int = 0
     only. Returns its MLP branch's add, pending, over [B, S - first, D]."""
     p = s.prefix
     x, n = _norm(x, w, p + s.norm1, s.eps1)
-    a = _product(train_attention(_linear(n, w, p + s.qkv), s.heads, first), w, p + s.proj)
+    a = _product(train_attention(_linear(n, w, p + s.qkv, ones=True), s.heads, first), w, p + s.proj)
     x, n = _norm(_branch(x[:, first:], a, w, p, s.proj, s.ls1), w, p + s.norm2, s.eps2)
-    h = F.gelu(_linear(n, w, p + s.fc1))
+    h = F.gelu(_linear(n, w, p + s.fc1, ones=True))
     return _branch(x, _product(h, w, p + s.fc2), w, p, s.fc2, s.ls2)
 
 
@@ -386,7 +387,7 @@ class FusedObjective(nn.Module):
         b, n_seen = cells.shape
         n_pre, n = model.num_prefix, model.grid[0] * model.grid[1]
         rows = x if n_pre == 1 else torch.cat([x[:, :1], x[:, n_pre:]], dim=1)
-        e = _linear(rows, w, "decoder.embed")  # [B, 1 + L, dd]
+        e = _linear(rows, w, "decoder.embed", ones=True)  # [B, 1 + L, dd]
         pos = cast(torch.Tensor, dec.grid_pos)[0].to(e.dtype)  # [N, dd]
         seen = torch.zeros(b, n, dtype=torch.uint8, device=cells.device).scatter_(1, cells, 1)
         unseen = torch.sort(seen, dim=1, stable=True).indices[:, : n - n_seen]  # [B, M], ascending
@@ -396,7 +397,8 @@ class FusedObjective(nn.Module):
         for spec in self._dec_specs[:-1]:
             seq = _block(seq, w, spec)
         out = _block(seq, w, self._dec_specs[-1], first=1 + n_seen)  # [B, M, dd], pending
-        pred = _linear(_norm(out, w, "decoder.norm", cast(nn.LayerNorm, dec.norm).eps)[1], w, "decoder.pred")
+        normed = _norm(out, w, "decoder.norm", cast(nn.LayerNorm, dec.norm).eps)[1]
+        pred = _linear(normed, w, "decoder.pred", ones=True)
         if canvases.shape[-1] != 1:  # one channel: both pixel orders are the same
             patches = self._patches(canvases, channel_last=True)
         pix = patches.gather(1, unseen[..., None].expand(-1, -1, patches.shape[-1]))  # [B, M, Cpp] uint8

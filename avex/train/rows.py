@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from avex.kernel_fallback import _device_may_run, triton
-from avex.layer_norm import _ROWS, _row_blocks, layer_norm_forward
+from avex.layer_norm import _ROWS, ONES_COLUMNS, _row_blocks, layer_norm_forward
 from avex.train.kernels import _works
 
 if triton is not None:
@@ -32,6 +32,7 @@ __all__ = [
     "RowLaunch",
     "column_sum",
     "layer_norm_backward",
+    "ones_rows",
     "row_blocks",
     "sum_partials",
     "train_add_row",
@@ -219,20 +220,52 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Linear(torch.autograd.Function):
-    """``F.linear`` with a bias; backward: two matrix products and :func:`column_sum` for the bias."""
+    """``F.linear`` with a bias; backward: two matrix products and :func:`column_sum` for the bias, or, where x's rows
+    are stored beside a column of ones (:func:`ones_rows`), the bias gradient as that column of the weight
+    gradient's product (dy is then read once, by the product)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ones: bool) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
+        ctx.ones = ones
+        if ones:  # x's rows lie N + ONES_COLUMNS apart: the product reads them in place
+            return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], -1)
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, None]:
         x, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         dx = (dy2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None  # pixels need none
+        if ctx.ones:
+            padded = ones_rows(x)
+            assert padded is not None
+            # [x, 1, 0 ...]^T dy: [N + ONES_COLUMNS, out]; its first N rows are dW^T, the next is the bias gradient.
+            both = padded.t() @ dy2
+            n = x.shape[-1]
+            return dx, both[:n].t(), both[n], None
         dw = dy2.t() @ x.reshape(-1, x.shape[-1])
-        return dx, dw, column_sum(dy2)
+        return dx, dw, column_sum(dy2), None
+
+
+def ones_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """[M, N + ONES_COLUMNS]: the rows of x [..., N] with the columns stored beside them, where x is laid out as a
+    norm asked for ``ones=True`` stores its output (rows N + ONES_COLUMNS apart, in one block); else None.
+
+    The layout alone is checked here; the values (a 1, then zeros) are the norm's contract, so only a caller that
+    made x with ``ones=True`` should pass ``ones=True`` to :func:`train_linear`.
+    """
+    n = x.shape[-1]
+    width = n + ONES_COLUMNS
+    m = x.numel() // max(n, 1)
+    if x.dim() < 2 or x.stride(-1) != 1 or m == 0:
+        return None
+    expected = width
+    for size, stride in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1])):
+        if size != 1 and stride != expected:
+            return None
+        expected *= size
+    return x.as_strided((m, width), (width, 1))
 
 
 class _AddRow(torch.autograd.Function):
@@ -258,12 +291,19 @@ def train_add_row(x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     return x + row
 
 
-def train_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def train_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, ones: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with autograd; its bias gradient by :func:`column_sum` on CUDA (or Triton's
-    interpreter)."""
+    interpreter).
+
+    Args:
+        x: [..., N]. weight: [out, N]. bias: [out].
+        ones: x may come from a norm asked for ``ones=True`` (:func:`train_layer_norm`,
+            :func:`~avex.train.epilogue.train_residual_norm`); where it is laid out so (:func:`ones_rows`), the bias
+            gradient is one more column of the weight gradient's product, without :func:`column_sum`'s pass.
+    """
     if _device_may_run(x) and x.dtype == weight.dtype == bias.dtype:
         if _works("bias gradient", x, _linear_trial):
-            return _Linear.apply(x, weight, bias)
+            return _Linear.apply(x, weight, bias, ones and ones_rows(x) is not None)
     return F.linear(x, weight, bias)
 
 
@@ -271,30 +311,37 @@ class _LayerNorm(torch.autograd.Function):
     """:func:`layer_norm_forward` forward; :func:`layer_norm_backward` backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-        y, mean, rstd = layer_norm_forward(x, weight, bias, eps)
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, ones: bool
+    ) -> torch.Tensor:
+        y, mean, rstd = layer_norm_forward(x, weight, bias, eps, ones=ones)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         x, weight, mean, rstd = ctx.saved_tensors
-        return (*layer_norm_backward(x, dy, weight, mean, rstd), None)
+        return (*layer_norm_backward(x, dy, weight, mean, rstd), None, None)
 
 
-def train_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Layer norm over the last axis with autograd; the Triton backward on CUDA (or Triton's interpreter)."""
+def train_layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *, ones: bool = False
+) -> torch.Tensor:
+    """Layer norm over the last axis with autograd; the Triton backward on CUDA (or Triton's interpreter).
+
+    ``ones``: where the kernels run, the output is stored beside a column of ones, for a linear layer to read with
+    :func:`train_linear`'s ``ones=True`` (see :data:`~avex.layer_norm.ONES_COLUMNS`)."""
     if _device_may_run(x) and x.dtype == weight.dtype:
         if _works("layer norm", x, _layer_norm_trial):
-            return _LayerNorm.apply(x, weight, bias, eps)
+            return _LayerNorm.apply(x, weight, bias, eps, ones)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def _layer_norm_trial(x: torch.Tensor) -> torch.Tensor:
     w = torch.ones(48, device=x.device, dtype=x.dtype, requires_grad=True)
-    return _LayerNorm.apply(x, w, torch.zeros_like(w), 1e-6)
+    return _LayerNorm.apply(x, w, torch.zeros_like(w), 1e-6, False)
 
 
 def _linear_trial(x: torch.Tensor) -> torch.Tensor:
     w = torch.ones(8, 48, device=x.device, dtype=x.dtype, requires_grad=True)
-    return _Linear.apply(x, w, torch.zeros(8, device=x.device, dtype=x.dtype, requires_grad=True))
+    return _Linear.apply(x, w, torch.zeros(8, device=x.device, dtype=x.dtype, requires_grad=True), False)
