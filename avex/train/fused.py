@@ -45,10 +45,11 @@ from avex.decoder import _DecoderBlock
 from avex.embedding import _is_patch_linear
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT
+from avex.train.decoder_input import decoder_input
 from avex.train.epilogue import train_residual, train_residual_norm
 from avex.train.flat import GradReduce, cast_params
 from avex.train.kernels import train_attention
-from avex.train.rows import train_add_row, train_layer_norm, train_linear
+from avex.train.rows import train_layer_norm, train_linear
 
 __all__ = ["FusedObjective", "fused_refusal"]
 
@@ -391,9 +392,7 @@ class FusedObjective(nn.Module):
         pos = cast(torch.Tensor, dec.grid_pos)[0].to(e.dtype)  # [N, dd]
         seen = torch.zeros(b, n, dtype=torch.uint8, device=cells.device).scatter_(1, cells, 1)
         unseen = torch.sort(seen, dim=1, stable=True).indices[:, : n - n_seen]  # [B, M], ascending
-        mask = w["decoder.mask_token"]
-        masked = train_add_row(F.embedding(unseen, pos), mask)  # [B, M, dd]
-        seq: _Stream = torch.cat([e[:, :1], e[:, 1:] + F.embedding(cells, pos), masked], 1)
+        seq: _Stream = decoder_input(e, cells, unseen, pos, w["decoder.mask_token"])  # [B, 1 + L + M, dd]
         for spec in self._dec_specs[:-1]:
             seq = _block(seq, w, spec)
         out = _block(seq, w, self._dec_specs[-1], first=1 + n_seen)  # [B, M, dd], pending
