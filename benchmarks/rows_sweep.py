@@ -53,6 +53,7 @@ class Grid(NamedTuple):
     tiles: tuple[int, ...] = (1024, 2048, 4096)
     warps: tuple[int, ...] = (4, 8)
     per_program: tuple[int, ...] = (32, 64, 128, 256)
+    row_stages: tuple[int, ...] = (1, 2)  # tiles in flight per program (RowLaunch.stages): the residual backward's
     sum_tiles: tuple[tuple[int, int], ...] = ((256, 8), (128, 16), (512, 4), (64, 32))
 
 
@@ -81,8 +82,9 @@ def _settings(kernel: str, grid: Grid) -> list[R.RowLaunch]:
     """The grid for ``kernel``, its default first: rows per program only where a program loops over tiles (not the
     forward), and at most 64 tiles per program where the loop is unrolled (rows.py's kernels), at every width."""
     per_program = (DEFAULTS[kernel].rows,) if kernel == "residual_norm_forward" else grid.per_program
+    stages = grid.row_stages if kernel == "residual_norm_backward" else (1,)
     out = [DEFAULTS[kernel]]
-    for launch in itertools.starmap(R.RowLaunch, itertools.product(grid.tiles, grid.warps, per_program)):
+    for launch in itertools.starmap(R.RowLaunch, itertools.product(grid.tiles, grid.warps, per_program, stages)):
         if launch == DEFAULTS[kernel]:
             continue
         R.ROW_LAUNCH[kernel] = launch
@@ -114,19 +116,23 @@ def _compile(job: tuple[str, int, Grid]) -> int:
     return bad
 
 
-def _first_stages(lines: list[str], grid: Grid, device: str, workers: int) -> dict[str, tuple[int, int, int]]:
-    """Times every kernel's settings; appends the table to ``lines``; returns each kernel's fastest setting."""
+def _first_stages(
+    lines: list[str], grid: Grid, device: str, workers: int, kernels: list[str]
+) -> dict[str, tuple[int, ...]]:
+    """Times the settings of each of ``kernels``; appends the table to ``lines``; returns each one's fastest setting."""
     if device == "cuda":
-        jobs = [(k, n, grid) for k in DEFAULTS for n in sorted({n for _, n in _shapes(k, grid)})]
+        jobs = [(k, n, grid) for k in kernels for n in sorted({n for _, n in _shapes(k, grid)})]
         with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
             bad = sum(pool.map(_compile, jobs))
         print(f"compiled; {bad} settings failed to build or run", flush=True)
     lines += [
-        "| kernel | default (tile, warps, rows) | us | fastest | us | gain | per shape, m x n: default -> fastest us |",
+        "| kernel | default (tile, warps, rows, stages) | us | fastest | us | gain | per shape, m x n: default -> "
+        "fastest us |",
         "|---|---|---:|---|---:|---:|---|",
     ]
     fastest = {}
-    for kernel, default in DEFAULTS.items():
+    for kernel in kernels:
+        default = DEFAULTS[kernel]
         calls = {shape: _case(kernel, *shape, device) for shape in _shapes(kernel, grid)}
         per: dict[R.RowLaunch, dict[tuple[int, int], float]] = {}
         for launch in _settings(kernel, grid):
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     d = Grid()
-    for name in ("rows", "norm_widths", "sum_widths", "tiles", "warps", "per_program"):
+    parser.add_argument("--kernels", nargs="+", choices=list(DEFAULTS), default=list(DEFAULTS))
+    for name in ("rows", "norm_widths", "sum_widths", "tiles", "warps", "per_program", "row_stages"):
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=int, nargs="+", default=getattr(d, name), help=f"default: {getattr(d, name)}")
     parser.add_argument("--sum-tiles", type=_ints, nargs="+", default=d.sum_tiles, help="BLOCK_P,BLOCK_W ...")
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
              f"rows {list(grid.rows)}", ""]  # fmt: skip
     fastest: dict[str, object] = {}
     if "first" in args.stages:
-        fastest["ROW_LAUNCH"] = _first_stages(lines, grid, args.device, args.workers)
+        fastest["ROW_LAUNCH"] = _first_stages(lines, grid, args.device, args.workers, args.kernels)
     if "second" in args.stages:
         fastest["SUM_LAUNCH"] = _second_stage(lines, grid, args.device)
     synchronize(args.device)

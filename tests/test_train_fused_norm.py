@@ -170,6 +170,12 @@ def test_residual_norm_kernels_match_pytorch_under_interpreter() -> None:
         per_width = len(SHAPES) * 2 * 3  # shapes x gamma x (norm without dz, norm and residual alone with dz)
         assert check_residual_norm("cpu", torch.float32, (192, 128, 48), SHAPES, 1e-5) == 3 * per_width
         assert check_residual_norm("cpu", torch.bfloat16, (192,), ((2, 150),), 2e-2) == 6
+        import avex.train.rows as R
+        default = R.ROW_LAUNCH["residual_norm_backward"]
+        for stages in (1, 2):  # the backward's loads at use, and one tile ahead; 300 rows: three programs of 128
+            R.ROW_LAUNCH["residual_norm_backward"] = default._replace(rows=128, stages=stages)
+            assert check_residual_norm("cpu", torch.float32, (48,), ((2, 150),), 1e-5) == 6
+        R.ROW_LAUNCH["residual_norm_backward"] = default
         import avex.train.epilogue as E
         split = E._split
         E._split = lambda *a: (lambda s: (*s[:2], *s[2:][::-1]))(split(*a))  # the norm's two gradients swapped

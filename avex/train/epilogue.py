@@ -92,6 +92,48 @@ if triton is not None:
             tl.store(rstd_ptr + rows, rstd, mask=in_rows)
 
     @triton.jit
+    def _residual_bwd_loads(
+        z_ptr,
+        dn_ptr,
+        dz_ptr,
+        mean_ptr,
+        rstd_ptr,
+        y_ptr,
+        tile,
+        row_end,
+        N,
+        cols,
+        in_cols,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        GAMMA: tl.constexpr,
+        NORM: tl.constexpr,
+        DZ: tl.constexpr,
+    ):
+        """The loads of one tile of _residual_norm_bwd_kernel, in the tensors' dtypes (rows at or past row_end
+        masked): (rows, dz, z, dn, mean, rstd, y), zeros for what the flags leave out."""
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_rows = rows < row_end
+        mask = in_rows[:, None] & in_cols[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        dz = tl.zeros([BLOCK_M, BLOCK_N], dtype=z_ptr.dtype.element_ty)
+        z = tl.zeros([BLOCK_M, BLOCK_N], dtype=z_ptr.dtype.element_ty)
+        dn = tl.zeros([BLOCK_M, BLOCK_N], dtype=z_ptr.dtype.element_ty)
+        y = tl.zeros([BLOCK_M, BLOCK_N], dtype=z_ptr.dtype.element_ty)
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if DZ:
+            dz = tl.load(dz_ptr + offs, mask=mask, other=0.0)
+        if NORM:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0)
+            dn = tl.load(dn_ptr + offs, mask=mask, other=0.0)
+            mean = tl.load(mean_ptr + rows, mask=in_rows, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=in_rows, other=0.0)
+        if GAMMA:
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+        return rows, dz, z, dn, mean, rstd, y
+
+    @triton.jit
     def _residual_norm_bwd_kernel(
         z_ptr,
         dn_ptr,
@@ -114,12 +156,14 @@ if triton is not None:
         GAMMA: tl.constexpr,
         NORM: tl.constexpr,
         DZ: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         # Rows as _layer_norm_bwd_kernel takes them (CHUNKS tiles of BLOCK_M rows per program). dx = dz (zero where
         # not DZ) + the norm's input gradient (NORM), written where NORM (else dx is dz itself); dy = dx * gamma,
         # written where GAMMA. Per tile element fp32 sums, summed over the tile's rows once at the end into
         # partial[p, slot, :]: slot 0 dy (the bias gradient); 1 and 2 dn * zhat and dn (the norm's weight and
-        # bias, where NORM); the last dx * (y + b) (gamma's, where GAMMA).
+        # bias, where NORM); the last dx * (y + b) (gamma's, where GAMMA). PREFETCH: the next tile's loads are
+        # issued before this tile's arithmetic, so that a warp has two tiles' loads in flight.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         in_cols = cols < N
@@ -130,28 +174,38 @@ if triton is not None:
         acc_dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_dnb = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_dg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        row_end = tl.minimum(M, (pid + 1) * CHUNKS * BLOCK_M)
+        if PREFETCH:
+            n_rows, n_dz, n_z, n_dn, n_mean, n_rstd, n_y = _residual_bwd_loads(
+                z_ptr, dn_ptr, dz_ptr, mean_ptr, rstd_ptr, y_ptr, pid * CHUNKS, row_end, N, cols, in_cols,
+                BLOCK_M, BLOCK_N, GAMMA, NORM, DZ,
+            )  # fmt: skip
         # A loop, not unrolled: unrolled (tl.static_range, like rows.py's kernels with their fewer loads), ptxas kept
         # later tiles' loads in registers and spilled.
         for i in range(CHUNKS):
-            rows = (pid * CHUNKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-            in_rows = rows < M
-            mask = in_rows[:, None] & in_cols[None, :]
+            if PREFETCH:
+                rows, t_dz, t_z, t_dn, mean, rstd, t_y = n_rows, n_dz, n_z, n_dn, n_mean, n_rstd, n_y
+                n_rows, n_dz, n_z, n_dn, n_mean, n_rstd, n_y = _residual_bwd_loads(
+                    z_ptr, dn_ptr, dz_ptr, mean_ptr, rstd_ptr, y_ptr, pid * CHUNKS + i + 1, row_end, N, cols,
+                    in_cols, BLOCK_M, BLOCK_N, GAMMA, NORM, DZ,
+                )  # fmt: skip
+            else:
+                rows, t_dz, t_z, t_dn, mean, rstd, t_y = _residual_bwd_loads(
+                    z_ptr, dn_ptr, dz_ptr, mean_ptr, rstd_ptr, y_ptr, pid * CHUNKS + i, row_end, N, cols, in_cols,
+                    BLOCK_M, BLOCK_N, GAMMA, NORM, DZ,
+                )  # fmt: skip
+            mask = (rows < row_end)[:, None] & in_cols[None, :]
             offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-            dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if DZ:
-                dx += tl.load(dz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dx = t_dz.to(tl.float32)
             if NORM:
-                z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                dn = tl.load(dn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                mean = tl.load(mean_ptr + rows, mask=in_rows, other=0.0)
-                rstd = tl.load(rstd_ptr + rows, mask=in_rows, other=0.0)
-                dx_norm, zhat = _norm_input_grad(z, dn, w, mean, rstd, mask, N)
+                dn = t_dn.to(tl.float32)
+                dx_norm, zhat = _norm_input_grad(t_z.to(tl.float32), dn, w, mean, rstd, mask, N)
                 dx += dx_norm
                 tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
                 acc_dw += dn * zhat
                 acc_dnb += dn
             if GAMMA:
-                y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
+                y = t_y.to(tl.float32) + b[None, :]
                 acc_dg += dx * y
                 dy = dx * g[None, :]
                 tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
@@ -264,7 +318,8 @@ def _residual_norm_backward(
             z if mean is None else mean, z if rstd is None else rstd,
             z if y is None else y.reshape(m, n).contiguous(), b, b if gamma is None else gamma,
             dx, dy, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks, SLOTS=slots,
-            GAMMA=scaled, NORM=norm, DZ=dz2 is not None, num_warps=warps,
+            GAMMA=scaled, NORM=norm, DZ=dz2 is not None, PREFETCH=ROW_LAUNCH["residual_norm_backward"].stages > 1,
+            num_warps=warps,
         )  # fmt: skip
     return dx, dy, sum_partials(partial, z.dtype)  # fp32 sums, rounded once
 

@@ -135,16 +135,18 @@ class RowLaunch(NamedTuple):
     tile: int  # elements of a program's BLOCK_M x BLOCK_N tile (BLOCK_N: the width's power of two)
     num_warps: int
     rows: int  # rows per program of a pass that writes per-program partial sums (a power of two)
+    stages: int = 1  # tiles whose loads a looping program keeps in flight (2: the next tile's issued early)
 
 
-# By kernel (the residual norm's kernels are in avex.train.epilogue). The settings as first chosen, untimed (the
-# residual norm's tiles so that ptxas spills no registers for sm_90 at widths 128 to 1024); benchmarks/rows_sweep.py
-# times the alternatives.
+# By kernel (the residual norm's kernels are in avex.train.epilogue). The settings as first chosen (the residual norm's
+# tiles so that ptxas spills no registers for sm_90 at widths 128 to 1024), then timed by benchmarks/rows_sweep.py
+# (benchmarks/RESULTS.md 7.1): the first settings were the fastest but for the residual norm's backward, whose loads
+# one tile ahead (stages 2) with tiles of 2,048 and 256 rows per program took it from 0.89 to 0.79 ms per step.
 ROW_LAUNCH: dict[str, RowLaunch] = {
     "layer_norm_backward": RowLaunch(2048, 4, _ROWS),
     "column_sum": RowLaunch(4096, 4, _ROWS),
     "residual_norm_forward": RowLaunch(2048, 4, _ROWS),  # one tile per program: rows unused
-    "residual_norm_backward": RowLaunch(1024, 4, _ROWS),
+    "residual_norm_backward": RowLaunch(2048, 4, 256, 2),
 }
 
 
