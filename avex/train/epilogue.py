@@ -7,13 +7,15 @@ norm (which reads z again); backward, the norm's backward, the sum of z's two gr
 residual stream's), and a column sum for the bias (and another pass and sum for gamma): separate passes over
 the same ~100k rows. :func:`train_residual_norm` does the forward in one pass and the whole backward in
 another, its column sums kept per program in fp32 and summed once; :func:`train_residual` is the add alone
-(the iterator's last block, whose sum is averaged before any norm). Where Triton cannot run they are PyTorch's
-ops under autograd.
+(the iterator's last block, whose sum is averaged before any norm). The norm's output may be stored beside a column of
+ones (``ones=True``), for the linear layer that reads it to take its bias gradient from its weight gradient's product
+(:func:`avex.train.rows.train_linear`). Where Triton cannot run they are PyTorch's ops under autograd.
 
 The MLP's bias and GELU stay with cuBLAS and PyTorch: a Triton pass for gelu(y + b) forward and one for its
 backward with the bias's column sums took 0.94 and 1.68 ms per step on an H200, against 0.69 and 0.93 for
 PyTorch's GELU kernels with the bias in cuBLAS's epilogue; the GELU inside Triton matrix products (fc1's forward,
-the backward's product through fc2) slowed the step by 2-4% (benchmarks/RESULTS.md section 7.1).
+the backward's product through fc2) slowed the step by 2-4%; a forward that writes the slope beside h, leaving the
+backward one multiply, was 1.04x PyTorch's pair alone: those passes are bound by memory (benchmarks/RESULTS.md 7.1).
 
 Shapes: M rows, N features (D, the residual width).
 """

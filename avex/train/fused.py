@@ -14,6 +14,11 @@ The same function of the same weights, computed the way a GPU likes it:
   :mod:`avex.train.kernels` (forward and backward), PyTorch's fused SDPA for longer rows;
 * **glimpses** gathered as patch rows straight from the canvases (no copy of a canvas per glimpse), normalised
   and cast in one kernel, embedded by one matrix product;
+* **bias gradients** of the layers after a norm (qkv, fc1, the decoder's embedding and pixel head) as one more column
+  of their weight gradients' products: the norms store their output beside a column of ones
+  (:func:`~avex.train.rows.train_linear`'s ``ones=True``), so no separate pass sums the output's gradient;
+* **the decoder's input** ``[CLS, seen tokens, mask tokens]`` with their positions in one Triton pass each way
+  (:mod:`avex.train.decoder_input`);
 * **the decoder** queries only the patches the loss reads: its last block attends from the unseen patches
   (every key still counts) and the pixel head runs on them alone. The training glimpses never overlap
   (:func:`~avex.train.policy.sample_glimpses`), so each image has exactly ``N - T*G`` unseen patches and the

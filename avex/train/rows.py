@@ -7,8 +7,9 @@ eighth of the memory bandwidth on an H200); its bias gradient of a linear layer 
 third of the bandwidth. Here every program takes many rows: :func:`avex.layer_norm.layer_norm_forward` (shared
 with inference), one backward pass that gives the input gradient and per-program partial sums of the weight and
 bias gradients (:func:`layer_norm_backward`), and :func:`column_sum` for bias gradients (their per-program
-partials summed by :func:`sum_partials`); :func:`train_layer_norm`,
-:func:`train_linear` and :func:`train_add_row` put them under autograd, with PyTorch's ops where Triton cannot run.
+partials summed by :func:`sum_partials`); :func:`train_layer_norm`, :func:`train_linear` and :func:`train_add_row` put
+them under autograd, with PyTorch's ops where Triton cannot run. A linear layer whose input a norm stored beside a
+column of ones (:func:`ones_rows`) needs no column sum: its bias gradient is one more column of ``[x, 1]^T dy``.
 
 Shapes: M rows, N features.
 """
