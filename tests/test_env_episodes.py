@@ -5,7 +5,8 @@ dtype and shape: observations, rewards, flags and infos (``final_obs`` and ``fin
 single env, the vector env in both autoreset modes with NumPy and torch outputs, continuous actions, a
 partial reset, truncation and rows out of step. The digests recorded in ``episodes_digest.json`` came from
 the tree before the host-side work of issue 15 was cut; on the CPU with one torch thread and the pinned
-torch they are exact, per platform (torch build, CPU kernel set, machine): elsewhere the test is skipped.
+torch they are exact, per platform (torch build, CPU kernel set, machine, CPU vendor and the features that choose
+kernels): elsewhere the test is skipped.
 A deliberate change of episodes (new draws, another model numerics or torch pin) records new ones with
 ``AVEX_RECORD_EPISODES=1 pytest tests/test_env_episodes.py`` and says so in its commit.
 """
@@ -31,7 +32,24 @@ from envs.vector import AVEVectorEnv
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RECORD = Path(__file__).with_name("episodes_digest.json")  # {platform: {scenario: SHA-256}}
-PLATFORM = f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {platform.machine()}"
+# The CPU's features that choose oneDNN's and PyTorch's kernels beyond the capability torch reports: two AVX-512 CPUs
+# (an AMD EPYC and an Intel Xeon with AMX) gave different digests from the same tree.
+_FEATURES = ("avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile")
+
+
+def _cpu() -> str:
+    """The CPU's vendor and its kernel-choosing features, from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in info if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return " ".join([fields.get("vendor_id", "unknown vendor"), *(f for f in _FEATURES if f in flags)])
+
+
+PLATFORM = f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {platform.machine()}, {_cpu()}"
 TINY = dict(
     checkpoint=None,
     pretrained=False,
