@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from avex.train.rows import column_sum, train_linear
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script's timer
+from env_kernels import per_call_us  # noqa: E402
+
+from avex.train.rows import column_sum, train_linear  # noqa: E402
 
 # (layer, out features N, in features D) of the shipped architecture's step (width 192, MLP 768, decoder 128)
 SHAPES = [
@@ -42,27 +47,9 @@ SHAPES = [
 PAD = 8
 
 
-def _time(fn: Callable[[], object], reps: int = 20, rounds: int = 5) -> float:
-    """Median us per call of ``fn``, replayed in a CUDA graph of ``reps`` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(rounds):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    return sorted(times)[len(times) // 2]
+def _time(fn: Callable[[], object]) -> float:
+    """Median us per call of ``fn``, replayed in a CUDA graph of 20 calls (env_kernels.py's timer)."""
+    return per_call_us(fn, torch.device("cuda"), calls=20, reps=5)
 
 
 def measure(m: int, n: int, d: int) -> dict[str, float]:
