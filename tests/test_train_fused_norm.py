@@ -240,11 +240,27 @@ def test_fused_step_with_the_kernels_equals_eager_under_interpreter() -> None:
     assert out.strip() == "ok"
 
 
+def test_ones_rows_reads_only_the_layout_a_norm_stores() -> None:
+    from avex.layer_norm import ONES_COLUMNS
+    from avex.train.rows import ones_rows
+
+    d = 12
+    buf = torch.arange(6 * (d + ONES_COLUMNS), dtype=torch.float32).view(6, d + ONES_COLUMNS)
+    x = buf[:, :d].view(2, 3, d)  # rows d + ONES_COLUMNS apart, as a norm with ones=True stores them
+    got = ones_rows(x)
+    assert got is not None and torch.equal(got, buf)
+    assert ones_rows(x[:, 0]) is None  # every third row: not the layout
+    assert ones_rows(torch.zeros(2, 3, d)) is None  # contiguous rows
+    assert ones_rows(torch.zeros(1, 1, d)) is None  # one row passes any stride check, but has no columns beside it
+    assert ones_rows(buf[:1, :d]) is not None  # one row with its columns
+
+
 # ------------------------------------------------------------------------------ PyTorch's ops in their place
 def test_without_triton_the_ops_are_pytorch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     """On the CPU without the interpreter no call takes a kernel, and the results are the same."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert check_residual_norm("cpu", torch.float32, (192, 48), SHAPES, 1e-5) == 0
+    assert check_ones("cpu", torch.float32, (192, 48), SHAPES, 1e-5) == 0  # ones=True: plain outputs, same results
 
 
 # ------------------------------------------------------------------------------ CUDA

@@ -268,6 +268,9 @@ def ones_rows(x: torch.Tensor) -> torch.Tensor | None:
         if size != 1 and stride != expected:
             return None
         expected *= size
+    # A single row passes any stride check: its memory must also hold the columns beside it.
+    if x.untyped_storage().nbytes() < (x.storage_offset() + m * width) * x.element_size():
+        return None
     return x.as_strided((m, width), (width, 1))
 
 
