@@ -43,8 +43,7 @@ def _cpu() -> str:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor() or "unknown CPU"
-    fields = dict(line.split(":", 1) for line in info if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info if ":" in line)}
     flags = set(fields.get("flags", "").split())
     return " ".join([fields.get("vendor_id", "unknown vendor"), *(f for f in _FEATURES if f in flags)])
 

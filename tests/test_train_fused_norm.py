@@ -43,6 +43,17 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
+def _close_grads(
+    names: tuple[str, ...], leaves: list[torch.Tensor], refs: list[torch.Tensor], tol: float, case: str
+) -> None:
+    """Each leaf's gradient :func:`_close` to its reference's; a leaf whose reference got none must get none."""
+    for name, leaf, ref in zip(names, leaves, refs):
+        if ref.grad is None:
+            assert leaf.grad is None, (case, name)
+        else:
+            _close(leaf.grad, ref.grad, tol, f"{case} d{name}")
+
+
 def _residual_case(
     device: str, dtype: torch.dtype, d: int, rows: tuple[int, int], scaled: bool, with_dz: bool, norm: bool, tol: float
 ) -> bool:
@@ -75,11 +86,8 @@ def _residual_case(
     read = slice(0, None) if with_dz else slice(1, None)  # without dz only n is read: z's gradient None in the op
     torch.autograd.backward(got[read], [g.to(dtype) for g in grads[read]])
     torch.autograd.backward(want[read], grads[read])
-    for name, leaf, ref in zip(("x", "y", "b", "gamma", "weight", "bias"), leaves, refs):
-        if ref.grad is None:  # gamma off; the norm's weight and bias without a norm
-            assert leaf.grad is None, (case, name)
-        else:
-            _close(leaf.grad, ref.grad, tol, f"{case} d{name}")
+    # no reference gradient: gamma off; the norm's weight and bias without a norm
+    _close_grads(("x", "y", "b", "gamma", "weight", "bias"), leaves, refs, tol, case)
     return type(got[0].grad_fn).__name__ in ("_ResidualNormBackward", "_ResidualBackward")
 
 
@@ -111,7 +119,16 @@ def ones_case(
     from avex.train.epilogue import train_residual_norm
     from avex.train.rows import ones_rows, train_layer_norm, train_linear
 
-    def norm_linear(x, y, b, w, nb, lw, lb, ones: bool):  # type: ignore[no-untyped-def]
+    def norm_linear(
+        x: torch.Tensor,
+        y: torch.Tensor,
+        b: torch.Tensor,
+        w: torch.Tensor,
+        nb: torch.Tensor,
+        lw: torch.Tensor,
+        lb: torch.Tensor,
+        ones: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if dtype == torch.float32 and not ones:
             z = x + (y + b) if residual else x
             return F.linear(F.layer_norm(z, (d,), w, nb, 1e-6), lw, lb), None
@@ -143,11 +160,8 @@ def ones_case(
     grad = torch.randn(want.shape, generator=gen, device=device).to(dtype)
     got.backward(grad)
     want.backward(grad)
-    for name, leaf, ref in zip(("x", "y", "b", "weight", "bias", "linear weight", "linear bias"), leaves, refs):
-        if ref.grad is None:  # y and b without the residual add
-            assert leaf.grad is None, (case, name)
-        else:
-            _close(leaf.grad, ref.grad, tol, f"{case} d{name}")
+    # no reference gradient: y and b without the residual add
+    _close_grads(("x", "y", "b", "weight", "bias", "linear weight", "linear bias"), leaves, refs, tol, case)
     return stored is not None and type(got.grad_fn).__name__ == "_LinearBackward"
 
 
