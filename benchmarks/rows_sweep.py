@@ -1,16 +1,16 @@
 """Launch settings of training's row kernels, timed: each kernel's tile, warps and rows per program, and the
 second stage of the column sums.
 
-A training step's layer norms and residual adds (``avex.train.rows``, ``avex.train.epilogue``) run over ~10k to
-~200k rows of 128 or 192 features; the backward passes write per-program fp32 partial sums, which ``sum_partials``
-sums. Their first settings (``ROW_LAUNCH``) were not chosen by timing. This script times each function alone at a
-training step's row counts and widths (CUDA graphs, bf16), for every (tile, warps, rows per program) of a grid,
-changing one kernel's entry of ``ROW_LAUNCH`` at a time, and then the second stage's tiles (``SUM_LAUNCH``, against
-PyTorch's ``sum(0).to(dtype)``). It prints, per kernel, the default's and the fastest setting's time summed over
-the shapes, and a last line ``fastest: {...}`` of Python literals that ``benchmarks/gpu/rows_tune.sh`` sets for a
-run of the step. On a GPU the kernels are compiled first in parallel processes (Triton's on-disk cache).
-``--device cpu`` runs the same under Triton's interpreter (``TRITON_INTERPRET=1``) with wall-clock timing: a check
-of the script on tiny shapes, not a measurement.
+A training step's layer norms and residual adds (``avex.train.rows``, ``avex.train.epilogue``) run over ~10k to ~200k
+rows of 128 or 192 features; the backward passes write per-program fp32 partial sums, which ``sum_partials`` sums.
+Their first settings (``ROW_LAUNCH``) were not chosen by timing. This script times each function alone at a training
+step's row counts and widths (CUDA graphs, bf16), for every (tile, warps, rows per program; for the residual norm's
+backward also the tiles loaded ahead, ``--row-stages``) of a grid, changing one kernel's entry of ``ROW_LAUNCH`` at a
+time, and then the second stage's tiles (``SUM_LAUNCH``, against PyTorch's ``sum(0).to(dtype)``). It prints, per
+kernel, the default's and the fastest setting's time summed over the shapes, and a last line ``fastest: {...}`` of
+Python literals that ``benchmarks/gpu/rows_tune.sh`` sets for a run of the step. On a GPU the kernels are compiled
+first in parallel processes (Triton's on-disk cache). ``--device cpu`` runs the same under Triton's interpreter
+(``TRITON_INTERPRET=1``) with wall-clock timing: a check of the script on tiny shapes, not a measurement.
 
     python benchmarks/rows_sweep.py --out results/rows_sweep.md
     python benchmarks/rows_sweep.py --stages second --out results/sums.md    # the second stage alone
