@@ -248,6 +248,9 @@ def test_fused_step_with_the_kernels_equals_eager_under_interpreter() -> None:
         for model in (tiny_tore(decoder_depth=2), _deit3()):
             assert len(list(fused_equals_eager(model, random_batch(model, 4, 3), 0.1))) == model.depth + 1
         assert kernels._WORKING[("residual norm", "cpu", torch.float32)]
+        assert kernels._WORKING[("glimpse rows", "cpu", torch.float32)]  # the iterator's input as one product
+        assert kernels._WORKING[("aggregator input", "cpu", torch.float32)]
+        assert kernels._WORKING[("masked pixel mse", "cpu", torch.float32)]
         assert found == {32, 128}, found  # the ViTs' linear layers (width 32) and the decoders' (128) read the column
         print("ok")
     """)

@@ -12,13 +12,19 @@ The same function of the same weights, computed the way a GPU likes it:
   backward (:mod:`avex.train.epilogue`): a block hands its last add, pending, to the next;
 * **attention** for the short rows of the iterator and the aggregator by the Triton kernels of
   :mod:`avex.train.kernels` (forward and backward), PyTorch's fused SDPA for longer rows;
-* **glimpses** gathered as patch rows straight from the canvases (no copy of a canvas per glimpse), normalised
-  and cast in one kernel, embedded by one matrix product;
+* **the iterator's input** ``[prefix, glimpse tokens + their positions]`` as one matrix product: one Triton pass
+  writes each row's normalised pixels straight from the canvases beside a one-hot of its cell (or prefix slot) and a
+  1, and the product's weight holds the patch projection, the position table, the prefix tokens and the bias, whose
+  gradients are then one weight-gradient product (:mod:`avex.train.glimpse_input`);
 * **bias gradients** of the layers after a norm (qkv, fc1, the decoder's embedding and pixel head) as one more column
   of their weight gradients' products: the norms store their output beside a column of ones
   (:func:`~avex.train.rows.train_linear`'s ``ones=True``), so no separate pass sums the output's gradient;
 * **the decoder's input** ``[CLS, seen tokens, mask tokens]`` with their positions in one Triton pass each way
   (:mod:`avex.train.decoder_input`);
+* **the aggregator's input** ``[prefix averaged over the glimpses, every glimpse's tokens]`` in one Triton pass each
+  way (:mod:`avex.train.aggregator_input`);
+* **the reconstruction loss** in one Triton pass each way, the unseen patches' pixels read straight from the
+  canvases (:mod:`avex.train.recon_loss`);
 * **the decoder** queries only the patches the loss reads: its last block attends from the unseen patches
   (every key still counts) and the pixel head runs on them alone. The training glimpses never overlap
   (:func:`~avex.train.policy.sample_glimpses`), so each image has exactly ``N - T*G`` unseen patches and the
@@ -50,10 +56,13 @@ from avex.decoder import _DecoderBlock
 from avex.embedding import _is_patch_linear
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT
+from avex.train.aggregator_input import aggregator_input
 from avex.train.decoder_input import decoder_input
 from avex.train.epilogue import train_residual, train_residual_norm
 from avex.train.flat import GradReduce, cast_params
+from avex.train.glimpse_input import glimpse_rows, glimpse_weight
 from avex.train.kernels import train_attention
+from avex.train.recon_loss import masked_pixel_mse
 from avex.train.rows import train_layer_norm, train_linear
 
 __all__ = ["FusedObjective", "fused_refusal"]
@@ -164,9 +173,6 @@ def fused_refusal(model: TOREViT) -> str | None:
         if refusal:
             return refusal
     return None
-
-
-_POS32 = "vit.pos_embed in fp32"  # FusedObjective._weights' key of the fp32 position embedding
 
 
 def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, ones: bool = False) -> torch.Tensor:
@@ -294,54 +300,35 @@ class FusedObjective(nn.Module):
         # Grid cell of each glimpse token relative to its top-left, row-major (GlimpseGeometry.glimpse_coords).
         self.register_buffer("_cell_offsets", off.repeat_interleave(g) * gw + off.repeat(g), persistent=False)
         pp = model.patch * model.patch
-        # Normalisation per pixel column: channel-major in the patch projection's rows, channel-last in the
-        # decoder's targets (TOREViT.patchify).
+        # Normalisation per pixel column, channel-major as the patch projection's rows; per channel for the decoder's
+        # targets (TOREViT.normalize).
         self.register_buffer("_col_scale", model._pixel_scale_u8.flatten().repeat_interleave(pp), persistent=False)
         self.register_buffer("_col_shift", model._pixel_shift.flatten().repeat_interleave(pp), persistent=False)
-        self.register_buffer("_target_mean", model.pixel_mean.flatten().repeat(pp), persistent=False)
-        self.register_buffer("_target_std", model.pixel_std.flatten().repeat(pp), persistent=False)
+        self.register_buffer("_target_mean", model.pixel_mean.flatten(), persistent=False)
+        self.register_buffer("_target_std", model.pixel_std.flatten(), persistent=False)
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        """Name -> the parameter in the compute dtype (through one cast with autograd); :data:`_POS32`: the
-        position embedding in fp32, whose gradient joins the others in the one flat buffer."""
+        """Name -> the parameter in the compute dtype (through one cast with autograd)."""
         params = dict(self.model.named_parameters())
-        keep = [self._names.index("vit.pos_embed")]
-        cast_, (pos32,) = cast_params([params[n] for n in self._names], self.dtype, keep, self.grad_reduce)
-        return {**dict(zip(self._names, cast_)), _POS32: pos32}
+        cast_, _ = cast_params([params[n] for n in self._names], self.dtype, (), self.grad_reduce)
+        return dict(zip(self._names, cast_))
 
-    def _patches(self, canvases: torch.Tensor, channel_last: bool) -> torch.Tensor:
-        """uint8 [B, N, Cpp]: every patch's pixels, channel-major (the patch projection's order) or channel-last."""
-        b, c, p, (gh, gw) = canvases.shape[0], canvases.shape[-1], self.model.patch, self.model.grid
-        x = canvases.view(b, gh, p, gw, p, c)
-        x = x.permute(0, 1, 3, 2, 4, 5) if channel_last else x.permute(0, 1, 3, 5, 2, 4)
-        return x.reshape(b, gh * gw, c * p * p)
-
-    def _embed(self, w: dict[str, torch.Tensor], patches: torch.Tensor, cells: torch.Tensor, t: int) -> torch.Tensor:
-        """[B*T, P + G, D] the iterator's input: [prefix, glimpse tokens + their position embedding]."""
+    def _embed(self, w: dict[str, torch.Tensor], canvases: torch.Tensor, cells: torch.Tensor, t: int) -> torch.Tensor:
+        """[B*T, P + G, D] the iterator's input: [prefix, glimpse tokens + their position embedding], as one product
+        (:mod:`avex.train.glimpse_input`)."""
         model, vit = self.model, self.model.vit
-        b, n_seen = cells.shape
-        pix = patches.gather(1, cells[..., None].expand(b, n_seen, patches.shape[-1]))  # [B, L, Cpp] uint8
-        x = torch.empty(pix.shape, dtype=self.dtype, device=pix.device)
-        affine = model._pixel_affine_scalars
-        if affine is not None:  # normalise and cast in one kernel, as GlimpseViT.embed_glimpses does
-            torch.add(affine.shift, pix, alpha=affine.scale_u8, out=x)
-        else:
-            torch.addcmul(self._col_shift, pix, self._col_scale, out=x)
         d, n_pre = model.embed_dim, model.num_prefix
-        x = train_linear(x, w["vit.patch_embed.proj.weight"].reshape(d, -1), w["vit.patch_embed.proj.bias"])
-        # The position rows are read from the fp32 table and then cast, as in the eager step: their gradient is
-        # summed over the batch by fp32 atomics (index_add, no host sync), not in bf16.
-        pos32 = w[_POS32][0]  # [N (+ P), D]: as GlimpseViT._patch_pos_table
-        table = pos32 if vit.no_embed_class else pos32[n_pre:]
-        pos = table.index_select(0, cells.reshape(-1)).view(b, n_seen, d).to(x.dtype)
-        tokens = (x + pos).view(b * t, n_seen // t, d)
-        pos_all = w["vit.pos_embed"][0]
-        prefix = w["vit.cls_token"]
+        pos = w["vit.pos_embed"][0]  # [N (+ P), D]: as GlimpseViT._patch_pos_table
+        table = pos if vit.no_embed_class else pos[n_pre:]
+        prefix = w["vit.cls_token"][0]
         if vit.reg_token is not None:
-            prefix = torch.cat([prefix, w["vit.reg_token"]], dim=1)
+            prefix = torch.cat([prefix, w["vit.reg_token"][0]])
         if not vit.no_embed_class:
-            prefix = prefix + pos_all[None, :n_pre]
-        return torch.cat([prefix.expand(b * t, -1, -1), tokens], dim=1)
+            prefix = prefix + pos[:n_pre]
+        rows = glimpse_rows(canvases, cells, t, n_pre, model.patch, self._col_scale, self._col_shift, self.dtype)
+        proj = w["vit.patch_embed.proj.weight"].reshape(d, -1)
+        weight = glimpse_weight(proj, w["vit.patch_embed.proj.bias"], table, prefix, rows.shape[1])
+        return F.linear(rows, weight).view(canvases.shape[0] * t, -1, d)
 
     def forward(
         self, canvases: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, K: int
@@ -357,13 +344,11 @@ class FusedObjective(nn.Module):
         b, t = rows.shape
         n_pre, gw = model.num_prefix, model.grid[1]
         cells = ((rows * gw + cols)[..., None] + self._cell_offsets).reshape(b, -1)  # [B, L]
-        patches = self._patches(canvases, channel_last=False)
-        stream: _Stream = self._embed(w, patches, cells, t)
+        stream: _Stream = self._embed(w, canvases, cells, t)
         for spec in self._specs[:K]:  # the iterator: each glimpse alone
             stream = _block(stream, w, spec)
         x = _settle(stream)
-        x = x.view(b, t, *x.shape[1:])
-        stream = torch.cat([x[:, :, :n_pre].mean(dim=1), x[:, :, n_pre:].reshape(b, -1, x.shape[-1])], dim=1)
+        stream = aggregator_input(x.view(b, t, *x.shape[1:]), n_pre)
         for spec in self._specs[K:]:  # the aggregator: [mean prefix, every glimpse's tokens]
             stream = _block(stream, w, spec)
         _, x = _norm(stream, w, "vit.norm", cast(nn.LayerNorm, model.vit.norm).eps)
@@ -371,7 +356,7 @@ class FusedObjective(nn.Module):
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         mse = ce.new_zeros(())
         if self._decoding and cells.shape[1] < model.grid[0] * model.grid[1]:  # some patch unseen
-            mse = self._recon_mse(w, x, canvases, patches, cells)
+            mse = self._recon_mse(w, x, canvases, cells)
         loss = ce + self.recon_weight * mse
         return loss, ce.detach(), mse.detach(), logits.detach()
 
@@ -380,7 +365,6 @@ class FusedObjective(nn.Module):
         w: dict[str, torch.Tensor],
         x: torch.Tensor,
         canvases: torch.Tensor,
-        patches: torch.Tensor,
         cells: torch.Tensor,
     ) -> torch.Tensor:
         """The masked reconstruction MSE from the normalised aggregator tokens ``x`` [B, P + L, D].
@@ -403,8 +387,4 @@ class FusedObjective(nn.Module):
         out = _block(seq, w, self._dec_specs[-1], first=1 + n_seen)  # [B, M, dd], pending
         normed = _norm(out, w, "decoder.norm", cast(nn.LayerNorm, dec.norm).eps)[1]
         pred = _linear(normed, w, "decoder.pred", ones=True)
-        if canvases.shape[-1] != 1:  # one channel: both pixel orders are the same
-            patches = self._patches(canvases, channel_last=True)
-        pix = patches.gather(1, unseen[..., None].expand(-1, -1, patches.shape[-1]))  # [B, M, Cpp] uint8
-        target = (pix.float() / 255.0 - self._target_mean) / self._target_std  # TOREViT.normalize's arithmetic
-        return (pred.float() - target).square().mean()
+        return masked_pixel_mse(pred, canvases, unseen, model.patch, self._target_mean, self._target_std)

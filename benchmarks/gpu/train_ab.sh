@@ -8,7 +8,8 @@
 # Make the tree before first (runs/ is ignored by git, so it travels with carry):
 #   rm -rf runs/before_train && mkdir -p runs/before_train && git archive HEAD avex agents envs | tar -x -C runs/before_train
 # Usage (device tool, carry .whl, data and runs/before_train):  MAIN=1 bash benchmarks/gpu/train_ab.sh   (about 6 min)
-#   BEFORE (runs/before_train), STEPS (40), MODES (graphed), TESTS (the default below).
+#   BEFORE (runs/before_train), STEPS (40), MODES (graphed), TESTS (the default below), ROWS (the profile's kernels
+#   listed; the script's default when unset).
 source "$(dirname "$0")/setup.sh"
 BEFORE=${BEFORE:-runs/before_train}
 [ -d "$BEFORE/avex" ] || { echo "no tree before the change at $BEFORE: see this file's header"; exit 2; }
@@ -16,7 +17,7 @@ cuda_tests ${TESTS:-tests/test_train_fused_norm.py tests/test_train_step.py test
 for tag in before after; do
   tree=$PWD; [ $tag = before ] && tree=$(cd "$BEFORE" && pwd)
   PYTHONPATH=/tmp/site:$tree timeout 150 python3 benchmarks/train_speed.py --device $DEVICE \
-    --batch ${BATCH:-1024} --steps ${STEPS:-40} --modes ${MODES:-graphed} --out $R/train_$tag.md 2>&1 \
+    --batch ${BATCH:-1024} --steps ${STEPS:-40} --modes ${MODES:-graphed} ${ROWS:+--rows $ROWS} --out $R/train_$tag.md 2>&1 \
     | grep -v -i warn | grep -E "^(graphed|fused|eager):|Error|error" | cut -c1-300 | sed "s/^/$tag: /"
   pack
 done
