@@ -46,45 +46,35 @@ class _CastParams(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, dtype: torch.dtype, reduce: GradReduce | None, keep: tuple[int, ...], *params: torch.Tensor
+        ctx: Any, dtype: torch.dtype, reduce: GradReduce | None, *params: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         ctx.shapes = [p.shape for p in params]
-        ctx.param_dtype, ctx.reduce, ctx.keep = params[0].dtype, reduce, keep
-        cast = _unpadded(torch.cat(_padded(params, ctx.shapes)).to(dtype), ctx.shapes)
-        return (*cast, *(params[i] for i in keep))  # an input returned as is: autograd gives it this backward
+        ctx.param_dtype, ctx.reduce = params[0].dtype, reduce
+        return tuple(_unpadded(torch.cat(_padded(params, ctx.shapes)).to(dtype), ctx.shapes))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
-        n = len(ctx.shapes)
-        flat = torch.cat(_padded(grads[:n], ctx.shapes)).to(ctx.param_dtype)
+        flat = torch.cat(_padded(grads, ctx.shapes)).to(ctx.param_dtype)
         views = _unpadded(flat, ctx.shapes)
-        for i, g in zip(ctx.keep, grads[n:]):  # the parameter's other use, in its own dtype: into the same buffer
-            views[i].add_(g)
         if ctx.reduce is not None:
             ctx.reduce(flat)
-        return (None, None, None, *views)
+        return (None, None, *views)
 
 
 def cast_params(
-    params: Sequence[torch.Tensor],
-    dtype: torch.dtype,
-    keep: Sequence[int] = (),
-    reduce: GradReduce | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    params: Sequence[torch.Tensor], dtype: torch.dtype, reduce: GradReduce | None = None
+) -> list[torch.Tensor]:
     """Every parameter in ``dtype``, in one copy; backward: every gradient in the parameters' dtype, in one copy.
 
     The copies live in one flat buffer in which each tensor starts at a multiple of :data:`_ALIGN` elements
     (a layer norm's vectorised kernel, for one, needs its weights aligned); so do the gradients.
 
     Args:
-        params: the parameters (one dtype, fp32 in training), n of them.
-        keep: indices of parameters the caller also reads in their own dtype: each comes back as an alias whose
-            gradient backward adds into the same flat buffer, so that every gradient lies there.
+        params: the parameters (one dtype, fp32 in training).
         reduce: called in place on the flat gradient [total padded elements] once it holds every gradient,
             before the parameters get their views of it (e.g. the average over processes).
 
     Returns:
-        (the n cast copies, the ``keep`` aliases in their order).
+        the cast copies, in the parameters' order.
     """
-    out = _CastParams.apply(dtype, reduce, tuple(keep), *params)
-    return list(out[: len(params)]), list(out[len(params) :])
+    return list(_CastParams.apply(dtype, reduce, *params))

@@ -310,7 +310,7 @@ class FusedObjective(nn.Module):
     def _weights(self) -> dict[str, torch.Tensor]:
         """Name -> the parameter in the compute dtype (through one cast with autograd)."""
         params = dict(self.model.named_parameters())
-        cast_, _ = cast_params([params[n] for n in self._names], self.dtype, (), self.grad_reduce)
+        cast_ = cast_params([params[n] for n in self._names], self.dtype, self.grad_reduce)
         return dict(zip(self._names, cast_))
 
     def _embed(self, w: dict[str, torch.Tensor], canvases: torch.Tensor, cells: torch.Tensor, t: int) -> torch.Tensor:
