@@ -37,14 +37,14 @@ def _inputs(b: int, t: int, g: int, c: int, h: int, p: int, device: str = "cpu")
 
 
 def check_rows(device: str, dtype: torch.dtype, cases: tuple[tuple[int, ...], ...]) -> None:
-    """The kernel's rows against _glimpse_rows_torch: the 0s and 1s exactly, the pixels to one rounding of the dtype
-    (a multiply-add fused in one and not the other rounds once less)."""
-    from avex.train.glimpse_input import _glimpse_rows_kernel_call, _glimpse_rows_torch, glimpse_width
+    """The kernel's rows against PyTorch's ops (``_glimpse_rows`` without the kernel): the 0s and 1s exactly, the
+    pixels to one rounding of the dtype (a multiply-add fused in one and not the other rounds once less)."""
+    from avex.train.glimpse_input import _glimpse_rows, glimpse_width
 
     for b, t, g, n_pre, c, h, p in cases:
         canvases, cells, scale, shift = _inputs(b, t, g, c, h, p, device)
-        got = _glimpse_rows_kernel_call(canvases, cells, t, n_pre, p, scale, shift, dtype)
-        want = _glimpse_rows_torch(canvases, cells, t, n_pre, p, scale, shift, dtype)
+        got = _glimpse_rows(True, canvases, cells, t, n_pre, p, scale, shift, dtype)
+        want = _glimpse_rows(False, canvases, cells, t, n_pre, p, scale, shift, dtype)
         k = glimpse_width(c * p * p, (h // p) ** 2, n_pre)
         assert got.shape == want.shape == (b * t * (n_pre + g * g), k), (got.shape, want.shape)
         case = f"{(b, t, g, n_pre, c, h, p)} {dtype}"

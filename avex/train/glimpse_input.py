@@ -134,12 +134,12 @@ def glimpse_rows(
             f"{tuple(col_shift.shape)}"
         )
     like = col_scale.new_empty(0, dtype=dtype)  # the trial runs once per device and dtype
-    if not (_device_may_run(canvases) and _works("glimpse rows", like, _glimpse_rows_trial)):
-        return _glimpse_rows_torch(canvases, cells, t, n_prefix, patch, col_scale, col_shift, dtype)
-    return _glimpse_rows_kernel_call(canvases, cells, t, n_prefix, patch, col_scale, col_shift, dtype)
+    kernel = _device_may_run(canvases) and _works("glimpse rows", like, _glimpse_rows_trial)
+    return _glimpse_rows(kernel, canvases, cells, t, n_prefix, patch, col_scale, col_shift, dtype)
 
 
-def _glimpse_rows_kernel_call(
+def _glimpse_rows(
+    kernel: bool,
     canvases: torch.Tensor,
     cells: torch.Tensor,
     t: int,
@@ -149,51 +149,34 @@ def _glimpse_rows_kernel_call(
     col_shift: torch.Tensor,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """:func:`glimpse_rows` by the Triton kernel."""
-    b, h, w, c = canvases.shape
-    cpp, n_cells = c * patch * patch, (h // patch) * (w // patch)
-    k = glimpse_width(cpp, n_cells, n_prefix)
-    g = cells.shape[1] // t
-    canvases, cells = canvases.contiguous(), cells.contiguous()
-    r = b * t * (n_prefix + g)
-    out = torch.zeros(r, k, dtype=dtype, device=canvases.device)  # a memset; the kernel writes the rest
-    block_c = triton.next_power_of_2(cpp)
-    block_m = max(1, 4096 // block_c)
-    if r:
-        _glimpse_rows_kernel[(triton.cdiv(r, block_m),)](
-            canvases, cells, col_scale.float().contiguous(), col_shift.float().contiguous(), out, r, t,
-            cells.shape[1], n_prefix + g, n_prefix, h * w * c, w * c, c, w // patch, cpp, n_cells, k,
-            PATCH=patch, BLOCK_M=block_m, BLOCK_C=block_c,
-        )  # fmt: skip
-    return out
-
-
-def _glimpse_rows_torch(
-    canvases: torch.Tensor,
-    cells: torch.Tensor,
-    t: int,
-    n_prefix: int,
-    patch: int,
-    col_scale: torch.Tensor,
-    col_shift: torch.Tensor,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """What the kernel writes, by PyTorch's ops."""
+    """:func:`glimpse_rows` by the Triton kernel (``kernel``) or by PyTorch's ops, the same rows."""
     b, h, w, c = canvases.shape
     p, gh, gw = patch, h // patch, w // patch
     cpp, n_cells, l_ = c * p * p, gh * gw, cells.shape[1]
-    g = l_ // t
-    k = glimpse_width(cpp, n_cells, n_prefix)
+    g, k = l_ // t, glimpse_width(cpp, n_cells, n_prefix)
+    if kernel:
+        canvases, cells = canvases.contiguous(), cells.contiguous()
+        r = b * t * (n_prefix + g)
+        out = torch.zeros(r, k, dtype=dtype, device=canvases.device)  # a memset; the kernel writes the rest
+        block_c = triton.next_power_of_2(cpp)
+        block_m = max(1, 4096 // block_c)
+        if r:
+            _glimpse_rows_kernel[(triton.cdiv(r, block_m),)](
+                canvases, cells, col_scale.float().contiguous(), col_shift.float().contiguous(), out, r, t, l_,
+                n_prefix + g, n_prefix, h * w * c, w * c, c, gw, cpp, n_cells, k,
+                PATCH=p, BLOCK_M=block_m, BLOCK_C=block_c,
+            )  # fmt: skip
+        return out
     patches = canvases.view(b, gh, p, gw, p, c).permute(0, 1, 3, 5, 2, 4).reshape(b, n_cells, cpp)
     pix = patches.gather(1, cells[..., None].expand(b, l_, cpp))  # [B, L, Cpp] uint8
-    out = torch.zeros(b, t, n_prefix + g, k, dtype=dtype, device=canvases.device)
-    tokens = out[:, :, n_prefix:]  # [B, T, G, K]
+    rows = torch.zeros(b, t, n_prefix + g, k, dtype=dtype, device=canvases.device)
+    tokens = rows[:, :, n_prefix:]  # [B, T, G, K]
     tokens[..., :cpp] = torch.addcmul(col_shift, pix, col_scale).to(dtype).view(b, t, g, cpp)
     tokens.scatter_(-1, (cpp + cells).view(b, t, g, 1), 1.0)
     tokens[..., cpp + n_cells + n_prefix] = 1.0
     for s in range(n_prefix):
-        out[:, :, s, cpp + n_cells + s] = 1.0
-    return out.view(-1, k)
+        rows[:, :, s, cpp + n_cells + s] = 1.0
+    return rows.view(-1, k)
 
 
 def _glimpse_rows_trial(x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +184,7 @@ def _glimpse_rows_trial(x: torch.Tensor) -> torch.Tensor:
     canvas = torch.arange(16, device=x.device, dtype=torch.uint8).view(1, 4, 4, 1)
     cells = torch.tensor([[3, 0]], device=x.device)
     ones = torch.ones(4, device=x.device)
-    rows = _glimpse_rows_kernel_call(canvas, cells, 2, 1, 2, ones, ones, x.dtype)
+    rows = _glimpse_rows(True, canvas, cells, 2, 1, 2, ones, ones, x.dtype)
     return x + rows.float().sum()
 
 
