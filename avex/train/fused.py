@@ -261,8 +261,6 @@ class FusedObjective(nn.Module):
     _cell_offsets: torch.Tensor  # buffers, see __init__
     _col_scale: torch.Tensor
     _col_shift: torch.Tensor
-    _target_mean: torch.Tensor
-    _target_std: torch.Tensor
 
     def __init__(
         self,
@@ -300,12 +298,9 @@ class FusedObjective(nn.Module):
         # Grid cell of each glimpse token relative to its top-left, row-major (GlimpseGeometry.glimpse_coords).
         self.register_buffer("_cell_offsets", off.repeat_interleave(g) * gw + off.repeat(g), persistent=False)
         pp = model.patch * model.patch
-        # Normalisation per pixel column, channel-major as the patch projection's rows; per channel for the decoder's
-        # targets (TOREViT.normalize).
+        # Normalisation per pixel column, channel-major as the patch projection's rows.
         self.register_buffer("_col_scale", model._pixel_scale_u8.flatten().repeat_interleave(pp), persistent=False)
         self.register_buffer("_col_shift", model._pixel_shift.flatten().repeat_interleave(pp), persistent=False)
-        self.register_buffer("_target_mean", model.pixel_mean.flatten(), persistent=False)
-        self.register_buffer("_target_std", model.pixel_std.flatten(), persistent=False)
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """Name -> the parameter in the compute dtype (through one cast with autograd)."""
@@ -387,4 +382,5 @@ class FusedObjective(nn.Module):
         out = _block(seq, w, self._dec_specs[-1], first=1 + n_seen)  # [B, M, dd], pending
         normed = _norm(out, w, "decoder.norm", cast(nn.LayerNorm, dec.norm).eps)[1]
         pred = _linear(normed, w, "decoder.pred", ones=True)
-        return masked_pixel_mse(pred, canvases, unseen, model.patch, self._target_mean, self._target_std)
+        mean, std = model.pixel_mean.flatten(), model.pixel_std.flatten()  # [C]: TOREViT.normalize's statistics
+        return masked_pixel_mse(pred, canvases, unseen, model.patch, mean, std)

@@ -22,7 +22,6 @@ per patch (channel-major, the patch projection's order), D width, K = :func:`gli
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from avex.kernel_fallback import _device_may_run, triton
 from avex.train.kernels import _works
@@ -30,7 +29,7 @@ from avex.train.kernels import _works
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["glimpse_rows", "glimpse_weight", "glimpse_width"]
+__all__ = ["gather_patches", "glimpse_rows", "glimpse_weight", "glimpse_width"]
 
 _ALIGN = 16  # columns: rows of 32 bytes in bf16, as the matrix products' and the kernel's vectorised accesses want
 
@@ -167,8 +166,7 @@ def _glimpse_rows(
                 PATCH=p, BLOCK_M=block_m, BLOCK_C=block_c,
             )  # fmt: skip
         return out
-    patches = canvases.view(b, gh, p, gw, p, c).permute(0, 1, 3, 5, 2, 4).reshape(b, n_cells, cpp)
-    pix = patches.gather(1, cells[..., None].expand(b, l_, cpp))  # [B, L, Cpp] uint8
+    pix = gather_patches(canvases, cells, p, channel_last=False)  # [B, L, Cpp] uint8
     rows = torch.zeros(b, t, n_prefix + g, k, dtype=dtype, device=canvases.device)
     tokens = rows[:, :, n_prefix:]  # [B, T, G, K]
     tokens[..., :cpp] = torch.addcmul(col_shift, pix, col_scale).to(dtype).view(b, t, g, cpp)
@@ -177,6 +175,24 @@ def _glimpse_rows(
     for s in range(n_prefix):
         rows[:, :, s, cpp + n_cells + s] = 1.0
     return rows.view(-1, k)
+
+
+def gather_patches(canvases: torch.Tensor, cells: torch.Tensor, patch: int, channel_last: bool) -> torch.Tensor:
+    """The pixels of the given cells of each canvas, by PyTorch's ops (the kernels' fallbacks read them so).
+
+    Args:
+        canvases: [B, H, W, C] uint8. cells: [B, L] int64 grid cells (row * W/patch + col).
+        channel_last: each patch's columns as (py, px, ch), the decoder's targets; else (ch, py, px), the patch
+            projection's.
+
+    Returns:
+        [B, L, C*patch*patch] uint8.
+    """
+    b, h, w, c = canvases.shape
+    x = canvases.reshape(b, h // patch, patch, w // patch, patch, c)
+    x = x.permute(0, 1, 3, 2, 4, 5) if channel_last else x.permute(0, 1, 3, 5, 2, 4)
+    patches = x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+    return patches.gather(1, cells[..., None].expand(-1, -1, patches.shape[-1]))
 
 
 def _glimpse_rows_trial(x: torch.Tensor) -> torch.Tensor:
@@ -208,4 +224,4 @@ def glimpse_weight(
         raise ValueError(
             f"glimpse_weight: width={width} must be at least Cpp + N + P + 1 = {used}, and every part D={d} rows"
         )
-    return F.pad(torch.cat(parts, dim=1), (0, width - used))
+    return torch.cat([*parts, proj.new_zeros(d, width - used)], dim=1)  # the padding in the same copy

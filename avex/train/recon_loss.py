@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from avex.kernel_fallback import _device_may_run, triton
+from avex.train.glimpse_input import gather_patches
 from avex.train.kernels import _works
 
 if triton is not None:
@@ -249,10 +250,7 @@ def _masked_pixel_mse_torch(
     pred: torch.Tensor, canvases: torch.Tensor, unseen: torch.Tensor, patch: int, mean: torch.Tensor, std: torch.Tensor
 ) -> torch.Tensor:
     """What the kernels compute, by PyTorch's ops: the fused step's gather from channel-last patches."""
-    b, h, w, c = canvases.shape
-    x = canvases.reshape(b, h // patch, patch, w // patch, patch, c).permute(0, 1, 3, 2, 4, 5)
-    patches = x.reshape(b, (h // patch) * (w // patch), patch * patch * c)  # [B, N, Cpp], channel-last
-    pix = patches.gather(1, unseen[..., None].expand(-1, -1, patches.shape[-1]))  # [B, M, Cpp] uint8
+    pix = gather_patches(canvases, unseen, patch, channel_last=True)  # [B, M, Cpp] uint8
     pp = patch * patch
     target = (pix.float() / 255.0 - mean.float().repeat(pp)) / std.float().repeat(pp)
     return (pred.float() - target).square().mean()
