@@ -299,6 +299,27 @@ def test_row_kernel_helpers_refuse_bad_input() -> None:
         R.row_blocks("layer_norm", 10, 10)
 
 
+@pytest.mark.parametrize("kernel", ["residual_norm_backward", "layer_norm_backward", "column_sum"])
+def test_row_blocks_fill_the_gpu_at_few_rows(kernel: str) -> None:
+    """Given the GPU's multiprocessors, a pass over few rows (a batch of 512 with one glimpse: 2,560 iterator rows)
+    takes fewer rows per program, the most that still give FILL programs per multiprocessor, down to one tile;
+    many rows keep the tuned setting, and without a GPU (sms None) nothing changes. Every row is in one program."""
+    pytest.importorskip("triton")
+    from avex.train import rows as R
+
+    tuned = R.ROW_LAUNCH[kernel].rows
+    sms, want = 132, R.FILL * 132
+    for m in (1, 100, 2_560, 30_720, 196_608, 1_000_000):
+        bn, bm, chunks, programs, warps = R.row_blocks(kernel, m, 192, sms)
+        assert (bn, warps) == R.row_blocks(kernel, m, 192)[::4]
+        rows = bm * chunks
+        assert programs == -(-m // rows) and bm <= rows <= tuned and rows & (rows - 1) == 0, (m, rows, programs)
+        assert rows == bm or programs >= want, (m, rows, programs)  # filled, unless one tile per program already
+        assert rows == tuned or -(-m // (2 * rows)) < want, (m, rows)  # and no smaller than it must
+    assert R.row_blocks(kernel, 196_608, 192, sms) == R.row_blocks(kernel, 196_608, 192)
+    assert R.row_blocks(kernel, 2_560, 192)[2] * R.row_blocks(kernel, 2_560, 192)[1] == tuned
+
+
 # ------------------------------------------------------------------------------------------------
 # The options: resolution, refusals, and the CPU falling back to the eager step
 # ------------------------------------------------------------------------------------------------
