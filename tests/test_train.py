@@ -94,6 +94,33 @@ def test_glimpse_sampler_non_overlapping_in_grid_and_shifted(img_size: int) -> N
             assert shifts == {(0, 0)} and (cover == 1).all()
 
 
+def _glimpses_by_arithmetic(geo: GlimpseGeometry, batch: int, T: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """sample_glimpses as it was before its tables: every lattice computed per draw (some thirty small ops)."""
+    g, (gh, gw) = geo.glimpse, geo.grid
+    ph, pw = gh // g, gw // g
+    shift = torch.arange(g)
+    fits = (((gh - shift) // g)[:, None] * ((gw - shift) // g)[None, :]).flatten() >= T
+    s = torch.rand(batch, g * g, generator=gen).masked_fill(~fits, -1.0).argmax(dim=1)
+    dy, dx = s // g, s % g
+    lat_r, lat_c = dy[:, None] + torch.arange(ph)[None] * g, dx[:, None] + torch.arange(pw)[None] * g
+    ok = (lat_r + g <= gh)[:, :, None] & (lat_c + g <= gw)[:, None, :]
+    idx = torch.rand(batch, ph * pw, generator=gen).masked_fill(~ok.flatten(1), float("-inf")).topk(T, dim=1).indices
+    return dy[:, None] + (idx // pw) * g, dx[:, None] + (idx % pw) * g
+
+
+@pytest.mark.parametrize("img_size, glimpse", [(112, 2), (56, 2), (64, 3), (40, 1)])
+def test_glimpse_sampler_tables_draw_what_the_arithmetic_drew(img_size: int, glimpse: int) -> None:
+    """The lattice tables change no draw: from the same generator state, the same glimpses in the same order as the
+    per-draw arithmetic they replaced, at every T (a g that does not divide the grid, where some shifts hold fewer
+    positions, included)."""
+    geo = GlimpseGeometry((img_size, img_size), patch=8, glimpse=glimpse)
+    tiles = (geo.grid[0] // glimpse) * (geo.grid[1] // glimpse)
+    for T in sorted({1, 2, tiles // 2, tiles - 1, tiles} - {0}):
+        got = sample_glimpses(geo, 200, T, torch.Generator().manual_seed(T))
+        want = _glimpses_by_arithmetic(geo, 200, T, torch.Generator().manual_seed(T))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (img_size, glimpse, T)
+
+
 def test_cut_glimpses_pixels_coords_and_seen() -> None:
     geo = GlimpseGeometry((48, 48), patch=8, glimpse=2)
     canvases = torch.randint(0, 256, (3, 48, 48, 1), dtype=torch.uint8)

@@ -23,8 +23,9 @@ N grid patches, C channels.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import cast
+from typing import NamedTuple, cast
 
 import numpy as np
 import torch
@@ -81,6 +82,27 @@ def n_tiles(geo: GlimpseGeometry) -> int:
     return (geo.grid[0] // geo.glimpse) * (geo.grid[1] // geo.glimpse)
 
 
+class _Lattices(NamedTuple):
+    """A geometry's shifted lattices as tables on one device (:func:`_lattices`), so that a draw indexes them."""
+
+    holds: torch.Tensor  # int64 [g*g]: glimpses the lattice of each shift (dy * g + dx) holds
+    unfit: torch.Tensor  # bool [g*g, ph*pw]: where a position of the unshifted lattice does not fit at that shift
+    rows: torch.Tensor  # int64 [g*g * ph*pw]: top-left patch row of (shift, position), flattened
+    cols: torch.Tensor  # int64 [g*g * ph*pw]: and column
+
+
+@functools.lru_cache(maxsize=32)
+def _lattices(g: int, gh: int, gw: int, device: torch.device) -> _Lattices:
+    ph, pw = gh // g, gw // g  # the largest lattice (shift 0)
+    shift = torch.arange(g)
+    holds = (((gh - shift) // g)[:, None] * ((gw - shift) // g)[None, :]).flatten()
+    dy, dx = shift.repeat_interleave(g)[:, None], shift.repeat(g)[:, None]  # [g*g, 1] each shift's (dy, dx)
+    pos = torch.arange(ph * pw)[None]
+    rows, cols = dy + (pos // pw) * g, dx + (pos % pw) * g  # [g*g, ph*pw]
+    unfit = (rows + g > gh) | (cols + g > gw)
+    return _Lattices(*(t.to(device) for t in (holds, unfit, rows.flatten(), cols.flatten())))
+
+
 def sample_glimpses(
     geo: GlimpseGeometry, batch: int, T: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,26 +110,23 @@ def sample_glimpses(
 
     Image i draws a shift (dy, dx) in {0..g-1}^2 among the shifts whose lattice holds at least T
     glimpses, then T distinct positions of the lattice {(dy + a*g, dx + b*g)} that fit in the grid
-    (random scores over the unshifted lattice, -inf where a position does not fit, top-T).
+    (random scores over the unshifted lattice, -inf where a position does not fit, top-T). Everything
+    that depends on the geometry alone is a table made once per device (:func:`_lattices`): a draw is two
+    uniform draws, their choices, and lookups, a dozen kernels on a GPU.
 
     Returns:
         rows, cols: int64 [batch, T] top-left patches, on the generator's device.
     """
     g, (gh, gw), dev = geo.glimpse, geo.grid, generator.device
-    ph, pw = gh // g, gw // g  # the largest lattice (shift 0)
+    ph, pw = gh // g, gw // g
     if not 1 <= T <= ph * pw:
         raise ValueError(f"T={T} non-overlapping {g}x{g} glimpses do not fit the {gh}x{gw} grid (at most {ph * pw})")
-    shift = torch.arange(g, device=dev)
-    fits = (((gh - shift) // g)[:, None] * ((gw - shift) // g)[None, :]).flatten() >= T  # [g*g] shifts holding T
-    score = torch.rand(batch, g * g, generator=generator, device=dev).masked_fill(~fits, -1.0)
-    s = score.argmax(dim=1)
-    dy, dx = s // g, s % g  # [B]
-    lat_r = dy[:, None] + torch.arange(ph, device=dev)[None] * g  # [B, ph]
-    lat_c = dx[:, None] + torch.arange(pw, device=dev)[None] * g  # [B, pw]
-    ok = (lat_r + g <= gh)[:, :, None] & (lat_c + g <= gw)[:, None, :]  # [B, ph, pw]
-    score = torch.rand(batch, ph * pw, generator=generator, device=dev).masked_fill(~ok.flatten(1), float("-inf"))
-    idx = score.topk(T, dim=1).indices  # [B, T]
-    return dy[:, None] + (idx // pw) * g, dx[:, None] + (idx % pw) * g
+    lat = _lattices(g, gh, gw, dev)
+    score = torch.rand(batch, g * g, generator=generator, device=dev).masked_fill(lat.holds < T, -1.0)
+    s = score.argmax(dim=1)  # [B] the shift
+    score = torch.rand(batch, ph * pw, generator=generator, device=dev).masked_fill(lat.unfit[s], float("-inf"))
+    at = s[:, None] * (ph * pw) + score.topk(T, dim=1).indices  # [B, T] (shift, position) in the tables
+    return lat.rows[at], lat.cols[at]
 
 
 def cut_glimpses(
