@@ -7,6 +7,7 @@ One idea per module:
 * :mod:`~avex.data.fashion_mnist` — the Fashion-MNIST IDX files: search order, reading, checks.
 * :mod:`~avex.data.install` — :func:`install_fashion_mnist` from Debian's package.
 * :mod:`~avex.data.cluttered` — :class:`FashionMNISTCanvas`: items on cluttered canvases (``"fashion-mnist"``).
+* :mod:`~avex.data.compose` — :func:`compose_canvases`: a batch of cluttered canvases from their layouts (Triton).
 * :mod:`~avex.data.folder` — :class:`ImageFolderCanvas`: ``root/<class>/<images>`` (``"folder"``).
 * :mod:`~avex.data.imagenet` — :func:`imagenet_canvas`: ImageNet-1k in timm's label order (``"imagenet"``).
 * :mod:`~avex.data.store` — :class:`ImageStore`: a folder's canvases decoded once, read by memory map.

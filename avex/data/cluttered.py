@@ -2,8 +2,9 @@
 
 A 28x28 Fashion-MNIST item is scaled x2 and dropped at a random spot of a black 112x112 canvas,
 together with a few 16x16 "clutter" fragments cut from other items. A canvas is fully described by
-its integer :class:`CanvasLayout`; composition is batched torch indexing. This module also registers
-the ``"fashion-mnist"`` data set, next to the source its spec builds.
+its integer :class:`CanvasLayout`; composition is :func:`avex.data.compose.compose_canvases` (one Triton kernel
+launch on CUDA, batched torch indexing elsewhere). This module also registers the ``"fashion-mnist"`` data set,
+next to the source its spec builds.
 
 Shapes: ``B`` batch rows, ``N`` items in a split, ``n`` clutter fragments per canvas, ``S`` the
 scaled item's side, ``F`` the fragment side. Canvases are ``uint8 [B, H, W, 1]``, labels ``int64 [B]``.
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from avex.checks import check_int
+from avex.data.compose import compose_canvases
 from avex.data.fashion_mnist import _ITEM_SIDE, FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, load_fashion_mnist
 from avex.data.registry import DatasetSpec, register_dataset
 from avex.data.source import CanvasSource, _check_indices, _check_part
@@ -265,36 +267,18 @@ class FashionMNISTCanvas(CanvasSource):
         dst_yx: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tensor version of :meth:`compose`; all inputs int64 on ``self.device``."""
-        B, N, S, F, s = len(index), len(self), self.item_size, self.fragment, self.scale
-        side, dev = self.canvas_size, self.device
-        # Work on flattened canvases/items: one gather/scatter along dim 1 per step is several
-        # times faster than multi-tensor advanced indexing on CPU.
-        canvas = torch.zeros(B, side * side, dtype=torch.uint8, device=dev)
-
-        def window(yx: torch.Tensor, size: int, width: int, stride: int = 1) -> torch.Tensor:
-            """Flat offsets [B, size*size] of a size x size window at yx [B, 2] in rows of `width`.
-
-            With ``stride`` s, offsets address the unscaled pixel (r // s, c // s) instead.
-            """
-            r = torch.arange(size, device=dev)
-            ys = (yx[:, 0:1] + r) // stride  # [B, size]
-            xs = (yx[:, 1:2] + r) // stride
-            return (ys[:, :, None] * width + xs[:, None, :]).reshape(B, -1)
-
-        item = self.images[index]  # [B, 28, 28]
-        if s > 1:  # nearest-neighbour upscaling
-            item = item.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
-        canvas.scatter_(1, window(item_yx, S, side), item.reshape(B, -1))
-
-        flat_items = self.images.view(N, -1)  # [N, 28*28]
-        for k in range(clutter_index.shape[1]):
-            # Fragment pixels read straight from the 28x28 source item, scaled on the fly.
-            frag = torch.gather(flat_items[clutter_index[:, k]], 1, window(src_yx[:, k], F, _ITEM_SIDE, s))
-            dst = window(dst_yx[:, k], F, side)
-            # gather/max/scatter rather than scatter_reduce_("amax"): plain ops work for uint8 on every backend.
-            canvas.scatter_(1, dst, torch.maximum(torch.gather(canvas, 1, dst), frag))
-
-        return canvas.view(B, side, side, 1), self.labels[index]
+        canvases = compose_canvases(
+            self.images,
+            index,
+            item_yx,
+            clutter_index,
+            src_yx,
+            dst_yx,
+            side=self.canvas_size,
+            scale=self.scale,
+            fragment=self.fragment,
+        )
+        return canvases, self.labels[index]
 
     def random_batch(
         self, batch: int, generator: torch.Generator, part: slice | None = None
