@@ -5,6 +5,7 @@ Three targets, each one table of device time per op (self time, sorted) and one 
     python benchmarks/profile_step.py env   --device cuda --num-envs 16384     # one vector step, as a table
     python benchmarks/profile_step.py tore  --device cuda --K 12 --batch 256   # eager TORE episode, ViT-B/16
     python benchmarks/profile_step.py train --device cuda --batch 1024 --steps 20 --step graphed  # training steps
+    python benchmarks/profile_step.py train --device cuda --batch 512 --steps 20 --step fused --shapes  # by shape
 
 ``env`` profiles ``budget`` steps of the batched vector env (one full episode of every env, so exactly one
 autoreset), each step annotated, and writes one Markdown table of a vector step, plain and with its autoreset:
@@ -47,17 +48,20 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from avex.platform_info import device_name, synchronize
 
 
-def _report(title: str, run, device: str, rows: int) -> str:
-    """Run ``run()`` once under torch.profiler and once under cProfile; both tables as text."""
+def _report(title: str, run, device: str, rows: int, shapes: bool = False) -> str:
+    """Run ``run()`` once under torch.profiler and once under cProfile; both tables as text. ``shapes``: the
+    profiler's table has a row per (op, input shapes), so that e.g. each matrix product's time shows apart."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     synchronize(device)
     t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=shapes) as prof:
         run()
         synchronize(device)
     wall_prof = time.perf_counter() - t0
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+    table = prof.key_averages(group_by_input_shape=shapes).table(
+        sort_by=sort, row_limit=rows, max_name_column_width=60, max_shapes_column_width=90
+    )
     # GPU activities (kernels, copies, sets) are the profiler's events on the CUDA device; their spans add up to
     # the GPU time.
     gpu = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
@@ -343,6 +347,7 @@ def profile_train(args: argparse.Namespace) -> str:
         steps,
         args.device,
         args.rows,
+        shapes=args.shapes,
     )
 
 
@@ -364,6 +369,7 @@ def main() -> None:
     p.add_argument("--glimpses", type=int, default=12)
     p.add_argument("--steps", type=int, default=20, help="training steps (train)")
     p.add_argument("--step", choices=("eager", "fused", "graphed"), default="eager", help="the training step (train)")
+    p.add_argument("--shapes", action="store_true", help="train: a row per op and input shapes (not with graphed)")
     args = p.parse_args()
     args.env_kwargs_raw = json.loads(args.env_kwargs)
     report = {"env": profile_env, "tore": profile_tore, "train": profile_train}[args.target](args)

@@ -300,24 +300,30 @@ def test_row_kernel_helpers_refuse_bad_input() -> None:
 
 
 @pytest.mark.parametrize("kernel", ["residual_norm_backward", "layer_norm_backward", "column_sum"])
-def test_row_blocks_fill_the_gpu_at_few_rows(kernel: str) -> None:
-    """Given the GPU's multiprocessors, a pass over few rows (a batch of 512 with one glimpse: 2,560 iterator rows)
-    takes fewer rows per program, the most that still give FILL programs per multiprocessor, down to one tile;
-    many rows keep the tuned setting, and without a GPU (sms None) nothing changes. Every row is in one program."""
+def test_row_blocks_aim_at_per_sm_programs(kernel: str) -> None:
+    """Given the GPU's multiprocessors and PER_SM > 0, a pass takes the fewest rows per program (a power of two, one
+    tile to MAX_TILES tiles) that keep at most PER_SM programs per multiprocessor; with PER_SM 0 (the default), or
+    without a GPU (sms None), ROW_LAUNCH's rows. Every row is in one program."""
     pytest.importorskip("triton")
     from avex.train import rows as R
 
-    tuned = R.ROW_LAUNCH[kernel].rows
-    sms, want = 132, R.FILL * 132
-    for m in (1, 100, 2_560, 30_720, 196_608, 1_000_000):
-        bn, bm, chunks, programs, warps = R.row_blocks(kernel, m, 192, sms)
-        assert (bn, warps) == R.row_blocks(kernel, m, 192)[::4]
-        rows = bm * chunks
-        assert programs == -(-m // rows) and bm <= rows <= tuned and rows & (rows - 1) == 0, (m, rows, programs)
-        assert rows == bm or programs >= want, (m, rows, programs)  # filled, unless one tile per program already
-        assert rows == tuned or -(-m // (2 * rows)) < want, (m, rows)  # and no smaller than it must
-    assert R.row_blocks(kernel, 196_608, 192, sms) == R.row_blocks(kernel, 196_608, 192)
-    assert R.row_blocks(kernel, 2_560, 192)[2] * R.row_blocks(kernel, 2_560, 192)[1] == tuned
+    tuned, per_sm, sms = R.ROW_LAUNCH[kernel].rows, R.PER_SM, 132
+    try:
+        R.PER_SM = 0
+        for m in (1, 2_560, 196_608):
+            assert R.row_blocks(kernel, m, 192, sms) == R.row_blocks(kernel, m, 192)
+            assert R.row_blocks(kernel, m, 192)[1] * R.row_blocks(kernel, m, 192)[2] == tuned
+        R.PER_SM = 2
+        most = R.PER_SM * sms
+        for m in (1, 100, 2_560, 30_720, 196_608, 1_000_000, 10_000_000):
+            bn, bm, chunks, programs, warps = R.row_blocks(kernel, m, 192, sms)
+            assert (bn, warps) == R.row_blocks(kernel, m, 192)[::4]
+            rows = bm * chunks
+            assert programs == -(-m // rows) and bm <= rows <= R.MAX_TILES * bm and rows & (rows - 1) == 0, (m, rows)
+            assert programs <= most or rows == R.MAX_TILES * bm, (m, rows, programs)  # at most PER_SM per SM, or capped
+            assert rows == bm or -(-m // (rows // 2)) > most, (m, rows)  # and no more rows than that takes
+    finally:
+        R.PER_SM = per_sm
 
 
 # ------------------------------------------------------------------------------------------------

@@ -139,7 +139,10 @@ class RowLaunch(NamedTuple):
     stages: int = 1  # tiles whose loads a looping program keeps in flight (2: the next tile's issued early)
 
 
-FILL = 4  # programs per multiprocessor that a pass over few rows still gets (:func:`row_blocks`)
+# Programs per multiprocessor a pass aims at (:func:`row_blocks`; 0: ROW_LAUNCH's rows per program at every row count),
+# and the most tiles a program takes (the layer norm's and column sum's loops are unrolled).
+PER_SM = 0
+MAX_TILES = 64
 
 # By kernel (the residual norm's kernels are in avex.train.epilogue). The settings as first chosen (the residual norm's
 # tiles so that ptxas spills no registers for sm_90 at widths 128 to 1024), then timed by benchmarks/rows_sweep.py
@@ -157,19 +160,20 @@ def row_blocks(kernel: str, m: int, n: int, sms: int | None = None) -> tuple[int
     """(BLOCK_N, BLOCK_M, CHUNKS, programs, num_warps) of ``kernel``'s pass over m rows of n features, by
     :data:`ROW_LAUNCH`: each program takes CHUNKS tiles of BLOCK_M consecutive rows (``rows`` rows in all).
 
-    Given the GPU's ``sms`` multiprocessors (:func:`~avex.kernel_fallback.sm_count`; None under the interpreter), a
-    pass over few rows takes fewer rows per program (halved down to one tile) until there are :data:`FILL`
-    programs per multiprocessor: at a few thousand rows (a small batch's iterator, a glimpse or two per image)
-    ``rows`` per program would leave most of the GPU idle while each program loops over its tiles one by one."""
+    Given the GPU's ``sms`` multiprocessors (:func:`~avex.kernel_fallback.sm_count`; None under the interpreter) and
+    :data:`PER_SM` > 0, ``rows`` is instead the fewest (a power of two, one tile to :data:`MAX_TILES` tiles) that keep
+    the programs at most PER_SM per multiprocessor. An experiment, off by default: each program pays once for its
+    partial sums, so fewer, longer programs may pay less; benchmarks/gpu/per_sm.sh times it (RESULTS.md 7.1)."""
     if kernel not in ROW_LAUNCH:
         raise ValueError(f"row_blocks: kernel must be one of {sorted(ROW_LAUNCH)}, got {kernel!r}")
     launch = ROW_LAUNCH[kernel]
     block_n, block_m = _row_blocks(n, launch.tile)
     block_m = min(block_m, launch.rows)
     rows = launch.rows
-    if sms:
-        while rows > block_m and triton.cdiv(m, rows) < FILL * sms:
-            rows //= 2
+    if sms and PER_SM:
+        rows = block_m
+        while rows < MAX_TILES * block_m and triton.cdiv(m, rows) > PER_SM * sms:
+            rows *= 2
     return block_n, block_m, rows // block_m, triton.cdiv(m, rows), launch.num_warps
 
 
