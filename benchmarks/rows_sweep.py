@@ -5,8 +5,7 @@ A training step's layer norms and residual adds (``avex.train.rows``, ``avex.tra
 rows of 128 or 192 features; the backward passes write per-program fp32 partial sums, which ``sum_partials`` sums.
 Their first settings (``ROW_LAUNCH``) were not chosen by timing. This script times each function alone at a training
 step's row counts and widths (CUDA graphs, bf16), for every (tile, warps, rows per program; for the residual norm's
-backward also the tiles loaded ahead, ``--row-stages``; with ``--per-sm``, the programs per multiprocessor a pass aims
-at, which on a GPU replace the rows per program) of a grid, changing one kernel's entry of ``ROW_LAUNCH`` at a
+backward also the tiles loaded ahead, ``--row-stages``) of a grid, changing one kernel's entry of ``ROW_LAUNCH`` at a
 time, and then the second stage's tiles (``SUM_LAUNCH``, against PyTorch's ``sum(0).to(dtype)``). It prints, per
 kernel, the default's and the fastest setting's time summed over the shapes, and a last line ``fastest: {...}`` of
 Python literals that ``benchmarks/gpu/rows_tune.sh`` sets for a run of the step. On a GPU the kernels are compiled
@@ -191,9 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=int, nargs="+", default=getattr(d, name), help=f"default: {getattr(d, name)}")
     parser.add_argument("--sum-tiles", type=_ints, nargs="+", default=d.sum_tiles, help="BLOCK_P,BLOCK_W ...")
-    parser.add_argument(
-        "--per-sm", type=int, nargs="+", default=[R.PER_SM], help=f"rows.PER_SM values (default {R.PER_SM}; 0: off)"
-    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (--device cpu runs the check under Triton's interpreter)")
@@ -205,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
              f"rows {list(grid.rows)}", ""]  # fmt: skip
     fastest: dict[str, object] = {}
     if "first" in args.stages:
-        for per_sm in args.per_sm:  # the last one's fastest settings are printed
-            R.PER_SM = per_sm
-            lines += [f"PER_SM = {per_sm}", ""]
-            fastest["ROW_LAUNCH"] = _first_stages(lines, grid, args.device, args.workers, args.kernels)
-            lines.append("")
+        fastest["ROW_LAUNCH"] = _first_stages(lines, grid, args.device, args.workers, args.kernels)
     if "second" in args.stages:
         fastest["SUM_LAUNCH"] = _second_stage(lines, grid, args.device)
     synchronize(args.device)

@@ -299,33 +299,6 @@ def test_row_kernel_helpers_refuse_bad_input() -> None:
         R.row_blocks("layer_norm", 10, 10)
 
 
-@pytest.mark.parametrize("kernel", ["residual_norm_backward", "layer_norm_backward", "column_sum"])
-def test_row_blocks_aim_at_per_sm_programs(kernel: str) -> None:
-    """Given the GPU's multiprocessors and PER_SM > 0, a pass takes the fewest rows per program (a power of two, one
-    tile to MAX_TILES tiles) that keep at most PER_SM programs per multiprocessor; with PER_SM 0 (the default), or
-    without a GPU (sms None), ROW_LAUNCH's rows. Every row is in one program."""
-    pytest.importorskip("triton")
-    from avex.train import rows as R
-
-    tuned, per_sm, sms = R.ROW_LAUNCH[kernel].rows, R.PER_SM, 132
-    try:
-        R.PER_SM = 0
-        for m in (1, 2_560, 196_608):
-            assert R.row_blocks(kernel, m, 192, sms) == R.row_blocks(kernel, m, 192)
-            assert R.row_blocks(kernel, m, 192)[1] * R.row_blocks(kernel, m, 192)[2] == tuned
-        R.PER_SM = 2
-        most = R.PER_SM * sms
-        for m in (1, 100, 2_560, 30_720, 196_608, 1_000_000, 10_000_000):
-            bn, bm, chunks, programs, warps = R.row_blocks(kernel, m, 192, sms)
-            assert (bn, warps) == R.row_blocks(kernel, m, 192)[::4]
-            rows = bm * chunks
-            assert programs == -(-m // rows) and bm <= rows <= R.MAX_TILES * bm and rows & (rows - 1) == 0, (m, rows)
-            assert programs <= most or rows == R.MAX_TILES * bm, (m, rows, programs)  # at most PER_SM per SM, or capped
-            assert rows == bm or -(-m // (rows // 2)) > most, (m, rows)  # and no more rows than that takes
-    finally:
-        R.PER_SM = per_sm
-
-
 # ------------------------------------------------------------------------------------------------
 # The options: resolution, refusals, and the CPU falling back to the eager step
 # ------------------------------------------------------------------------------------------------

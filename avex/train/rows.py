@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from avex.kernel_fallback import _device_may_run, sm_count, triton
+from avex.kernel_fallback import _device_may_run, triton
 from avex.layer_norm import _ROWS, ONES_COLUMNS, _row_blocks, layer_norm_forward
 from avex.train.kernels import _works
 
@@ -139,11 +139,6 @@ class RowLaunch(NamedTuple):
     stages: int = 1  # tiles whose loads a looping program keeps in flight (2: the next tile's issued early)
 
 
-# Programs per multiprocessor a pass aims at (:func:`row_blocks`; 0: ROW_LAUNCH's rows per program at every row count),
-# and the most tiles a program takes (the layer norm's and column sum's loops are unrolled).
-PER_SM = 0
-MAX_TILES = 64
-
 # By kernel (the residual norm's kernels are in avex.train.epilogue). The settings as first chosen (the residual norm's
 # tiles so that ptxas spills no registers for sm_90 at widths 128 to 1024), then timed by benchmarks/rows_sweep.py
 # (benchmarks/RESULTS.md 7.1): the first settings were the fastest but for the residual norm's backward, whose loads
@@ -156,25 +151,15 @@ ROW_LAUNCH: dict[str, RowLaunch] = {
 }
 
 
-def row_blocks(kernel: str, m: int, n: int, sms: int | None = None) -> tuple[int, int, int, int, int]:
+def row_blocks(kernel: str, m: int, n: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_M, CHUNKS, programs, num_warps) of ``kernel``'s pass over m rows of n features, by
-    :data:`ROW_LAUNCH`: each program takes CHUNKS tiles of BLOCK_M consecutive rows (``rows`` rows in all).
-
-    Given the GPU's ``sms`` multiprocessors (:func:`~avex.kernel_fallback.sm_count`; None under the interpreter) and
-    :data:`PER_SM` > 0, ``rows`` is instead the fewest (a power of two, one tile to :data:`MAX_TILES` tiles) that keep
-    the programs at most PER_SM per multiprocessor. An experiment, off by default: each program pays once for its
-    partial sums, so fewer, longer programs may pay less; benchmarks/gpu/per_sm.sh times it (RESULTS.md 7.1)."""
+    :data:`ROW_LAUNCH`: each program takes CHUNKS tiles of BLOCK_M consecutive rows (``rows`` rows in all)."""
     if kernel not in ROW_LAUNCH:
         raise ValueError(f"row_blocks: kernel must be one of {sorted(ROW_LAUNCH)}, got {kernel!r}")
     launch = ROW_LAUNCH[kernel]
     block_n, block_m = _row_blocks(n, launch.tile)
     block_m = min(block_m, launch.rows)
-    rows = launch.rows
-    if sms and PER_SM:
-        rows = block_m
-        while rows < MAX_TILES * block_m and triton.cdiv(m, rows) > PER_SM * sms:
-            rows *= 2
-    return block_n, block_m, rows // block_m, triton.cdiv(m, rows), launch.num_warps
+    return block_n, block_m, launch.rows // block_m, triton.cdiv(m, launch.rows), launch.num_warps
 
 
 def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -212,7 +197,7 @@ def layer_norm_backward(
     n = x.shape[-1]
     x2, dy2 = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
     m = x2.shape[0]
-    block_n, block_m, chunks, programs, warps = row_blocks("layer_norm_backward", m, n, sm_count(x.device))
+    block_n, block_m, chunks, programs, warps = row_blocks("layer_norm_backward", m, n)
     dx = torch.empty_like(x2)
     partial = torch.empty(programs, 2, n, dtype=torch.float32, device=x.device)
     if programs:
@@ -228,7 +213,7 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
     """fp32 sums over the rows of a contiguous [M, N] tensor, in x's dtype: a bias gradient, in one Triton pass
     and a small second sum (PyTorch's own column reduction reads such tensors at a third of the bandwidth)."""
     m, n = x.shape
-    block_n, block_m, chunks, programs, warps = row_blocks("column_sum", m, n, sm_count(x.device))
+    block_n, block_m, chunks, programs, warps = row_blocks("column_sum", m, n)
     partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)
     if programs:
         _column_sum_kernel[(programs,)](

@@ -4,10 +4,10 @@
 #   shapes  benchmarks/profile_step.py train --step fused --shapes at batches 512 and 1024: each op's GPU time per
 #           (op, input shapes), so that every matrix product shows apart (the graphed step's kernels lose their ops)
 #   rows    benchmarks/rows_sweep.py at the default launch settings, row counts 2,048 to 131,072, widths 128 and 192:
-#           us per call of the residual norm's two passes and the layer norm's backward, at rows.PER_SM of each of PER_SMS ("0 2")
+#           us per call of the residual norm's two passes and the layer norm's backward
 #   main    the main job (setup.sh's main_job) on this tree
 # Usage (device tool, carry .whl and data):  bash benchmarks/gpu/fixed_cost.sh   (about 6 minutes on a fresh H200)
-#   STAGES ("shapes rows main"), PER_SMS ("0 2").
+#   STAGES ("shapes rows main").
 source "$(dirname "$0")/setup.sh"
 STAGES=${STAGES:-shapes rows main}
 for stage in $STAGES; do
@@ -23,7 +23,7 @@ for stage in $STAGES; do
       timeout 200 python3 benchmarks/rows_sweep.py --device $DEVICE --stages first \
         --kernels residual_norm_backward residual_norm_forward layer_norm_backward \
         --rows 2048 4096 8192 16384 32768 65536 131072 --norm-widths 128 192 --tiles 1024 --warps 4 \
-        --per-program 64 --row-stages 2 --per-sm ${PER_SMS:-0 2} --out $R/rows_by_m.md 2>&1 | grep -v -i warn | tail -5
+        --per-program 64 --row-stages 2 --out $R/rows_by_m.md 2>&1 | grep -v -i warn | tail -5
       pack ;;
     main) main_job ;;
   esac
