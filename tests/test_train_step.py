@@ -299,6 +299,33 @@ def test_row_kernel_helpers_refuse_bad_input() -> None:
         R.row_blocks("layer_norm", 10, 10)
 
 
+@pytest.mark.parametrize("kernel", ["residual_norm_backward", "layer_norm_backward", "column_sum"])
+def test_row_blocks_spread_few_rows_over_the_gpu(kernel: str) -> None:
+    """Given the GPU's multiprocessors, a pass that ROW_LAUNCH's rows would give at most PROGRAMS_PER_SM programs
+    per multiprocessor takes the fewest rows per program (halved, down to one tile) that keep it there; a pass with
+    more programs keeps ROW_LAUNCH's rows, and so does every pass without a GPU (sms None). Every row is in one
+    program."""
+    pytest.importorskip("triton")
+    from avex.train import rows as R
+
+    tuned, sms = R.ROW_LAUNCH[kernel].rows, 132
+    most = R.PROGRAMS_PER_SM * sms
+    assert most > 0
+    for m in (1, 100, 2_560, 16_384, 30_720, 65_536, 196_608, 1_000_000):
+        plain = R.row_blocks(kernel, m, 192)
+        assert plain[1] * plain[2] == tuned and plain[3] == -(-m // tuned)
+        bn, bm, chunks, programs, warps = R.row_blocks(kernel, m, 192, sms)
+        rows = bm * chunks
+        assert (bn, bm, warps) == (plain[0], plain[1], plain[4]) and programs == -(-m // rows), (m, rows)
+        assert bm <= rows <= tuned and rows & (rows - 1) == 0, (m, rows)
+        if plain[3] > most:
+            assert rows == tuned, (m, rows)  # enough programs already: nothing changes
+        else:
+            assert programs <= most and (rows == bm or -(-m // (rows // 2)) > most), (m, rows, programs)
+    # a batch of 512 with one glimpse (2,560 iterator rows): one program per multiprocessor at most, not 10 in all
+    assert R.row_blocks(kernel, 2_560, 192, sms)[3] > R.row_blocks(kernel, 2_560, 192)[3]
+
+
 # ------------------------------------------------------------------------------------------------
 # The options: resolution, refusals, and the CPU falling back to the eager step
 # ------------------------------------------------------------------------------------------------

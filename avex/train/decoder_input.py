@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from avex.kernel_fallback import _device_may_run, triton
+from avex.kernel_fallback import _device_may_run, sm_count, triton
 from avex.layer_norm import _row_blocks
 from avex.train.kernels import _works
 from avex.train.rows import row_blocks, sum_partials, train_add_row
@@ -128,7 +128,7 @@ class _DecoderInput(torch.autograd.Function):
         dout = dout.contiguous()
         s = dout.shape[1]
         de = dout.new_empty(b, l1, d)
-        block_n, block_m, chunks, programs, warps = row_blocks("column_sum", b * s, d)
+        block_n, block_m, chunks, programs, warps = row_blocks("column_sum", b * s, d, sm_count(dout.device))
         partial = torch.empty(programs, d, dtype=torch.float32, device=dout.device)
         if programs:
             _decoder_input_bwd_kernel[(programs,)](

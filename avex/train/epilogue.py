@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from avex.kernel_fallback import _device_may_run, triton
+from avex.kernel_fallback import _device_may_run, sm_count, triton
 from avex.layer_norm import MAX_FEATURES, ONES_COLUMNS, _row_blocks
 from avex.train.kernels import _works
 from avex.train.rows import ROW_LAUNCH, column_sum, row_blocks, sum_partials
@@ -312,7 +312,7 @@ def _residual_norm_backward(
     assert dx is not None
     dy = torch.empty_like(z) if scaled else dx
     slots = 1 + 2 * norm + scaled
-    block_n, block_m, chunks, programs, warps = row_blocks("residual_norm_backward", m, n)
+    block_n, block_m, chunks, programs, warps = row_blocks("residual_norm_backward", m, n, sm_count(z.device))
     partial = torch.empty(programs, slots, n, dtype=torch.float32, device=z.device)
     if programs:
         _residual_norm_bwd_kernel[(programs,)](

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from avex.kernel_fallback import _device_may_run, triton
+from avex.kernel_fallback import _device_may_run, sm_count, triton
 from avex.layer_norm import _ROWS, ONES_COLUMNS, _row_blocks, layer_norm_forward
 from avex.train.kernels import _works
 
@@ -151,15 +151,30 @@ ROW_LAUNCH: dict[str, RowLaunch] = {
 }
 
 
-def row_blocks(kernel: str, m: int, n: int) -> tuple[int, int, int, int, int]:
+# A pass with fewer programs than this many per multiprocessor takes fewer rows per program (never more than
+# ROW_LAUNCH's), so that a few thousand rows spread over the GPU (0: ROW_LAUNCH's rows at every row count).
+PROGRAMS_PER_SM = 1
+
+
+def row_blocks(kernel: str, m: int, n: int, sms: int | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_M, CHUNKS, programs, num_warps) of ``kernel``'s pass over m rows of n features, by
-    :data:`ROW_LAUNCH`: each program takes CHUNKS tiles of BLOCK_M consecutive rows (``rows`` rows in all)."""
+    :data:`ROW_LAUNCH`: each program takes CHUNKS tiles of BLOCK_M consecutive rows (``rows`` rows in all).
+
+    Given the GPU's ``sms`` multiprocessors (:func:`~avex.kernel_fallback.sm_count`; None under the interpreter),
+    ``rows`` is halved (down to one tile) while the pass would still have at most :data:`PROGRAMS_PER_SM` programs
+    per multiprocessor: at a few thousand rows (a small batch's short sequences) ROW_LAUNCH's rows leave most of
+    the GPU idle, while passes over more rows keep them (more, shorter programs there pay more partial sums than
+    they gain: benchmarks/RESULTS.md 7.1)."""
     if kernel not in ROW_LAUNCH:
         raise ValueError(f"row_blocks: kernel must be one of {sorted(ROW_LAUNCH)}, got {kernel!r}")
     launch = ROW_LAUNCH[kernel]
     block_n, block_m = _row_blocks(n, launch.tile)
     block_m = min(block_m, launch.rows)
-    return block_n, block_m, launch.rows // block_m, triton.cdiv(m, launch.rows), launch.num_warps
+    rows = launch.rows
+    if sms:
+        while rows > block_m and triton.cdiv(m, rows // 2) <= PROGRAMS_PER_SM * sms:
+            rows //= 2
+    return block_n, block_m, rows // block_m, triton.cdiv(m, rows), launch.num_warps
 
 
 def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -197,7 +212,7 @@ def layer_norm_backward(
     n = x.shape[-1]
     x2, dy2 = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
     m = x2.shape[0]
-    block_n, block_m, chunks, programs, warps = row_blocks("layer_norm_backward", m, n)
+    block_n, block_m, chunks, programs, warps = row_blocks("layer_norm_backward", m, n, sm_count(x.device))
     dx = torch.empty_like(x2)
     partial = torch.empty(programs, 2, n, dtype=torch.float32, device=x.device)
     if programs:
@@ -213,7 +228,7 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
     """fp32 sums over the rows of a contiguous [M, N] tensor, in x's dtype: a bias gradient, in one Triton pass
     and a small second sum (PyTorch's own column reduction reads such tensors at a third of the bandwidth)."""
     m, n = x.shape
-    block_n, block_m, chunks, programs, warps = row_blocks("column_sum", m, n)
+    block_n, block_m, chunks, programs, warps = row_blocks("column_sum", m, n, sm_count(x.device))
     partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)
     if programs:
         _column_sum_kernel[(programs,)](
