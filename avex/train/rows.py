@@ -151,9 +151,10 @@ ROW_LAUNCH: dict[str, RowLaunch] = {
 }
 
 
-# A pass with fewer programs than this many per multiprocessor takes fewer rows per program (never more than
-# ROW_LAUNCH's), so that a few thousand rows spread over the GPU (0: ROW_LAUNCH's rows at every row count).
-PROGRAMS_PER_SM = 1
+# A pass with at most this many programs per multiprocessor takes fewer rows per program (never more than
+# ROW_LAUNCH's), so that a few thousand rows spread over the GPU (0: ROW_LAUNCH's rows at every row count). 2 timed
+# fastest of 0, 1 and 2 (benchmarks/gpu/train_setting.sh, RESULTS.md 7.1): 1.6% off the step at batch 512.
+PROGRAMS_PER_SM = 2
 
 
 def row_blocks(kernel: str, m: int, n: int, sms: int | None = None) -> tuple[int, int, int, int, int]:
