@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from avex.checks import check_int
-from avex.data.compose import compose_canvases
+from avex.data.compose import Placements, compose_canvases
 from avex.data.fashion_mnist import _ITEM_SIDE, FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, load_fashion_mnist
 from avex.data.registry import DatasetSpec, register_dataset
 from avex.data.source import CanvasSource, _check_indices, _check_part
@@ -254,31 +254,14 @@ class FashionMNISTCanvas(CanvasSource):
     def _send_and_compose(self, lay: CanvasLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`compose` of a layout known to be valid (checked, or drawn by :meth:`sample_layouts`)."""
         # One copy of the five arrays, non-blocking from pinned memory on CUDA (five pageable copies each waited).
-        names = ("index", "item_yx", "clutter_index", "clutter_src_yx", "clutter_dst_yx")
+        names = [f.name for f in fields(lay)]  # Placements' fields
         sent = to_device({f: np.asarray(getattr(lay, f), dtype=np.int64) for f in names}, self.device)
-        return self._compose(*(sent[f] for f in names))
+        return self._compose(Placements(**sent))
 
-    def _compose(
-        self,
-        index: torch.Tensor,
-        item_yx: torch.Tensor,
-        clutter_index: torch.Tensor,
-        src_yx: torch.Tensor,
-        dst_yx: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tensor version of :meth:`compose`; all inputs int64 on ``self.device``."""
-        canvases = compose_canvases(
-            self.images,
-            index,
-            item_yx,
-            clutter_index,
-            src_yx,
-            dst_yx,
-            side=self.canvas_size,
-            scale=self.scale,
-            fragment=self.fragment,
-        )
-        return canvases, self.labels[index]
+    def _compose(self, where: Placements) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tensor version of :meth:`compose`; all tensors int64 on ``self.device``."""
+        canvases = compose_canvases(self.images, where, side=self.canvas_size, scale=self.scale, fragment=self.fragment)
+        return canvases, self.labels[where.index]
 
     def random_batch(
         self, batch: int, generator: torch.Generator, part: slice | None = None
@@ -311,7 +294,7 @@ class FashionMNISTCanvas(CanvasSource):
         clutter += clutter >= index[:, None]  # skip the shown item
         src = randint(self._src_lo, self._src_hi, batch, n, 2)
         dst = randint(0, self.canvas_size - self.fragment, batch, n, 2)
-        return self._compose(index[rows], item_yx[rows], clutter[rows], src[rows], dst[rows])
+        return self._compose(Placements(index[rows], item_yx[rows], clutter[rows], src[rows], dst[rows]))
 
     def sample(
         self, rngs: Sequence[np.random.Generator], indices: Sequence[int | None] | None = None

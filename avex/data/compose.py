@@ -2,10 +2,10 @@
 clutter fragments cut from other (scaled) items by a pixel-wise max.
 
 Canvas b is black, with item ``index[b]`` scaled ``scale`` times at ``item_yx[b]``; fragment k of it is the
-``fragment``-sided square at ``src_yx[b, k]`` of item ``clutter_index[b, k]`` (scaled; ``src_yx`` counts scaled
-pixels), maxed into the canvas at ``dst_yx[b, k]``. A max does not depend on the order of its terms and the item
-lands on zeros, so each pixel is the max of the item's pixel there (0 outside the item) and of every fragment's
-pixel that covers it: the pixels can be computed independently.
+``fragment``-sided square at ``clutter_src_yx[b, k]`` of item ``clutter_index[b, k]`` (scaled; the source counts
+scaled pixels), maxed into the canvas at ``clutter_dst_yx[b, k]``: the fields of :class:`Placements`. A max does
+not depend on the order of its terms and the item lands on zeros, so each pixel is the max of the item's pixel there
+(0 outside the item) and of every fragment's pixel that covers it: the pixels can be computed independently.
 
 Two functions, same results (uint8, bit for bit): :func:`reference_compose` (PyTorch, any device: about 90 small
 ops for four fragments, one window of offsets per fragment) and :func:`compose_kernel` (Triton: one launch for the
@@ -19,6 +19,9 @@ the scaled item's side is ``S = I * scale``, a fragment's ``F = fragment``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
 import torch
 
 from avex.kernel_fallback import _device_may_run, kernel_or_fallback, triton
@@ -26,7 +29,22 @@ from avex.kernel_fallback import _device_may_run, kernel_or_fallback, triton
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["compose_canvases", "compose_kernel", "reference_compose"]
+__all__ = ["Placements", "compose_canvases", "compose_kernel", "reference_compose"]
+
+
+@dataclass(frozen=True, eq=False)  # eq on tensors would be elementwise
+class Placements:
+    """Where each of B canvases' pixels come from: int64 tensors on the items' device (the tensor form of
+    :class:`avex.data.cluttered.CanvasLayout`, whose fields these are). Iterates over its fields in order."""
+
+    index: torch.Tensor  # [B] the item of each canvas
+    item_yx: torch.Tensor  # [B, 2] top-left (row, col) of the scaled item on the canvas
+    clutter_index: torch.Tensor  # [B, n] the items the fragments are cut from
+    clutter_src_yx: torch.Tensor  # [B, n, 2] top-left of each fragment inside its *scaled* item
+    clutter_dst_yx: torch.Tensor  # [B, n, 2] top-left of each fragment on the canvas
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (getattr(self, f.name) for f in fields(self))
 
 
 # ----------------------------------------------------------------------------------------- the kernel
@@ -88,36 +106,27 @@ if triton is not None:
         tl.store(out_ptr + b * (SIDE * SIDE) + p, pixel, mask=inside)
 
 
-def _check(
-    images: torch.Tensor,
-    index: torch.Tensor,
-    item_yx: torch.Tensor,
-    clutter_index: torch.Tensor,
-    src_yx: torch.Tensor,
-    dst_yx: torch.Tensor,
-    side: int,
-    scale: int,
-    fragment: int,
-) -> tuple[int, int]:
+def _check(images: torch.Tensor, where: Placements, side: int, scale: int, fragment: int) -> tuple[int, int]:
     """(B, n) of a valid call; ValueError naming what is wrong otherwise. Shapes and dtypes only: the values (items
     in range, windows on the canvas) are the callers' to guarantee."""
     if images.dtype != torch.uint8 or images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be uint8 [N, I, I] (square items), got {images.dtype} {tuple(images.shape)}")
+    if not isinstance(where, Placements):
+        raise ValueError(f"where must be a Placements of five int64 tensors, got {type(where).__name__}")
+    index, item_yx, clutter = where.index, where.item_yx, where.clutter_index
     if index.dtype != torch.int64 or index.ndim != 1:
         raise ValueError(f"index must be int64 [B], got {index.dtype} {tuple(index.shape)}")
     b = index.shape[0]
     if item_yx.dtype != torch.int64 or item_yx.shape != (b, 2):
         raise ValueError(f"item_yx must be int64 [B, 2] = [{b}, 2], got {item_yx.dtype} {tuple(item_yx.shape)}")
-    if clutter_index.dtype != torch.int64 or clutter_index.ndim != 2 or clutter_index.shape[0] != b:
-        raise ValueError(
-            f"clutter_index must be int64 [B, n] with B = {b}, got {clutter_index.dtype} {tuple(clutter_index.shape)}"
-        )
-    n = clutter_index.shape[1]
-    for name, yx in (("src_yx", src_yx), ("dst_yx", dst_yx)):
+    if clutter.dtype != torch.int64 or clutter.ndim != 2 or clutter.shape[0] != b:
+        raise ValueError(f"clutter_index must be int64 [B, n] with B = {b}, got {clutter.dtype} {tuple(clutter.shape)}")
+    n = clutter.shape[1]
+    for name in ("clutter_src_yx", "clutter_dst_yx"):
+        yx = getattr(where, name)
         if yx.dtype != torch.int64 or yx.shape != (b, n, 2):
             raise ValueError(f"{name} must be int64 [B, n, 2] = [{b}, {n}, 2], got {yx.dtype} {tuple(yx.shape)}")
-    tensors = {"index": index, "item_yx": item_yx, "clutter_index": clutter_index, "src_yx": src_yx, "dst_yx": dst_yx}
-    for name, t in tensors.items():
+    for name, t in zip((f.name for f in fields(where)), where):
         if t.device != images.device:
             raise ValueError(f"{name} is on {t.device}, images on {images.device}: all must be on one device")
     for name, value in (("side", side), ("scale", scale), ("fragment", fragment)):
@@ -127,26 +136,19 @@ def _check(
 
 
 def _compose_kernel_unchecked(
-    images: torch.Tensor,
-    index: torch.Tensor,
-    item_yx: torch.Tensor,
-    clutter_index: torch.Tensor,
-    src_yx: torch.Tensor,
-    dst_yx: torch.Tensor,
-    side: int,
-    scale: int,
-    fragment: int,
+    images: torch.Tensor, where: Placements, side: int, scale: int, fragment: int
 ) -> torch.Tensor:
     """:func:`compose_kernel` of arguments :func:`_check` passed."""
     if triton is None:
         raise RuntimeError("compose_kernel needs Triton (it ships with PyTorch's CUDA wheels)")
-    b, n = clutter_index.shape
+    index, item_yx, clutter, src_yx, dst_yx = where
+    b, n = clutter.shape
     out = torch.empty(b, side, side, 1, dtype=torch.uint8, device=images.device)  # every pixel is written
     if b == 0:
         return out
     # Where n = 0 the fragment tensors are never read, and may hold no memory at all: index stands in for them.
-    frags = (clutter_index, src_yx, dst_yx) if n else (index, index, index)
-    strides = [*clutter_index.stride(), *src_yx.stride(), *dst_yx.stride()] if n else [0] * 8
+    frags = (clutter, src_yx, dst_yx) if n else (index, index, index)
+    strides = [*clutter.stride(), *src_yx.stride(), *dst_yx.stride()] if n else [0] * 8
     block = min(1024, triton.next_power_of_2(side * side))
     _compose_kernel[(b, triton.cdiv(side * side, block))](  # b on axis 0: the others take at most 65,535
         images,
@@ -169,37 +171,17 @@ def _compose_kernel_unchecked(
     return out
 
 
-def compose_kernel(
-    images: torch.Tensor,
-    index: torch.Tensor,
-    item_yx: torch.Tensor,
-    clutter_index: torch.Tensor,
-    src_yx: torch.Tensor,
-    dst_yx: torch.Tensor,
-    *,
-    side: int,
-    scale: int,
-    fragment: int,
-) -> torch.Tensor:
+def compose_kernel(images: torch.Tensor, where: Placements, *, side: int, scale: int, fragment: int) -> torch.Tensor:
     """:func:`reference_compose` by the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``), in one launch.
     Args and returns as :func:`reference_compose`; RuntimeError without Triton."""
-    _check(images, index, item_yx, clutter_index, src_yx, dst_yx, side, scale, fragment)
-    return _compose_kernel_unchecked(images, index, item_yx, clutter_index, src_yx, dst_yx, side, scale, fragment)
+    _check(images, where, side, scale, fragment)
+    return _compose_kernel_unchecked(images, where, side, scale, fragment)
 
 
 # ------------------------------------------------------------------------------------- the reference
-def _reference_unchecked(
-    images: torch.Tensor,
-    index: torch.Tensor,
-    item_yx: torch.Tensor,
-    clutter_index: torch.Tensor,
-    src_yx: torch.Tensor,
-    dst_yx: torch.Tensor,
-    side: int,
-    scale: int,
-    fragment: int,
-) -> torch.Tensor:
+def _reference_unchecked(images: torch.Tensor, where: Placements, side: int, scale: int, fragment: int) -> torch.Tensor:
     """:func:`reference_compose` of arguments :func:`_check` passed."""
+    index, item_yx, clutter_index, src_yx, dst_yx = where
     B, N, item_side = len(index), len(images), images.shape[1]  # I
     S, F, s, dev = item_side * scale, fragment, scale, images.device
     # Work on flattened canvases/items: one gather/scatter along dim 1 per step is several
@@ -231,30 +213,15 @@ def _reference_unchecked(
     return canvas.view(B, side, side, 1)
 
 
-def reference_compose(
-    images: torch.Tensor,
-    index: torch.Tensor,
-    item_yx: torch.Tensor,
-    clutter_index: torch.Tensor,
-    src_yx: torch.Tensor,
-    dst_yx: torch.Tensor,
-    *,
-    side: int,
-    scale: int,
-    fragment: int,
-) -> torch.Tensor:
+def reference_compose(images: torch.Tensor, where: Placements, *, side: int, scale: int, fragment: int) -> torch.Tensor:
     """Compose B canvases with PyTorch's ops (any device): batched gathers and scatters, one pass per fragment.
 
-    Values are not checked: item indices must lie in ``[0, N)``, ``item_yx`` in ``[0, side - S]``, ``src_yx`` in
-    ``[0, S - F]`` and ``dst_yx`` in ``[0, side - F]``.
+    Values are not checked: item indices must lie in ``[0, N)``, ``item_yx`` in ``[0, side - S]``,
+    ``clutter_src_yx`` in ``[0, S - F]`` and ``clutter_dst_yx`` in ``[0, side - F]``.
 
     Args:
         images: uint8 [N, I, I] the items.
-        index: int64 [B] the item of each canvas.
-        item_yx: int64 [B, 2] top-left (row, col) of the scaled item on the canvas.
-        clutter_index: int64 [B, n] the items the fragments are cut from.
-        src_yx: int64 [B, n, 2] top-left of each fragment inside its *scaled* item.
-        dst_yx: int64 [B, n, 2] top-left of each fragment on the canvas.
+        where: the :class:`Placements` of the B canvases' item and n fragments.
         side: the canvas side.
         scale: the items' integer upscaling (nearest neighbour).
         fragment: the fragments' side F.
@@ -262,33 +229,21 @@ def reference_compose(
     Returns:
         uint8 [B, side, side, 1] the canvases.
     """
-    _check(images, index, item_yx, clutter_index, src_yx, dst_yx, side, scale, fragment)
-    return _reference_unchecked(images, index, item_yx, clutter_index, src_yx, dst_yx, side, scale, fragment)
+    _check(images, where, side, scale, fragment)
+    return _reference_unchecked(images, where, side, scale, fragment)
 
 
 # -------------------------------------------------------------------------------------------- dispatch
-def compose_canvases(
-    images: torch.Tensor,
-    index: torch.Tensor,
-    item_yx: torch.Tensor,
-    clutter_index: torch.Tensor,
-    src_yx: torch.Tensor,
-    dst_yx: torch.Tensor,
-    *,
-    side: int,
-    scale: int,
-    fragment: int,
-) -> torch.Tensor:
+def compose_canvases(images: torch.Tensor, where: Placements, *, side: int, scale: int, fragment: int) -> torch.Tensor:
     """:func:`compose_kernel` where it can run (Triton, and CUDA or the interpreter; grad mode does not matter: the
     canvases are integers), else :func:`reference_compose`; if the kernel fails to build or launch here, the
     reference from then on, with one warning. Args and returns as :func:`reference_compose`."""
-    args = (images, index, item_yx, clutter_index, src_yx, dst_yx, side, scale, fragment)
-    _check(*args)
-    if not _device_may_run(index):
-        return _reference_unchecked(*args)
+    _check(images, where, side, scale, fragment)
+    if not _device_may_run(where.index):
+        return _reference_unchecked(images, where, side, scale, fragment)
     return kernel_or_fallback(
         "canvas compose",
-        lambda: _compose_kernel_unchecked(*args),
-        lambda: _reference_unchecked(*args),
+        lambda: _compose_kernel_unchecked(images, where, side, scale, fragment),
+        lambda: _reference_unchecked(images, where, side, scale, fragment),
         "canvases are now composed with PyTorch's ops, with the same results but slower.",
     )
