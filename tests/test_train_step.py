@@ -322,7 +322,7 @@ def test_row_blocks_spread_few_rows_over_the_gpu(kernel: str) -> None:
             assert rows == tuned, (m, rows)  # enough programs already: nothing changes
         else:
             assert programs <= most and (rows == bm or -(-m // (rows // 2)) > most), (m, rows, programs)
-    # a batch of 512 with one glimpse (2,560 iterator rows): one program per multiprocessor at most, not 10 in all
+    # a batch of 512 with one glimpse (2,560 iterator rows): more programs than ROW_LAUNCH's 10 (or 20) in all
     assert R.row_blocks(kernel, 2_560, 192, sms)[3] > R.row_blocks(kernel, 2_560, 192)[3]
 
 

@@ -3,8 +3,9 @@
 # the recipe's global batch of 1,024, two GPUs run 512 images each, and DDP's scaling is what that step's time is).
 #   shapes  benchmarks/profile_step.py train --step fused --shapes at batches 512 and 1024: each op's GPU time per
 #           (op, input shapes), so that every matrix product shows apart (the graphed step's kernels lose their ops)
-#   rows    benchmarks/rows_sweep.py at the default launch settings, row counts 2,048 to 131,072, widths 128 and 192:
-#           us per call of the residual norm's two passes and the layer norm's backward
+#   rows    benchmarks/rows_sweep.py at one launch setting (tiles of 1,024 elements, 4 warps, 64 rows per program,
+#           loads one tile ahead), row counts 2,048 to 131,072, widths 128 and 192: us per call of the residual
+#           norm's two passes and the layer norm's backward
 #   main    the main job (setup.sh's main_job) on this tree
 # Usage (device tool, carry .whl and data):  bash benchmarks/gpu/fixed_cost.sh   (about 6 minutes on a fresh H200)
 #   STAGES ("shapes rows main").
