@@ -6,7 +6,6 @@ CPU only, tiny models, fake Fashion-MNIST IDX files and images written into tmp 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,9 @@ from train_kit import (
     TINY,
     assert_same_weights_as_one,
     cpu_config,
+    run_launchers,
     tiny_tore,
     torchrun_command,
-    torchrun_env,
 )
 
 from avex.checkpoint import load_tore
@@ -165,8 +164,8 @@ def test_k_and_t_draws_cover_their_ranges_and_repeat_by_seed() -> None:
 def test_two_gloo_processes_train_the_same_weights_as_one(single_run: dict, fmnist_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = torchrun_command(["--standalone", "--nproc_per_node=2"], fmnist_root, out)
-    proc = subprocess.run(cmd, env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [(code, log)] = run_launchers([cmd], tmp_path, timeout_s=120)
+    assert code == 0, log[-6000:]
     assert_same_weights_as_one(single_run["checkpoint"], out, world=2)
 
 

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from fused_kit import random_batch
 from script_kit import load_benchmark
-from train_kit import RUN_STEPS, assert_same_weights_as_one, single_config, tiny_tore, torchrun_command, torchrun_env
+from train_kit import (
+    RUN_STEPS,
+    assert_same_weights_as_one,
+    run_launchers,
+    single_config,
+    spawn_within,
+    tiny_tore,
+    torchrun_command,
+)
 
 from avex.train import FusedObjective, TrainConfig, make_optimizer, resolve_config, train_classifier
 from avex.train.allreduce import average_gradients, broadcast_state
@@ -85,7 +91,7 @@ def _worker(rank: int, rendezvous: str) -> None:
 
 
 def test_flat_average_equals_ddp_and_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+    spawn_within(_worker, (f"file://{tmp_path / 'rendezvous'}",), WORLD, timeout_s=120)
 
 
 def _cuda_worker(rank: int, rendezvous: str) -> None:
@@ -125,7 +131,7 @@ def _cuda_worker(rank: int, rendezvous: str) -> None:
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_graphed_step_with_the_all_reduce_equals_the_fused_step_on_two_cuda_gpus(tmp_path: Path) -> None:
-    mp.spawn(_cuda_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+    spawn_within(_cuda_worker, (f"file://{tmp_path / 'rendezvous'}",), WORLD, timeout_s=300)
 
 
 def test_average_gradients_divides_then_sums_as_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,9 +155,9 @@ def test_two_gloo_processes_with_the_fused_step_train_the_same_weights_as_one(
     log = tmp_path / "two" / "log.jsonl"
     cmd = torchrun_command(["--standalone", f"--nproc_per_node={WORLD}"], fmnist_root, out)
     cmd += ["--fused-step", "on", "--log-json", str(log), "--log-every", "2"]
-    proc = subprocess.run(cmd, env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "fused step" in proc.stdout
+    [(code, out_log)] = run_launchers([cmd], tmp_path, timeout_s=120)
+    assert code == 0, out_log[-6000:]
+    assert "fused step" in out_log
     assert_same_weights_as_one(summary["checkpoint"], out, world=WORLD)
     logs = (tmp_path / "one" / "log.jsonl", log)  # the trainer's logs: rank 0 writes the ranks' mean
     losses = [[json.loads(line)["loss"] for line in p.read_text().splitlines()] for p in logs]

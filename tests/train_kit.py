@@ -1,18 +1,25 @@
-"""Shared pieces of the training tests (tests/test_train.py, tests/test_ddp_nodes.py): fake Fashion-MNIST with a
-learnable class pattern, the tiny run that one process trains in the test and ``torchrun`` trains as a command,
-and the check that the processes' weights equal the one process's."""
+"""Shared pieces of the training tests (tests/test_train.py, test_ddp_nodes.py, test_train_allreduce.py): fake
+Fashion-MNIST with a learnable class pattern, the tiny run that one process trains in the test and ``torchrun``
+trains as a command, the check that the processes' weights equal the one process's, and launchers with a time-out
+that ends every process they started."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
+import torch.multiprocessing as mp
 from conftest import write_idx
 from safetensors.torch import load_file
 
@@ -87,7 +94,84 @@ def torchrun_command(launcher: list[str], fmnist_root: Path, out: Path) -> list[
 def torchrun_env() -> dict[str, str]:
     """The test's environment for torchrun's processes: the checkout importable, offline, one thread each."""
     python_path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    return dict(os.environ, PYTHONPATH=python_path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a process that gets SIGABRT prints every thread's stack (see run_launchers).
+    env = dict(PYTHONPATH=python_path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    return dict(os.environ, **env)
+
+
+def _descendants(pids: list[int]) -> list[int]:
+    """Every live process below ``pids`` (children, their children, ...), read from /proc; [] without /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the fields after "(comm)": state, ppid
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], list(pids)
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _end(pids: list[int]) -> None:
+    """SIGABRT (with faulthandler on, a Python process prints its threads' stacks), then SIGKILL, to each pid."""
+    for sig in (signal.SIGABRT, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2.0 if sig == signal.SIGABRT else 0.0)  # time to write the stacks
+
+
+def run_launchers(cmds: list[list[str]], cwd: Path, timeout_s: float) -> list[tuple[int, str]]:
+    """Run ``torchrun`` commands side by side (each logging to a file in ``cwd``): (exit status, log) of each.
+
+    torchrun starts each worker in a session of its own, so a time-out that ends only the launchers (or their
+    process groups) leaves workers running that wait on their peers. On time-out every process below a
+    launcher, found before any is signalled, gets SIGABRT then SIGKILL, and the test fails with every log:
+    under :func:`torchrun_env` a Python process prints its threads' stacks on SIGABRT, so the log says where
+    each one waited.
+    """
+    procs, logs = [], []
+    for i, cmd in enumerate(cmds):
+        log = cwd / f"launcher{i}.log"
+        with log.open("wb") as f:  # a file, not a pipe: a full pipe would stall the process
+            procs.append(subprocess.Popen(cmd, env=torchrun_env(), cwd=cwd, stdout=f, stderr=subprocess.STDOUT))
+        logs.append(log)
+    deadline = time.monotonic() + timeout_s
+    try:
+        codes = [p.wait(timeout=max(deadline - time.monotonic(), 0.0)) for p in procs]
+    except subprocess.TimeoutExpired:
+        launchers = [p.pid for p in procs if p.poll() is None]
+        _end(_descendants(launchers) + launchers)
+        for p in procs:
+            p.wait()
+        text = "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-6000:]}" for log in logs)
+        pytest.fail(f"torchrun did not finish within {timeout_s:.0f} s; every process was ended:\n{text}")
+    return [(code, log.read_text(errors="replace")) for code, log in zip(codes, logs)]
+
+
+def _with_faulthandler(rank: int, fn: Callable[..., None], *args: Any) -> None:
+    faulthandler.enable()  # SIGABRT from spawn_within prints this process's stacks
+    fn(rank, *args)
+
+
+def spawn_within(fn: Callable[..., None], args: tuple, nprocs: int, timeout_s: float) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)`` with a time-out: on it, each worker's stacks, then the end.
+
+    A worker's exception fails the test as with ``spawn`` (``ProcessRaisedException``); a worker that waits on a
+    peer that died or never came would otherwise hang the test run.
+    """
+    ctx = mp.start_processes(_with_faulthandler, args=(fn, *args), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            _end([p.pid for p in ctx.processes if p.is_alive() and p.pid is not None])
+            pytest.fail(f"the {nprocs} spawned workers did not finish within {timeout_s:.0f} s (stacks above)")
 
 
 def _prefixed(name: str) -> Callable[[str], str]:
