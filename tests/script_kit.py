@@ -34,3 +34,11 @@ def interpreted(code: str) -> str:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def assert_interpreted(module: str, call: str) -> None:
+    """``call`` (an expression that asserts) from the test module ``module`` runs to its end under the interpreter:
+    the common case of :func:`interpreted`, where the test module holds the check and its CUDA test reuses it."""
+    name = call.split("(", 1)[0]
+    out = interpreted(f"from {module} import {name}\n{call}\nprint('ok')")
+    assert out.strip() == "ok", out[-3000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from script_kit import interpreted
+from script_kit import assert_interpreted
 
 from avex.data import CanvasLayout, FashionMNISTCanvas
 from avex.data import compose as compose_module
@@ -196,12 +196,7 @@ def test_a_kernel_that_cannot_build_falls_back_to_the_reference(break_kernel) ->
 
 @needs_triton
 def test_kernel_equals_the_reference_under_interpreter() -> None:
-    out = interpreted("""
-        from tests.test_data_compose import kernel_equals_reference
-        kernel_equals_reference("cpu")
-        print("ok")
-    """)
-    assert out.strip() == "ok"
+    assert_interpreted("tests.test_data_compose", 'kernel_equals_reference("cpu")')
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None, reason="needs CUDA")

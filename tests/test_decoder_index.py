@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from script_kit import interpreted
+from script_kit import assert_interpreted
 
 from avex.decoder_index import reference_sequence_index, sequence_index
 
@@ -64,12 +64,7 @@ def test_dispatch_on_cpu_is_the_reference_and_checks_arguments() -> None:
 
 @needs_triton
 def test_kernel_equals_the_reference_under_interpreter() -> None:
-    out = interpreted("""
-        from tests.test_decoder_index import kernel_equals_reference
-        kernel_equals_reference("cpu")
-        print("ok")
-    """)
-    assert out.strip() == "ok"
+    assert_interpreted("tests.test_decoder_index", 'kernel_equals_reference("cpu")')
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None, reason="needs CUDA")
