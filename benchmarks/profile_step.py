@@ -4,6 +4,7 @@ Three targets, each one table of device time per op (self time, sorted) and one 
 
     python benchmarks/profile_step.py env   --device cuda --num-envs 16384     # one vector step, as a table
     python benchmarks/profile_step.py tore  --device cuda --K 12 --batch 256   # eager TORE episode, ViT-B/16
+    python benchmarks/profile_step.py tore  --device cuda --K 12 --batch 256 --graph --decoder entropy  # replayed
     python benchmarks/profile_step.py train --device cuda --batch 1024 --steps 20 --step graphed  # training steps
     python benchmarks/profile_step.py train --device cuda --batch 512 --steps 20 --step fused --shapes  # by shape
 
@@ -14,7 +15,8 @@ ones counted apart), device-to-host copies; then the kernels and host functions 
 unprofiled ms per step and the synchronising calls per episode (PyTorch's sync debug mode). It uses only the
 Gymnasium API, so it profiles any tree put first on ``PYTHONPATH`` (``benchmarks/gpu/env_step.sh`` runs it on
 the trees before and after a change); ``--fake-imagenet N`` as in ``env_throughput.py``.
-``tore`` profiles one eager episode of ``TOREViT.step`` (bf16, random weights). Use it to find
+``tore`` profiles one episode of ``TOREViT.step`` (bf16, random weights; eager, or ``--graph`` as ``tore_speed.py
+--mode graph`` replays it). Use it to find
 the next lever; the speed figures themselves come from ``env_throughput.py`` and ``tore_speed.py``. ``train``
 profiles ``--steps`` steps of ``avex train classifier``'s own run on Fashion-MNIST (``avex.train.start_training``:
 its draws of K, T, canvases and glimpses, its optimiser and LR schedule) with the step ``--step`` (``eager``:
@@ -66,10 +68,14 @@ def _report(title: str, run, device: str, rows: int, shapes: bool = False) -> st
     # the GPU time.
     gpu = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     busy = sum(e.time_range.elapsed_us() for e in gpu) / 1e6  # s
+    # From the first activity's start to the last one's end: the device's own view, without the host's start-up
+    # (for a replayed CUDA graph, what is not busy there is time between kernels).
+    span = (max(e.time_range.end for e in gpu) - min(e.time_range.start for e in gpu)) / 1e6 if gpu else 0.0
     launched = (
         (
             f"{len(gpu)} GPU activities, {busy * 1e3:.1f} ms of GPU time: the GPU busy {100 * busy / wall_prof:.0f}% "
-            f"of the profiled wall time\n\n"
+            f"of the profiled wall time, {100 * busy / span:.0f}% of the {span * 1e3:.2f} ms from the first "
+            f"activity's start to the last one's end\n\n"
         )
         if gpu
         else ""
@@ -290,11 +296,16 @@ def profile_env(args: argparse.Namespace) -> str:
 
 
 def profile_tore(args: argparse.Namespace) -> str:
+    """One episode of ``TOREViT.step`` (random weights): eager, or with ``--graph`` as ``tore_speed.py --mode graph``
+    replays it (one CUDA graph per step), so that the kernels' summed time against the wall shows what a replayed
+    step spends between kernels. ``--decoder entropy`` adds the entropy map an env step computes."""
     from avex.model import create_tore
 
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = create_tore(args.model, img_size=224).to(dev, dtype).eval()
+    model = create_tore(args.model, img_size=224, decoder_dim=128 if args.decoder else 0).eval()
+    model.requires_grad_(False)
+    model = model.to(dev, dtype)
     geo = model.geometry(2)
     cache = model.init_cache(args.batch, args.glimpses, args.K, geo.tokens_per_glimpse, dtype=dtype)
     rng = np.random.default_rng(0)
@@ -307,15 +318,32 @@ def profile_tore(args: argparse.Namespace) -> str:
         )
         steps.append((geo.cut(canv, r, c), geo.glimpse_coords(r, c)))
 
-    @torch.inference_mode()
-    def episode() -> None:
-        model.reset_cache(cache)
-        for pix, coords in steps:
-            model.step(cache, pix, coords)
+    if args.graph:
+        from tore_speed import GraphEpisode  # benchmarks/ is this script's folder, first on sys.path
+
+        inputs = [(torch.stack([p for p, _ in steps]), torch.stack([c for _, c in steps]))]
+        with torch.inference_mode():
+            graphs = GraphEpisode(model, cache, args.glimpses, args.decoder, inputs)
+
+        def episode() -> None:
+            graphs.reset()
+            graphs.run()
+    else:
+
+        @torch.inference_mode()
+        def episode() -> None:
+            model.reset_cache(cache)
+            for pix, coords in steps:
+                out = model.step(cache, pix, coords)
+                if args.decoder:
+                    model.decode(out, recon=False)
 
     episode()
+    how = "CUDA graphs, one per step" if args.graph else "eager"
+    what = ", with the entropy map" if args.decoder else ""
     return _report(
-        f"TORE {args.model} {args.dtype}: one eager episode of {args.glimpses} steps, K={args.K}, batch {args.batch}",
+        f"TORE {args.model} {args.dtype}: one episode of {args.glimpses} steps ({how}{what}), K={args.K}, "
+        f"batch {args.batch}",
         episode,
         args.device,
         args.rows,
@@ -367,6 +395,8 @@ def main() -> None:
     p.add_argument("--K", type=int, default=12)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--glimpses", type=int, default=12)
+    p.add_argument("--graph", action="store_true", help="tore: replay the episode as CUDA graphs (tore_speed's)")
+    p.add_argument("--decoder", choices=("entropy",), default=None, help="tore: and the entropy map of each step")
     p.add_argument("--steps", type=int, default=20, help="training steps (train)")
     p.add_argument("--step", choices=("eager", "fused", "graphed"), default="eager", help="the training step (train)")
     p.add_argument("--shapes", action="store_true", help="train: a row per op and input shapes (not with graphed)")

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device-tool call: how much of a replayed TORE step is a fixed cost, whatever the batch (issue 15: the K=12
+# wall ratio; RESULTS.md section 9.3). A saving the same at every K is what moves that ratio, unlike one in
+# proportion to the rows.
+#   batches  tore_speed.py --mode graph --decoder entropy, K 0 and 12, batches 1 to 256: ms per step against the batch
+#   profile  profile_step.py tore --graph --decoder entropy at K 0 and 12, batches 1 and 256: kernels per step, their
+#            summed time and the span they cover (what is not busy there lies between kernels)
+# Usage (device tool, carry .whl and data):  bash benchmarks/gpu/tore_fixed.sh   (about 3 minutes on a fresh H200)
+#   STAGES ("batches profile").
+source "$(dirname "$0")/setup.sh"
+STAGES=${STAGES:-batches profile}
+for stage in $STAGES; do
+  echo "== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    batches)
+      timeout 200 "${TORE_SPEED[@]}" --mode graph --decoder entropy --K 0 12 --batch 1 16 64 128 256 \
+        --out $R/tore_batches.md 2>&1 | grep "graph |"
+      pack ;;
+    profile)
+      for K in 0 12; do
+        for b in 1 256; do
+          timeout 100 python3 benchmarks/profile_step.py tore --device cuda --graph --decoder entropy --K $K --batch $b \
+            --rows 40 --out $R/profile_K${K}_b$b.md > /dev/null 2> $R/profile_K${K}_b$b.err || echo "K$K b$b: exit $?"
+          grep "GPU activities" $R/profile_K${K}_b$b.md
+          pack
+        done
+      done ;;
+  esac
+done
