@@ -6,8 +6,8 @@ not the memory bandwidth, sets the pace (a fifth to a quarter of the H200's band
 step's kernel time). :func:`layer_norm_forward` gives every program a tile of about 4,096 elements (16 rows of
 192, 4 of 768), mean and variance in fp32. Training puts it under autograd (:mod:`avex.train.rows`);
 inference calls :func:`norm_forward` on a norm module, which takes the kernel where it applies (CUDA or
-Triton's interpreter, no autograd, at least :data:`MIN_ROWS` rows, a plain affine LayerNorm) and the module
-itself everywhere else: on CPU the results are the module's, bit for bit.
+Triton's interpreter, no autograd, at least :data:`MIN_ROWS` rows or any number inside a CUDA graph capture, a
+plain affine LayerNorm) and the module itself everywhere else: on CPU the results are the module's, bit for bit.
 
 Shapes: M rows, N features.
 """
@@ -26,8 +26,10 @@ if triton is not None:
 __all__ = ["MAX_FEATURES", "MIN_ROWS", "ONES_COLUMNS", "layer_norm", "layer_norm_forward", "norm_forward"]
 
 MAX_FEATURES = 8192  # the widest row norm_forward sends to the kernel (one row then fills a program's tile)
-# Fewer rows go to PyTorch's kernel: both kernels are then a few microseconds on the GPU, and PyTorch's launches
-# faster from eager Python (a single env, batch 1).
+# Fewer rows go to PyTorch's kernel when launched from Python: both kernels are then a few microseconds on the GPU,
+# and PyTorch's launches faster (15 against 45 us, a single env at batch 1). Inside a CUDA graph capture there is no
+# launch to pay at replay, and the kernel takes any row count (2.2 against 3.3 us at 64 rows of 192:
+# benchmarks/results/env_kernels/env_kernels.md).
 MIN_ROWS = 2048
 _ROWS = 128  # the most rows per program (the reductions over rows of avex.train.rows take this many)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -189,6 +191,11 @@ def layer_norm(
     return _forward(x, weight, bias, eps, False, block_m, num_warps)[0]
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether x's kernels are being captured into a CUDA graph (replayed later without a launch from Python)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _applies(norm: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`layer_norm` computes ``norm(x)``: a plain affine LayerNorm over x's last axis, in x's dtype,
     enough rows, no autocast (which would make the module's output fp32), and a kernel that may run on x."""
@@ -202,7 +209,7 @@ def _applies(norm: nn.Module, x: torch.Tensor) -> bool:
         and ln.weight.dtype == x.dtype == ln.bias.dtype
         and ln.normalized_shape == (x.shape[-1],)
         and x.shape[-1] <= MAX_FEATURES
-        and x.numel() >= MIN_ROWS * x.shape[-1]
+        and (x.numel() >= MIN_ROWS * x.shape[-1] or _capturing(x))
         and not getattr(ln, "_fast_norm", False)  # timm's apex / fp32 variant: not F.layer_norm
         and not torch.is_autocast_enabled(x.device.type)
     )
@@ -211,8 +218,9 @@ def _applies(norm: nn.Module, x: torch.Tensor) -> bool:
 def norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)``, by :func:`layer_norm` where it applies: a ``torch.nn.LayerNorm`` or timm's ``LayerNorm``
     (affine, over the last axis, in x's dtype), x on CUDA (or Triton's interpreter) with autograd off and at
-    least :data:`MIN_ROWS` rows of at most :data:`MAX_FEATURES`; anything else (CPU, training, other norms) runs
-    the module itself. If the kernel fails to build or launch here, the module from then on, with one warning.
+    least :data:`MIN_ROWS` rows (any number while a CUDA graph is captured) of at most :data:`MAX_FEATURES`;
+    anything else (CPU, training, other norms) runs the module itself. If the kernel fails to build or launch here,
+    the module from then on, with one warning.
 
     Args:
         norm: the norm module (a ViT block's ``norm1`` / ``norm2``, the final ``norm``, the decoder's).

@@ -165,6 +165,18 @@ def test_kernel_failure_falls_back_to_the_module_with_one_warning(break_kernel: 
             assert torch.equal(ln.norm_forward(norm, x), norm(x))
 
 
+def test_few_rows_take_the_kernel_only_inside_a_cuda_graph_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below MIN_ROWS the module's own kernel launches faster from Python; a captured graph pays no launch at replay,
+    so there the kernel (faster on the device) takes any row count."""
+    monkeypatch.setattr(ln, "_kernel_may_run", lambda x: True)
+    norm = nn.LayerNorm(64)
+    few, many = torch.randn(5, 64), torch.randn(ln.MIN_ROWS, 64)
+    assert not ln._applies(norm, few) and ln._applies(norm, many)
+    monkeypatch.setattr(ln, "_capturing", lambda x: True)
+    assert ln._applies(norm, few) and ln._applies(norm, many)
+    assert not ln._applies(nn.LayerNorm(64, elementwise_affine=False), few)  # the other conditions still hold
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -205,3 +217,23 @@ def test_model_on_cuda_with_the_kernel_keeps_logits_and_entropy(dtype: torch.dty
     tol = 1e-3 if dtype == torch.float32 else 0.3
     for g, w in zip(got, want):
         assert g is not None and w is not None and (g.float() - w.float()).abs().max().item() < tol
+
+
+@cuda
+def test_a_captured_graph_norms_few_rows_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a capture a shape never launched before (5 rows: a batch-1 step's tokens) takes the kernel, which the
+    capture holds (its first launch, compilation included, inside it) and each replay repeats on new input."""
+    norm = nn.LayerNorm(768).cuda().to(torch.bfloat16)
+    x = torch.randn(1, 5, 768, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    kernel = ln.layer_norm
+    monkeypatch.setattr(ln, "layer_norm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        with torch.cuda.graph(graph):
+            y = ln.norm_forward(norm, x)
+        assert calls == [1]
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            close(y, F.layer_norm(x, (768,), norm.weight, norm.bias, norm.eps))
