@@ -220,7 +220,7 @@ def test_model_on_cuda_with_the_kernel_keeps_logits_and_entropy(dtype: torch.dty
 
 
 @cuda
-def test_a_captured_graph_norms_few_rows_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_captured_graph_norms_few_rows_with_the_kernel_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside a capture a shape never launched before (5 rows: a batch-1 step's tokens) takes the kernel, which the
     capture holds (its first launch, compilation included, inside it) and each replay repeats on new input."""
     norm = nn.LayerNorm(768).cuda().to(torch.bfloat16)
