@@ -308,35 +308,17 @@ def profile_tore(args: argparse.Namespace) -> str:
     model = model.to(dev, dtype)
     geo = model.geometry(2)
     cache = model.init_cache(args.batch, args.glimpses, args.K, geo.tokens_per_glimpse, dtype=dtype)
-    rng = np.random.default_rng(0)
-    canv = torch.randint(0, 256, (args.batch, 224, 224, 3), dtype=torch.uint8, device=dev)
-    steps = []
-    for _ in range(args.glimpses):
-        r, c = (
-            torch.as_tensor(v, device=dev)
-            for v in geo.action_to_patch(rng.integers(0, geo.num_actions, size=args.batch))
-        )
-        steps.append((geo.cut(canv, r, c), geo.glimpse_coords(r, c)))
+    # tore_speed's episodes and inputs (benchmarks/ is this script's folder, first on sys.path).
+    from tore_speed import EagerEpisode, GraphEpisode, make_inputs
 
-    if args.graph:
-        from tore_speed import GraphEpisode  # benchmarks/ is this script's folder, first on sys.path
+    inputs = make_inputs(model, geo, args.batch, args.glimpses, sets=1, seed=0, device=dev)
+    with torch.inference_mode():  # GraphEpisode captures its graphs here
+        runner = (GraphEpisode if args.graph else EagerEpisode)(model, cache, args.glimpses, args.decoder, inputs)
 
-        inputs = [(torch.stack([p for p, _ in steps]), torch.stack([c for _, c in steps]))]
-        with torch.inference_mode():
-            graphs = GraphEpisode(model, cache, args.glimpses, args.decoder, inputs)
-
-        def episode() -> None:
-            graphs.reset()
-            graphs.run()
-    else:
-
-        @torch.inference_mode()
-        def episode() -> None:
-            model.reset_cache(cache)
-            for pix, coords in steps:
-                out = model.step(cache, pix, coords)
-                if args.decoder:
-                    model.decode(out, recon=False)
+    @torch.inference_mode()
+    def episode() -> None:
+        runner.reset()
+        runner.run()
 
     episode()
     how = "CUDA graphs, one per step" if args.graph else "eager"
