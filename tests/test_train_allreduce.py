@@ -22,6 +22,7 @@ from script_kit import load_benchmark
 from train_kit import (
     RUN_STEPS,
     assert_same_weights_as_one,
+    in_process_group,
     run_launchers,
     single_config,
     spawn_within,
@@ -55,39 +56,39 @@ def _step(objective: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, ba
 
 
 def _worker(rank: int, rendezvous: str) -> None:
-    """Per rank: the flat-buffer average (a), DDP around a twin (b) and one process on the global batch (c)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(rank)  # different weights per rank: broadcast_state must give every rank rank 0's
-        model = tiny_tore(init_values=0.5)  # layer scale, as DeiT-III's blocks
-        geo = model.geometry(2)
-        flat = FusedObjective(model, geo, 0.1, 0.1, grad_reduce=average_gradients)
-        broadcast_state(flat)
-        torch.manual_seed(0)
-        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), tiny_tore(init_values=0.5).parameters()))
-        twin, whole = copy.deepcopy(model), copy.deepcopy(model)
-        ddp = nn.parallel.DistributedDataParallel(FusedObjective(twin, geo, 0.1, 0.1))
-        single = FusedObjective(whole, geo, 0.1, 0.1)
-        cfg = resolve_config(TrainConfig(lr=3e-3))
-        opts = [make_optimizer(m, cfg, 10, torch.device("cpu"))[0] for m in (model, twin, whole)]
-        part = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-        for i, (K, T) in enumerate(STEPS):
-            batch = random_batch(model, BATCH, T, seed=i)
-            mine = tuple(t[part] for t in batch)
-            loss = _step(flat, model, opts[0], mine, K)
-            _step(ddp, twin, opts[1], mine, K)
-            want = _step(single, whole, opts[2], batch, K)
-            for (name, g), d, w in zip(_grads(model).items(), _grads(twin).values(), _grads(whole).values()):
-                assert torch.equal(g, d), f"step {i} {name}: the flat average differs from DDP's"
-                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=f"step {i} {name}: not the global batch's")
-            dist.all_reduce(loss)
-            torch.testing.assert_close(loss / WORLD, want, rtol=1e-5, atol=1e-6)
-        for p, d, w in zip(model.parameters(), twin.parameters(), whole.parameters()):
-            assert torch.equal(p, d)
-            torch.testing.assert_close(p, w, rtol=1e-4, atol=1e-5)
-    finally:
-        dist.destroy_process_group()
+    in_process_group("gloo", rendezvous, rank, WORLD, lambda: _compare(rank))
+
+
+def _compare(rank: int) -> None:
+    """Per rank: the flat-buffer average (a), DDP around a twin (b) and one process on the global batch (c)."""
+    torch.manual_seed(rank)  # different weights per rank: broadcast_state must give every rank rank 0's
+    model = tiny_tore(init_values=0.5)  # layer scale, as DeiT-III's blocks
+    geo = model.geometry(2)
+    flat = FusedObjective(model, geo, 0.1, 0.1, grad_reduce=average_gradients)
+    broadcast_state(flat)
+    torch.manual_seed(0)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), tiny_tore(init_values=0.5).parameters()))
+    twin, whole = copy.deepcopy(model), copy.deepcopy(model)
+    ddp = nn.parallel.DistributedDataParallel(FusedObjective(twin, geo, 0.1, 0.1))
+    single = FusedObjective(whole, geo, 0.1, 0.1)
+    cfg = resolve_config(TrainConfig(lr=3e-3))
+    opts = [make_optimizer(m, cfg, 10, torch.device("cpu"))[0] for m in (model, twin, whole)]
+    part = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    for i, (K, T) in enumerate(STEPS):
+        batch = random_batch(model, BATCH, T, seed=i)
+        mine = tuple(t[part] for t in batch)
+        loss = _step(flat, model, opts[0], mine, K)
+        _step(ddp, twin, opts[1], mine, K)
+        want = _step(single, whole, opts[2], batch, K)
+        for (name, g), d, w in zip(_grads(model).items(), _grads(twin).values(), _grads(whole).values()):
+            assert torch.equal(g, d), f"step {i} {name}: the flat average differs from DDP's"
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=f"step {i} {name}: not the global batch's")
+        dist.all_reduce(loss)
+        torch.testing.assert_close(loss / WORLD, want, rtol=1e-5, atol=1e-6)
+    for p, d, w in zip(model.parameters(), twin.parameters(), whole.parameters()):
+        assert torch.equal(p, d)
+        torch.testing.assert_close(p, w, rtol=1e-4, atol=1e-5)
 
 
 def test_flat_average_equals_ddp_and_one_process_on_the_global_batch(tmp_path: Path) -> None:
@@ -95,38 +96,38 @@ def test_flat_average_equals_ddp_and_one_process_on_the_global_batch(tmp_path: P
 
 
 def _cuda_worker(rank: int, rendezvous: str) -> None:
+    torch.cuda.set_device(rank)
+    in_process_group("nccl", rendezvous, rank, WORLD, lambda: _compare_graphed(rank))
+
+
+def _compare_graphed(rank: int) -> None:
     """Per GPU: the graphed fused step with the all-reduce in its graphs against the same step without graphs."""
     from avex.train import StepPlan
     from avex.train.step import make_step
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=rendezvous, rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(rank)
-        models = [tiny_tore(112, depth=6, embed_dim=192, num_heads=3).cuda() for _ in range(2)]
-        models[1].load_state_dict(models[0].state_dict())
-        cfg = resolve_config(TrainConfig(lr=1e-3))
-        stats = []
-        for model, graphs in zip(models, (False, True)):
-            objective = FusedObjective(model, model.geometry(2), 0.1, 0.1, torch.bfloat16, average_gradients)
-            broadcast_state(objective)  # rank 0's weights on both ranks, for both twins
-            opt, sched = make_optimizer(model, cfg, 100, torch.device("cuda"), capturable=graphs)
-            step = make_step(StepPlan(True, graphs), objective, model, opt, True, 1.0)
-            out = []
-            for i, (K, T) in enumerate(((2, 5), (4, 20), (2, 5), (0, 49))):  # (2, 5) again: a replay
-                batch = random_batch(model, 128, T, seed=i, device="cuda")
-                part = slice(rank * 64, (rank + 1) * 64)
-                out.append(step(tuple(t[part] for t in batch), K))
-                sched.step()
-            stats.append(torch.stack(out))
-        torch.testing.assert_close(stats[1], stats[0], rtol=2e-3, atol=2e-3)
-        for p, q in zip(*(m.parameters() for m in models)):
-            torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4)
-        mine = [p.detach().clone() for p in models[1].parameters()]
-        broadcast_state(models[1])  # rank 0's result: the ranks' weights are the same
-        assert all(torch.equal(a, b) for a, b in zip(mine, models[1].parameters()))
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(rank)
+    models = [tiny_tore(112, depth=6, embed_dim=192, num_heads=3).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = resolve_config(TrainConfig(lr=1e-3))
+    stats = []
+    for model, graphs in zip(models, (False, True)):
+        objective = FusedObjective(model, model.geometry(2), 0.1, 0.1, torch.bfloat16, average_gradients)
+        broadcast_state(objective)  # rank 0's weights on both ranks, for both twins
+        opt, sched = make_optimizer(model, cfg, 100, torch.device("cuda"), capturable=graphs)
+        step = make_step(StepPlan(True, graphs), objective, model, opt, True, 1.0)
+        out = []
+        for i, (K, T) in enumerate(((2, 5), (4, 20), (2, 5), (0, 49))):  # (2, 5) again: a replay
+            batch = random_batch(model, 128, T, seed=i, device="cuda")
+            part = slice(rank * 64, (rank + 1) * 64)
+            out.append(step(tuple(t[part] for t in batch), K))
+            sched.step()
+        stats.append(torch.stack(out))
+    torch.testing.assert_close(stats[1], stats[0], rtol=2e-3, atol=2e-3)
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4)
+    mine = [p.detach().clone() for p in models[1].parameters()]
+    broadcast_state(models[1])  # rank 0's result: the ranks' weights are the same
+    assert all(torch.equal(a, b) for a, b in zip(mine, models[1].parameters()))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")

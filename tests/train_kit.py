@@ -174,6 +174,28 @@ def spawn_within(fn: Callable[..., None], args: tuple, nprocs: int, timeout_s: f
             pytest.fail(f"the {nprocs} spawned workers did not finish within {timeout_s:.0f} s (stacks above)")
 
 
+def in_process_group(backend: str, rendezvous: str, rank: int, world: int, body: Callable[[], None]) -> None:
+    """Join a ``world``-process group, run ``body``, then leave: a barrier and ``destroy_process_group``.
+
+    ``body``'s objects (a DDP and its reducer, the tensors its collectives used) are freed when it returns, while
+    the group is still up and before anyone leaves. The other order, destroying the group and freeing a DDP later
+    at the function's end, once left a worker stuck after every assertion had passed (CI, 2026-12-03: the main
+    thread on the worker's return, another thread in C++); a barrier on an exception would wait on a peer that
+    may be gone, so then the group is only destroyed.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        body()
+        gc.collect()  # reference cycles too: nothing of body's outlives the group
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _prefixed(name: str) -> Callable[[str], str]:
     """``assert_close``'s message for tensor ``name``: its own, after the name."""
     return lambda message: f"{name}: {message}"
