@@ -175,25 +175,22 @@ def spawn_within(fn: Callable[..., None], args: tuple, nprocs: int, timeout_s: f
 
 
 def in_process_group(backend: str, rendezvous: str, rank: int, world: int, body: Callable[[], None]) -> None:
-    """Join a ``world``-process group, run ``body``, then leave: a barrier and ``destroy_process_group``.
+    """Join a ``world``-process group, run ``body``, then leave as the trainer does (``teardown_distributed``).
 
-    ``body``'s objects (a DDP and its reducer, the tensors its collectives used) are freed when it returns, while
-    the group is still up and before anyone leaves. The other order, destroying the group and freeing a DDP later
-    at the function's end, once left a worker stuck after every assertion had passed (CI, 2026-12-03: the main
-    thread on the worker's return, another thread in C++); a barrier on an exception would wait on a peer that
-    may be gone, so then the group is only destroyed.
+    ``body``'s objects (a DDP and its reducer, the tensors of its collectives) are freed when it returns, while the
+    group is still up. On an exception the group is only destroyed: a barrier would wait on a peer that may be gone.
     """
-    import gc
-
     import torch.distributed as dist
+
+    from avex.train.runtime import teardown_distributed
 
     dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world)
     try:
         body()
-        gc.collect()  # reference cycles too: nothing of body's outlives the group
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    teardown_distributed(world)
 
 
 def _prefixed(name: str) -> Callable[[str], str]:

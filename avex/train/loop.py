@@ -168,7 +168,9 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     )
     if run.main:
         summary.update(_final_evaluation(run, train_time, img_s, meter.recent))
-    teardown_distributed(run.world)
+    world = run.world
+    del training, run, meter  # the DDP in the step goes while the group is up (teardown_distributed says why)
+    teardown_distributed(world)
     return summary
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -51,7 +52,12 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
 
 
 def teardown_distributed(world: int) -> None:
-    """Wait for every rank (rank 0 evaluates and saves alone), then leave the process group."""
+    """Wait for every rank (rank 0 evaluates and saves alone), then leave the process group.
+
+    Call it once the run's DDP and its tensors are released: freed after the group is destroyed, a DDP once left a
+    process stuck on its way out (a gloo worker of the tests, CI 2026-12-03); ``gc.collect`` takes their cycles.
+    """
     if world > 1:
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
