@@ -124,10 +124,18 @@ class GraphEpisode:
     All T graphs share one memory pool (safe: they are always replayed in capture order, never
     concurrently). ``emulate=True`` (CPU self-test only) records the step instead and re-runs it on
     replay, copying into the static outputs: it checks this class's buffer logic, not speed.
+
+    ``cache`` may be a list of n caches that split the batch in n equal parts (``--streams n``): each
+    captured step then forks into n CUDA streams, one part each, and joins before the logits are
+    concatenated; with ``emulate`` the parts run one after another.
     """
 
     def __init__(self, model, cache, glimpses: int, decoder: str | None, inputs, emulate: bool = False) -> None:
-        self.model, self.cache, self.T, self.decoder, self.emulate = model, cache, glimpses, decoder, emulate
+        self.model, self.T, self.decoder, self.emulate = model, glimpses, decoder, emulate
+        self.caches = cache if isinstance(cache, list) else [cache]
+        n, rows = len(self.caches), sum(c.batch_size for c in self.caches)
+        self.parts = [slice(i * rows // n, (i + 1) * rows // n) for i in range(n)]
+        self.streams = [torch.cuda.Stream() for _ in range(n)] if n > 1 and not emulate else []
         pix, coords = inputs[0]
         self.pix = pix.clone()  # static inputs: [T, B, ...], graph t reads slice t
         self.coords = coords.clone()
@@ -135,64 +143,84 @@ class GraphEpisode:
         self.outputs: list[torch.Tensor] = []
         self._capture()
 
-    def _step(self, t: int) -> torch.Tensor:
-        out = self.model.step(self.cache, self.pix[t], self.coords[t])
+    def _part(self, i: int, t: int) -> torch.Tensor:
+        part = self.parts[i]
+        out = self.model.step(self.caches[i], self.pix[t, part], self.coords[t, part])
         if self.decoder:
             self.model.decode(out, recon=self.decoder != "entropy")  # its outputs stay in the graph's pool
         return out.logits
 
+    def _step(self, t: int) -> torch.Tensor:
+        if len(self.caches) == 1:
+            return self._part(0, t)
+        if not self.streams:
+            return torch.cat([self._part(i, t) for i in range(len(self.caches))])
+        here, logits = torch.cuda.current_stream(), []
+        for i, stream in enumerate(self.streams):
+            stream.wait_stream(here)
+            with torch.cuda.stream(stream):
+                logits.append(self._part(i, t))
+        for stream in self.streams:
+            here.wait_stream(stream)
+        return torch.cat(logits)
+
+    def _set_counts(self, t: int) -> None:
+        for c in self.caches:
+            c.counts[:] = t  # host-side: decides the static slices a graph writes and reads
+
     def _capture(self) -> None:
-        cache = self.cache
         if self.emulate:
             for t in range(self.T):
-                cache.counts[:] = t
+                self._set_counts(t)
                 self.outputs.append(self._step(t).clone())
                 self.graphs.append(t)
-            cache.counts[:] = 0
+            self._set_counts(0)
             return
         # Warm-up on a side stream (cuBLAS/cuDNN handles and algorithm choice, allocator, Triton).
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.model.reset_cache(cache)
+                for c in self.caches:
+                    self.model.reset_cache(c)
                 for t in range(self.T):
                     self._step(t)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         pool = None
         for t in range(self.T):
-            cache.counts[:] = t  # host-side: decides the static slices this graph writes and reads
+            self._set_counts(t)
             g = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(g, pool=pool):
                     logits = self._step(t)
             except Exception as err:
                 raise RuntimeError(
-                    f"CUDA graph capture of step t={t} (K={cache.K}, batch={cache.batch_size}) failed: {err}"
+                    f"CUDA graph capture of step t={t} (K={self.caches[0].K}, "
+                    f"batch={self.parts[-1].stop}) failed: {err}"
                 ) from err
             pool = g.pool()
             self.graphs.append(g)
             self.outputs.append(logits)
-        cache.counts[:] = 0
+        self._set_counts(0)
 
     def load(self, inputs) -> None:
         self.pix.copy_(inputs[0])
         self.coords.copy_(inputs[1])
 
     def reset(self) -> None:
-        self.cache.counts[:] = 0  # host only; see the module docstring
+        self._set_counts(0)  # host only; see the module docstring
 
     def run(self, mark: Callable[[], None] | None = None) -> list[torch.Tensor]:
         for t, g in enumerate(self.graphs):
             if self.emulate:
-                self.cache.counts[:] = t
+                self._set_counts(t)
                 self.outputs[t].copy_(self._step(t))
             else:
                 g.replay()
             if mark is not None:
                 mark()
-        self.cache.counts[:] = self.T
+        self._set_counts(self.T)
         return self.outputs
 
 
@@ -287,6 +315,7 @@ def run_benchmark(
     seed: int = 0,
     sets: int = 3,
     sync_each_step: bool = False,
+    streams: int = 1,
     tol: float | None = None,
     log: Callable[[str], None] = print,
     _emulate_graphs: bool = False,
@@ -298,7 +327,8 @@ def run_benchmark(
     ``episode_ms_all``, ``gflop_per_image`` and ``flop_ratio`` / ``wall_ratio`` (K=0 over this K, same
     mode and batch), ``wall_over_flop``, ``tflops`` achieved, ``check_rel_err`` (and, for bf16,
     ``check_rel_err_vs_fp32``) or ``error`` when the configuration could not run.
-    K=0 is always measured (added if missing): it is the reference of every ratio.
+    K=0 is always measured (added if missing): it is the reference of every ratio. ``streams`` > 1 (graph
+    modes): each step's batch split over that many concurrent CUDA streams inside its graph.
     """
     decoder = {False: None, True: "both"}.get(decoder, decoder)  # type: ignore[arg-type]
     if decoder not in (None, "both", "entropy"):
@@ -316,6 +346,10 @@ def run_benchmark(
         if m == "graph" and dev.type != "cuda" and not _emulate_graphs:
             raise ValueError("--mode graph needs --device cuda (CUDA graphs); use eager or compile on CPU")
     modes = [m for m in MODES if m in modes]  # compile last: it compiles the blocks in place
+    if streams < 1 or any(b % streams for b in batches):
+        raise ValueError(f"--streams {streams} must be at least 1 and divide every --batch {list(batches)}")
+    if streams > 1 and "eager" in modes:
+        raise ValueError(f"--streams {streams} splits a captured step: use --mode graph or compile, not eager")
     repeats = repeats or (30 if dev.type == "cuda" else 10)
     warmup = 3 if warmup is None and dev.type == "cuda" else (1 if warmup is None else warmup)
     torch.manual_seed(seed)
@@ -364,6 +398,7 @@ def run_benchmark(
                     glimpses=T,
                     tokens_per_glimpse=G,
                     decoder=decoder,
+                    streams=streams,
                     repeats=repeats,
                     warmup=warmup,
                 )
@@ -381,6 +416,7 @@ def run_benchmark(
                         T,
                         G,
                         decoder,
+                        streams,
                         _emulate_graphs,
                         tol or TOLERANCE[dtype],
                     )
@@ -420,13 +456,14 @@ class _CheckFailed(RuntimeError):
     pass
 
 
-def _setup_and_check(tore, ref32, inputs, mode, dev, dtype, batch, K, T, G, decoder, emulate, tol):
+def _setup_and_check(tore, ref32, inputs, mode, dev, dtype, batch, K, T, G, decoder, streams, emulate, tol):
     """Build the episode runner for one (mode, K, batch) and check its logits at every step."""
     with torch.inference_mode():
         cache = tore.init_cache(batch, T, K, G)
         use_graph = mode in ("graph", "compile") and (dev.type == "cuda" or emulate)
+        parts = [tore.init_cache(batch // streams, T, K, G) for _ in range(streams)] if streams > 1 else cache
         ep = (
-            GraphEpisode(tore, cache, T, decoder, inputs, emulate=emulate)
+            GraphEpisode(tore, parts, T, decoder, inputs, emulate=emulate)
             if use_graph
             else EagerEpisode(tore, cache, T, decoder, inputs)
         )
@@ -520,7 +557,8 @@ def format_markdown(results: list[dict], meta: dict) -> str:
         f"- timing: median of {meta['repeats']} episodes after {meta['warmup']} warm-up, "
         f"{'CUDA events' if meta['device_kind'] == 'cuda' else 'time.perf_counter'}, the K values interleaved; "
         "the cache reset is outside the timed region"
-        f"{'; synchronised after every step' if meta['sync_each_step'] else ''}",
+        f"{'; synchronised after every step' if meta['sync_each_step'] else ''}"
+        f"{f'; each step split over {s} concurrent CUDA streams' if (s := meta.get('streams', 1)) > 1 else ''}",
         "- FLOPs: analytic (avex.flops; 1 multiply-add = 2 FLOPs, matmuls and attention), per image per episode, "
         "empty pass excluded",
         "- check: logits after every step vs eager single-shot `forward_glimpses` on the same glimpses, "
@@ -611,6 +649,12 @@ def _parser() -> argparse.ArgumentParser:
         help="synchronise after every step, as an agent reading each step's output would",
     )
     p.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        help="graph modes: split each step's batch over this many concurrent CUDA streams inside its graph",
+    )
+    p.add_argument(
         "--tol", type=float, default=None, help="check tolerance, ||a-b||/||b|| (default 1e-4 fp32, 3e-2 bf16)"
     )
     p.add_argument("--out", type=Path, default=None, help="Markdown report, e.g. benchmarks/results/<name>.md")
@@ -640,6 +684,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         num_classes=args.num_classes,
         seed=args.seed,
         sync_each_step=args.sync_each_step,
+        streams=args.streams,
         tol=args.tol,
         _emulate_graphs=args.emulate_graphs,
     )
@@ -661,6 +706,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         repeats=results[0]["repeats"] if results else args.repeats,
         warmup=results[0]["warmup"] if results else args.warmup,
         sync_each_step=args.sync_each_step,
+        streams=args.streams,
         wall_s=round(time.perf_counter() - t0, 1),
         host_load=(load0, _loadavg()),
     )

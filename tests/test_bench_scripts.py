@@ -144,3 +144,35 @@ def test_rows_sweep_script_under_interpreter(tmp_path: Path) -> None:
         launch = RowLaunch(*setting)
         assert launch.tile in (512, 2048, 4096, 1024) and launch.num_warps == 4  # the grid's, or a default's
     assert fastest["SUM_LAUNCH"] in [(256, 8), (64, 32)]
+
+
+def _tore_speed_argv(*flags: str) -> list[str]:
+    tiny = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--device", "cpu", "--K", "0", "6"]
+    return [*tiny, "--batch", "4", "--repeats", "1", "--warmup", "0", "--decoder", "entropy", *flags]
+
+
+def test_tore_speed_splits_a_step_over_streams(capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/tore_speed.py with its graph episodes emulated on the CPU: a step split in 2 parts (``--streams``)
+    passes the same check against ``forward_glimpses`` at every step as the whole batch, with the same logits."""
+    tore_speed = load_benchmark("tore_speed")
+    runs = {
+        n: tore_speed.main(_tore_speed_argv("--mode", "graph", "--emulate-graphs", "--streams", str(n))) for n in (1, 2)
+    }
+    for n, rows in runs.items():
+        assert [(r["K"], r["batch"], r["streams"]) for r in rows] == [(0, 4, n), (6, 4, n)]
+        assert all(r["check_rel_err"] < 1e-4 and r["step_ms"] > 0 for r in rows)
+    for one, two in zip(runs[1], runs[2]):
+        assert two["check_rel_err_by_t"] == pytest.approx(one["check_rel_err_by_t"], abs=1e-5)
+    assert "split over 2 concurrent CUDA streams" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--mode", "graph", "--emulate-graphs", "--streams", "3"), "--streams 3 must be at least 1 and divide"),
+        (("--mode", "eager", "--streams", "2"), "--streams 2 splits a captured step: use --mode graph"),
+    ],
+)
+def test_tore_speed_refuses_streams_it_cannot_split(flags: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_benchmark("tore_speed").main(_tore_speed_argv(*flags))
