@@ -348,8 +348,10 @@ def run_benchmark(
     modes = [m for m in MODES if m in modes]  # compile last: it compiles the blocks in place
     if streams < 1 or any(b % streams for b in batches):
         raise ValueError(f"--streams {streams} must be at least 1 and divide every --batch {list(batches)}")
-    if streams > 1 and "eager" in modes:
-        raise ValueError(f"--streams {streams} splits a captured step: use --mode graph or compile, not eager")
+    if streams > 1 and ("eager" in modes or (dev.type != "cuda" and not _emulate_graphs)):
+        raise ValueError(
+            f"--streams {streams} splits a captured step: use --mode graph or compile on --device cuda, not {modes}"
+        )
     repeats = repeats or (30 if dev.type == "cuda" else 10)
     warmup = 3 if warmup is None and dev.type == "cuda" else (1 if warmup is None else warmup)
     torch.manual_seed(seed)
@@ -459,13 +461,12 @@ class _CheckFailed(RuntimeError):
 def _setup_and_check(tore, ref32, inputs, mode, dev, dtype, batch, K, T, G, decoder, streams, emulate, tol):
     """Build the episode runner for one (mode, K, batch) and check its logits at every step."""
     with torch.inference_mode():
-        cache = tore.init_cache(batch, T, K, G)
+        caches = [tore.init_cache(batch // streams, T, K, G) for _ in range(streams)]  # one unless --streams
         use_graph = mode in ("graph", "compile") and (dev.type == "cuda" or emulate)
-        parts = [tore.init_cache(batch // streams, T, K, G) for _ in range(streams)] if streams > 1 else cache
         ep = (
-            GraphEpisode(tore, parts, T, decoder, inputs, emulate=emulate)
+            GraphEpisode(tore, caches, T, decoder, inputs, emulate=emulate)
             if use_graph
-            else EagerEpisode(tore, cache, T, decoder, inputs)
+            else EagerEpisode(tore, caches[0], T, decoder, inputs)
         )
         # Every step's logits against the single-shot path on the same first t glimpses.
         ep.load(inputs[0])

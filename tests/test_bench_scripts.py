@@ -171,6 +171,7 @@ def test_tore_speed_splits_a_step_over_streams(capsys: pytest.CaptureFixture) ->
     [
         (("--mode", "graph", "--emulate-graphs", "--streams", "3"), "--streams 3 must be at least 1 and divide"),
         (("--mode", "eager", "--streams", "2"), "--streams 2 splits a captured step: use --mode graph"),
+        (("--mode", "compile", "--streams", "2"), "--streams 2 splits a captured step: use --mode graph"),
     ],
 )
 def test_tore_speed_refuses_streams_it_cannot_split(flags: tuple[str, ...], message: str) -> None:

@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import write_idx
 from safetensors.torch import load_file
 
 from avex import data
 from avex.train import TrainConfig, build_classifier, init_sincos_pos_embed, resolve_config
+from avex.train.runtime import teardown_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY: dict[str, Any] = dict(depth=2, embed_dim=32, num_heads=2, patch=8, glimpse=2, budget=4)
@@ -180,10 +182,6 @@ def in_process_group(backend: str, rendezvous: str, rank: int, world: int, body:
     ``body``'s objects (a DDP and its reducer, the tensors of its collectives) are freed when it returns, while the
     group is still up. On an exception the group is only destroyed: a barrier would wait on a peer that may be gone.
     """
-    import torch.distributed as dist
-
-    from avex.train.runtime import teardown_distributed
-
     dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world)
     try:
         body()
