@@ -8,6 +8,11 @@
 #      192, the decoder's 16,384 x 197 x 128, ViT-B's 256 x 197 x 768), bf16; the entropy kernel's candidate
 #      launches on the decoder's 14x14 grid at batch 16,384 and 256 (4 heads of 32); the LAUNCHES entry to adopt
 #                                                                                   -> $R/env_kernels.md, .json
+#   2b. entropy_ab (not in the default stages): the entropy kernel of the tree before a change (BEFORE) at its default
+#      launch and this tree's over a sweep with 32-key blocks too (BATCHES: the batches, default 16384 256;
+#      SWEEP: other candidates)
+#                                                                                   -> $R/entropy_{before,after}.md
+# TESTS: the test files of stage 1 (default: those above).
 #   3. TORE episodes, ViT-B/16 bf16, CUDA graphs, K 0 4 8 12, batch 1 and 256, without and with --decoder
 #                                                                        -> $R/tore_speed.md, tore_speed_decoder.md
 #   3b. decoder: the decoder's entropy map alone from its row table against the whole-sequence path it replaced,
@@ -40,8 +45,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for stage in ${STAGES:-tests kernels decoder tore env}; do
   case $stage in
     tests)
-      cuda_tests tests/test_layer_norm.py tests/test_entropy_attention.py tests/test_decoder_index.py \
-        tests/test_env_lazy.py tests/test_env_syncs.py tests/test_train_step.py ;;
+      cuda_tests ${TESTS:-tests/test_layer_norm.py tests/test_entropy_attention.py tests/test_decoder_index.py \
+        tests/test_env_lazy.py tests/test_env_syncs.py tests/test_train_step.py} ;;
     decoder)
       timeout 90 "${RUN_KERNELS[@]}" benchmarks/env_kernels.py decoder "${DECODER[@]}" --out $R/env_decoder.md \
         --json $R/env_decoder.json 2>$R/env_decoder.err | grep -E "^\| [0-9]"
@@ -49,6 +54,20 @@ for stage in ${STAGES:-tests kernels decoder tore env}; do
     kernels)
       timeout 150 "${RUN_KERNELS[@]}" benchmarks/env_kernels.py layer-norm entropy "${KERNELS[@]}" --out $R/env_kernels.md \
         --json $R/env_kernels.json 2>$R/env_kernels.err | grep -E "^\| (env|decoder|ViT)|^Best|current choice|, best"
+      pack ;;
+    entropy_ab)
+      # The entropy kernel of the tree before a change (BEFORE, default runs/before_tore: see tore_fixed.sh's header
+      # for how to make it) at its default launch, then this tree's over a sweep that includes 32-key blocks.
+      BEFORE=${BEFORE:-runs/before_tore}
+      [ -d "$BEFORE/avex" ] || { echo "no tree before the change at $BEFORE: see tore_fixed.sh's header"; exit 2; }
+      PYTHONPATH=$(cd "$BEFORE" && pwd):$PYTHONPATH timeout 60 "${RUN_KERNELS[@]}" benchmarks/env_kernels.py entropy \
+        "${KERNELS[@]}" --batch ${BATCHES:-16384 256} --block-m 64 --block-n 64 --warps 4 --stages 3 --out $R/entropy_before.md \
+        --json $R/entropy_before.json 2>$R/entropy_before.err | grep -E "^\| 64|current choice"
+      pack
+      # SWEEP: the candidates and batches (small batches show what BLOCK_M to lower to where the GPU is not filled).
+      timeout 300 "${RUN_KERNELS[@]}" benchmarks/env_kernels.py entropy "${KERNELS[@]}" --batch ${BATCHES:-16384 256} ${SWEEP:---block-n 32 64 128} \
+        --out $R/entropy_after.md --json $R/entropy_after.json 2>$R/entropy_after.err \
+        | grep -E "^Best|current choice|, best"
       pack ;;
     tore)
       timeout 80 "${TORE[@]}" --out $R/tore_speed.md 2>&1 | grep -E "(graph|eager) \|"
@@ -61,7 +80,7 @@ for stage in ${STAGES:-tests kernels decoder tore env}; do
     env)
       timeout 70 python3 benchmarks/env_throughput.py "${ENVS[@]}" --out $R/env_throughput.md 2>&1 | tail -6
       pack ;;
-    *) echo "unknown stage $stage (tests kernels decoder tore env)" ;;
+    *) echo "unknown stage $stage (tests kernels entropy_ab decoder tore env)" ;;
   esac
 done
 pack
