@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from avex.checks import check_int
 from avex.registry import Registry
 
 __all__ = ["AGENTS", "GlimpseAgent", "make_agent", "register_agent", "require_keys"]
@@ -92,6 +93,14 @@ def make_agent(name: str, env: Any, seed: int = 0, policy: str | None = None, de
     """Build a registered agent by name for an env (single or vector); see :meth:`GlimpseAgent.from_env`.
 
     Raises:
-        ValueError: unknown name (the message lists the registered agents).
+        ValueError: unknown name (the message lists the registered agents), a bad seed, or an env that is not
+            avex's.
     """
-    return AGENTS.get(name).from_env(env, seed=seed, policy=policy, device=device)
+    factory = AGENTS.get(name)
+    check_int("seed", seed, 0)
+    if not hasattr(getattr(env, "unwrapped", env), "engine"):
+        raise ValueError(
+            "env must be an avex environment (gym.make or gym.make_vec of an AVE-* id, wrapped or not), "
+            f"got {type(env).__name__}"
+        )
+    return factory.from_env(env, seed=seed, policy=policy, device=device)

@@ -50,9 +50,12 @@ class EntropyAgent(GlimpseAgent):
         """Read the glimpse size and position stride off an avex env (single, vector or wrapped).
 
         Raises:
-            ValueError: the env's observation leaves out the entropy map or the visited patches (``obs_keys``).
+            ValueError: a continuous env (AME's rule scores grid positions), or an observation without the entropy
+                map or the visited patches (``obs_keys``).
         """
         u = env.unwrapped if hasattr(env, "unwrapped") else env
+        if u.engine.config.action_mode != "discrete":
+            raise ValueError("the entropy agent chooses grid positions: make the env with action_mode='discrete'")
         space = getattr(u, "single_observation_space", getattr(u, "observation_space", None))
         require_keys(getattr(space, "spaces", {}), ("entropy", "visited"), "the entropy agent")
         return cls(u.geometry.glimpse, u.geometry.stride)

@@ -21,6 +21,7 @@ from agents.adapters import PolicyLike, as_agent
 from agents.base import GlimpseAgent
 from avex.checks import check_int
 from avex.data import get_dataset
+from envs.registration import check_env_id
 
 __all__ = ["AccuracyReport", "EpisodeStats", "evaluate_accuracy", "evaluation_split", "play_episodes", "wilson"]
 
@@ -158,16 +159,32 @@ def evaluate_accuracy(
             own randomness (``agent.reset(seed)``).
 
     Raises:
-        ValueError: a bad count, a policy of none of these kinds, or one that does not fit the env.
+        ValueError: a bad count or seed, an env that is not avex's or whose episodes would not end together at
+            the budget (``autoreset_mode``, ``max_episode_steps``), a policy of none of these kinds, or one that
+            does not fit the env. The agent is re-seeded only once all of that has been checked.
     """
     check_int("episodes", episodes, 1)
     check_int("num_envs", num_envs, 1)
+    check_int("seed", seed, 0)
+    check_env_id(env_id)
+    # The evaluation plays rounds of episodes that all end at the budget and restart in the same step.
+    mode = env_kwargs.get("autoreset_mode")
+    odd = {}
+    if mode is not None and str(getattr(mode, "name", mode)).lower() != "same_step":
+        odd["autoreset_mode"] = mode
+    if env_kwargs.get("max_episode_steps") is not None:
+        odd["max_episode_steps"] = env_kwargs["max_episode_steps"]
+    for key, value in odd.items():
+        raise ValueError(
+            f"evaluate_accuracy plays whole episodes that end together at the budget, restarting in the same step: "
+            f"leave {key} out (got {key}={value!r})"
+        )
     agent = as_agent(policy)
-    agent.reset(seed)
     if env_kwargs.get("split") is None:
         env_kwargs["split"] = evaluation_split(env_id, env_kwargs)
     venv = gym.make_vec(env_id, num_envs=min(num_envs, episodes), **env_kwargs)
     try:
+        agent.reset(seed)  # after everything that can refuse the call: a refused call leaves the agent as it was
         stats = play_episodes(venv, agent, episodes, seed)
     finally:
         venv.close()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.base import GlimpseAgent, register_agent
+from agents.base import GlimpseAgent, register_agent, require_keys
 from avex.flops import ViTDims, step_flops, step_macs
 from avex.model import TOREViT
 from envs.engine import AVEEngine
@@ -94,8 +94,16 @@ class LookaheadAgent(GlimpseAgent):
 
     @classmethod
     def from_env(cls, env: Any, *, seed: int = 0, policy: str | None = None, device: str = "cpu") -> LookaheadAgent:
-        """Keep a reference to an avex env's engine (single, vector or wrapped); it runs on the env's device."""
-        return cls(getattr(env, "unwrapped", env).engine)
+        """Keep a reference to an avex env's engine (single, vector or wrapped); it runs on the env's device.
+
+        Raises:
+            ValueError: a continuous env, a model without its decoder, or an observation without the canvas.
+        """
+        u = getattr(env, "unwrapped", env)
+        agent = cls(u.engine)
+        space = getattr(u, "single_observation_space", getattr(u, "observation_space", None))
+        require_keys(getattr(space, "spaces", {}), ("canvas",), "the lookahead agent (it imagines on the canvas)")
+        return agent
 
     def act(self, obs: dict[str, Any], action_mask: np.ndarray) -> np.ndarray:
         """obs["canvas"]: uint8 [B, H, W, C] revealed pixels, action_mask: bool [B, A] -> int64 [B] positions.

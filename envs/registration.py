@@ -14,7 +14,7 @@ import gymnasium
 
 from avex.data import DATASETS, DatasetSpec
 
-__all__ = ["ENTRY_POINT", "VECTOR_ENTRY_POINT", "env_kwargs", "env_ids", "register_envs"]
+__all__ = ["ENTRY_POINT", "VECTOR_ENTRY_POINT", "check_env_id", "env_kwargs", "env_ids", "register_envs"]
 
 ENTRY_POINT = "envs.ave_env:AVEEnv"
 VECTOR_ENTRY_POINT = "envs.vector:AVEVectorEnv"
@@ -51,6 +51,20 @@ def env_ids() -> dict[str, str]:
         if env_id:
             ids[name] = env_id
     return ids
+
+
+def check_env_id(env_id: Any) -> str:
+    """``env_id`` if it names a registered avex environment (any id registered with :data:`ENTRY_POINT`: those of
+    :func:`env_ids` and a user's own).
+
+    Raises:
+        ValueError: naming the value and the registered avex ids.
+    """
+    spec = gymnasium.registry.get(env_id) if isinstance(env_id, str) else None
+    if spec is None or spec.entry_point != ENTRY_POINT:
+        known = sorted(k for k, v in gymnasium.registry.items() if v.entry_point == ENTRY_POINT)
+        raise ValueError(f"env_id must be an avex environment, one of {known}, got {env_id!r}")
+    return env_id
 
 
 def _register(name: str, spec: DatasetSpec) -> None:

@@ -234,3 +234,48 @@ def test_entropy_agent_refuses_an_env_without_the_entropy_map() -> None:
         ok = make(obs_keys=["entropy", "visited"])
         assert isinstance(make_agent("entropy", ok), EntropyAgent)
         ok.close()
+
+
+def test_make_agent_refuses_a_bad_seed_or_env_by_name() -> None:
+    """A seed numpy would refuse deep inside, or something that is not an avex env, is refused when the agent is
+    made, naming the argument; an agent that cannot play the env's action mode or observation is refused too."""
+    venv = gym.make_vec("AVE-FashionMNIST-v0", 2)
+    for seed in (-1, "abc", 1.5, True):
+        with pytest.raises(ValueError, match=r"seed must be an integer >= 0"):
+            make_agent("random", venv, seed=seed)
+    for env in (None, gym.make("CartPole-v1")):
+        with pytest.raises(ValueError, match=r"env must be an avex environment"):
+            make_agent("random", env)
+    venv.close()
+    continuous = gym.make_vec("AVE-FashionMNIST-v0", 2, action_mode="continuous")
+    with pytest.raises(ValueError, match=r"entropy agent chooses grid positions.*action_mode='discrete'"):
+        make_agent("entropy", continuous)
+    continuous.close()
+    narrow = gym.make_vec("AVE-FashionMNIST-v0", 2, obs_keys=["probs"])
+    with pytest.raises(ValueError, match=r"lookahead agent.*obs_keys leave out \['canvas'\]"):
+        make_agent("lookahead", narrow)
+    narrow.close()
+
+
+def test_evaluate_accuracy_refuses_before_it_touches_the_agent(env_kwargs: dict) -> None:
+    """Every refused call names its argument and leaves the agent's generator where it was; a good call then
+    re-seeds it (so the check on the state can fail)."""
+    from agents import evaluate_accuracy
+
+    agent = RandomAgent(0)
+    agent.rng.random(5)
+    state = agent.rng.bit_generator.state
+    bad = [
+        (dict(seed=-1), r"seed must be an integer >= 0, got -1"),
+        (dict(seed="a"), r"seed must be an integer >= 0"),
+        (dict(env_id="CartPole-v1"), r"env_id must be an avex environment, one of \[.*AVE-FashionMNIST-v0"),
+        (dict(autoreset_mode="next_step"), r"leave autoreset_mode out \(got autoreset_mode='next_step'\)"),
+        (dict(max_episode_steps=3), r"leave max_episode_steps out \(got max_episode_steps=3\)"),
+        (dict(budget=0), r"budget"),  # refused by the env, which is made before the agent is re-seeded
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            evaluate_accuracy(agent, **{"episodes": 2, "num_envs": 2, **env_kwargs, **kwargs})
+        assert agent.rng.bit_generator.state == state, kwargs
+    evaluate_accuracy(agent, episodes=2, num_envs=2, autoreset_mode="same_step", **env_kwargs)
+    assert agent.rng.bit_generator.state != state
