@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from avex.checkpoint import is_avex_checkpoint, shared_model
+from avex.checkpoint import is_avex_checkpoint, read_config, resolve_file, shared_model
 from avex.data import CanvasSource
 from avex.model import TOREViT
 from envs.config import EnvConfig, check_grid
@@ -98,6 +98,7 @@ def env_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
             raise ValueError(
                 "model_kwargs apply to timm models; an avex checkpoint records its own architecture: drop model_kwargs"
             )
+        _check_checkpoint_model(cfg)
         model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype)
     else:
         own = check_model(cfg)
@@ -112,6 +113,26 @@ def env_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
         raise ValueError(f"model {cfg.checkpoint or cfg.model!r} cannot run in an AVE environment: {problem}")
     _check_fit(cfg, model, (h, w, c), source.num_classes, patch)
     return model
+
+
+def _check_checkpoint_model(cfg: EnvConfig) -> None:
+    """Refuse ``model=`` or ``pretrained=True`` given beside an avex checkpoint, which they would not change.
+
+    Only values that differ from the id's registered ones count as given (an env cannot tell a registered
+    default from the same value passed again), and a model name counts only if it is not the checkpoint's own.
+    """
+    if cfg.pretrained and not cfg.spec.pretrained:
+        raise ValueError(
+            f"pretrained=True loads timm's weights, but checkpoint={str(cfg.checkpoint)!r} holds its own: "
+            "drop pretrained, or pass checkpoint=None for timm's pretrained weights"
+        )
+    if cfg.model != cfg.spec.model:
+        own = read_config(resolve_file(cfg.checkpoint))["build"].get("model")
+        if cfg.model != own:
+            raise ValueError(
+                f"model={cfg.model!r} is not the architecture of checkpoint={str(cfg.checkpoint)!r} ({own!r}), which "
+                f"records its own: drop model, or pass checkpoint=None to build {cfg.model!r} from timm"
+            )
 
 
 def _check_patch_grid(name: str, canvas: tuple[int, int], patch: Any) -> None:

@@ -408,6 +408,21 @@ def test_checkpoint_for_another_geometry_is_refused(roots, tmp_path):
     assert env.model.patch == 8 and env.engine.geometry.grid == (8, 8)
 
 
+def test_model_or_pretrained_beside_an_avex_checkpoint_is_refused_not_ignored(roots, tmp_path):
+    """An avex checkpoint records its own architecture and weights: a model name that is neither the id's nor the
+    checkpoint's, or pretrained=True, would change nothing, so it is refused (naming the value and the way to get
+    it); the id's own name, or the checkpoint's, is accepted."""
+    model = create_tore("deit_tiny_patch16_224", img_size=112, patch_size=8, in_chans=1, num_classes=10, depth=1)
+    path = str(save_tore(model, tmp_path / "deit"))
+    root = str(roots["AVE-FashionMNIST-v0"])
+    with pytest.raises(ValueError, match=r"model='vit_small_patch16_224' is not the architecture of checkpoint="):
+        AVEEnv(root=root, checkpoint=path, model="vit_small_patch16_224")
+    with pytest.raises(ValueError, match=r"pretrained=True loads timm's weights, but checkpoint=.*checkpoint=None"):
+        AVEEnv(root=root, checkpoint=path, pretrained=True)
+    for name in ("vit_tiny_patch16_224", "deit_tiny_patch16_224"):  # the id's default, then the checkpoint's own
+        assert AVEEnv(root=root, checkpoint=path, model=name).model.build_args["model"] == "deit_tiny_patch16_224"
+
+
 # ------------------------------------------------------------ rewards, info
 def test_dense_reward_telescopes(roots):
     env = fm(roots)
