@@ -126,7 +126,7 @@ def _check_checkpoint_model(cfg: EnvConfig) -> None:
             f"pretrained=True loads timm's weights, but checkpoint={str(cfg.checkpoint)!r} holds its own: "
             "drop pretrained, or pass checkpoint=None for timm's pretrained weights"
         )
-    if cfg.model != cfg.spec.model:
+    if cfg.model != cfg.spec.model and cfg.checkpoint is not None:
         own = read_config(resolve_file(cfg.checkpoint))["build"].get("model")
         if cfg.model != own:
             raise ValueError(
