@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from avex.checks import brief
+from avex.checks import brief, check_device
 from avex.model import TOREViT, create_tore
 from avex.safeload import (
     build_on_meta,
@@ -162,6 +162,8 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"got {brief(build)}; re-save the checkpoint"
         )
     check_build_args(build, f"{config}: 'build'")
+    # Not recorded: timm's default, 3 (RGB) for every timm ViT; save_tore records what the model was built with.
+    in_chans = build.get("in_chans", 3)
     for key, floor in (("mean", -math.inf), ("std", 0.0)):  # pixel normalisation: NaN here is NaN everywhere
         values = build.get(key)
         if values is not None and not (
@@ -171,6 +173,13 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         ):
             what = "positive finite numbers" if key == "std" else "finite numbers"
             raise ValueError(f"{config}: build '{key}' must be a list of {what}, got {brief(values)}")
+        # One value per channel, as save_tore writes them: any other length would be averaged into one
+        # constant per channel (avex.embedding._per_channel, meant for timm's RGB defaults), silently.
+        if values is not None and isinstance(in_chans, int) and len(values) != in_chans:
+            raise ValueError(
+                f"{config}: build '{key}' has {len(values)} value(s) {brief(values)} but the model has "
+                f"in_chans={in_chans}: give one value per input channel (re-save the checkpoint with save_tore)"
+            )
     if not isinstance(cfg.get("meta", {}), dict):
         raise ValueError(f"{config}: 'meta' must be an object, got {brief(cfg.get('meta'))}")
     return cfg
@@ -183,12 +192,17 @@ def load_tore(
 
     Args:
         path: the ``.safetensors`` file (or its stem).
+        device: "cpu", "cuda", "cuda:<index>" or such a torch.device, checked before anything is read.
         expect: build arguments the caller requires (e.g. ``{"img_size": 112, "in_chans": 1}``); a
             checkpoint that disagrees raises ValueError naming the field, its value and the expected one.
 
     Raises:
-        FileNotFoundError: a file is missing. ValueError: anything else wrong with the checkpoint.
+        FileNotFoundError: a file is missing.
+        ValueError: a device this machine cannot use or an ``expect`` that is not a dict (both before any file
+            is read), or anything else wrong with the checkpoint.
     """
+    device = _check_device(device)
+    _check_expect(expect)
     cfg = read_config(path)
     build = dict(cfg["build"])
     build.setdefault("decoder_pos", UNRECORDED_DECODER_POS)
@@ -210,6 +224,19 @@ def load_tore(
     load_state(model, state, str(weights))
     model.meta = cfg.get("meta", {})
     return model.to(device)
+
+
+def _check_device(device: Any) -> str:
+    """``device`` (a str or torch.device) as a usable device string, checked before any file is read."""
+    return check_device("device", str(device) if isinstance(device, torch.device) else device)
+
+
+def _check_expect(expect: Any) -> None:
+    """Refuse an ``expect`` that is not a dict of build arguments (a list failed later with AttributeError)."""
+    if expect is not None and not (isinstance(expect, dict) and all(isinstance(k, str) for k in expect)):
+        raise ValueError(
+            f"expect must be a dict of build arguments (e.g. {{'in_chans': 1}}) or None, got {brief(expect)}"
+        )
 
 
 def _existing_weights(ref: str | os.PathLike[str]) -> Path:
@@ -336,11 +363,15 @@ def shared_model(
         build: create_tore arguments (img_size, patch_size, in_chans, num_classes, depth, ...).
 
     Raises:
-        FileNotFoundError: the checkpoint does not exist. ValueError: it cannot be loaded (see the
-        module's loading rules), or a bad dtype. TypeError: ``checkpoint`` is not a path.
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: it cannot be loaded (see the module's loading rules), or a bad dtype, device or ``expect``
+            (refused before any file is read).
+        TypeError: ``checkpoint`` is not a path.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    device = _check_device(device)  # before the cache: a bad device must not become a key or read a file
+    _check_expect(expect)
     ref = None if checkpoint is None else str(_as_path(checkpoint))  # a Path and its str share one model
     check_build_args(build, "model arguments")
     key = (

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from avex.checks import brief, check_int
+from avex.checks import brief, check_device, check_int
 from avex.data import DATASETS, CanvasSource, DatasetSpec, get_dataset
 from avex.data.registry import canvas_hw
 from avex.safeload import check_build_args
@@ -258,7 +257,7 @@ class EnvConfig:
             check_grid((h // int(patch), w // int(patch)))
         if self.spec.needs_root and self.root is None:
             raise ValueError(f"dataset={self.dataset!r} needs root= ({self.spec.description or 'its data folder'})")
-        _check_device(self.device)
+        check_device("device", self.device)
 
     @property
     def observed(self) -> tuple[str, ...]:
@@ -318,20 +317,3 @@ def _dataset_names(value: Any) -> list[str]:
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
-
-
-def _check_device(device: Any) -> None:
-    wrong = f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {brief(device)}"
-    if not isinstance(device, str):
-        raise ValueError(wrong)
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(wrong) from err
-    if dev.type not in ("cpu", "cuda"):  # "meta" holds no data, others have no kernels here
-        raise ValueError(wrong)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available here: use device='cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
-        raise ValueError(f"device={device!r} but this machine has {n} CUDA device(s): use cuda:0..cuda:{n - 1}")

@@ -12,6 +12,7 @@ from typing import Any
 
 import gymnasium
 
+from avex.checks import brief
 from avex.data import DATASETS, DatasetSpec
 
 __all__ = ["ENTRY_POINT", "VECTOR_ENTRY_POINT", "check_env_id", "env_kwargs", "env_ids", "register_envs"]
@@ -53,17 +54,17 @@ def env_ids() -> dict[str, str]:
     return ids
 
 
-def check_env_id(env_id: Any) -> str:
+def check_env_id(env_id: Any, name: str = "env_id") -> str:
     """``env_id`` if it names a registered avex environment (any id registered with :data:`ENTRY_POINT`: those of
     :func:`env_ids` and a user's own).
 
     Raises:
-        ValueError: naming the value and the registered avex ids.
+        ValueError: naming ``name``, the value and the registered avex ids (another env has no split, model or K).
     """
     spec = gymnasium.registry.get(env_id) if isinstance(env_id, str) else None
     if spec is None or spec.entry_point != ENTRY_POINT:
         known = sorted(k for k, v in gymnasium.registry.items() if v.entry_point == ENTRY_POINT)
-        raise ValueError(f"env_id must be an avex environment, one of {known}, got {env_id!r}")
+        raise ValueError(f"{name} must be an avex environment, one of {known}, got {brief(env_id)}")
     return env_id
 
 

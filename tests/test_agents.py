@@ -268,7 +268,10 @@ def test_evaluate_accuracy_refuses_before_it_touches_the_agent(env_kwargs: dict)
     bad = [
         (dict(seed=-1), r"seed must be an integer >= 0, got -1"),
         (dict(seed="a"), r"seed must be an integer >= 0"),
-        (dict(env_id="CartPole-v1"), r"env_id must be an avex environment, one of \[.*AVE-FashionMNIST-v0"),
+        (
+            dict(env_id="CartPole-v1"),
+            r"env_id must be an avex environment, one of \[.*AVE-FashionMNIST-v0.*got 'CartPole-v1'",
+        ),
         (dict(autoreset_mode="next_step"), r"leave autoreset_mode out \(got autoreset_mode='next_step'\)"),
         (dict(max_episode_steps=3), r"leave max_episode_steps out \(got max_episode_steps=3\)"),
         (dict(budget=0), r"budget"),  # refused by the env, which is made before the agent is re-seeded

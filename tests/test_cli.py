@@ -78,14 +78,64 @@ def test_bad_values_end_with_one_line_and_status_2(tmp_path, fake_fmnist_root, c
         str(tmp_path / "bench"),
     ]
     assert main(args) == 2
-    err = capsys.readouterr().err  # the progress bar's line, then the error
-    assert err.rstrip().splitlines()[-1].startswith("avex benchmark: error: K must be") and "Traceback" not in err
+    err = capsys.readouterr().err  # refused once the probe env knows the depth, before any folder is made
+    assert err.rstrip().splitlines()[-1].endswith("error: --K must be an integer in 0..2 (the model's depth), got 7")
+    assert "Traceback" not in err and not (tmp_path / "bench").exists()
     assert main(["train", "classifier", "--data-root", str(tmp_path / "nowhere"), "--steps", "1"]) == 2
     err = capsys.readouterr().err  # a missing data set: the message lists the ways to install it
     assert any(line.startswith("avex train classifier: error: ") for line in err.splitlines()) and "apt-get" in err
     monkeypatch.setenv("AVEX_TRACEBACK", "1")  # the whole traceback on request
     with pytest.raises(ValueError, match="0..2"):
         main(args)
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--episodes", "0", "--episodes must be an integer >= 1, got 0"),
+        ("--num-envs", "0", "--num-envs must be an integer >= 1, got 0"),
+        ("--K", "-1", "--K must be an integer >= 0, got -1"),
+        ("--seed", "-1", "--seed must be an integer >= 0, got -1"),
+        ("--ppo", "/nonexistent/policy.safetensors", "--ppo '/nonexistent/policy.safetensors': no policy file"),
+        ("--ppo", "shipped:nope", "--ppo 'shipped:nope': no shipped PPO policy named 'nope'"),
+        ("--device", "gpu", "--device must be 'cpu', 'cuda' or 'cuda:<index>', got 'gpu'"),
+        ("--env", "CartPole-v1", "--env must be an avex environment, one of ['AVE-FashionMNIST-v0'"),
+    ],
+)
+def test_bad_benchmark_arguments_are_refused_before_anything_is_made(
+    tmp_path, capsys, monkeypatch, flag, value, message
+) -> None:
+    import gymnasium as gym
+
+    monkeypatch.delenv("AVEX_TRACEBACK", raising=False)
+    monkeypatch.setattr(gym, "make", lambda *a, **k: pytest.fail("an env was built"))
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--agents", "random", flag, value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"avex benchmark: error: {message}") and err.count("\n") == 1, err
+    assert not out.exists()  # the results folder is made only once every argument passed
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_benchmark_on_cuda_without_cuda_is_refused_before_anything_is_made(tmp_path, capsys, monkeypatch) -> None:
+    import gymnasium as gym
+
+    monkeypatch.setattr(gym, "make", lambda *a, **k: pytest.fail("an env was built"))
+    assert main(["benchmark", "--device", "cuda", "--out", str(tmp_path / "bench")]) == 2
+    assert "--device='cuda' but CUDA is not available here" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()
+
+
+def test_benchmark_out_under_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    import gymnasium as gym
+
+    monkeypatch.setattr(gym, "make", lambda *a, **k: pytest.fail("an env was built"))
+    (tmp_path / "notes").write_text("a file, not a folder")
+    out = tmp_path / "notes" / "bench"
+    assert main(["benchmark", "--agents", "random", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{out}': '{tmp_path / 'notes'}' exists and is not a folder" in err
+    assert (tmp_path / "notes").read_text() == "a file, not a folder"
 
 
 def test_unknown_env_id_is_one_line_and_status_2(capsys) -> None:

@@ -315,6 +315,41 @@ def test_bad_checkpoint_configs_raise_value_error(root, checkpoint, tmp_path, co
         fm_env(root, checkpoint=str(path), model_kwargs=None)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(device="gpu"), r"device must be 'cpu', 'cuda' or 'cuda:<index>', got 'gpu'"),
+        (dict(device=torch.device("meta")), r"device must be .*got 'meta'"),
+        (dict(expect=[1]), r"expect must be a dict of build arguments .* or None, got \[1\]"),
+    ],
+)
+def test_checkpoint_loaders_check_device_and_expect_before_reading(tmp_path, kwargs, match):
+    from avex.checkpoint import shared_model
+
+    nowhere = tmp_path / "nowhere.safetensors"  # refused before any file is looked at: not a FileNotFoundError
+    with pytest.raises(ValueError, match=match):
+        load_tore(nowhere, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        shared_model(checkpoint=nowhere, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_checkpoint_on_cuda_without_cuda_is_a_clear_value_error(checkpoint):
+    with pytest.raises(ValueError, match=r"device='cuda' but CUDA is not available here: use device='cpu'"):
+        load_tore(checkpoint, device="cuda")
+
+
+@pytest.mark.parametrize("key, values", [("mean", [0.1, 0.9, 0.5]), ("std", [0.25, 0.5])])
+def test_checkpoint_normalisation_must_have_one_value_per_channel(checkpoint, tmp_path, key, values):
+    assert load_tore(checkpoint, device=torch.device("cpu")).in_chans == 1  # a torch.device is a device too
+    path = _copy_checkpoint(checkpoint, tmp_path / "c")
+    cfg = json.loads(path.with_suffix(".json").read_text())
+    cfg["build"][key] = values  # used to be averaged into one value, silently
+    path.with_suffix(".json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"build '{key}' has {len(values)} value\(s\) .* in_chans=1: give one value"):
+        load_tore(path)
+
+
 def test_missing_and_foreign_checkpoint_files(root, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*nope\.safetensors"):
         fm_env(root, checkpoint=str(tmp_path / "nope.safetensors"))

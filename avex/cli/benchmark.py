@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass
@@ -26,8 +27,11 @@ from tqdm.auto import tqdm
 from agents import AGENTS, make_agent, play_episodes
 from agents.evaluate import evaluation_split, wilson
 from avex import options
+from avex.checkpoint import resolve_file
+from avex.checks import brief, check_device, check_int
 from avex.flops import ViTDims, episode_flops
 from avex.platform_info import device_name
+from envs.registration import check_env_id
 
 if TYPE_CHECKING:
     from envs.ave_env import AVEEnv
@@ -122,25 +126,79 @@ def _result(agent: str, K: int, played: dict[str, Any], dims: ViTDims, budget: i
     )
 
 
+def _check_out(out: Path) -> None:
+    """Refuse a results folder that cannot be made (a file on its path, an unwritable parent) before any work."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(
+                    f"--out {str(out)!r}: {str(folder)!r} exists and is not a folder; choose another results folder"
+                )
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(f"--out {str(out)!r}: {str(folder)!r} is not writable; choose another results folder")
+            return
+
+
+def _check_policy(ppo: Any) -> None:
+    """Refuse a --ppo that names no file (a .zip as given; otherwise a .safetensors, with or without its suffix)."""
+    if not isinstance(ppo, str) or not ppo:
+        raise ValueError(f"--ppo must be a policy file or 'shipped:<name>', got {brief(ppo)}")
+    try:
+        file = Path(ppo) if Path(ppo).suffix == ".zip" else resolve_file(ppo, policy=True)
+    except (ValueError, FileNotFoundError) as err:  # an unknown or missing shipped name: say which flag
+        raise type(err)(f"--ppo {ppo!r}: {err}") from err
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"--ppo {ppo!r}: no policy file {str(file)!r}; pass an avex .safetensors policy (its .json beside it), "
+            "a MaskablePPO / PPO .zip, or 'shipped:fashion-mnist'"
+        )
+
+
+def _check_args(args: BenchmarkConfig) -> None:
+    """Every argument that can be checked without building anything, so a refusal changes nothing."""
+    check_env_id(args.env, "--env")
+    check_device("--device", args.device)
+    check_int("--episodes", args.episodes, 1)
+    check_int("--num-envs", args.num_envs, 1)
+    check_int("--seed", args.seed, 0)
+    for K in args.K or ():  # the upper bound, the model's depth, is checked once the probe env has it
+        check_int("--K", K, 0)
+    if args.K is not None and not args.K:
+        raise ValueError("--K needs at least one split point, got none")
+    if args.agents is not None and not args.agents:
+        raise ValueError("--agents needs at least one agent, got none")
+    for name in args.agents or ():  # an unknown name is refused before anything is built
+        AGENTS.get(name)
+    _check_policy(args.ppo)
+    if args.out is not None and not isinstance(args.out, str):
+        raise ValueError(f"--out must be a folder path, got {brief(args.out)}")
+    _check_out(Path(args.out or f"results/benchmark-{args.env}"))
+
+
 def run_benchmark(args: BenchmarkConfig) -> dict[str, Any]:
-    """Run every (agent, K); write and return the results."""
+    """Run every (agent, K); write and return the results.
+
+    Raises:
+        ValueError, FileNotFoundError: a bad argument (named with its value), before the results folder is made.
+    """
+    _check_args(args)
     env_kwargs = dict(args.env_kwargs)
     if args.split is None:
         args.split = evaluation_split(args.env, env_kwargs)
     if args.agents is None:
         args.agents = default_agents(args.device)
-    for name in args.agents:  # an unknown name is refused before anything is built
-        AGENTS.get(name)
     probe = cast("AVEEnv", gym.make(args.env, split=args.split, device=args.device, **env_kwargs).unwrapped)
     depth, budget, g2 = probe.model.depth, probe.budget, probe.geometry.tokens_per_glimpse
     dims = ViTDims.of(probe.model)
     ks = args.K if args.K is not None else probe.model.report_ks
     probe.close()
-    out = Path(args.out or f"results/benchmark-{args.env}")
-    out.mkdir(parents=True, exist_ok=True)
-
+    for K in ks:
+        check_int("--K", K, 0, depth, " (the model's depth)")
     for name in args.agents:  # every agent is built once before any episode: a policy that does not fit fails now
         make_agent(name, probe, seed=args.seed, policy=args.ppo, device=args.device)
+    # Made only now: a refused argument leaves no empty results folder behind.
+    out = Path(args.out or f"results/benchmark-{args.env}")
+    out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     with tqdm(total=len(args.agents) * len(ks) * args.episodes, desc="benchmark", unit="ep", dynamic_ncols=True) as bar:
