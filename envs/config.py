@@ -124,10 +124,12 @@ class EnvConfig:
     ``allow_repeats=True`` or continuous actions, the patches of the grid).
 
     Model (one instance per process, shared by every env; the classes and channels come from the data):
-        model: timm ViT name (used when ``checkpoint`` is not an avex checkpoint).
+        model: timm ViT name (used when ``checkpoint`` is not an avex checkpoint; beside one, a name other than
+            the id's and the checkpoint's own is refused, as it would change nothing).
         checkpoint: avex checkpoint path (str or pathlib.Path), "shipped:fashion-mnist", a timm safetensors
             weights file holding exactly the ViT built here, or None (see :mod:`avex.checkpoint` for the rules).
-        pretrained: timm hub weights when ``checkpoint`` is None (must be in the local hub cache offline).
+        pretrained: timm hub weights when ``checkpoint`` is None (must be in the local hub cache offline; refused
+            beside an avex checkpoint, which holds its own weights).
         model_kwargs: extra ``timm.create_model`` arguments (depth, embed_dim, num_heads, ...).
         device: "cpu", "cuda" or "cuda:<i>"; canvases, glimpses and the model all live there.
         dtype: "float32" or "bfloat16" (model weights and token cache; for speed on GPUs).
