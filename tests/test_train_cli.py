@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
 import avex.train
-from avex.train import TrainConfig, add_arguments, config_from_args
+import avex.train.loop
+from avex.train import TrainConfig, add_arguments, config_from_args, resolve_config, train_classifier
 
 FREE_FORM = {"extra"}  # config fields with no command-line form
 
@@ -78,3 +81,147 @@ def test_training_imports_no_env_agent_or_cli_code() -> None:
     assert any(m == "avex.model" for _, m in imported)  # the walk sees the package's imports
     bad = [(f, m) for f, m in imported if m.split(".")[0] in ("envs", "agents") or m.startswith("avex.cli")]
     assert not bad, bad
+
+
+# ----------------------------------------------------------------------------------------------
+# Numeric flags: refused by resolve_config, before any process, data or model is set up
+# ----------------------------------------------------------------------------------------------
+
+# (flags, the flag named in the refusal, the value as the refusal shows it)
+BAD_FLAGS = [
+    (["--batch-size", "0"], "--batch-size", "0"),
+    (["--batch-size", "-4"], "--batch-size", "-4"),
+    (["--eval-batch-size", "0"], "--eval-batch-size", "0"),
+    (["--log-every", "0"], "--log-every", "0"),
+    (["--std", "0"], "--std", "(0.0,)"),
+    (["--std", "0.2,-0.1"], "--std", "(0.2, -0.1)"),
+    (["--mean", "nan"], "--mean", "(nan,)"),
+    (["--mean", "0.1,0.2"], "--mean", "(0.1, 0.2)"),  # Fashion-MNIST has 1 channel
+    (["--in-chans", "3", "--std", "0.2,0.3"], "--std", "(0.2, 0.3)"),
+    (["--label-smoothing", "1.5"], "--label-smoothing", "1.5"),
+    (["--label-smoothing", "1"], "--label-smoothing", "1.0"),
+    (["--label-smoothing", "-0.1"], "--label-smoothing", "-0.1"),
+    (["--seed", "-1"], "--seed", "-1"),
+    (["--seed", str(2**64)], "--seed", str(2**64)),
+    (["--steps", "0"], "--steps", "0"),
+    (["--steps", "-3"], "--steps", "-3"),
+    (["--epochs", "-1"], "--epochs", "-1.0"),
+    (["--epochs", "0"], "--epochs", "0.0"),
+    (["--epochs", "-1", "--steps", "2"], "--epochs", "-1.0"),
+    (["--epochs", "inf"], "--epochs", "inf"),
+    (["--warmup", "2"], "--warmup", "2.0"),
+    (["--warmup", "-0.1"], "--warmup", "-0.1"),
+    (["--grad-clip", "-1"], "--grad-clip", "-1.0"),
+    (["--weight-decay", "-1"], "--weight-decay", "-1.0"),
+    (["--recon-weight", "-5"], "--recon-weight", "-5.0"),
+    (["--lr", "0"], "--lr", "0.0"),
+    (["--lr", "nan"], "--lr", "nan"),
+    (["--workers", "-1"], "--workers", "-1"),
+    (["--eval-every", "-1"], "--eval-every", "-1.0"),
+    (["--save-every", "-2"], "--save-every", "-2.0"),
+    (["--eval-subset", "0"], "--eval-subset", "0"),
+    (["--eval-size", "-1"], "--eval-size", "-1"),
+    (["--clutter", "-1"], "--clutter", "-1"),
+    (["--depth", "0"], "--depth", "0"),
+    (["--embed-dim", "-32"], "--embed-dim", "-32"),
+    (["--num-heads", "0"], "--num-heads", "0"),
+    (["--img-size", "0"], "--img-size", "0"),
+    (["--patch", "0"], "--patch", "0"),
+    (["--in-chans", "0"], "--in-chans", "0"),
+    (["--glimpse", "0"], "--glimpse", "0"),
+    (["--budget", "0"], "--budget", "0"),
+    (["--train-k", "-1", "2"], "--train-k", "-1"),
+    (["--train-t", "0"], "--train-t", "0"),
+]
+
+
+@pytest.fixture
+def no_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading the training data fails the test: a refusal must come before it."""
+
+    def read(*args: Any, **kwargs: Any) -> NoReturn:
+        raise AssertionError("the training data was read before the configuration was checked")
+
+    monkeypatch.setattr(avex.train.loop, "load_train_data", read)
+
+
+@pytest.mark.parametrize(("argv", "flag", "shown"), BAD_FLAGS, ids=[" ".join(c[0]) for c in BAD_FLAGS])
+def test_bad_numbers_are_refused_naming_the_flag_before_any_data_is_read(
+    argv: list[str], flag: str, shown: str, tmp_path: Path, no_data: None
+) -> None:
+    out = tmp_path / "run" / "ck"
+    argv = [*argv, "--device", "cpu", "--no-progress", "--out", str(out), "--log-json", str(tmp_path / "log.jsonl")]
+    with pytest.raises(ValueError) as refused:
+        avex.train.main(argv)
+    message = str(refused.value)
+    assert message.startswith(flag + " ") and shown in message, message
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, log or folder
+
+
+def test_the_command_line_refuses_a_bad_number_in_one_line(
+    tmp_path: Path, no_data: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from avex.cli import main as cli_main
+
+    argv = ["train", "classifier", "--batch-size", "0", "--device", "cpu", "--out", str(tmp_path / "ck")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("avex train classifier: error: --batch-size ") and "got 0" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "flag"),
+    [
+        (dict(batch_size=8.0), "--batch-size"),
+        (dict(batch_size=True), "--batch-size"),
+        (dict(steps=1.5), "--steps"),
+        (dict(seed=-1), "--seed"),
+        (dict(seed=0.5), "--seed"),
+        (dict(workers=None), "--workers"),
+        (dict(lr="1e-3"), "--lr"),
+        (dict(warmup=float("nan")), "--warmup"),
+        (dict(mean=()), "--mean"),
+        (dict(std=(0.25, "x")), "--std"),
+        (dict(train_k=()), "--train-k"),
+        (dict(train_t=(1.5,)), "--train-t"),
+    ],
+)
+def test_the_library_refuses_what_the_command_line_refuses(
+    change: dict[str, Any], flag: str, tmp_path: Path, no_data: None
+) -> None:
+    """train_classifier(config), the Python API, makes the same checks (and some only a caller can get wrong)."""
+    cfg = TrainConfig(device="cpu", progress=False, out=str(tmp_path / "ck"), **change)
+    with pytest.raises(ValueError, match="^" + flag + " "):
+        train_classifier(cfg)
+    with pytest.raises(ValueError, match="^" + flag + " "):
+        resolve_config(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(steps=None, epochs=0.01),  # --epochs alone: at least one step
+        dict(steps=1, epochs=0.0),  # --steps overrides --epochs
+        dict(warmup=0.0, label_smoothing=0.0, grad_clip=0.0, weight_decay=0.0, recon_weight=0.0),
+        dict(warmup=1.0, label_smoothing=0.999, seed=2**64 - 1),
+        dict(workers=0, eval_size=0, eval_every=0.0, save_every=0.0, clutter=0),
+        dict(mean=(0.5,), std=(0.5,)),  # one value for the one channel
+        dict(dataset="folder", mean=(0.5,), std=(0.25,)),  # one value for every channel
+        dict(dataset="folder", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        dict(train_k=(0, 2), train_t=(1,)),
+    ],
+)
+def test_edge_values_with_a_meaning_are_accepted(change: dict[str, Any]) -> None:
+    cfg = resolve_config(TrainConfig(**change))
+    assert all(getattr(cfg, k) == (tuple(v) if isinstance(v, list) else v) for k, v in change.items() if k != "dataset")
+
+
+def test_the_shipped_checkpoints_recipe_still_resolves() -> None:
+    from avex.checkpoint import shipped_checkpoint
+
+    meta = json.loads(shipped_checkpoint("fashion-mnist").with_suffix(".json").read_text())["meta"]
+    names = {f.name for f in fields(TrainConfig)}
+    recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["train_args"].items() if k in names}
+    assert resolve_config(TrainConfig(**recipe)).mean == (0.1,)

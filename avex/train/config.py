@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from dataclasses import Field, asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
 from avex import options
+from avex.checks import brief, check_int
 from avex.data import DATASETS
 
 __all__ = [
@@ -202,9 +204,13 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill the data set's training defaults (model, sizes, lr: :meth:`avex.data.DatasetSpec.train_defaults`)
     into a copy of ``cfg``; canonical data-set name, sorted train_k and train_t.
 
+    Every number is checked here, before a run sets anything up (:func:`~avex.train.train_classifier` starts
+    with this), so a bad value reads no data, builds no model and writes nothing.
+
     Raises:
-        ValueError: a data set that is not registered (the message lists the registered ones); a distillation
-            weight, temperature or continuous-glimpse fraction out of range.
+        ValueError: a data set that is not registered (the message lists the registered ones); a number out of
+            its range (a count, a size, a fraction, a weight, the seed, ``mean``/``std`` that do not fit the
+            channels): the message names the flag, what it allows and the value.
     """
     name = DATASETS.canonical(cfg.dataset)
     values = asdict(cfg)
@@ -212,6 +218,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for key, default in DATASETS.get(name).train_defaults().items():
         if values.get(key) is None:
             values[key] = default
+    _check_objective(cfg)
+    _check_numbers(values)
     for key in ("mean", "std"):
         if values[key] is not None:
             values[key] = tuple(float(v) for v in values[key])
@@ -219,7 +227,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         values["train_k"] = tuple(sorted({int(k) for k in values["train_k"]}))
     if values["train_t"] is not None:
         values["train_t"] = tuple(sorted({int(t) for t in values["train_t"]}))
-    _check_objective(cfg)
     return TrainConfig(**values)
 
 
@@ -233,6 +240,120 @@ def _check_objective(cfg: TrainConfig) -> None:
         raise ValueError(
             f"--continuous-glimpses {cfg.continuous_glimpses}: the fraction of batches must lie in [0, 1] (0: off)"
         )
+
+
+# The largest seed torch.manual_seed takes (numpy's SeedSequence takes any non-negative integer).
+_SEED_MAX = 2**64 - 1
+# Model sizes: None takes the data set's (or the timm model's) value; a given one is at least 1.
+_SIZES = ("depth", "embed_dim", "num_heads", "img_size", "patch", "in_chans", "glimpse", "budget")
+
+
+def _flag(name: str) -> str:
+    """The command-line spelling of field ``name`` (:mod:`avex.options`): ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _is_real(value: Any) -> bool:
+    """A finite real number (numpy's included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_real(
+    values: dict[str, Any],
+    name: str,
+    lo: float,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    why: str = "",
+) -> None:
+    """ValueError unless field ``name`` is a finite number in its range (``lo_open``/``hi_open``: bound excluded)."""
+    value = values[name]
+    ok = _is_real(value) and (value > lo if lo_open else value >= lo)
+    ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        if hi is None:
+            span = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        else:
+            span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{_flag(name)} must be a number {span}{why}, got {brief(value)}")
+
+
+def _check_ints(values: dict[str, Any], name: str, lo: int, what: str, hi: str) -> None:
+    """ValueError unless field ``name`` (``nargs='+'``) is None or one or more integers >= ``lo``; the upper bound,
+    ``hi``, depends on the model and is checked once it is built (:func:`avex.train.loop.start_training`)."""
+    given = values[name]
+    if given is None:
+        return
+    seq = not isinstance(given, (str, bytes)) and hasattr(given, "__len__") and hasattr(given, "__iter__")
+    if not (seq and len(given)) or not all(_is_int(v) and v >= lo for v in given):
+        shown = brief(list(given) if seq else given)
+        raise ValueError(f"{_flag(name)} {shown}: every {what} must be an integer in {lo}..{hi} (one or more)")
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (numpy's included), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_pixel_norm(values: dict[str, Any], name: str) -> None:
+    """ValueError unless ``mean``/``std`` is None, or finite numbers (std > 0), one per channel or one for all.
+
+    One value serves every channel (:class:`avex.embedding.GlimpseViT` repeats it); any other count that is
+    not the channel count would be averaged into one value without a word, so it is refused.
+    """
+    given, channels = values[name], values["in_chans"]
+    each = "" if name == "mean" else ", each > 0"
+    per = f"{channels} number(s), one per channel (--in-chans {channels})" if channels else "one number per channel"
+    if isinstance(given, (str, bytes)) or not hasattr(given, "__len__") or not len(given):
+        ok = False
+    else:
+        ok = all(_is_real(v) and (name == "mean" or v > 0) for v in given)
+        ok = ok and (channels is None or len(given) in (1, channels))
+    if not ok:
+        raise ValueError(f"{_flag(name)} must be {per}, or one for every channel{each}, got {brief(given)}")
+
+
+def _check_numbers(values: dict[str, Any]) -> None:
+    """ValueError for a count, size, fraction, weight or seed out of range, naming the flag, what is allowed
+    and the value. ``values``: the config's fields with the data set's defaults filled in."""
+    # counts
+    check_int("--batch-size", values["batch_size"], 1, why=" (the global batch)")
+    if values["steps"] is not None:
+        check_int("--steps", values["steps"], 1, why=" (leave it out to train for --epochs)")
+    check_int("--eval-batch-size", values["eval_batch_size"], 1)
+    check_int("--eval-subset", values["eval_subset"], 1, why=" (images of the periodic evaluation)")
+    check_int("--eval-size", values["eval_size"], 0, why=" (0: the whole evaluation split)")
+    check_int("--log-every", values["log_every"], 1, why=" (steps between progress updates)")
+    check_int("--workers", values["workers"], 0, why=" (0: read on the training thread)")
+    check_int("--seed", values["seed"], 0, _SEED_MAX)
+    if values["clutter"] is not None:
+        check_int("--clutter", values["clutter"], 0, why=" (0: no clutter)")
+    for name in _SIZES:
+        if values[name] is not None:
+            check_int(_flag(name), values[name], 1)
+    _check_ints(values, "train_k", 0, "split point", "the model's depth")
+    _check_ints(values, "train_t", 1, "glimpse count", "the non-overlapping glimpses of the grid")
+    # lengths in epochs
+    if values["steps"] is None:
+        _check_real(values, "epochs", 0, lo_open=True, why=" (passes over the training images; or give --steps N)")
+    else:
+        _check_real(values, "epochs", 0, why=" (--steps overrides it)")
+    _check_real(values, "eval_every", 0, why=" (0: at the end only)")
+    _check_real(values, "save_every", 0, why=" (0: at the end only)")
+    # the optimiser and the loss
+    if values["lr"] is not None:
+        _check_real(values, "lr", 0, lo_open=True)
+    _check_real(values, "weight_decay", 0, why=" (0: none)")
+    _check_real(values, "warmup", 0, 1, why=" (a fraction of all steps)")
+    _check_real(values, "label_smoothing", 0, 1, hi_open=True, why=" (0: none)")
+    _check_real(values, "recon_weight", 0, why=" (0: no reconstruction loss)")
+    _check_real(values, "grad_clip", 0, why=" (0: off)")
+    # pixel normalisation
+    for name in ("mean", "std"):
+        if values[name] is not None:
+            _check_pixel_norm(values, name)
 
 
 def need(value: _T | None, name: str) -> _T:
