@@ -23,7 +23,15 @@ from avex.checks import check_int
 from avex.data import get_dataset
 from envs.registration import check_env_id
 
-__all__ = ["AccuracyReport", "EpisodeStats", "evaluate_accuracy", "evaluation_split", "play_episodes", "wilson"]
+__all__ = [
+    "AccuracyReport",
+    "EpisodeStats",
+    "check_whole_episodes",
+    "evaluate_accuracy",
+    "evaluation_split",
+    "play_episodes",
+    "wilson",
+]
 
 
 @dataclass
@@ -90,6 +98,26 @@ def wilson(correct: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     # At p = 0 or 1 the bound is exactly 0 or 1 but rounds to -3e-17 or 1 + 2e-16.
     return p, np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+
+
+def check_whole_episodes(env_kwargs: dict[str, Any], reader: str) -> None:
+    """Refuse env kwargs under which episodes would not all end at the budget and restart in the same step
+    (``max_episode_steps``, ``autoreset_mode`` other than same-step): :func:`play_episodes` plays whole rounds.
+
+    Raises:
+        ValueError: naming ``reader``, the kwarg and its value.
+    """
+    mode = env_kwargs.get("autoreset_mode")
+    odd = {}
+    if mode is not None and str(getattr(mode, "name", mode)).lower() != "same_step":
+        odd["autoreset_mode"] = mode
+    if env_kwargs.get("max_episode_steps") is not None:
+        odd["max_episode_steps"] = env_kwargs["max_episode_steps"]
+    for key, value in odd.items():
+        raise ValueError(
+            f"{reader} plays whole episodes that end together at the budget, restarting in the same step: "
+            f"leave {key} out (got {key}={value!r})"
+        )
 
 
 def evaluation_split(env_id: str, env_kwargs: dict[str, Any]) -> str | None:
@@ -167,18 +195,7 @@ def evaluate_accuracy(
     check_int("num_envs", num_envs, 1)
     check_int("seed", seed, 0)
     check_env_id(env_id)
-    # The evaluation plays rounds of episodes that all end at the budget and restart in the same step.
-    mode = env_kwargs.get("autoreset_mode")
-    odd = {}
-    if mode is not None and str(getattr(mode, "name", mode)).lower() != "same_step":
-        odd["autoreset_mode"] = mode
-    if env_kwargs.get("max_episode_steps") is not None:
-        odd["max_episode_steps"] = env_kwargs["max_episode_steps"]
-    for key, value in odd.items():
-        raise ValueError(
-            f"evaluate_accuracy plays whole episodes that end together at the budget, restarting in the same step: "
-            f"leave {key} out (got {key}={value!r})"
-        )
+    check_whole_episodes(env_kwargs, "evaluate_accuracy")
     agent = as_agent(policy)
     if env_kwargs.get("split") is None:
         env_kwargs["split"] = evaluation_split(env_id, env_kwargs)

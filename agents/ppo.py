@@ -9,6 +9,7 @@ policy is loaded, so listing the agents stays fast.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,14 +18,37 @@ from gymnasium import spaces
 from agents.adapters import PredictAgent
 from agents.base import register_agent
 from avex.checkpoint import SHIPPED_POLICIES, SHIPPED_PREFIX, is_shipped, resolve_file
+from avex.checks import brief
 from avex.safeload import read_header, read_json
 
 if TYPE_CHECKING:  # stable-baselines3 is imported only when a policy is built
     from stable_baselines3.common.policies import BasePolicy
 
-__all__ = ["DEFAULT_POLICY", "PPOAgent", "shipped_for_k"]
+__all__ = ["DEFAULT_POLICY", "PPOAgent", "policy_file", "shipped_for_k"]
 
 DEFAULT_POLICY = "shipped:fashion-mnist"
+
+
+def policy_file(ref: Any, name: str = "policy") -> Path:
+    """The file a policy reference names (a MaskablePPO / PPO ``.zip`` as given; otherwise an avex ``.safetensors``
+    policy, with or without its suffix, or ``shipped:<name>``), checked to exist before anything is built.
+
+    Raises:
+        ValueError: not a reference, or an unknown shipped name; FileNotFoundError: no such file. Both name ``name``.
+    """
+    if not isinstance(ref, (str, os.PathLike)) or not str(ref):
+        raise ValueError(f"{name} must be a policy file or 'shipped:<name>', got {brief(ref)}")
+    text = str(ref)
+    try:
+        file = Path(text) if Path(text).suffix == ".zip" else resolve_file(text, policy=True)
+    except (ValueError, FileNotFoundError) as err:  # an unknown or missing shipped name: say which argument
+        raise type(err)(f"{name} {text!r}: {err}") from err
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{name} {text!r}: no policy file {str(file)!r}; pass an avex .safetensors policy (its .json beside it), "
+            "a MaskablePPO / PPO .zip, or 'shipped:fashion-mnist'"
+        )
+    return file
 
 
 @register_agent("ppo")

@@ -2,8 +2,9 @@
 
 Discrete envs train sb3-contrib's ``MaskablePPO``, continuous (y, x, z) ones SB3's ``PPO``, both on the
 belief keys only, and the ink map with ``--ink`` (:mod:`agents.sb3_policy`), with progress, a periodic greedy
-evaluation on the test split and a safetensors + JSON policy at the end. The vec env is wrapped in
-``VecMonitor``, so SB3 logs ``rollout/ep_rew_mean`` and ``ep_len_mean`` and ``model.ep_info_buffer`` fills.
+evaluation on the data set's evaluation split (Fashion-MNIST: test) and a safetensors + JSON policy at the end.
+The vec env is wrapped in ``VecMonitor``, so SB3 logs ``rollout/ep_rew_mean`` and ``ep_len_mean`` and
+``model.ep_info_buffer`` fills.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.adapters import PolicyLike
 from agents.belief import env_keys
-from agents.evaluate import evaluate_accuracy
+from agents.evaluate import evaluate_accuracy, evaluation_split
 from agents.ppo_config import PPOConfig
 from agents.sb3_policy import POLICY_KWARGS, BeliefKeys, save_policy
 from envs.sb3 import SB3VecEnv
@@ -94,7 +95,12 @@ def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
 
     Discrete envs train MaskablePPO, continuous ones PPO. ``time_limit`` (seconds) stops training early,
     cleanly, with the policy still evaluated and saved.
+
+    Raises:
+        ValueError, FileNotFoundError: a bad setting (:meth:`PPOConfig.check`), before any env is built or file
+            written; an ``init`` policy that does not fit the env, before training.
     """
+    cfg.check()
     env_kwargs = cfg.make_env_kwargs()
     # VecMonitor sits right on the env, under any wrapper that could change rewards (SB3's rule: before
     # VecNormalize); BeliefKeys only drops observation keys.
@@ -130,10 +136,16 @@ def train_ppo(cfg: PPOConfig) -> tuple[Any, dict[str, Any]]:
     if cfg.init is not None:  # a warm start: the weights only (policy and value heads), a fresh optimiser
         from agents.ppo import PPOAgent
 
-        model.policy.load_state_dict(PPOAgent.load(cfg.init, venv, device=cfg.device).policy.state_dict())
+        try:
+            warm = PPOAgent.load(cfg.init, venv, device=cfg.device)
+        except (ValueError, FileNotFoundError) as err:
+            venv.close()
+            raise type(err)(f"--init {cfg.init!r}: {err}") from err
+        model.policy.load_state_dict(warm.policy.state_dict())
     model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default would create a /tmp/SB3-* folder per run
 
-    eval_kwargs = dict(obs_kwargs, split="test")
+    # The data set's evaluation split (Fashion-MNIST: test; image folders and ImageNet: val, they have no test).
+    eval_kwargs = dict(obs_kwargs, split=evaluation_split(cfg.env_id, env_kwargs))
 
     def evaluate(policy: BasePolicy) -> float:
         acc = evaluate_accuracy(policy, cfg.env_id, cfg.eval_episodes, cfg.num_envs, cfg.seed + 10_000, **eval_kwargs)

@@ -6,12 +6,16 @@ A refusal is a ValueError whose message quotes the value at most :func:`brief`-l
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["brief", "check_device", "check_int"]
+__all__ = ["brief", "check_device", "check_int", "check_real", "check_writable"]
 
 
 def brief(value: Any, limit: int = 200) -> str:
@@ -57,3 +61,58 @@ def check_device(name: str, value: Any) -> str:
         n = torch.cuda.device_count()
         raise ValueError(f"{name}={value!r} but this machine has {n} CUDA device(s): use cuda:0..cuda:{n - 1}")
     return value
+
+
+def check_real(
+    name: str,
+    value: Any,
+    lo: float,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    why: str = "",
+) -> float:
+    """``value`` as a float: a finite real number (numpy's included, bools refused) in its range.
+
+    ``lo_open`` / ``hi_open`` exclude a bound: ``check_real("--lr", lr, 0, lo_open=True)`` asks for ``lr > 0``.
+
+    Raises:
+        ValueError: naming ``name``, the range (with ``why``) and the value.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo)
+    ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        if hi is None:
+            span = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        else:
+            span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be a number {span}{why}, got {brief(value)}")
+    return float(value)
+
+
+def check_writable(name: str, path: Any, folder: bool = False) -> Path:
+    """``path`` as a Path where a file (or, with ``folder``, a folder) can be written, checked before any work.
+
+    A file must not be an existing folder; the nearest existing folder on the way must be a writable folder
+    (a file there, or no permission, would fail only when the results are saved, after the work).
+
+    Raises:
+        ValueError: naming ``name``, the path and what is in the way.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"{name} must be a path, got {brief(path)}")
+    given = Path(path)
+    if not folder and given.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a folder; give a file path such as {str(given / 'out')!r}")
+    for place in ((given,) if folder else ()) + tuple(given.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise ValueError(
+                    f"{name} {str(path)!r}: {str(place)!r} exists and is not a folder; choose another path"
+                )
+            if not os.access(place, os.W_OK | os.X_OK):
+                raise ValueError(f"{name} {str(path)!r}: {str(place)!r} is not writable; choose another path")
+            break
+    return given

@@ -282,3 +282,83 @@ def test_evaluate_accuracy_refuses_before_it_touches_the_agent(env_kwargs: dict)
         assert agent.rng.bit_generator.state == state, kwargs
     evaluate_accuracy(agent, episodes=2, num_envs=2, autoreset_mode="same_step", **env_kwargs)
     assert agent.rng.bit_generator.state != state
+
+
+_RUN = dict(num_envs=2, total_steps=48, n_steps=24, batch_size=16, n_epochs=1, eval_episodes=2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_envs=0), r"--num-envs must be an integer >= 1, got 0"),
+        (dict(total_steps=0), r"--total-steps must be an integer >= 1, got 0"),
+        (dict(n_steps=0), r"--n-steps must be an integer >= 1 \(rollout length per env\), got 0"),
+        (dict(batch_size=1), r"--batch-size must be an integer >= 2 .*, got 1"),
+        (dict(batch_size=100), r"--batch-size 100 is more than a rollout holds \(--n-steps 24 x --num-envs 2 = 48\)"),
+        (dict(n_epochs=0), r"--n-epochs must be an integer >= 1, got 0"),
+        (dict(learning_rate=float("nan")), r"--lr must be a number >= 0 .*, got nan"),
+        (dict(learning_rate=-1.0), r"--lr must be a number >= 0"),
+        (dict(ent_coef=-0.5), r"--ent-coef must be a number >= 0 .*, got -0.5"),
+        (dict(gamma=1.5), r"--gamma must be a number in \[0, 1\] .*, got 1.5"),
+        (dict(gamma=float("nan")), r"--gamma must be a number in \[0, 1\]"),
+        (dict(eval_every=-1), r"--eval-every must be an integer >= 0 \(0: at the end only\), got -1"),
+        (dict(eval_episodes=0), r"--eval-episodes must be an integer >= 1, got 0"),
+        (dict(time_limit=0.0), r"--time-limit must be a number > 0 seconds \(leave it out: no limit\), got 0.0"),
+        (dict(time_limit=float("nan")), r"--time-limit must be a number > 0"),
+        (dict(seed=-1), r"--seed must be an integer in 0..4294967295, got -1"),
+        (dict(seed=2**32), r"--seed must be an integer in 0..4294967295"),
+        (dict(seed=1.5), r"--seed must be an integer in 0..4294967295, got 1.5"),
+        (dict(action_mode="grid"), r"--action-mode must be 'discrete' or 'continuous', got 'grid'"),
+        (dict(K=-1), r"--K must be an integer >= 0, got -1"),
+        (dict(device="gpu"), r"--device must be 'cpu', 'cuda' or 'cuda:<index>', got 'gpu'"),
+        (dict(env_id="CartPole-v1"), r"--env must be an avex environment, .*got 'CartPole-v1'"),
+        (dict(env_kwargs=[1, 2]), r"--env-kwargs must be a JSON object"),
+        (dict(env_kwargs={"num_envs": 3}), r"--env-kwargs sets num_envs=3: set --num-envs instead"),
+        (
+            dict(env_kwargs={"max_episode_steps": 3}),
+            r"\(--env-kwargs\).*leave max_episode_steps out \(got max_episode_steps=3\)",
+        ),
+        (dict(env_kwargs={"autoreset_mode": "next_step"}), r"\(--env-kwargs\).*got autoreset_mode='next_step'"),
+        (dict(init="/nonexistent/p.safetensors"), r"--init '/nonexistent/p.safetensors': no policy file"),
+        (dict(init="shipped:nope"), r"--init 'shipped:nope': no shipped PPO policy named 'nope'"),
+        (
+            dict(init="shipped:fashion-mnist"),
+            r"--init 'shipped:fashion-mnist' was trained with the ink map .*add --ink",
+        ),
+        (dict(out=""), r"--out must be a file stem such as 'runs/ppo/policy'"),
+    ],
+)
+def test_bad_ppo_settings_are_refused_before_anything_is_built(
+    change: dict, message: str, tmp_path, monkeypatch
+) -> None:
+    """Each refusal names the flag and the value, before any env is built (SB3 and torch would refuse some deep
+    inside or after training, and take others silently) and before the output's folder is made."""
+    monkeypatch.setattr(gym, "make_vec", lambda *a, **k: pytest.fail("an env was built"))
+    cfg = PPOConfig(**{**_RUN, "out": str(tmp_path / "runs" / "policy"), **change})
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train_ppo(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ppo_out_under_a_file_is_refused_before_training(tmp_path, monkeypatch) -> None:
+    """A file on --out's path was found only when the policy was saved, after the whole run (NotADirectoryError)."""
+    monkeypatch.setattr(gym, "make_vec", lambda *a, **k: pytest.fail("an env was built"))
+    (tmp_path / "notes").write_text("a file")
+    out = tmp_path / "notes" / "policy"
+    with pytest.raises(ValueError, match=r"--out '.*notes/policy\.safetensors': '.*notes' exists and is not a folder"):
+        train_ppo(PPOConfig(**_RUN, out=str(out)))
+    assert (tmp_path / "notes").read_text() == "a file"
+
+
+def test_ppo_evaluates_on_the_data_sets_evaluation_split(tmp_path) -> None:
+    """An image folder has train and val, no test: the final evaluation used to look for <root>/test after
+    training; it plays the data set's evaluation split, as avex benchmark does."""
+    from reliability_kit import TINY as TINY_MODEL
+    from reliability_kit import image_folder
+
+    for split in ("train", "val"):
+        image_folder(tmp_path / "images" / split, per_class=2)
+    kwargs = dict(root=str(tmp_path / "images"), split="train", image_size=32, patch=8, budget=4, **TINY_MODEL)
+    cfg = PPOConfig(env_id="AVE-ImageFolder-v0", **dict(_RUN, total_steps=16, n_steps=8), env_kwargs=kwargs, out=None)
+    _, summary = train_ppo(cfg)
+    assert 0.0 <= summary["final_test_accuracy"] <= 1.0

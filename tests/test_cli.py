@@ -177,3 +177,68 @@ def test_heavy_agents_are_left_out_of_the_cpu_default_only() -> None:
 
     assert "lookahead" not in default_agents("cpu") and {"random", "entropy", "ppo"} <= set(default_agents("cpu"))
     assert "lookahead" in default_agents("cuda")  # a name check only: no device is touched
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--seed", "-1", "--seed must be an integer >= 0, got -1"),
+        ("--env", "CartPole-v1", "--env must be an avex environment, one of ['AVE-FashionMNIST-v0'"),
+        ("--env-kwargs", "[1]", "--env-kwargs must be a JSON object such as '{\"K\": 3}', got '[1]'"),
+        ("--env-kwargs", "{bad", "--env-kwargs is not valid JSON ("),
+        ("--env-kwargs", '{"split": "train"}', "--env-kwargs sets split='train': pass it as --split"),
+        ("--env-kwargs", '{"render_mode": "human"}', "--env-kwargs sets render_mode='human': leave it out"),
+        ("--ppo", "/nonexistent/p.safetensors", "--ppo '/nonexistent/p.safetensors': no policy file"),
+        ("--ppo", "shipped:nope", "--ppo 'shipped:nope': no shipped PPO policy named 'nope'"),
+        ("--gif", "GIF_DIR/demo.png", "--gif must be a path ending in .gif, such as 'results/demo.gif', got '"),
+        ("--gif", "GIF_DIR/notes/demo.gif", "--gif 'GIF_DIR/notes/demo.gif': 'GIF_DIR/notes' exists and is not a"),
+        ("--gif", "GIF_DIR/folder.gif", "--gif 'GIF_DIR/folder.gif' is a folder; give a file path such as"),
+    ],
+)
+def test_bad_demo_arguments_are_refused_before_anything_is_made(
+    tmp_path, capsys, monkeypatch, flag, value, message
+) -> None:
+    """One line naming the flag and the value, before any env is built or file written (they were tracebacks,
+    messages without the flag, or refusals after the episode was played)."""
+    import gymnasium as gym
+
+    monkeypatch.delenv("AVEX_TRACEBACK", raising=False)
+    monkeypatch.setattr(gym, "make", lambda *a, **k: pytest.fail("an env was built"))
+    (tmp_path / "notes").write_text("a file, not a folder")
+    (tmp_path / "folder.gif").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["demo", "--agent", "random", "--gif", str(tmp_path / "out" / "demo.gif")]
+    value, message = (s.replace("GIF_DIR", str(tmp_path)) for s in (value, message))
+    assert main([*argv, flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"avex demo: error: {message}") and err.count("\n") == 1, err
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "notes").read_text() == "a file, not a folder"
+
+
+def test_bad_ppo_arguments_end_with_one_line_and_status_2(tmp_path, capsys, monkeypatch) -> None:
+    """``avex train ppo``: a refusal names the flag as typed, before any env is built or the output folder made."""
+    import gymnasium as gym
+
+    monkeypatch.delenv("AVEX_TRACEBACK", raising=False)
+    monkeypatch.setattr(gym, "make_vec", lambda *a, **k: pytest.fail("an env was built"))
+    out = tmp_path / "runs" / "policy"
+    for args, message in [
+        (["--batch-size", "1"], "--batch-size must be an integer >= 2"),
+        (["--gamma", "nan"], "--gamma must be a number in [0, 1] (a discount), got nan"),
+        (["--num-envs", "4"], "--batch-size 1024 is more than a rollout holds (--n-steps 48 x --num-envs 4 = 192)"),
+        (["--init", str(tmp_path / "nope.safetensors")], f"--init '{tmp_path / 'nope.safetensors'}': no policy file"),
+    ]:
+        assert main(["train", "ppo", *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"avex train ppo: error: {message}") and err.count("\n") == 1, err
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_ppo_out_none_writes_no_file(tmp_path, fake_fmnist_root, capsys, monkeypatch) -> None:
+    """The help's "(none: no file)": ``--out none`` used to write ./none.safetensors and ./none.json."""
+    monkeypatch.chdir(tmp_path)
+    run = ["--num-envs", "2", "--total-steps", "48", "--n-steps", "24", "--batch-size", "16", "--n-epochs", "1"]
+    argv = ["train", "ppo", *run, "--eval-episodes", "2", "--env-kwargs", TINY % fake_fmnist_root, "--out", "none"]
+    assert main(argv) == 0
+    assert "no file written (--out none)" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

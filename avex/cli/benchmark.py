@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import time
 from dataclasses import asdict, dataclass
@@ -26,9 +25,9 @@ from tqdm.auto import tqdm
 
 from agents import AGENTS, make_agent, play_episodes
 from agents.evaluate import evaluation_split, wilson
+from agents.ppo import policy_file
 from avex import options
-from avex.checkpoint import resolve_file
-from avex.checks import brief, check_device, check_int
+from avex.checks import check_device, check_int, check_writable
 from avex.flops import ViTDims, episode_flops
 from avex.platform_info import device_name
 from envs.registration import check_env_id
@@ -126,34 +125,6 @@ def _result(agent: str, K: int, played: dict[str, Any], dims: ViTDims, budget: i
     )
 
 
-def _check_out(out: Path) -> None:
-    """Refuse a results folder that cannot be made (a file on its path, an unwritable parent) before any work."""
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise ValueError(
-                    f"--out {str(out)!r}: {str(folder)!r} exists and is not a folder; choose another results folder"
-                )
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise ValueError(f"--out {str(out)!r}: {str(folder)!r} is not writable; choose another results folder")
-            return
-
-
-def _check_policy(ppo: Any) -> None:
-    """Refuse a --ppo that names no file (a .zip as given; otherwise a .safetensors, with or without its suffix)."""
-    if not isinstance(ppo, str) or not ppo:
-        raise ValueError(f"--ppo must be a policy file or 'shipped:<name>', got {brief(ppo)}")
-    try:
-        file = Path(ppo) if Path(ppo).suffix == ".zip" else resolve_file(ppo, policy=True)
-    except (ValueError, FileNotFoundError) as err:  # an unknown or missing shipped name: say which flag
-        raise type(err)(f"--ppo {ppo!r}: {err}") from err
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"--ppo {ppo!r}: no policy file {str(file)!r}; pass an avex .safetensors policy (its .json beside it), "
-            "a MaskablePPO / PPO .zip, or 'shipped:fashion-mnist'"
-        )
-
-
 def _check_args(args: BenchmarkConfig) -> None:
     """Every argument that can be checked without building anything, so a refusal changes nothing."""
     check_env_id(args.env, "--env")
@@ -169,10 +140,8 @@ def _check_args(args: BenchmarkConfig) -> None:
         raise ValueError("--agents needs at least one agent, got none")
     for name in args.agents or ():  # an unknown name is refused before anything is built
         AGENTS.get(name)
-    _check_policy(args.ppo)
-    if args.out is not None and not isinstance(args.out, str):
-        raise ValueError(f"--out must be a folder path, got {brief(args.out)}")
-    _check_out(Path(args.out or f"results/benchmark-{args.env}"))
+    policy_file(args.ppo, "--ppo")
+    check_writable("--out", args.out or f"results/benchmark-{args.env}", folder=True)
 
 
 def run_benchmark(args: BenchmarkConfig) -> dict[str, Any]:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import gymnasium as gym
 import numpy as np
 
 from agents import AGENTS, make_agent
 from agents.evaluate import evaluation_split
+from agents.ppo import policy_file
+from avex.checks import brief, check_int, check_writable
+from envs.registration import check_env_id
 from envs.render import save_gif
 
 if TYPE_CHECKING:
@@ -41,8 +45,44 @@ def _render(env: gym.Env) -> np.ndarray:
     return frame
 
 
+# env_kwargs that demo sets itself, with the flag to use instead.
+_OWN_ENV_KWARGS = {"split": "pass it as --split", "render_mode": "leave it out: the GIF needs 'rgb_array' frames"}
+
+
+def _env_kwargs(text: Any) -> dict[str, Any]:
+    """``--env-kwargs`` read as a JSON object without the kwargs demo sets itself."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--env-kwargs is not valid JSON ({err}): {brief(text)}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"--env-kwargs must be a JSON object such as '{{\"K\": 3}}', got {brief(text)}")
+    for key, fix in _OWN_ENV_KWARGS.items():
+        if key in value:
+            raise ValueError(f"--env-kwargs sets {key}={brief(value[key])}: {fix}")
+    return value
+
+
+def _check_gif(gif: Any) -> None:
+    """Refuse a ``--gif`` that is not a .gif file path whose folder can be made, before the episode is played."""
+    if not isinstance(gif, str) or Path(gif).suffix.lower() != ".gif":
+        raise ValueError(f"--gif must be a path ending in .gif, such as 'results/demo.gif', got {brief(gif)}")
+    check_writable("--gif", gif)
+
+
+def _check_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Every argument that can be checked before an env is built or a file written; returns the env kwargs."""
+    check_env_id(args.env, "--env")
+    check_int("--seed", args.seed, 0)
+    env_kwargs = _env_kwargs(args.env_kwargs)
+    if args.ppo is not None:  # checked whichever the agent, as avex benchmark does
+        policy_file(args.ppo, "--ppo")
+    _check_gif(args.gif)
+    return env_kwargs
+
+
 def main_from_args(args: argparse.Namespace) -> int:
-    env_kwargs = json.loads(args.env_kwargs)
+    env_kwargs = _check_args(args)
     split = evaluation_split(args.env, env_kwargs) if args.split is None else args.split
     env = gym.make(args.env, split=split, render_mode="rgb_array", **env_kwargs)
     agent = make_agent(args.agent, env, seed=args.seed, policy=args.ppo)

@@ -14,7 +14,7 @@ from dataclasses import Field, asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
 from avex import options
-from avex.checks import brief, check_int
+from avex.checks import brief, check_int, check_real
 from avex.data import DATASETS
 
 __all__ = [
@@ -268,16 +268,8 @@ def _check_real(
     hi_open: bool = False,
     why: str = "",
 ) -> None:
-    """ValueError unless field ``name`` is a finite number in its range (``lo_open``/``hi_open``: bound excluded)."""
-    value = values[name]
-    ok = _is_real(value) and (value > lo if lo_open else value >= lo)
-    ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
-    if not ok:
-        if hi is None:
-            span = f"> {lo:g}" if lo_open else f">= {lo:g}"
-        else:
-            span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ValueError(f"{_flag(name)} must be a number {span}{why}, got {brief(value)}")
+    """:func:`avex.checks.check_real` of field ``name``, named by its flag."""
+    check_real(_flag(name), values[name], lo, hi, lo_open=lo_open, hi_open=hi_open, why=why)
 
 
 def _check_ints(values: dict[str, Any], name: str, lo: int, what: str, hi: str) -> None:
