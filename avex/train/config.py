@@ -258,20 +258,6 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_real(
-    values: dict[str, Any],
-    name: str,
-    lo: float,
-    hi: float | None = None,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    why: str = "",
-) -> None:
-    """:func:`avex.checks.check_real` of field ``name``, named by its flag."""
-    check_real(_flag(name), values[name], lo, hi, lo_open=lo_open, hi_open=hi_open, why=why)
-
-
 def _check_ints(values: dict[str, Any], name: str, lo: int, what: str, hi: str) -> None:
     """ValueError unless field ``name`` (``nargs='+'``) is None or one or more integers >= ``lo``; the upper bound,
     ``hi``, depends on the model and is checked once it is built (:func:`avex.train.loop.start_training`)."""
@@ -329,19 +315,25 @@ def _check_numbers(values: dict[str, Any]) -> None:
     _check_ints(values, "train_t", 1, "glimpse count", "the non-overlapping glimpses of the grid")
     # lengths in epochs
     if values["steps"] is None:
-        _check_real(values, "epochs", 0, lo_open=True, why=" (passes over the training images; or give --steps N)")
+        check_real(
+            _flag("epochs"),
+            values["epochs"],
+            0,
+            lo_open=True,
+            why=" (passes over the training images; or give --steps N)",
+        )
     else:
-        _check_real(values, "epochs", 0, why=" (--steps overrides it)")
-    _check_real(values, "eval_every", 0, why=" (0: at the end only)")
-    _check_real(values, "save_every", 0, why=" (0: at the end only)")
+        check_real("--epochs", values["epochs"], 0, why=" (--steps overrides it)")
+    check_real("--eval-every", values["eval_every"], 0, why=" (0: at the end only)")
+    check_real("--save-every", values["save_every"], 0, why=" (0: at the end only)")
     # the optimiser and the loss
     if values["lr"] is not None:
-        _check_real(values, "lr", 0, lo_open=True)
-    _check_real(values, "weight_decay", 0, why=" (0: none)")
-    _check_real(values, "warmup", 0, 1, why=" (a fraction of all steps)")
-    _check_real(values, "label_smoothing", 0, 1, hi_open=True, why=" (0: none)")
-    _check_real(values, "recon_weight", 0, why=" (0: no reconstruction loss)")
-    _check_real(values, "grad_clip", 0, why=" (0: off)")
+        check_real("--lr", values["lr"], 0, lo_open=True)
+    check_real("--weight-decay", values["weight_decay"], 0, why=" (0: none)")
+    check_real("--warmup", values["warmup"], 0, 1, why=" (a fraction of all steps)")
+    check_real("--label-smoothing", values["label_smoothing"], 0, 1, hi_open=True, why=" (0: none)")
+    check_real("--recon-weight", values["recon_weight"], 0, why=" (0: no reconstruction loss)")
+    check_real("--grad-clip", values["grad_clip"], 0, why=" (0: off)")
     # pixel normalisation
     for name in ("mean", "std"):
         if values[name] is not None:
