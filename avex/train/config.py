@@ -316,7 +316,7 @@ def _check_numbers(values: dict[str, Any]) -> None:
     # lengths in epochs
     if values["steps"] is None:
         check_real(
-            _flag("epochs"),
+            "--epochs",
             values["epochs"],
             0,
             lo_open=True,
