@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +28,8 @@ from typing import Any
 
 import torch
 
-from avex.checkpoint import save_tore
+from avex.checkpoint import _paths, save_tore
+from avex.checks import brief, check_int, check_writable
 from avex.model import TOREViT, create_tore
 from avex.posembed import POS_ORDERS, grid_sincos
 
@@ -146,6 +148,7 @@ def tore_from_mae_state(
     Raises:
         ValueError: naming the tensor that does not fit (unknown, missing or mis-shaped), or the argument.
     """
+    _check_args(decoder_heads, num_heads, mean, std)
     timm_args, grid = _timm_args(state, img_size, num_heads, source)
     decoder_dim = state["decoder_embed.weight"].shape[0] if "decoder_embed.weight" in state else 0
     decoder_depth = _count(state, "decoder_blocks")
@@ -154,22 +157,50 @@ def tore_from_mae_state(
             f"{source}: a {decoder_dim}-wide decoder of {decoder_depth} blocks needs decoder_heads dividing "
             f"{decoder_dim}, got {decoder_heads!r}"
         )
-    tore = create_tore(
-        model,
-        decoder_dim=decoder_dim,
-        decoder_heads=decoder_heads or 1,
-        decoder_depth=max(decoder_depth, 1),
-        decoder_pos=_decoder_pos(state.get("decoder_pos_embed"), grid, source),
-        mean=mean,
-        std=std,
-        **timm_args,
-    )
+    if len(mean) != timm_args["in_chans"]:
+        raise ValueError(
+            f"mean and std need one value per channel: {source} has {timm_args['in_chans']}, got mean={mean!r}"
+        )
+    try:
+        tore = create_tore(
+            model,
+            decoder_dim=decoder_dim,
+            decoder_heads=decoder_heads or 1,
+            decoder_depth=max(decoder_depth, 1),
+            decoder_pos=_decoder_pos(state.get("decoder_pos_embed"), grid, source),
+            mean=mean,
+            std=std,
+            **timm_args,
+        )
+    except (AssertionError, ZeroDivisionError) as err:  # timm asserts that the heads divide the width
+        raise ValueError(
+            f"{source}: {model!r} cannot be built as {timm_args} ({err or type(err).__name__}): pass num_heads "
+            f"dividing embed_dim={timm_args['embed_dim']}, got num_heads={num_heads!r} (None: the timm model's own)"
+        ) from err
     own = tore.state_dict()
     mapped = _mapped_state(
         state, own, f"{source} does not fit {model!r} built as {timm_args} with a {decoder_dim}-wide decoder"
     )
     tore.load_state_dict({k: v.to(own[k].dtype) for k, (_, v) in mapped.items()})
     return tore.eval()
+
+
+def _check_args(
+    decoder_heads: int | None, num_heads: int | None, mean: tuple[float, ...], std: tuple[float, ...]
+) -> None:
+    """Refuse meaningless arguments before any tensor is read: timm takes num_heads=-1 and std=0 silently."""
+    for name, heads in (("decoder_heads", decoder_heads), ("num_heads", num_heads)):
+        if heads is not None:
+            check_int(name, heads, 1)
+    for name, values in (("mean", mean), ("std", std)):
+        if not isinstance(values, (tuple, list)) or not values or not all(isinstance(v, (int, float)) for v in values):
+            raise ValueError(f"{name} must be numbers, one per channel, got {brief(values)}")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{name} must be finite, got {brief(values)}")
+    if len(mean) != len(std):
+        raise ValueError(f"mean and std need one value per channel each, got mean={mean!r} and std={std!r}")
+    if not all(v > 0 for v in std):  # pixels are divided by it
+        raise ValueError(f"std must be positive (pixels are divided by it), got {brief(std)}")
 
 
 def _timm_args(
@@ -187,6 +218,12 @@ def _timm_args(
             raise ValueError(f"{source}: 'pos_embed' holds {n} patches, not a square grid: pass img_size=(H, W)")
         img_size = side * patch
     hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(hw) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in hw):
+        raise ValueError(f"img_size must be a positive int or (H, W), got {brief(img_size)}")
+    if hw[0] % patch or hw[1] % patch:  # timm would floor it: the canvas's edge pixels would fall outside every patch
+        raise ValueError(
+            f"img_size {hw} is not a multiple of {source}'s {patch}-pixel patch: pass multiples of {patch}"
+        )
     grid = (hw[0] // patch, hw[1] // patch)
     if grid[0] * grid[1] != n:
         raise ValueError(f"{source}: 'pos_embed' holds {n} patches; img_size {hw} with patch {patch} gives {grid}")
@@ -252,6 +289,7 @@ def convert_mae_checkpoint(
     prefix: str | None = None,
     meta: dict[str, Any] | None = None,
     half: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Turn a MAE / AME / TORE PyTorch checkpoint into an avex checkpoint ``dst.safetensors`` + ``dst.json``.
 
@@ -264,18 +302,23 @@ def convert_mae_checkpoint(
             ``mae.`` when every key has it.
         meta: recorded in the JSON's ``meta`` (``converted_from`` is added).
         half: store fp16 weights.
+        overwrite: replace an existing ``dst`` (as timm's checkpoint scripts, refused by default).
 
     Returns:
         The ``.safetensors`` path written; :func:`avex.checkpoint.load_tore` reads it.
 
     Raises:
-        ValueError: the file holds no MAE-style state dict, or a tensor does not fit (named in the message).
+        FileNotFoundError: no ``src`` file.
+        ValueError: the file holds no MAE-style state dict, a tensor does not fit (named in the message), or
+            ``dst`` exists (without ``overwrite``) or cannot be written. Nothing is written then.
     """
-    src = Path(src)
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle and torch raise many types for files they refuse
-        raise ValueError(f"cannot read {src} with torch.load(weights_only=True): {type(err).__name__}: {err}") from err
+    src = Path(src).expanduser()
+    weights, config = _paths(Path(dst).expanduser())
+    _check_dst(weights, config, overwrite)
+    if not src.is_file():
+        what = "is a folder" if src.is_dir() else "does not exist"
+        raise FileNotFoundError(f"src {src} {what}: pass the .pth / .ckpt file of a MAE, AME or TORE checkpoint")
+    obj = _load(src)
     state = _state_of(obj, str(src), prefix)
     tore = tore_from_mae_state(
         state,
@@ -287,4 +330,43 @@ def convert_mae_checkpoint(
         std=std,
         source=str(src),
     )
-    return save_tore(tore, Path(dst), meta={**(meta or {}), "converted_from": src.name}, half=half)
+    # Written under temporary names, then renamed: an interrupted or failed write leaves no half checkpoint.
+    tmp = weights.with_name(f".{weights.stem}.tmp-{os.getpid()}.safetensors")
+    try:
+        save_tore(tore, tmp, meta={**(meta or {}), "converted_from": src.name}, half=half)
+        os.replace(tmp.with_suffix(".json"), config)
+        os.replace(tmp, weights)
+    finally:
+        for part in (tmp, tmp.with_suffix(".json")):
+            part.unlink(missing_ok=True)
+    return weights
+
+
+def _check_dst(weights: Path, config: Path, overwrite: bool) -> None:
+    """Refuse a ``dst`` that exists (unless ``overwrite``) or whose folder cannot hold it, before reading ``src``."""
+    for path in (weights, config):
+        if path.is_dir():
+            raise ValueError(f"dst {path} is a folder: pass a file name such as {path / 'model'}")
+        if path.exists() and not overwrite:
+            raise ValueError(f"dst {path} already exists: pass another dst, or overwrite=True (--overwrite)")
+    check_writable("dst", weights)
+
+
+def _load(src: Path) -> Any:
+    """``torch.load(src, weights_only=True)``; a refusal as one line that says why and what to do."""
+    try:
+        return torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zipfile and torch raise many types for files that are not checkpoints
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            # torch's own text is many lines of Python-API advice, with terminal escapes
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            what = f"a pickled {found.group(1)}" if found else "pickled objects other than tensors"
+            raise ValueError(
+                f"src {src} holds {what}, which torch.load(weights_only=True) refuses (it would run code): if you "
+                "trust the file, save its weights alone, e.g. torch.save(torch.load(src, weights_only=False)"
+                "['model'], 'weights.pth'), and convert that"
+            ) from err
+        raise ValueError(
+            f"src {src} is not a PyTorch checkpoint torch.load can read ({type(err).__name__}: "
+            f"{brief(str(err).splitlines()[0] if str(err) else '')}): pass a .pth / .ckpt file written by torch.save"
+        ) from err

@@ -232,3 +232,95 @@ def test_avex_convert_command_writes_a_loadable_checkpoint(tmp_path) -> None:
     a, b = load_tore(tmp_path / "cli.safetensors"), load_tore(direct)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert main(["convert", "--dst", str(tmp_path / "x")]) == 2
+
+
+def _cli_refusal(capsys, argv: list[str]) -> str:
+    """The one `avex convert: error: ...` line of a refused command."""
+    from avex.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("avex convert: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_files_that_are_no_checkpoint_are_refused_on_one_line_naming_src(tmp_path, capsys) -> None:
+    """A missing file, a folder, a text file and a pickle weights_only refuses: one line naming src, nothing written."""
+    dst = ["--dst", str(tmp_path / "out"), "--decoder-heads", "2"]
+    text = tmp_path / "notes.pth"
+    text.write_text("hello\n")
+    code = tmp_path / "code.pth"
+    torch.save({"model": mae_state(), "args": np.random.default_rng(0)}, code)  # a pickled object
+    for src, message in (
+        (tmp_path / "missing.pth", "does not exist"),
+        (tmp_path, "is a folder"),
+        (text, "is not a PyTorch checkpoint"),
+        (code, "holds a pickled numpy.random"),
+    ):
+        err = _cli_refusal(capsys, ["convert", "--src", str(src), *dst])
+        assert f"src {src} {message}" in err, err
+    assert "\x1b" not in err and "save its weights alone" in err  # torch's escapes and Python-API advice dropped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code.pth", "notes.pth"]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(decoder_heads=-2), "decoder_heads must be an integer >= 1, got -2"),  # 16 % -2 == 0 was written
+        (dict(num_heads=-1), "num_heads must be an integer >= 1, got -1"),
+        (dict(num_heads=0), "num_heads must be an integer >= 1, got 0"),  # was a ZeroDivisionError
+        (dict(num_heads=3), "pass num_heads dividing embed_dim=32, got num_heads=3"),  # was timm's AssertionError
+        (dict(num_heads=None), "pass num_heads dividing embed_dim=32"),  # vit_tiny's own 3 heads
+        (dict(img_size=(33, 49)), r"img_size \(33, 49\) is not a multiple of .* 8-pixel patch"),
+        (dict(img_size=(-32, -48)), r"img_size must be a positive int or \(H, W\), got \(-32, -48\)"),
+        (dict(mean=(0.5, 0.5)), "one value per channel"),
+        (dict(mean=(0.0,) * 4, std=(1.0,) * 4), "one value per channel: .* has 3"),
+        (dict(std=(0.0, 0.0, 0.0)), "std must be positive"),
+        (dict(mean=(float("nan"), 0.0, 0.0)), "mean must be finite"),
+    ],
+)
+def test_meaningless_model_arguments_are_refused_and_nothing_is_written(tmp_path, change, message) -> None:
+    src = tmp_path / "mae.pth"
+    torch.save({"model": mae_state()}, src)
+    with pytest.raises(ValueError, match=message):
+        convert_mae_checkpoint(src, tmp_path / "out", **{**BUILD, **change})
+    assert [p.name for p in tmp_path.iterdir()] == ["mae.pth"]
+
+
+def test_dst_is_never_overwritten_silently_nor_half_written(tmp_path, capsys, monkeypatch) -> None:
+    """An existing dst is refused (as timm's checkpoint scripts do) unless --overwrite; a dst under a file is
+    refused by name; a write that fails leaves neither file."""
+    from pathlib import Path
+
+    import avex.convert as convert_mod
+    from avex.cli import main
+
+    src = tmp_path / "mae.pth"
+    torch.save({"model": mae_state()}, src)
+    first = convert_mae_checkpoint(src, tmp_path / "avex", **BUILD)
+    before = first.read_bytes(), first.with_suffix(".json").read_text()
+    for dst in ("avex", "avex.json", "avex.safetensors"):
+        with pytest.raises(ValueError, match="already exists: pass another dst, or overwrite=True"):
+            convert_mae_checkpoint(src, tmp_path / dst, **BUILD)
+    assert (first.read_bytes(), first.with_suffix(".json").read_text()) == before
+    flags = [
+        f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in BUILD.items()
+    ]
+    argv = ["convert", "--src", str(src), "--dst", str(tmp_path / "avex"), *flags]
+    assert "--overwrite" in _cli_refusal(capsys, argv)
+    assert main([*argv, "--overwrite", "--half"]) == 0
+    assert first.stat().st_size < len(before[0])  # replaced by the fp16 weights
+    (tmp_path / "afile").write_text("x")
+    under_a_file = _cli_refusal(capsys, [*argv[:4], str(tmp_path / "afile" / "m"), *flags])
+    assert "afile' exists and is not a folder" in under_a_file
+    err = _cli_refusal(capsys, [*argv, "--img-size", "32,7,48"])
+    assert "--img-size takes one side or H,W, got 32,7,48" in err
+
+    def fail(tore, path, meta=None, half=False):  # the disk fills after the weights are written
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_mod, "save_tore", fail)
+    with pytest.raises(OSError):
+        convert_mae_checkpoint(src, tmp_path / "other", **BUILD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "avex.json", "avex.safetensors", "mae.pth"]

@@ -580,3 +580,46 @@ def test_imagenet_rejects_unknown_wnid(tmp_path):
     _png(tmp_path / "val" / "n99999999" / "x.JPEG", (8, 8), (0, 0, 0))
     with pytest.raises(ValueError, match="n99999999.*not ImageNet-1k"):
         imagenet_canvas(tmp_path, split="val")
+
+
+def test_image_folder_names_a_file_root_an_empty_class_and_a_huge_canvas(image_root, tmp_path):
+    """A root that is a file was "does not exist"; a class folder without images was a class no episode shows
+    (silently: often images of another extension); a canvas over PIL's pixel bound ran out of memory."""
+    with pytest.raises(FileNotFoundError, match="a.png is a file, not a folder"):
+        ImageFolderCanvas(image_root / "dog" / "a.png")
+    (image_root / "emu").mkdir()
+    (image_root / "emu" / "e.tiff").write_bytes(b"II*\0")
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['emu'\] in .* hold no image files"):
+        ImageFolderCanvas(image_root, image_size=8)
+    src = ImageFolderCanvas(image_root, image_size=8, classes=["cat", "dog", "emu"])  # a given class list: a subset
+    assert src.num_classes == 3 and len(src) == 3
+    with pytest.raises(ValueError, match="over PIL.Image.MAX_IMAGE_PIXELS"):
+        ImageFolderCanvas(image_root, image_size=(20000, 20000), classes=["cat", "dog", "emu"])
+    assert ImageFolderCanvas(image_root, image_size=(1, 9000), classes=["cat", "dog", "emu"]).image_size == (1, 9000)
+    with pytest.raises(FileNotFoundError, match="ImageNet root .*a.png is a file, not a folder"):
+        imagenet_canvas(image_root / "dog" / "a.png")
+
+
+def test_fashion_mnist_command_refuses_on_one_line_when_it_cannot_fetch(
+    no_data_anywhere, monkeypatch, tmp_path, capsys
+):
+    """Offline or without apt-get, `avex data fashion-mnist` was a RuntimeError traceback (exit 1); a --dest that
+    is a file failed only after the download. Now one line, exit 2, naming where it looked and what to pass."""
+    from avex.cli import main
+
+    monkeypatch.setattr(installer.shutil, "which", lambda tool: None)
+    monkeypatch.setenv("AVEX_FASHION_MNIST", str(tmp_path / "mine"))
+    assert main(["data", "fashion-mnist", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("avex data fashion-mnist: error: Fashion-MNIST is in none of ") and err.count("\n") == 1
+    assert str(tmp_path / "mine") in err and "`apt-get` is not available" in err and "AVEX_FASHION_MNIST" in err
+    (tmp_path / "afile").write_text("x")
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("must not fetch for a --dest it cannot write")
+
+    monkeypatch.setattr(installer, "_unpack_deb", no_fetch)
+    monkeypatch.setattr(installer.shutil, "which", lambda tool: "/usr/bin/" + tool)
+    assert main(["data", "fashion-mnist", "--dest", str(tmp_path / "afile")]) == 2
+    assert f"--dest {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "x" and not (tmp_path / "mine").exists()

@@ -278,3 +278,42 @@ def test_cli_prepares_every_split_and_refuses_a_missing_root(root, tmp_path, cap
     for flags in (["fashion-mnist", "--dest", "d", "--quiet"], ["--dest", "d", "--quiet", "fashion-mnist"]):
         args = build_parser().parse_args(["data", *flags])
         assert (args.what, args.dest, args.quiet) == ("fashion-mnist", "d", True)
+
+
+def _written(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".avex-store" in p.parts)
+
+
+def test_meaningless_sizes_and_layouts_are_refused_before_anything_is_written(root, tmp_path, capsys):
+    """A canvas over PIL's pixel bound (100000 px a side was killed for memory with a 60 GB temporary store left
+    behind), a class folder without images, a root or --out that is a file: one line, no store written."""
+    (root / "val" / "yak").mkdir()
+    (root / "val" / "yak" / "notes.txt").write_text("images still to come")
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['yak'\] in .* hold no image files"):
+        prepare_folder(root, "val", SIZE, workers=1, progress=False)
+    (root / "val" / "yak" / "notes.txt").unlink()
+    (root / "val" / "yak").rmdir()
+    with pytest.raises(ValueError, match=r"image_size \(100000, 100000\) is 10,000,000,000 pixels .*MAX_IMAGE_PIXELS"):
+        prepare_folder(root, "val", 100000, workers=1, progress=False)
+    (tmp_path / "afile").write_text("x")
+    image = root / "val" / "cat" / "0.jpg"
+    for argv, message in (
+        (["--image-size", "100000"], "over PIL.Image.MAX_IMAGE_PIXELS"),
+        (["--out", str(tmp_path / "afile")], f"--out {tmp_path / 'afile'} is a file, not a folder"),
+    ):
+        assert main(["data", "prepare", str(root), "--quiet", "--workers", "1", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("avex data prepare: error: ") and err.count("\n") == 1 and message in err, err
+    assert main(["data", "prepare", str(image), "--quiet"]) == 2
+    assert f"image folder {image} is a file, not a folder" in capsys.readouterr().err
+    assert _written(root) == [] and (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_store_whose_meta_is_not_a_json_object_is_named(root, tmp_path):
+    """meta.json holding a JSON list was an AttributeError traceback, even where a store is only looked for."""
+    path = prepare_folder(root, "val", SIZE, workers=1, progress=False)
+    (path / "meta.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"is not a usable image store \(meta.json holds a JSON list, not an object\)"):
+        ImageFolderCanvas(root, SIZE, split="val", store=path)
+    with pytest.warns(UserWarning, match="out of date .* JSON list"):
+        assert ImageFolderCanvas(root, SIZE, split="val").store is None  # decodes, naming the rebuild command

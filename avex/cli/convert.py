@@ -32,6 +32,9 @@ class ConvertConfig:
         None, FILES, "keep only keys with this prefix, stripped", default_text="module. or mae. when every key has it"
     )
     half: bool = options.option(False, FILES, "store fp16 weights")
+    overwrite: bool = options.option(
+        False, FILES, "replace an existing --dst (refused otherwise, as timm's scripts do)"
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +45,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     cfg = options.from_args(ConvertConfig, args)
     if not cfg.src or not cfg.dst:
         raise ValueError("avex convert needs --src <MAE/AME/TORE .pth> and --dst <avex checkpoint path>")
+    if cfg.img_size is not None and len(cfg.img_size) not in (1, 2):  # H,W,... would drop the middle values
+        raise ValueError(f"--img-size takes one side or H,W, got {','.join(map(str, cfg.img_size))}")
     path = convert_mae_checkpoint(
         cfg.src,
         cfg.dst,
@@ -53,6 +58,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         std=cfg.std,
         prefix=cfg.prefix,
         half=cfg.half,
+        overwrite=cfg.overwrite,
     )
     print(f"avex checkpoint written: {path} and {path.with_suffix('.json').name}; pass it as checkpoint=")
     return 0

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from avex.data import ImageStore, install_fashion_mnist, prepare_folder
+from avex.data import ImageStore, fashion_mnist_dirs, install_fashion_mnist, prepare_folder
 from avex.data.folder import SPLIT_NAMES
 from avex.data.registry import canvas_hw
 from avex.data.store import STORE_DIR_ENV
@@ -65,7 +65,17 @@ def _cpus() -> int:
 
 
 def _fashion_mnist(args: argparse.Namespace) -> int:
-    path = install_fashion_mnist(args.dest, quiet=args.quiet)
+    if args.dest is not None and Path(args.dest).expanduser().exists() and not Path(args.dest).expanduser().is_dir():
+        # checked before fetching: the copy into it would fail only after the download
+        raise ValueError(f"--dest {args.dest} is a file, not a folder: pass a folder for the four Fashion-MNIST files")
+    try:
+        path = install_fashion_mnist(args.dest, quiet=args.quiet)
+    except RuntimeError as err:  # apt-get missing or failing (offline): the one-line refusal, not a traceback
+        dirs = ([Path(args.dest).expanduser()] if args.dest is not None else []) + fashion_mnist_dirs()
+        searched = ", ".join(str(d) for d in dict.fromkeys(dirs))
+        raise FileNotFoundError(
+            f"Fashion-MNIST is in none of {searched}, and fetching it failed: {' '.join(str(err).split())}"
+        ) from err
     print(f"Fashion-MNIST ready in {path}")
     return 0
 
@@ -89,7 +99,10 @@ def _prepare(args: argparse.Namespace) -> int:
     size = canvas_hw(args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size))
     root = Path(args.root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist: pass a folder of class folders of images")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"image folder {root} {what}: pass a folder of class folders of images")
+    if args.out is not None and Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder: pass a folder to hold the stores")
     for split in _splits(root, args.split):
         start = time.perf_counter()
         path = prepare_folder(root, split, size, args.channels, args.workers, args.out, progress=not args.quiet)

@@ -120,6 +120,17 @@ def _load_image(path: Path, size: tuple[int, int], mode: str) -> np.ndarray:
     return arr.reshape(H, W, -1)
 
 
+def _check_canvas_pixels(size: tuple[int, int]) -> None:
+    """Refuse a canvas larger than PIL's decoding bound: it could only be upscaled from a smaller image, and
+    resizing to it needs that many bytes per channel (100000 px a side: 30 GB per image, killed for memory)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise ValueError(
+            f"image_size {size} is {size[0] * size[1]:,} pixels per canvas, over PIL.Image.MAX_IMAGE_PIXELS="
+            f"{limit:,} (the largest image it decodes): pass a smaller image_size (224 is usual)"
+        )
+
+
 def _class_folders(folder: Path, classes: Sequence[str] | None) -> tuple[list[str], list[str]]:
     """(class sub-folders of ``folder``, sorted; the ordered class list: ``classes`` or those sub-folders).
 
@@ -178,7 +189,9 @@ class ImageFolderCanvas(CanvasSource):
 
     Raises:
         FileNotFoundError: the folder (or a given store) does not exist.
-        ValueError: no class folders, no images, a folder not in ``classes``, or a given store of other files.
+        ValueError: no class folders, no images, a class folder without images (unless ``classes`` is given),
+            a folder not in ``classes``, a canvas over ``PIL.Image.MAX_IMAGE_PIXELS``, or a given store of other
+            files.
     """
 
     decodes_on_host = True
@@ -202,7 +215,8 @@ class ImageFolderCanvas(CanvasSource):
         if split is not None:
             folder = folder / split
         if not folder.is_dir():
-            raise FileNotFoundError(f"image folder {folder} does not exist; {_LAYOUT_HELP}")
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise FileNotFoundError(f"image folder {folder} {what}; {_LAYOUT_HELP}")
         if isinstance(in_chans, bool) or in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}")
         for name, names in (("classes", classes), ("class_names", class_names)):
@@ -211,6 +225,7 @@ class ImageFolderCanvas(CanvasSource):
             ):
                 raise ValueError(f"{name} must be a list of names (str) or None, got {type(names).__name__}")
         self.image_size = canvas_hw(image_size)
+        _check_canvas_pixels(self.image_size)
         subdirs, self.classes = _class_folders(folder, classes)
         if class_names is None:
             class_names = self.classes
@@ -219,12 +234,20 @@ class ImageFolderCanvas(CanvasSource):
         label_of = {name: i for i, name in enumerate(self.classes)}
         files: list[Path] = []
         targets: list[int] = []
+        empty: list[str] = []
         for d in subdirs:
             found = _list_images(folder / d)
             files += found
             targets += [label_of[d]] * len(found)
+            if not found:
+                empty.append(d)
         if not files:
             raise ValueError(f"no image files in the class folders of {folder}; {_LAYOUT_HELP}")
+        if empty and classes is None:  # a label no episode can show (often images of another extension)
+            raise ValueError(
+                f"class folder(s) {empty[:5]}{' ...' if len(empty) > 5 else ''} in {folder} hold no image files: "
+                f"add images, or move the folder out (or start its name with '.'); {_LAYOUT_HELP}"
+            )
 
         self.root = folder
         self.files = files

@@ -69,6 +69,8 @@ def imagenet_canvas(
             "no ImageNet folder: pass root= or set the environment variable AVEX_IMAGENET; " + _IMAGENET_LAYOUT
         )
     folder = Path(root).expanduser() / (split or "")
+    if Path(root).expanduser().is_file():  # else named as the missing "<file>/val"
+        raise FileNotFoundError(f"ImageNet root {root} is a file, not a folder; {_IMAGENET_LAYOUT}")
     if not folder.is_dir():
         raise FileNotFoundError(f"ImageNet folder {folder} does not exist; {_IMAGENET_LAYOUT}")
     wnids, descriptions = imagenet_classes()

@@ -139,6 +139,8 @@ class ImageStore:
             return found
         try:
             meta = json.loads(meta_file.read_text())
+            if not isinstance(meta, dict):  # valid JSON of another shape (a list) has no .get
+                raise ValueError(f"{META} holds a JSON {type(meta).__name__}, not an object")
             if meta.get("format") != FORMAT or meta.get("version") != VERSION:
                 raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}")
             store = cls(path, meta)
