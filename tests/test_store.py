@@ -317,3 +317,15 @@ def test_a_store_whose_meta_is_not_a_json_object_is_named(root, tmp_path):
         ImageFolderCanvas(root, SIZE, split="val", store=path)
     with pytest.warns(UserWarning, match="out of date .* JSON list"):
         assert ImageFolderCanvas(root, SIZE, split="val").store is None  # decodes, naming the rebuild command
+
+
+def test_a_folder_of_undecodable_files_gets_no_store(tmp_path: Path) -> None:
+    """Every file unreadable: refused, naming the folder and a file's error, and no store (nor its temporary) left."""
+    data = tmp_path / "data"
+    for name in ("cat", "dog"):
+        (data / "val" / name).mkdir(parents=True)
+        (data / "val" / name / "0.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "stores"
+    with pytest.raises(ValueError, match=r"none of the 2 images under .*val could be decoded \(e\.g\. .*0\.jpg"):
+        prepare_folder(data, "val", SIZE, workers=1, out=out, progress=False)
+    assert not [p for p in out.rglob("*") if p.is_file()]  # at most the empty folder the store would go in

@@ -81,7 +81,8 @@ def write_store(
         workers, out, progress: as :func:`prepare_folder`.
 
     Raises:
-        ValueError: ``workers`` < 1, or the store's directory cannot be written or lacks the space.
+        ValueError: ``workers`` < 1, the store's directory cannot be written or lacks the space, or no file
+            decodes (nothing is written then).
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -93,6 +94,12 @@ def write_store(
     _allocate(tmp, int(np.prod(shape)))
     try:
         bad = _decode_all(load, files, tmp / IMAGES, shape, workers, progress)
+        if files and len(bad) == len(files):  # a store of nothing but blanks would fail only at an env's first sample
+            index, error = bad[0]
+            raise ValueError(
+                f"none of the {len(files)} images under {folder} could be decoded (e.g. {files[index]}: {error}): "
+                "check the files are images PIL can open; no store was written"
+            )
         meta = dict(
             format=FORMAT,
             version=VERSION,
