@@ -108,16 +108,14 @@ def check_whole_episodes(env_kwargs: dict[str, Any], reader: str) -> None:
         ValueError: naming ``reader``, the kwarg and its value.
     """
     mode = env_kwargs.get("autoreset_mode")
-    odd = {}
-    if mode is not None and str(getattr(mode, "name", mode)).lower() != "same_step":
-        odd["autoreset_mode"] = mode
-    if env_kwargs.get("max_episode_steps") is not None:
-        odd["max_episode_steps"] = env_kwargs["max_episode_steps"]
-    for key, value in odd.items():
-        raise ValueError(
-            f"{reader} plays whole episodes that end together at the budget, restarting in the same step: "
-            f"leave {key} out (got {key}={value!r})"
-        )
+    same_step = mode is None or str(getattr(mode, "name", mode)).lower() == "same_step"
+    steps = env_kwargs.get("max_episode_steps")
+    for key, value, fits in (("autoreset_mode", mode, same_step), ("max_episode_steps", steps, steps is None)):
+        if not fits:
+            raise ValueError(
+                f"{reader} plays whole episodes that end together at the budget, restarting in the same step: "
+                f"leave {key} out (got {key}={value!r})"
+            )
 
 
 def evaluation_split(env_id: str, env_kwargs: dict[str, Any]) -> str | None:

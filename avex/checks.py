@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["brief", "check_device", "check_int", "check_real", "check_writable"]
+__all__ = ["brief", "check_device", "check_int", "check_real", "check_writable", "is_int", "is_real"]
 
 
 def brief(value: Any, limit: int = 200) -> str:
@@ -24,14 +24,23 @@ def brief(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def is_int(value: Any) -> bool:
+    """An integer, numpy's included; bools are not."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+    """A finite real number, numpy's included; bools are not."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
 def check_int(name: str, value: Any, lo: int, hi: int | None = None, why: str = "") -> int:
     """``value`` as an int in ``lo..hi`` (numpy integers accepted, bools refused).
 
     Raises:
         ValueError: naming ``name``, the range (with ``why``) and the value.
     """
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not ok or value < lo or (hi is not None and value > hi):
+    if not is_int(value) or value < lo or (hi is not None and value > hi):
         span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be an integer {span}{why}, got {brief(value)}")
     return int(value)
@@ -80,8 +89,7 @@ def check_real(
     Raises:
         ValueError: naming ``name``, the range (with ``why``) and the value.
     """
-    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo)
+    ok = is_real(value) and (value > lo if lo_open else value >= lo)
     ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
     if not ok:
         if hi is None:

@@ -125,8 +125,9 @@ def _result(agent: str, K: int, played: dict[str, Any], dims: ViTDims, budget: i
     )
 
 
-def _check_args(args: BenchmarkConfig) -> None:
-    """Every argument that can be checked without building anything, so a refusal changes nothing."""
+def _check_args(args: BenchmarkConfig) -> Path:
+    """Every argument that can be checked without building anything, so a refusal changes nothing; returns the
+    results folder (not made yet)."""
     check_env_id(args.env, "--env")
     check_device("--device", args.device)
     check_int("--episodes", args.episodes, 1)
@@ -141,7 +142,7 @@ def _check_args(args: BenchmarkConfig) -> None:
     for name in args.agents or ():  # an unknown name is refused before anything is built
         AGENTS.get(name)
     policy_file(args.ppo, "--ppo")
-    check_writable("--out", args.out or f"results/benchmark-{args.env}", folder=True)
+    return check_writable("--out", args.out or f"results/benchmark-{args.env}", folder=True)
 
 
 def run_benchmark(args: BenchmarkConfig) -> dict[str, Any]:
@@ -150,7 +151,7 @@ def run_benchmark(args: BenchmarkConfig) -> dict[str, Any]:
     Raises:
         ValueError, FileNotFoundError: a bad argument (named with its value), before the results folder is made.
     """
-    _check_args(args)
+    out = _check_args(args)
     env_kwargs = dict(args.env_kwargs)
     if args.split is None:
         args.split = evaluation_split(args.env, env_kwargs)
@@ -165,9 +166,7 @@ def run_benchmark(args: BenchmarkConfig) -> dict[str, Any]:
         check_int("--K", K, 0, depth, " (the model's depth)")
     for name in args.agents:  # every agent is built once before any episode: a policy that does not fit fails now
         make_agent(name, probe, seed=args.seed, policy=args.ppo, device=args.device)
-    # Made only now: a refused argument leaves no empty results folder behind.
-    out = Path(args.out or f"results/benchmark-{args.env}")
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused argument leaves no empty results folder behind
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     with tqdm(total=len(args.agents) * len(ks) * args.episodes, desc="benchmark", unit="ep", dynamic_ncols=True) as bar:

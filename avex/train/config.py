@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import numbers
 from dataclasses import Field, asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
 from avex import options
-from avex.checks import brief, check_int, check_real
+from avex.checks import brief, check_int, check_real, is_int, is_real
 from avex.data import DATASETS
 
 __all__ = [
@@ -253,11 +252,6 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _is_real(value: Any) -> bool:
-    """A finite real number (numpy's included), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_ints(values: dict[str, Any], name: str, lo: int, what: str, hi: str) -> None:
     """ValueError unless field ``name`` (``nargs='+'``) is None or one or more integers >= ``lo``; the upper bound,
     ``hi``, depends on the model and is checked once it is built (:func:`avex.train.loop.start_training`)."""
@@ -265,14 +259,9 @@ def _check_ints(values: dict[str, Any], name: str, lo: int, what: str, hi: str) 
     if given is None:
         return
     seq = not isinstance(given, (str, bytes)) and hasattr(given, "__len__") and hasattr(given, "__iter__")
-    if not (seq and len(given)) or not all(_is_int(v) and v >= lo for v in given):
+    if not (seq and len(given)) or not all(is_int(v) and v >= lo for v in given):
         shown = brief(list(given) if seq else given)
         raise ValueError(f"{_flag(name)} {shown}: every {what} must be an integer in {lo}..{hi} (one or more)")
-
-
-def _is_int(value: Any) -> bool:
-    """An integer (numpy's included), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_pixel_norm(values: dict[str, Any], name: str) -> None:
@@ -287,7 +276,7 @@ def _check_pixel_norm(values: dict[str, Any], name: str) -> None:
     if isinstance(given, (str, bytes)) or not hasattr(given, "__len__") or not len(given):
         ok = False
     else:
-        ok = all(_is_real(v) and (name == "mean" or v > 0) for v in given)
+        ok = all(is_real(v) and (name == "mean" or v > 0) for v in given)
         ok = ok and (channels is None or len(given) in (1, channels))
     if not ok:
         raise ValueError(f"{_flag(name)} must be {per}, or one for every channel{each}, got {brief(given)}")
