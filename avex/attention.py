@@ -10,7 +10,10 @@ times every kernel on them). Two things live here:
   projection's output ``[B, S, 3*H*Dh]`` and writes ``[B, S, H*Dh]``, the layout the output projection
   reads, so the permute and reshape copies around PyTorch's attention disappear too;
 * :func:`run_blocks`, which runs timm ``Block``s over ``[B, S, D]`` with the kernel each shape should get:
-  the Triton kernel where it applies, else PyTorch's SDPA with a priority list of backends.
+  the Triton kernel where it applies, else PyTorch's SDPA with a priority list of backends. Where the layer
+  norm kernel applies too, :func:`fused_blocks` runs each residual add in one pass with the norm that reads
+  its sum next (8 kernels a block instead of 10: at K=12, TORE's few rows per step pay a fixed cost per
+  kernel).
 
 The iterator and the aggregator both go through :func:`run_blocks`, so K=0 (full recomputation) gets the
 same kernels as every other K. ``AVEX_SDPA`` overrides the choice: ``default`` (plain timm blocks,
@@ -30,12 +33,12 @@ from typing import TypeGuard, cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, LayerScale, Mlp
 from timm.models.vision_transformer import Block
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback, triton
-from avex.layer_norm import norm_forward
+from avex.layer_norm import norm_applies, norm_forward, residual_norm
 
 if triton is not None:
     import triton.language as tl
@@ -45,6 +48,7 @@ __all__ = [
     "SHORT_SEQUENCE_BACKENDS",
     "attention_choice",
     "block_forward",
+    "fused_blocks",
     "reference_attention",
     "run_blocks",
     "short_attention",
@@ -267,11 +271,74 @@ def block_forward(blk: Block, x: torch.Tensor, valid: torch.Tensor | None = None
         [B, S, D].
     """
     attn = cast(Attention, blk.attn)  # timm types it Module; a plain Block's is an Attention (_plain_block)
-    qkv = attn.qkv(norm_forward(blk.norm1, x))
-    usable = _kernel_may_run(qkv) and _kernel_refusal(qkv.shape[1], attn.head_dim, qkv.dtype) is None
-    a = _kernel_or_reference(qkv, attn.num_heads, valid) if usable else reference_attention(qkv, attn.num_heads, valid)
+    a = _attend(attn, attn.qkv(norm_forward(blk.norm1, x)), valid)
     x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(a)))))
     return x + blk.drop_path2(blk.ls2(blk.mlp(norm_forward(blk.norm2, x))))
+
+
+def _attend(attn: Attention, qkv: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Attention of a plain block on its qkv projection [B, S, 3*D]: the kernel where it may run on this shape,
+    else :func:`reference_attention`. Returns [B, S, D]."""
+    usable = _kernel_may_run(qkv) and _kernel_refusal(qkv.shape[1], attn.head_dim, qkv.dtype) is None
+    return (
+        _kernel_or_reference(qkv, attn.num_heads, valid) if usable else reference_attention(qkv, attn.num_heads, valid)
+    )
+
+
+def _gamma(scale: nn.Module) -> torch.Tensor | None:
+    """A branch's layer scale as a vector (timm's ``LayerScale``), or None (``Identity``)."""
+    return scale.gamma if isinstance(scale, LayerScale) else None
+
+
+def _fusable(blocks: list[nn.Module], x: torch.Tensor) -> bool:
+    """Whether :func:`fused_blocks` computes these blocks on x: each a plain block (:func:`block_forward`'s) in
+    eval mode, its MLP timm's plain ``Mlp``, its norms ones the layer norm kernel takes for x
+    (:func:`~avex.layer_norm.norm_applies`: CUDA or the interpreter, no autograd, enough rows or a graph being
+    captured), the output projections with biases and the layer scales (if any) in x's dtype."""
+    for blk in blocks:
+        if blk.training or not _plain_block(blk):
+            return False
+        mlp = blk.mlp
+        if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity) or not isinstance(mlp.fc2, nn.Linear):
+            return False
+        if not (norm_applies(blk.norm1, x) and norm_applies(blk.norm2, x)):
+            return False
+        outs = (cast(nn.Linear, blk.attn.proj), mlp.fc2)
+        if any(lin.bias is None or lin.bias.dtype != x.dtype for lin in outs):
+            return False
+        scales = (blk.ls1, blk.ls2)
+        if any(
+            not isinstance(s, nn.Identity) and (type(s) is not LayerScale or s.gamma.dtype != x.dtype) for s in scales
+        ):
+            return False
+    return bool(blocks)
+
+
+def fused_blocks(blocks: list[Block], x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The blocks' forward (inference, as :func:`block_forward` block after block) with each residual add in one
+    pass with the norm that reads its sum next (:func:`~avex.layer_norm.residual_norm`): the attention branch's
+    with the block's second norm, the MLP branch's with the next block's first (the last block's alone). The
+    output projections run without their biases, which those passes add. Each block then takes 8 kernels instead
+    of 10 (the two adds are gone): at TORE's K=12 a step has few rows and pays a fixed cost per kernel.
+
+    Args:
+        blocks: plain timm ``Block``s that :func:`_fusable` accepts for x (:func:`run_blocks` checks).
+        x: [B, S, D]. valid: [B, S] bool key mask or None.
+
+    Returns:
+        [B, S, D], within rounding of :func:`block_forward`'s (each sum rounded once, the bias added in fp32).
+    """
+    n = norm_forward(blocks[0].norm1, x)
+    for i, blk in enumerate(blocks):
+        attn, mlp = cast(Attention, blk.attn), cast(Mlp, blk.mlp)
+        proj, fc2 = attn.proj, mlp.fc2
+        a = _attend(attn, attn.qkv(n), valid)
+        assert proj.bias is not None and fc2.bias is not None  # _fusable
+        x, n = residual_norm(x, F.linear(a, proj.weight), proj.bias, _gamma(blk.ls1), blk.norm2)
+        h = mlp.act(mlp.fc1(n))
+        after = blocks[i + 1].norm1 if i + 1 < len(blocks) else None
+        x, n = residual_norm(x, F.linear(h, fc2.weight), fc2.bias, _gamma(blk.ls2), after)
+    return x
 
 
 def attention_choice() -> tuple[str, ...]:
@@ -296,10 +363,10 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, valid: torch.Tensor
 
     On CUDA (and under Triton's interpreter), sequences of <= :data:`SHORT_SEQUENCE` tokens follow the
     priority list of :func:`attention_choice`: ``triton`` first means :func:`block_forward` with the Triton
-    kernel (inference only; anything it does not cover, training included, drops to the next entry), the
-    others are SDPA backends tried in that order (``set_priority``: without it PyTorch's own order, flash
-    before efficient, would decide). Elsewhere, and for longer sequences, plain timm blocks with PyTorch's
-    own choice.
+    kernel (inference only; anything it does not cover, training included, drops to the next entry; where the
+    layer norm kernel applies too, :func:`fused_blocks`), the others are SDPA backends tried in that order
+    (``set_priority``: without it PyTorch's own order, flash before efficient, would decide). Elsewhere, and for
+    longer sequences, plain timm blocks with PyTorch's own choice.
 
     Args:
         blocks: timm ViT blocks.
@@ -315,7 +382,10 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, valid: torch.Tensor
     ctx = sdpa_kernel(sdpa, set_priority=True) if sdpa else contextlib.nullcontext()
     kernel = short and names[0] == "triton" and _kernel_may_run(x)
     mask = None if valid is None else valid[:, None, None, :]
+    blocks = list(blocks)
     with ctx:
+        if kernel and _fusable(blocks, x):
+            return fused_blocks(cast(list[Block], blocks), x, valid)
         for blk in blocks:
             if kernel and not blk.training and _plain_block(blk):
                 x = block_forward(blk, x, valid)

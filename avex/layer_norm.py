@@ -14,6 +14,8 @@ Shapes: M rows, N features.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm as TimmLayerNorm
@@ -23,7 +25,17 @@ from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback, triton
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["MAX_FEATURES", "MIN_ROWS", "ONES_COLUMNS", "layer_norm", "layer_norm_forward", "norm_forward"]
+__all__ = [
+    "MAX_FEATURES",
+    "MIN_ROWS",
+    "ONES_COLUMNS",
+    "layer_norm",
+    "layer_norm_forward",
+    "norm_applies",
+    "norm_forward",
+    "residual_norm",
+    "residual_norm_forward",
+]
 
 MAX_FEATURES = 8192  # the widest row norm_forward sends to the kernel (one row then fills a program's tile)
 # Fewer rows go to PyTorch's kernel when launched from Python: both kernels are then a few microseconds on the GPU,
@@ -31,6 +43,8 @@ MAX_FEATURES = 8192  # the widest row norm_forward sends to the kernel (one row 
 # launch to pay at replay, and the kernel takes any row count (2.2 against 3.3 us at 64 rows of 192:
 # benchmarks/results/env_kernels/env_kernels.md).
 MIN_ROWS = 2048
+# Elements of a residual norm's tile (timed with the training's launches: avex.train.rows.ROW_LAUNCH, which reads it).
+RESIDUAL_TILE = 2048
 _ROWS = 128  # the most rows per program (the reductions over rows of avex.train.rows take this many)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NORMS = (nn.LayerNorm, TimmLayerNorm)  # F.layer_norm over the last axis: the kernel's arithmetic
@@ -94,6 +108,57 @@ if triton is not None:
         if ONES > 0:
             _store_ones(y_ptr, rows64, in_rows, stride_y, N, BLOCK_M, ONES)
         if STATS:
+            tl.store(mean_ptr + rows, mean, mask=in_rows)
+            tl.store(rstd_ptr + rows, rstd, mask=in_rows)
+
+    @triton.jit
+    def _residual_norm_fwd_kernel(
+        x_ptr,
+        y_ptr,
+        b_ptr,
+        g_ptr,
+        w_ptr,
+        nb_ptr,
+        z_ptr,
+        n_ptr,
+        mean_ptr,
+        rstd_ptr,
+        M,
+        N,
+        seq,
+        stride_xb,
+        stride_xs,
+        stride_n,
+        eps,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        GAMMA: tl.constexpr,
+        NORM: tl.constexpr,
+        ONES: tl.constexpr,
+    ):
+        # BLOCK_M rows per program. Row r of x lies at (r // seq) * stride_xb + (r % seq) * stride_xs (a slice of
+        # tokens x[:, first:] read in place); y and z are contiguous [M, N], n's rows stride_n apart, each followed
+        # by ONES columns (a 1, then zeros: avex.layer_norm.ONES_COLUMNS). z is rounded to its dtype once and the
+        # norm (NORM) taken of that rounded z: backward reads the stored z, and so saw the eager step's norm.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        in_rows, in_cols = rows < M, cols < N
+        mask = in_rows[:, None] & in_cols[None, :]
+        rows64 = rows.to(tl.int64)  # 64-bit offsets: rows x N passes 2**31 at large batches
+        x_rows = (rows64 // seq) * stride_xb + (rows64 % seq) * stride_xs
+        x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs = rows64[:, None] * N + cols[None, :]
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y += tl.load(b_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
+        if GAMMA:
+            y *= tl.load(g_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
+        z = (x + y).to(z_ptr.dtype.element_ty)
+        tl.store(z_ptr + offs, z, mask=mask)
+        if NORM:
+            out, mean, rstd = _normalize_rows(z.to(tl.float32), mask, w_ptr, nb_ptr, cols, in_cols, N, eps)
+            tl.store(n_ptr + rows64[:, None] * stride_n + cols[None, :], out.to(n_ptr.dtype.element_ty), mask=mask)
+            if ONES > 0:
+                _store_ones(n_ptr, rows64, in_rows, stride_n, N, BLOCK_M, ONES)
             tl.store(mean_ptr + rows, mean, mask=in_rows)
             tl.store(rstd_ptr + rows, rstd, mask=in_rows)
 
@@ -191,13 +256,111 @@ def layer_norm(
     return _forward(x, weight, bias, eps, False, block_m, num_warps)[0]
 
 
+def _rows_in_place(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """x [..., N] for the forward kernel: (x, or a contiguous copy where its rows are not regular, rows per group,
+    group stride, row stride), row r at (r // group) * group stride + (r % group) * row stride. A [B, S, N] with
+    unit feature stride is read in place (a slice of tokens ``x[:, first:]`` of the residual stream among them)."""
+    if x.dim() == 3 and x.stride(-1) == 1 and x.shape[1]:
+        return x, x.shape[1], x.stride(0), x.stride(1)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return x2, max(1, x2.shape[0]), 0, x2.shape[1]
+
+
+def residual_norm_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    b: torch.Tensor,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    ones: bool = False,
+    *,
+    tile: int = RESIDUAL_TILE,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z = x + (y + b) * gamma and, where ``weight`` is given, n = its layer norm, by one Triton pass: a pre-norm
+    block's residual add (y a linear layer's product without its bias b; gamma timm's LayerScale) and the norm that
+    reads the sum next. No autograd (:func:`avex.train.epilogue.train_residual_norm` adds it).
+
+    Args:
+        x: [..., N] (any strides; see :func:`_rows_in_place`). y: like x, contiguous or copied. b, gamma: [N].
+        weight, bias: the norm's [N], or None: z alone.
+        eps: added to the norm's variance.
+        ones: n's rows stored each beside a column of ones (:data:`ONES_COLUMNS`; with a norm).
+        tile, num_warps: launch settings (elements of a program's tile; warps).
+
+    Returns:
+        z [M, N] and n [M, N] (a view of rows N + ONES_COLUMNS apart with ``ones``) in y's dtype (n is z without a
+        norm); fp32 mean and 1/std [M] (empty without a norm).
+    """
+    assert triton is not None
+    n = y.shape[-1]
+    x2, seq, stride_xb, stride_xs = _rows_in_place(x)
+    y2 = y.reshape(-1, n).contiguous()
+    m = y2.shape[0]
+    norm = weight is not None
+    z = torch.empty_like(y2)
+    pad = ONES_COLUMNS if ones and norm else 0
+    out = y2.new_empty(m, n + pad)[:, :n] if norm else z
+    mean = torch.empty(m if norm else 0, dtype=torch.float32, device=y.device)
+    rstd = torch.empty_like(mean)
+    block_n, block_m = _row_blocks(n, tile)
+    if m:
+        _residual_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+            x2, y2, b, b if gamma is None else gamma, b if weight is None else weight, b if bias is None else bias,
+            z, out, mean, rstd, m, n, seq, stride_xb, stride_xs, out.stride(0), eps, BLOCK_M=block_m,
+            BLOCK_N=block_n, GAMMA=gamma is not None, NORM=norm, ONES=pad, num_warps=num_warps,
+        )  # fmt: skip
+    return z, out, mean, rstd
+
+
+def residual_norm(
+    x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor | None, norm: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference: a block's residual add, z = x + (y + b) * gamma, and ``norm(z)``, by
+    :func:`residual_norm_forward`'s one pass; the caller checks that the kernel applies (:func:`norm_applies` of
+    the norms, b and gamma in x's dtype). If the kernel fails to build or launch here, PyTorch's ops from then on,
+    with one warning.
+
+    Args:
+        x: [B, S, N] the residual stream. y: [B, S, N] a linear layer's product without its bias b [N].
+        gamma: [N] the layer scale, or None. norm: the LayerNorm that reads z next, or None (z is then returned twice).
+
+    Returns:
+        z and norm(z), each [B, S, N] in y's dtype (fp32 arithmetic, rounded once; the norm of the rounded z).
+    """
+
+    ln = cast(nn.LayerNorm | None, norm)  # the caller's norm_applies: a plain affine LayerNorm
+
+    def kernel() -> tuple[torch.Tensor, torch.Tensor]:
+        w = None if ln is None else ln.weight
+        nb = None if ln is None else ln.bias
+        eps = 0.0 if ln is None else float(ln.eps)
+        z, n, _, _ = residual_norm_forward(x, y, b, gamma, w, nb, eps)
+        return z.view(y.shape), n.view(y.shape)
+
+    def fallback() -> tuple[torch.Tensor, torch.Tensor]:
+        z = x + (y + b) if gamma is None else torch.addcmul(x, y + b, gamma)
+        return z, z if norm is None else norm(z)
+
+    return kernel_or_fallback(
+        "residual norm",
+        kernel,
+        fallback,
+        "residual adds and layer norms now use PyTorch's kernels, with the same results but slower. Fix the "
+        "Triton install (it needs a C compiler at first use).",
+    )
+
+
 def _capturing(x: torch.Tensor) -> bool:
     """Whether x's kernels are being captured into a CUDA graph (replayed later without a launch from Python)."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _applies(norm: nn.Module, x: torch.Tensor) -> bool:
-    """Whether :func:`layer_norm` computes ``norm(x)``: a plain affine LayerNorm over x's last axis, in x's dtype,
+def norm_applies(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`norm_forward` takes the kernel for ``norm(x)`` (and a block may fuse its residual adds with
+    ``norm``: :func:`residual_norm`): a plain affine LayerNorm over x's last axis, in x's dtype,
     enough rows, no autocast (which would make the module's output fp32), and a kernel that may run on x."""
     if type(norm) not in _NORMS or not _kernel_may_run(x) or x.dtype not in _DTYPES:
         return False
@@ -229,7 +392,7 @@ def norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Returns:
         norm(x): [..., N] in x's dtype (fp32 statistics; within rounding of PyTorch's kernel, not bit-equal).
     """
-    if not _applies(norm, x):
+    if not norm_applies(norm, x):
         return norm(x)
     ln = norm
     assert isinstance(ln, nn.LayerNorm) and ln.weight is not None and ln.bias is not None

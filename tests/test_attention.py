@@ -20,6 +20,9 @@ from avex.model import create_tore
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
+MODELS_WITH_LAYER_SCALE = [("vit_tiny_patch16_224", {}), ("deit3_small_patch16_224", dict(embed_dim=64, num_heads=2))]
+
+
 def _vit_blocks(model: str, **kw) -> torch.nn.Module:
     tore = create_tore(model, img_size=32, patch_size=8, in_chans=3, num_classes=5, depth=2, **kw)
     gen = torch.Generator().manual_seed(0)
@@ -29,9 +32,7 @@ def _vit_blocks(model: str, **kw) -> torch.nn.Module:
     return tore.vit.blocks.eval()
 
 
-@pytest.mark.parametrize(
-    "model,kw", [("vit_tiny_patch16_224", {}), ("deit3_small_patch16_224", dict(embed_dim=64, num_heads=2))]
-)  # layer scale
+@pytest.mark.parametrize("model,kw", MODELS_WITH_LAYER_SCALE)
 def test_block_forward_equals_timm_block(model: str, kw: dict) -> None:
     """block_forward re-implements timm's Block.forward: it must agree with it, with and without a key mask."""
     blocks = _vit_blocks(model, **kw)
@@ -150,6 +151,119 @@ def test_tore_episode_with_kernel_equals_sdpa() -> None:
         print("ok")
     """)
     assert out.strip() == "ok"
+
+
+def check_fused_blocks(device: str, dtype: torch.dtype, batch: int) -> None:
+    """run_blocks on the kernels' path fuses each residual add with the norm that reads its sum next (the attention
+    branch's with norm2, the MLP branch's with the next block's norm1, the last alone), and gives what block_forward
+    gives block after block: with and without a key mask, with and without layer scale. A block in training mode
+    leaves the fusion out. fp32 within 1e-5; fp16 / bf16 no further from fp32 than block_forward's own rounding."""
+    import avex.attention as att
+
+    calls: list = []
+    fused = att.residual_norm
+    att.residual_norm = lambda *a: calls.append(a[-1]) or fused(*a)
+    try:
+        for model, kw in MODELS_WITH_LAYER_SCALE:
+            blocks = _vit_blocks(model, **kw).to(device)
+            gen = torch.Generator().manual_seed(1)
+            x = torch.randn(batch, 9, blocks[0].norm1.normalized_shape[0], generator=gen).to(device)
+            valid = torch.rand(batch, 9, generator=gen).to(device) > 0.3
+            valid[:, 0] = True
+            for v in (None, valid):
+                with torch.no_grad():
+                    want = x
+                    for blk in blocks:  # fp32: the reference for every dtype
+                        want = att.block_forward(blk, want, v)
+                    plain = x.to(dtype)
+                    for blk in blocks.to(dtype):
+                        plain = att.block_forward(blk, plain, v)
+                    calls.clear()
+                    got = att.run_blocks(blocks, x.to(dtype), v)
+                    blocks.float()
+                want_calls = [blocks[0].norm2, blocks[1].norm1, blocks[1].norm2, None]
+                assert calls == want_calls, (model, calls)
+                err, rounding = ((y.float() - want).abs().max().item() for y in (got, plain))
+                assert err <= (1e-5 if dtype == torch.float32 else 2 * rounding + 1e-3), (model, dtype, err, rounding)
+            blocks[1].train()
+            calls.clear()
+            with torch.no_grad():
+                att.run_blocks(blocks, x)
+            assert not calls, "a block in training mode must leave the fusion out"
+    finally:
+        att.residual_norm = fused
+
+
+@needs_triton
+def test_fused_blocks_equal_block_forward_under_interpreter() -> None:
+    out = interpreted("""
+        import torch
+        import avex.layer_norm as ln
+        from tests.test_attention import check_fused_blocks
+        ln.MIN_ROWS = 1  # the test's few rows through the kernels
+        check_fused_blocks("cpu", torch.float32, batch=3)
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_residual_norm_failure_falls_back_to_pytorch_with_one_warning(break_kernel: Any) -> None:
+    """A machine where Triton cannot build the residual norm kernel gets PyTorch's add and norm, with one warning."""
+    import avex.layer_norm as ln
+
+    break_kernel(ln, "residual_norm_forward")
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 5, 16, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    b, gamma = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    norm = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="Triton residual norm kernel failed.*C compiler"):
+            z, n = ln.residual_norm(x, y, b, gamma, norm)
+        torch.testing.assert_close(z, x + (y + b) * gamma)
+        torch.testing.assert_close(n, norm(x + (y + b) * gamma))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            z, n = ln.residual_norm(x, y, b, None, None)
+        assert torch.equal(z, x + (y + b)) and n is z
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not short_attention_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_blocks_equal_block_forward_on_cuda(dtype: torch.dtype) -> None:
+    check_fused_blocks("cuda", dtype, batch=512)  # 4,608 rows: past MIN_ROWS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not short_attention_available(), reason="needs CUDA and Triton")
+def test_fused_blocks_run_inside_a_cuda_graph_on_few_rows_cuda() -> None:
+    """Below MIN_ROWS the fusion runs only while a CUDA graph is captured (no launch to pay at replay); the replay of
+    new input gives block_forward's result."""
+    import avex.attention as att
+
+    blocks = _vit_blocks("deit3_small_patch16_224", embed_dim=64, num_heads=2).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 5, 64, device="cuda", generator=gen)
+    calls: list = []
+    fused = att.residual_norm
+    att.residual_norm = lambda *a: calls.append(1) or fused(*a)
+    try:
+        with torch.no_grad():
+            att.run_blocks(blocks, x)
+            assert not calls  # 10 rows from Python: PyTorch's kernels
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture: Triton compiles here
+                att.fused_blocks(list(blocks), x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = att.run_blocks(blocks, x)
+            assert len(calls) >= 4
+            x.copy_(torch.randn(2, 5, 64, device="cuda", generator=gen))
+            graph.replay()
+            want = att.block_forward(blocks[1], att.block_forward(blocks[0], x))
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    finally:
+        att.residual_norm = fused
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not short_attention_available(), reason="needs CUDA and Triton")

@@ -171,10 +171,10 @@ def test_few_rows_take_the_kernel_only_inside_a_cuda_graph_capture(monkeypatch: 
     monkeypatch.setattr(ln, "_kernel_may_run", lambda x: True)
     norm = nn.LayerNorm(64)
     few, many = torch.randn(5, 64), torch.randn(ln.MIN_ROWS, 64)
-    assert not ln._applies(norm, few) and ln._applies(norm, many)
+    assert not ln.norm_applies(norm, few) and ln.norm_applies(norm, many)
     monkeypatch.setattr(ln, "_capturing", lambda x: True)
-    assert ln._applies(norm, few) and ln._applies(norm, many)
-    assert not ln._applies(nn.LayerNorm(64, elementwise_affine=False), few)  # the other conditions still hold
+    assert ln.norm_applies(norm, few) and ln.norm_applies(norm, many)
+    assert not ln.norm_applies(nn.LayerNorm(64, elementwise_affine=False), few)  # the other conditions still hold
 
 
 # ------------------------------------------------------------------------------------------------ CUDA

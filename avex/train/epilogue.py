@@ -28,70 +28,18 @@ import torch
 import torch.nn.functional as F
 
 from avex.kernel_fallback import _device_may_run, sm_count, triton
-from avex.layer_norm import MAX_FEATURES, ONES_COLUMNS, _row_blocks
+from avex.layer_norm import MAX_FEATURES, residual_norm_forward
 from avex.train.kernels import _works
 from avex.train.rows import ROW_LAUNCH, column_sum, row_blocks, sum_partials
 
 if triton is not None:
     import triton.language as tl
 
-    from avex.layer_norm import _normalize_rows, _store_ones  # the Triton helpers exist only with Triton
     from avex.train.rows import _norm_input_grad
 
 __all__ = ["train_residual", "train_residual_norm"]
 
 if triton is not None:
-
-    @triton.jit
-    def _residual_norm_fwd_kernel(
-        x_ptr,
-        y_ptr,
-        b_ptr,
-        g_ptr,
-        w_ptr,
-        nb_ptr,
-        z_ptr,
-        n_ptr,
-        mean_ptr,
-        rstd_ptr,
-        M,
-        N,
-        seq,
-        stride_xb,
-        stride_xs,
-        stride_n,
-        eps,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        GAMMA: tl.constexpr,
-        NORM: tl.constexpr,
-        ONES: tl.constexpr,
-    ):
-        # BLOCK_M rows per program. Row r of x lies at (r // seq) * stride_xb + (r % seq) * stride_xs (a slice of
-        # tokens x[:, first:] read in place); y and z are contiguous [M, N], n's rows stride_n apart, each followed
-        # by ONES columns (a 1, then zeros: avex.layer_norm.ONES_COLUMNS). z is rounded to its dtype once and the
-        # norm (NORM) taken of that rounded z: backward reads the stored z, and so saw the eager step's norm.
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_N)
-        in_rows, in_cols = rows < M, cols < N
-        mask = in_rows[:, None] & in_cols[None, :]
-        rows64 = rows.to(tl.int64)  # 64-bit offsets: rows x N passes 2**31 at large batches
-        x_rows = (rows64 // seq) * stride_xb + (rows64 % seq) * stride_xs
-        x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        offs = rows64[:, None] * N + cols[None, :]
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y += tl.load(b_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
-        if GAMMA:
-            y *= tl.load(g_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
-        z = (x + y).to(z_ptr.dtype.element_ty)
-        tl.store(z_ptr + offs, z, mask=mask)
-        if NORM:
-            out, mean, rstd = _normalize_rows(z.to(tl.float32), mask, w_ptr, nb_ptr, cols, in_cols, N, eps)
-            tl.store(n_ptr + rows64[:, None] * stride_n + cols[None, :], out.to(n_ptr.dtype.element_ty), mask=mask)
-            if ONES > 0:
-                _store_ones(n_ptr, rows64, in_rows, stride_n, N, BLOCK_M, ONES)
-            tl.store(mean_ptr + rows, mean, mask=in_rows)
-            tl.store(rstd_ptr + rows, rstd, mask=in_rows)
 
     @triton.jit
     def _residual_bwd_loads(
@@ -224,16 +172,6 @@ if triton is not None:
 
 
 # ------------------------------------------------------------------------------ launches (no autograd)
-def _rows_in_place(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """x [..., N] for the forward kernel: (x, or a contiguous copy where its rows are not regular, rows per group,
-    group stride, row stride), row r at (r // group) * group stride + (r % group) * row stride. A [B, S, N] with
-    unit feature stride is read in place (a slice of tokens ``x[:, first:]`` of the residual stream among them)."""
-    if x.dim() == 3 and x.stride(-1) == 1 and x.shape[1]:
-        return x, x.shape[1], x.stride(0), x.stride(1)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    return x2, max(1, x2.shape[0]), 0, x2.shape[1]
-
-
 def _residual_norm_forward(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -244,37 +182,12 @@ def _residual_norm_forward(
     eps: float,
     ones: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z = x + (y + b) * gamma and, where ``weight`` is given, n = its layer norm, by one Triton pass.
-
-    Args:
-        x: [..., N] (any strides; see :func:`_rows_in_place`). y: like x, contiguous or copied. b, gamma: [N].
-        weight, bias: the norm's [N], or None: z alone.
-        ones: n's rows stored each beside a column of ones (:data:`~avex.layer_norm.ONES_COLUMNS`; with a norm).
-
-    Returns:
-        z [M, N] and n [M, N] (a view of rows N + ONES_COLUMNS apart with ``ones``) in y's dtype (n is z without a
-        norm); fp32 mean and 1/std [M] (empty without a norm).
-    """
-    assert triton is not None
-    n = y.shape[-1]
-    x2, seq, stride_xb, stride_xs = _rows_in_place(x)
-    y2 = y.reshape(-1, n).contiguous()
-    m = y2.shape[0]
-    norm = weight is not None
-    z = torch.empty_like(y2)
-    pad = ONES_COLUMNS if ones and norm else 0
-    out = y2.new_empty(m, n + pad)[:, :n] if norm else z
-    mean = torch.empty(m if norm else 0, dtype=torch.float32, device=y.device)
-    rstd = torch.empty_like(mean)
+    """:func:`~avex.layer_norm.residual_norm_forward` (the forward pass, shared with inference) at the training's
+    launch (:data:`~avex.train.rows.ROW_LAUNCH`)."""
     launch = ROW_LAUNCH["residual_norm_forward"]
-    block_n, block_m = _row_blocks(n, launch.tile)
-    if m:
-        _residual_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
-            x2, y2, b, b if gamma is None else gamma, b if weight is None else weight, b if bias is None else bias,
-            z, out, mean, rstd, m, n, seq, stride_xb, stride_xs, out.stride(0), eps, BLOCK_M=block_m,
-            BLOCK_N=block_n, GAMMA=gamma is not None, NORM=norm, ONES=pad, num_warps=launch.num_warps,
-        )  # fmt: skip
-    return z, out, mean, rstd
+    return residual_norm_forward(
+        x, y, b, gamma, weight, bias, eps, ones, tile=launch.tile, num_warps=launch.num_warps
+    )  # fmt: skip
 
 
 def _residual_norm_backward(

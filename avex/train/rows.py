@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from avex.kernel_fallback import _device_may_run, sm_count, triton
-from avex.layer_norm import _ROWS, ONES_COLUMNS, _row_blocks, layer_norm_forward
+from avex.layer_norm import _ROWS, ONES_COLUMNS, RESIDUAL_TILE, _row_blocks, layer_norm_forward
 from avex.train.kernels import _works
 
 if triton is not None:
@@ -139,14 +139,15 @@ class RowLaunch(NamedTuple):
     stages: int = 1  # tiles whose loads a looping program keeps in flight (2: the next tile's issued early)
 
 
-# By kernel (the residual norm's kernels are in avex.train.epilogue). The settings as first chosen (the residual norm's
-# tiles so that ptxas spills no registers for sm_90 at widths 128 to 1024), then timed by benchmarks/rows_sweep.py
+# By kernel (the residual norm's forward is in avex.layer_norm, shared with inference; its backward in
+# avex.train.epilogue). The settings as first chosen (the residual norm's tiles so that ptxas spills no registers for
+# sm_90 at widths 128 to 1024), then timed by benchmarks/rows_sweep.py
 # (benchmarks/RESULTS.md 7.1): the first settings were the fastest but for the residual norm's backward, whose loads
 # one tile ahead (stages 2) with tiles of 2,048 and 256 rows per program took it from 0.89 to 0.79 ms per step.
 ROW_LAUNCH: dict[str, RowLaunch] = {
     "layer_norm_backward": RowLaunch(2048, 4, _ROWS),
     "column_sum": RowLaunch(4096, 4, _ROWS),
-    "residual_norm_forward": RowLaunch(2048, 4, _ROWS),  # one tile per program: rows unused
+    "residual_norm_forward": RowLaunch(RESIDUAL_TILE, 4, _ROWS),  # one tile per program: rows unused
     "residual_norm_backward": RowLaunch(2048, 4, 256, 2),
 }
 

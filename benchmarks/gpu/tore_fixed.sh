@@ -5,15 +5,17 @@
 #   batches  tore_speed.py --mode graph --decoder entropy, K 0 and 12, batches 1 to 256: ms per step against the batch
 #   profile  profile_step.py tore --graph --decoder entropy at K 0 and 12, batches 1 and 256: kernels per step, their
 #            summed time and the span they cover (what is not busy there lies between kernels)
-#   tests    the CUDA tests of the inference kernels (layer norm, attention, the model)
+#   tests    the CUDA tests of the inference kernels (layer norm, attention and the fused blocks, the model, the
+#            entropy map) and of the residual norm kernel training shares
 #   ab       tore_speed.py --mode graph --decoder entropy, K 0 4 8 12, batches 1 and 256, with the avex of the tree
-#            before a change and of this one, twice in turn (before, after, before, after) -> $R/ab_<tree><round>.md
+#            before a change and of this one, twice in turn (before, after, before, after) -> $R/ab_<tree><round>.md;
+#            TREES="tag:path ..." names other trees, timed in that order each round (default "before:$BEFORE after:.")
 #            Make the tree before first (runs/ is ignored by git, so it travels with carry):
 #              rm -rf runs/before_tore && mkdir -p runs/before_tore && git archive HEAD avex agents envs \
 #                | tar -x -C runs/before_tore \
 #                && rm -r runs/before_tore/avex/checkpoints
 # Usage (device tool, carry .whl and data; and runs/before_tore for ab):  bash benchmarks/gpu/tore_fixed.sh
-#   (about 3 minutes on a fresh H200)   STAGES ("batches profile"), BEFORE (runs/before_tore).
+#   (about 3 minutes on a fresh H200)   STAGES ("batches profile"), BEFORE (runs/before_tore), TREES.
 source "$(dirname "$0")/setup.sh"
 STAGES=${STAGES:-batches profile}
 for stage in $STAGES; do
@@ -32,13 +34,16 @@ for stage in $STAGES; do
           pack
         done
       done ;;
-    tests) cuda_tests tests/test_layer_norm.py tests/test_attention.py tests/test_model.py tests/test_entropy_attention.py ;;
+    tests) cuda_tests tests/test_layer_norm.py tests/test_attention.py tests/test_model.py tests/test_entropy_attention.py \
+      tests/test_train_fused_norm.py ;;
     ab)
-      BEFORE=${BEFORE:-runs/before_tore}
-      [ -d "$BEFORE/avex" ] || { echo "no tree before the change at $BEFORE: see this file's header"; exit 2; }
+      TREES=${TREES:-before:${BEFORE:-runs/before_tore} after:.}
+      for spec in $TREES; do
+        [ -d "${spec#*:}/avex" ] || { echo "no tree at ${spec#*:} (${spec%%:*}): see this file's header"; exit 2; }
+      done
       for round in 1 2; do
-        for tag in before after; do
-          tree=$PWD; [ $tag = before ] && tree=$(cd "$BEFORE" && pwd)
+        for spec in $TREES; do
+          tag=${spec%%:*}; tree=$(cd "${spec#*:}" && pwd)
           PYTHONPATH=/tmp/site:$tree timeout 100 "${TORE_SPEED[@]}" --mode graph --decoder entropy --K 0 4 8 12 \
             --batch 1 256 --out $R/ab_$tag$round.md 2>&1 | grep "graph |" | sed "s/^/$tag$round: /"
           pack
