@@ -21,7 +21,9 @@ Three functions, same arguments and results:
 
 * :func:`entropy_attention_kernel`: the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``; no
   autograd). One program per (row, block of query rows) loops over the heads, so the sum over heads stays
-  in registers (no atomics: deterministic).
+  in registers (no atomics: deterministic). Lengths rarely fill whole blocks (the decoder's 196 queries and
+  197 keys), so full blocks run unmasked and what is left over runs as one smaller tail block (:func:`_blocks`;
+  the keys in every program, the queries in a program of their own): 208 x 208 scores per head, not 256 x 256.
 * :func:`reference_entropy_attention`: PyTorch, any device, autograd; it computes what the decoder always
   computed (scores in the input's dtype, softmax and entropy in float32), over chunks of query rows so that
   the probability map is never held whole.
@@ -71,6 +73,150 @@ _LOG2E = 1.0 / math.log(2.0)
 if triton is not None:
 
     @triton.jit
+    def _key_block(
+        q,
+        base,
+        rows_ptr,
+        row_off,
+        stride_qkv_s,
+        h,
+        start,
+        seq_len,
+        skip_keys,
+        scale_log2,
+        m_i,
+        l_i,
+        e_i,
+        w_i,
+        acc,
+        HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        TAIL: tl.constexpr,
+        OUTPUT: tl.constexpr,
+        ENTROPY: tl.constexpr,
+        INDEXED: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        # Keys start..start+BLOCK_N-1 into the running sums of BLOCK_M query rows of one head. Only the TAIL block
+        # can run past the sequence: full blocks carry no key mask (one select per score fewer).
+        keys = start + tl.arange(0, BLOCK_N)
+        in_k = keys < seq_len
+        if INDEXED:
+            if TAIL:
+                k_at = tl.load(rows_ptr + row_off + keys, mask=in_k, other=0).to(tl.int64)
+            else:
+                k_at = tl.load(rows_ptr + row_off + keys).to(tl.int64)
+        else:
+            k_at = keys.to(tl.int64)
+        kv_ptrs = base + k_at[:, None] * stride_qkv_s
+        if TAIL:
+            k = tl.load(kv_ptrs + (HEADS + h) * HEAD_DIM, mask=in_k[:, None], other=0.0)
+        else:
+            k = tl.load(kv_ptrs + (HEADS + h) * HEAD_DIM)
+        s = _dot(q, tl.trans(k), IEEE)  # [BLOCK_M, BLOCK_N] fp32, unscaled
+        if TAIL:
+            s = tl.where(in_k[None, :], s, float("-inf"))
+        # The scale is > 0, so the maximum of the scaled scores is the scaled maximum (rounding is monotonic).
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)  # finite: key 0 is in the first block
+        alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
+        t = s * scale_log2 - m_new[:, None]  # log2 units, <= 0 (one fused multiply-add)
+        p = tl.exp2(t)
+        p_sum = tl.sum(p, axis=1)
+        l_i = l_i * alpha + p_sum
+        if ENTROPY:
+            # The old offsets move by m_i - m_new (-inf on the first block, where e_i = 0: never 0 * inf).
+            w_i = (w_i + tl.where(e_i > 0, m_i - m_new, 0.0) * e_i) * alpha
+            if TAIL:
+                t = tl.where(in_k[None, :], t, 0.0)  # -inf at padded keys, where p = 0: 0 * -inf is NaN
+            if start < skip_keys:  # a block holding skipped keys (CLS): only the first, for AME's skip_keys = 1
+                in_e = (keys >= skip_keys)[None, :]
+                p_e = tl.where(in_e, p, 0.0)
+                w_i += tl.sum(p_e * t, axis=1)
+                e_i = e_i * alpha + tl.sum(p_e, axis=1)
+            else:  # every key of the block is summed: the normaliser's sum serves the entropy's too
+                w_i += tl.sum(p * t, axis=1)
+                e_i = e_i * alpha + p_sum
+        if OUTPUT:
+            if TAIL:
+                v = tl.load(kv_ptrs + (2 * HEADS + h) * HEAD_DIM, mask=in_k[:, None], other=0.0)
+            else:
+                v = tl.load(kv_ptrs + (2 * HEADS + h) * HEAD_DIM)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        return m_new, l_i, e_i, w_i, acc
+
+    @triton.jit
+    def _query_block(
+        qkv_ptr,
+        rows_ptr,
+        out_ptr,
+        ent_ptr,
+        b,
+        row_start,
+        seq_len,
+        first_query,
+        skip_keys,
+        scale_log2,
+        stride_qkv_b,
+        stride_qkv_s,
+        stride_rows_b,
+        stride_out_b,
+        stride_out_s,
+        stride_ent_b,
+        HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        FULL_KEY_BLOCKS: tl.constexpr,
+        TAIL_N: tl.constexpr,
+        OUTPUT: tl.constexpr,
+        ENTROPY: tl.constexpr,
+        INDEXED: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        # Query rows row_start..row_start+BLOCK_M-1 of row b, every head (the entropy is summed over heads here).
+        rows = row_start + tl.arange(0, BLOCK_M)  # query index, 0..Q-1
+        d = tl.arange(0, HEAD_DIM)
+        in_q = rows + first_query < seq_len
+        row_off = b * stride_rows_b
+        if INDEXED:  # token s of row b is the table's row rows[b, s]
+            base = qkv_ptr + d[None, :]
+            q_at = tl.load(rows_ptr + row_off + rows + first_query, mask=in_q, other=0).to(tl.int64)
+        else:
+            base = qkv_ptr + b * stride_qkv_b + d[None, :]  # qkv's last axis is (3, H, Dh), as timm's
+            q_at = (rows + first_query).to(tl.int64)
+        q_ptrs = base + q_at[:, None] * stride_qkv_s
+        ent_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for h in range(HEADS):  # not unrolled: two query blocks x two key-block bodies already make four copies
+            q = tl.load(q_ptrs + h * HEAD_DIM, mask=in_q[:, None], other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            e_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            w_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            # Constexpr trip counts: one compilation per (S, BLOCK_N), and Triton's interpreter cannot loop to a
+            # runtime bound. The keys left over after the full blocks go in one smaller tail block (_blocks).
+            for kb in range(FULL_KEY_BLOCKS):
+                m_i, l_i, e_i, w_i, acc = _key_block(
+                    q, base, rows_ptr, row_off, stride_qkv_s, h, kb * BLOCK_N, seq_len, skip_keys, scale_log2,
+                    m_i, l_i, e_i, w_i, acc,
+                    HEADS, HEAD_DIM, BLOCK_N, False, OUTPUT, ENTROPY, INDEXED, IEEE,
+                )  # fmt: skip
+            if TAIL_N > 0:
+                m_i, l_i, e_i, w_i, acc = _key_block(
+                    q, base, rows_ptr, row_off, stride_qkv_s, h, FULL_KEY_BLOCKS * BLOCK_N, seq_len, skip_keys,
+                    scale_log2, m_i, l_i, e_i, w_i, acc,
+                    HEADS, HEAD_DIM, TAIL_N, True, OUTPUT, ENTROPY, INDEXED, IEEE,
+                )  # fmt: skip
+            if OUTPUT:
+                out = out_ptr + b * stride_out_b + rows[:, None] * stride_out_s + h * HEAD_DIM + d[None, :]
+                tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=in_q[:, None])
+            if ENTROPY:
+                ent_sum += (e_i * tl.log2(l_i) - w_i) / l_i
+        if ENTROPY:
+            tl.store(ent_ptr + b * stride_ent_b + rows, ent_sum, mask=in_q)
+
+    @triton.jit
     def _entropy_attention_kernel(
         qkv_ptr,
         rows_ptr,
@@ -90,70 +236,42 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        KEY_BLOCKS: tl.constexpr,
+        FULL_KEY_BLOCKS: tl.constexpr,
+        TAIL_N: tl.constexpr,
+        FULL_QUERY_BLOCKS: tl.constexpr,
+        TAIL_M: tl.constexpr,
         OUTPUT: tl.constexpr,
         ENTROPY: tl.constexpr,
         INDEXED: tl.constexpr,
         IEEE: tl.constexpr,
     ):
-        # One program = one row b and BLOCK_M query rows, every head (the entropy is summed over heads here).
-        # The batch row on the grid's first axis: the second and third are limited to 65,535 programs.
+        # One program = one row b and one block of query rows: a full block of BLOCK_M, or the TAIL_M rows left over
+        # (196 queries in blocks of 64: 3 x 64 + 16 rows computed, not 4 x 64). No program runs two blocks: where the
+        # programs do not fill the GPU, a kernel lasts as long as its longest program.
+        # The batch row on the grid's first axis: the others are limited to 65,535 programs.
         b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows x stride can pass 2**31 at large batches
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # query index, 0..Q-1
-        d = tl.arange(0, HEAD_DIM)
-        in_q = rows + first_query < seq_len
-        if INDEXED:  # token s of row b is the table's row rows[b, s]
-            base = qkv_ptr + d[None, :]
-            q_at = tl.load(rows_ptr + b * stride_rows_b + rows + first_query, mask=in_q, other=0).to(tl.int64)
-        else:
-            base = qkv_ptr + b * stride_qkv_b + d[None, :]  # qkv's last axis is (3, H, Dh), as timm's
-            q_at = (rows + first_query).to(tl.int64)
-        q_ptrs = base + q_at[:, None] * stride_qkv_s
-        ent_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for h in tl.static_range(HEADS):
-            q = tl.load(q_ptrs + h * HEAD_DIM, mask=in_q[:, None], other=0.0)
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            e_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            w_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-            # A constexpr trip count: one compilation per cdiv(S, BLOCK_N) (one per decoder grid), and Triton's
-            # interpreter cannot loop to a runtime bound.
-            for kb in range(KEY_BLOCKS):
-                keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-                in_k = keys < seq_len
-                if INDEXED:
-                    k_at = tl.load(rows_ptr + b * stride_rows_b + keys, mask=in_k, other=0).to(tl.int64)
-                else:
-                    k_at = keys.to(tl.int64)
-                kv_ptrs = base + k_at[:, None] * stride_qkv_s
-                k = tl.load(kv_ptrs + (HEADS + h) * HEAD_DIM, mask=in_k[:, None], other=0.0)
-                s = _dot(q, tl.trans(k), IEEE) * scale_log2  # [BLOCK_M, BLOCK_N] fp32, log2 units
-                s = tl.where(in_k[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key 0 is in the first block
-                alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
-                t = s - m_new[:, None]
-                p = tl.exp2(t)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if ENTROPY:
-                    in_e = (in_k & (keys >= skip_keys))[None, :]
-                    p_e = tl.where(in_e, p, 0.0)
-                    # The old offsets move by m_i - m_new (-inf on the first block, where e_i = 0: never 0 * inf);
-                    # t is -inf at padded keys, so it is masked before the product, not after.
-                    w_i = (w_i + tl.where(e_i > 0, m_i - m_new, 0.0) * e_i) * alpha
-                    w_i += tl.sum(p_e * tl.where(in_e, t, 0.0), axis=1)
-                    e_i = e_i * alpha + tl.sum(p_e, axis=1)
-                if OUTPUT:
-                    v = tl.load(kv_ptrs + (2 * HEADS + h) * HEAD_DIM, mask=in_k[:, None], other=0.0)
-                    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-                m_i = m_new
-            if OUTPUT:
-                out = out_ptr + b * stride_out_b + rows[:, None] * stride_out_s + h * HEAD_DIM + d[None, :]
-                tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=in_q[:, None])
-            if ENTROPY:
-                ent_sum += (e_i * tl.log2(l_i) - w_i) / l_i
-        if ENTROPY:
-            tl.store(ent_ptr + b * stride_ent_b + rows, ent_sum, mask=in_q)
+        qb = tl.program_id(1)
+        if qb < FULL_QUERY_BLOCKS:
+            _query_block(
+                qkv_ptr, rows_ptr, out_ptr, ent_ptr, b, qb * BLOCK_M, seq_len, first_query, skip_keys, scale_log2,
+                stride_qkv_b, stride_qkv_s, stride_rows_b, stride_out_b, stride_out_s, stride_ent_b,
+                HEADS, HEAD_DIM, BLOCK_M, BLOCK_N, FULL_KEY_BLOCKS, TAIL_N, OUTPUT, ENTROPY, INDEXED, IEEE,
+            )  # fmt: skip
+        elif TAIL_M > 0:
+            _query_block(
+                qkv_ptr, rows_ptr, out_ptr, ent_ptr, b, FULL_QUERY_BLOCKS * BLOCK_M, seq_len, first_query,
+                skip_keys, scale_log2, stride_qkv_b, stride_qkv_s, stride_rows_b, stride_out_b, stride_out_s,
+                stride_ent_b, HEADS, HEAD_DIM, TAIL_M, BLOCK_N, FULL_KEY_BLOCKS, TAIL_N,
+                OUTPUT, ENTROPY, INDEXED, IEEE,
+            )  # fmt: skip
+
+
+def _blocks(length: int, block: int) -> tuple[int, int]:
+    """(full blocks, tail block) covering ``length`` in blocks of ``block``: the tail is the smallest power of two
+    >= 16 that holds the ``length % block`` left over (0: none). 197 keys in blocks of 64: (3, 16), 208 computed,
+    not 256."""
+    full, left = divmod(length, block)
+    return full, 0 if left == 0 else max(16, triton.next_power_of_2(left))
 
 
 def _check(
@@ -283,7 +401,9 @@ def entropy_attention_kernel(
             raise ValueError(f"launch.{name} must be a power of two >= 16, got {block}")
     out_arg = out if out is not None else qkv  # never touched when its flag is off
     ent_arg = ent if ent is not None else qkv
-    _entropy_attention_kernel[(b, triton.cdiv(n_q, launch.block_m))](
+    full_keys, tail_n = _blocks(s, launch.block_n)
+    full_queries, tail_m = _blocks(n_q, launch.block_m)
+    _entropy_attention_kernel[(b, full_queries + (tail_m > 0))](
         qkv,
         rows if rows is not None else qkv,  # never read when not INDEXED
         out_arg,
@@ -302,7 +422,10 @@ def entropy_attention_kernel(
         HEAD_DIM=hd,
         BLOCK_M=launch.block_m,
         BLOCK_N=launch.block_n,
-        KEY_BLOCKS=triton.cdiv(s, launch.block_n),
+        FULL_KEY_BLOCKS=full_keys,
+        TAIL_N=tail_n,
+        FULL_QUERY_BLOCKS=full_queries,
+        TAIL_M=tail_m,
         OUTPUT=output,
         ENTROPY=entropy,
         INDEXED=rows is not None,

@@ -20,7 +20,7 @@ import math
 
 import pytest
 import torch
-from script_kit import interpreted
+from script_kit import assert_interpreted, interpreted
 
 from avex.attention import short_attention_available
 from avex.entropy_attention import entropy_attention, reference_entropy_attention
@@ -157,6 +157,23 @@ def test_launch_table_keyed_by_shape_and_lowered_for_small_batches(monkeypatch: 
         ea.entropy_attention_kernel(torch.randn(1, 5, 3 * 16), 1, launch=ea.Launch(16, 24, 4, 3))
 
 
+@needs_triton
+def test_blocks_cover_a_length_with_a_tail_no_larger_than_needed() -> None:
+    """Full blocks, then one tail of the smallest power of two >= 16 that holds the rest: every length covered,
+    never more than whole blocks would compute, the decoder's 196 queries and 197 keys in 208 rows at blocks of 64."""
+    from avex.entropy_attention import _blocks
+
+    assert _blocks(197, 64) == (3, 16) and _blocks(196, 64) == (3, 16) and _blocks(196, 128) == (1, 128)
+    assert _blocks(32, 16) == (2, 0) and _blocks(5, 64) == (0, 16)
+    for block in (16, 32, 64, 128, 256):
+        for length in range(1, 600):
+            full, tail = _blocks(length, block)
+            covered = full * block + tail
+            assert length <= covered <= -(-length // block) * block, (length, block, full, tail)
+            assert tail == 0 or (16 <= tail <= block and tail & (tail - 1) == 0), (length, block, tail)
+            assert tail == 0 or covered - length < max(16, tail // 2 + 1), (length, block, tail)  # the least pow2
+
+
 # ------------------------------------------------------------------------------ the kernel (interpreter)
 @needs_triton
 def test_kernel_matches_the_map_under_interpreter() -> None:
@@ -170,7 +187,12 @@ def test_kernel_matches_the_map_under_interpreter() -> None:
         gen = torch.Generator().manual_seed(0)
         H, DH = 2, 16
         f32, f16 = torch.float32, torch.float16
-        for dtype, s, fq, skip in ((f32, 1, 0, 1), (f32, 5, 1, 1), (f32, 17, 0, 0), (f32, 70, 1, 1), (f16, 70, 3, 2)):
+        # Lengths that fill whole blocks of 16 and leave tails of keys and queries (every tail length, and tails
+        # narrower than their block: test_kernel_covers_every_tail_under_interpreter); skipped keys beyond the first
+        # block (skip 20).
+        cases = ((f32, 1, 0, 1), (f32, 5, 1, 1), (f32, 17, 0, 0), (f32, 32, 0, 1), (f32, 70, 1, 1), (f16, 70, 3, 2),
+                 (f32, 50, 2, 20))
+        for dtype, s, fq, skip in cases:
             qkv = (torch.randn(2, s, 3 * H * DH, generator=gen) * 2).to(dtype)
             want_out, want_ent = materialised(qkv.float(), H, fq, skip)
             for launch in (Launch(16, 16, 2, 1), None):  # the defaults last: compared below
@@ -209,6 +231,50 @@ def test_kernel_matches_the_map_under_interpreter() -> None:
         print("ok")
     """)
     assert out.strip() == "ok"
+
+
+# (query rows per block, keys per block) -> (S, first_query) cases, chosen for the blocks' paths (_blocks): at 16 x 16,
+# every key tail of 1 to 15 keys, alone (S < 16) and after full blocks, and query rows that fill whole blocks (16, 32:
+# no tail program); at 32 x 64 and 64 x 32, tails smaller than their block (16 and 32 rows or keys, with and
+# without full blocks before them), tails as wide as the block, and sequences shorter than one block.
+TAIL_CASES = {
+    (16, 16): [(s, s % 2 if s > 1 else 0) for s in range(1, 34)],
+    (32, 64): [(1, 0), (9, 1), (16, 0), (24, 3), (33, 1), (47, 0), (64, 0), (65, 1), (81, 0), (97, 1), (100, 4),
+               (128, 0), (130, 1)],
+    (64, 32): [(5, 0), (20, 4), (32, 0), (40, 0), (49, 1), (64, 0), (65, 1), (80, 0), (100, 3), (129, 1)],
+}  # fmt: skip
+
+
+def check_tails(block_m: int, block_n: int) -> None:
+    """The kernel at blocks block_m x block_n equals the materialised map on every case of TAIL_CASES, read whole
+    and through a row table; skip_keys 0, 1, 2 and 17 (a skipped key in a later block, full or tail)."""
+    from avex.entropy_attention import Launch, _blocks, entropy_attention_kernel
+
+    gen = torch.Generator().manual_seed(block_m + block_n)
+    heads, dh = 2, 16
+    launch = Launch(block_m, block_n, 4, 3)
+    for s, fq in TAIL_CASES[block_m, block_n]:
+        skip = (1, 0, 2, 17)[s % 4]
+        table = torch.randn(3 * s, 3 * heads * dh, generator=gen) * 2
+        index = torch.randperm(3 * s, generator=gen)[: 2 * s].view(2, s)
+        qkv = table[index]
+        want_out, want_ent = materialised(qkv, heads, fq, skip)
+        for o, e in (
+            entropy_attention_kernel(qkv, heads, first_query=fq, skip_keys=skip, launch=launch),
+            entropy_attention_kernel(table, heads, first_query=fq, skip_keys=skip, rows=index, launch=launch),
+        ):
+            err_o = (o - want_out).abs().max().item()
+            err_e = (e - want_ent).abs().max().item()
+            paths = (_blocks(s, block_n), _blocks(s - fq, block_m))  # (full, tail) keys and queries
+            assert err_o < 1e-4 and err_e < 1e-4, (s, fq, skip, paths, err_o, err_e)
+
+
+@needs_triton
+@pytest.mark.parametrize(("block_m", "block_n"), list(TAIL_CASES))
+def test_kernel_covers_every_tail_under_interpreter(block_m: int, block_n: int) -> None:
+    """Key tails of 1 to 15 keys, query tails narrower than their block, query rows in whole blocks (no tail
+    program), sequences shorter than one block: each equals the materialised map."""
+    assert_interpreted("tests.test_entropy_attention", f"check_tails({block_m}, {block_n})")
 
 
 @needs_triton
