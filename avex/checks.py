@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["brief", "check_device", "check_int", "check_real", "check_writable", "is_int", "is_real"]
+__all__ = ["brief", "check_device", "check_folder", "check_int", "check_real", "check_writable", "is_int", "is_real"]
 
 
 def brief(value: Any, limit: int = 200) -> str:
@@ -98,6 +98,17 @@ def check_real(
             span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         raise ValueError(f"{name} must be a number {span}{why}, got {brief(value)}")
     return float(value)
+
+
+def check_folder(
+    name: str, path: Path, fix: str, *, missing_ok: bool = False, error: type[Exception] = FileNotFoundError
+) -> None:
+    """Refuse ``path`` unless it is a folder (or, with ``missing_ok``, absent: a folder to be made), checked before any
+    work: "<name> <path> is a file, not a folder: <fix>" or "... does not exist: <fix>", as ``error``."""
+    if path.is_dir() or (missing_ok and not path.exists()):
+        return
+    what = "is a file, not a folder" if path.exists() else "does not exist"
+    raise error(f"{name} {path} {what}: {fix}")
 
 
 def check_writable(name: str, path: Any, folder: bool = False) -> Path:

@@ -598,6 +598,11 @@ def test_image_folder_names_a_file_root_an_empty_class_and_a_huge_canvas(image_r
     assert ImageFolderCanvas(image_root, image_size=(1, 9000), classes=["cat", "dog", "emu"]).image_size == (1, 9000)
     with pytest.raises(FileNotFoundError, match="ImageNet root .*a.png is a file, not a folder"):
         imagenet_canvas(image_root / "dog" / "a.png")
+    with pytest.raises(FileNotFoundError, match="ImageNet folder .*train does not exist: expected layout"):
+        imagenet_canvas(tmp_path, split="train")
+    (tmp_path / "val").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="ImageNet folder .*val is a file, not a folder: expected layout"):
+        imagenet_canvas(tmp_path, split="val")
 
 
 def test_fashion_mnist_command_refuses_on_one_line_when_it_cannot_fetch(

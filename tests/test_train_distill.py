@@ -291,10 +291,10 @@ def test_fused_step_auto_falls_back_and_on_refuses_naming_the_option() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (dict(distill=-0.1), "--distill -0.1"),
-        (dict(distill=float("nan")), "--distill nan"),
-        (dict(distill_temp=0.0), "--distill-temp 0.0"),
-        (dict(continuous_glimpses=1.5), r"--continuous-glimpses 1.5.*\[0, 1\]"),
+        (dict(distill=-0.1), r"--distill must be a number >= 0 \(the distillation weight; 0: off\), got -0.1"),
+        (dict(distill=float("nan")), "--distill must be a number >= 0.*got nan"),
+        (dict(distill_temp=0.0), r"--distill-temp must be a number > 0 \(the temperature.*got 0.0"),
+        (dict(continuous_glimpses=1.5), r"--continuous-glimpses must be a number in \[0, 1\].*got 1.5"),
     ],
 )
 def test_out_of_range_options_are_refused(change: dict, message: str) -> None:

@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from avex.checks import check_folder
 from avex.data import ImageStore, fashion_mnist_dirs, install_fashion_mnist, prepare_folder
 from avex.data.folder import SPLIT_NAMES
 from avex.data.registry import canvas_hw
@@ -65,9 +66,9 @@ def _cpus() -> int:
 
 
 def _fashion_mnist(args: argparse.Namespace) -> int:
-    if args.dest is not None and Path(args.dest).expanduser().exists() and not Path(args.dest).expanduser().is_dir():
-        # checked before fetching: the copy into it would fail only after the download
-        raise ValueError(f"--dest {args.dest} is a file, not a folder: pass a folder for the four Fashion-MNIST files")
+    if args.dest is not None:  # checked before fetching: the copy into it would fail only after the download
+        fix = "pass a folder for the four Fashion-MNIST files"
+        check_folder("--dest", Path(args.dest).expanduser(), fix, missing_ok=True, error=ValueError)
     try:
         path = install_fashion_mnist(args.dest, quiet=args.quiet)
     except RuntimeError as err:  # apt-get missing or failing (offline): the one-line refusal, not a traceback
@@ -98,11 +99,10 @@ def _prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"--image-size takes one side or H W, got {len(args.image_size)} numbers")
     size = canvas_hw(args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size))
     root = Path(args.root).expanduser()
-    if not root.is_dir():
-        what = "is a file, not a folder" if root.exists() else "does not exist"
-        raise FileNotFoundError(f"image folder {root} {what}: pass a folder of class folders of images")
-    if args.out is not None and Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
-        raise ValueError(f"--out {args.out} is a file, not a folder: pass a folder to hold the stores")
+    check_folder("image folder", root, "pass a folder of class folders of images")
+    if args.out is not None:
+        fix = "pass a folder to hold the stores"
+        check_folder("--out", Path(args.out).expanduser(), fix, missing_ok=True, error=ValueError)
     for split in _splits(root, args.split):
         start = time.perf_counter()
         path = prepare_folder(root, split, size, args.channels, args.workers, args.out, progress=not args.quiet)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from avex.checks import check_folder
 from avex.data.registry import DatasetSpec, canvas_hw, register_dataset
 from avex.data.source import CanvasSource, _check_indices
 from avex.data.store import ImageStore, find_store
@@ -214,9 +215,7 @@ class ImageFolderCanvas(CanvasSource):
         folder = Path(root).expanduser()
         if split is not None:
             folder = folder / split
-        if not folder.is_dir():
-            what = "is a file, not a folder" if folder.exists() else "does not exist"
-            raise FileNotFoundError(f"image folder {folder} {what}; {_LAYOUT_HELP}")
+        check_folder("image folder", folder, _LAYOUT_HELP)
         if isinstance(in_chans, bool) or in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}")
         for name, names in (("classes", classes), ("class_names", class_names)):

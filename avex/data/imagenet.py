@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from avex.checks import check_folder
 from avex.data.folder import ImageFolderCanvas
 from avex.data.registry import DatasetSpec, register_dataset
 
@@ -69,10 +70,9 @@ def imagenet_canvas(
             "no ImageNet folder: pass root= or set the environment variable AVEX_IMAGENET; " + _IMAGENET_LAYOUT
         )
     folder = Path(root).expanduser() / (split or "")
-    if Path(root).expanduser().is_file():  # else named as the missing "<file>/val"
-        raise FileNotFoundError(f"ImageNet root {root} is a file, not a folder; {_IMAGENET_LAYOUT}")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"ImageNet folder {folder} does not exist; {_IMAGENET_LAYOUT}")
+    # the root first: a file there would else be named as the missing "<file>/val"
+    check_folder("ImageNet root", Path(root).expanduser(), _IMAGENET_LAYOUT)
+    check_folder("ImageNet folder", folder, _IMAGENET_LAYOUT)
     wnids, descriptions = imagenet_classes()
     known = set(wnids)
     try:

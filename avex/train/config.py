@@ -8,7 +8,6 @@ set's value (:func:`resolve_config`).
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import Field, asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -231,14 +230,9 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 
 def _check_objective(cfg: TrainConfig) -> None:
     """ValueError for a distillation or continuous-glimpse setting out of range, naming the flag and the fix."""
-    if not (math.isfinite(cfg.distill) and cfg.distill >= 0):
-        raise ValueError(f"--distill {cfg.distill}: the distillation weight must be a number >= 0 (0: off)")
-    if not (math.isfinite(cfg.distill_temp) and cfg.distill_temp > 0):
-        raise ValueError(f"--distill-temp {cfg.distill_temp}: the temperature must be a number > 0 (1: plain KL)")
-    if not 0 <= cfg.continuous_glimpses <= 1:
-        raise ValueError(
-            f"--continuous-glimpses {cfg.continuous_glimpses}: the fraction of batches must lie in [0, 1] (0: off)"
-        )
+    check_real("--distill", cfg.distill, 0, why=" (the distillation weight; 0: off)")
+    check_real("--distill-temp", cfg.distill_temp, 0, lo_open=True, why=" (the temperature; 1: plain KL)")
+    check_real("--continuous-glimpses", cfg.continuous_glimpses, 0, 1, why=" (the fraction of batches; 0: off)")
 
 
 # The largest seed torch.manual_seed takes (numpy's SeedSequence takes any non-negative integer).
