@@ -328,20 +328,17 @@ class Launch(NamedTuple):
 
 DEFAULT_LAUNCH = Launch(64, 64, 4, 3)  # 3 stages: Triton's default on NVIDIA GPUs
 # Launch settings by (sequence length S, head width Dh, dtype) where a GPU sweep found better ones than
-# DEFAULT_LAUNCH for batches that fill the GPU (``python benchmarks/env_kernels.py entropy`` times the candidates
-# on the decoder's shapes and prints the entries to put here). BLOCK_M is still lowered for small batches (_launch).
+# DEFAULT_LAUNCH (``python benchmarks/env_kernels.py entropy`` times the candidates on the decoder's shapes and
+# prints the entries to put here). Small batches keep BLOCK_M: lowering it until every SM had two programs was
+# slower at every batch from 1 to 256 on the 14x14 and 28x28 grids (up to 1.7x; benchmarks/RESULTS.md 9.7).
 LAUNCHES: dict[tuple[int, int, torch.dtype], Launch] = {}
 
 
-def _launch(batch: int, queries: int, seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> Launch:
-    """:data:`LAUNCHES`' settings for the shape (else :data:`DEFAULT_LAUNCH`), with BLOCK_M lowered (to 16 at
-    least) until every SM gets two programs."""
-    sms = sm_count(device)
-    want = 1 << 30 if sms is None else 2 * sms  # the interpreter: small blocks run fastest
+def _launch(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> Launch:
+    """:data:`LAUNCHES`' settings for the shape (else :data:`DEFAULT_LAUNCH`); under Triton's interpreter (no SMs)
+    BLOCK_M 16, with which it runs fastest."""
     launch = LAUNCHES.get((seq_len, head_dim, dtype), DEFAULT_LAUNCH)
-    sizes = [launch.block_m >> i for i in range(8) if launch.block_m >> i >= 32]  # block_m, block_m / 2, ..., 32
-    block_m = next((m for m in sizes if batch * triton.cdiv(queries, m) >= want), 16)
-    return launch._replace(block_m=block_m)
+    return launch._replace(block_m=16) if sm_count(device) is None else launch
 
 
 def entropy_attention_kernel(
@@ -395,7 +392,7 @@ def entropy_attention_kernel(
     ent = torch.empty(b, n_q, device=qkv.device, dtype=torch.float32) if entropy else None
     if n_q == 0:
         return out, ent
-    launch = launch or _launch(b, n_q, s, hd, qkv.dtype, qkv.device)
+    launch = launch or _launch(s, hd, qkv.dtype, qkv.device)
     for name, block in (("block_m", launch.block_m), ("block_n", launch.block_n)):
         if block < 16 or block & (block - 1):
             raise ValueError(f"launch.{name} must be a power of two >= 16, got {block}")
