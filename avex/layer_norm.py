@@ -9,6 +9,10 @@ inference calls :func:`norm_forward` on a norm module, which takes the kernel wh
 Triton's interpreter, no autograd, at least :data:`MIN_ROWS` rows or any number inside a CUDA graph capture, a
 plain affine LayerNorm) and the module itself everywhere else: on CPU the results are the module's, bit for bit.
 
+A pre-norm block's residual add and the norm that reads its sum next run as one pass too
+(:func:`residual_norm_forward`): the fused training step and the inference blocks of
+:func:`avex.attention.fused_blocks` (through :func:`residual_norm`) share it.
+
 Shapes: M rows, N features.
 """
 
