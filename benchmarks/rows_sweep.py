@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script's timer, as sdpa_short.py takes it
 from env_kernels import per_call_us  # noqa: E402
 
-from avex.layer_norm import layer_norm_forward  # noqa: E402
+from avex.layer_norm import layer_norm_forward, residual_norm_forward  # noqa: E402
 from avex.platform_info import device_name, synchronize  # noqa: E402
 from avex.train import epilogue as E  # noqa: E402
 from avex.train import rows as R  # noqa: E402
@@ -68,7 +68,12 @@ def _case(kernel: str, m: int, n: int, device: str) -> Callable[[], object]:
     if kernel == "layer_norm_backward":
         return lambda: R.layer_norm_backward(x, dy, w, mean, rstd)
     if kernel == "residual_norm_forward":  # z = x + (y + b) * gamma, then its norm
-        return lambda: E._residual_norm_forward(x, y, b, w, w, b, 1e-6)
+
+        def forward() -> object:  # ROW_LAUNCH read at each call: the sweep changes the entry between timings
+            launch = R.ROW_LAUNCH["residual_norm_forward"]
+            return residual_norm_forward(x, y, b, w, w, b, 1e-6, tile=launch.tile, num_warps=launch.num_warps)
+
+        return forward
     if kernel == "residual_norm_backward":  # with the norm, z's own gradient and gamma: every slot
         return lambda: E._residual_norm_backward(x, dy, y, w, mean, rstd, y, b, w)
     raise ValueError(f"no case for kernel {kernel!r}")

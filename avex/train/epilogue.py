@@ -172,24 +172,6 @@ if triton is not None:
 
 
 # ------------------------------------------------------------------------------ launches (no autograd)
-def _residual_norm_forward(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    b: torch.Tensor,
-    gamma: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    ones: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`~avex.layer_norm.residual_norm_forward` (the forward pass, shared with inference) at the training's
-    launch (:data:`~avex.train.rows.ROW_LAUNCH`)."""
-    launch = ROW_LAUNCH["residual_norm_forward"]
-    return residual_norm_forward(
-        x, y, b, gamma, weight, bias, eps, ones, tile=launch.tile, num_warps=launch.num_warps
-    )  # fmt: skip
-
-
 def _residual_norm_backward(
     z: torch.Tensor,
     dn: torch.Tensor | None,
@@ -201,7 +183,8 @@ def _residual_norm_backward(
     b: torch.Tensor,
     gamma: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of :func:`_residual_norm_forward` by one Triton pass and one sum of per-program partials.
+    """The gradients of :func:`~avex.layer_norm.residual_norm_forward` by one Triton pass and one sum of
+    per-program partials.
 
     Args:
         z: [M, N] the forward's. dn: n's gradient (with a norm: ``weight`` given). dz: z's own, or None (zeros).
@@ -262,7 +245,10 @@ class _ResidualNorm(torch.autograd.Function):
         eps: float,
         ones: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        z, n, mean, rstd = _residual_norm_forward(x, y, b, gamma, weight, bias, eps, ones)
+        launch = ROW_LAUNCH["residual_norm_forward"]  # the forward shared with inference, at the training's launch
+        z, n, mean, rstd = residual_norm_forward(
+            x, y, b, gamma, weight, bias, eps, ones, tile=launch.tile, num_warps=launch.num_warps
+        )
         ctx.set_materialize_grads(False)  # dz None where nothing reads z again (the final norm's): no zeros made
         ctx.save_for_backward(z, None if gamma is None else y, b, gamma, weight, mean, rstd)
         ctx.x_shape = x.shape
@@ -285,7 +271,8 @@ class _Residual(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor | None
     ) -> torch.Tensor:
-        z = _residual_norm_forward(x, y, b, gamma, None, None, 0.0)[0]
+        launch = ROW_LAUNCH["residual_norm_forward"]
+        z = residual_norm_forward(x, y, b, gamma, None, None, 0.0, tile=launch.tile, num_warps=launch.num_warps)[0]
         ctx.save_for_backward(z, None if gamma is None else y, b, gamma)
         ctx.x_shape = x.shape
         return z.view(y.shape)
