@@ -16,7 +16,7 @@ import numpy as np
 from avex.checks import check_int
 from avex.registry import Registry
 
-__all__ = ["AGENTS", "GlimpseAgent", "make_agent", "register_agent", "require_keys"]
+__all__ = ["AGENTS", "GlimpseAgent", "make_agent", "register_agent", "require_env_keys", "require_keys"]
 
 
 def require_keys(present: Collection[str], keys: Sequence[str], reader: str) -> None:
@@ -31,6 +31,13 @@ def require_keys(present: Collection[str], keys: Sequence[str], reader: str) -> 
             f"{reader} reads the observation keys {list(keys)}; this env's observation lacks {missing} (its obs_keys "
             f"leave out {missing}): make the env with obs_keys=None (every key) or with those keys in obs_keys"
         )
+
+
+def require_env_keys(env: Any, keys: Sequence[str], reader: str) -> None:
+    """:func:`require_keys` on the observation space of an avex env (single, vector or wrapped: one env's space)."""
+    u = getattr(env, "unwrapped", env)
+    space = getattr(u, "single_observation_space", getattr(u, "observation_space", None))
+    require_keys(getattr(space, "spaces", {}), keys, reader)
 
 
 class GlimpseAgent(ABC):

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import GlimpseAgent, register_agent, require_keys
+from agents.base import GlimpseAgent, register_agent, require_env_keys
 
 __all__ = ["EntropyAgent", "ame_scores"]
 
@@ -56,8 +56,7 @@ class EntropyAgent(GlimpseAgent):
         u = env.unwrapped if hasattr(env, "unwrapped") else env
         if u.engine.config.action_mode != "discrete":
             raise ValueError("the entropy agent chooses grid positions: make the env with action_mode='discrete'")
-        space = getattr(u, "single_observation_space", getattr(u, "observation_space", None))
-        require_keys(getattr(space, "spaces", {}), ("entropy", "visited"), "the entropy agent")
+        require_env_keys(u, ("entropy", "visited"), "the entropy agent")
         return cls(u.geometry.glimpse, u.geometry.stride)
 
     def act(self, obs: dict[str, np.ndarray], action_mask: np.ndarray) -> np.ndarray:

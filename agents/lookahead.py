@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.base import GlimpseAgent, register_agent, require_keys
+from agents.base import GlimpseAgent, register_agent, require_env_keys
 from avex.flops import ViTDims, step_flops, step_macs
 from avex.model import TOREViT
 from envs.engine import AVEEngine
@@ -101,8 +101,7 @@ class LookaheadAgent(GlimpseAgent):
         """
         u = getattr(env, "unwrapped", env)
         agent = cls(u.engine)
-        space = getattr(u, "single_observation_space", getattr(u, "observation_space", None))
-        require_keys(getattr(space, "spaces", {}), ("canvas",), "the lookahead agent (it imagines on the canvas)")
+        require_env_keys(u, ("canvas",), "the lookahead agent (it imagines on the canvas)")
         return agent
 
     def act(self, obs: dict[str, Any], action_mask: np.ndarray) -> np.ndarray:

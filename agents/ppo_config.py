@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from avex.checks import brief, check_device, check_int, check_real, check_writable
 from avex.options import option
-from envs.registration import check_env_id
+from envs.registration import check_env_id, check_env_kwargs
 
 __all__ = ["PPOConfig"]
 
@@ -105,11 +105,7 @@ class PPOConfig:
 
     def _check_env_kwargs(self) -> None:
         """``env_kwargs``: a dict of names, without the kwargs the trainer sets itself (the env checks the rest)."""
-        if not isinstance(self.env_kwargs, dict) or not all(isinstance(k, str) for k in self.env_kwargs):
-            raise ValueError(f"--env-kwargs must be a JSON object such as '{{\"K\": 3}}', got {brief(self.env_kwargs)}")
-        for key, fix in _OWN_ENV_KWARGS.items():
-            if key in self.env_kwargs:
-                raise ValueError(f"--env-kwargs sets {key}={brief(self.env_kwargs[key])}: {fix}")
+        check_env_kwargs(self.env_kwargs, _OWN_ENV_KWARGS)
         from agents.evaluate import check_whole_episodes  # here: building the command line imports no env code
 
         check_whole_episodes(self.env_kwargs, "PPO training (--env-kwargs)")

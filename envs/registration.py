@@ -8,6 +8,7 @@ own file, get their id the moment they are registered.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium
@@ -15,7 +16,15 @@ import gymnasium
 from avex.checks import brief
 from avex.data import DATASETS, DatasetSpec
 
-__all__ = ["ENTRY_POINT", "VECTOR_ENTRY_POINT", "check_env_id", "env_kwargs", "env_ids", "register_envs"]
+__all__ = [
+    "ENTRY_POINT",
+    "VECTOR_ENTRY_POINT",
+    "check_env_id",
+    "check_env_kwargs",
+    "env_kwargs",
+    "env_ids",
+    "register_envs",
+]
 
 ENTRY_POINT = "envs.ave_env:AVEEnv"
 VECTOR_ENTRY_POINT = "envs.vector:AVEVectorEnv"
@@ -66,6 +75,27 @@ def check_env_id(env_id: Any, name: str = "env_id") -> str:
         known = sorted(k for k, v in gymnasium.registry.items() if v.entry_point == ENTRY_POINT)
         raise ValueError(f"{name} must be an avex environment, one of {known}, got {brief(env_id)}")
     return env_id
+
+
+def check_env_kwargs(value: Any, own: Mapping[str, str], shown: Any = None) -> dict[str, Any]:
+    """``--env-kwargs`` of a command that sets some env kwargs itself: a dict of names without those.
+
+    Args:
+        value: the kwargs (the JSON object as read).
+        own: the kwargs the command sets itself, each with what to do instead (the flag that sets it).
+        shown: what a refusal of a non-object quotes (e.g. the JSON text); default ``value``.
+
+    Raises:
+        ValueError: not an object of names, or one of ``own`` given, named with its value and the fix.
+    """
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(
+            f"--env-kwargs must be a JSON object such as '{{\"K\": 3}}', got {brief(value if shown is None else shown)}"
+        )
+    for key, fix in own.items():
+        if key in value:
+            raise ValueError(f"--env-kwargs sets {key}={brief(value[key])}: {fix}")
+    return value
 
 
 def _register(name: str, spec: DatasetSpec) -> None:

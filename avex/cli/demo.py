@@ -14,7 +14,7 @@ from agents import AGENTS, make_agent
 from agents.evaluate import evaluation_split
 from agents.ppo import policy_file
 from avex.checks import brief, check_int, check_writable
-from envs.registration import check_env_id
+from envs.registration import check_env_id, check_env_kwargs
 from envs.render import save_gif
 
 if TYPE_CHECKING:
@@ -55,12 +55,7 @@ def _env_kwargs(text: Any) -> dict[str, Any]:
         value = json.loads(text)
     except (TypeError, ValueError) as err:
         raise ValueError(f"--env-kwargs is not valid JSON ({err}): {brief(text)}") from err
-    if not isinstance(value, dict):
-        raise ValueError(f"--env-kwargs must be a JSON object such as '{{\"K\": 3}}', got {brief(text)}")
-    for key, fix in _OWN_ENV_KWARGS.items():
-        if key in value:
-            raise ValueError(f"--env-kwargs sets {key}={brief(value[key])}: {fix}")
-    return value
+    return check_env_kwargs(value, _OWN_ENV_KWARGS, shown=text)
 
 
 def _check_gif(gif: Any) -> None:
