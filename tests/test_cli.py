@@ -89,17 +89,24 @@ def test_bad_values_end_with_one_line_and_status_2(tmp_path, fake_fmnist_root, c
         main(args)
 
 
+# Refusals that avex benchmark and avex demo give alike (the same checks: avex.checks.check_int,
+# envs.registration.check_env_id, agents.ppo.policy_file).
+SHARED_REFUSALS = [
+    ("--seed", "-1", "--seed must be an integer >= 0, got -1"),
+    ("--env", "CartPole-v1", "--env must be an avex environment, one of ['AVE-FashionMNIST-v0'"),
+    ("--ppo", "/nonexistent/policy.safetensors", "--ppo '/nonexistent/policy.safetensors': no policy file"),
+    ("--ppo", "shipped:nope", "--ppo 'shipped:nope': no shipped PPO policy named 'nope'"),
+]
+
+
 @pytest.mark.parametrize(
     "flag, value, message",
     [
+        *SHARED_REFUSALS,
         ("--episodes", "0", "--episodes must be an integer >= 1, got 0"),
         ("--num-envs", "0", "--num-envs must be an integer >= 1, got 0"),
         ("--K", "-1", "--K must be an integer >= 0, got -1"),
-        ("--seed", "-1", "--seed must be an integer >= 0, got -1"),
-        ("--ppo", "/nonexistent/policy.safetensors", "--ppo '/nonexistent/policy.safetensors': no policy file"),
-        ("--ppo", "shipped:nope", "--ppo 'shipped:nope': no shipped PPO policy named 'nope'"),
         ("--device", "gpu", "--device must be 'cpu', 'cuda' or 'cuda:<index>', got 'gpu'"),
-        ("--env", "CartPole-v1", "--env must be an avex environment, one of ['AVE-FashionMNIST-v0'"),
     ],
 )
 def test_bad_benchmark_arguments_are_refused_before_anything_is_made(
@@ -182,14 +189,11 @@ def test_heavy_agents_are_left_out_of_the_cpu_default_only() -> None:
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--seed", "-1", "--seed must be an integer >= 0, got -1"),
-        ("--env", "CartPole-v1", "--env must be an avex environment, one of ['AVE-FashionMNIST-v0'"),
+        *SHARED_REFUSALS,
         ("--env-kwargs", "[1]", "--env-kwargs must be a JSON object such as '{\"K\": 3}', got '[1]'"),
         ("--env-kwargs", "{bad", "--env-kwargs is not valid JSON ("),
         ("--env-kwargs", '{"split": "train"}', "--env-kwargs sets split='train': pass it as --split"),
         ("--env-kwargs", '{"render_mode": "human"}', "--env-kwargs sets render_mode='human': leave it out"),
-        ("--ppo", "/nonexistent/p.safetensors", "--ppo '/nonexistent/p.safetensors': no policy file"),
-        ("--ppo", "shipped:nope", "--ppo 'shipped:nope': no shipped PPO policy named 'nope'"),
         ("--gif", "GIF_DIR/demo.png", "--gif must be a path ending in .gif, such as 'results/demo.gif', got '"),
         ("--gif", "GIF_DIR/notes/demo.gif", "--gif 'GIF_DIR/notes/demo.gif': 'GIF_DIR/notes' exists and is not a"),
         ("--gif", "GIF_DIR/folder.gif", "--gif 'GIF_DIR/folder.gif' is a folder; give a file path such as"),
