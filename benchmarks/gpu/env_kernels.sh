@@ -64,7 +64,7 @@ for stage in ${STAGES:-tests kernels decoder tore env}; do
         "${KERNELS[@]}" --batch ${BATCHES:-16384 256} --block-m 64 --block-n 64 --warps 4 --stages 3 --out $R/entropy_before.md \
         --json $R/entropy_before.json 2>$R/entropy_before.err | grep -E "^\| 64|current choice"
       pack
-      # SWEEP: the candidates and batches (small batches show what BLOCK_M to lower to where the GPU is not filled).
+      # SWEEP: the candidates and batches (small batches: whether another BLOCK_M pays where the GPU is not filled).
       timeout 300 "${RUN_KERNELS[@]}" benchmarks/env_kernels.py entropy "${KERNELS[@]}" --batch ${BATCHES:-16384 256} ${SWEEP:---block-n 32 64 128} \
         --out $R/entropy_after.md --json $R/entropy_after.json 2>$R/entropy_after.err \
         | grep -E "^Best|current choice|, best"
