@@ -107,6 +107,11 @@ SHARED_REFUSALS = [
         ("--num-envs", "0", "--num-envs must be an integer >= 1, got 0"),
         ("--K", "-1", "--K must be an integer >= 0, got -1"),
         ("--device", "gpu", "--device must be 'cpu', 'cuda' or 'cuda:<index>', got 'gpu'"),
+        # the kwargs the benchmark sets itself (were Python's TypeError "got multiple values")
+        ("--env-kwargs", '{"K": 3}', "--env-kwargs sets K=3: pass it as --K"),
+        ("--env-kwargs", '{"split": "train"}', "--env-kwargs sets split='train': pass it as --split"),
+        ("--env-kwargs", '{"device": "cpu"}', "--env-kwargs sets device='cpu': pass it as --device"),
+        ("--env-kwargs", '{"num_envs": 4}', "--env-kwargs sets num_envs=4: pass it as --num-envs"),
     ],
 )
 def test_bad_benchmark_arguments_are_refused_before_anything_is_made(

@@ -30,7 +30,7 @@ from avex import options
 from avex.checks import check_device, check_int, check_writable
 from avex.flops import ViTDims, episode_flops
 from avex.platform_info import device_name
-from envs.registration import check_env_id
+from envs.registration import check_env_id, check_env_kwargs
 
 if TYPE_CHECKING:
     from envs.ave_env import AVEEnv
@@ -125,10 +125,20 @@ def _result(agent: str, K: int, played: dict[str, Any], dims: ViTDims, budget: i
     )
 
 
+# env kwargs that the benchmark sets itself (gym.make / gym.make_vec), with the flag to use instead.
+_OWN_ENV_KWARGS = {
+    "K": "pass it as --K",
+    "split": "pass it as --split",
+    "device": "pass it as --device",
+    "num_envs": "pass it as --num-envs",
+}
+
+
 def _check_args(args: BenchmarkConfig) -> Path:
     """Every argument that can be checked without building anything, so a refusal changes nothing; returns the
     results folder (not made yet)."""
     check_env_id(args.env, "--env")
+    check_env_kwargs(args.env_kwargs, _OWN_ENV_KWARGS)
     check_device("--device", args.device)
     check_int("--episodes", args.episodes, 1)
     check_int("--num-envs", args.num_envs, 1)
