@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, Field, field, fields
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["add_arguments", "cli_fields", "from_args", "option", "show"]
+__all__ = ["add_arguments", "cli_fields", "from_args", "json_object", "option", "show"]
 
 _T = TypeVar("_T")
 C = TypeVar("C")
@@ -93,7 +93,7 @@ def _option(f: Field[Any], annotation: Any, shown: str | None) -> tuple[str, dic
     elif kind in (int, float, str):
         spec["type"] = kind
     elif kind is dict or get_origin(kind) is dict:
-        spec["type"] = _json_object
+        spec["type"] = json_object
     else:
         raise TypeError(f"{f.name}: no command-line form for {annotation!r} (give it cli=False)")
     if "default_text" in meta:
@@ -124,8 +124,8 @@ def _comma_list(item: Callable[[str], _T]) -> Callable[[str], tuple[_T, ...]]:
     return parse
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    """An argparse ``type`` reading a JSON object."""
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse ``type`` reading a JSON object (every ``dict[str, Any]`` option's, and hand-written parsers')."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:

@@ -77,21 +77,18 @@ def check_env_id(env_id: Any, name: str = "env_id") -> str:
     return env_id
 
 
-def check_env_kwargs(value: Any, own: Mapping[str, str], shown: Any = None) -> dict[str, Any]:
+def check_env_kwargs(value: Any, own: Mapping[str, str]) -> dict[str, Any]:
     """``--env-kwargs`` of a command that sets some env kwargs itself: a dict of names without those.
 
     Args:
-        value: the kwargs (the JSON object as read).
+        value: the kwargs (the JSON object as read by :func:`avex.options.json_object`, or a config's dict).
         own: the kwargs the command sets itself, each with what to do instead (the flag that sets it).
-        shown: what a refusal of a non-object quotes (e.g. the JSON text); default ``value``.
 
     Raises:
         ValueError: not an object of names, or one of ``own`` given, named with its value and the fix.
     """
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ValueError(
-            f"--env-kwargs must be a JSON object such as '{{\"K\": 3}}', got {brief(value if shown is None else shown)}"
-        )
+        raise ValueError(f"--env-kwargs must be a JSON object such as '{{\"K\": 3}}', got {brief(value)}")
     for key, fix in own.items():
         if key in value:
             raise ValueError(f"--env-kwargs sets {key}={brief(value[key])}: {fix}")

@@ -195,8 +195,6 @@ def test_heavy_agents_are_left_out_of_the_cpu_default_only() -> None:
     "flag, value, message",
     [
         *SHARED_REFUSALS,
-        ("--env-kwargs", "[1]", "--env-kwargs must be a JSON object such as '{\"K\": 3}', got '[1]'"),
-        ("--env-kwargs", "{bad", "--env-kwargs is not valid JSON ("),
         ("--env-kwargs", '{"split": "train"}', "--env-kwargs sets split='train': pass it as --split"),
         ("--env-kwargs", '{"render_mode": "human"}', "--env-kwargs sets render_mode='human': leave it out"),
         ("--gif", "GIF_DIR/demo.png", "--gif must be a path ending in .gif, such as 'results/demo.gif', got '"),
@@ -222,6 +220,25 @@ def test_bad_demo_arguments_are_refused_before_anything_is_made(
     err = capsys.readouterr().err
     assert err.startswith(f"avex demo: error: {message}") and err.count("\n") == 1, err
     assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "notes").read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("command", [["benchmark"], ["demo"], ["train", "ppo"]])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("{bad", "not valid JSON (Expecting property name"),
+        ("[1]", "expected a JSON object such as '{\"K\": 3}', got '[1]'"),
+    ],
+)
+def test_env_kwargs_that_are_no_json_object_are_refused_by_the_parser(capsys, command, value, message) -> None:
+    """Every command reads --env-kwargs with one parser (avex.options' JSON-object type): one message, naming the
+    flag, before anything is built."""
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--env-kwargs", value])
+    last = capsys.readouterr().err.rstrip().splitlines()[-1]
+    assert exited.value.code == 2 and last.startswith(
+        f"avex {' '.join(command)}: error: argument --env-kwargs: {message}"
+    )
 
 
 def test_bad_ppo_arguments_end_with_one_line_and_status_2(tmp_path, capsys, monkeypatch) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -13,6 +12,7 @@ import numpy as np
 from agents import AGENTS, make_agent
 from agents.evaluate import evaluation_split
 from agents.ppo import policy_file
+from avex import options
 from avex.checks import brief, check_int, check_writable
 from envs.registration import check_env_id, check_env_kwargs
 from envs.render import save_gif
@@ -33,7 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--split", default=None, help="split the canvas comes from (default: the data set's evaluation split)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the env and the agent (default: %(default)s)")
-    p.add_argument("--env-kwargs", default="{}", help="extra env kwargs as JSON (default: %(default)s)")
+    p.add_argument(
+        "--env-kwargs",
+        type=options.json_object,
+        default="{}",
+        help="extra env kwargs as a JSON object (default: %(default)s)",
+    )
     p.add_argument("--gif", default="results/demo.gif", help="where the episode is written (default: %(default)s)")
 
 
@@ -49,15 +54,6 @@ def _render(env: gym.Env) -> np.ndarray:
 _OWN_ENV_KWARGS = {"split": "pass it as --split", "render_mode": "leave it out: the GIF needs 'rgb_array' frames"}
 
 
-def _env_kwargs(text: Any) -> dict[str, Any]:
-    """``--env-kwargs`` read as a JSON object without the kwargs demo sets itself."""
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"--env-kwargs is not valid JSON ({err}): {brief(text)}") from err
-    return check_env_kwargs(value, _OWN_ENV_KWARGS, shown=text)
-
-
 def _check_gif(gif: Any) -> None:
     """Refuse a ``--gif`` that is not a .gif file path whose folder can be made, before the episode is played."""
     if not isinstance(gif, str) or Path(gif).suffix.lower() != ".gif":
@@ -69,7 +65,7 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
     """Every argument that can be checked before an env is built or a file written; returns the env kwargs."""
     check_env_id(args.env, "--env")
     check_int("--seed", args.seed, 0)
-    env_kwargs = _env_kwargs(args.env_kwargs)
+    env_kwargs = check_env_kwargs(args.env_kwargs, _OWN_ENV_KWARGS)
     if args.ppo is not None:  # checked whichever the agent, as avex benchmark does
         policy_file(args.ppo, "--ppo")
     _check_gif(args.gif)
