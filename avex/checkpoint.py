@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 import weakref
@@ -36,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from avex.checks import brief, check_device
+from avex.checks import brief, check_device, check_pixel_norm, is_int
 from avex.model import TOREViT, create_tore
 from avex.safeload import (
     build_on_meta,
@@ -162,24 +161,16 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"got {brief(build)}; re-save the checkpoint"
         )
     check_build_args(build, f"{config}: 'build'")
-    # Not recorded: timm's default, 3 (RGB) for every timm ViT; save_tore records what the model was built with.
+    # Not recorded: timm's default, 3 (RGB) for every timm ViT; save_tore records what the model was built with,
+    # one value per channel (pixel normalisation: NaN here is NaN everywhere).
     in_chans = build.get("in_chans", 3)
-    for key, floor in (("mean", -math.inf), ("std", 0.0)):  # pixel normalisation: NaN here is NaN everywhere
-        values = build.get(key)
-        if values is not None and not (
-            isinstance(values, list)
-            and values
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and floor < v < math.inf for v in values)
-        ):
-            what = "positive finite numbers" if key == "std" else "finite numbers"
-            raise ValueError(f"{config}: build '{key}' must be a list of {what}, got {brief(values)}")
-        # One value per channel, as save_tore writes them: any other length would be averaged into one
-        # constant per channel (avex.embedding._per_channel, meant for timm's RGB defaults), silently.
-        if values is not None and isinstance(in_chans, int) and len(values) != in_chans:
-            raise ValueError(
-                f"{config}: build '{key}' has {len(values)} value(s) {brief(values)} but the model has "
-                f"in_chans={in_chans}: give one value per input channel (re-save the checkpoint with save_tore)"
-            )
+    check_pixel_norm(
+        build.get("mean"),
+        build.get("std"),
+        in_chans if is_int(in_chans) else None,
+        names=(f"{config}: build 'mean'", f"{config}: build 'std'"),
+        fix="re-save the checkpoint with save_tore",
+    )
     if not isinstance(cfg.get("meta", {}), dict):
         raise ValueError(f"{config}: 'meta' must be an object, got {brief(cfg.get('meta'))}")
     return cfg

@@ -15,7 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["brief", "check_device", "check_folder", "check_int", "check_real", "check_writable", "is_int", "is_real"]
+__all__ = [
+    "brief",
+    "check_device",
+    "check_folder",
+    "check_int",
+    "check_pixel_norm",
+    "check_real",
+    "check_writable",
+    "is_int",
+    "is_real",
+]
 
 
 def brief(value: Any, limit: int = 200) -> str:
@@ -30,8 +40,13 @@ def is_int(value: Any) -> bool:
 
 
 def is_real(value: Any) -> bool:
-    """A finite real number, numpy's included; bools are not."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    """A finite real number, numpy's included; bools are not, nor an int too large for a float."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # math.isfinite(10**400)
+        return False
 
 
 def check_int(name: str, value: Any, lo: int, hi: int | None = None, why: str = "") -> int:
@@ -98,6 +113,57 @@ def check_real(
             span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         raise ValueError(f"{name} must be a number {span}{why}, got {brief(value)}")
     return float(value)
+
+
+def check_pixel_norm(
+    mean: Any,
+    std: Any,
+    channels: int | None = None,
+    *,
+    names: tuple[str, str] = ("mean", "std"),
+    channels_text: str | None = None,
+    one_for_all: bool = False,
+    fix: str = "",
+) -> None:
+    """Refuse a pixel normalisation (``mean`` and ``std``, per channel; None: not given) that does not fit.
+
+    Each is a non-empty list or tuple of finite real numbers (bools refused), std's > 0 (pixels are divided by
+    it), one per channel: ``channels`` of them when known (or, with ``one_for_all``, one that serves every
+    channel), else as many as the other. Any other count would be averaged into one constant per channel without
+    a word (:func:`avex.embedding._per_channel`, meant for timm's RGB defaults), so it is refused.
+
+    Args:
+        names: the arguments as the message names them (e.g. ``("--mean", "--std")``).
+        channels_text: where ``channels`` comes from, as the message shows it (default ``in_chans=<channels>``).
+        fix: what to do, added to the message.
+
+    Raises:
+        ValueError: "<name> must be <what is allowed>, got <value>", or the two counts that disagree.
+    """
+    then = f"; {fix}" if fix else ""
+    for i, (name, values) in enumerate(zip(names, (mean, std))):
+        if values is None:
+            continue
+        ok = isinstance(values, (list, tuple)) and len(values) > 0
+        ok = ok and all(is_real(v) and (i == 0 or v > 0) for v in values)
+        ok = ok and (channels is None or len(values) == channels or (one_for_all and len(values) == 1))
+        if not ok:
+            if channels is None:
+                what = "finite numbers, one per channel"
+            else:
+                what = f"{channels} finite number(s), one per channel ({channels_text or f'in_chans={channels}'})"
+                what += ", or one for every channel" if one_for_all and channels != 1 else ""
+            each = ", each > 0 (pixels are divided by it)" if i else ""
+            raise ValueError(f"{name} must be {what}{each}, got {brief(values)}{then}")
+    if (
+        mean is not None
+        and std is not None
+        and len(mean) != len(std)
+        and not (one_for_all and 1 in (len(mean), len(std)))
+    ):
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have one value per channel each, got {brief(mean)} and {brief(std)}{then}"
+        )
 
 
 def check_folder(

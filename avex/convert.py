@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from avex.checkpoint import _paths, save_tore
-from avex.checks import brief, check_int, check_writable
+from avex.checks import brief, check_int, check_pixel_norm, check_writable
 from avex.model import TOREViT, create_tore
 from avex.posembed import POS_ORDERS, grid_sincos
 
@@ -157,10 +157,8 @@ def tore_from_mae_state(
             f"{source}: a {decoder_dim}-wide decoder of {decoder_depth} blocks needs decoder_heads dividing "
             f"{decoder_dim}, got {decoder_heads!r}"
         )
-    if len(mean) != timm_args["in_chans"]:
-        raise ValueError(
-            f"mean and std need one value per channel: {source} has {timm_args['in_chans']}, got mean={mean!r}"
-        )
+    channels = timm_args["in_chans"]
+    check_pixel_norm(mean, std, channels, channels_text=f"{source} has {channels}")
     try:
         tore = create_tore(
             model,
@@ -192,15 +190,7 @@ def _check_args(
     for name, heads in (("decoder_heads", decoder_heads), ("num_heads", num_heads)):
         if heads is not None:
             check_int(name, heads, 1)
-    for name, values in (("mean", mean), ("std", std)):
-        if not isinstance(values, (tuple, list)) or not values or not all(isinstance(v, (int, float)) for v in values):
-            raise ValueError(f"{name} must be numbers, one per channel, got {brief(values)}")
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"{name} must be finite, got {brief(values)}")
-    if len(mean) != len(std):
-        raise ValueError(f"mean and std need one value per channel each, got mean={mean!r} and std={std!r}")
-    if not all(v > 0 for v in std):  # pixels are divided by it
-        raise ValueError(f"std must be positive (pixels are divided by it), got {brief(std)}")
+    check_pixel_norm(mean, std)  # the channels are known once the tensors are read (tore_from_mae_state)
 
 
 def _timm_args(

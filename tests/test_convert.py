@@ -273,10 +273,18 @@ def test_files_that_are_no_checkpoint_are_refused_on_one_line_naming_src(tmp_pat
         (dict(num_heads=None), "pass num_heads dividing embed_dim=32"),  # vit_tiny's own 3 heads
         (dict(img_size=(33, 49)), r"img_size \(33, 49\) is not a multiple of .* 8-pixel patch"),
         (dict(img_size=(-32, -48)), r"img_size must be a positive int or \(H, W\), got \(-32, -48\)"),
-        (dict(mean=(0.5, 0.5)), "one value per channel"),
-        (dict(mean=(0.0,) * 4, std=(1.0,) * 4), "one value per channel: .* has 3"),
-        (dict(std=(0.0, 0.0, 0.0)), "std must be positive"),
-        (dict(mean=(float("nan"), 0.0, 0.0)), "mean must be finite"),
+        # mean / std: avex.checks.check_pixel_norm, as training and checkpoint configs check them
+        (dict(mean=(0.5, 0.5)), r"mean and std must have one value per channel each, got \(0.5, 0.5\) and \(0.229"),
+        (
+            dict(mean=(0.0,) * 4, std=(1.0,) * 4),
+            r"mean must be 3 finite number\(s\), one per channel \(.*mae.pth has 3",
+        ),
+        (
+            dict(std=(0.0, 0.0, 0.0)),
+            r"std must be finite numbers, one per channel, each > 0 \(pixels are divided by it",
+        ),
+        (dict(mean=(float("nan"), 0.0, 0.0)), r"mean must be finite numbers, one per channel, got \(nan, 0.0, 0.0\)"),
+        (dict(mean=(True, False, True)), r"mean must be finite numbers, one per channel, got \(True"),  # was accepted
     ],
 )
 def test_meaningless_model_arguments_are_refused_and_nothing_is_written(tmp_path, change, message) -> None:

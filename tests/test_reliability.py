@@ -339,15 +339,27 @@ def test_checkpoint_on_cuda_without_cuda_is_a_clear_value_error(checkpoint):
         load_tore(checkpoint, device="cuda")
 
 
-@pytest.mark.parametrize("key, values", [("mean", [0.1, 0.9, 0.5]), ("std", [0.25, 0.5])])
-def test_checkpoint_normalisation_must_have_one_value_per_channel(checkpoint, tmp_path, key, values):
+@pytest.mark.parametrize(
+    "key, values, message",
+    [
+        ("mean", [0.1, 0.9, 0.5], "build 'mean' must be 1 finite number(s), one per channel (in_chans=1)"),
+        ("std", [0.25, 0.5], "build 'std' must be 1 finite number(s), one per channel (in_chans=1), each > 0"),
+        ("std", [0.0], "build 'std' must be 1 finite number(s), one per channel (in_chans=1), each > 0"),
+        ("mean", [10**400], "build 'mean' must be 1 finite number(s)"),  # was accepted: no float holds it
+        ("mean", "0.1", "build 'mean' must be 1 finite number(s)"),
+    ],
+)
+def test_checkpoint_normalisation_must_have_one_value_per_channel(checkpoint, tmp_path, key, values, message):
+    """Checked as training and avex convert check it (avex.checks.check_pixel_norm): one message form."""
     assert load_tore(checkpoint, device=torch.device("cpu")).in_chans == 1  # a torch.device is a device too
     path = _copy_checkpoint(checkpoint, tmp_path / "c")
     cfg = json.loads(path.with_suffix(".json").read_text())
-    cfg["build"][key] = values  # used to be averaged into one value, silently
+    cfg["build"][key] = values  # a wrong count used to be averaged into one value, silently
     path.with_suffix(".json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=rf"build '{key}' has {len(values)} value\(s\) .* in_chans=1: give one value"):
+    with pytest.raises(ValueError) as refused:
         load_tore(path)
+    assert str(refused.value).startswith(f"{path.with_suffix('.json')}: {message}"), str(refused.value)
+    assert "re-save the checkpoint with save_tore" in str(refused.value)
 
 
 def test_missing_and_foreign_checkpoint_files(root, tmp_path):

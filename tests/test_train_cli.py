@@ -200,6 +200,27 @@ def test_the_library_refuses_what_the_command_line_refuses(
 
 
 @pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(mean=(0.1, 0.2)), "--mean must be 1 finite number(s), one per channel (--in-chans 1), got (0.1, 0.2)"),
+        (
+            dict(dataset="folder", std=(0.2, 0.3)),
+            "--std must be 3 finite number(s), one per channel (--in-chans 3), or one for every channel, each > 0 "
+            "(pixels are divided by it), got (0.2, 0.3)",
+        ),
+        (dict(std=(float("inf"),)), "--std must be 1 finite number(s), one per channel (--in-chans 1), each > 0"),
+    ],
+)
+def test_pixel_normalisation_is_checked_as_checkpoints_and_convert_check_it(
+    change: dict[str, Any], message: str
+) -> None:
+    """avex.checks.check_pixel_norm: the rules and the message form of read_config and avex convert."""
+    with pytest.raises(ValueError) as refused:
+        resolve_config(TrainConfig(**change))
+    assert str(refused.value).startswith(message), str(refused.value)
+
+
+@pytest.mark.parametrize(
     "change",
     [
         dict(steps=None, epochs=0.01),  # --epochs alone: at least one step

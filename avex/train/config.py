@@ -12,7 +12,7 @@ from dataclasses import Field, asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
 from avex import options
-from avex.checks import brief, check_int, check_real, is_int, is_real
+from avex.checks import brief, check_int, check_pixel_norm, check_real, is_int
 from avex.data import DATASETS
 
 __all__ = [
@@ -258,24 +258,6 @@ def _check_ints(values: dict[str, Any], name: str, lo: int, what: str, hi: str) 
         raise ValueError(f"{_flag(name)} {shown}: every {what} must be an integer in {lo}..{hi} (one or more)")
 
 
-def _check_pixel_norm(values: dict[str, Any], name: str) -> None:
-    """ValueError unless ``mean``/``std`` is None, or finite numbers (std > 0), one per channel or one for all.
-
-    One value serves every channel (:class:`avex.embedding.GlimpseViT` repeats it); any other count that is
-    not the channel count would be averaged into one value without a word, so it is refused.
-    """
-    given, channels = values[name], values["in_chans"]
-    each = "" if name == "mean" else ", each > 0"
-    per = f"{channels} number(s), one per channel (--in-chans {channels})" if channels else "one number per channel"
-    if isinstance(given, (str, bytes)) or not hasattr(given, "__len__") or not len(given):
-        ok = False
-    else:
-        ok = all(is_real(v) and (name == "mean" or v > 0) for v in given)
-        ok = ok and (channels is None or len(given) in (1, channels))
-    if not ok:
-        raise ValueError(f"{_flag(name)} must be {per}, or one for every channel{each}, got {brief(given)}")
-
-
 def _check_numbers(values: dict[str, Any]) -> None:
     """ValueError for a count, size, fraction, weight or seed out of range, naming the flag, what is allowed
     and the value. ``values``: the config's fields with the data set's defaults filled in."""
@@ -317,10 +299,16 @@ def _check_numbers(values: dict[str, Any]) -> None:
     check_real("--label-smoothing", values["label_smoothing"], 0, 1, hi_open=True, why=" (0: none)")
     check_real("--recon-weight", values["recon_weight"], 0, why=" (0: no reconstruction loss)")
     check_real("--grad-clip", values["grad_clip"], 0, why=" (0: off)")
-    # pixel normalisation
-    for name in ("mean", "std"):
-        if values[name] is not None:
-            _check_pixel_norm(values, name)
+    # pixel normalisation: one value also serves every channel (avex.embedding.GlimpseViT repeats it)
+    channels = values["in_chans"]
+    check_pixel_norm(
+        values["mean"],
+        values["std"],
+        channels,
+        names=("--mean", "--std"),
+        channels_text=f"--in-chans {channels}",
+        one_for_all=True,
+    )
 
 
 def need(value: _T | None, name: str) -> _T:
