@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, Field, field, fields
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["add_arguments", "cli_fields", "from_args", "json_object", "option", "show"]
+__all__ = ["add_arguments", "cli_fields", "flag", "from_args", "json_object", "option", "show"]
 
 _T = TypeVar("_T")
 C = TypeVar("C")
@@ -59,9 +59,21 @@ def add_arguments(
         title = f.metadata.get("group", "options")
         group = groups[title] if title in groups else groups.setdefault(title, parser.add_argument_group(title))
         shown = default_text(f) if default_text is not None else None
-        flag, spec = _option(f, hints[f.name], shown)
-        group.add_argument(flag, dest=f.name, **spec)
+        group.add_argument(_flag(f, hints[f.name]), dest=f.name, **_option(f, hints[f.name], shown))
     return parser
+
+
+def flag(cls: type, name: str) -> str:
+    """The command-line flag of field ``name`` of dataclass ``cls``, as :func:`add_arguments` spells it, for
+    messages that name it: ``batch_size`` -> ``--batch-size``, ``--no-amp`` for a bool on by default."""
+    return _flag(next(f for f in fields(cls) if f.name == name), get_type_hints(cls)[name])
+
+
+def _flag(f: Field[Any], annotation: Any) -> str:
+    """Field ``f``'s flag: the metadata's ``flag``, else its name with dashes (``--no-`` for a bool on by default)."""
+    dashed = f.name.replace("_", "-")
+    on_by_default = _strip_none(annotation) is bool and f.default is True
+    return str(f.metadata.get("flag", f"--no-{dashed}" if on_by_default else f"--{dashed}"))
 
 
 def from_args(cls: type[C], args: argparse.Namespace) -> C:
@@ -74,16 +86,14 @@ def from_args(cls: type[C], args: argparse.Namespace) -> C:
     return cls(**values)
 
 
-def _option(f: Field[Any], annotation: Any, shown: str | None) -> tuple[str, dict[str, Any]]:
-    """(flag, add_argument keywords) of one field, from its annotation and metadata."""
+def _option(f: Field[Any], annotation: Any, shown: str | None) -> dict[str, Any]:
+    """The add_argument keywords of one field (its flag: :func:`_flag`), from its annotation and metadata."""
     meta, kind = f.metadata, _strip_none(annotation)
-    dashed = f.name.replace("_", "-")
     text = meta["help"].replace("%", "%%")  # argparse %-formats help strings
     if kind is bool:
-        if f.default:  # on by default: the flag turns it off
-            spec = dict(action="store_false", default=True, help=f"disable: {text} (default: enabled)")
-            return meta.get("flag", f"--no-{dashed}"), spec
-        return meta.get("flag", f"--{dashed}"), dict(action="store_true", default=False, help=f"{text} (default: off)")
+        if f.default is True:  # on by default: the flag (_flag's --no-<name>) turns it off
+            return dict(action="store_false", default=True, help=f"disable: {text} (default: enabled)")
+        return dict(action="store_true", default=False, help=f"{text} (default: off)")
     spec = {k: meta[k] for k in ("nargs", "const", "metavar") if k in meta}
     if get_origin(kind) is Literal:
         spec.update(choices=get_args(kind), type=type(get_args(kind)[0]))
@@ -102,7 +112,7 @@ def _option(f: Field[Any], annotation: Any, shown: str | None) -> tuple[str, dic
         f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else None
     )
     spec.update(default=default, help=f"{text} (default: {(shown or show(default)).replace('%', '%%')})")
-    return meta.get("flag", f"--{dashed}"), spec
+    return spec
 
 
 def _strip_none(annotation: Any) -> Any:

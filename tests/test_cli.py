@@ -176,6 +176,19 @@ def test_every_benchmark_option_has_help_and_a_shown_default() -> None:
             assert action.help and "(default: " in action.help, action.option_strings
 
 
+def test_the_reported_command_line_gives_the_same_benchmark() -> None:
+    """The report's command (avex.cli.benchmark._argv, flags spelled by avex.options.flag) parses back to the config."""
+    import shlex
+
+    from avex import options
+    from avex.cli.benchmark import BenchmarkConfig, _argv
+
+    cfg = BenchmarkConfig(agents=("random",), K=(0, 2), env_kwargs={"root": "a b"}, split="test", num_envs=3)
+    argv = shlex.split(" ".join(_argv(cfg)))
+    assert "--K" in argv and "--num-envs" in argv
+    assert options.from_args(BenchmarkConfig, build_parser().parse_args(["benchmark", *argv])) == cfg
+
+
 def test_unknown_agent_is_refused_before_anything_is_built(capsys, monkeypatch) -> None:
     import gymnasium as gym
 

@@ -54,6 +54,16 @@ def test_flags_keep_their_spelling_and_round_trip() -> None:
     assert config_from_args(parser.parse_args(["--train-split", ""])).train_split == ""
 
 
+def test_a_fields_flag_is_spelled_once_by_avex_options() -> None:
+    """avex.options.flag, which refusals use to name a field, spells every field as the parser does (a bool on by
+    default as its --no- flag)."""
+    from avex import options
+
+    spelled = {a.dest: a.option_strings[0] for a in _options(_parser())}
+    assert {f.name: options.flag(TrainConfig, f.name) for f in options.cli_fields(TrainConfig)} == spelled
+    assert spelled["amp"] == "--no-amp" and spelled["train_k"] == "--train-k"
+
+
 @pytest.mark.parametrize("argv", [["--pos-init", "fourier"], ["--mean", "0.1,x"], ["--train-k"], ["--steps", "1.5"]])
 def test_bad_values_are_refused_by_the_parser(argv: list[str]) -> None:
     with pytest.raises(SystemExit):

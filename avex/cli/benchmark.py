@@ -211,7 +211,7 @@ def _argv(args: BenchmarkConfig) -> list[str]:
     for k, v in asdict(args).items():
         if v is None:
             continue
-        flag = "--K" if k == "K" else "--" + k.replace("_", "-")
+        flag = options.flag(BenchmarkConfig, k)
         if isinstance(v, dict):
             parts += [flag, shlex.quote(json.dumps(v))]
         else:

@@ -241,11 +241,6 @@ _SEED_MAX = 2**64 - 1
 _SIZES = ("depth", "embed_dim", "num_heads", "img_size", "patch", "in_chans", "glimpse", "budget")
 
 
-def _flag(name: str) -> str:
-    """The command-line spelling of field ``name`` (:mod:`avex.options`): ``batch_size`` -> ``--batch-size``."""
-    return "--" + name.replace("_", "-")
-
-
 def _check_ints(values: dict[str, Any], name: str, lo: int, what: str, hi: str) -> None:
     """ValueError unless field ``name`` (``nargs='+'``) is None or one or more integers >= ``lo``; the upper bound,
     ``hi``, depends on the model and is checked once it is built (:func:`avex.train.loop.start_training`)."""
@@ -255,7 +250,8 @@ def _check_ints(values: dict[str, Any], name: str, lo: int, what: str, hi: str) 
     seq = not isinstance(given, (str, bytes)) and hasattr(given, "__len__") and hasattr(given, "__iter__")
     if not (seq and len(given)) or not all(is_int(v) and v >= lo for v in given):
         shown = brief(list(given) if seq else given)
-        raise ValueError(f"{_flag(name)} {shown}: every {what} must be an integer in {lo}..{hi} (one or more)")
+        flag = options.flag(TrainConfig, name)
+        raise ValueError(f"{flag} {shown}: every {what} must be an integer in {lo}..{hi} (one or more)")
 
 
 def _check_numbers(values: dict[str, Any]) -> None:
@@ -275,7 +271,7 @@ def _check_numbers(values: dict[str, Any]) -> None:
         check_int("--clutter", values["clutter"], 0, why=" (0: no clutter)")
     for name in _SIZES:
         if values[name] is not None:
-            check_int(_flag(name), values[name], 1)
+            check_int(options.flag(TrainConfig, name), values[name], 1)
     _check_ints(values, "train_k", 0, "split point", "the model's depth")
     _check_ints(values, "train_t", 1, "glimpse count", "the non-overlapping glimpses of the grid")
     # lengths in epochs
