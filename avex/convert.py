@@ -333,13 +333,12 @@ def convert_mae_checkpoint(
 
 
 def _check_dst(weights: Path, config: Path, overwrite: bool) -> None:
-    """Refuse a ``dst`` that exists (unless ``overwrite``) or whose folder cannot hold it, before reading ``src``."""
+    """Refuse a ``dst`` that exists (unless ``overwrite``), is a folder or whose folder cannot hold it, before
+    reading ``src``."""
     for path in (weights, config):
-        if path.is_dir():
-            raise ValueError(f"dst {path} is a folder: pass a file name such as {path / 'model'}")
+        check_writable("dst", path)  # a folder first: it exists, but is no checkpoint to overwrite
         if path.exists() and not overwrite:
             raise ValueError(f"dst {path} already exists: pass another dst, or overwrite=True (--overwrite)")
-    check_writable("dst", weights)
 
 
 def _load(src: Path) -> Any:

@@ -295,6 +295,24 @@ def test_meaningless_model_arguments_are_refused_and_nothing_is_written(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["mae.pth"]
 
 
+@pytest.mark.parametrize("folder", ["avex.safetensors", "avex.json"])
+def test_a_dst_that_is_a_folder_is_refused_as_every_file_path_is(tmp_path, capsys, monkeypatch, folder) -> None:
+    """The weights' or the config's path an existing folder: refused by avex.checks.check_writable's rule and
+    message (as --gif or --out), naming dst, before src is read."""
+    import avex.convert as convert_mod
+
+    monkeypatch.setattr(convert_mod, "_load", lambda src: pytest.fail("src was read"))
+    src = tmp_path / "mae.pth"
+    torch.save({"model": mae_state()}, src)
+    (tmp_path / folder).mkdir()
+    flags = [
+        f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in BUILD.items()
+    ]
+    err = _cli_refusal(capsys, ["convert", "--src", str(src), "--dst", str(tmp_path / "avex"), *flags])
+    assert f"error: dst '{tmp_path / folder}' is a folder; give a file path such as" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([folder, "mae.pth"])
+
+
 def test_dst_is_never_overwritten_silently_nor_half_written(tmp_path, capsys, monkeypatch) -> None:
     """An existing dst is refused (as timm's checkpoint scripts do) unless --overwrite; a dst under a file is
     refused by name; a write that fails leaves neither file."""
