@@ -177,7 +177,10 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_tore(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu", expect: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    expect: dict[str, Any] | None = None,
+    checkpoint_config: dict[str, Any] | None = None,
 ) -> TOREViT:
     """Rebuild a model from a checkpoint and load its weights (strict; see the module's loading rules).
 
@@ -186,6 +189,8 @@ def load_tore(
         device: "cpu", "cuda", "cuda:<index>" or such a torch.device, checked before anything is read.
         expect: build arguments the caller requires (e.g. ``{"img_size": 112, "in_chans": 1}``); a
             checkpoint that disagrees raises ValueError naming the field, its value and the expected one.
+        checkpoint_config: the checkpoint's config as :func:`read_config` returned it, from a caller that read it
+            already (None: read here), so the file is read once.
 
     Raises:
         FileNotFoundError: a file is missing.
@@ -194,7 +199,7 @@ def load_tore(
     """
     device = _check_device(device)
     _check_expect(expect)
-    cfg = read_config(path)
+    cfg = read_config(path) if checkpoint_config is None else checkpoint_config
     build = dict(cfg["build"])
     build.setdefault("decoder_pos", UNRECORDED_DECODER_POS)
     for key, want in (expect or {}).items():
@@ -336,6 +341,7 @@ def shared_model(
     device: str = "cpu",
     expect: dict[str, Any] | None = None,
     dtype: str = "float32",
+    checkpoint_config: dict[str, Any] | None = None,
     **build: Any,
 ) -> TOREViT:
     """One eval-mode model per process and argument set (environments share it, never copy it).
@@ -351,6 +357,7 @@ def shared_model(
         pretrained: timm hub weights (needs them in the local hub cache when offline).
         expect: build arguments an avex checkpoint must match (see :func:`load_tore`).
         dtype: "float32" or "bfloat16" (weights and token cache; pixels are normalised in float32).
+        checkpoint_config: an avex checkpoint's config, already read (see :func:`load_tore`); not part of the key.
         build: create_tore arguments (img_size, patch_size, in_chans, num_classes, depth, ...).
 
     Raises:
@@ -380,7 +387,7 @@ def shared_model(
             seed = int.from_bytes(hashlib.sha256(repr(key[:3] + key[5:]).encode()).digest()[:8], "little")
             with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
                 torch.manual_seed(seed)
-                tore = _ready(_acquire(model, ref, pretrained, device, expect, build), dtype)
+                tore = _ready(_acquire(model, ref, pretrained, device, expect, build, checkpoint_config), dtype)
             _BUILT[tore] = weights_digest(tore)
             _SHARED[key] = tore
         return _SHARED[key]
@@ -391,12 +398,18 @@ def _ready(tore: TOREViT, dtype: str) -> TOREViT:
 
 
 def _acquire(
-    model: str, ref: str | None, pretrained: bool, device: str, expect: dict[str, Any] | None, build: dict[str, Any]
+    model: str,
+    ref: str | None,
+    pretrained: bool,
+    device: str,
+    expect: dict[str, Any] | None,
+    build: dict[str, Any],
+    checkpoint_config: dict[str, Any] | None,
 ) -> TOREViT:
     """Load or build the model behind :func:`shared_model`'s arguments."""
     path = resolve_file(ref) if ref is not None and is_shipped(ref) else ref
     if path is not None and is_avex_checkpoint(path):
-        return load_tore(path, device, expect)
+        return load_tore(path, device, expect, checkpoint_config)
     # Arguments timm cannot build (an unknown keyword, heads that do not divide the width) or a model too
     # large: a ValueError naming them, found on the meta device before any memory is taken.
     source = f"model {model!r} with {brief(build)}"

@@ -98,8 +98,10 @@ def env_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
             raise ValueError(
                 "model_kwargs apply to timm models; an avex checkpoint records its own architecture: drop model_kwargs"
             )
-        _check_checkpoint_model(cfg)
-        model = shared_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype)
+        read = _check_checkpoint_model(cfg)
+        model = shared_model(
+            cfg.model, cfg.checkpoint, cfg.pretrained, cfg.device, dtype=cfg.dtype, checkpoint_config=read
+        )
     else:
         own = check_model(cfg)
         build: dict[str, Any] = dict(img_size=h if h == w else (h, w), in_chans=c, num_classes=source.num_classes)
@@ -115,11 +117,12 @@ def env_model(cfg: EnvConfig, source: CanvasSource) -> TOREViT:
     return model
 
 
-def _check_checkpoint_model(cfg: EnvConfig) -> None:
+def _check_checkpoint_model(cfg: EnvConfig) -> dict[str, Any] | None:
     """Refuse ``model=`` or ``pretrained=True`` given beside an avex checkpoint, which they would not change.
 
     Only values that differ from the id's registered ones count as given (an env cannot tell a registered
     default from the same value passed again), and a model name counts only if it is not the checkpoint's own.
+    Returns the checkpoint's config where it was read to compare the names (the model is loaded from it), else None.
     """
     if cfg.pretrained and not cfg.spec.pretrained:
         raise ValueError(
@@ -127,12 +130,15 @@ def _check_checkpoint_model(cfg: EnvConfig) -> None:
             "drop pretrained, or pass checkpoint=None for timm's pretrained weights"
         )
     if cfg.model != cfg.spec.model and cfg.checkpoint is not None:
-        own = read_config(resolve_file(cfg.checkpoint))["build"].get("model")
+        config = read_config(resolve_file(cfg.checkpoint))
+        own = config["build"].get("model")
         if cfg.model != own:
             raise ValueError(
                 f"model={cfg.model!r} is not the architecture of checkpoint={str(cfg.checkpoint)!r} ({own!r}), which "
                 f"records its own: drop model, or pass checkpoint=None to build {cfg.model!r} from timm"
             )
+        return config
+    return None
 
 
 def _check_patch_grid(name: str, canvas: tuple[int, int], patch: Any) -> None:

@@ -423,6 +423,20 @@ def test_model_or_pretrained_beside_an_avex_checkpoint_is_refused_not_ignored(ro
         assert AVEEnv(root=root, checkpoint=path, model=name).model.build_args["model"] == "deit_tiny_patch16_224"
 
 
+def test_a_checkpoint_named_beside_its_own_model_is_read_once(roots, tmp_path, monkeypatch):
+    """model= other than the id's: the checkpoint's config, read to compare the names, is the one the model is
+    loaded from (it was read a second time by load_tore)."""
+    import avex.checkpoint
+
+    model = create_tore("deit_tiny_patch16_224", img_size=112, patch_size=8, in_chans=1, num_classes=10, depth=1)
+    path = save_tore(model, tmp_path / "deit")
+    reads: list[Path] = []
+    read_json = avex.checkpoint.read_json
+    monkeypatch.setattr(avex.checkpoint, "read_json", lambda p, what: reads.append(Path(p)) or read_json(p, what))
+    env = AVEEnv(root=str(roots["AVE-FashionMNIST-v0"]), checkpoint=str(path), model="deit_tiny_patch16_224")
+    assert env.model.build_args["model"] == "deit_tiny_patch16_224" and reads == [path.with_suffix(".json")]
+
+
 # ------------------------------------------------------------ rewards, info
 def test_dense_reward_telescopes(roots):
     env = fm(roots)
