@@ -130,7 +130,7 @@ def check_pixel_norm(
     Each is a non-empty list or tuple of finite real numbers (bools refused), std's > 0 (pixels are divided by
     it), one per channel: ``channels`` of them when known (or, with ``one_for_all``, one that serves every
     channel), else as many as the other. Any other count would be averaged into one constant per channel without
-    a word (:func:`avex.embedding._per_channel`, meant for timm's RGB defaults), so it is refused.
+    a word (``avex.embedding._per_channel``, meant for timm's RGB defaults), so it is refused.
 
     Args:
         names: the arguments as the message names them (e.g. ``("--mean", "--std")``).

@@ -87,7 +87,7 @@ def from_args(cls: type[C], args: argparse.Namespace) -> C:
 
 
 def _option(f: Field[Any], annotation: Any, shown: str | None) -> dict[str, Any]:
-    """The add_argument keywords of one field (its flag: :func:`_flag`), from its annotation and metadata."""
+    """The add_argument keywords of one field (its flag: ``_flag``), from its annotation and metadata."""
     meta, kind = f.metadata, _strip_none(annotation)
     text = meta["help"].replace("%", "%%")  # argparse %-formats help strings
     if kind is bool:
