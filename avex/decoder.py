@@ -10,7 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from avex.decoder_index import held_tokens, sequence_index, token_cells
+from avex.decoder_table import normed_table
 from avex.entropy_attention import entropy_attention
+from avex.kernel_fallback import _kernel_may_run
 from avex.layer_norm import norm_forward
 from avex.posembed import grid_sincos
 
@@ -63,20 +65,22 @@ class _DecoderBlock(nn.Module):
         x = x + self.mlp(norm_forward(self.norm2, x))
         return x, ent
 
-    def entropy_from_table(self, table: torch.Tensor, index: torch.Tensor, first_query: int = 0) -> torch.Tensor:
-        """:meth:`forward`'s entropy alone, for sequences given as a table of distinct rows and an index.
+    def entropy_from_normed(self, normed: torch.Tensor, index: torch.Tensor, first_query: int = 0) -> torch.Tensor:
+        """:meth:`forward`'s entropy alone, for sequences given as a table of distinct rows, already normed by
+        ``norm1``, and an index.
 
         The norm and the qkv projection act on each row alone, so they run once per distinct row (the mask
         token's rows are shared by every sequence) and the kernel reads each sequence through ``index``:
         the [B, S, dim] sequence and its [B, S, 3 * dim] projection are never written.
 
         Args:
-            table: [R, dim] distinct rows; index: int64 [B, S], token s of sequence b is ``table[index[b, s]]``.
+            normed: [R, dim] ``norm1`` of the distinct rows; index: int64 [B, S], token s of sequence b is row
+                ``index[b, s]``.
 
         Returns:
             float32 [B, S - first_query]: the entropy of :meth:`forward`, from the same arithmetic per row.
         """
-        qkv = self.qkv(norm_forward(self.norm1, table))  # [R, 3 * dim]
+        qkv = self.qkv(normed)  # [R, 3 * dim]
         _, ent = entropy_attention(qkv, self.heads, first_query=first_query, skip_keys=1, output=False, rows=index)
         assert ent is not None
         return ent
@@ -168,21 +172,40 @@ class GlimpseDecoder(nn.Module):
         seen = (self.embed(tokens) + pos[cell]).view(b * n_obs, self.dim)
         return torch.cat([head, seen, self.mask_token.to(head.dtype)[0] + pos]), index
 
+    def _normed_table(
+        self, latent: torch.Tensor, prefix: int, coords: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first block's ``norm1`` of :meth:`_table`'s rows, and the index: [B + B * L + N, dim] and int64
+        [B, 1 + N]. Where a kernel may run (CUDA or Triton's interpreter, no autograd), one product embeds the whole
+        sequence, its tokens read in place, and :func:`avex.decoder_table.normed_table` places and norms the rows in
+        one pass; elsewhere (the CPU) :meth:`_table`'s ops, then the norm."""
+        block = self.blocks[0]
+        assert isinstance(block, _DecoderBlock)
+        norm1 = block.norm1
+        if not _kernel_may_run(latent):
+            table, index = self._table(latent[:, 0], latent[:, prefix:], coords, valid)
+            return norm_forward(norm1, table), index
+        cell, index = sequence_index(coords, valid, self.grid)
+        emb = self.embed(latent)  # [B, P + L, dim]
+        pos = self.grid_pos[0].to(emb.dtype)
+        return normed_table(emb, prefix, cell, pos, self.mask_token.to(emb.dtype)[0, 0], norm1), index
+
     def forward(
         self,
-        cls: torch.Tensor,
-        tokens: torch.Tensor,
+        latent: torch.Tensor,
         coords: torch.Tensor,
         valid: torch.Tensor | None = None,
+        *,
+        prefix: int = 1,
         recon: bool = True,
         entropy: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Reconstruct and score the grid.
+        """Reconstruct and score the grid from the encoder's output, as MAE's decoder takes it.
 
         Args:
-            cls: [B, D] the aggregator's CLS output.
-            tokens: [B, L, D] the aggregator's output patch tokens.
-            coords: [B, L, 2] their patch coordinates.
+            latent: [B, P + L, D] the aggregator's tokens after the final norm: CLS first, the observed tokens from
+                ``prefix`` (P) on (registers between are not read).
+            coords: [B, L, 2] the observed tokens' patch coordinates.
             valid: [B, L] bool, False at padding; None if all valid.
             recon, entropy: which outputs to compute (the other is None). Entropy alone skips the last
                 block's attention output, MLP and pixel head (an env reads only the entropy map);
@@ -194,17 +217,18 @@ class GlimpseDecoder(nn.Module):
         """
         if not (recon or entropy):
             raise ValueError("ask the decoder for recon, entropy or both")
+        b = latent.shape[0]
         if not recon and len(self.blocks) == 1 and not torch.is_grad_enabled():
             # The entropy alone of a one-block decoder reads only q and k of each token: computed per distinct
-            # row, read through an index (see _DecoderBlock.entropy_from_table).
+            # row, read through an index (see _DecoderBlock.entropy_from_normed).
             block = self.blocks[0]
             assert isinstance(block, _DecoderBlock)
-            ent = block.entropy_from_table(*self._table(cls, tokens, coords, valid), first_query=1)
-            return None, ent.view(cls.shape[0], *self.grid)
-        x = self._sequence(cls, tokens, coords, valid)
+            ent = block.entropy_from_normed(*self._normed_table(latent, prefix, coords, valid), first_query=1)
+            return None, ent.view(b, *self.grid)
+        x = self._sequence(latent[:, 0], latent[:, prefix:], coords, valid)
         for blk in self.blocks[:-1]:
             x, _ = blk(x, entropy=False)
         # Only the grid's rows of the last block are read (reconstruction, entropy): query just those.
         x, ent = self.blocks[-1](x, first_query=1, output=recon, entropy=entropy)
         pixels = self.pred(norm_forward(self.norm, x)) if recon else None
-        return pixels, None if ent is None else ent.view(cls.shape[0], *self.grid)
+        return pixels, None if ent is None else ent.view(b, *self.grid)

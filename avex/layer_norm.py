@@ -91,7 +91,9 @@ if triton is not None:
         rstd_ptr,
         M,
         N,
-        stride_x,
+        seq,
+        stride_xb,
+        stride_xs,
         stride_y,
         eps,
         BLOCK_M: tl.constexpr,
@@ -99,14 +101,16 @@ if triton is not None:
         STATS: tl.constexpr,
         ONES: tl.constexpr,
     ):
-        # BLOCK_M rows per program of x (rows stride_x apart, unit column stride) into y (rows stride_y apart);
-        # mean and 1/std per row in fp32 (_normalize_rows), stored when STATS; ONES columns after each row's N.
+        # BLOCK_M rows per program of x (row r at (r // seq) * stride_xb + (r % seq) * stride_xs, unit column stride)
+        # into y (rows stride_y apart); mean and 1/std per row in fp32 (_normalize_rows), stored when STATS; ONES
+        # columns after each row's N.
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         in_rows, in_cols = rows < M, cols < N
         mask = in_rows[:, None] & in_cols[None, :]
         rows64 = rows.to(tl.int64)  # 64-bit offsets: rows x N passes 2**31 at large batches
-        x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x_rows = (rows64 // seq) * stride_xb + (rows64 % seq) * stride_xs
+        x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y, mean, rstd = _normalize_rows(x, mask, w_ptr, b_ptr, cols, in_cols, N, eps)
         tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
         if ONES > 0:
@@ -190,10 +194,8 @@ def _forward(
     if weight.shape != (n,) or bias.shape != (n,):
         got = f"{tuple(weight.shape)} and {tuple(bias.shape)}"
         raise ValueError(f"weight and bias must be [{n}] (x's last axis), got {got}")
-    x2 = x.reshape(-1, n)  # a view where rows lie a fixed stride apart (a CLS token's rows): no copy
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
+    x2, seq, stride_xb, stride_xs = _rows_in_place(x)  # a CLS token's rows, or the tokens a cache holds: no copy
+    m = x.numel() // n if n else 0
     block_n, default_m = _row_blocks(n, 4096)
     block_m = block_m or default_m
     if block_m & (block_m - 1):
@@ -205,7 +207,7 @@ def _forward(
     if m:
         _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
             x2, weight.contiguous(), bias.contiguous(), y, mean if stats else y, rstd if stats else y,
-            m, n, x2.stride(0), y.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, STATS=stats, ONES=pad,
+            m, n, seq, stride_xb, stride_xs, y.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, STATS=stats, ONES=pad,
             num_warps=num_warps or 4,
         )  # fmt: skip
     return y.view(x.shape), mean, rstd
@@ -226,8 +228,8 @@ def layer_norm_forward(
     (:func:`avex.train.rows.train_layer_norm` adds it).
 
     Args:
-        x: [..., N] fp16, bf16 or fp32 on CUDA (or CPU under Triton's interpreter); any strides (rows a fixed
-            stride apart are read in place, others copied first).
+        x: [..., N] fp16, bf16 or fp32 on CUDA (or CPU under Triton's interpreter); any strides (a [M, N] or
+            [B, S, N] of unit feature stride is read in place, others copied first: see :func:`_rows_in_place`).
         weight, bias: [N].
         eps: added to the variance.
         block_m, num_warps: launch settings (rows per program, a power of two; warps); None: a tile of about
@@ -261,9 +263,12 @@ def layer_norm(
 
 
 def _rows_in_place(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """x [..., N] for the forward kernel: (x, or a contiguous copy where its rows are not regular, rows per group,
-    group stride, row stride), row r at (r // group) * group stride + (r % group) * row stride. A [B, S, N] with
-    unit feature stride is read in place (a slice of tokens ``x[:, first:]`` of the residual stream among them)."""
+    """x [..., N] for the forward kernels: (x, or a contiguous copy where its rows are not regular, rows per group,
+    group stride, row stride), row r at (r // group) * group stride + (r % group) * row stride. With unit feature
+    stride, a [M, N] (a CLS token's rows) and a [B, S, N] (a slice of tokens ``x[:, first:]`` of the residual stream,
+    the tokens a TORE cache holds) are read in place."""
+    if x.dim() == 2 and x.stride(-1) == 1:
+        return x, max(1, x.shape[0]), 0, x.stride(0)
     if x.dim() == 3 and x.stride(-1) == 1 and x.shape[1]:
         return x, x.shape[1], x.stride(0), x.stride(1)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()

@@ -266,9 +266,7 @@ class TOREViT(GlimpseViT):
         if self.decoder is None:
             raise ValueError("this model was built without a decoder (decoder_dim=0)")
         valid = None if out.valid is None else out.valid[:, self.num_prefix :]
-        return self.decoder(
-            out.tokens[:, 0], out.tokens[:, self.num_prefix :], out.coords, valid, recon=recon, entropy=entropy
-        )
+        return self.decoder(out.tokens, out.coords, valid, prefix=self.num_prefix, recon=recon, entropy=entropy)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images [B, C, H, W] -> per-patch pixels [B, N, patch * patch * C] (decoder target layout)."""

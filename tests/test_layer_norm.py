@@ -46,8 +46,9 @@ def close(got: torch.Tensor, want: torch.Tensor) -> None:
 @needs_triton
 def test_kernel_matches_layer_norm_under_interpreter() -> None:
     """fp32 and bf16; 192 and 768 features (a ViT-S-like and ViT-B's width) and one not a power of two; odd row
-    counts (one row, a partial last program); rows a stride apart (a CLS token), rows copied first (a slice of
-    tokens, a transposed tensor); launch settings; the per-row statistics of the training forward."""
+    counts (one row, a partial last program); rows read in place (a CLS token's, a slice of tokens, the tokens of
+    every other sequence), rows copied first (a transposed tensor); launch settings; the per-row statistics of the
+    training forward."""
     out = interpreted("""
         import torch
         import torch.nn.functional as F
@@ -190,7 +191,8 @@ def test_kernel_matches_layer_norm_on_cuda(dtype: torch.dtype) -> None:
         w, b = (torch.randn(n, generator=gen, device="cuda").to(dtype) for _ in range(2))
         close(ln.layer_norm(x, w, b, 1e-6), F.layer_norm(x, (n,), w, b, 1e-6))
         if x.ndim == 3:
-            close(ln.layer_norm(x[:, 0], w, b, 1e-6), F.layer_norm(x[:, 0], (n,), w, b, 1e-6))
+            for view in (x[:, 0], x[:, 1:], x[::2, 2:]):  # read in place
+                close(ln.layer_norm(view, w, b, 1e-6), F.layer_norm(view, (n,), w, b, 1e-6))
 
 
 @cuda
