@@ -112,6 +112,8 @@ SHARED_REFUSALS = [
         ("--env-kwargs", '{"split": "train"}', "--env-kwargs sets split='train': pass it as --split"),
         ("--env-kwargs", '{"device": "cpu"}', "--env-kwargs sets device='cpu': pass it as --device"),
         ("--env-kwargs", '{"num_envs": 4}', "--env-kwargs sets num_envs=4: pass it as --num-envs"),
+        # Gymnasium's episode cap, which gym.make takes (was a RuntimeError: episodes cut short of the budget)
+        ("--env-kwargs", '{"max_episode_steps": 3}', "--env-kwargs sets max_episode_steps=3: leave it out"),
     ],
 )
 def test_bad_benchmark_arguments_are_refused_before_anything_is_made(

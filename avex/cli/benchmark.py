@@ -125,12 +125,14 @@ def _result(agent: str, K: int, played: dict[str, Any], dims: ViTDims, budget: i
     )
 
 
-# env kwargs that the benchmark sets itself (gym.make / gym.make_vec), with the flag to use instead.
+# env kwargs the benchmark refuses, with what to do instead: those it sets itself (gym.make / gym.make_vec), and
+# Gymnasium's episode cap, which gym.make takes for itself and which would cut episodes the table needs whole.
 _OWN_ENV_KWARGS = {
     "K": "pass it as --K",
     "split": "pass it as --split",
     "device": "pass it as --device",
     "num_envs": "pass it as --num-envs",
+    "max_episode_steps": "leave it out: an episode is the glimpse budget (set 'budget' to change it)",
 }
 
 
