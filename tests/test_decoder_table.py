@@ -90,13 +90,9 @@ def decoder_kernel_path_equals_cpu_path() -> None:
     kernel: forced by a CUDA graph's rule) equals the CPU path's (two products, PyTorch's ops) within 1e-4 bits."""
     import avex.decoder_table as dt
     import avex.layer_norm as lnm
-    from tests.test_model import G, canvases, glimpses, make, random_actions
+    from tests.test_model import sharp_decoder_case
 
-    model = make()
-    with torch.no_grad():
-        model.decoder.blocks[-1].qkv.weight.mul_(3)  # sharper attention: a map far from uniform
-    geo = model.geometry(G)
-    pix, coords = glimpses(model, canvases(3), random_actions(3, 4, geo), geo)
+    model, pix, coords = sharp_decoder_case(3, 4)
     calls = []
     kernel = dt.normed_table_kernel
     dt.normed_table_kernel = lambda *a, **k: calls.append(1) or kernel(*a, **k)

@@ -97,16 +97,12 @@ def test_reference_reads_sequences_through_a_row_table_and_checks_it() -> None:
 def test_decoder_entropy_from_its_row_table_equals_the_whole_sequence_on_cpu() -> None:
     """A one-block decoder's entropy alone (norm and qkv per distinct row, read through an index) against the
     same block over the whole [B, 1 + N, dim] sequence (what decode(recon=True) runs), on the CPU."""
-    from tests.test_model import G, canvases, glimpses, make, random_actions
+    from tests.test_model import sharp_decoder_case
 
-    model = make()
+    model, pix, coords = sharp_decoder_case(3, 4)
     assert model.decoder is not None and len(model.decoder.blocks) == 1
     with torch.no_grad():
-        model.decoder.blocks[-1].qkv.weight.mul_(3)  # sharper attention: a map far from uniform
-    geo = model.geometry(G)
-    pix, coords = glimpses(model, canvases(3), random_actions(3, 4, geo), geo)
-    with torch.no_grad():
-        empty = model.aggregate_cache(model.init_cache(3, 4, 2, geo.tokens_per_glimpse))  # nothing seen yet
+        empty = model.aggregate_cache(model.init_cache(3, 4, 2, coords.shape[2]))  # nothing seen yet
         one, four = (model.forward_glimpses(pix[:, :t], coords[:, :t], 2) for t in (1, 4))
         for out in (empty, one, four):
             table = model.decode(out, recon=False)[1]
@@ -283,12 +279,8 @@ def test_decoder_uses_the_kernel_and_keeps_its_entropy_map() -> None:
         import numpy as np
         import torch
         import avex.entropy_attention as ea
-        from tests.test_model import G, canvases, glimpses, make, random_actions
-        model = make(decoder_depth=2)
-        with torch.no_grad():
-            model.decoder.blocks[-1].qkv.weight.mul_(3)  # sharper attention: a map far from uniform
-        geo = model.geometry(G)
-        pix, coords = glimpses(model, canvases(2), random_actions(2, 3, geo), geo)
+        from tests.test_model import sharp_decoder_case
+        model, pix, coords = sharp_decoder_case(2, 3, decoder_depth=2)
         calls = []
         kernel = ea.entropy_attention_kernel
         ea.entropy_attention_kernel = lambda *a, **k: calls.append(1) or kernel(*a, **k)
@@ -304,9 +296,8 @@ def test_decoder_uses_the_kernel_and_keeps_its_entropy_map() -> None:
         assert (ent - ent_ref).abs().max() < 1e-4 and ent_ref.std() > 0.02, ((ent - ent_ref).abs().max(), ent_ref.std())
         assert (recon - recon_ref).abs().max() < 1e-4
         # A one-block decoder's entropy alone reads its row table through an index (the kernel's rows argument).
-        model = make()
+        model = sharp_decoder_case(2, 3)[0]
         with torch.no_grad():
-            model.decoder.blocks[-1].qkv.weight.mul_(3)
             out = model.forward_glimpses(pix, coords, 2)
             seen = []
             ea.entropy_attention_kernel = lambda *a, **k: seen.append(k.get("rows") is not None) or kernel(*a, **k)
@@ -370,13 +361,9 @@ def test_decoder_on_cuda_keeps_the_entropy_map(dtype: torch.dtype, monkeypatch: 
     bf16: the PyTorch path rounds the scores to bf16 and the kernel does not (its products accumulate in
     fp32), so they differ by up to 0.25 bits (maps of ~18 to 21 bits); the whole bf16 model is 0.5 bits from
     the CPU's map."""
-    from tests.test_model import G, canvases, glimpses, make, random_actions
+    from tests.test_model import sharp_decoder_case
 
-    model = make()
-    with torch.no_grad():
-        model.decoder.blocks[-1].qkv.weight.mul_(3)  # sharper attention: a map far from uniform
-    geo = model.geometry(G)
-    pix, coords = glimpses(model, canvases(4), random_actions(4, 5, geo), geo)
+    model, pix, coords = sharp_decoder_case(4, 5)
     with torch.no_grad():
         cpu = model.decode(model.forward_glimpses(pix, coords, 2), recon=False)[1]
         gpu = model.to("cuda", dtype)

@@ -59,6 +59,18 @@ def random_actions(b: int, t: int, geo: GlimpseGeometry, seed: int = 0) -> np.nd
     return np.stack([rng.choice(geo.num_actions, size=t, replace=False) for _ in range(b)])
 
 
+def sharp_decoder_case(b: int, t: int, **kw) -> tuple[TOREViT, torch.Tensor, torch.Tensor]:
+    """The entropy map's test case: :func:`make`'s model (``kw``) with its decoder's last block attending sharply (a
+    map far from uniform), and t random glimpses of b canvases: (model, pixels [B, T, C, s, s], coords [B, T, G, 2])."""
+    model = make(**kw)
+    assert model.decoder is not None
+    with torch.no_grad():
+        model.decoder.blocks[-1].qkv.weight.mul_(3)
+    geo = model.geometry(G)
+    pix, coords = glimpses(model, canvases(b), random_actions(b, t, geo), geo)
+    return model, pix, coords
+
+
 def run_sequential(model: TOREViT, pix: torch.Tensor, coords: torch.Tensor, K: int, capacity: int = 12):
     cache = model.init_cache(pix.shape[0], capacity, K, coords.shape[2])
     outs = [model.step(cache, pix[:, t], coords[:, t]) for t in range(pix.shape[1])]
