@@ -298,7 +298,25 @@ def profile_env(args: argparse.Namespace) -> str:
 def profile_tore(args: argparse.Namespace) -> str:
     """One episode of ``TOREViT.step`` (random weights): eager, or with ``--graph`` as ``tore_speed.py --mode graph``
     replays it (one CUDA graph per step), so that the kernels' summed time against the wall shows what a replayed
-    step spends between kernels. ``--decoder entropy`` adds the entropy map an env step computes."""
+    step spends between kernels. ``--decoder entropy`` adds the entropy map an env step computes. ``--shapes`` (eager
+    only: a graph's replay records no shapes) gives a row per op and input shapes, with the kernels taking any row
+    count as they do inside a captured graph (``avex.layer_norm.MIN_ROWS`` lifted), so that it shows a replayed
+    step's kernels by shape."""
+    import avex.layer_norm
+
+    if args.shapes and args.graph:
+        raise SystemExit("profile_step.py tore: --shapes profiles the eager step (a graph's replay records no shapes)")
+    min_rows = avex.layer_norm.MIN_ROWS
+    if args.shapes:
+        avex.layer_norm.MIN_ROWS = 1
+    try:
+        return _profile_tore(args)
+    finally:
+        avex.layer_norm.MIN_ROWS = min_rows
+
+
+def _profile_tore(args: argparse.Namespace) -> str:
+    """:func:`profile_tore`'s episode and report."""
     from avex.model import create_tore
 
     dev = torch.device(args.device)
@@ -329,6 +347,7 @@ def profile_tore(args: argparse.Namespace) -> str:
         episode,
         args.device,
         args.rows,
+        shapes=args.shapes,
     )
 
 
@@ -381,7 +400,7 @@ def main() -> None:
     p.add_argument("--decoder", choices=("entropy",), default=None, help="tore: and the entropy map of each step")
     p.add_argument("--steps", type=int, default=20, help="training steps (train)")
     p.add_argument("--step", choices=("eager", "fused", "graphed"), default="eager", help="the training step (train)")
-    p.add_argument("--shapes", action="store_true", help="train: a row per op and input shapes (not with graphed)")
+    p.add_argument("--shapes", action="store_true", help="train, tore: a row per op and input shapes (eager steps)")
     args = p.parse_args()
     args.env_kwargs_raw = json.loads(args.env_kwargs)
     report = {"env": profile_env, "tore": profile_tore, "train": profile_train}[args.target](args)

@@ -73,6 +73,30 @@ def test_env_profile_writes_its_table(profile_step: ModuleType, fake_fmnist_root
     assert Path(report["tree"]) == ROOT and report["syncs_per_episode"] == 0  # the CPU never waits
 
 
+def test_tore_profile_by_shape_takes_the_kernels_rule_of_a_graph(
+    profile_step: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``profile_step.py tore --shapes``: a row per op and input shapes (the blocks' products on [B, P + G, D]), the
+    layer norm's row rule lifted for the episode only; refused with ``--graph``, whose replay records no shapes."""
+    import avex.layer_norm
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its sibling tore_speed, as when run as a script
+    args = argparse.Namespace(
+        model="vit_tiny_patch16_224", device="cpu", dtype="fp32", decoder="entropy", K=3, batch=2, glimpses=2, rows=60
+    )
+    seen = []
+    run = profile_step._profile_tore
+    profile_step._profile_tore = lambda a: seen.append(avex.layer_norm.MIN_ROWS) or run(a)
+    try:
+        table = profile_step.profile_tore(argparse.Namespace(**vars(args), graph=False, shapes=True))
+    finally:
+        profile_step._profile_tore = run
+    assert seen == [1] and avex.layer_norm.MIN_ROWS == 2048
+    assert "Input Shapes" in table and "[[2, 5, 192], [576, 192], [576]]" in table  # a block's qkv product
+    with pytest.raises(SystemExit, match="--shapes profiles the eager step"):
+        profile_step.profile_tore(argparse.Namespace(**vars(args), graph=True, shapes=True))
+
+
 def test_ab_step_times_two_trees_in_turn(fake_fmnist_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "ab.md"
     kwargs = json.dumps(dict(TINY, root=str(fake_fmnist_root), budget=3))
