@@ -64,7 +64,10 @@ class BenchmarkConfig:
         "policy of the ppo agent: avex's .safetensors, or a MaskablePPO / PPO .zip saved by model.save()",
     )
     env_kwargs: dict[str, Any] = options.option(
-        {}, WHAT, 'extra env kwargs as a JSON object, e.g. \'{"root": "data"}\''
+        {},
+        WHAT,
+        'extra env kwargs as a JSON object, e.g. \'{"root": "data"}\' (not K, split, device, num_envs: their flags '
+        "set them; nor max_episode_steps: an episode is the glimpse budget)",
     )
     split: str | None = options.option(
         None, WHAT, "split the episodes come from", default_text="the data set's evaluation split"
