@@ -11,7 +11,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback
 from avex.layer_norm import norm_forward
+from avex.step_writes import append_glimpse
 from avex.transfer import send
 
 __all__ = ["AggregatorOutput", "TokenCache"]
@@ -133,11 +135,16 @@ class TokenCache:
         """
         g2, p = self.tokens_per_glimpse, self.num_prefix
         n = self.counts
-        if (n == n[0]).all():  # rows in step: static slices (CUDA-graph friendly)
+        if (n == n[0]).all() and _kernel_may_run(self.buf):  # rows in step, one pass (avex.step_writes)
             n0 = int(n[0])
-            self.buf[:, p + n0 * g2 : p + (n0 + 1) * g2] = x[:, p:]
-            self.coords[:, n0 * g2 : (n0 + 1) * g2] = coords  # copy_ casts to float
-            self.buf[:, :p].lerp_(x[:, :p], 1.0 / (n0 + 1))  # running mean: one kernel, one rounding
+            kernel_or_fallback(
+                "cache append",
+                lambda: append_glimpse(self.buf, self.coords, x, coords, p, n0 * g2),
+                lambda: self._append_in_step(x, coords, n0),
+                "glimpses are now cached by PyTorch's ops, with the same results but slower.",
+            )
+        elif (n == n[0]).all():  # rows in step: static slices (CUDA-graph friendly)
+            self._append_in_step(x, coords, int(n[0]))
         else:  # rows reset at different times: scatter at per-row offsets (sent without waiting for the device)
             dev = self.buf.device
             b = torch.arange(self.batch_size, device=dev)[:, None]
@@ -147,6 +154,14 @@ class TokenCache:
             weight = send(1.0 / (n + 1), dev).to(self.buf.dtype)[:, None, None]
             self.buf[:, :p].lerp_(x[:, :p], weight)
         self.counts += 1
+
+    def _append_in_step(self, x: torch.Tensor, coords: torch.Tensor, n0: int) -> None:
+        """:meth:`append` by PyTorch's ops for rows that each hold ``n0`` glimpses: static slices (CUDA-graph
+        friendly)."""
+        g2, p = self.tokens_per_glimpse, self.num_prefix
+        self.buf[:, p + n0 * g2 : p + (n0 + 1) * g2] = x[:, p:]
+        self.coords[:, n0 * g2 : (n0 + 1) * g2] = coords  # copy_ casts to float
+        self.buf[:, :p].lerp_(x[:, :p], 1.0 / (n0 + 1))  # running mean: one kernel, one rounding
 
     def filled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The aggregator's view of every row's cached tokens (no copy).

@@ -17,7 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback
 from avex.posembed import lookup_pos_embed
+from avex.step_writes import place_tokens
 
 __all__ = ["GlimpseViT"]
 
@@ -189,16 +191,49 @@ class GlimpseViT(nn.Module):
         else:
             x = pe.proj(self.normalize(pixels).to(dtype)).flatten(2).transpose(1, 2)  # [B, G, D]
         x = pe.norm(x)  # row-major like coords
+        if self._placed_by_kernel(x, coords):  # inference, one pass: the positions looked up there
+            return self.vit.norm_pre(self.vit.pos_drop(self._place_tokens(x, coords)))
         pos = lookup_pos_embed(self._patch_pos_table(), self.grid, coords)
         b, g, d = x.shape
         if torch.is_grad_enabled():  # training: autograd needs the out-of-place form
             x = torch.cat([self._prefix(b).to(x.dtype), x + pos.to(x.dtype)], dim=1)
         else:  # inference: write prefix and tokens into one buffer (no concatenation pass)
-            out = torch.empty(b, self.num_prefix + g, d, dtype=x.dtype, device=x.device)
-            self._prefix(b, out=out[:, : self.num_prefix])
-            torch.add(x, pos.to(x.dtype), out=out[:, self.num_prefix :])
-            x = out
+            x = self._place_by_ops(x, pos)
         return self.vit.norm_pre(self.vit.pos_drop(x))
+
+    def _place_by_ops(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[B, P + G, D]: the prefix, then x [B, G, D] plus its positions pos, written into one buffer (no
+        concatenation pass)."""
+        b, g, d = x.shape
+        out = torch.empty(b, self.num_prefix + g, d, dtype=x.dtype, device=x.device)
+        self._prefix(b, out=out[:, : self.num_prefix])
+        torch.add(x, pos.to(x.dtype), out=out[:, self.num_prefix :])
+        return out
+
+    def _placed_by_kernel(self, x: torch.Tensor, coords: torch.Tensor) -> bool:
+        """Whether :func:`avex.step_writes.place_tokens` writes the iterator's input: a kernel may run (CUDA or
+        Triton's interpreter, no autograd), grid coordinates (continuous ones interpolate their positions) and one
+        dtype for the tokens and the position table (the ops' arithmetic)."""
+        return (
+            _kernel_may_run(x)
+            and not coords.is_floating_point()
+            and self._pos_embed.dtype == x.dtype == self._cls_token.dtype
+            and (self.vit.reg_token is None or self.vit.reg_token.dtype == x.dtype)
+        )
+
+    def _place_tokens(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """:meth:`_place_by_ops` by one Triton pass that also looks up the positions (see :mod:`avex.step_writes`);
+        if the kernel fails to build or launch here, the ops from then on, with one warning."""
+        vit = self.vit
+        cls = self._cls_token[0]
+        prefix = cls if vit.reg_token is None else torch.cat([cls, vit.reg_token[0]])
+        prefix_pos = None if vit.no_embed_class else self._pos_embed[0, : self.num_prefix]
+        return kernel_or_fallback(
+            "token placement",
+            lambda: place_tokens(x, coords, self._patch_pos_table(), prefix, prefix_pos, self.grid[1]),
+            lambda: self._place_by_ops(x, lookup_pos_embed(self._patch_pos_table(), self.grid, coords)),
+            "glimpse tokens now take their positions by PyTorch's ops, with the same results but slower.",
+        )
 
 
 def _is_patch_linear(proj: nn.Module, patch: int) -> bool:
