@@ -29,6 +29,17 @@ _TILE = 4096  # elements of a program's tile
 if triton is not None:
 
     @triton.jit
+    def _glimpse_rows(n_rows, P, G, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's BLOCK_M rows of a [B, P + G, D] glimpse sequence: (64-bit row index, column index, row and
+        column in range, b, j, j < P (a prefix row), the token index j - P, 0 for prefix rows)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        rows64 = rows.to(tl.int64)
+        b, j = rows64 // (P + G), rows64 % (P + G)
+        pre = j < P
+        return rows64, cols, rows < n_rows, cols < D, b, j, pre, tl.where(pre, 0, j - P)
+
+    @triton.jit
     def _place_tokens_kernel(
         x_ptr,
         coords_ptr,
@@ -49,14 +60,8 @@ if triton is not None:
     ):
         # BLOCK_M rows of out [B, P + G, D] per program: row (b, j) is prefix[j] (+ prefix_pos[j]) for j < P, else
         # x[b, j - P] + table[row * GW + col] of that token's coordinates.
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_N)
-        in_rows, in_cols = rows < n_rows, cols < D
-        rows64 = rows.to(tl.int64)
-        b, j = rows64 // (P + G), rows64 % (P + G)
-        pre = j < P
+        rows64, cols, in_rows, in_cols, b, j, pre, g = _glimpse_rows(n_rows, P, G, D, BLOCK_M, BLOCK_N)
         tok = in_rows & ~pre
-        g = tl.where(pre, 0, j - P)
         at = coords_ptr + b * stride_cb + g * stride_cg
         cell = tl.load(at, mask=tok, other=0).to(tl.int64) * GW + tl.load(at + 1, mask=tok, other=0).to(tl.int64)
         mask_t = tok[:, None] & in_cols[None, :]
@@ -93,12 +98,7 @@ if triton is not None:
         # BLOCK_M rows of x [B, P + G, D] per program: a prefix row (j < P) into buf[b, j] as torch.lerp(buf, x,
         # weight); a token row into buf[b, P + first_slot + j - P] and its coordinates, as float, into
         # cbuf[b, first_slot + j - P].
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_N)
-        in_rows, in_cols = rows < n_rows, cols < D
-        rows64 = rows.to(tl.int64)
-        b, j = rows64 // (P + G), rows64 % (P + G)
-        pre = j < P
+        rows64, cols, in_rows, in_cols, b, j, pre, g = _glimpse_rows(n_rows, P, G, D, BLOCK_M, BLOCK_N)
         mask = in_rows[:, None] & in_cols[None, :]
         x = tl.load(x_ptr + rows64[:, None] * D + cols[None, :], mask=mask, other=0.0)
         dst = b * stride_bb + tl.where(pre, j, first_slot + j)  # a token's slot: P + first_slot + (j - P)
@@ -108,7 +108,6 @@ if triton is not None:
         mean = tl.where(weight < 0.5, a + weight * (e - a), e - (e - a) * (1.0 - weight))
         tl.store(buf_ptr + dst[:, None] * D + cols[None, :], tl.where(pre[:, None], mean, e).to(x.dtype), mask=mask)
         tok = in_rows & ~pre
-        g = tl.where(pre, 0, j - P)
         for axis in tl.static_range(2):
             c = tl.load(coords_ptr + b * stride_cb + g * stride_cg + axis, mask=tok, other=0).to(tl.float32)
             tl.store(cbuf_ptr + b * stride_cbb + (first_slot + g) * 2 + axis, c, mask=tok)  # stride in elements
