@@ -17,14 +17,12 @@ from __future__ import annotations
 import torch
 
 from avex.kernel_fallback import triton
+from avex.layer_norm import _row_blocks
 
 if triton is not None:
     import triton.language as tl
 
 __all__ = ["append_glimpse", "place_tokens"]
-
-_TILE = 4096  # elements of a program's tile
-
 
 if triton is not None:
 
@@ -113,12 +111,6 @@ if triton is not None:
             tl.store(cbuf_ptr + b * stride_cbb + (first_slot + g) * 2 + axis, c, mask=tok)  # stride in elements
 
 
-def _blocks(d: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for rows of d features: a tile of about :data:`_TILE` elements."""
-    block_n = triton.next_power_of_2(d)
-    return max(1, min(128, _TILE // block_n)), block_n
-
-
 def place_tokens(
     x: torch.Tensor,
     coords: torch.Tensor,
@@ -150,7 +142,7 @@ def place_tokens(
     out = torch.empty(b, p + g, d, dtype=x.dtype, device=x.device)
     n_rows = b * (p + g)
     if n_rows:
-        block_m, block_n = _blocks(d)
+        block_n, block_m = _row_blocks(d, 4096)  # a tile of about 4,096 elements, as the layer norm's
         _place_tokens_kernel[(triton.cdiv(n_rows, block_m),)](
             x.contiguous(), coords, table.contiguous(), prefix.contiguous(),
             prefix if prefix_pos is None else prefix_pos.contiguous(), out, n_rows, p, g, d, grid_w,
@@ -191,7 +183,7 @@ def append_glimpse(
     held = first_slot // g
     n_rows = b * s
     if n_rows:
-        block_m, block_n = _blocks(d)
+        block_n, block_m = _row_blocks(d, 4096)  # a tile of about 4,096 elements, as the layer norm's
         _append_kernel[(triton.cdiv(n_rows, block_m),)](
             x.contiguous(), coords, buf, cbuf, n_rows, prefix, g, d, first_slot, 1.0 / (held + 1),
             buf.stride(0) // d, cbuf.stride(0), coords.stride(0), coords.stride(1),
