@@ -139,6 +139,8 @@ def place_tokens(
             f"place_tokens needs x [B, G, D], integer coords [B, G, 2], table [N, D] and prefix [P, D]; got "
             f"{tuple(x.shape)}, {coords.dtype} {tuple(coords.shape)}, {tuple(table.shape)}, {tuple(prefix.shape)}"
         )
+    if coords.stride(-1) != 1:  # the kernel reads a token's (row, col) as two neighbours
+        coords = coords.contiguous()
     out = torch.empty(b, p + g, d, dtype=x.dtype, device=x.device)
     n_rows = b * (p + g)
     if n_rows:
