@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback
-from avex.layer_norm import norm_forward
+from avex.layer_norm import launch_pays, norm_forward
 from avex.step_writes import append_glimpse
 from avex.transfer import send
 
@@ -135,7 +135,7 @@ class TokenCache:
         """
         g2, p = self.tokens_per_glimpse, self.num_prefix
         n = self.counts
-        if (n == n[0]).all() and _kernel_may_run(self.buf):  # rows in step, one pass (avex.step_writes)
+        if (n == n[0]).all() and _kernel_may_run(self.buf) and launch_pays(x):  # in step: one pass (step_writes)
             n0 = int(n[0])
             kernel_or_fallback(
                 "cache append",

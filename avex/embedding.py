@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from avex.kernel_fallback import _kernel_may_run, kernel_or_fallback
+from avex.layer_norm import launch_pays
 from avex.posembed import lookup_pos_embed
 from avex.step_writes import place_tokens
 
@@ -212,10 +213,12 @@ class GlimpseViT(nn.Module):
 
     def _placed_by_kernel(self, x: torch.Tensor, coords: torch.Tensor) -> bool:
         """Whether :func:`avex.step_writes.place_tokens` writes the iterator's input: a kernel may run (CUDA or
-        Triton's interpreter, no autograd), grid coordinates (continuous ones interpolate their positions) and one
-        dtype for the tokens and the position table (the ops' arithmetic)."""
+        Triton's interpreter, no autograd) and pays (:func:`avex.layer_norm.launch_pays`: enough rows, or a CUDA
+        graph being captured), grid coordinates (continuous ones interpolate their positions) and one dtype for the
+        tokens and the position table (the ops' arithmetic)."""
         return (
             _kernel_may_run(x)
+            and launch_pays(x)
             and not coords.is_floating_point()
             and self._pos_embed.dtype == x.dtype == self._cls_token.dtype
             and (self.vit.reg_token is None or self.vit.reg_token.dtype == x.dtype)

@@ -34,6 +34,7 @@ __all__ = [
     "MIN_ROWS",
     "ONES_COLUMNS",
     "layer_norm",
+    "launch_pays",
     "layer_norm_forward",
     "norm_applies",
     "norm_forward",
@@ -367,6 +368,13 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def launch_pays(x: torch.Tensor) -> bool:
+    """Whether a Triton kernel over the rows of x [..., N] beats PyTorch's few small ops here: at least
+    :data:`MIN_ROWS` rows, or a CUDA graph being captured (a replay launches nothing). Below that, from eager Python,
+    a Triton launch costs more host time than the ops it replaces (see :data:`MIN_ROWS`)."""
+    return x.numel() >= MIN_ROWS * x.shape[-1] or _capturing(x)
+
+
 def norm_applies(norm: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`norm_forward` takes the kernel for ``norm(x)`` (and a block may fuse its residual adds with
     ``norm``: :func:`residual_norm`): a plain affine LayerNorm over x's last axis, in x's dtype,
@@ -381,7 +389,7 @@ def norm_applies(norm: nn.Module, x: torch.Tensor) -> bool:
         and ln.weight.dtype == x.dtype == ln.bias.dtype
         and ln.normalized_shape == (x.shape[-1],)
         and x.shape[-1] <= MAX_FEATURES
-        and (x.numel() >= MIN_ROWS * x.shape[-1] or _capturing(x))
+        and launch_pays(x)
         and not getattr(ln, "_fast_norm", False)  # timm's apex / fp32 variant: not F.layer_norm
         and not torch.is_autocast_enabled(x.device.type)
     )

@@ -52,6 +52,17 @@ def appended_equals_ops(device: str) -> None:
     bf16, one and five prefix rows): the same tokens and coordinates, and the running means within one rounding of
     the same lerp (weights 1 to 1/12: both of lerp's forms; a fused multiply-add or not; Triton's interpreter rounds
     to bf16 toward zero)."""
+    import avex.layer_norm
+
+    min_rows, avex.layer_norm.MIN_ROWS = avex.layer_norm.MIN_ROWS, 1  # few rows take the kernel, as in a graph
+    try:
+        _append_both_ways(device)
+    finally:
+        avex.layer_norm.MIN_ROWS = min_rows
+
+
+def _append_both_ways(device: str) -> None:
+    """:func:`appended_equals_ops`' check, with the kernel taking any row count."""
     import avex.cache as cache_mod
     from avex.cache import TokenCache
 
@@ -86,6 +97,34 @@ def appended_equals_ops(device: str) -> None:
             err = (a.buf[:, :p].float() - o.buf[:, :p].float()).abs() / o.buf[:, :p].float().abs().clamp(min=2**-6)
             assert err.max() <= ulp, (dtype, p, a.counts, err.max())
         assert a.buf[:, :p].abs().max() > 0.1 and a.counts.tolist() == o.counts.tolist() == [cap] * b
+
+
+def few_rows_keep_the_ops() -> None:
+    """A model step on few rows from eager Python keeps PyTorch's ops (a Triton launch costs more host time than
+    they do: avex.layer_norm.launch_pays); with the rows' threshold lifted, as inside a captured graph, both writes
+    take their kernel."""
+    import avex.cache
+    import avex.embedding
+    import avex.layer_norm
+    from tests.test_model import run_sequential, sharp_decoder_case
+
+    model, pix, coords = sharp_decoder_case(2, 3)
+    calls: list[str] = []
+    place, append = avex.embedding.place_tokens, avex.cache.append_glimpse
+    avex.embedding.place_tokens = lambda *a: calls.append("place") or place(*a)  # type: ignore[assignment]
+    avex.cache.append_glimpse = lambda *a: calls.append("append") or append(*a)  # type: ignore[assignment]
+    with torch.no_grad():
+        _, few = run_sequential(model, pix, coords, 2)
+        assert calls == [], calls
+        avex.layer_norm.MIN_ROWS = 1
+        _, lifted = run_sequential(model, pix, coords, 2)
+    assert calls.count("place") == calls.count("append") == 3, calls  # one of each per glimpse
+    assert all((a.logits - b.logits).abs().max() < 1e-4 for a, b in zip(few, lifted))
+
+
+@needs_triton
+def test_few_rows_keep_the_ops_under_interpreter() -> None:
+    assert_interpreted("tests.test_step_writes", "few_rows_keep_the_ops()")
 
 
 @needs_triton
