@@ -145,13 +145,18 @@ class GlimpseViT(nn.Module):
         pe = self._pos_embed[0]
         return pe if self.vit.no_embed_class else pe[self.num_prefix :]
 
-    def _prefix(self, batch: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[batch, P, D] the prefix tokens (CLS, registers) with their position embedding where the ViT has one
-        (written into ``out`` when given, in one kernel)."""
+    def _prefix_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[1, P, D] the prefix tokens (CLS, registers) and [1, P, D] their position embedding, or None where the
+        ViT gives them none (``no_embed_class``)."""
         vit = self.vit
         cls = self._cls_token
         prefix = cls if vit.reg_token is None else torch.cat([cls, vit.reg_token], dim=1)
-        pos = None if vit.no_embed_class else self._pos_embed[:, : self.num_prefix]
+        return prefix, None if vit.no_embed_class else self._pos_embed[:, : self.num_prefix]
+
+    def _prefix(self, batch: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, P, D] the prefix tokens (CLS, registers) with their position embedding where the ViT has one
+        (written into ``out`` when given, in one kernel)."""
+        prefix, pos = self._prefix_parts()
         if out is None:
             return (prefix if pos is None else prefix + pos).expand(batch, -1, -1)
         if pos is None:
@@ -227,13 +232,11 @@ class GlimpseViT(nn.Module):
     def _place_tokens(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """:meth:`_place_by_ops` by one Triton pass that also looks up the positions (see :mod:`avex.step_writes`);
         if the kernel fails to build or launch here, the ops from then on, with one warning."""
-        vit = self.vit
-        cls = self._cls_token[0]
-        prefix = cls if vit.reg_token is None else torch.cat([cls, vit.reg_token[0]])
-        prefix_pos = None if vit.no_embed_class else self._pos_embed[0, : self.num_prefix]
+        prefix, pos = self._prefix_parts()
+        prefix_pos = None if pos is None else pos[0]
         return kernel_or_fallback(
             "token placement",
-            lambda: place_tokens(x, coords, self._patch_pos_table(), prefix, prefix_pos, self.grid[1]),
+            lambda: place_tokens(x, coords, self._patch_pos_table(), prefix[0], prefix_pos, self.grid[1]),
             lambda: self._place_by_ops(x, lookup_pos_embed(self._patch_pos_table(), self.grid, coords)),
             "glimpse tokens now take their positions by PyTorch's ops, with the same results but slower.",
         )
