@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from avex.decoder_index import held_tokens, sequence_index, token_cells
-from avex.decoder_table import normed_table
+from avex.decoder_table import normed_table, table_rows
 from avex.entropy_attention import entropy_attention
 from avex.kernel_fallback import _kernel_may_run
 from avex.layer_norm import norm_forward
@@ -165,23 +165,18 @@ class GlimpseDecoder(nn.Module):
         """The decoder's input as distinct rows and an index (:mod:`avex.decoder_index`): the table
         [B + B * L + N, dim] (the embedded CLS tokens, every observed token plus its cell's position, the mask
         token plus each cell's position) and int64 [B, 1 + N], the table's row of every token of every sequence."""
-        b, n_obs = tokens.shape[:2]
         head = self.embed(cls)  # [B, dim]
         pos = self.grid_pos[0].to(head.dtype)  # [N, dim]
         cell, index = sequence_index(coords, valid, self.grid)
-        seen = (self.embed(tokens) + pos[cell]).view(b * n_obs, self.dim)
-        return torch.cat([head, seen, self.mask_token.to(head.dtype)[0] + pos]), index
+        return table_rows(head, self.embed(tokens), cell, pos, self.mask_token.to(head.dtype)[0, 0]), index
 
     def _normed_table(
-        self, latent: torch.Tensor, prefix: int, coords: torch.Tensor, valid: torch.Tensor | None
+        self, latent: torch.Tensor, prefix: int, coords: torch.Tensor, valid: torch.Tensor | None, norm1: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first block's ``norm1`` of :meth:`_table`'s rows, and the index: [B + B * L + N, dim] and int64
+        """``norm1`` (the first block's) of :meth:`_table`'s rows, and the index: [B + B * L + N, dim] and int64
         [B, 1 + N]. Where a kernel may run (CUDA or Triton's interpreter, no autograd), one product embeds the whole
         sequence, its tokens read in place, and :func:`avex.decoder_table.normed_table` places and norms the rows in
         one pass; elsewhere (the CPU) :meth:`_table`'s ops, then the norm."""
-        block = self.blocks[0]
-        assert isinstance(block, _DecoderBlock)
-        norm1 = block.norm1
         if not _kernel_may_run(latent):
             table, index = self._table(latent[:, 0], latent[:, prefix:], coords, valid)
             return norm_forward(norm1, table), index
@@ -223,7 +218,8 @@ class GlimpseDecoder(nn.Module):
             # row, read through an index (see _DecoderBlock.entropy_from_normed).
             block = self.blocks[0]
             assert isinstance(block, _DecoderBlock)
-            ent = block.entropy_from_normed(*self._normed_table(latent, prefix, coords, valid), first_query=1)
+            normed, index = self._normed_table(latent, prefix, coords, valid, block.norm1)
+            ent = block.entropy_from_normed(normed, index, first_query=1)
             return None, ent.view(b, *self.grid)
         x = self._sequence(latent[:, 0], latent[:, prefix:], coords, valid)
         for blk in self.blocks[:-1]:

@@ -28,7 +28,7 @@ if triton is not None:
 
     from avex.layer_norm import _normalize_rows
 
-__all__ = ["normed_table", "normed_table_kernel", "reference_normed_table"]
+__all__ = ["normed_table", "normed_table_kernel", "reference_normed_table", "table_rows"]
 
 
 if triton is not None:
@@ -91,6 +91,15 @@ def _check(emb: torch.Tensor, prefix: int, cell: torch.Tensor, pos: torch.Tensor
         raise ValueError(f"pos must be [N, {d}] and mask [{d}], got {tuple(pos.shape)} and {tuple(mask.shape)}")
 
 
+def table_rows(
+    head: torch.Tensor, seen: torch.Tensor, cell: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The decoder's table of distinct rows in :mod:`avex.decoder_index`'s order, by PyTorch's ops: [B + B * L + N, d]
+    from head [B, d] (the embedded CLS tokens), seen [B, L, d] (the embedded observed tokens, each plus its cell's
+    position here), cell int64 [B, L], pos [N, d] and mask [d] (plus each cell's position)."""
+    return torch.cat([head, (seen + pos[cell]).reshape(-1, seen.shape[-1]), mask + pos])
+
+
 def reference_normed_table(
     emb: torch.Tensor, prefix: int, cell: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, norm: nn.Module
 ) -> torch.Tensor:
@@ -107,9 +116,7 @@ def reference_normed_table(
         ``norm(table)``: [B + B * L + N, d], the table in :mod:`avex.decoder_index`'s order.
     """
     _check(emb, prefix, cell, pos, mask)
-    b, _, d = emb.shape
-    seen = (emb[:, prefix:] + pos[cell]).reshape(-1, d)
-    return norm_forward(norm, torch.cat([emb[:, 0], seen, mask + pos]))
+    return norm_forward(norm, table_rows(emb[:, 0], emb[:, prefix:], cell, pos, mask))
 
 
 def normed_table_kernel(
