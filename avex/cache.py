@@ -135,16 +135,17 @@ class TokenCache:
         """
         g2, p = self.tokens_per_glimpse, self.num_prefix
         n = self.counts
-        if (n == n[0]).all() and _kernel_may_run(self.buf) and launch_pays(x):  # in step: one pass (step_writes)
+        if (n == n[0]).all():  # rows in step: one pass (avex.step_writes) where it pays, else static slices
             n0 = int(n[0])
-            kernel_or_fallback(
-                "cache append",
-                lambda: append_glimpse(self.buf, self.coords, x, coords, p, n0 * g2),
-                lambda: self._append_in_step(x, coords, n0),
-                "glimpses are now cached by PyTorch's ops, with the same results but slower.",
-            )
-        elif (n == n[0]).all():  # rows in step: static slices (CUDA-graph friendly)
-            self._append_in_step(x, coords, int(n[0]))
+            if _kernel_may_run(self.buf) and launch_pays(x):
+                kernel_or_fallback(
+                    "cache append",
+                    lambda: append_glimpse(self.buf, self.coords, x, coords, p, n0 * g2),
+                    lambda: self._append_in_step(x, coords, n0),
+                    "glimpses are now cached by PyTorch's ops, with the same results but slower.",
+                )
+            else:
+                self._append_in_step(x, coords, n0)
         else:  # rows reset at different times: scatter at per-row offsets (sent without waiting for the device)
             dev = self.buf.device
             b = torch.arange(self.batch_size, device=dev)[:, None]
