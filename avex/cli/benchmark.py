@@ -41,6 +41,16 @@ __all__ = ["BenchmarkConfig", "add_arguments", "default_agents", "main_from_args
 
 WHAT, HOW = "what to compare", "how to run it"
 
+# env kwargs the benchmark refuses, with what to do instead: those it sets itself (gym.make / gym.make_vec), and
+# Gymnasium's episode cap, which gym.make takes for itself and which would cut episodes the table needs whole.
+_OWN_ENV_KWARGS = {
+    "K": "pass it as --K",
+    "split": "pass it as --split",
+    "device": "pass it as --device",
+    "num_envs": "pass it as --num-envs",
+    "max_episode_steps": "leave it out: an episode is the glimpse budget (set 'budget' to change it)",
+}
+
 
 @dataclass
 class BenchmarkConfig:
@@ -66,8 +76,9 @@ class BenchmarkConfig:
     env_kwargs: dict[str, Any] = options.option(
         {},
         WHAT,
-        'extra env kwargs as a JSON object, e.g. \'{"root": "data"}\' (not K, split, device, num_envs: their flags '
-        "set them; nor max_episode_steps: an episode is the glimpse budget)",
+        'extra env kwargs as a JSON object, e.g. \'{"root": "data"}\'; not '
+        + ", ".join(_OWN_ENV_KWARGS)
+        + " (its refusal says what to do instead)",
     )
     split: str | None = options.option(
         None, WHAT, "split the episodes come from", default_text="the data set's evaluation split"
@@ -126,17 +137,6 @@ def _result(agent: str, K: int, played: dict[str, Any], dims: ViTDims, budget: i
         classifier_flop_ratio=episode_flops(dims, budget, g2, 0, decoder=False)[-1] / classifier,
         **played,
     )
-
-
-# env kwargs the benchmark refuses, with what to do instead: those it sets itself (gym.make / gym.make_vec), and
-# Gymnasium's episode cap, which gym.make takes for itself and which would cut episodes the table needs whole.
-_OWN_ENV_KWARGS = {
-    "K": "pass it as --K",
-    "split": "pass it as --split",
-    "device": "pass it as --device",
-    "num_envs": "pass it as --num-envs",
-    "max_episode_steps": "leave it out: an episode is the glimpse budget (set 'budget' to change it)",
-}
 
 
 def _check_args(args: BenchmarkConfig) -> Path:
