@@ -67,6 +67,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=15, help="graph replays; the median is reported")
     p.add_argument("--out", default=None, help="Markdown tables")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("small_kernels.py times CUDA kernels in CUDA graphs: run it on a machine with a CUDA GPU")
     dev, dtype = torch.device("cuda"), torch.bfloat16
     groups: dict[str, list[tuple[str, float, bool]]] = {}
 
