@@ -88,6 +88,15 @@ def test_no_data_no_gif_and_the_page_says_why(tmp_path: Path, monkeypatch: pytes
     assert "Built here" not in page  # no spaces claimed for an env that was not built
 
 
+def test_a_negative_seed_is_refused_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # env.reset(seed=-1) raises, and each env page used to report it as an id that could not be built here.
+    out = tmp_path / "docs"
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
+        docs.write_docs(out, seed=-1)
+    assert main(["docs", "--out", str(out), "--site", str(tmp_path / "site"), "--no-build", "--seed", "-1"]) == 2
+    assert "--seed must be an integer >= 0, got -1" in capsys.readouterr().err and not out.exists()
+
+
 def test_foreign_folders_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="did not write"):

@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 
 import avex
+from avex.checks import check_int
 from avex.data import get_dataset
 from envs.ave_env import AVEEnv
 from envs.config import EnvConfig
@@ -298,11 +299,13 @@ def write_docs(out: str | Path, gifs: bool = True, seed: int = 0) -> Path:
     Args:
         out: the folder; refused (ValueError) if it holds files another program wrote.
         gifs: record one random-agent episode per env id whose data are on this machine.
-        seed: the episodes' seed.
+        seed: the episodes' seed, an int >= 0 (refused before anything is written: a bad one would make every
+            page say its id could not be built).
 
     Returns:
         The path of ``mkdocs.yml``.
     """
+    check_int("seed", seed, 0)
     out = Path(out)
     _claim(out)
     shutil.rmtree(out, ignore_errors=True)
@@ -389,6 +392,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    check_int("--seed", args.seed, 0)  # env.reset refuses it, which each env page would report as an id not built
     out, site = Path(args.out).resolve(), Path(args.site).resolve()
     if out == site or out in site.parents or site in out.parents:
         raise ValueError(f"--out {args.out} and --site {args.site} must be separate folders, neither inside the other")
