@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from avex.checks import check_int
+from avex.checks import check_device, check_int
 from avex.registry import Registry
 
 __all__ = ["AGENTS", "GlimpseAgent", "make_agent", "register_agent", "require_env_keys", "require_keys"]
@@ -100,11 +100,12 @@ def make_agent(name: str, env: Any, seed: int = 0, policy: str | None = None, de
     """Build a registered agent by name for an env (single or vector); see :meth:`GlimpseAgent.from_env`.
 
     Raises:
-        ValueError: unknown name (the message lists the registered agents), a bad seed, or an env that is not
-            avex's.
+        ValueError: unknown name (the message lists the registered agents), a bad seed or device, or an env that is
+            not avex's.
     """
     factory = AGENTS.get(name)
     check_int("seed", seed, 0)
+    check_device("device", device)  # torch would refuse "gpu" only once a policy is built, with a RuntimeError
     if not hasattr(getattr(env, "unwrapped", env), "engine"):
         raise ValueError(
             "env must be an avex environment (gym.make or gym.make_vec of an AVE-* id, wrapped or not), "

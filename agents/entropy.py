@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import GlimpseAgent, register_agent, require_env_keys
+from agents.base import GlimpseAgent, register_agent, require_env_keys, require_keys
 
 __all__ = ["EntropyAgent", "ame_scores"]
 
@@ -60,8 +60,14 @@ class EntropyAgent(GlimpseAgent):
         return cls(u.geometry.glimpse, u.geometry.stride)
 
     def act(self, obs: dict[str, np.ndarray], action_mask: np.ndarray) -> np.ndarray:
+        require_keys(obs, ("entropy", "visited"), "the entropy agent")
         scores = ame_scores(obs["entropy"], obs["visited"], self.glimpse, self.stride)
         mask = np.asarray(action_mask, dtype=bool)
+        if mask.ndim != 2 or mask.shape[0] != scores.shape[0]:
+            raise ValueError(
+                f"action_mask must be bool [N, A] with one row per observation ({scores.shape[0]}), "
+                f"got shape {mask.shape}"
+            )
         if scores.shape != mask.shape:
             raise ValueError(
                 f"entropy map gives {scores.shape[1]} positions but the action mask has {mask.shape[1]}: "

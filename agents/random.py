@@ -8,6 +8,7 @@ import gymnasium as gym
 import numpy as np
 
 from agents.base import GlimpseAgent, register_agent
+from avex.checks import check_int
 
 __all__ = ["RandomAgent"]
 
@@ -32,7 +33,8 @@ class RandomAgent(GlimpseAgent):
         return cls(seed, continuous=isinstance(space, gym.spaces.Box))
 
     def reset(self, seed: int | None = None) -> None:
-        self.rng = np.random.default_rng(seed)
+        """Re-seed the agent's generator. Raises ValueError (naming ``seed``) unless it is an int >= 0 or None."""
+        self.rng = np.random.default_rng(None if seed is None else check_int("seed", seed, 0))
 
     def act(self, obs: dict[str, np.ndarray], action_mask: np.ndarray) -> np.ndarray:
         mask = np.asarray(action_mask, dtype=bool)

@@ -55,6 +55,11 @@ def test_entropy_agent_picks_masked_argmax() -> None:
     assert agent.act({"entropy": entropy, "visited": visited}, mask)[0] == 0
     mask[0, 0] = False
     assert agent.act({"entropy": entropy, "visited": visited}, mask)[0] == 8
+    # A mask of another batch, or an observation without the map: named, not a KeyError or a wrong count.
+    with pytest.raises(ValueError, match=r"action_mask must be bool \[N, A\] with one row per observation \(1\)"):
+        agent.act({"entropy": entropy, "visited": visited}, np.ones((2, 9), dtype=bool))
+    with pytest.raises(ValueError, match=r"entropy agent reads the observation keys.*lacks \['entropy'\]"):
+        agent.act({"visited": visited}, mask)
 
 
 @pytest.mark.parametrize("name", ["random", "entropy"])
@@ -77,6 +82,15 @@ def test_random_agent_is_seeded() -> None:
     assert np.array_equal(a.act({}, mask), b.act({}, mask))
     a.reset(6)
     assert not all(np.array_equal(a.act({}, mask), b.act({}, mask)) for _ in range(3))
+    state = a.rng.bit_generator.state
+    for seed in (-1, 1.5, "1", True):  # numpy's "expected non-negative integer" named no argument
+        with pytest.raises(ValueError, match=r"seed must be an integer >= 0"):
+            a.reset(seed)
+        with pytest.raises(ValueError, match=r"seed must be an integer >= 0"):
+            RandomAgent(seed)
+    assert a.rng.bit_generator.state == state
+    a.reset(np.int64(6))
+    a.reset(None)
 
 
 def test_random_agent_takes_the_envs_action_mode(env_kwargs: dict) -> None:
@@ -246,6 +260,9 @@ def test_make_agent_refuses_a_bad_seed_or_env_by_name() -> None:
     for env in (None, gym.make("CartPole-v1")):
         with pytest.raises(ValueError, match=r"env must be an avex environment"):
             make_agent("random", env)
+    for agent in ("random", "ppo"):  # torch's RuntimeError once the policy was built, for the ppo agent
+        with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda' or 'cuda:<index>', got 'gpu'"):
+            make_agent(agent, venv, device="gpu")
     venv.close()
     continuous = gym.make_vec("AVE-FashionMNIST-v0", 2, action_mode="continuous")
     with pytest.raises(ValueError, match=r"entropy agent chooses grid positions.*action_mode='discrete'"):
