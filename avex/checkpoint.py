@@ -111,11 +111,24 @@ def is_avex_checkpoint(ref: str | os.PathLike[str] | None) -> bool:
 
 def resolve_file(ref: str | os.PathLike[str], policy: bool = False) -> Path:
     """The ``.safetensors`` file behind a reference: ``"shipped:<name>"`` (a classifier checkpoint, or a
-    PPO policy with ``policy=True``) or a path, with or without its suffix. The file may not exist."""
+    PPO policy with ``policy=True``) or a path, with or without its suffix. The file may not exist.
+
+    Raises:
+        ValueError: ``ref`` is a folder (and no ``<ref>.safetensors`` file is beside it).
+    """
     if is_shipped(ref):
         name = str(ref)[len(SHIPPED_PREFIX) :]
         return _shipped(name, SHIPPED_POLICIES, "PPO policy") if policy else shipped_checkpoint(name)
-    return _paths(ref)[0]
+    weights = _paths(ref)[0]
+    _refuse_folder(ref, weights, "PPO policy" if policy else "checkpoint")
+    return weights
+
+
+def _refuse_folder(ref: str | os.PathLike[str], weights: Path, what: str) -> None:
+    """Refuse a folder given as a checkpoint's stem: else the message would name ``<folder>.safetensors``, a file
+    nobody passed, as missing."""
+    if not weights.exists() and Path(ref).is_dir():
+        raise ValueError(f"{what} {str(ref)!r} is a folder: pass the .safetensors file itself (its .json beside it)")
 
 
 def _as_path(ref: Any) -> Path:
@@ -145,6 +158,7 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         ValueError: the config is not an avex checkpoint config (the message says what is wrong).
     """
     weights, config = _paths(path)
+    _refuse_folder(path, weights, "checkpoint")
     check_file(weights, "checkpoint weights")
     if not config.exists():
         raise ValueError(

@@ -370,6 +370,20 @@ def test_missing_and_foreign_checkpoint_files(root, tmp_path):
         fm_env(root, checkpoint=str(tmp_path / "notes.txt"))
 
 
+def test_a_folder_given_as_a_checkpoint_or_policy_is_named(checkpoint, root, tmp_path):
+    # It was reported as "<folder>.safetensors not found", a file nobody passed.
+    from agents.ppo import PPOAgent
+
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"checkpoint '.*runs' is a folder: pass the \.safetensors file itself"):
+        load_tore(folder)
+    with pytest.raises(ValueError, match=r"PPO policy '.*runs' is a folder: pass the \.safetensors file itself"):
+        PPOAgent.load(folder, fm_env(root))
+    _copy_checkpoint(checkpoint, tmp_path / "runs.safetensors")  # a stem that is also a folder's name still loads
+    load_tore(folder)
+
+
 def test_ppo_load_refuses_a_file_that_is_not_safetensors(root, tmp_path):
     from agents.ppo import PPOAgent
 
