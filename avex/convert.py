@@ -170,6 +170,11 @@ def tore_from_mae_state(
             std=std,
             **timm_args,
         )
+    except TypeError as err:  # a timm model of another family: ResNet.__init__() got an unexpected keyword 'img_size'
+        raise ValueError(
+            f"model {model!r} cannot be built as {timm_args} ({type(err).__name__}: {err}): pass the timm "
+            "VisionTransformer the encoder was trained as, such as 'vit_base_patch16_224'"
+        ) from err
     except (AssertionError, ZeroDivisionError) as err:  # timm asserts that the heads divide the width
         raise ValueError(
             f"{source}: {model!r} cannot be built as {timm_args} ({err or type(err).__name__}): pass num_heads "
@@ -305,6 +310,7 @@ def convert_mae_checkpoint(
     src = Path(src).expanduser()
     weights, config = _paths(Path(dst).expanduser())
     _check_dst(weights, config, overwrite)
+    _check_args(decoder_heads, num_heads, mean, std)  # before src is read: a checkpoint may take minutes to load
     if not src.is_file():
         what = "is a folder" if src.is_dir() else "does not exist"
         raise FileNotFoundError(f"src {src} {what}: pass the .pth / .ckpt file of a MAE, AME or TORE checkpoint")

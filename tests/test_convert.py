@@ -285,6 +285,7 @@ def test_files_that_are_no_checkpoint_are_refused_on_one_line_naming_src(tmp_pat
         ),
         (dict(mean=(float("nan"), 0.0, 0.0)), r"mean must be finite numbers, one per channel, got \(nan, 0.0, 0.0\)"),
         (dict(mean=(True, False, True)), r"mean must be finite numbers, one per channel, got \(True"),  # was accepted
+        (dict(model="resnet50"), r"model 'resnet50' cannot be built as .*TypeError.*pass the timm VisionTransformer"),
     ],
 )
 def test_meaningless_model_arguments_are_refused_and_nothing_is_written(tmp_path, change, message) -> None:
@@ -292,6 +293,22 @@ def test_meaningless_model_arguments_are_refused_and_nothing_is_written(tmp_path
     torch.save({"model": mae_state()}, src)
     with pytest.raises(ValueError, match=message):
         convert_mae_checkpoint(src, tmp_path / "out", **{**BUILD, **change})
+    assert [p.name for p in tmp_path.iterdir()] == ["mae.pth"]
+
+
+def test_model_arguments_are_refused_before_src_is_read(tmp_path, capsys, monkeypatch) -> None:
+    """A bad count or a timm model of another family is refused before torch.load reads a checkpoint that may take
+    minutes (the CLI checks --model by name, as the envs do)."""
+    import avex.convert as convert_mod
+
+    monkeypatch.setattr(convert_mod, "_load", lambda src: pytest.fail("src was read"))
+    src = tmp_path / "mae.pth"
+    src.write_bytes(b"not read")
+    with pytest.raises(ValueError, match="decoder_heads must be an integer >= 1, got -2"):
+        convert_mae_checkpoint(src, tmp_path / "out", **{**BUILD, "decoder_heads": -2})
+    dst = ["--dst", str(tmp_path / "out"), "--decoder-heads", "2"]
+    err = _cli_refusal(capsys, ["convert", "--src", str(src), *dst, "--model", "resnet50"])
+    assert "--model: model 'resnet50' cannot run in an AVE environment: it is a ResNet" in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["mae.pth"]
 
 

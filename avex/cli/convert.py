@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from avex import options
 from avex.convert import IMAGENET_MEAN, IMAGENET_STD, convert_mae_checkpoint
+from envs.models import check_timm_name
 
 __all__ = ["ConvertConfig", "add_arguments", "main_from_args"]
 
@@ -47,6 +48,10 @@ def main_from_args(args: argparse.Namespace) -> int:
         raise ValueError("avex convert needs --src <MAE/AME/TORE .pth> and --dst <avex checkpoint path>")
     if cfg.img_size is not None and len(cfg.img_size) not in (1, 2):  # H,W,... would drop the middle values
         raise ValueError(f"--img-size takes one side or H,W, got {','.join(map(str, cfg.img_size))}")
+    try:  # by name on the meta device, before --src is read: another family failed in timm with a TypeError
+        check_timm_name(cfg.model)
+    except ValueError as err:
+        raise ValueError(f"--model: {err}") from err
     path = convert_mae_checkpoint(
         cfg.src,
         cfg.dst,
