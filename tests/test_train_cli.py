@@ -168,6 +168,32 @@ def test_bad_numbers_are_refused_naming_the_flag_before_any_data_is_read(
     assert list(tmp_path.iterdir()) == []  # no checkpoint, log or folder
 
 
+# (flags, the start of the refusal): each failed inside timm or torch (a TypeError, an AssertionError, a RuntimeError
+# on shapes or on the device string), after the data were read, or, for the outputs, after the training.
+BAD_SETUPS = [
+    (["--model", "resnet50"], "--model 'resnet50' with {'depth': 1, "),
+    (["--model", "no_such_vit"], "--model must be a timm ViT name (see timm.list_models('vit*')), got 'no_such_vit'"),
+    (["--embed-dim", "15"], "--model 'vit_tiny_patch16_224' with {'depth': 1, 'embed_dim': 15, 'num_heads': 2"),
+    (["--img-size", "100"], "--img-size must be a multiple of --patch 8 (the canvas is cut into whole patches), got 1"),
+    (["--device", "gpu"], "--device must be 'cpu', 'cuda' or 'cuda:<index>', got 'gpu'"),
+    (["--out", "{tmp}/notes/ck"], "--out '{tmp}/notes/ck.safetensors': '{tmp}/notes' exists and is not a folder"),
+    (["--log-json", "{tmp}/notes/log.jsonl"], "--log-json '{tmp}/notes/log.jsonl': '{tmp}/notes' exists and is not"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_SETUPS, ids=[" ".join(c[0]) for c in BAD_SETUPS])
+def test_a_model_device_or_output_that_cannot_be_is_refused_before_any_data_is_read(
+    argv: list[str], message: str, tmp_path: Path, no_data: None
+) -> None:
+    (tmp_path / "notes").write_text("a file")
+    sizes = ["--depth", "1", "--embed-dim", "16", "--num-heads", "2", "--device", "cpu", "--no-progress"]
+    argv = [*sizes, "--out", str(tmp_path / "run" / "ck"), *(a.replace("{tmp}", str(tmp_path)) for a in argv)]
+    with pytest.raises(ValueError) as refused:
+        avex.train.main(argv)
+    assert str(refused.value).startswith(message.replace("{tmp}", str(tmp_path))), str(refused.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes"]
+
+
 def test_the_command_line_refuses_a_bad_number_in_one_line(
     tmp_path: Path, no_data: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

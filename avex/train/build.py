@@ -9,13 +9,15 @@ import torch
 import torch.nn as nn
 
 from avex.checkpoint import UNRECORDED_DECODER_POS, load_timm_weights, load_tore, read_config
+from avex.checks import brief
 from avex.model import TOREViT, create_tore
 from avex.posembed import grid_coords, sincos_2d
-from avex.safeload import load_state
+from avex.safeload import build_on_meta, check_depths, check_size, load_state
 from avex.train.config import TrainConfig, need
 
 __all__ = [
     "build_classifier",
+    "check_buildable",
     "init_sincos_pos_embed",
     "lr_factor",
     "make_optimizer",
@@ -34,6 +36,14 @@ def build_classifier(cfg: TrainConfig, num_classes: int, decoder_pos: str | None
         decoder_pos: the decoder's position order (None: create_tore's default for new models); ``--init``
             passes its checkpoint's, so older checkpoints keep theirs.
     """
+    build = _build_args(cfg, num_classes, decoder_pos)
+    if cfg.weights:
+        return load_timm_weights(need(cfg.model, "model"), cfg.weights, **build)
+    return create_tore(need(cfg.model, "model"), pretrained=cfg.pretrained, **build)
+
+
+def _build_args(cfg: TrainConfig, num_classes: int, decoder_pos: str | None) -> dict[str, Any]:
+    """The ``create_tore`` arguments of a run's model, besides the timm name."""
     build: dict[str, Any] = {
         k: v
         for k, v in dict(
@@ -45,9 +55,30 @@ def build_classifier(cfg: TrainConfig, num_classes: int, decoder_pos: str | None
         img_size=cfg.img_size, patch_size=cfg.patch, in_chans=cfg.in_chans, num_classes=num_classes, mean=cfg.mean
     )
     build["std"] = cfg.std
-    if cfg.weights:
-        return load_timm_weights(need(cfg.model, "model"), cfg.weights, **build)
-    return create_tore(need(cfg.model, "model"), pretrained=cfg.pretrained, **build)
+    return build
+
+
+def check_buildable(cfg: TrainConfig) -> None:
+    """Build a run's model on the meta device (shapes only, no memory) before any data are read.
+
+    A timm model of another family (``--model resnet50``) or sizes timm refuses (``--num-heads`` not dividing
+    ``--embed-dim``) otherwise failed inside timm, with its TypeError or AssertionError, after the data were loaded.
+
+    Args:
+        cfg: a config through :func:`~avex.train.config.resolve_config`.
+
+    Raises:
+        ValueError: an unknown timm name, or a model timm or TORE cannot build, naming ``--model``, the sizes and why.
+    """
+    import timm  # through avex.model, which makes timm importable first
+
+    model = need(cfg.model, "model")
+    if not isinstance(model, str) or not timm.is_model(model):
+        raise ValueError(f"--model must be a timm ViT name (see timm.list_models('vit*')), got {brief(model)}")
+    build = _build_args(cfg, 1, None)  # the classes come with the data; any count builds the same model
+    source = f"--model {model!r} with {brief({k: v for k, v in build.items() if k != 'num_classes'})}"
+    check_depths(build, source)
+    check_size(build_on_meta({"model": model, **build}, source), source)
 
 
 @torch.no_grad()

@@ -208,7 +208,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     Raises:
         ValueError: a data set that is not registered (the message lists the registered ones); a number out of
             its range (a count, a size, a fraction, a weight, the seed, ``mean``/``std`` that do not fit the
-            channels): the message names the flag, what it allows and the value.
+            channels, an ``img_size`` that is not a multiple of ``patch``): the message names the flag, what it
+            allows and the value.
     """
     name = DATASETS.canonical(cfg.dataset)
     values = asdict(cfg)
@@ -272,6 +273,13 @@ def _check_numbers(values: dict[str, Any]) -> None:
     for name in _SIZES:
         if values[name] is not None:
             check_int(options.flag(TrainConfig, name), values[name], 1)
+    img, patch = values["img_size"], values["patch"]
+    if img is not None and patch is not None and img % patch:  # timm floors the grid; patchify then fails on shapes
+        near = " or ".join(str(v) for v in (img // patch * patch, (img // patch + 1) * patch) if v > 0)
+        raise ValueError(
+            f"--img-size must be a multiple of --patch {patch} (the canvas is cut into whole patches), got {img}: "
+            f"use {near}, or another --patch"
+        )
     _check_ints(values, "train_k", 0, "split point", "the model's depth")
     _check_ints(values, "train_t", 1, "glimpse count", "the non-overlapping glimpses of the grid")
     # lengths in epochs

@@ -28,11 +28,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from avex.checkpoint import save_tore
+from avex.checks import check_device, check_writable
 from avex.geometry import GlimpseGeometry
 from avex.model import TOREViT
 from avex.platform_info import device_name, synchronize
 from avex.train.allreduce import average_gradients, broadcast_state
-from avex.train.build import lr_factor, make_optimizer, prepare_classifier, warmup_steps
+from avex.train.build import check_buildable, lr_factor, make_optimizer, prepare_classifier, warmup_steps
 from avex.train.config import TrainConfig, add_arguments, config_from_args, need, resolve_config
 from avex.train.data import TrainData, load_train_data
 from avex.train.evaluate import eval_columns, eval_markdown, eval_summary, evaluate_classifier
@@ -176,6 +177,16 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
 
 def _set_up(cfg: TrainConfig) -> _Run:
     """Join the processes, seed, load the data, build the model and check the policy's limits against it."""
+    # Before the processes join or the data are read: the device (torch.device("gpu") raised a RuntimeError), the
+    # model (on the meta device) and where the run writes, which failed only when a file was written, after training.
+    if cfg.device is not None:
+        check_device("--device", cfg.device)
+    check_buildable(cfg)
+    weights = Path(cfg.out).with_suffix(".safetensors")
+    for path in (weights, weights.with_suffix(".json")):
+        check_writable("--out", path)
+    if cfg.log_json:
+        check_writable("--log-json", cfg.log_json)
     rank, world, device = setup_distributed(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
