@@ -627,4 +627,9 @@ def test_fashion_mnist_command_refuses_on_one_line_when_it_cannot_fetch(
     monkeypatch.setattr(installer.shutil, "which", lambda tool: "/usr/bin/" + tool)
     assert main(["data", "fashion-mnist", "--dest", str(tmp_path / "afile")]) == 2
     assert f"--dest {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+    # a folder to be made under a file: mkdir raised FileExistsError, a traceback after the download
+    assert main(["data", "fashion-mnist", "--dest", str(tmp_path / "afile" / "fm")]) == 2
+    assert f"--dest '{tmp_path / 'afile' / 'fm'}': '{tmp_path / 'afile'}' exists and is not a folder" in (
+        capsys.readouterr().err
+    )
     assert (tmp_path / "afile").read_text() == "x" and not (tmp_path / "mine").exists()

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from avex.checks import check_folder
+from avex.checks import check_folder, check_writable
 from avex.data import ImageStore, fashion_mnist_dirs, install_fashion_mnist, prepare_folder
 from avex.data.folder import SPLIT_NAMES
 from avex.data.registry import canvas_hw
@@ -69,6 +69,7 @@ def _fashion_mnist(args: argparse.Namespace) -> int:
     if args.dest is not None:  # checked before fetching: the copy into it would fail only after the download
         fix = "pass a folder for the four Fashion-MNIST files"
         check_folder("--dest", Path(args.dest).expanduser(), fix, missing_ok=True, error=ValueError)
+        check_writable("--dest", Path(args.dest).expanduser(), folder=True)  # a file on the way: mkdir failed late
     try:
         path = install_fashion_mnist(args.dest, quiet=args.quiet)
     except RuntimeError as err:  # apt-get missing or failing (offline): the one-line refusal, not a traceback
