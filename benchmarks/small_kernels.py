@@ -136,11 +136,9 @@ def main() -> None:
         lines.append(f"| {group} | {ours:.2f} | {best[0]} | {best[1]:.2f} | {best[1] / ours:.2f} |")
     lines += ["", "## Every setting", "", "| kernel | setting | us |", "|---|---|---:|"]
     lines += [f"| {g} | {s}{' (avex)' if d else ''} | {us:.2f} |" for g, r in groups.items() for s, us, d in r]
-    text = "\n".join(lines) + "\n"
-    print(text)
+    print("\n".join(lines))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
