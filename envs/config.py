@@ -206,7 +206,10 @@ class EnvConfig:
         declared = get_dataset(dataset).options
         unknown = sorted(set(kwargs) - set(names) - set(declared))
         if unknown:
-            raise ValueError(f"unknown environment argument(s) {unknown}; allowed: {names + sorted(declared)}")
+            raise ValueError(
+                f"unknown environment argument(s) {unknown}; allowed: {names + sorted(declared)}"
+                + _other_datasets_hint(unknown, get_dataset(dataset))
+            )
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in declared and k not in names}
         return cls(**kwargs, options=options)
 
@@ -309,6 +312,19 @@ class EnvConfig:
             cache_images=self.cache_images,
             **self.options,
         )
+
+
+def _other_datasets_hint(unknown: list[str], spec: DatasetSpec) -> str:
+    """Where ``unknown`` names other data sets' options (an id's registered kwargs carry its own data set's, and
+    ``dataset=`` switched to another): which ones, and the id to make instead; else ""."""
+    owners = sorted({n for n in DATASETS.names() for k in unknown if k in get_dataset(n).options})
+    if not owners:
+        return ""
+    instead = f"make {spec.env_id!r} instead" if spec.env_id else "pass only its own options"
+    return (
+        f". {unknown} are options of data set {owners}, not of {spec.name!r} (the registered id passes them when "
+        f"dataset= switches to another data set): {instead}"
+    )
 
 
 def _dataset_names(value: Any) -> list[str]:

@@ -336,6 +336,8 @@ def test_step_before_reset_and_after_end(roots):
         (dict(positions="grid", budget=50), r"budget=50 exceeds the 49 distinct glimpse positions"),
         (dict(glimpse=15), r"glimpse must be in 1\.\.14"),
         (dict(foo=1), r"unknown environment argument\(s\) \['foo'\]; allowed: \["),
+        # The id's registered kwargs carry its data set's options: another dataset= is pointed to its own id.
+        (dict(dataset="imagenet"), r"\['clutter', 'fragment', 'scale'\] are options of .*make 'AVE-ImageNet-v0'"),
         (dict(device="tpu"), r"device must be"),
         (dict(entropy="yes"), r"entropy must be True or False"),
         (dict(max_ratio=2.0), r"max_ratio must be"),
