@@ -199,6 +199,22 @@ def test_unknown_agent_is_refused_before_anything_is_built(capsys, monkeypatch) 
     assert "unknown agent 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--agents", "random", "random"], "--agents names ['random'] more than once, got ['random', 'random']"),
+        (["--agents", "random", "--K", "0", "3", "0"], "--K names [0] more than once, got [0, 3, 0]"),
+    ],
+)
+def test_repeated_rows_are_refused_before_anything_is_built(argv, message, capsys, monkeypatch) -> None:
+    import gymnasium as gym
+
+    monkeypatch.delenv("AVEX_TRACEBACK", raising=False)
+    monkeypatch.setattr(gym, "make", lambda *a, **k: pytest.fail("an env was built"))
+    assert main(["benchmark", *argv, "--episodes", "1"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_heavy_agents_are_left_out_of_the_cpu_default_only() -> None:
     from avex.cli.benchmark import default_agents
 

@@ -156,6 +156,10 @@ def _check_args(args: BenchmarkConfig) -> Path:
         raise ValueError("--agents needs at least one agent, got none")
     for name in args.agents or ():  # an unknown name is refused before anything is built
         AGENTS.get(name)
+    for flag, values in (("--K", args.K or ()), ("--agents", [AGENTS.canonical(n) for n in args.agents or ()])):
+        twice = sorted({v for v in values if list(values).count(v) > 1})
+        if twice:  # each value is a row of the table: a repeat ran the same episodes again
+            raise ValueError(f"{flag} names {twice} more than once, got {list(values)}: name each once")
     policy_file(args.ppo, "--ppo")
     return check_writable("--out", args.out or f"results/benchmark-{args.env}", folder=True)
 
