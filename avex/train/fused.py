@@ -28,7 +28,7 @@ The same function of the same weights, computed the way a GPU likes it:
 * **the decoder** queries only the patches the loss reads: its last block attends from the unseen patches
   (every key still counts) and the pixel head runs on them alone. The training glimpses never overlap
   (:func:`~avex.train.policy.sample_glimpses`), so each image has exactly ``N - T*G`` unseen patches and the
-  shapes stay static (one CUDA graph per (K, T) captures it, :mod:`avex.train.graphs`).
+  shapes stay static (one CUDA graph per (K, T) captures it, :class:`~avex.train.step.GraphedStep`).
 
 On the CPU in fp32 it gives :class:`TOREObjective`'s loss and gradients up to float rounding
 (``tests/test_train_step.py``, ``tests/test_train_fused_ls.py``). It covers the plain timm ViT that avex trains
