@@ -1,7 +1,7 @@
 """Train a TORE classifier: ``avex train classifier`` (one process, or one per GPU under ``torchrun``).
 
 One set of weights has to serve every split point K and every number of glimpses, so every batch
-follows TORE's training policy (see ``tore-method.md``): one K and one glimpse count T per batch, T
+follows TORE's training policy (Token Recycling, arXiv 2311.15335): one K and one glimpse count T per batch, T
 random non-overlapping glimpses per image, all through the iterator at once; loss = cross-entropy +
 0.1 x MSE of the decoder's reconstruction on the patches no glimpse revealed.
 

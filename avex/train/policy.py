@@ -1,7 +1,7 @@
 """TORE's training policy: which split point K, how many glimpses T and which glimpses each batch trains on.
 
 One set of weights has to serve every split point K and every number of glimpses, so each batch
-follows TORE's policy (see ``tore-method.md``):
+follows TORE's policy (Token Recycling, arXiv 2311.15335):
 
 1. one K drawn uniformly from 0..depth for the whole batch;
 2. one glimpse count T for the whole batch: with probability 1/2 uniform in 1..budget, otherwise
