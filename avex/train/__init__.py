@@ -12,7 +12,11 @@ One idea per module:
 * :mod:`~avex.train.objective` — the loss and one optimisation step.
 * :mod:`~avex.train.fused` — the same loss in fewer, larger kernels (``--fused-step``), with
   :mod:`~avex.train.kernels` (Triton attention with a backward for short rows) and :mod:`~avex.train.rows`
-  (layer norm and bias gradients over many short rows).
+  (layer norm and bias gradients over many short rows), :mod:`~avex.train.epilogue` (residual adds in the pass
+  of the norm after them), :mod:`~avex.train.glimpse_input`, :mod:`~avex.train.decoder_input`,
+  :mod:`~avex.train.aggregator_input` and :mod:`~avex.train.recon_loss` (input sequences and loss in single passes) and
+  :mod:`~avex.train.flat` (every weight cast in one copy, every gradient in one buffer).
+* :mod:`~avex.train.allreduce` — the fused step's gradient average over processes, inside the step.
 * :mod:`~avex.train.step` — how a step runs: eager, fused, or captured as CUDA graphs (``--cuda-graphs``).
 * :mod:`~avex.train.data` — everything the trainer reads, behind :func:`load_train_data`.
 * :mod:`~avex.train.build` — the classifier, its starting weights, AdamW and the LR schedule.
