@@ -1,5 +1,5 @@
 """The ``avex`` command line: ``avex data``, ``avex train classifier|ppo``, ``avex benchmark``, ``avex demo``,
-``avex convert``.
+``avex convert``, ``avex docs``.
 
 With the ``import avex`` facade, this package is the top layer: the only part of ``avex`` that imports
 ``envs`` and ``agents`` (the CLI drives them). Each subcommand module gives ``add_arguments(parser)``
