@@ -4,8 +4,8 @@
 * :class:`EntropyAgent` (``"entropy"``) - AME's rule on the environment's attention-entropy map.
 * :class:`LookaheadAgent` (``"lookahead"``) - imagines every allowed glimpse (decoder reconstruction, one cached
   TORE step each on a copy of the cache) and takes the one after which the class entropy is lowest.
-* :class:`PPOAgent` (``"ppo"``) - a MaskablePPO policy on the environment's belief (probabilities,
-  CLS embedding, entropy map, visited patches).
+* :class:`PPOAgent` (``"ppo"``) - a MaskablePPO policy (PPO for continuous glimpses) on the environment's belief
+  (probabilities, CLS embedding, entropy map, visited patches, step; with ``ink``, where ink was seen).
 
 Importing this package registers them; ``make_agent(name, env)`` builds any registered agent.
 ``evaluate_accuracy(policy, env_id, ...)`` reports the accuracy after every glimpse, with 95% intervals,
