@@ -129,7 +129,8 @@ class AVEEnv(EngineViews, gym.Env):
       the default ImageNet and folder models, 14 for a dinov2); the data set's (8 / 16 / 16) for its own
       `model` built from scratch; an int builds the model at it
     - `glimpse` (**int**, default 2): glimpse side in patches
-    - `positions` (**str**, default `"overlapping"`): `"overlapping"` (stride 1) or `"grid"` (stride = glimpse)
+    - `positions` (**str**, default `"overlapping"`): `"overlapping"` (stride 1) or `"grid"` (stride = glimpse);
+      discrete actions only
     - `budget` (**int**, default 12): glimpses per episode
     - `K` (**int**, default `depth // 2`): TORE split, 0..depth (depth: cheapest)
     - `action_mode` (**str**, default `"discrete"`): `"discrete"` or `"continuous"`

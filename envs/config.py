@@ -142,7 +142,7 @@ class EnvConfig:
             makes (Fashion-MNIST: 8). See :attr:`resolved_patch`.
         glimpse: glimpse side in patches (g; g x g patches, g*g tokens per glimpse).
         positions: "overlapping" (top-left on every patch, stride 1, as AME/TORE) or "grid" (stride g,
-            non-overlapping tiles). Discrete mode only.
+            non-overlapping tiles). Discrete mode only ("grid" with continuous actions is refused).
         budget: glimpses per episode; the episode terminates after the last one.
         K: TORE split (iterator = blocks[:K], aggregator = blocks[K:]), 0..depth. None: depth // 2.
         action_mode: "discrete" (index of a glimpse position) or "continuous" ((y, x, z) in [0, 1]^3,
@@ -218,6 +218,12 @@ class EnvConfig:
         _choice("reward", self.reward, REWARDS.names())
         _choice("action_mode", self.action_mode, ACTION_MODES)
         _choice("positions", self.positions, POSITIONS)
+        if self.action_mode == "continuous" and self.positions != "overlapping":
+            raise ValueError(
+                f"positions={self.positions!r} sets the discrete mode's lattice of glimpse positions, but "
+                "action_mode='continuous' places each glimpse anywhere: leave positions out, or pass "
+                "action_mode='discrete'"
+            )
         _choice("dtype", self.dtype, ("float32", "bfloat16"))
         if not isinstance(self.model, str):
             raise ValueError(f"model must be a timm model name (str), got {brief(self.model)}")

@@ -329,6 +329,7 @@ def test_step_before_reset_and_after_end(roots):
         (dict(reward="foo"), r"reward must be one of \['dense', 'sparse'.*\], got 'foo'"),
         (dict(action_mode="bar"), r"action_mode must be one of \['discrete', 'continuous'\]"),
         (dict(positions="diagonal"), r"positions must be one of"),
+        (dict(positions="grid", action_mode="continuous"), r"positions='grid' sets the discrete mode's lattice"),
         (dict(dataset="mnist"), r"dataset must be one of \[.*'fashion-mnist'.*'imagenet'.*\], got 'mnist'"),
         (dict(K=3), r"K must be an integer in 0\.\.2"),
         (dict(K=-1), r"K must be an integer >= 0"),
