@@ -51,7 +51,15 @@ class AVEEngine(EngineOutputs):
         self.config = config
         self.batch_size = check_int("num_envs", batch_size, 1)
         self._build()
-        self._alloc()
+        try:
+            self._alloc()
+        except (RuntimeError, MemoryError) as err:  # torch's CPU allocator raises a bare RuntimeError
+            if not isinstance(err, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(err):
+                raise
+            raise ValueError(  # a batch too large for the device: say which number
+                f"num_envs={batch_size}: the envs' state (token cache, canvases, maps) does not fit in {self.device}'s "
+                "memory: lower num_envs"
+            ) from None
 
     # ----------------------------------------------------------- per-row state
     def _alloc(self) -> None:

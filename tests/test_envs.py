@@ -516,6 +516,31 @@ def test_make_vec_uses_the_native_vector_env(roots):
     assert venv.action_masks().shape == (2, 169)
 
 
+@pytest.mark.parametrize(
+    "error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 bytes"), MemoryError()]
+)
+def test_too_many_envs_for_memory_names_num_envs(roots, monkeypatch, error):
+    from avex.model import TOREViT
+
+    init_cache = TOREViT.init_cache
+
+    def failing(raised: BaseException) -> Any:
+        def init(self: TOREViT, batch: int, *args: Any, **kwargs: Any) -> Any:
+            if batch == 7:  # the envs' own cache, what a batch too large for the device meets first
+                raise raised
+            return init_cache(self, batch, *args, **kwargs)  # the empty pass's
+
+        return init
+
+    kw = kwargs_for("AVE-FashionMNIST-v0", roots)
+    monkeypatch.setattr(TOREViT, "init_cache", failing(error))
+    with pytest.raises(ValueError, match=r"num_envs=7: the envs' state .* not fit in cpu's memory: lower num_envs"):
+        gym.make_vec("AVE-FashionMNIST-v0", num_envs=7, **kw)
+    monkeypatch.setattr(TOREViT, "init_cache", failing(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error is not dressed up as a memory one
+        gym.make_vec("AVE-FashionMNIST-v0", num_envs=7, **kw)
+
+
 def test_vector_equals_single_envs_across_autoreset(roots):
     n, budget = 3, 3
     kw = kwargs_for("AVE-FashionMNIST-v0", roots, budget=budget)
