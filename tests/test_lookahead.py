@@ -110,6 +110,12 @@ def test_no_peeking_at_unseen_pixels(fake_fmnist_root: Path) -> None:
     canvas = obs["canvas"][None]
     first = agent.candidate_scores(canvas, env_idx, action)
     assert eng.seen.any() and not eng.seen.all()
+    # The imagined canvas: the revealed pixels where seen, the decoder's guess (not the canvas's zeros) elsewhere.
+    m = eng.model
+    revealed = m.patchify(torch.as_tensor(canvas).permute(0, 3, 1, 2).float() / 255.0)
+    seen = m.patchify(eng.seen[:, None].expand(-1, m.in_chans, -1, -1).float()) > 0
+    imagined = agent.imagine(canvas)
+    assert torch.equal(imagined[seen], revealed[seen]) and (imagined[~seen] != revealed[~seen]).any()
     with torch.inference_mode():  # only what the agent never saw changes
         eng.hidden[~eng.seen] = 255 - eng.hidden[~eng.seen]
     np.testing.assert_array_equal(agent.candidate_scores(canvas, env_idx, action), first)
@@ -125,6 +131,11 @@ def test_scores_chunks_and_refusals(fake_fmnist_root: Path) -> None:
     chunked = LookaheadAgent(eng, chunk=50).candidate_scores(obs["canvas"][None], env_idx, action)
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
     assert (whole >= 0).all() and (whole <= np.log(eng.model.num_classes) + 1e-6).all()
+    # The choice is the allowed position of the lowest score (the first on ties), not any allowed one.
+    mask = env.unwrapped.action_masks()
+    assert not np.all(whole[mask] == whole[mask][0])  # distinct scores: the choice below is a real test
+    choice = LookaheadAgent(eng).act({"canvas": obs["canvas"][None]}, mask[None])
+    assert choice.tolist() == [np.flatnonzero(mask)[np.argmin(whole[mask])]]
     doubt = LookaheadAgent(eng, score="confidence").candidate_scores(obs["canvas"][None], env_idx, action)
     assert ((doubt >= 0) & (doubt < 1)).all()
     with pytest.raises(ValueError, match="score must be one of"):
