@@ -55,6 +55,9 @@ def test_entropy_agent_picks_masked_argmax() -> None:
     assert agent.act({"entropy": entropy, "visited": visited}, mask)[0] == 0
     mask[0, 0] = False
     assert agent.act({"entropy": entropy, "visited": visited}, mask)[0] == 8
+    seen = visited.copy()
+    seen[0, 0, 0] = 1  # the top-left cell already seen: its entropy no longer counts, even where allowed
+    assert agent.act({"entropy": entropy, "visited": seen}, np.ones((1, 9), dtype=bool))[0] == 8
     # A mask of another batch, or an observation without the map: named, not a KeyError or a wrong count.
     with pytest.raises(ValueError, match=r"action_mask must be bool \[N, A\] with one row per observation \(1\)"):
         agent.act({"entropy": entropy, "visited": visited}, np.ones((2, 9), dtype=bool))
