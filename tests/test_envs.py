@@ -391,6 +391,14 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     assert info["skipped_images"] == 1 and info["index"] != bad
     obs, reward, *_, info = env.step(0)
     assert obs["canvas"].any() and info["skipped_images"] == 1
+    # A pickled copy keeps the source's record: the bad file is neither read nor warned about again.
+    copy = pickle.loads(pickle.dumps(env))
+    source = copy.engine.source
+    assert source.skipped == 1 and [p.name for p in source.bad_files] == ["bad.jpg"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = copy.reset(seed=0, options={"index": bad})
+    assert info["skipped_images"] == 1 and info["index"] != bad and source.skipped == 2
 
 
 def test_checkpoint_for_another_geometry_is_refused(roots, tmp_path):
