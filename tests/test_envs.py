@@ -487,6 +487,15 @@ def test_flops_and_entropy_option(roots, entropy):
     assert obs["entropy"].any() == entropy
     if entropy:
         assert (obs["entropy"] >= 0).all()
+        # The map is the decoder's over the three glimpses taken, computed here in one single-shot pass.
+        geo, hidden = env.engine.geometry, torch.from_numpy(env.engine.hidden[0].numpy())[None]
+        rows, cols = geo.action_to_patch(np.arange(1, 4))
+        rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+        pixels = geo.cut(hidden.expand(3, -1, -1, -1), rows, cols)[None]  # [1, 3, C, s, s]
+        coords = geo.glimpse_coords(rows, cols)[None]  # [1, 3, G, 2]
+        with torch.inference_mode():
+            _, expected_map = env.model.decode(env.model.forward_glimpses(pixels, coords, 2), recon=False)
+        np.testing.assert_allclose(obs["entropy"], expected_map[0].numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_observation_contents_discrete(roots):
