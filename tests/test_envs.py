@@ -27,7 +27,7 @@ from avex.flops import ViTDims, step_flops
 from avex.model import create_tore
 from envs import AVEEnv, AVEVectorEnv
 from envs.registration import env_ids
-from envs.render import BOX_COLORS, record_episode
+from envs.render import _DIM, BOX_COLORS, prediction_panel, record_episode
 
 TINY = dict(
     checkpoint=None,
@@ -716,6 +716,22 @@ def test_render_frames_and_gif(roots, tmp_path):
     assert tuple(frame[200, 192]) == BOX_COLORS[1]  # second glimpse, left edge
     assert not colored[300:, 300:].any()
     assert (frame[448:] > 100).any()  # the prediction text
+    # Revealed pixels are shown as they are, the rest dimmed (an interior pixel of glimpse 2, a far corner).
+    # Away from the drawn boxes, each 4x4 block of the frame is its canvas pixel (a block's centre is read).
+    hidden = env.unwrapped.engine.hidden[0].numpy()[..., 0].astype(np.float32)  # dimmed in float32, as drawn
+    seen = env.unwrapped.engine.seen[0].numpy()
+    shown = frame[2:448:4, 2:448:4, 1].astype(np.float32)
+    clear = np.ones((112, 112), dtype=bool)
+    clear[:20, :20] = clear[46:66, 46:66] = False  # glimpse 1 [0:16], glimpse 2 [48:64], outlines and numbers
+    clear[56:62, 56:62] = True  # the inside of glimpse 2, below its number
+    assert (seen & clear & (hidden > 0)).any() and (~seen & clear & (hidden > 0)).any()
+    expected = np.where(seen, hidden, np.round(hidden * _DIM))
+    np.testing.assert_array_equal(shown[clear], expected[clear])
+    # The panel lists the most probable class first: top-1 of three equals a panel of that one class alone.
+    np.testing.assert_array_equal(
+        prediction_panel(448, np.array([0.1, 0.7, 0.2]), ["ant", "bee", "cat"], top_k=1),
+        prediction_panel(448, np.array([0.7]), ["bee"], top_k=1),
+    )
     frames = record_episode(
         env, lambda obs, info: int(np.flatnonzero(info["action_mask"])[0]), tmp_path / "ep.gif", seed=1
     )
