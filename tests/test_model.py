@@ -133,9 +133,10 @@ def test_batch_rows_equal_rows_alone() -> None:
                 assert (outs[t].logits[b] - alone[t].logits[0]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("variant", ["cls", "avg_pool"])  # avg_pool: the mean over patch tokens skips padding
 @torch.no_grad()
-def test_reset_some_rows_leaves_others_unchanged() -> None:
-    model = make()
+def test_reset_some_rows_leaves_others_unchanged(variant: str) -> None:
+    model = make(variant)
     geo = model.geometry(G)
     canv = canvases(3, seed=4)
     pix, coords = glimpses(model, canv, random_actions(3, 7, geo, seed=5), geo)
