@@ -34,7 +34,7 @@ from reliability_kit import (
 )
 from safetensors.torch import load_file, save_file
 
-from avex.checkpoint import load_tore, shipped_file
+from avex.checkpoint import load_tore, save_tore, shipped_file
 from avex.data.folder import ImageFolderCanvas, _load_image
 from envs import AVEEnv
 
@@ -271,9 +271,18 @@ def test_both_env_checkers_pass_on_a_folder_with_bad_files(bad_folder):
 
 
 # ------------------------------------------------ 7: exception types
-def test_checkpoint_as_path_and_bad_checkpoint_types(root, checkpoint):
+def test_checkpoint_as_path_and_bad_checkpoint_types(root, checkpoint, tmp_path):
     by_path = fm_env(root, checkpoint=checkpoint, model_kwargs=None)
     assert by_path.model is fm_env(root, checkpoint=str(checkpoint), model_kwargs=None).model
+    # The model holds the file's weights (not a fresh random init of the same architecture).
+    saved, own = load_file(str(checkpoint)), by_path.model.state_dict()
+    assert saved.keys() == own.keys()
+    assert all(torch.equal(own[k].cpu(), v) for k, v in saved.items())
+    # load_tore returns the saved meta and refuses a build argument other than the one asked for.
+    again = save_tore(load_tore(checkpoint), tmp_path / "again", meta={"epoch": 7})
+    assert load_tore(again, expect={"in_chans": 1, "img_size": 112}).meta == {"epoch": 7}
+    with pytest.raises(ValueError, match=r"another architecture: in_chans=1, expected 3"):
+        load_tore(again, expect={"in_chans": 3})
     for bad in (3, True, ["a.safetensors"]):
         with pytest.raises(ValueError, match=r"checkpoint must be a path \(str or pathlib\.Path\) or None"):
             fm_env(root, checkpoint=bad)
