@@ -436,6 +436,11 @@ def test_image_folder_center_crop(tmp_path):
     # Shorter side 20 -> 16, width 40 -> 32, center crop keeps columns 8..24: red then blue.
     assert canvas[:, :6, 0].min() > 200 and canvas[:, :6, 2].max() < 50
     assert canvas[:, 10:, 2].min() > 200 and canvas[:, 10:, 0].max() < 50
+    # The same image on its side: a tall one is cropped about its middle rows too.
+    Image.fromarray(img.transpose(1, 0, 2).copy()).save(tmp_path / "c" / "half.png")
+    canvas = ImageFolderCanvas(tmp_path, image_size=16).load(0)
+    assert canvas[:6, :, 0].min() > 200 and canvas[:6, :, 2].max() < 50
+    assert canvas[10:, :, 2].min() > 200 and canvas[10:, :, 0].max() < 50
 
 
 def test_corrupt_image_is_skipped(image_root):
