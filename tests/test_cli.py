@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from avex.cli import build_parser, main
@@ -43,6 +44,15 @@ def test_benchmark_writes_tables_and_plots(tmp_path, fake_fmnist_root) -> None:
         assert len(r["accuracy"]) == 12 and all(
             lo <= a <= hi for a, lo, hi in zip(r["accuracy"], r["ci_low"], r["ci_high"])
         )
+        # 8 episodes per row: each accuracy is a count of 8, its interval Wilson's for n = 8 (z = 1.96).
+        p = np.array(r["accuracy"])
+        np.testing.assert_allclose(p * 8, np.round(p * 8), atol=1e-9)
+        centre, half = (p + 1.96**2 / 16) / (1 + 1.96**2 / 8), 1.96 * np.sqrt(p * (1 - p) / 8 + 1.96**2 / 256)
+        np.testing.assert_allclose(r["ci_low"], np.clip(centre - half / (1 + 1.96**2 / 8), 0, 1), atol=1e-9)
+        np.testing.assert_allclose(r["ci_high"], np.clip(centre + half / (1 + 1.96**2 / 8), 0, 1), atol=1e-9)
+        # The report's per-glimpse table shows the same accuracies, in glimpse order.
+        row = f"| {r['agent']} | {r['K']} | " + " | ".join(f"{100 * a:.1f}" for a in r["accuracy"]) + " |"
+        assert row in report.splitlines(), row
     by_k = {r["K"]: r for r in data["results"] if r["agent"] == "random"}
     assert by_k[0]["flop_ratio"] == pytest.approx(1.0) and by_k[2]["flop_ratio"] > 1.0  # K=2 saves compute
 
